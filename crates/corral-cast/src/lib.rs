@@ -1,0 +1,1 @@
+//! The tokio driver for corral-cast-proto: sockets, files, block devices, progress.

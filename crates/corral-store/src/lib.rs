@@ -1,0 +1,1 @@
+//! The audit store: every event and machine state in an embedded SQLite database.
