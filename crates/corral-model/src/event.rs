@@ -123,8 +123,13 @@ pub enum Outcome {
 
 impl Outcome {
     /// Every outcome.
-    pub const ALL: [Outcome; 5] =
-        [Outcome::Ok, Outcome::Info, Outcome::Warn, Outcome::Fail, Outcome::Denied];
+    pub const ALL: [Outcome; 5] = [
+        Outcome::Ok,
+        Outcome::Info,
+        Outcome::Warn,
+        Outcome::Fail,
+        Outcome::Denied,
+    ];
 
     /// The lowercase name stored in the database.
     pub fn as_str(&self) -> &'static str {
@@ -292,8 +297,14 @@ mod tests {
 
     #[test]
     fn event_serialises_to_json() {
-        let ev = Event::new(UnixMillis(5), Source::Cast, "verified", Outcome::Ok, "all blocks ok")
-            .with_session(SessionId(1));
+        let ev = Event::new(
+            UnixMillis(5),
+            Source::Cast,
+            "verified",
+            Outcome::Ok,
+            "all blocks ok",
+        )
+        .with_session(SessionId(1));
         let j = serde_json::to_value(&ev).unwrap();
         assert_eq!(j["source"], "cast");
         assert_eq!(j["session"], "0000000000000001");

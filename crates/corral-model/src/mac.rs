@@ -62,8 +62,13 @@ impl FromStr for MacAddr {
     type Err = MacParseError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || MacParseError { input: s.to_owned() };
-        let hex: String = s.chars().filter(|c| !matches!(c, ':' | '-' | '.')).collect();
+        let err = || MacParseError {
+            input: s.to_owned(),
+        };
+        let hex: String = s
+            .chars()
+            .filter(|c| !matches!(c, ':' | '-' | '.'))
+            .collect();
         if hex.len() != 12 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
             return Err(err());
         }
@@ -107,7 +112,12 @@ mod tests {
     #[test]
     fn parses_common_spellings() {
         let want = MacAddr([0x52, 0x54, 0x00, 0xab, 0xcd, 0xef]);
-        for s in ["52:54:00:ab:cd:ef", "52-54-00-AB-CD-EF", "5254.00ab.cdef", "525400abcdef"] {
+        for s in [
+            "52:54:00:ab:cd:ef",
+            "52-54-00-AB-CD-EF",
+            "5254.00ab.cdef",
+            "525400abcdef",
+        ] {
             assert_eq!(s.parse::<MacAddr>(), Ok(want), "{s}");
         }
         assert_eq!(want.to_string(), "52:54:00:ab:cd:ef");
@@ -116,7 +126,14 @@ mod tests {
 
     #[test]
     fn rejects_malformed() {
-        for s in ["", "52:54:00:ab:cd", "52:54:00:ab:cd:ef:01", "52:54:00:ab:cd:eg", "5:254:00:ab:cd:ef", "52::5400:ab:cd:ef"] {
+        for s in [
+            "",
+            "52:54:00:ab:cd",
+            "52:54:00:ab:cd:ef:01",
+            "52:54:00:ab:cd:eg",
+            "5:254:00:ab:cd:ef",
+            "52::5400:ab:cd:ef",
+        ] {
             assert!(s.parse::<MacAddr>().is_err(), "{s} should be rejected");
         }
     }
@@ -124,6 +141,11 @@ mod tests {
     #[test]
     fn multicast_bit() {
         assert!(MacAddr::BROADCAST.is_multicast());
-        assert!(!"52:54:00:00:00:01".parse::<MacAddr>().unwrap().is_multicast());
+        assert!(
+            !"52:54:00:00:00:01"
+                .parse::<MacAddr>()
+                .unwrap()
+                .is_multicast()
+        );
     }
 }

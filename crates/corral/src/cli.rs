@@ -1,0 +1,84 @@
+//! The command line: global flags and the subcommand list. Each subcommand's own flags live
+//! beside the code that runs it, in `cmd/`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::cmd;
+
+/// corral takes machines from an unknown state to a known state, fast, and keeps them there:
+/// network boot (DHCP, TFTP, HTTP, iPXE), multicast disk imaging, tree synchronisation, and an
+/// audit store of every decision with its reason.
+#[derive(Debug, Parser)]
+#[command(
+    name = "corral",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
+#[command(after_help = "\
+Exit codes:
+  0  success
+  1  runtime failure (I/O, network, a peer or receiver failed)
+  2  usage error (unknown flag, missing argument)
+  3  bad input (invalid site directory, corrupt or foreign file, failed verification)
+
+Examples:
+  corral demo                          cast an image to 3 receivers in network namespaces
+  corral site init ./site              write a commented example site directory
+  corral site check --site ./site      validate a site directory offline
+  corral log --since 2h --source cast  what happened in the last two hours")]
+pub(crate) struct Cli {
+    #[command(flatten)]
+    pub(crate) global: Global,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+/// Flags accepted by every subcommand.
+#[derive(Debug, Args)]
+pub(crate) struct Global {
+    /// More log output (-v debug, -vv trace). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
+    pub(crate) verbose: u8,
+    /// Less log output: errors only.
+    #[arg(short, long, global = true)]
+    pub(crate) quiet: bool,
+    /// Log line format on stderr: `text` for people, `json` for daemons and collectors.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub(crate) log_format: LogFormat,
+}
+
+/// Log formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The site directory a command works on.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct SiteArg {
+    /// Site directory (site.toml, profiles/, machines/). Default: $CORRAL_SITE, else the
+    /// current directory.
+    #[arg(long, env = "CORRAL_SITE", default_value = ".", value_name = "DIR")]
+    pub(crate) site: PathBuf,
+}
+
+/// corral's subcommands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Run the built-in demo: cast an image to several receivers in network namespaces.
+    Demo(cmd::demo::DemoArgs),
+    /// Create and validate site directories.
+    #[command(subcommand)]
+    Site(cmd::site::SiteCommand),
+    /// Query the audit store: every event with its reason.
+    Log(cmd::log::LogArgs),
+    /// Multicast an image to many machines at once, verified block by block.
+    #[command(subcommand)]
+    Cast(cmd::cast::CastCommand),
+}

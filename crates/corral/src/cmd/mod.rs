@@ -1,0 +1,19 @@
+//! One module per subcommand: its clap `Args` and the `run` that carries it out.
+
+pub(crate) mod cast;
+pub(crate) mod demo;
+pub(crate) mod log;
+pub(crate) mod site;
+
+use crate::cli::{Command, Global};
+use crate::exit::Code;
+
+/// Runs one parsed command.
+pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<Code> {
+    match command {
+        Command::Demo(args) => demo::run(args, global),
+        Command::Site(args) => site::run(args, global),
+        Command::Log(args) => log::run(args, global),
+        Command::Cast(args) => cast::run(args, global),
+    }
+}
