@@ -1,0 +1,103 @@
+//! The crate's error type: one enum, context in fields.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Everything that can make a cast send or receive fail.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CastError {
+    /// A socket call failed.
+    #[error("socket {what}: {source}")]
+    Socket {
+        /// The call or option.
+        what: &'static str,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// `--interface` names no usable interface.
+    #[error("interface {name:?}: {source}")]
+    Interface {
+        /// What the user gave.
+        name: String,
+        /// Why it failed.
+        source: io::Error,
+    },
+    /// File or device I/O failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or device.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// A key file is not a valid key.
+    #[error("key file {path}: {reason}")]
+    Key {
+        /// The key file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The output device is smaller than the image.
+    #[error("{path}: device holds {device} bytes but the image has {image} bytes")]
+    DeviceTooSmall {
+        /// The device.
+        path: PathBuf,
+        /// Its size.
+        device: u64,
+        /// The image size.
+        image: u64,
+    },
+    /// A block read back from the output does not match the manifest.
+    #[error("{path}: block {block} read back does not match the signed manifest")]
+    Verify {
+        /// The output.
+        path: PathBuf,
+        /// The first bad block.
+        block: u64,
+    },
+    /// The state file belongs to another image or is corrupt.
+    #[error("state file {path}: {reason}")]
+    State {
+        /// The state file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The `--pipe` command failed.
+    #[error("pipe command {command:?}: {reason}")]
+    Pipe {
+        /// The shell command.
+        command: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The TCP catch-up exchange with the sender failed.
+    #[error("catch-up with {peer}: {reason}")]
+    CatchUp {
+        /// The sender's TCP address.
+        peer: SocketAddr,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The protocol state machine reported an error.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// The session ended without the image complete and verified.
+    #[error("transfer incomplete: {reason}")]
+    Incomplete {
+        /// Why.
+        reason: String,
+    },
+    /// Cancelled by the caller.
+    #[error("cancelled")]
+    Cancelled,
+}
+
+/// Adds the path to an I/O error.
+pub(crate) fn io_at(path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> CastError {
+    let path = path.into();
+    move |source| CastError::Io { path, source }
+}

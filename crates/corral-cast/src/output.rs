@@ -1,0 +1,301 @@
+//! Where a receiver writes the image.
+//!
+//! - A regular file is written at block offsets into `PATH.corral-part`, fsynced, read back and
+//!   verified, then renamed over `PATH`: a failed transfer never leaves a half-written file
+//!   under the final name (UDPcast's FEC mode left a 0-byte file and reported success).
+//! - A block device is written in place, never truncated, and refused if smaller than the image.
+//! - stdout (`-`) and `--pipe CMD` get the blocks strictly in order; blocks that arrive early
+//!   wait in memory until the gap before them is filled.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+
+use tokio::io::AsyncWriteExt;
+
+use crate::error::{CastError, io_at};
+use crate::state::sync_dir;
+
+/// What the user asked the image to be written to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutputSpec {
+    /// A regular file or a block device.
+    Path(PathBuf),
+    /// Standard output, in order.
+    Stdout,
+    /// The standard input of `sh -c CMD`, in order.
+    Pipe(String),
+}
+
+impl OutputSpec {
+    /// `-` means stdout; anything else a path.
+    pub fn from_arg(s: &str) -> Self {
+        if s == "-" {
+            OutputSpec::Stdout
+        } else {
+            OutputSpec::Path(PathBuf::from(s))
+        }
+    }
+}
+
+/// A file or block device written at offsets.
+#[derive(Debug)]
+pub(crate) struct RandomSink {
+    file: std::fs::File,
+    /// Where the bytes go now (the `.corral-part` file, or the device).
+    write_path: PathBuf,
+    /// The final name, for a regular file (renamed on success).
+    final_path: Option<PathBuf>,
+}
+
+/// The temporary name a regular-file output is written under until verified.
+pub fn part_path(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".corral-part");
+    PathBuf::from(s)
+}
+
+impl RandomSink {
+    /// Opens `path` for an image of `len` bytes. With `resume`, an existing part file of the
+    /// right size is kept (its blocks are re-verified by the caller).
+    pub(crate) fn open(path: &Path, len: u64, resume: bool) -> Result<Self, CastError> {
+        let meta = std::fs::metadata(path).ok();
+        if meta
+            .as_ref()
+            .is_some_and(|m| m.file_type().is_block_device())
+        {
+            let mut file = fs_err::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .map_err(io_at(path))?
+                .into_parts()
+                .0;
+            let size =
+                std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0)).map_err(io_at(path))?;
+            if size < len {
+                return Err(CastError::DeviceTooSmall {
+                    path: path.to_owned(),
+                    device: size,
+                    image: len,
+                });
+            }
+            return Ok(RandomSink {
+                file,
+                write_path: path.to_owned(),
+                final_path: None,
+            });
+        }
+        let part = part_path(path);
+        let keep = resume
+            && std::fs::metadata(&part)
+                .map(|m| m.is_file() && m.len() == len)
+                .unwrap_or(false);
+        let file = fs_err::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(!keep)
+            .open(&part)
+            .map_err(io_at(&part))?
+            .into_parts()
+            .0;
+        if !keep {
+            file.set_len(len).map_err(io_at(&part))?;
+        }
+        Ok(RandomSink {
+            file,
+            write_path: part,
+            final_path: Some(path.to_owned()),
+        })
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.write_path
+    }
+
+    pub(crate) fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), CastError> {
+        self.file
+            .write_all_at(data, offset)
+            .map_err(io_at(&self.write_path))
+    }
+
+    pub(crate) fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), CastError> {
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(io_at(&self.write_path))
+    }
+
+    pub(crate) fn sync(&self) -> Result<(), CastError> {
+        self.file.sync_data().map_err(io_at(&self.write_path))
+    }
+
+    /// Fsyncs and moves a regular file to its final name. Call only after verification.
+    pub(crate) fn commit(self) -> Result<PathBuf, CastError> {
+        self.file.sync_all().map_err(io_at(&self.write_path))?;
+        match self.final_path {
+            Some(final_path) => {
+                fs_err::rename(&self.write_path, &final_path).map_err(io_at(&final_path))?;
+                sync_dir(&final_path);
+                Ok(final_path)
+            }
+            None => Ok(self.write_path),
+        }
+    }
+}
+
+/// stdout or a pipe, written strictly in block order.
+pub(crate) struct StreamSink {
+    writer: Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
+    child: Option<(String, tokio::process::Child)>,
+    next: u64,
+    pending: BTreeMap<u64, Vec<u8>>,
+    written: u64,
+}
+
+impl std::fmt::Debug for StreamSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamSink")
+            .field("next", &self.next)
+            .field("pending", &self.pending.len())
+            .finish()
+    }
+}
+
+impl StreamSink {
+    pub(crate) fn stdout() -> Self {
+        StreamSink {
+            writer: Box::new(tokio::io::stdout()),
+            child: None,
+            next: 0,
+            pending: BTreeMap::new(),
+            written: 0,
+        }
+    }
+
+    pub(crate) fn pipe(command: &str) -> Result<Self, CastError> {
+        let mut child = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(command)
+            .stdin(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| CastError::Pipe {
+                command: command.to_owned(),
+                reason: format!("cannot start: {e}"),
+            })?;
+        let Some(stdin) = child.stdin.take() else {
+            return Err(CastError::Pipe {
+                command: command.to_owned(),
+                reason: "no stdin".into(),
+            });
+        };
+        Ok(StreamSink {
+            writer: Box::new(stdin),
+            child: Some((command.to_owned(), child)),
+            next: 0,
+            pending: BTreeMap::new(),
+            written: 0,
+        })
+    }
+
+    fn err(&self, reason: String) -> CastError {
+        match &self.child {
+            Some((command, _)) => CastError::Pipe {
+                command: command.clone(),
+                reason,
+            },
+            None => CastError::Io {
+                path: PathBuf::from("<stdout>"),
+                source: std::io::Error::other(reason),
+            },
+        }
+    }
+
+    /// Accepts block `index`; writes it and every queued successor if it is the next one.
+    pub(crate) async fn push(&mut self, index: u64, data: Vec<u8>) -> Result<(), CastError> {
+        if index < self.next {
+            return Ok(());
+        }
+        self.pending.insert(index, data);
+        while let Some(data) = self.pending.remove(&self.next) {
+            if let Err(e) = self.writer.write_all(&data).await {
+                return Err(self.err(format!("write: {e}")));
+            }
+            self.written += data.len() as u64;
+            self.next += 1;
+        }
+        Ok(())
+    }
+
+    /// Blocks written so far (all in order).
+    pub(crate) fn next_block(&self) -> u64 {
+        self.next
+    }
+
+    /// Flushes, closes and (for a pipe) waits for the command; fails if it exited non-zero.
+    pub(crate) async fn finish(mut self) -> Result<u64, CastError> {
+        if let Err(e) = self.writer.flush().await {
+            return Err(self.err(format!("flush: {e}")));
+        }
+        if let Err(e) = self.writer.shutdown().await {
+            // stdout cannot be shut down on every platform; a pipe must close.
+            if self.child.is_some() {
+                return Err(self.err(format!("close: {e}")));
+            }
+        }
+        // Dropping the writer closes the pipe, so the command sees end of input.
+        self.writer = Box::new(tokio::io::sink());
+        if let Some((command, mut child)) = self.child.take() {
+            let status = child.wait().await.map_err(|e| CastError::Pipe {
+                command: command.clone(),
+                reason: format!("wait: {e}"),
+            })?;
+            if !status.success() {
+                return Err(CastError::Pipe {
+                    command,
+                    reason: format!("exited with {status}"),
+                });
+            }
+        }
+        Ok(self.written)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn pipe_gets_blocks_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let mut sink = StreamSink::pipe(&format!("cat > '{}'", out.display())).unwrap();
+        sink.push(2, b"cc".to_vec()).await.unwrap();
+        sink.push(0, b"aa".to_vec()).await.unwrap();
+        assert_eq!(sink.next_block(), 1);
+        sink.push(1, b"bb".to_vec()).await.unwrap();
+        sink.push(1, b"XX".to_vec()).await.unwrap();
+        assert_eq!(sink.finish().await.unwrap(), 6);
+        assert_eq!(std::fs::read(&out).unwrap(), b"aabbcc");
+    }
+
+    #[tokio::test]
+    async fn failing_pipe_is_an_error() {
+        let sink = StreamSink::pipe("exit 3").unwrap();
+        let err = sink.finish().await.unwrap_err().to_string();
+        assert!(err.contains("exit"), "{err}");
+    }
+
+    #[test]
+    fn file_goes_through_part_and_rename() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        let sink = RandomSink::open(&path, 10, false).unwrap();
+        sink.write_at(5, b"hello").unwrap();
+        assert!(!path.exists());
+        assert_eq!(sink.commit().unwrap(), path);
+        assert_eq!(std::fs::read(&path).unwrap(), b"\0\0\0\0\0hello");
+        assert!(!part_path(&path).exists());
+    }
+}

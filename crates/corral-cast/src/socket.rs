@@ -1,0 +1,231 @@
+//! UDP sockets for multicast: group membership on a chosen interface, TTL, loopback, large
+//! buffers (with a warning when the kernel caps them), and interface-name resolution.
+//!
+//! This is the only module of the crate allowed to use `unsafe` (for `getifaddrs`); every block
+//! says why it is sound.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tracing::{debug, warn};
+
+use crate::error::CastError;
+
+/// The socket buffer size we ask for. `net.core.rmem_max` often caps it (4 MiB on our CI):
+/// multicast receivers lose packets mainly when this buffer overflows.
+pub const DEFAULT_SOCKET_BUFFER: usize = 16 * 1024 * 1024;
+
+/// Where multicast traffic goes in and out.
+#[derive(Debug, Clone)]
+pub struct MulticastConfig {
+    /// The group, e.g. 239.255.77.1.
+    pub group: Ipv4Addr,
+    /// The UDP port of the group.
+    pub port: u16,
+    /// The local IPv4 address of the interface to use (`None`: let the kernel route).
+    pub interface: Option<Ipv4Addr>,
+    /// Multicast TTL (1 keeps traffic on the local segment).
+    pub ttl: u32,
+    /// Whether our own multicast is looped back to local sockets (off by default).
+    pub loopback: bool,
+    /// Requested `SO_RCVBUF`/`SO_SNDBUF` in bytes.
+    pub buffer: usize,
+}
+
+impl MulticastConfig {
+    /// The group's socket address.
+    pub fn group_addr(&self) -> SocketAddr {
+        SocketAddr::V4(SocketAddrV4::new(self.group, self.port))
+    }
+}
+
+/// Resolves `--interface`: an IPv4 address, or an interface name whose first IPv4 address is
+/// used.
+pub fn resolve_interface(spec: &str) -> Result<Ipv4Addr, CastError> {
+    if let Ok(ip) = spec.parse::<Ipv4Addr>() {
+        return Ok(ip);
+    }
+    interface_ipv4(spec)
+        .map_err(|source| CastError::Interface {
+            name: spec.to_owned(),
+            source,
+        })?
+        .ok_or_else(|| CastError::Interface {
+            name: spec.to_owned(),
+            source: io::Error::new(
+                io::ErrorKind::NotFound,
+                "no such interface with an IPv4 address",
+            ),
+        })
+}
+
+/// The first IPv4 address of interface `name`, via `getifaddrs(3)`.
+fn interface_ipv4(name: &str) -> io::Result<Option<Ipv4Addr>> {
+    let mut addrs: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: `getifaddrs` writes a pointer to a linked list it allocates into `addrs`; we pass a
+    // valid pointer to our local and check the return code before reading it.
+    if unsafe { libc::getifaddrs(&mut addrs) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut found = None;
+    let mut cur = addrs;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a non-null node of the list returned by `getifaddrs`, which stays
+        // valid until `freeifaddrs` below.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_name.is_null() && !ifa.ifa_addr.is_null() {
+            // SAFETY: `ifa_name` is a NUL-terminated C string owned by the list.
+            let ifname = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
+            // SAFETY: `ifa_addr` is non-null and points at a sockaddr whose family we check
+            // before reinterpreting it as `sockaddr_in`.
+            let family = unsafe { (*ifa.ifa_addr).sa_family };
+            if ifname.to_bytes() == name.as_bytes() && i32::from(family) == libc::AF_INET {
+                // SAFETY: family is AF_INET, so the storage is a `sockaddr_in`.
+                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                found = Some(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+                break;
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: `addrs` came from a successful `getifaddrs` and is freed exactly once; no
+    // reference into the list outlives this call (we copied the address out).
+    unsafe { libc::freeifaddrs(addrs) };
+    Ok(found)
+}
+
+fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> CastError {
+    move |source| CastError::Socket { what, source }
+}
+
+/// Asks for `want` bytes of receive and send buffer and warns when the kernel gives less.
+fn set_buffers(sock: &Socket, want: usize) {
+    for (name, set, get) in [
+        (
+            "SO_RCVBUF",
+            Socket::set_recv_buffer_size as fn(&Socket, usize) -> io::Result<()>,
+            Socket::recv_buffer_size as fn(&Socket) -> io::Result<usize>,
+        ),
+        (
+            "SO_SNDBUF",
+            Socket::set_send_buffer_size,
+            Socket::send_buffer_size,
+        ),
+    ] {
+        if let Err(e) = set(sock, want) {
+            warn!(option = name, error = %e, "cannot set socket buffer size");
+            continue;
+        }
+        // Linux doubles the value it stores (bookkeeping overhead), so compare against half.
+        match get(sock) {
+            Ok(got) if got / 2 < want => warn!(
+                option = name,
+                asked = want,
+                got = got / 2,
+                "kernel capped the socket buffer (raise net.core.rmem_max/wmem_max); \
+                 expect more loss at high rates"
+            ),
+            Ok(got) => debug!(option = name, got, "socket buffer"),
+            Err(e) => warn!(option = name, error = %e, "cannot read socket buffer size"),
+        }
+    }
+}
+
+/// A non-blocking UDP socket for sending to the group (and receiving receivers' unicast
+/// reports on its ephemeral port).
+pub fn sender_socket(cfg: &MulticastConfig) -> Result<tokio::net::UdpSocket, CastError> {
+    let sock =
+        Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).map_err(io_err("socket"))?;
+    let bind = SocketAddrV4::new(cfg.interface.unwrap_or(Ipv4Addr::UNSPECIFIED), 0);
+    sock.bind(&bind.into()).map_err(io_err("bind"))?;
+    if let Some(ifa) = cfg.interface {
+        sock.set_multicast_if_v4(&ifa)
+            .map_err(io_err("IP_MULTICAST_IF"))?;
+    }
+    sock.set_multicast_ttl_v4(cfg.ttl)
+        .map_err(io_err("IP_MULTICAST_TTL"))?;
+    sock.set_multicast_loop_v4(cfg.loopback)
+        .map_err(io_err("IP_MULTICAST_LOOP"))?;
+    set_buffers(&sock, cfg.buffer);
+    into_tokio(sock)
+}
+
+/// A non-blocking UDP socket bound to the group's port and joined to the group on the chosen
+/// interface. `SO_REUSEADDR` lets several receivers share one host (tests, benchmarks).
+pub fn receiver_socket(cfg: &MulticastConfig) -> Result<tokio::net::UdpSocket, CastError> {
+    let sock =
+        Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).map_err(io_err("socket"))?;
+    sock.set_reuse_address(true)
+        .map_err(io_err("SO_REUSEADDR"))?;
+    // Bind to the group address, not 0.0.0.0, so that we only see this group's datagrams even
+    // when another group uses the same port.
+    let bind = SocketAddrV4::new(cfg.group, cfg.port);
+    sock.bind(&bind.into()).map_err(io_err("bind"))?;
+    let ifa = cfg.interface.unwrap_or(Ipv4Addr::UNSPECIFIED);
+    sock.join_multicast_v4(&cfg.group, &ifa)
+        .map_err(io_err("IP_ADD_MEMBERSHIP"))?;
+    if let Some(ifa) = cfg.interface {
+        // Replies to the sender leave from the same interface.
+        let _ = sock.set_multicast_if_v4(&ifa);
+    }
+    set_buffers(&sock, cfg.buffer);
+    into_tokio(sock)
+}
+
+/// A unicast UDP socket for a receiver's reports to the sender (separate from the group socket,
+/// which is bound to the group address and so cannot source unicast).
+pub fn unicast_socket(local: Option<Ipv4Addr>) -> Result<tokio::net::UdpSocket, CastError> {
+    let sock =
+        Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).map_err(io_err("socket"))?;
+    let bind = SocketAddrV4::new(local.unwrap_or(Ipv4Addr::UNSPECIFIED), 0);
+    sock.bind(&bind.into()).map_err(io_err("bind"))?;
+    into_tokio(sock)
+}
+
+fn into_tokio(sock: Socket) -> Result<tokio::net::UdpSocket, CastError> {
+    sock.set_nonblocking(true).map_err(io_err("O_NONBLOCK"))?;
+    tokio::net::UdpSocket::from_std(sock.into()).map_err(io_err("register"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_addresses_and_loopback_name() {
+        assert_eq!(
+            resolve_interface("10.1.2.3").unwrap(),
+            Ipv4Addr::new(10, 1, 2, 3)
+        );
+        assert_eq!(resolve_interface("lo").unwrap(), Ipv4Addr::LOCALHOST);
+        let err = resolve_interface("no-such-if0").unwrap_err();
+        assert!(err.to_string().contains("no-such-if0"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn multicast_on_loopback_reaches_two_receivers() {
+        let cfg = MulticastConfig {
+            group: Ipv4Addr::new(239, 77, 9, 1),
+            port: 47_311,
+            interface: Some(Ipv4Addr::LOCALHOST),
+            ttl: 1,
+            loopback: false,
+            buffer: 1 << 20,
+        };
+        let r1 = receiver_socket(&cfg).unwrap();
+        let r2 = receiver_socket(&cfg).unwrap();
+        let s = sender_socket(&cfg).unwrap();
+        s.send_to(b"hello", cfg.group_addr()).await.unwrap();
+        let mut buf = [0u8; 16];
+        for r in [r1, r2] {
+            let (n, _) =
+                tokio::time::timeout(std::time::Duration::from_secs(2), r.recv_from(&mut buf))
+                    .await
+                    .unwrap()
+                    .unwrap();
+            assert_eq!(&buf[..n], b"hello");
+        }
+    }
+}

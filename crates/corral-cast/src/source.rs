@@ -1,0 +1,101 @@
+//! The image a sender offers: a regular file, a block device, or stdin spooled to a temporary
+//! file (the manifest, which covers every block, must be signed before the first block goes
+//! out, so a stream has to be read whole first).
+
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{CastError, io_at};
+
+/// An opened, sized, randomly readable image.
+#[derive(Debug)]
+pub struct ImageSource {
+    file: std::fs::File,
+    path: PathBuf,
+    len: u64,
+    /// Keeps a spooled stdin alive (deleted on drop).
+    _spool: Option<tempfile::TempPath>,
+}
+
+impl ImageSource {
+    /// Opens `spec`: a path, or `-` for stdin (spooled to `$TMPDIR`).
+    pub fn open(spec: &Path) -> Result<Self, CastError> {
+        if spec == Path::new("-") {
+            return Self::spool(&mut std::io::stdin().lock());
+        }
+        let mut file = fs_err::File::open(spec)
+            .map_err(io_at(spec))?
+            .into_parts()
+            .0;
+        // Seeking to the end gives the size of block devices too (metadata says 0 for them).
+        let len = file.seek(SeekFrom::End(0)).map_err(io_at(spec))?;
+        Ok(ImageSource {
+            file,
+            path: spec.to_owned(),
+            len,
+            _spool: None,
+        })
+    }
+
+    /// Reads a stream to its end into a temporary file and opens that.
+    pub fn spool(input: &mut dyn Read) -> Result<Self, CastError> {
+        let tmp_dir = std::env::temp_dir();
+        let mut tmp = tempfile::NamedTempFile::new_in(&tmp_dir).map_err(io_at(&tmp_dir))?;
+        let len = std::io::copy(input, &mut tmp).map_err(io_at(tmp.path()))?;
+        let (file, path) = tmp.into_parts();
+        Ok(ImageSource {
+            file,
+            path: path.to_path_buf(),
+            len,
+            _spool: Some(path),
+        })
+    }
+
+    /// The image's length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the image is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Where the image is read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads `buf.len()` bytes at `offset` (short only at the end of the image).
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize, CastError> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_at(&self.path)(e)),
+            }
+        }
+        Ok(done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spooled_stream_reads_back() {
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let src = ImageSource::spool(&mut &data[..]).unwrap();
+        assert_eq!(src.len(), data.len() as u64);
+        let mut buf = vec![0u8; 1000];
+        assert_eq!(src.read_at(99_500, &mut buf).unwrap(), 500);
+        assert_eq!(&buf[..500], &data[99_500..]);
+        let path = src.path().to_owned();
+        drop(src);
+        assert!(!path.exists(), "spool file is removed");
+    }
+}
