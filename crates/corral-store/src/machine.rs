@@ -1,0 +1,149 @@
+//! The `machines` table: what the store knows about each machine right now.
+
+use std::net::IpAddr;
+
+use corral_model::{LifecycleState, MacAddr, UnixMillis};
+use rusqlite::{OptionalExtension, Row, params};
+
+use crate::{Result, Store, StoreError};
+
+/// One row of the `machines` table.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Machine {
+    /// The machine's hardware address (the key).
+    pub mac: MacAddr,
+    /// Its hostname, when known.
+    pub hostname: Option<String>,
+    /// When it was last seen on the network.
+    pub last_seen: Option<UnixMillis>,
+    /// The IP address it last used.
+    pub last_ip: Option<IpAddr>,
+    /// Its lifecycle state, when one was set.
+    pub state: Option<LifecycleState>,
+    /// What its next boot will do, in words, when decided.
+    pub next_action: Option<String>,
+    /// When this row last changed.
+    pub updated: UnixMillis,
+}
+
+const COLUMNS: &str = "mac, hostname, last_seen_ms, last_ip, state, next_action, updated_ms";
+
+impl Store {
+    /// Records that `mac` was seen at `now`, creating its row if needed. A `None` hostname or
+    /// IP keeps the previous value.
+    pub fn touch_machine(
+        &self,
+        mac: MacAddr,
+        hostname: Option<&str>,
+        ip: Option<IpAddr>,
+        now: UnixMillis,
+    ) -> Result<()> {
+        let sql = "INSERT INTO machines (mac, hostname, last_seen_ms, last_ip, updated_ms) \
+                   VALUES (?1, ?2, ?3, ?4, ?3) \
+                   ON CONFLICT(mac) DO UPDATE SET \
+                     hostname = coalesce(excluded.hostname, hostname), \
+                     last_seen_ms = excluded.last_seen_ms, \
+                     last_ip = coalesce(excluded.last_ip, last_ip), \
+                     updated_ms = excluded.updated_ms";
+        self.conn
+            .execute(
+                sql,
+                params![mac.to_string(), hostname, now.0, ip.map(|i| i.to_string())],
+            )
+            .map_err(self.sql_err(sql))?;
+        Ok(())
+    }
+
+    /// Sets the lifecycle state of `mac`, creating its row if needed.
+    pub fn set_machine_state(
+        &self,
+        mac: MacAddr,
+        state: LifecycleState,
+        now: UnixMillis,
+    ) -> Result<()> {
+        let sql = "INSERT INTO machines (mac, state, updated_ms) VALUES (?1, ?2, ?3) \
+                   ON CONFLICT(mac) DO UPDATE SET state = excluded.state, \
+                     updated_ms = excluded.updated_ms";
+        self.conn
+            .execute(sql, params![mac.to_string(), state.as_str(), now.0])
+            .map_err(self.sql_err(sql))?;
+        Ok(())
+    }
+
+    /// Sets the description of what the next boot of `mac` will do (`None` clears it).
+    pub fn set_machine_next_action(
+        &self,
+        mac: MacAddr,
+        next_action: Option<&str>,
+        now: UnixMillis,
+    ) -> Result<()> {
+        let sql = "INSERT INTO machines (mac, next_action, updated_ms) VALUES (?1, ?2, ?3) \
+                   ON CONFLICT(mac) DO UPDATE SET next_action = excluded.next_action, \
+                     updated_ms = excluded.updated_ms";
+        self.conn
+            .execute(sql, params![mac.to_string(), next_action, now.0])
+            .map_err(self.sql_err(sql))?;
+        Ok(())
+    }
+
+    /// The row of `mac`, if the store knows it.
+    pub fn machine(&self, mac: MacAddr) -> Result<Option<Machine>> {
+        let sql = format!("SELECT {COLUMNS} FROM machines WHERE mac = ?1");
+        self.conn
+            .query_row(&sql, [mac.to_string()], |r| Ok(self.decode_machine(r)))
+            .optional()
+            .map_err(self.sql_err(&sql))?
+            .transpose()
+    }
+
+    /// Every known machine, ordered by MAC address.
+    pub fn machines(&self) -> Result<Vec<Machine>> {
+        let sql = format!("SELECT {COLUMNS} FROM machines ORDER BY mac");
+        let mut stmt = self.conn.prepare(&sql).map_err(self.sql_err(&sql))?;
+        let rows = stmt
+            .query_map([], |r| Ok(self.decode_machine(r)))
+            .map_err(self.sql_err(&sql))?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(row.map_err(self.sql_err(&sql))??);
+        }
+        Ok(out)
+    }
+
+    fn decode_machine(&self, r: &Row<'_>) -> Result<Machine> {
+        let bad = |column: &'static str, reason: String| StoreError::Decode {
+            path: self.path.clone(),
+            id: 0,
+            column,
+            reason,
+        };
+        let text = |i: usize, column: &'static str| {
+            r.get::<_, Option<String>>(i)
+                .map_err(|e| bad(column, e.to_string()))
+        };
+        let mac_text = text(0, "machines.mac")?.unwrap_or_default();
+        Ok(Machine {
+            mac: mac_text
+                .parse()
+                .map_err(|e: corral_model::MacParseError| bad("machines.mac", e.to_string()))?,
+            hostname: text(1, "machines.hostname")?,
+            last_seen: r
+                .get::<_, Option<i64>>(2)
+                .map_err(|e| bad("machines.last_seen_ms", e.to_string()))?
+                .map(UnixMillis),
+            last_ip: text(3, "machines.last_ip")?
+                .map(|s| s.parse::<IpAddr>())
+                .transpose()
+                .map_err(|e| bad("machines.last_ip", e.to_string()))?,
+            state: text(4, "machines.state")?
+                .map(|s| s.parse::<LifecycleState>())
+                .transpose()
+                .map_err(|e| bad("machines.state", e.to_string()))?,
+            next_action: text(5, "machines.next_action")?,
+            updated: UnixMillis(
+                r.get(6)
+                    .map_err(|e| bad("machines.updated_ms", e.to_string()))?,
+            ),
+        })
+    }
+}
