@@ -8,7 +8,7 @@ use fs_err::os::unix::fs::OpenOptionsExt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use ed25519_dalek::{SigningKey, VerifyingKey};
+pub use ed25519_dalek::{SigningKey, VerifyingKey};
 
 use crate::error::{CastError, io_at};
 

@@ -28,3 +28,26 @@ pub use error::CastError;
 pub use observe::{NoObserver, Observer, Progress, ReceiverProgress};
 pub use output::{OutputSpec, part_path};
 pub use source::ImageSource;
+mod options;
+
+pub use options::{Rate, ReceiveOptions, ReceiveReport, ReceiverOutcome, SendOptions, SendReport};
+pub use tokio_util::sync::CancellationToken;
+
+/// Sends an image to every receiver (see the crate docs).
+pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendReport, CastError> {
+    let _ = (opts, cancel);
+    Err(CastError::Incomplete {
+        reason: "the cast protocol is not wired yet".into(),
+    })
+}
+
+/// Receives an image (see the crate docs).
+pub async fn receive(
+    opts: ReceiveOptions,
+    cancel: CancellationToken,
+) -> Result<ReceiveReport, CastError> {
+    let _ = (opts, cancel);
+    Err(CastError::Incomplete {
+        reason: "the cast protocol is not wired yet".into(),
+    })
+}

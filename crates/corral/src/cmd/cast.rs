@@ -1,15 +1,512 @@
-//! `corral cast send|receive|serve|keygen` (stub: filled by the cast work).
+//! `corral cast send|receive|keygen`: multicast an image to many machines, verified block by
+//! block against a signed manifest.
+
+use std::io::IsTerminal;
+use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use corral_cast::CancellationToken;
+use corral_cast::socket::{DEFAULT_SOCKET_BUFFER, MulticastConfig};
+use corral_cast::{Observer, OutputSpec, Progress, Rate, ReceiveOptions, SendOptions, keys};
+use corral_model::Event;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 use crate::cli::Global;
-use crate::exit::Code;
+use crate::exit::{Code, bad_input};
 
 /// Cast commands.
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum CastCommand {
     /// Send an image to every receiver.
-    Send,
+    #[command(after_help = "\
+Examples:
+  corral cast send disk.img --min-receivers 4 --max-wait 60s
+  corral cast send /dev/sda --interface eth1 --rate 800M --key cast.key
+  zcat image.gz | corral cast send - --expect web01,web02,web03 --json")]
+    Send(SendArgs),
+    /// Receive an image, verify every block, write it to a file, device, stdout or a pipe.
+    #[command(after_help = "\
+Examples:
+  corral cast receive --output /dev/sda --trusted-key cast.key.pub --state /tmp/cast.state
+  corral cast receive --output disk.img --interface eth0 --name web01
+  corral cast receive --pipe 'tar -x -C /mnt' --sender 10.0.0.1")]
+    Receive(ReceiveArgs),
+    /// Make a signing key pair: KEY (secret, mode 0600) and KEY.pub.
+    #[command(after_help = "\
+Both files hold 32 bytes as 64 hexadecimal digits and a newline; readers also accept the raw 32
+bytes. Give KEY to `cast send --key`, and KEY.pub to every `cast receive --trusted-key`.
+
+Example:
+  corral cast keygen --out /etc/corral/cast.key")]
+    Keygen(KeygenArgs),
 }
 
-pub(crate) fn run(_cmd: CastCommand, _global: &Global) -> anyhow::Result<Code> {
-    anyhow::bail!("cast is not built yet")
+/// Flags shared by send and receive: where the group is.
+#[derive(Debug, clap::Args)]
+pub(crate) struct GroupArgs {
+    /// Multicast group address.
+    #[arg(long, default_value = "239.255.77.1")]
+    group: Ipv4Addr,
+    /// UDP port of the group; the sender's TCP catch-up server listens on the same number.
+    #[arg(long, default_value_t = 9000)]
+    port: u16,
+    /// Interface to use: a name (`eth0`) or one of its IPv4 addresses. Default: the route to
+    /// the group.
+    #[arg(long, value_name = "IFACE|ADDR")]
+    interface: Option<String>,
+}
+
+impl GroupArgs {
+    fn multicast(&self, ttl: u32) -> anyhow::Result<MulticastConfig> {
+        let interface = match &self.interface {
+            Some(spec) => Some(corral_cast::socket::resolve_interface(spec)?),
+            None => None,
+        };
+        if !self.group.is_multicast() {
+            return Err(bad_input(format!(
+                "--group {} is not a multicast address (224.0.0.0/4)",
+                self.group
+            )));
+        }
+        Ok(MulticastConfig {
+            group: self.group,
+            port: self.port,
+            interface,
+            ttl,
+            loopback: false,
+            buffer: DEFAULT_SOCKET_BUFFER,
+        })
+    }
+}
+
+/// Arguments of `corral cast send`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct SendArgs {
+    /// The image: a file, a block device, or `-` for stdin (read whole first: the manifest is
+    /// signed before anything is sent).
+    source: PathBuf,
+    #[command(flatten)]
+    group: GroupArgs,
+    /// Multicast TTL (1 keeps the traffic on the local network).
+    #[arg(long, default_value_t = 1)]
+    ttl: u32,
+    /// Sending rate in bit/s (`800M`, `1G`) or `adaptive` (back off when receivers lose data).
+    #[arg(long, default_value = "adaptive")]
+    rate: String,
+    /// Link MTU; datagrams are sized to fit it (payload = MTU - 28).
+    #[arg(long, default_value_t = 1500, conflicts_with = "packet_size")]
+    mtu: usize,
+    /// UDP payload size per datagram (overrides --mtu).
+    #[arg(long)]
+    packet_size: Option<usize>,
+    /// Start once this many receivers have joined (and --min-wait has passed).
+    #[arg(long, default_value_t = 1)]
+    min_receivers: usize,
+    /// Receivers (their --name) that must join before the start and must all succeed.
+    #[arg(long, value_delimiter = ',', value_name = "HOST,...")]
+    expect: Vec<String>,
+    /// Wait at least this long for receivers to join.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    min_wait: Duration,
+    /// Start after this long even if fewer receivers joined (0: wait forever).
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    max_wait: Duration,
+    /// zstd level per block (0 stores blocks uncompressed; 1-3 is fast and enough for zeros).
+    #[arg(long, default_value_t = 1)]
+    compress: i32,
+    /// Secret signing key from `corral cast keygen` (default: an ephemeral key, printed).
+    #[arg(long, value_name = "KEY")]
+    key: Option<PathBuf>,
+    /// Stop waiting for a receiver that made no progress for this long after the last pass.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    linger: Duration,
+    /// JSON event lines on stdout (also the default when stdout is not a terminal).
+    #[arg(long)]
+    json: bool,
+}
+
+/// Arguments of `corral cast receive`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ReceiveArgs {
+    /// Where to write the image: a file (written as FILE.corral-part, renamed when verified),
+    /// a block device (written in place, never truncated), or `-` for stdout (in order).
+    #[arg(long, short, value_name = "PATH|-", required_unless_present = "pipe")]
+    output: Option<String>,
+    /// Feed the image, in order, to the standard input of `sh -c CMD`.
+    #[arg(long, value_name = "CMD", conflicts_with = "output")]
+    pipe: Option<String>,
+    #[command(flatten)]
+    group: GroupArgs,
+    /// The sender's address (`HOST` or `HOST:PORT`, TCP; default port = --port): fetch over TCP
+    /// even without ever hearing an announcement.
+    #[arg(long, value_name = "ADDR")]
+    sender: Option<String>,
+    /// Only accept images signed by this public key (KEY.pub from `corral cast keygen`).
+    #[arg(long, value_name = "KEY.pub")]
+    trusted_key: Option<PathBuf>,
+    /// Resume state: blocks already written are re-verified and not fetched again.
+    #[arg(long, value_name = "FILE")]
+    state: Option<PathBuf>,
+    /// The name reported to the sender (default: the host name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Give up when nothing was heard from any sender for this long.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    idle_timeout: Duration,
+    /// JSON event lines (on stdout, or on stderr when the image goes to stdout).
+    #[arg(long)]
+    json: bool,
+}
+
+/// Arguments of `corral cast keygen`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct KeygenArgs {
+    /// The secret key file to write (refuses to overwrite); the public key goes to OUT.pub.
+    #[arg(long, value_name = "KEY")]
+    out: PathBuf,
+}
+
+pub(crate) fn run(cmd: CastCommand, _global: &Global) -> anyhow::Result<Code> {
+    match cmd {
+        CastCommand::Keygen(a) => keygen(a),
+        CastCommand::Send(a) => runtime()?.block_on(send(a)),
+        CastCommand::Receive(a) => runtime()?.block_on(receive(a)),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn keygen(a: KeygenArgs) -> anyhow::Result<Code> {
+    let key = keys::generate()?;
+    let pub_path = keys::write_keypair(&a.out, &key)?;
+    println!(
+        "wrote secret key {} (0600) and public key {}",
+        a.out.display(),
+        pub_path.display()
+    );
+    println!("public key: {}", hex_key(&key.verifying_key()));
+    Ok(Code::Success)
+}
+
+fn hex_key(k: &corral_cast::keys::VerifyingKey) -> String {
+    k.to_bytes().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Cancels `token` on Ctrl-C or SIGTERM.
+fn cancel_on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let term_fut = async {
+            match term.as_mut() {
+                Some(t) => {
+                    t.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term_fut => {}
+        }
+        token.cancel();
+    });
+}
+
+async fn send(a: SendArgs) -> anyhow::Result<Code> {
+    let rate: Rate = a.rate.parse().map_err(bad_input)?;
+    let packet_size = a.packet_size.unwrap_or(a.mtu.saturating_sub(28));
+    if !(512..=65_000).contains(&packet_size) {
+        return Err(bad_input(format!(
+            "packet size {packet_size} out of range (512..=65000; check --mtu/--packet-size)"
+        )));
+    }
+    let key = match &a.key {
+        Some(p) => Some(keys::read_signing_key(p).map_err(|e| bad_input(e.to_string()))?),
+        None => None,
+    };
+    let json = a.json || !std::io::stdout().is_terminal();
+    let observer = Arc::new(CliObserver::new(json, JsonTo::Stdout));
+    let opts = SendOptions {
+        source: a.source.clone(),
+        multicast: a.group.multicast(a.ttl)?,
+        catchup_port: a.group.port,
+        rate,
+        packet_size,
+        min_receivers: a.min_receivers,
+        expect: a.expect.clone(),
+        min_wait: a.min_wait,
+        max_wait: a.max_wait,
+        compress_level: a.compress,
+        key,
+        linger: a.linger,
+        observer: observer.clone(),
+    };
+    let cancel = CancellationToken::new();
+    cancel_on_signal(cancel.clone());
+    let report = corral_cast::send(opts, cancel).await?;
+    observer.finish();
+    if report.ephemeral_key {
+        eprintln!(
+            "note: no --key given; the manifest was signed with an ephemeral key {}",
+            report.public_key
+        );
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"type": "summary", "report": report})
+        );
+    } else {
+        let mbit = if report.elapsed_s > 0.0 {
+            report.image_bytes as f64 * 8.0 / report.elapsed_s / 1e6
+        } else {
+            0.0
+        };
+        println!(
+            "session {}: {} bytes in {} blocks, {:.1} s, {:.0} Mbit/s",
+            report.session, report.image_bytes, report.blocks, report.elapsed_s, mbit
+        );
+        for r in &report.receivers {
+            println!(
+                "  {:<20} {:<22} {:<4} {}",
+                r.name,
+                r.addr.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+                if r.ok { "ok" } else { "FAIL" },
+                r.reason
+            );
+        }
+    }
+    Ok(if report.all_ok() && !report.receivers.is_empty() {
+        Code::Success
+    } else {
+        Code::Runtime
+    })
+}
+
+async fn receive(a: ReceiveArgs) -> anyhow::Result<Code> {
+    let output = match (&a.output, &a.pipe) {
+        (_, Some(cmd)) => OutputSpec::Pipe(cmd.clone()),
+        (Some(o), None) => OutputSpec::from_arg(o),
+        (None, None) => return Err(bad_input("give --output PATH|- or --pipe CMD")),
+    };
+    let sender = match &a.sender {
+        Some(s) => Some(resolve_sender(s, a.group.port)?),
+        None => None,
+    };
+    let trusted_key = match &a.trusted_key {
+        Some(p) => Some(keys::read_verifying_key(p).map_err(|e| bad_input(e.to_string()))?),
+        None => None,
+    };
+    let to_stdout = output == OutputSpec::Stdout;
+    let json = a.json || (!to_stdout && !std::io::stdout().is_terminal());
+    let observer = Arc::new(CliObserver::new(
+        json,
+        if to_stdout {
+            JsonTo::Stderr
+        } else {
+            JsonTo::Stdout
+        },
+    ));
+    let name = a.name.clone().unwrap_or_else(hostname);
+    let opts = ReceiveOptions {
+        output,
+        multicast: a.group.multicast(1)?,
+        sender,
+        trusted_key,
+        state: a.state.clone(),
+        name,
+        silent_after: Duration::from_secs(5),
+        idle_timeout: a.idle_timeout,
+        observer: observer.clone(),
+    };
+    let cancel = CancellationToken::new();
+    cancel_on_signal(cancel.clone());
+    let result = corral_cast::receive(opts, cancel).await;
+    observer.finish();
+    let report = result?;
+    let line = serde_json::json!({"type": "summary", "report": report});
+    if json {
+        observer.json_line(&line);
+    } else {
+        eprintln!(
+            "received and verified {} bytes ({} blocks: {} multicast, {} tcp, {} resumed) in {:.1} s -> {}",
+            report.image_bytes,
+            report.blocks,
+            report.blocks_multicast,
+            report.blocks_tcp,
+            report.blocks_resumed,
+            report.elapsed_s,
+            report.output
+        );
+    }
+    Ok(Code::Success)
+}
+
+fn resolve_sender(s: &str, port: u16) -> anyhow::Result<SocketAddr> {
+    let with_port = if s.contains(':') {
+        s.to_owned()
+    } else {
+        format!("{s}:{port}")
+    };
+    with_port
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut it| it.find(|a| a.is_ipv4()))
+        .ok_or_else(|| bad_input(format!("--sender {s:?}: not an address")))
+}
+
+fn hostname() -> String {
+    fs_err::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "receiver".into())
+}
+
+#[derive(Debug, Clone, Copy)]
+enum JsonTo {
+    Stdout,
+    Stderr,
+}
+
+/// Draws progress (bars on a terminal, JSON lines otherwise) and prints events.
+#[derive(Debug)]
+struct CliObserver {
+    json: Option<JsonTo>,
+    bars: Mutex<Bars>,
+}
+
+#[derive(Debug, Default)]
+struct Bars {
+    multi: Option<MultiProgress>,
+    main: Option<ProgressBar>,
+    receivers: Vec<(String, ProgressBar)>,
+}
+
+impl CliObserver {
+    fn new(json: bool, to: JsonTo) -> Self {
+        let bars = if !json && std::io::stderr().is_terminal() {
+            Bars {
+                multi: Some(MultiProgress::new()),
+                ..Bars::default()
+            }
+        } else {
+            Bars::default()
+        };
+        CliObserver {
+            json: json.then_some(to),
+            bars: Mutex::new(bars),
+        }
+    }
+
+    fn json_line(&self, v: &serde_json::Value) {
+        match self.json {
+            Some(JsonTo::Stdout) => println!("{v}"),
+            Some(JsonTo::Stderr) | None => eprintln!("{v}"),
+        }
+    }
+
+    fn finish(&self) {
+        let bars = self.bars.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = &bars.main {
+            b.finish();
+        }
+        for (_, b) in &bars.receivers {
+            b.finish();
+        }
+    }
+}
+
+fn bar_style(template: &str) -> ProgressStyle {
+    ProgressStyle::with_template(template)
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ")
+}
+
+impl Observer for CliObserver {
+    fn event(&self, event: &Event) {
+        if self.json.is_some() {
+            self.json_line(&serde_json::json!({"type": "event", "event": event}));
+            return;
+        }
+        let bars = self.bars.lock().unwrap_or_else(|e| e.into_inner());
+        let line = format!("{} {}: {}", event.outcome, event.kind, event.reason);
+        match &bars.multi {
+            Some(m) => {
+                let _ = m.println(line);
+            }
+            None => eprintln!("{line}"),
+        }
+    }
+
+    fn progress(&self, p: &Progress) {
+        if self.json.is_some() {
+            self.json_line(&serde_json::json!({"type": "progress", "progress": p}));
+            return;
+        }
+        let mut bars = self.bars.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(multi) = bars.multi.clone() else {
+            return;
+        };
+        match p {
+            Progress::Receiver {
+                image_bytes,
+                bytes_done,
+                ..
+            } => {
+                let bar = bars.main.get_or_insert_with(|| {
+                    let b = multi.add(ProgressBar::new(*image_bytes));
+                    b.set_style(bar_style(
+                        "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+                    ));
+                    b
+                });
+                bar.set_length(*image_bytes);
+                bar.set_position(*bytes_done);
+            }
+            Progress::Sender {
+                blocks_total,
+                image_bytes,
+                bytes_sent,
+                elapsed_s,
+                receivers,
+            } => {
+                let main = bars.main.get_or_insert_with(|| {
+                    let b = multi.add(ProgressBar::new_spinner());
+                    b.set_style(bar_style("{spinner} {msg}"));
+                    b
+                });
+                let rate = if *elapsed_s > 0.0 {
+                    *bytes_sent as f64 * 8.0 / elapsed_s / 1e6
+                } else {
+                    0.0
+                };
+                main.set_message(format!(
+                    "sending {image_bytes} bytes: {bytes_sent} sent, {rate:.0} Mbit/s, {} receivers",
+                    receivers.len()
+                ));
+                main.tick();
+                for r in receivers {
+                    if !bars.receivers.iter().any(|(n, _)| n == &r.name) {
+                        let b = multi.add(ProgressBar::new(*blocks_total));
+                        b.set_style(bar_style("{prefix:>16} {bar:40} {pos}/{len} blocks"));
+                        b.set_prefix(r.name.clone());
+                        bars.receivers.push((r.name.clone(), b));
+                    }
+                    if let Some((_, b)) = bars.receivers.iter().find(|(n, _)| n == &r.name) {
+                        b.set_position(r.blocks_done);
+                    }
+                }
+            }
+        }
+    }
 }

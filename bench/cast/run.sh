@@ -1,0 +1,192 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark: corral cast vs UDPcast (udp-sender/udp-receiver) on the same images,
+# in the same run, between network namespaces (sender + N receivers on one bridge).
+#
+#   sudo bench/cast/run.sh                 # 512 MiB images, full matrix
+#   sudo SIZE_MB=64 bench/cast/run.sh      # quick run
+#   sudo SCENARIOS="rand:4 loss:4" bench/cast/run.sh
+#
+# Scenarios (NAME:N): rand (random image), zeros (75 % zero blocks), loss (receiver 1 drops 5 % of
+# UDP packets), slow (receiver 1 limited to 100 Mbit/s), kill (receiver 1 killed after 1 s),
+# rand9k (random image, MTU 9000). Each prints wall time from sender start until every
+# receiver that should finish has finished, for all receivers and for the unaffected ones, as
+# Mbit/s of image delivered, and the ratio corral/udpcast (>1: corral faster). Every received
+# file is hashed and compared with the image; a mismatch is printed as BAD.
+#
+# Needs root, iproute2, iptables (legacy), udpcast; installs them with apt-get if missing.
+# Times are on a shared 2-core machine: compare ratios within one run, not absolute numbers.
+set -euo pipefail
+
+SIZE_MB=${SIZE_MB:-512}
+TIMEOUT=${TIMEOUT:-120}
+SCENARIOS=${SCENARIOS:-"rand:1 rand:2 rand:4 rand:8 rand9k:4 zeros:4 loss:4 slow:4 kill:4"}
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+WORK=${WORK:-/dev/shm/corral-bench.$$}
+TAG=cb$$
+GROUP=239.255.88.1
+
+if [ "$(id -u)" != 0 ]; then
+    echo "bench/cast/run.sh needs root (network namespaces)" >&2
+    exit 1
+fi
+need=()
+command -v udp-sender >/dev/null || need+=(udpcast)
+command -v tc >/dev/null || need+=(iproute2)
+command -v iptables-legacy >/dev/null || need+=(iptables)
+if [ ${#need[@]} -gt 0 ]; then
+    apt-get install -y "${need[@]}"
+fi
+
+echo "building corral (release)..." >&2
+(cd "$ROOT" && cargo build --release -p corral --bin corral >&2)
+CORRAL=$ROOT/target/release/corral
+
+mkdir -p "$WORK"
+NSS=()
+cleanup() {
+    for ns in "${NSS[@]}"; do
+        ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
+        ip netns del "$ns" 2>/dev/null || true
+    done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# lab N MTU: hub bridge + host 0 (sender) + hosts 1..N (receivers), 10.88.0.(i+2)/24.
+lab() {
+    local n=$1 mtu=$2
+    for ns in "${NSS[@]}"; do ip netns del "$ns" 2>/dev/null || true; done
+    NSS=("$TAG-hub")
+    ip netns add "$TAG-hub"
+    ip -n "$TAG-hub" link add br0 type bridge mcast_snooping 0
+    ip -n "$TAG-hub" link set br0 mtu "$mtu" up
+    for i in $(seq 0 "$n"); do
+        local ns=$TAG-h$i
+        NSS+=("$ns")
+        ip netns add "$ns"
+        ip -n "$TAG-hub" link add "vh$i" mtu "$mtu" type veth peer name eth0 netns "$ns"
+        ip -n "$TAG-hub" link set "vh$i" master br0 up
+        ip -n "$ns" link set lo up
+        ip -n "$ns" link set eth0 mtu "$mtu"
+        ip -n "$ns" addr add "10.88.0.$((i + 2))/24" brd + dev eth0
+        ip -n "$ns" link set eth0 up
+        ip -n "$ns" route add 224.0.0.0/4 dev eth0
+    done
+}
+
+make_image() { # kind file
+    local kind=$1 f=$2
+    if [ "$kind" = zeros ]; then
+        # 75 % zero blocks: every 4th MiB random.
+        head -c $((SIZE_MB * 1024 * 1024)) /dev/zero >"$f"
+        for i in $(seq 0 4 $((SIZE_MB - 1))); do
+            head -c 1048576 /dev/urandom | dd of="$f" bs=1M seek="$i" conv=notrunc status=none
+        done
+    else
+        head -c $((SIZE_MB * 1024 * 1024)) /dev/urandom >"$f"
+    fi
+}
+
+now() { date +%s.%N; }
+
+# run_tool TOOL SCENARIO N IMAGE -> prints "t_all t_unaffected ok_count bad_count"
+run_tool() {
+    local tool=$1 sc=$2 n=$3 img=$4
+    local dir=$WORK/$tool
+    rm -rf "$dir"
+    mkdir -p "$dir"
+    local pids=()
+    for i in $(seq 1 "$n"); do
+        local out=$dir/out$i
+        local cmd
+        if [ "$tool" = udpcast ]; then
+            cmd="udp-receiver --file $out --interface eth0 --nokbd --rcvbuf 4000000 --no-progress --portbase 9400"
+        else
+            cmd="$CORRAL -q cast receive --output $out --interface eth0 --group $GROUP --port 9400 --name r$i --idle-timeout ${TIMEOUT}s --json"
+        fi
+        ip netns exec "$TAG-h$i" timeout "$TIMEOUT" sh -c "$cmd >$dir/log$i 2>&1; echo \$? \$(date +%s.%N) >$dir/done$i" &
+        pids+=($!)
+    done
+    sleep 0.5
+    local start
+    start=$(now)
+    local scmd
+    if [ "$tool" = udpcast ]; then
+        scmd="udp-sender --file $img --interface eth0 --nokbd --min-receivers $n --no-progress --portbase 9400"
+    else
+        scmd="$CORRAL -q cast send $img --interface eth0 --group $GROUP --port 9400 --min-receivers $n --min-wait 0s --json"
+        [ "$sc" = rand9k ] && scmd="$scmd --mtu 9000"
+    fi
+    ip netns exec "$TAG-h0" timeout "$TIMEOUT" sh -c "$scmd >$dir/sender.log 2>&1; echo \$? >$dir/sender.rc" &
+    local spid=$!
+    if [ "$sc" = kill ]; then
+        sleep 1
+        ip netns pids "$TAG-h1" | xargs -r kill -9 2>/dev/null || true
+    fi
+    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+    wait "$spid" 2>/dev/null || true
+    local want
+    want=$(sha256sum <"$img" | cut -d' ' -f1)
+    local t_all=0 t_fast=0 ok=0 bad=0
+    for i in $(seq 1 "$n"); do
+        if [ "$sc" = kill ] && [ "$i" = 1 ]; then continue; fi
+        local rc=1 t=0
+        if [ -f "$dir/done$i" ]; then read -r rc t <"$dir/done$i"; fi
+        local got=none
+        [ -f "$dir/out$i" ] && got=$(sha256sum <"$dir/out$i" | cut -d' ' -f1)
+        if [ "$rc" = 0 ] && [ "$got" = "$want" ]; then
+            ok=$((ok + 1))
+            local dt
+            dt=$(echo "$t - $start" | bc -l)
+            t_all=$(echo "if ($dt > $t_all) $dt else $t_all" | bc -l)
+            if ! { [ "$i" = 1 ] && { [ "$sc" = loss ] || [ "$sc" = slow ]; }; }; then
+                t_fast=$(echo "if ($dt > $t_fast) $dt else $t_fast" | bc -l)
+            fi
+        else
+            bad=$((bad + 1))
+            echo "  $tool $sc receiver $i: rc=$rc hash=${got:0:12} (want ${want:0:12}) BAD" >&2
+            tail -n 3 "$dir/log$i" >&2 2>/dev/null || true
+        fi
+    done
+    [ "$n" = 1 ] || [ "$t_fast" != 0 ] || t_fast=$t_all
+    [ "$t_fast" != 0 ] || t_fast=$t_all
+    echo "$t_all $t_fast $ok $bad"
+}
+
+mbit() { # seconds -> Mbit/s of image
+    if [ "$(echo "$1 > 0" | bc -l)" = 1 ]; then
+        echo "scale=0; $SIZE_MB * 8 * 1.048576 / $1" | bc -l
+    else
+        echo "-"
+    fi
+}
+
+printf "%-8s %2s | %-26s | %-26s | %s\n" scenario N "udpcast  s_all s_fast Mbit ok" "corral   s_all s_fast Mbit ok" "ratio(fast)"
+for item in $SCENARIOS; do
+    sc=${item%%:*}
+    n=${item##*:}
+    mtu=1500
+    [ "$sc" = rand9k ] && mtu=9000
+    lab "$n" "$mtu"
+    if [ "$sc" = loss ]; then
+        ip netns exec "$TAG-h1" iptables-legacy -w -A INPUT -p udp -m statistic --mode random --probability 0.05 -j DROP
+    fi
+    if [ "$sc" = slow ]; then
+        ip netns exec "$TAG-hub" tc qdisc replace dev vh1 root tbf rate 100mbit burst 64kb latency 20ms
+    fi
+    img=$WORK/image.$sc
+    kind=rand
+    [ "$sc" = zeros ] && kind=zeros
+    [ -f "$img" ] || make_image "$kind" "$img"
+    read -r u_all u_fast u_ok u_bad < <(run_tool udpcast "$sc" "$n" "$img")
+    read -r c_all c_fast c_ok c_bad < <(run_tool corral "$sc" "$n" "$img")
+    ratio=-
+    if [ "$(echo "$c_fast > 0 && $u_fast > 0" | bc -l)" = 1 ]; then
+        ratio=$(echo "scale=2; $u_fast / $c_fast" | bc -l)
+    fi
+    printf "%-8s %2s | %6.1f %6.1f %5s %2s/%-2s | %6.1f %6.1f %5s %2s/%-2s | %s\n" \
+        "$sc" "$n" "$u_all" "$u_fast" "$(mbit "$u_fast")" "$u_ok" "$((u_ok + u_bad))" \
+        "$c_all" "$c_fast" "$(mbit "$c_fast")" "$c_ok" "$((c_ok + c_bad))" "$ratio"
+    rm -f "$img"
+done
+echo "(size ${SIZE_MB} MiB; s_fast = until every unaffected receiver finished; ratio = udpcast s_fast / corral s_fast, >1 means corral faster)"

@@ -1,0 +1,196 @@
+//! What callers pass to [`crate::send`] and [`crate::receive`], and what they get back.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use corral_model::SessionId;
+use ed25519_dalek::{SigningKey, VerifyingKey};
+
+use crate::observe::Observer;
+use crate::output::OutputSpec;
+use crate::socket::MulticastConfig;
+
+/// How fast the sender sends.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Rate {
+    /// A fixed rate in bits per second on the wire.
+    Fixed(u64),
+    /// Start high and back off when receivers report loss.
+    Adaptive,
+}
+
+impl std::str::FromStr for Rate {
+    type Err = String;
+    /// `adaptive`, or a number of bits per second with an optional `K`, `M` or `G` suffix
+    /// (powers of 1000; a trailing `bit`/`bps` is ignored): `800M`, `1.5G`, `100mbit`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let t = s.trim().to_ascii_lowercase();
+        if t == "adaptive" {
+            return Ok(Rate::Adaptive);
+        }
+        let t = t
+            .trim_end_matches("bps")
+            .trim_end_matches("bit")
+            .trim_end_matches("/s");
+        let (num, mult) = match t.chars().last() {
+            Some('k') => (&t[..t.len() - 1], 1e3),
+            Some('m') => (&t[..t.len() - 1], 1e6),
+            Some('g') => (&t[..t.len() - 1], 1e9),
+            _ => (t, 1.0),
+        };
+        let v: f64 = num
+            .parse()
+            .map_err(|_| format!("invalid rate {s:?}: expected e.g. 800M, 1G or adaptive"))?;
+        let bits = v * mult;
+        if !(bits >= 1e5 && bits <= 1e12) {
+            return Err(format!("rate {s:?} out of range (100K to 1000G)"));
+        }
+        Ok(Rate::Fixed(bits as u64))
+    }
+}
+
+/// Everything [`crate::send`] needs.
+#[derive(Clone)]
+pub struct SendOptions {
+    /// The image: a file, a block device, or `-` for stdin (spooled first).
+    pub source: PathBuf,
+    /// Group, port, interface, TTL, buffers.
+    pub multicast: MulticastConfig,
+    /// TCP port of the catch-up server (0: same number as the UDP port).
+    pub catchup_port: u16,
+    /// Sending rate.
+    pub rate: Rate,
+    /// Largest UDP payload per datagram (from `--mtu` minus 28, or `--packet-size`).
+    pub packet_size: usize,
+    /// Start once this many receivers have joined (after `min_wait`).
+    pub min_receivers: usize,
+    /// Receivers (by `--name`) that must all join before the start and all succeed.
+    pub expect: Vec<String>,
+    /// Wait at least this long for receivers before starting.
+    pub min_wait: Duration,
+    /// Start after this long even if not everyone has joined.
+    pub max_wait: Duration,
+    /// zstd level per block (0: store uncompressed).
+    pub compress_level: i32,
+    /// The signing key (`None`: an ephemeral key, reported in [`SendReport::public_key`]).
+    pub key: Option<SigningKey>,
+    /// Give up on receivers still missing blocks this long after the last useful progress.
+    pub linger: Duration,
+    /// Where events and progress go.
+    pub observer: Arc<dyn Observer>,
+}
+
+impl std::fmt::Debug for SendOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SendOptions")
+            .field("source", &self.source)
+            .field("multicast", &self.multicast)
+            .field("rate", &self.rate)
+            .field("packet_size", &self.packet_size)
+            .field("min_receivers", &self.min_receivers)
+            .field("expect", &self.expect)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How one receiver ended, as the sender saw it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ReceiverOutcome {
+    /// The receiver's `--name` (or address when it gave none).
+    pub name: String,
+    /// Where its reports came from (`None` for an expected receiver never heard from).
+    pub addr: Option<SocketAddr>,
+    /// Whether it reported the whole image verified.
+    pub ok: bool,
+    /// Why it failed, or "verified".
+    pub reason: String,
+    /// Blocks it had when last heard from.
+    pub blocks_done: u64,
+}
+
+/// What [`crate::send`] reports.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SendReport {
+    /// The session.
+    pub session: SessionId,
+    /// Image size in bytes.
+    pub image_bytes: u64,
+    /// Blocks in the image.
+    pub blocks: u64,
+    /// Seconds from the first data packet to the end.
+    pub elapsed_s: f64,
+    /// Bytes put on the wire (all datagrams).
+    pub bytes_sent: u64,
+    /// Hex of the public key that signed the manifest.
+    pub public_key: String,
+    /// Whether that key was made up for this session.
+    pub ephemeral_key: bool,
+    /// Every receiver heard from, and every expected one.
+    pub receivers: Vec<ReceiverOutcome>,
+}
+
+impl SendReport {
+    /// True when no receiver failed and every expected receiver succeeded.
+    pub fn all_ok(&self) -> bool {
+        self.receivers.iter().all(|r| r.ok)
+    }
+}
+
+/// Everything [`crate::receive`] needs.
+#[derive(Clone)]
+pub struct ReceiveOptions {
+    /// Where the image goes.
+    pub output: OutputSpec,
+    /// Group, port, interface, buffers.
+    pub multicast: MulticastConfig,
+    /// The sender's catch-up TCP address, when known up front (`--sender`); otherwise learnt
+    /// from its announcements.
+    pub sender: Option<SocketAddr>,
+    /// Only accept manifests signed by this key (`None`: trust the first signed manifest).
+    pub trusted_key: Option<VerifyingKey>,
+    /// Resume state file.
+    pub state: Option<PathBuf>,
+    /// The name this receiver reports to the sender.
+    pub name: String,
+    /// Fall back to TCP when no multicast data arrived this long after joining.
+    pub silent_after: Duration,
+    /// Give up when nothing at all was heard for this long.
+    pub idle_timeout: Duration,
+    /// Where events and progress go.
+    pub observer: Arc<dyn Observer>,
+}
+
+impl std::fmt::Debug for ReceiveOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReceiveOptions")
+            .field("output", &self.output)
+            .field("multicast", &self.multicast)
+            .field("sender", &self.sender)
+            .field("state", &self.state)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`crate::receive`] reports.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReceiveReport {
+    /// The session.
+    pub session: SessionId,
+    /// Image size in bytes.
+    pub image_bytes: u64,
+    /// Blocks in the image.
+    pub blocks: u64,
+    /// Blocks received by multicast.
+    pub blocks_multicast: u64,
+    /// Blocks fetched over TCP catch-up.
+    pub blocks_tcp: u64,
+    /// Blocks found already on disk (resume) and re-verified.
+    pub blocks_resumed: u64,
+    /// Seconds from start to verified.
+    pub elapsed_s: f64,
+    /// Where the image ended up.
+    pub output: String,
+}
