@@ -84,6 +84,8 @@ struct Shared {
     dropped: AtomicU64,
     /// Events lost because their batch failed to write.
     failed: AtomicU64,
+    /// Mirror of `Progress::done`, readable without the lock (for [`Recorder::backlog`]).
+    done: AtomicU64,
     /// Milliseconds since `started` of the last drop warning (-1: never).
     last_warn_ms: AtomicI64,
     progress: Mutex<Progress>,
@@ -144,6 +146,7 @@ impl Recorder {
             sent: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             failed: AtomicU64::new(0),
+            done: AtomicU64::new(0),
             last_warn_ms: AtomicI64::new(-1),
             progress: Mutex::new(Progress::default()),
             progress_cond: Condvar::new(),
@@ -235,7 +238,7 @@ impl Recorder {
 
     /// Events accepted but not yet written.
     pub fn backlog(&self) -> u64 {
-        let done = lock(&self.shared.progress).done;
+        let done = self.shared.done.load(Ordering::SeqCst);
         self.accepted().saturating_sub(done)
     }
 
@@ -415,6 +418,7 @@ impl Writer {
             tracing::error!(error = %e, events = batch.len(), "audit store write failed; events lost");
         }
         batch.clear();
+        self.shared.done.fetch_add(user_events, Ordering::SeqCst);
         lock(&self.shared.progress).done += user_events;
         self.shared.progress_cond.notify_all();
     }
