@@ -74,6 +74,28 @@ impl Report {
         self.push(rel, None, Severity::Warning, kind, msg);
     }
 
+    /// Orders problems as an operator reads the directory: site.toml, profiles, machines,
+    /// and by position within each file.
+    pub(crate) fn sort(&mut self) {
+        let rank = |p: &Problem| {
+            let f = p.file.to_string_lossy();
+            if f == "." {
+                0
+            } else if f == "site.toml" {
+                1
+            } else if f.starts_with("profiles") {
+                2
+            } else if f.starts_with("machines") {
+                3
+            } else {
+                4
+            }
+        };
+        self.problems.sort_by(|a, b| {
+            (rank(a), &a.file, a.line, a.column).cmp(&(rank(b), &b.file, b.line, b.column))
+        });
+    }
+
     pub(crate) fn has_errors(&self) -> bool {
         self.problems.iter().any(Problem::is_error)
     }
@@ -135,8 +157,10 @@ fn structural_message(m: &str) -> (ProblemKind, String) {
         return (ProblemKind::UnknownKey, msg);
     }
     let m = m.trim().replace('\n', "; ");
-    let m = m.strip_prefix("invalid type: ").unwrap_or(&m);
-    (ProblemKind::WrongType, format!("wrong type: {m}"))
+    match m.strip_prefix("invalid type: ") {
+        Some(rest) => (ProblemKind::WrongType, format!("wrong type: {rest}")),
+        None => (ProblemKind::WrongType, m),
+    }
 }
 
 /// Removes the entry whose key or value (or array element) has exactly `span`.
@@ -279,6 +303,7 @@ fn resolve(dir: &Path, p: &str) -> PathBuf {
 struct SiteToml {
     server: Server,
     dhcp: Dhcp,
+    networks_complete: bool,
     paths: Paths,
     store: Store,
     discovery: Discovery,
@@ -356,6 +381,9 @@ fn convert_site(
         }),
     };
     let mut networks: Vec<Network> = Vec::new();
+    // False when a network was dropped for errors: address checks against the remaining
+    // networks would only echo that error.
+    let mut networks_complete = true;
     let mut net_spans: Vec<Range<usize>> = Vec::new();
     for rn in rd.and_then(|d| d.network).into_iter().flatten() {
         let span = rn.span();
@@ -369,6 +397,7 @@ fn convert_site(
                     "missing key \"cidr\" in [[dhcp.network]]; add the subnet like cidr = \"10.0.0.0/24\"".to_owned(),
                 );
             }
+            networks_complete = false;
             continue;
         };
         let cidr = match cidr_s.get_ref().parse::<Ipv4Net>() {
@@ -384,6 +413,7 @@ fn convert_site(
                         c.trunc()
                     ),
                 );
+                networks_complete = false;
                 continue;
             }
             Err(_) => {
@@ -396,6 +426,7 @@ fn convert_site(
                         cidr_s.get_ref()
                     ),
                 );
+                networks_complete = false;
                 continue;
             }
         };
@@ -566,6 +597,7 @@ fn convert_site(
     SiteToml {
         server,
         dhcp: Dhcp { mode, networks },
+        networks_complete,
         paths,
         store,
         discovery: Discovery {
@@ -1125,13 +1157,11 @@ pub(crate) fn load_site(dir: &Path) -> Result<Site, Vec<Problem>> {
             if let Some((_, conv)) = &site_toml {
                 let nets = &conv.dhcp.networks;
                 match nets.iter().find(|n| n.cidr.contains(&ip)) {
-                    None if conv.dhcp.mode != DhcpMode::Off || !nets.is_empty() => {
+                    // With no network at all there is nothing to check against (full mode
+                    // without networks is reported once, in site.toml).
+                    None if conv.networks_complete && !nets.is_empty() => {
                         let list: Vec<String> = nets.iter().map(|n| n.cidr.to_string()).collect();
-                        let list = if list.is_empty() {
-                            "none defined".to_owned()
-                        } else {
-                            list.join(", ")
-                        };
+                        let list = list.join(", ");
                         r.error(
                             src,
                             d.ip_span.clone(),
@@ -1171,6 +1201,7 @@ pub(crate) fn load_site(dir: &Path) -> Result<Site, Vec<Problem>> {
         }
     }
 
+    r.sort();
     if r.has_errors() {
         return Err(r.problems);
     }
@@ -1224,6 +1255,7 @@ pub fn check_site_toml_str(text: &str) -> Vec<Problem> {
         );
     }
     r.problems.retain(|p| p.kind != ProblemKind::MissingDir);
+    r.sort();
     r.problems
 }
 
@@ -1237,6 +1269,7 @@ pub fn check_machine_str(stem: &str, text: &str) -> Vec<Problem> {
     if let Some((raw, pruned)) = parse_file::<raw::RawMachine>(&src, &mut r) {
         let _ = convert_machine(stem, &src, 0, raw, pruned, &mut r);
     }
+    r.sort();
     r.problems
 }
 
