@@ -1,0 +1,665 @@
+//! Wire format. Every datagram is one packet: a 14-byte header then a typed body. All integers
+//! are big-endian.
+//!
+//! ```text
+//! header: magic "CRCT" | version u8 = 1 | type u8 | session u64
+//! 0x01 Announce      flags u8 | manifest_len u32 | manifest_hash [32] | tcp_port u16
+//!                    | symbol_size u16 | block_size u32 | block_count u32 | image_size u64
+//!                    | pass_pos u32 | rate_bps u64
+//! 0x02 ManifestChunk offset u32 | total_len u32 | bytes...
+//! 0x03 Data          block u32 | esi u16 | k u16 | payload_len u32 | flags u8 | symbol...
+//! 0x10 Join          receiver u64 | flags u8 | name_len u8 | name (UTF-8)
+//! 0x11 JoinAck       receiver u64
+//! 0x12 Nak           receiver u64 | count u16 | count × (block u32 | needed u32 | seen u32)
+//! 0x13 Status        receiver u64 | blocks_done u32 | bytes_done u64 | received u64
+//!                    | lost u64 | rejected u32
+//! 0x14 Done          receiver u64 | ok u8 | reason_len u16 | reason (UTF-8)
+//! 0x15 DoneAck       receiver u64
+//! 0x20 End           flags u8
+//! ```
+//!
+//! Decoding is zero-copy for symbol bytes, checks every length and never allocates more than
+//! the datagram's own size.
+
+use corral_model::SessionId;
+
+use crate::error::PacketError;
+
+/// Magic bytes at the start of every packet.
+pub const MAGIC: [u8; 4] = *b"CRCT";
+/// Protocol version.
+pub const VERSION: u8 = 1;
+/// Header length.
+pub const HEADER_LEN: usize = 14;
+/// Data packet overhead (header + data fields) before the symbol bytes.
+pub const DATA_OVERHEAD: usize = HEADER_LEN + 13;
+/// Largest receiver name in a Join.
+pub const MAX_NAME_LEN: usize = 64;
+/// Largest reason text in a Done.
+pub const MAX_REASON_LEN: usize = 512;
+/// Most NAK entries in one packet (keeps a NAK within 1400 bytes).
+pub const MAX_NAK_ENTRIES: usize = 100;
+
+/// Announce flag: the data pass has started.
+pub const ANNOUNCE_STARTED: u8 = 0x01;
+/// Announce flag: the data pass is complete (only repair follows).
+pub const ANNOUNCE_PASS_DONE: u8 = 0x02;
+/// Data flag: the payload is zstd-compressed.
+pub const DATA_COMPRESSED: u8 = 0x01;
+/// Data flag: a repair symbol (sent in answer to NAKs), not part of the in-order pass.
+pub const DATA_REPAIR: u8 = 0x02;
+/// Join flag: the receiver already holds the verified manifest.
+pub const JOIN_HAS_MANIFEST: u8 = 0x01;
+/// End flag: the sender aborted.
+pub const END_ABORTED: u8 = 0x01;
+
+/// A decoded packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Packet<'a> {
+    /// The session it belongs to.
+    pub session: SessionId,
+    /// The typed body.
+    pub body: Body<'a>,
+}
+
+/// Packet bodies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Body<'a> {
+    /// Sender → group: a session exists, here is how to get its manifest.
+    Announce(Announce),
+    /// Sender → group or one receiver: a slice of the signed manifest.
+    ManifestChunk(ManifestChunk<'a>),
+    /// Sender → group: one symbol of one block.
+    Data(Data<'a>),
+    /// Receiver → sender: I am here.
+    Join(Join<'a>),
+    /// Sender → receiver: I saw your Join.
+    JoinAck {
+        /// The receiver's id.
+        receiver: u64,
+    },
+    /// Receiver → sender: symbols I still need.
+    Nak(Nak),
+    /// Receiver → sender: progress.
+    Status(Status),
+    /// Receiver → sender: finished (verified or failed).
+    Done(Done<'a>),
+    /// Sender → receiver: I recorded your Done.
+    DoneAck {
+        /// The receiver's id.
+        receiver: u64,
+    },
+    /// Sender → group: the session is over.
+    End {
+        /// `END_*` flags.
+        flags: u8,
+    },
+}
+
+/// Announce body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Announce {
+    /// `ANNOUNCE_*` flags.
+    pub flags: u8,
+    /// Signed manifest length in bytes.
+    pub manifest_len: u32,
+    /// BLAKE3 of the signed manifest bytes.
+    pub manifest_hash: [u8; 32],
+    /// Sender's TCP catch-up port (0: none).
+    pub tcp_port: u16,
+    /// Symbol size.
+    pub symbol_size: u16,
+    /// Block size.
+    pub block_size: u32,
+    /// Number of blocks.
+    pub block_count: u32,
+    /// Image size.
+    pub image_size: u64,
+    /// Blocks whose in-order pass is complete (receivers may NAK any block below this).
+    pub pass_pos: u32,
+    /// Current send rate in bits per second.
+    pub rate_bps: u64,
+}
+
+/// ManifestChunk body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ManifestChunk<'a> {
+    /// Offset of `bytes` in the signed manifest.
+    pub offset: u32,
+    /// Total signed manifest length.
+    pub total_len: u32,
+    /// The slice.
+    pub bytes: &'a [u8],
+}
+
+/// Data body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Data<'a> {
+    /// Block index.
+    pub block: u32,
+    /// Symbol index: `0..k` source, `k..` parity.
+    pub esi: u16,
+    /// Source symbols in this block.
+    pub k: u16,
+    /// Payload length (compressed or raw) before padding.
+    pub payload_len: u32,
+    /// `DATA_*` flags.
+    pub flags: u8,
+    /// The symbol bytes.
+    pub symbol: &'a [u8],
+}
+
+/// Join body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Join<'a> {
+    /// Receiver id (random per run).
+    pub receiver: u64,
+    /// `JOIN_*` flags.
+    pub flags: u8,
+    /// Receiver's name (hostname), at most 64 bytes.
+    pub name: &'a str,
+}
+
+/// One NAK line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NakEntry {
+    /// Block index.
+    pub block: u32,
+    /// Symbols still needed to rebuild it ([`NakEntry::ALL`]: everything, block never seen).
+    pub needed: u32,
+    /// One past the highest symbol index received for the block (0: none), so the sender can
+    /// tell which of its repair symbols may still be in flight.
+    pub seen: u32,
+}
+
+impl NakEntry {
+    /// `needed` value meaning "I have nothing of this block".
+    pub const ALL: u32 = u32::MAX;
+}
+
+/// Nak body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nak {
+    /// Receiver id.
+    pub receiver: u64,
+    /// Up to [`MAX_NAK_ENTRIES`] lines.
+    pub entries: Vec<NakEntry>,
+}
+
+/// Status body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Status {
+    /// Receiver id.
+    pub receiver: u64,
+    /// Blocks verified (including zero and resumed blocks).
+    pub blocks_done: u32,
+    /// Bytes verified.
+    pub bytes_done: u64,
+    /// Data packets received.
+    pub received: u64,
+    /// Data packets of the in-order pass detected as lost.
+    pub lost: u64,
+    /// Blocks or packets rejected (bad hash, forged, malformed).
+    pub rejected: u32,
+}
+
+/// Done body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Done<'a> {
+    /// Receiver id.
+    pub receiver: u64,
+    /// Image verified on disk.
+    pub ok: bool,
+    /// Why not, or a note.
+    pub reason: &'a str,
+}
+
+const T_ANNOUNCE: u8 = 0x01;
+const T_MANIFEST_CHUNK: u8 = 0x02;
+const T_DATA: u8 = 0x03;
+const T_JOIN: u8 = 0x10;
+const T_JOIN_ACK: u8 = 0x11;
+const T_NAK: u8 = 0x12;
+const T_STATUS: u8 = 0x13;
+const T_DONE: u8 = 0x14;
+const T_DONE_ACK: u8 = 0x15;
+const T_END: u8 = 0x20;
+
+impl Body<'_> {
+    /// The packet type's name (for logs and errors).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Body::Announce(_) => "announce",
+            Body::ManifestChunk(_) => "manifest-chunk",
+            Body::Data(_) => "data",
+            Body::Join(_) => "join",
+            Body::JoinAck { .. } => "join-ack",
+            Body::Nak(_) => "nak",
+            Body::Status(_) => "status",
+            Body::Done(_) => "done",
+            Body::DoneAck { .. } => "done-ack",
+            Body::End { .. } => "end",
+        }
+    }
+
+    fn type_byte(&self) -> u8 {
+        match self {
+            Body::Announce(_) => T_ANNOUNCE,
+            Body::ManifestChunk(_) => T_MANIFEST_CHUNK,
+            Body::Data(_) => T_DATA,
+            Body::Join(_) => T_JOIN,
+            Body::JoinAck { .. } => T_JOIN_ACK,
+            Body::Nak(_) => T_NAK,
+            Body::Status(_) => T_STATUS,
+            Body::Done(_) => T_DONE,
+            Body::DoneAck { .. } => T_DONE_ACK,
+            Body::End { .. } => T_END,
+        }
+    }
+}
+
+fn kind_name(t: u8) -> &'static str {
+    match t {
+        T_ANNOUNCE => "announce",
+        T_MANIFEST_CHUNK => "manifest-chunk",
+        T_DATA => "data",
+        T_JOIN => "join",
+        T_JOIN_ACK => "join-ack",
+        T_NAK => "nak",
+        T_STATUS => "status",
+        T_DONE => "done",
+        T_DONE_ACK => "done-ack",
+        T_END => "end",
+        _ => "unknown",
+    }
+}
+
+impl<'a> Packet<'a> {
+    /// A packet.
+    pub fn new(session: SessionId, body: Body<'a>) -> Self {
+        Packet { session, body }
+    }
+
+    /// Decodes one datagram.
+    pub fn decode(buf: &'a [u8]) -> Result<Packet<'a>, PacketError> {
+        if buf.len() < HEADER_LEN {
+            return Err(PacketError::TooShort {
+                len: buf.len(),
+                need: HEADER_LEN,
+            });
+        }
+        let magic = [buf[0], buf[1], buf[2], buf[3]];
+        if magic != MAGIC {
+            return Err(PacketError::BadMagic { found: magic });
+        }
+        if buf[4] != VERSION {
+            return Err(PacketError::UnsupportedVersion {
+                version: buf[4],
+                supported: VERSION,
+            });
+        }
+        let t = buf[5];
+        let kind = kind_name(t);
+        if kind == "unknown" {
+            return Err(PacketError::UnknownType { kind: t });
+        }
+        let mut sid = [0u8; 8];
+        sid.copy_from_slice(&buf[6..14]);
+        let session = SessionId(u64::from_be_bytes(sid));
+        let mut r = Reader {
+            buf,
+            pos: HEADER_LEN,
+            kind,
+        };
+        let body = match t {
+            T_ANNOUNCE => {
+                let flags = r.u8("flags")?;
+                let manifest_len = r.u32("manifest_len")?;
+                let mut manifest_hash = [0u8; 32];
+                manifest_hash.copy_from_slice(r.take(32, "manifest_hash")?);
+                Body::Announce(Announce {
+                    flags,
+                    manifest_len,
+                    manifest_hash,
+                    tcp_port: r.u16("tcp_port")?,
+                    symbol_size: r.u16("symbol_size")?,
+                    block_size: r.u32("block_size")?,
+                    block_count: r.u32("block_count")?,
+                    image_size: r.u64("image_size")?,
+                    pass_pos: r.u32("pass_pos")?,
+                    rate_bps: r.u64("rate_bps")?,
+                })
+            }
+            T_MANIFEST_CHUNK => {
+                let offset = r.u32("offset")?;
+                let total_len = r.u32("total_len")?;
+                let bytes = r.rest();
+                if u64::from(offset) + bytes.len() as u64 > u64::from(total_len) {
+                    return Err(PacketError::InvalidField {
+                        kind,
+                        field: "offset",
+                        value: u64::from(offset),
+                    });
+                }
+                Body::ManifestChunk(ManifestChunk {
+                    offset,
+                    total_len,
+                    bytes,
+                })
+            }
+            T_DATA => {
+                let block = r.u32("block")?;
+                let esi = r.u16("esi")?;
+                let k = r.u16("k")?;
+                let payload_len = r.u32("payload_len")?;
+                let flags = r.u8("flags")?;
+                let symbol = r.rest();
+                if k == 0 || usize::from(k) > crate::block::MAX_SOURCE_SYMBOLS {
+                    return Err(PacketError::InvalidField {
+                        kind,
+                        field: "k",
+                        value: u64::from(k),
+                    });
+                }
+                if symbol.is_empty() {
+                    return Err(PacketError::Truncated {
+                        kind,
+                        field: "symbol",
+                        need: 1,
+                        left: 0,
+                    });
+                }
+                if flags & !(DATA_COMPRESSED | DATA_REPAIR) != 0 {
+                    return Err(PacketError::InvalidField {
+                        kind,
+                        field: "flags",
+                        value: u64::from(flags),
+                    });
+                }
+                Body::Data(Data {
+                    block,
+                    esi,
+                    k,
+                    payload_len,
+                    flags,
+                    symbol,
+                })
+            }
+            T_JOIN => {
+                let receiver = r.u64("receiver")?;
+                let flags = r.u8("flags")?;
+                let len = usize::from(r.u8("name_len")?);
+                if len > MAX_NAME_LEN {
+                    return Err(PacketError::InvalidField {
+                        kind,
+                        field: "name_len",
+                        value: len as u64,
+                    });
+                }
+                let name = r.str(len, "name")?;
+                Body::Join(Join {
+                    receiver,
+                    flags,
+                    name,
+                })
+            }
+            T_JOIN_ACK => Body::JoinAck {
+                receiver: r.u64("receiver")?,
+            },
+            T_NAK => {
+                let receiver = r.u64("receiver")?;
+                let count = usize::from(r.u16("count")?);
+                if count > MAX_NAK_ENTRIES {
+                    return Err(PacketError::InvalidField {
+                        kind,
+                        field: "count",
+                        value: count as u64,
+                    });
+                }
+                let left = r.left();
+                if left < count * 12 {
+                    return Err(PacketError::Truncated {
+                        kind,
+                        field: "entries",
+                        need: count * 12,
+                        left,
+                    });
+                }
+                let mut entries = Vec::with_capacity(count);
+                for _ in 0..count {
+                    entries.push(NakEntry {
+                        block: r.u32("block")?,
+                        needed: r.u32("needed")?,
+                        seen: r.u32("seen")?,
+                    });
+                }
+                Body::Nak(Nak { receiver, entries })
+            }
+            T_STATUS => Body::Status(Status {
+                receiver: r.u64("receiver")?,
+                blocks_done: r.u32("blocks_done")?,
+                bytes_done: r.u64("bytes_done")?,
+                received: r.u64("received")?,
+                lost: r.u64("lost")?,
+                rejected: r.u32("rejected")?,
+            }),
+            T_DONE => {
+                let receiver = r.u64("receiver")?;
+                let ok = match r.u8("ok")? {
+                    0 => false,
+                    1 => true,
+                    v => {
+                        return Err(PacketError::InvalidField {
+                            kind,
+                            field: "ok",
+                            value: u64::from(v),
+                        });
+                    }
+                };
+                let len = usize::from(r.u16("reason_len")?);
+                if len > MAX_REASON_LEN {
+                    return Err(PacketError::InvalidField {
+                        kind,
+                        field: "reason_len",
+                        value: len as u64,
+                    });
+                }
+                let reason = r.str(len, "reason")?;
+                Body::Done(Done {
+                    receiver,
+                    ok,
+                    reason,
+                })
+            }
+            T_DONE_ACK => Body::DoneAck {
+                receiver: r.u64("receiver")?,
+            },
+            T_END => Body::End {
+                flags: r.u8("flags")?,
+            },
+            _ => return Err(PacketError::UnknownType { kind: t }),
+        };
+        if r.left() != 0 {
+            return Err(PacketError::TrailingBytes {
+                kind,
+                extra: r.left(),
+            });
+        }
+        Ok(Packet { session, body })
+    }
+
+    /// Exact encoded length.
+    pub fn encoded_len(&self) -> usize {
+        HEADER_LEN
+            + match &self.body {
+                Body::Announce(_) => 1 + 4 + 32 + 2 + 2 + 4 + 4 + 8 + 4 + 8,
+                Body::ManifestChunk(c) => 8 + c.bytes.len(),
+                Body::Data(d) => 13 + d.symbol.len(),
+                Body::Join(j) => 10 + j.name.len().min(MAX_NAME_LEN),
+                Body::JoinAck { .. } | Body::DoneAck { .. } => 8,
+                Body::Nak(n) => 10 + 12 * n.entries.len().min(MAX_NAK_ENTRIES),
+                Body::Status(_) => 8 + 4 + 8 + 8 + 8 + 4,
+                Body::Done(d) => 11 + truncate_str(d.reason, MAX_REASON_LEN).len(),
+                Body::End { .. } => 1,
+            }
+    }
+
+    /// Appends the encoding to `out`. Over-long names, reasons and NAK lists are truncated to
+    /// their limits so the result always decodes.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.reserve(self.encoded_len());
+        out.extend_from_slice(&MAGIC);
+        out.push(VERSION);
+        out.push(self.body.type_byte());
+        out.extend_from_slice(&self.session.0.to_be_bytes());
+        match &self.body {
+            Body::Announce(a) => {
+                out.push(a.flags);
+                out.extend_from_slice(&a.manifest_len.to_be_bytes());
+                out.extend_from_slice(&a.manifest_hash);
+                out.extend_from_slice(&a.tcp_port.to_be_bytes());
+                out.extend_from_slice(&a.symbol_size.to_be_bytes());
+                out.extend_from_slice(&a.block_size.to_be_bytes());
+                out.extend_from_slice(&a.block_count.to_be_bytes());
+                out.extend_from_slice(&a.image_size.to_be_bytes());
+                out.extend_from_slice(&a.pass_pos.to_be_bytes());
+                out.extend_from_slice(&a.rate_bps.to_be_bytes());
+            }
+            Body::ManifestChunk(c) => {
+                out.extend_from_slice(&c.offset.to_be_bytes());
+                out.extend_from_slice(&c.total_len.to_be_bytes());
+                out.extend_from_slice(c.bytes);
+            }
+            Body::Data(d) => {
+                out.extend_from_slice(&d.block.to_be_bytes());
+                out.extend_from_slice(&d.esi.to_be_bytes());
+                out.extend_from_slice(&d.k.to_be_bytes());
+                out.extend_from_slice(&d.payload_len.to_be_bytes());
+                out.push(d.flags);
+                out.extend_from_slice(d.symbol);
+            }
+            Body::Join(j) => {
+                let name = truncate_str(j.name, MAX_NAME_LEN);
+                out.extend_from_slice(&j.receiver.to_be_bytes());
+                out.push(j.flags);
+                out.push(name.len() as u8);
+                out.extend_from_slice(name.as_bytes());
+            }
+            Body::JoinAck { receiver } | Body::DoneAck { receiver } => {
+                out.extend_from_slice(&receiver.to_be_bytes());
+            }
+            Body::Nak(n) => {
+                let entries = &n.entries[..n.entries.len().min(MAX_NAK_ENTRIES)];
+                out.extend_from_slice(&n.receiver.to_be_bytes());
+                out.extend_from_slice(&(entries.len() as u16).to_be_bytes());
+                for e in entries {
+                    out.extend_from_slice(&e.block.to_be_bytes());
+                    out.extend_from_slice(&e.needed.to_be_bytes());
+                    out.extend_from_slice(&e.seen.to_be_bytes());
+                }
+            }
+            Body::Status(s) => {
+                out.extend_from_slice(&s.receiver.to_be_bytes());
+                out.extend_from_slice(&s.blocks_done.to_be_bytes());
+                out.extend_from_slice(&s.bytes_done.to_be_bytes());
+                out.extend_from_slice(&s.received.to_be_bytes());
+                out.extend_from_slice(&s.lost.to_be_bytes());
+                out.extend_from_slice(&s.rejected.to_be_bytes());
+            }
+            Body::Done(d) => {
+                let reason = truncate_str(d.reason, MAX_REASON_LEN);
+                out.extend_from_slice(&d.receiver.to_be_bytes());
+                out.push(u8::from(d.ok));
+                out.extend_from_slice(&(reason.len() as u16).to_be_bytes());
+                out.extend_from_slice(reason.as_bytes());
+            }
+            Body::End { flags } => out.push(*flags),
+        }
+    }
+
+    /// Encodes into `buf`, returning the length written.
+    pub fn encode_to_slice(&self, buf: &mut [u8]) -> Result<usize, PacketError> {
+        let need = self.encoded_len();
+        if buf.len() < need {
+            return Err(PacketError::BufferTooSmall {
+                need,
+                have: buf.len(),
+            });
+        }
+        let mut v = Vec::with_capacity(need);
+        self.encode(&mut v);
+        buf[..v.len()].copy_from_slice(&v);
+        Ok(v.len())
+    }
+}
+
+/// Writes a Data packet straight into `out` without building a [`Packet`] (the sender's hot
+/// path).
+pub(crate) fn encode_data(out: &mut Vec<u8>, session: SessionId, d: &Data<'_>) {
+    Packet::new(session, Body::Data(*d)).encode(out);
+}
+
+fn truncate_str(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    kind: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    fn left(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+    fn take(&mut self, n: usize, field: &'static str) -> Result<&'a [u8], PacketError> {
+        if self.left() < n {
+            return Err(PacketError::Truncated {
+                kind: self.kind,
+                field,
+                need: n,
+                left: self.left(),
+            });
+        }
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+    fn rest(&mut self) -> &'a [u8] {
+        let s = &self.buf[self.pos..];
+        self.pos = self.buf.len();
+        s
+    }
+    fn str(&mut self, n: usize, field: &'static str) -> Result<&'a str, PacketError> {
+        let b = self.take(n, field)?;
+        std::str::from_utf8(b).map_err(|_| PacketError::InvalidUtf8 {
+            kind: self.kind,
+            field,
+        })
+    }
+    fn u8(&mut self, f: &'static str) -> Result<u8, PacketError> {
+        Ok(self.take(1, f)?[0])
+    }
+    fn u16(&mut self, f: &'static str) -> Result<u16, PacketError> {
+        let b = self.take(2, f)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self, f: &'static str) -> Result<u32, PacketError> {
+        let b = self.take(4, f)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self, f: &'static str) -> Result<u64, PacketError> {
+        let b = self.take(8, f)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_be_bytes(a))
+    }
+}

@@ -1,0 +1,1024 @@
+//! The receiver state machine.
+//!
+//! It learns the session from an Announce (or from [`ReceiverConfig::session`] /
+//! [`ReceiverConfig::sender`]), joins, assembles and verifies the signed manifest, collects
+//! symbols per block, rebuilds a block with Reed–Solomon as soon as it holds `k` distinct
+//! symbols, decompresses it and checks its BLAKE3 hash **before** emitting
+//! [`ReceiverEvent::BlockReady`]. A block that fails is discarded (its symbols dropped, so later
+//! ones can rebuild it) and counted. NAKs are batched, jittered by an injected seed, and
+//! rate-limited; Status goes out periodically; Done is retried until the sender acknowledges it.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::block::{EncodedBlock, parity_count, source_count};
+use crate::error::{BlockError, ManifestError};
+use crate::manifest::SignedManifest;
+use crate::packet::{self, Announce, Body, Data, NakEntry, Packet, Status};
+use crate::rng::SplitMix64;
+use crate::{Dest, MANIFEST_CHUNK_LEN, SessionId, Transmit};
+
+/// Receiver settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReceiverConfig {
+    /// Name reported to the sender (hostname).
+    pub name: String,
+    /// Only accept manifests signed by this Ed25519 public key. `None`: accept any validly
+    /// self-signed manifest, flagged as unauthenticated.
+    pub trusted_key: Option<[u8; 32]>,
+    /// Seed for the receiver id and NAK jitter (the driver passes OS randomness; tests pass a
+    /// fixed value).
+    pub seed: u64,
+    /// Only join this session (`None`: the first one announced).
+    pub session: Option<SessionId>,
+    /// The sender's unicast address, if known in advance (otherwise learnt from Announce).
+    pub sender: Option<SocketAddr>,
+    /// Period of Status reports.
+    pub status_interval: Duration,
+    /// Period of Join retries until acknowledged.
+    pub join_interval: Duration,
+    /// Largest random delay before a NAK, so many receivers do not NAK in lockstep.
+    pub nak_jitter: Duration,
+    /// Least time between two NAKs for the same block.
+    pub nak_interval: Duration,
+    /// Do not re-NAK a block that received a symbol this recently (repair is arriving).
+    pub nak_quiet: Duration,
+    /// Least time between two NAK packets.
+    pub nak_min_gap: Duration,
+    /// Emit [`ReceiverEvent::MulticastSilent`] if no data arrives this long after joining a
+    /// started session.
+    pub silent_after: Duration,
+    /// Period of Done retries.
+    pub done_interval: Duration,
+    /// Done retries before giving up.
+    pub done_retries: u32,
+    /// Largest signed manifest accepted.
+    pub max_manifest_len: u32,
+}
+
+impl Default for ReceiverConfig {
+    fn default() -> Self {
+        ReceiverConfig {
+            name: String::new(),
+            trusted_key: None,
+            seed: 0,
+            session: None,
+            sender: None,
+            status_interval: Duration::from_millis(250),
+            join_interval: Duration::from_millis(200),
+            nak_jitter: Duration::from_millis(10),
+            nak_interval: Duration::from_millis(60),
+            nak_quiet: Duration::from_millis(10),
+            nak_min_gap: Duration::from_millis(2),
+            silent_after: Duration::from_secs(5),
+            done_interval: Duration::from_millis(200),
+            done_retries: 25,
+            max_manifest_len: 64 << 20,
+        }
+    }
+}
+
+/// Things the driver must act on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReceiverEvent {
+    /// The sender acknowledged our Join.
+    Joined {
+        /// The session.
+        session: SessionId,
+        /// The sender's address.
+        sender: SocketAddr,
+        /// The sender's TCP catch-up port (0: none), from its Announce.
+        tcp_port: u16,
+    },
+    /// The manifest is verified and in force.
+    ManifestReady {
+        /// The manifest.
+        manifest: Arc<SignedManifest>,
+        /// Signed by the trusted key; `false` means no key was configured (a warning).
+        authenticated: bool,
+    },
+    /// A manifest was rejected (bad signature, untrusted key, wrong hash); counted.
+    ManifestRejected {
+        /// Why.
+        error: ManifestError,
+    },
+    /// Block `index` is verified: write it at `offset`.
+    BlockReady {
+        /// Block index.
+        index: u32,
+        /// Byte offset in the image.
+        offset: u64,
+        /// Block length.
+        len: u32,
+        /// The bytes; `None` for an all-zero block (never sent).
+        data: Option<Vec<u8>>,
+    },
+    /// A rebuilt block failed verification and was discarded; it will be fetched again.
+    BlockRejected {
+        /// Why (holds the block index).
+        error: BlockError,
+    },
+    /// Every block is ready. Read the image back, check the manifest's image hash and call
+    /// [`Receiver::finish`].
+    AllBlocksReady,
+    /// Joined a started session but no data arrived within `silent_after`: multicast may be
+    /// blocked; consider the TCP catch-up path.
+    MulticastSilent {
+        /// How long it has been silent.
+        silent_for: Duration,
+    },
+    /// The sender acknowledged our Done.
+    DoneAcknowledged,
+    /// Done was retried `done_retries` times without acknowledgement.
+    DoneUnacknowledged,
+    /// The sender ended the session.
+    SessionEnded {
+        /// The sender aborted rather than finished.
+        aborted: bool,
+    },
+}
+
+/// Counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReceiverStats {
+    /// Data packets received.
+    pub data_packets: u64,
+    /// Data packets useful (new symbol for an incomplete block).
+    pub useful_packets: u64,
+    /// In-order pass packets detected as lost.
+    pub lost_packets: u64,
+    /// Packets that did not decode, were for another session, or contradict the manifest.
+    pub rejected_packets: u64,
+    /// Blocks that failed verification.
+    pub rejected_blocks: u32,
+    /// Manifests rejected.
+    pub rejected_manifests: u32,
+    /// NAK packets sent.
+    pub naks_sent: u64,
+}
+
+#[derive(Debug)]
+struct Assembly {
+    k: u16,
+    payload_len: u32,
+    compressed: bool,
+    /// `k + r` flags.
+    have: Vec<bool>,
+    count: u16,
+    /// One past the highest ESI received.
+    seen: u32,
+    symbols: Vec<u8>,
+    esis: Vec<u16>,
+    conflicts: u32,
+    last_symbol: Option<Instant>,
+}
+
+#[derive(Debug)]
+enum Slot {
+    Missing,
+    Assembling(Box<Assembly>),
+    Done,
+}
+
+#[derive(Debug)]
+struct ManifestAsm {
+    total_len: u32,
+    hash: [u8; 32],
+    chunks: BTreeMap<u32, Vec<u8>>,
+    bytes: usize,
+}
+
+#[derive(Debug)]
+enum DoneState {
+    NotYet,
+    Pending {
+        ok: bool,
+        reason: String,
+        tries: u32,
+        next: Option<Instant>,
+    },
+    Acked,
+    GaveUp,
+}
+
+/// The receiver state machine.
+#[derive(Debug)]
+pub struct Receiver {
+    cfg: ReceiverConfig,
+    created: Instant,
+    id: u64,
+    rng: SplitMix64,
+    session: Option<SessionId>,
+    sender: Option<SocketAddr>,
+    announce: Option<Announce>,
+    sender_started: bool,
+    masm: Option<ManifestAsm>,
+    manifest: Option<Arc<SignedManifest>>,
+    slots: Vec<Slot>,
+    done_blocks: u32,
+    done_bytes: u64,
+    pending_have: Vec<u32>,
+    frontier: u32,
+    naks: BTreeMap<u32, Instant>,
+    last_nak_sent: Option<Instant>,
+    last_pass: Option<(u32, u16, u16)>,
+    joined_at: Option<Instant>,
+    next_join: Option<Instant>,
+    join_acked: bool,
+    join_acked_with_manifest: bool,
+    next_status: Option<Instant>,
+    last_data: Option<Instant>,
+    silent_reported: bool,
+    all_ready_reported: bool,
+    done: DoneState,
+    ended: bool,
+    events: VecDeque<ReceiverEvent>,
+    stats: ReceiverStats,
+}
+
+impl Receiver {
+    /// A receiver waiting for an Announce. `now` starts its timers.
+    pub fn new(cfg: ReceiverConfig, now: Instant) -> Self {
+        let mut rng = SplitMix64::new(cfg.seed);
+        let id = rng.next_u64();
+        Receiver {
+            created: now,
+            id,
+            rng,
+            session: cfg.session,
+            sender: cfg.sender,
+            announce: None,
+            sender_started: false,
+            masm: None,
+            manifest: None,
+            slots: Vec::new(),
+            done_blocks: 0,
+            done_bytes: 0,
+            pending_have: Vec::new(),
+            frontier: 0,
+            naks: BTreeMap::new(),
+            last_nak_sent: None,
+            last_pass: None,
+            joined_at: None,
+            next_join: None,
+            join_acked: false,
+            join_acked_with_manifest: false,
+            next_status: None,
+            last_data: None,
+            silent_reported: false,
+            all_ready_reported: false,
+            done: DoneState::NotYet,
+            ended: false,
+            events: VecDeque::new(),
+            stats: ReceiverStats::default(),
+            cfg,
+        }
+    }
+
+    /// This receiver's id (random from the seed).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The session joined, once known.
+    pub fn session(&self) -> Option<SessionId> {
+        self.session
+    }
+
+    /// The sender's address, once known.
+    pub fn sender(&self) -> Option<SocketAddr> {
+        self.sender
+    }
+
+    /// The sender's TCP catch-up port from its Announce (0 or `None`: none known).
+    pub fn tcp_port(&self) -> Option<u16> {
+        self.announce.map(|a| a.tcp_port)
+    }
+
+    /// The verified manifest, once accepted.
+    pub fn manifest(&self) -> Option<&Arc<SignedManifest>> {
+        self.manifest.as_ref()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> ReceiverStats {
+        self.stats
+    }
+
+    /// Blocks ready (verified, zero, or marked as held).
+    pub fn blocks_done(&self) -> u32 {
+        self.done_blocks
+    }
+
+    /// Whether every block is ready.
+    pub fn is_complete(&self) -> bool {
+        self.manifest.is_some() && self.done_blocks as usize == self.slots.len()
+    }
+
+    /// Whether the session is over for us (ended by the sender, or Done acknowledged).
+    pub fn is_finished(&self) -> bool {
+        self.ended || matches!(self.done, DoneState::Acked | DoneState::GaveUp)
+    }
+
+    /// Blocks not yet ready, in order. Empty until the manifest is known.
+    pub fn missing_blocks(&self) -> Vec<u32> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !matches!(s, Slot::Done))
+            .map(|(i, _)| i as u32)
+            .collect()
+    }
+
+    /// Marks blocks the driver already holds verified on disk (resume). May be called before
+    /// the manifest arrives; applied then. No `BlockReady` is emitted for them.
+    pub fn mark_have(&mut self, blocks: impl IntoIterator<Item = u32>) {
+        if self.manifest.is_none() {
+            self.pending_have.extend(blocks);
+            return;
+        }
+        for b in blocks {
+            self.mark_done(b);
+        }
+        self.check_all_ready();
+    }
+
+    fn mark_done(&mut self, b: u32) -> bool {
+        let Some(m) = &self.manifest else {
+            return false;
+        };
+        let len = m.manifest().block_len(b);
+        match self.slots.get_mut(b as usize) {
+            Some(s) if !matches!(s, Slot::Done) => {
+                *s = Slot::Done;
+                self.done_blocks += 1;
+                self.done_bytes += u64::from(len);
+                self.naks.remove(&b);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Reports the final result (after the driver's read-back check); Done is sent and retried
+    /// until the sender acknowledges it.
+    pub fn finish(&mut self, ok: bool, reason: &str) {
+        if matches!(self.done, DoneState::NotYet) {
+            self.done = DoneState::Pending {
+                ok,
+                reason: reason.to_owned(),
+                tries: 0,
+                next: None,
+            };
+        }
+    }
+
+    /// Feeds a signed manifest fetched out of band (TCP catch-up). Verified exactly as one
+    /// assembled from multicast chunks.
+    pub fn accept_manifest_bytes(&mut self, bytes: &[u8]) -> Result<(), ManifestError> {
+        if let Some(a) = &self.announce {
+            let h = *blake3::hash(bytes).as_bytes();
+            if h != a.manifest_hash {
+                let e = ManifestError::HashMismatch {
+                    found: hex(&h),
+                    expected: hex(&a.manifest_hash),
+                };
+                self.stats.rejected_manifests += 1;
+                self.events
+                    .push_back(ReceiverEvent::ManifestRejected { error: e.clone() });
+                return Err(e);
+            }
+        }
+        self.install_manifest(bytes)
+    }
+
+    fn install_manifest(&mut self, bytes: &[u8]) -> Result<(), ManifestError> {
+        if self.manifest.is_some() {
+            return Ok(());
+        }
+        let res = SignedManifest::decode(bytes).and_then(|s| {
+            if let Some(k) = &self.cfg.trusted_key {
+                s.verify(k)?;
+            }
+            if let Some(sess) = self.session
+                && s.manifest().session != sess
+            {
+                return Err(ManifestError::WrongSession {
+                    found: s.manifest().session,
+                    expected: sess,
+                });
+            }
+            Ok(s)
+        });
+        match res {
+            Ok(s) => {
+                let authenticated = self.cfg.trusted_key.is_some();
+                if !authenticated {
+                    tracing::warn!(
+                        session = %s.manifest().session,
+                        "accepting manifest without a trusted key: blocks are checked against it, \
+                         but its origin is not authenticated"
+                    );
+                }
+                let s = Arc::new(s);
+                let m = s.manifest();
+                self.session = Some(m.session);
+                self.slots = (0..m.block_count()).map(|_| Slot::Missing).collect();
+                self.manifest = Some(s.clone());
+                self.masm = None;
+                // Zero blocks are ready at once (announced, never sent).
+                for i in 0..m.block_count() {
+                    if m.blocks[i as usize].zero && self.mark_done(i) {
+                        self.events.push_back(ReceiverEvent::BlockReady {
+                            index: i,
+                            offset: m.block_offset(i),
+                            len: m.block_len(i),
+                            data: None,
+                        });
+                    }
+                }
+                for b in std::mem::take(&mut self.pending_have) {
+                    self.mark_done(b);
+                }
+                self.events.push_back(ReceiverEvent::ManifestReady {
+                    manifest: s,
+                    authenticated,
+                });
+                // Tell the sender we are ready (Join with the flag).
+                self.join_acked_with_manifest = false;
+                self.next_join = Some(self.next_join.unwrap_or(self.last_anchor()));
+                self.check_all_ready();
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "manifest rejected");
+                self.stats.rejected_manifests += 1;
+                self.masm = None;
+                self.events
+                    .push_back(ReceiverEvent::ManifestRejected { error: e.clone() });
+                Err(e)
+            }
+        }
+    }
+
+    /// An instant in the past: "as soon as possible" for timers.
+    fn last_anchor(&self) -> Instant {
+        self.created
+    }
+
+    /// Feeds an encoded block fetched over TCP catch-up (bytes from [`EncodedBlock::to_bytes`]).
+    /// Verified exactly as a block rebuilt from multicast; on success `BlockReady` is emitted.
+    pub fn accept_encoded_block(&mut self, index: u32, bytes: &[u8]) -> Result<(), BlockError> {
+        let Some(m) = self.manifest.clone() else {
+            return Err(BlockError::NoManifest { block: index });
+        };
+        let count = m.manifest().block_count();
+        if index >= count {
+            return Err(BlockError::OutOfRange {
+                block: index,
+                count,
+            });
+        }
+        if matches!(self.slots[index as usize], Slot::Done) {
+            return Ok(());
+        }
+        let enc = EncodedBlock::from_bytes(index, bytes)?;
+        self.verify_and_emit(index, &enc)
+    }
+
+    fn verify_and_emit(&mut self, index: u32, enc: &EncodedBlock) -> Result<(), BlockError> {
+        let Some(m) = self.manifest.clone() else {
+            return Err(BlockError::NoManifest { block: index });
+        };
+        let man = m.manifest();
+        let entry = man.blocks[index as usize];
+        let len = man.block_len(index);
+        // Zero blocks too: their hash is the hash of zeros, so only zeros are accepted.
+        let res = enc.decode_verified(index, len as usize, &entry.hash);
+        match res {
+            Ok(data) => {
+                if self.mark_done(index) {
+                    self.events.push_back(ReceiverEvent::BlockReady {
+                        index,
+                        offset: man.block_offset(index),
+                        len,
+                        data: Some(data),
+                    });
+                }
+                self.check_all_ready();
+                Ok(())
+            }
+            Err(e) => {
+                self.stats.rejected_blocks += 1;
+                tracing::warn!(block = index, error = %e, "block failed verification; discarded");
+                self.events
+                    .push_back(ReceiverEvent::BlockRejected { error: e.clone() });
+                Err(e)
+            }
+        }
+    }
+
+    fn check_all_ready(&mut self) {
+        if !self.all_ready_reported && self.is_complete() {
+            self.all_ready_reported = true;
+            self.naks.clear();
+            self.events.push_back(ReceiverEvent::AllBlocksReady);
+        }
+    }
+
+    /// Feeds one datagram received from `from`. Never panics; bad input is counted and dropped.
+    pub fn handle_input(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        let pkt = match Packet::decode(datagram) {
+            Ok(p) => p,
+            Err(_) => {
+                self.stats.rejected_packets += 1;
+                return;
+            }
+        };
+        if let Some(s) = self.session
+            && pkt.session != s
+        {
+            self.stats.rejected_packets += 1;
+            return;
+        }
+        match pkt.body {
+            Body::Announce(a) => self.on_announce(now, from, pkt.session, a),
+            Body::ManifestChunk(c) if self.session == Some(pkt.session) => {
+                self.on_manifest_chunk(c.offset, c.total_len, c.bytes);
+            }
+            Body::Data(d) if self.session == Some(pkt.session) => {
+                self.on_data(now, &d);
+            }
+            Body::JoinAck { receiver } if receiver == self.id => {
+                if !self.join_acked
+                    && let (Some(s), Some(a)) = (self.session, self.sender)
+                {
+                    self.events.push_back(ReceiverEvent::Joined {
+                        session: s,
+                        sender: a,
+                        tcp_port: self.announce.map(|a| a.tcp_port).unwrap_or(0),
+                    });
+                }
+                self.join_acked = true;
+                if self.manifest.is_some() {
+                    self.join_acked_with_manifest = true;
+                }
+            }
+            Body::DoneAck { receiver } if receiver == self.id => {
+                if matches!(self.done, DoneState::Pending { .. }) {
+                    self.done = DoneState::Acked;
+                    self.events.push_back(ReceiverEvent::DoneAcknowledged);
+                }
+            }
+            Body::End { flags } if self.session == Some(pkt.session) && !self.ended => {
+                self.ended = true;
+                self.naks.clear();
+                self.events.push_back(ReceiverEvent::SessionEnded {
+                    aborted: flags & packet::END_ABORTED != 0,
+                });
+            }
+            _ => {}
+        }
+    }
+
+    fn on_announce(&mut self, now: Instant, from: SocketAddr, session: SessionId, a: Announce) {
+        if self.session.is_none() {
+            self.session = Some(session);
+        }
+        if self.sender.is_none() {
+            self.sender = Some(from);
+        }
+        if a.flags & packet::ANNOUNCE_STARTED != 0 && !self.sender_started {
+            self.sender_started = true;
+        }
+        let first = self.announce.is_none();
+        // Keep the first announce's manifest hash until that manifest is rejected.
+        match &self.announce {
+            Some(old) if old.manifest_hash != a.manifest_hash && self.manifest.is_none() => {
+                if self.masm.as_ref().is_none_or(|m| m.bytes == 0) {
+                    self.announce = Some(a);
+                }
+            }
+            Some(_) => {
+                let keep_hash = self.announce.map(|o| (o.manifest_hash, o.manifest_len));
+                let mut na = a;
+                if let Some((h, l)) = keep_hash {
+                    na.manifest_hash = h;
+                    na.manifest_len = l;
+                }
+                self.announce = Some(na);
+            }
+            None => self.announce = Some(a),
+        }
+        if first {
+            self.joined_at = Some(now);
+            self.next_join = Some(now);
+            self.next_status = Some(now + self.cfg.status_interval);
+        }
+        if self.manifest.is_some() {
+            self.advance_frontier(now, a.pass_pos);
+        }
+    }
+
+    fn on_manifest_chunk(&mut self, offset: u32, total_len: u32, bytes: &[u8]) {
+        if self.manifest.is_some() {
+            return;
+        }
+        let Some(a) = self.announce else {
+            return;
+        };
+        if total_len != a.manifest_len
+            || total_len > self.cfg.max_manifest_len
+            || !(offset as usize).is_multiple_of(MANIFEST_CHUNK_LEN)
+            || bytes.len() != (total_len as usize - offset as usize).min(MANIFEST_CHUNK_LEN)
+        {
+            self.stats.rejected_packets += 1;
+            return;
+        }
+        let asm = self.masm.get_or_insert_with(|| ManifestAsm {
+            total_len,
+            hash: a.manifest_hash,
+            chunks: BTreeMap::new(),
+            bytes: 0,
+        });
+        if asm.total_len != total_len || asm.hash != a.manifest_hash {
+            self.masm = None;
+            return;
+        }
+        if asm.chunks.contains_key(&offset) {
+            return;
+        }
+        asm.chunks.insert(offset, bytes.to_vec());
+        asm.bytes += bytes.len();
+        if asm.bytes == asm.total_len as usize {
+            let mut all = Vec::with_capacity(asm.bytes);
+            for c in asm.chunks.values() {
+                all.extend_from_slice(c);
+            }
+            let h = *blake3::hash(&all).as_bytes();
+            if h != asm.hash {
+                let e = ManifestError::HashMismatch {
+                    found: hex(&h),
+                    expected: hex(&asm.hash),
+                };
+                self.stats.rejected_manifests += 1;
+                self.masm = None;
+                self.events
+                    .push_back(ReceiverEvent::ManifestRejected { error: e });
+                return;
+            }
+            let _ = self.install_manifest(&all);
+        }
+    }
+
+    fn advance_frontier(&mut self, now: Instant, to: u32) {
+        let count = self.slots.len() as u32;
+        let to = to.min(count);
+        while self.frontier < to {
+            let b = self.frontier;
+            self.frontier += 1;
+            if !matches!(self.slots[b as usize], Slot::Done) {
+                let jitter = self.jitter();
+                self.naks.entry(b).or_insert(now + jitter);
+            }
+        }
+    }
+
+    fn jitter(&mut self) -> Duration {
+        self.cfg.nak_jitter.mul_f64(self.rng.next_f64())
+    }
+
+    fn on_data(&mut self, now: Instant, d: &Data<'_>) {
+        self.stats.data_packets += 1;
+        self.last_data = Some(now);
+        let Some(m) = self.manifest.clone() else {
+            return;
+        };
+        let man = m.manifest();
+        let b = d.block;
+        if b >= man.block_count() {
+            self.stats.rejected_packets += 1;
+            return;
+        }
+        // Loss estimate and frontier from the in-order pass.
+        if d.flags & packet::DATA_REPAIR == 0 {
+            if let Some((lb, le, lk)) = self.last_pass {
+                if b == lb && d.esi > le {
+                    self.stats.lost_packets += u64::from(d.esi - le - 1);
+                } else if b > lb {
+                    self.stats.lost_packets +=
+                        u64::from(lk.saturating_sub(le + 1)) + u64::from(d.esi);
+                }
+            }
+            if self
+                .last_pass
+                .is_none_or(|(lb, le, _)| (b, d.esi) > (lb, le))
+            {
+                self.last_pass = Some((b, d.esi, d.k));
+            }
+            self.advance_frontier(now, b);
+        }
+        let entry = man.blocks[b as usize];
+        let block_len = man.block_len(b);
+        let sym = usize::from(man.symbol_size);
+        let compressed = d.flags & packet::DATA_COMPRESSED != 0;
+        let valid = !entry.zero
+            && d.symbol.len() == sym
+            && d.payload_len >= 1
+            && (if compressed {
+                !matches!(man.compression, crate::Compression::None) && d.payload_len < block_len
+            } else {
+                d.payload_len == block_len
+            })
+            && usize::from(d.k) == source_count(d.payload_len as usize, man.symbol_size)
+            && u32::from(d.esi) < u32::from(d.k) + u32::from(parity_count(d.k));
+        if !valid {
+            self.stats.rejected_packets += 1;
+            return;
+        }
+        let slot = &mut self.slots[b as usize];
+        if matches!(slot, Slot::Done) {
+            return;
+        }
+        if let Slot::Assembling(a) = slot
+            && (a.k != d.k || a.payload_len != d.payload_len || a.compressed != compressed)
+        {
+            a.conflicts += 1;
+            self.stats.rejected_packets += 1;
+            // Legitimate traffic outnumbers a forger's: once conflicting packets exceed
+            // what we hold, start over with the new parameters.
+            if a.conflicts <= u32::from(a.count) {
+                return;
+            }
+            *slot = Slot::Missing;
+        }
+        if matches!(slot, Slot::Missing) {
+            let r = usize::from(parity_count(d.k));
+            *slot = Slot::Assembling(Box::new(Assembly {
+                k: d.k,
+                payload_len: d.payload_len,
+                compressed,
+                have: vec![false; usize::from(d.k) + r],
+                count: 0,
+                seen: 0,
+                symbols: Vec::with_capacity(usize::from(d.k) * sym),
+                esis: Vec::with_capacity(usize::from(d.k)),
+                conflicts: 0,
+                last_symbol: None,
+            }));
+        }
+        let Slot::Assembling(a) = slot else {
+            return;
+        };
+        let esi = usize::from(d.esi);
+        if a.have[esi] {
+            return;
+        }
+        a.have[esi] = true;
+        a.count += 1;
+        a.seen = a.seen.max(u32::from(d.esi) + 1);
+        a.symbols.extend_from_slice(d.symbol);
+        a.esis.push(d.esi);
+        a.last_symbol = Some(now);
+        self.stats.useful_packets += 1;
+        if let Some(t) = self.naks.get_mut(&b) {
+            *t = (*t).max(now + self.cfg.nak_quiet);
+        }
+        if a.count < a.k {
+            return;
+        }
+        // k distinct symbols: rebuild, decompress, verify.
+        let rebuilt = EncodedBlock::from_symbols(
+            b,
+            a.compressed,
+            a.payload_len,
+            man.symbol_size,
+            a.esis
+                .iter()
+                .zip(a.symbols.chunks_exact(sym))
+                .map(|(&e, s)| (e, s)),
+        );
+        let res = rebuilt.and_then(|enc| {
+            self.slots[b as usize] = Slot::Missing;
+            self.verify_and_emit(b, &enc)
+        });
+        if let Err(e) = res {
+            // Discard everything for this block so fresh symbols can rebuild it; NAK it.
+            self.slots[b as usize] = Slot::Missing;
+            if !matches!(
+                e,
+                BlockError::HashMismatch { .. } | BlockError::Length { .. }
+            ) {
+                self.stats.rejected_blocks += 1;
+                self.events
+                    .push_back(ReceiverEvent::BlockRejected { error: e });
+            }
+            if b < self.frontier {
+                let j = self.jitter();
+                self.naks.insert(b, now + j);
+            }
+        }
+    }
+
+    /// Fires timers (NAK, Status, Join and Done retries, silence detection).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if !self.silent_reported
+            && self.sender_started
+            && self.last_data.is_none()
+            && let Some(j) = self.joined_at
+        {
+            let since = now.saturating_duration_since(j);
+            if since >= self.cfg.silent_after {
+                self.silent_reported = true;
+                self.events
+                    .push_back(ReceiverEvent::MulticastSilent { silent_for: since });
+            }
+        }
+        if let DoneState::Pending { tries, next, .. } = &self.done
+            && *tries >= self.cfg.done_retries
+            && next.is_some_and(|n| now >= n)
+        {
+            self.done = DoneState::GaveUp;
+            self.events.push_back(ReceiverEvent::DoneUnacknowledged);
+        }
+    }
+
+    /// When to call [`Receiver::handle_timeout`] / [`Receiver::poll_transmit`] next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.is_finished() {
+            return None;
+        }
+        let mut t: Option<Instant> = None;
+        let mut add = |x: Option<Instant>| {
+            if let Some(x) = x {
+                t = Some(t.map_or(x, |t| t.min(x)));
+            }
+        };
+        if self.sender.is_some() {
+            if self.join_pending() {
+                add(self.next_join);
+            }
+            add(self.next_status);
+            if let DoneState::Pending { next, .. } = &self.done {
+                add(Some(next.unwrap_or_else(|| self.last_anchor())));
+            }
+            if !self.naks.is_empty() {
+                let first = self.naks.values().min().copied();
+                let gap = self.last_nak_sent.map(|l| l + self.cfg.nak_min_gap);
+                add(match (first, gap) {
+                    (Some(f), Some(g)) => Some(f.max(g)),
+                    (f, _) => f,
+                });
+            }
+        }
+        if !self.silent_reported && self.sender_started && self.last_data.is_none() {
+            add(self.joined_at.map(|j| j + self.cfg.silent_after));
+        }
+        t
+    }
+
+    fn join_pending(&self) -> bool {
+        !self.join_acked || (self.manifest.is_some() && !self.join_acked_with_manifest)
+    }
+
+    /// The next datagram to send (always to the sender), written to `buf` (cleared first).
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
+        buf.clear();
+        let sender = self.sender?;
+        let session = self.session?;
+        let dest = Dest::Unicast(sender);
+        if self.ended && !matches!(self.done, DoneState::Pending { .. }) {
+            return None;
+        }
+        // Done (retried until acknowledged).
+        if let DoneState::Pending {
+            ok,
+            reason,
+            tries,
+            next,
+        } = &mut self.done
+            && next.is_none_or(|n| now >= n)
+            && *tries < self.cfg.done_retries
+        {
+            *tries += 1;
+            *next = Some(now + self.cfg.done_interval);
+            Packet::new(
+                session,
+                Body::Done(packet::Done {
+                    receiver: self.id,
+                    ok: *ok,
+                    reason,
+                }),
+            )
+            .encode(buf);
+            return Some(Transmit {
+                dest,
+                size: buf.len(),
+            });
+        }
+        if self.ended {
+            return None;
+        }
+        // Join.
+        if self.join_pending() && self.next_join.is_some_and(|n| now >= n) {
+            self.next_join = Some(now + self.cfg.join_interval);
+            let flags = if self.manifest.is_some() {
+                packet::JOIN_HAS_MANIFEST
+            } else {
+                0
+            };
+            Packet::new(
+                session,
+                Body::Join(packet::Join {
+                    receiver: self.id,
+                    flags,
+                    name: &self.cfg.name,
+                }),
+            )
+            .encode(buf);
+            return Some(Transmit {
+                dest,
+                size: buf.len(),
+            });
+        }
+        // NAK: every due block, batched.
+        if !self.naks.is_empty()
+            && self
+                .last_nak_sent
+                .is_none_or(|l| now >= l + self.cfg.nak_min_gap)
+        {
+            let mut entries = Vec::new();
+            for (&b, &t) in &self.naks {
+                if t > now {
+                    continue;
+                }
+                let (needed, seen) = match &self.slots[b as usize] {
+                    Slot::Assembling(a) => (u32::from(a.k - a.count.min(a.k)), a.seen),
+                    _ => (NakEntry::ALL, 0),
+                };
+                entries.push(NakEntry {
+                    block: b,
+                    needed,
+                    seen,
+                });
+                if entries.len() == packet::MAX_NAK_ENTRIES {
+                    break;
+                }
+            }
+            if !entries.is_empty() {
+                for e in &entries {
+                    let j = self.cfg.nak_jitter.mul_f64(self.rng.next_f64());
+                    self.naks.insert(e.block, now + self.cfg.nak_interval + j);
+                }
+                self.last_nak_sent = Some(now);
+                self.stats.naks_sent += 1;
+                Packet::new(
+                    session,
+                    Body::Nak(packet::Nak {
+                        receiver: self.id,
+                        entries,
+                    }),
+                )
+                .encode(buf);
+                return Some(Transmit {
+                    dest,
+                    size: buf.len(),
+                });
+            }
+        }
+        // Status.
+        if self.next_status.is_some_and(|n| now >= n) {
+            self.next_status = Some(now + self.cfg.status_interval);
+            Packet::new(session, Body::Status(self.status())).encode(buf);
+            return Some(Transmit {
+                dest,
+                size: buf.len(),
+            });
+        }
+        None
+    }
+
+    /// The progress report sent in Status packets.
+    pub fn status(&self) -> Status {
+        Status {
+            receiver: self.id,
+            blocks_done: self.done_blocks,
+            bytes_done: self.done_bytes,
+            received: self.stats.data_packets,
+            lost: self.stats.lost_packets,
+            rejected: self.stats.rejected_blocks
+                + u32::try_from(self.stats.rejected_packets).unwrap_or(u32::MAX),
+        }
+    }
+
+    /// The next event, if any.
+    pub fn poll_event(&mut self) -> Option<ReceiverEvent> {
+        self.events.pop_front()
+    }
+}
+
+fn hex(b: &[u8; 32]) -> String {
+    blake3::Hash::from_bytes(*b).to_hex().to_string()
+}

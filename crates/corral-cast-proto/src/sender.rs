@@ -1,0 +1,1249 @@
+//! The sender state machine.
+//!
+//! Phases: **announcing** (Announce + manifest chunks every `announce_interval` until the start
+//! condition holds), **pass** (one in-order pass over the data blocks, paced by a token bucket,
+//! with repair interleaved but capped at `repair_share` of the bytes sent), **draining** (only
+//! repair and periodic Announce, until every live receiver is Done or failed, or `linger`
+//! expires), **finished** (End sent, [`SenderEvent::Finished`] emitted).
+//!
+//! Repair policy: each NAK line says how many more symbols a receiver needs for a block and the
+//! highest symbol index it has seen. Symbols the sender sent after that index within the last
+//! `repair_guard` are assumed still in flight and subtracted; what remains is merged into the
+//! block's pending repair as a **maximum** over receivers, and answered with that many *fresh*
+//! parity symbols (indices never sent before for that block while any remain).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::block::{BlockSource, EncodedBlock, Parity, parity_count};
+use crate::error::ConfigError;
+use crate::manifest::SignedManifest;
+use crate::packet::{self, Announce, Body, Data, NakEntry, Packet, Status};
+use crate::{Dest, MANIFEST_CHUNK_LEN, SessionId, Transmit};
+
+/// Sender settings. `Default` gives sensible LAN values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SenderConfig {
+    /// Send rate in bits per second (UDP payload bytes × 8).
+    pub rate_bps: u64,
+    /// Lowest rate adaptive control may choose.
+    pub min_rate_bps: u64,
+    /// AIMD on the loss the *median* receiver reports (never on the slowest alone).
+    pub adaptive: bool,
+    /// Start once this many receivers hold the manifest (and `min_wait` has passed).
+    pub min_receivers: usize,
+    /// Receiver names expected; start as soon as all of them hold the manifest (and
+    /// `min_wait` has passed). Those that never join are listed in the summary.
+    pub expected_receivers: Vec<String>,
+    /// Never start before this.
+    pub min_wait: Duration,
+    /// Start at this time whatever joined (`None`: wait for the quorum forever).
+    pub max_wait: Option<Duration>,
+    /// A receiver silent this long is declared failed and never waited for again.
+    pub dead_after: Duration,
+    /// After the pass, wait at most this long for receivers to finish.
+    pub linger: Duration,
+    /// How often Announce is multicast (and the manifest, before the start).
+    pub announce_interval: Duration,
+    /// TCP catch-up port advertised in Announce (0: none).
+    pub tcp_port: u16,
+    /// Most of the bytes sent during the pass that may be repair (0.0..=1.0), so the pass
+    /// never waits for anyone.
+    pub repair_share: f64,
+    /// Repair sent this recently is assumed still in flight when a NAK arrives.
+    pub repair_guard: Duration,
+    /// Extra fraction of repair symbols sent on top of the aggregated need (0.0 = exact).
+    pub repair_margin: f64,
+    /// Token bucket depth in bytes.
+    pub burst_bytes: u32,
+    /// Encoded blocks (with parity) kept for repair.
+    pub repair_cache_blocks: usize,
+    /// Least time between unicast manifest copies to one late joiner.
+    pub manifest_resend_interval: Duration,
+}
+
+impl Default for SenderConfig {
+    fn default() -> Self {
+        SenderConfig {
+            rate_bps: 500_000_000,
+            min_rate_bps: 10_000_000,
+            adaptive: false,
+            min_receivers: 1,
+            expected_receivers: Vec::new(),
+            min_wait: Duration::ZERO,
+            max_wait: None,
+            dead_after: Duration::from_secs(2),
+            linger: Duration::from_secs(60),
+            announce_interval: Duration::from_millis(200),
+            tcp_port: 0,
+            repair_share: 0.25,
+            repair_guard: Duration::from_millis(20),
+            repair_margin: 0.0,
+            burst_bytes: 64 * 1024,
+            repair_cache_blocks: 16,
+            manifest_resend_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+impl SenderConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.rate_bps == 0 {
+            return Err(ConfigError::Invalid {
+                field: "rate_bps",
+                why: "must be > 0",
+            });
+        }
+        if !(0.0..=1.0).contains(&self.repair_share) {
+            return Err(ConfigError::Invalid {
+                field: "repair_share",
+                why: "must be within 0.0..=1.0",
+            });
+        }
+        if !(0.0..=10.0).contains(&self.repair_margin) {
+            return Err(ConfigError::Invalid {
+                field: "repair_margin",
+                why: "must be within 0.0..=10.0",
+            });
+        }
+        if self.dead_after.is_zero() {
+            return Err(ConfigError::Invalid {
+                field: "dead_after",
+                why: "must be > 0",
+            });
+        }
+        if self.announce_interval.is_zero() {
+            return Err(ConfigError::Invalid {
+                field: "announce_interval",
+                why: "must be > 0",
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Why the pass started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartReason {
+    /// `min_receivers` hold the manifest.
+    Quorum,
+    /// Every expected receiver holds the manifest.
+    AllExpected,
+    /// `max_wait` passed.
+    MaxWait,
+}
+
+/// How one receiver's session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReceiverOutcome {
+    /// It reported the image verified on disk.
+    Verified,
+    /// It reported failure, fell silent, or did not finish in time.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+    /// It was expected but never joined.
+    NeverJoined,
+    /// Still running (only in progress snapshots, never in a final summary).
+    InProgress,
+}
+
+/// One receiver in the final summary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceiverSummary {
+    /// Its id (`None` for an expected receiver that never joined).
+    pub id: Option<u64>,
+    /// Its name.
+    pub name: String,
+    /// Its address, if it joined.
+    pub addr: Option<SocketAddr>,
+    /// Result and why.
+    pub outcome: ReceiverOutcome,
+    /// Blocks verified, from its last status.
+    pub blocks_done: u32,
+    /// Bytes verified, from its last status.
+    pub bytes_done: u64,
+    /// NAK packets received from it.
+    pub naks: u64,
+}
+
+/// Counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SenderStats {
+    /// Source symbols sent in the pass.
+    pub source_packets: u64,
+    /// Symbol bytes sent in the pass.
+    pub source_bytes: u64,
+    /// Repair symbols sent.
+    pub repair_packets: u64,
+    /// Repair symbol bytes sent.
+    pub repair_bytes: u64,
+    /// Announce and manifest packets.
+    pub control_packets: u64,
+    /// NAK packets received.
+    pub naks_received: u64,
+    /// Packets that failed to decode or were for another session.
+    pub rejected_packets: u64,
+}
+
+/// The honest end of a session.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionSummary {
+    /// The session.
+    pub session: SessionId,
+    /// Every receiver ever seen, and expected ones that never joined.
+    pub receivers: Vec<ReceiverSummary>,
+    /// Traffic counters.
+    pub stats: SenderStats,
+    /// From start of the pass to the end (zero if it never started).
+    pub duration: Duration,
+    /// Set when the sender aborted (e.g. the block source failed).
+    pub aborted: Option<String>,
+}
+
+impl SessionSummary {
+    /// Receivers that verified the image.
+    pub fn verified(&self) -> usize {
+        self.receivers
+            .iter()
+            .filter(|r| r.outcome == ReceiverOutcome::Verified)
+            .count()
+    }
+}
+
+/// Things the driver should record or show.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SenderEvent {
+    /// A receiver joined for the first time.
+    ReceiverJoined {
+        /// Its id.
+        id: u64,
+        /// Its name.
+        name: String,
+        /// Its address.
+        addr: SocketAddr,
+    },
+    /// A receiver reported progress.
+    ReceiverProgress {
+        /// Its id.
+        id: u64,
+        /// Its name.
+        name: String,
+        /// The report.
+        status: Status,
+    },
+    /// A receiver reported its result.
+    ReceiverDone {
+        /// Its id.
+        id: u64,
+        /// Its name.
+        name: String,
+        /// Verified on disk.
+        ok: bool,
+        /// Its reason text.
+        reason: String,
+    },
+    /// A receiver was declared failed by the sender (silence, no finish in time).
+    ReceiverFailed {
+        /// Its id.
+        id: u64,
+        /// Its name.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// The pass started.
+    Started {
+        /// Receivers holding the manifest at the start.
+        receivers: usize,
+        /// Why now.
+        reason: StartReason,
+    },
+    /// Adaptive rate control changed the rate.
+    RateChanged {
+        /// New rate.
+        rate_bps: u64,
+        /// Median loss fraction that drove it.
+        median_loss: f64,
+    },
+    /// The in-order pass is complete; only repair follows.
+    PassComplete,
+    /// The block source failed; the session is aborted (a `Finished` follows).
+    Aborted {
+        /// The block that could not be read.
+        block: u32,
+        /// The I/O error.
+        error: String,
+    },
+    /// The session is over.
+    Finished(SessionSummary),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Announcing,
+    Pass,
+    Draining,
+    Ending,
+    Finished,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum RxState {
+    Active,
+    Done { ok: bool, reason: String },
+    Failed { reason: String },
+}
+
+#[derive(Debug)]
+struct Rx {
+    id: u64,
+    name: String,
+    addr: SocketAddr,
+    last_heard: Instant,
+    has_manifest: bool,
+    state: RxState,
+    status: Status,
+    last_loss: Option<f64>,
+    naks: u64,
+    manifest_sent_at: Option<Instant>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct BlockRepair {
+    k: u16,
+    /// Repair symbols sent so far (`j`: parity `j` while `j < r`, then source symbols again).
+    sent: u32,
+    last_sent: Instant,
+}
+
+#[derive(Debug)]
+struct Cached {
+    block: u32,
+    enc: Arc<EncodedBlock>,
+    parity: Option<Arc<Parity>>,
+}
+
+/// The sender state machine. See the [crate docs](crate) for the driver loop.
+#[derive(Debug)]
+pub struct Sender {
+    cfg: SenderConfig,
+    manifest: Arc<SignedManifest>,
+    session: SessionId,
+    manifest_hash: [u8; 32],
+    phase: Phase,
+    created: Instant,
+    started_at: Option<Instant>,
+    pass_done_at: Option<Instant>,
+    rxs: Vec<Rx>,
+    by_id: HashMap<u64, usize>,
+    // pacing
+    rate_bps: u64,
+    tokens: f64,
+    last_refill: Instant,
+    // pass
+    cur_block: u32,
+    cur_esi: u16,
+    cur: Option<Arc<EncodedBlock>>,
+    pass_pos: u32,
+    // repair
+    repair: HashMap<u32, BlockRepair>,
+    pending: BTreeMap<u32, u32>,
+    cache: VecDeque<Cached>,
+    // queues
+    control: VecDeque<(Dest, Vec<u8>)>,
+    manifest_queue: VecDeque<(Dest, u32)>,
+    next_announce: Instant,
+    ends_left: u8,
+    next_check: Instant,
+    next_adapt: Instant,
+    events: VecDeque<SenderEvent>,
+    stats: SenderStats,
+    aborted: Option<String>,
+}
+
+impl Sender {
+    /// A sender for `manifest`, starting to announce at `now`.
+    pub fn new(
+        cfg: SenderConfig,
+        manifest: SignedManifest,
+        now: Instant,
+    ) -> Result<Self, ConfigError> {
+        cfg.validate()?;
+        let session = manifest.manifest().session;
+        let burst = f64::from(cfg.burst_bytes.max(4096));
+        Ok(Sender {
+            rate_bps: cfg.rate_bps,
+            manifest_hash: manifest.hash(),
+            manifest: Arc::new(manifest),
+            session,
+            phase: Phase::Announcing,
+            created: now,
+            started_at: None,
+            pass_done_at: None,
+            rxs: Vec::new(),
+            by_id: HashMap::new(),
+            tokens: burst,
+            last_refill: now,
+            cur_block: 0,
+            cur_esi: 0,
+            cur: None,
+            pass_pos: 0,
+            repair: HashMap::new(),
+            pending: BTreeMap::new(),
+            cache: VecDeque::new(),
+            control: VecDeque::new(),
+            manifest_queue: VecDeque::new(),
+            next_announce: now,
+            ends_left: 0,
+            next_check: now,
+            next_adapt: now,
+            events: VecDeque::new(),
+            stats: SenderStats::default(),
+            aborted: None,
+            cfg,
+        })
+    }
+
+    /// The session id.
+    pub fn session(&self) -> SessionId {
+        self.session
+    }
+
+    /// The signed manifest being sent (the driver serves it over TCP too).
+    pub fn manifest(&self) -> &SignedManifest {
+        &self.manifest
+    }
+
+    /// Traffic counters so far.
+    pub fn stats(&self) -> SenderStats {
+        self.stats
+    }
+
+    /// Current send rate.
+    pub fn rate_bps(&self) -> u64 {
+        self.rate_bps
+    }
+
+    /// Whether the session is over.
+    pub fn is_finished(&self) -> bool {
+        self.phase == Phase::Finished
+    }
+
+    /// Blocks whose in-order pass is complete.
+    pub fn pass_position(&self) -> u32 {
+        self.pass_pos
+    }
+
+    /// Stops the session now: remaining receivers are failed with `reason`, End is sent and
+    /// `Finished` follows.
+    pub fn abort(&mut self, now: Instant, reason: &str) {
+        if matches!(self.phase, Phase::Ending | Phase::Finished) {
+            return;
+        }
+        self.aborted = Some(reason.to_owned());
+        self.fail_active(reason);
+        self.begin_end(now);
+    }
+
+    /// Feeds one datagram received from `from`. Malformed and foreign packets are counted and
+    /// dropped.
+    pub fn handle_input(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        let pkt = match Packet::decode(datagram) {
+            Ok(p) if p.session == self.session => p,
+            Ok(_) | Err(_) => {
+                self.stats.rejected_packets += 1;
+                return;
+            }
+        };
+        match pkt.body {
+            Body::Join(j) => self.on_join(now, from, j.receiver, j.name, j.flags),
+            Body::Nak(n) => {
+                let Some(idx) = self.touch(now, n.receiver) else {
+                    return;
+                };
+                self.stats.naks_received += 1;
+                self.rxs[idx].naks += 1;
+                for e in &n.entries {
+                    self.on_nak_entry(now, e);
+                }
+            }
+            Body::Status(s) => {
+                let Some(idx) = self.touch(now, s.receiver) else {
+                    return;
+                };
+                let rx = &mut self.rxs[idx];
+                let (dr, dl) = (
+                    s.received.saturating_sub(rx.status.received),
+                    s.lost.saturating_sub(rx.status.lost),
+                );
+                if dr + dl >= 16 {
+                    rx.last_loss = Some(dl as f64 / (dr + dl) as f64);
+                }
+                rx.status = s;
+                self.events.push_back(SenderEvent::ReceiverProgress {
+                    id: rx.id,
+                    name: rx.name.clone(),
+                    status: s,
+                });
+            }
+            Body::Done(d) => {
+                let Some(idx) = self.touch(now, d.receiver) else {
+                    return;
+                };
+                self.queue_control(
+                    Dest::Unicast(from),
+                    Body::DoneAck {
+                        receiver: d.receiver,
+                    },
+                );
+                let rx = &mut self.rxs[idx];
+                if rx.state == RxState::Active {
+                    rx.state = RxState::Done {
+                        ok: d.ok,
+                        reason: d.reason.to_owned(),
+                    };
+                    self.events.push_back(SenderEvent::ReceiverDone {
+                        id: rx.id,
+                        name: rx.name.clone(),
+                        ok: d.ok,
+                        reason: d.reason.to_owned(),
+                    });
+                }
+                self.check_finish(now);
+            }
+            // Sender-to-receiver packets (our own multicast looped back) are ignored.
+            _ => {}
+        }
+    }
+
+    fn touch(&mut self, now: Instant, id: u64) -> Option<usize> {
+        let idx = *self.by_id.get(&id)?;
+        let rx = &mut self.rxs[idx];
+        if rx.state == RxState::Active {
+            rx.last_heard = now;
+        }
+        Some(idx)
+    }
+
+    fn on_join(&mut self, now: Instant, from: SocketAddr, id: u64, name: &str, flags: u8) {
+        let has_manifest = flags & packet::JOIN_HAS_MANIFEST != 0;
+        let idx = match self.by_id.get(&id) {
+            Some(&i) => i,
+            None => {
+                if matches!(self.phase, Phase::Ending | Phase::Finished) {
+                    return;
+                }
+                self.rxs.push(Rx {
+                    id,
+                    name: name.to_owned(),
+                    addr: from,
+                    last_heard: now,
+                    has_manifest: false,
+                    state: RxState::Active,
+                    status: Status {
+                        receiver: id,
+                        ..Status::default()
+                    },
+                    last_loss: None,
+                    naks: 0,
+                    manifest_sent_at: None,
+                });
+                self.by_id.insert(id, self.rxs.len() - 1);
+                self.events.push_back(SenderEvent::ReceiverJoined {
+                    id,
+                    name: name.to_owned(),
+                    addr: from,
+                });
+                self.rxs.len() - 1
+            }
+        };
+        let rx = &mut self.rxs[idx];
+        if rx.state == RxState::Active {
+            rx.last_heard = now;
+        }
+        rx.addr = from;
+        rx.has_manifest |= has_manifest;
+        // Late joiner without the manifest: unicast it (rate-limited per receiver). Before the
+        // start it arrives with the multicast announce cycle anyway.
+        let resend_due = rx
+            .manifest_sent_at
+            .is_none_or(|t| now.saturating_duration_since(t) >= self.cfg.manifest_resend_interval);
+        if !rx.has_manifest && self.phase != Phase::Announcing && resend_due {
+            rx.manifest_sent_at = Some(now);
+            let total = self.manifest.as_bytes().len() as u32;
+            let mut off = 0u32;
+            while off < total {
+                self.manifest_queue.push_back((Dest::Unicast(from), off));
+                off += MANIFEST_CHUNK_LEN as u32;
+            }
+        }
+        self.queue_control(Dest::Unicast(from), Body::JoinAck { receiver: id });
+        self.check_start(now);
+    }
+
+    fn on_nak_entry(&mut self, now: Instant, e: &NakEntry) {
+        let m = self.manifest.manifest();
+        if e.block >= self.pass_pos || e.block >= m.block_count() {
+            return;
+        }
+        if m.blocks[e.block as usize].zero {
+            return;
+        }
+        let Some(st) = self.repair.get(&e.block).copied() else {
+            return;
+        };
+        let k = u32::from(st.k);
+        let needed = if e.needed == NakEntry::ALL {
+            k
+        } else {
+            e.needed.min(k)
+        };
+        if needed == 0 {
+            return;
+        }
+        let r = u32::from(parity_count(st.k));
+        let sent_hi = k + st.sent.min(r);
+        let in_flight = if now.saturating_duration_since(st.last_sent) < self.cfg.repair_guard {
+            sent_hi.saturating_sub(e.seen.min(sent_hi))
+        } else {
+            0
+        };
+        let mut extra = needed.saturating_sub(in_flight);
+        if extra == 0 {
+            return;
+        }
+        extra += (f64::from(extra) * self.cfg.repair_margin).ceil() as u32;
+        let p = self.pending.entry(e.block).or_insert(0);
+        *p = (*p).max(extra);
+    }
+
+    fn queue_control(&mut self, dest: Dest, body: Body<'_>) {
+        let mut v = Vec::with_capacity(64);
+        Packet::new(self.session, body).encode(&mut v);
+        self.control.push_back((dest, v));
+    }
+
+    /// Fires timers: start condition, dead receivers, linger, adaptive rate.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.check_start(now);
+        if now >= self.next_check {
+            self.next_check = now + Duration::from_millis(50);
+            self.check_liveness(now);
+            self.check_finish(now);
+        }
+        if self.cfg.adaptive && now >= self.next_adapt {
+            self.next_adapt = now + Duration::from_millis(250);
+            self.adapt();
+        }
+    }
+
+    fn check_liveness(&mut self, now: Instant) {
+        let dead_after = self.cfg.dead_after;
+        for rx in &mut self.rxs {
+            if rx.state == RxState::Active
+                && now.saturating_duration_since(rx.last_heard) > dead_after
+            {
+                let reason = format!(
+                    "silent for {:.1}s (dead_after {:.1}s); not waited for",
+                    now.saturating_duration_since(rx.last_heard).as_secs_f64(),
+                    dead_after.as_secs_f64()
+                );
+                rx.state = RxState::Failed {
+                    reason: reason.clone(),
+                };
+                self.events.push_back(SenderEvent::ReceiverFailed {
+                    id: rx.id,
+                    name: rx.name.clone(),
+                    reason,
+                });
+            }
+        }
+    }
+
+    fn adapt(&mut self) {
+        let mut losses: Vec<f64> = self
+            .rxs
+            .iter()
+            .filter(|r| r.state == RxState::Active)
+            .filter_map(|r| r.last_loss)
+            .collect();
+        if losses.is_empty() || self.phase != Phase::Pass {
+            return;
+        }
+        losses.sort_by(f64::total_cmp);
+        let median = losses[losses.len() / 2];
+        let old = self.rate_bps;
+        if median > 0.05 {
+            self.rate_bps = ((self.rate_bps as f64 * 0.8) as u64).max(self.cfg.min_rate_bps);
+        } else if median < 0.01 {
+            self.rate_bps = (self.rate_bps + self.cfg.rate_bps / 20).min(self.cfg.rate_bps);
+        }
+        if self.rate_bps != old {
+            self.events.push_back(SenderEvent::RateChanged {
+                rate_bps: self.rate_bps,
+                median_loss: median,
+            });
+        }
+    }
+
+    fn check_start(&mut self, now: Instant) {
+        if self.phase != Phase::Announcing {
+            return;
+        }
+        if let Some(reason) = self.start_reason(now) {
+            self.phase = Phase::Pass;
+            self.started_at = Some(now);
+            self.next_announce = now;
+            self.manifest_queue.clear();
+            let ready = self.ready_count();
+            self.events.push_back(SenderEvent::Started {
+                receivers: ready,
+                reason,
+            });
+            tracing::info!(session = %self.session, receivers = ready, ?reason, "cast pass starting");
+        }
+    }
+
+    fn ready_count(&self) -> usize {
+        self.rxs
+            .iter()
+            .filter(|r| r.has_manifest && r.state == RxState::Active)
+            .count()
+    }
+
+    fn start_reason(&self, now: Instant) -> Option<StartReason> {
+        let elapsed = now.saturating_duration_since(self.created);
+        if elapsed >= self.cfg.min_wait {
+            let exp = &self.cfg.expected_receivers;
+            if !exp.is_empty()
+                && exp.iter().all(|n| {
+                    self.rxs
+                        .iter()
+                        .any(|r| &r.name == n && r.has_manifest && r.state == RxState::Active)
+                })
+            {
+                return Some(StartReason::AllExpected);
+            }
+            if (exp.is_empty() || self.cfg.min_receivers > 0)
+                && self.ready_count() >= self.cfg.min_receivers
+            {
+                return Some(StartReason::Quorum);
+            }
+        }
+        if self.cfg.max_wait.is_some_and(|m| elapsed >= m) {
+            return Some(StartReason::MaxWait);
+        }
+        None
+    }
+
+    fn fail_active(&mut self, reason: &str) {
+        for rx in &mut self.rxs {
+            if rx.state == RxState::Active {
+                rx.state = RxState::Failed {
+                    reason: reason.to_owned(),
+                };
+                self.events.push_back(SenderEvent::ReceiverFailed {
+                    id: rx.id,
+                    name: rx.name.clone(),
+                    reason: reason.to_owned(),
+                });
+            }
+        }
+    }
+
+    fn check_finish(&mut self, now: Instant) {
+        if self.phase != Phase::Draining {
+            return;
+        }
+        let Some(done_at) = self.pass_done_at else {
+            return;
+        };
+        if now.saturating_duration_since(done_at) >= self.cfg.linger {
+            let reason = format!(
+                "did not finish within linger {:.1}s after the pass",
+                self.cfg.linger.as_secs_f64()
+            );
+            self.fail_active(&reason);
+        }
+        if self.rxs.iter().all(|r| r.state != RxState::Active) {
+            self.begin_end(now);
+        }
+    }
+
+    fn begin_end(&mut self, _now: Instant) {
+        self.phase = Phase::Ending;
+        self.ends_left = 3;
+        self.pending.clear();
+    }
+
+    fn finish(&mut self, now: Instant) {
+        self.phase = Phase::Finished;
+        let mut receivers: Vec<ReceiverSummary> = self
+            .rxs
+            .iter()
+            .map(|r| ReceiverSummary {
+                id: Some(r.id),
+                name: r.name.clone(),
+                addr: Some(r.addr),
+                outcome: match &r.state {
+                    RxState::Active => ReceiverOutcome::InProgress,
+                    RxState::Done { ok: true, .. } => ReceiverOutcome::Verified,
+                    RxState::Done { ok: false, reason } => ReceiverOutcome::Failed {
+                        reason: format!("receiver reported failure: {reason}"),
+                    },
+                    RxState::Failed { reason } => ReceiverOutcome::Failed {
+                        reason: reason.clone(),
+                    },
+                },
+                blocks_done: r.status.blocks_done,
+                bytes_done: r.status.bytes_done,
+                naks: r.naks,
+            })
+            .collect();
+        for n in &self.cfg.expected_receivers {
+            if !self.rxs.iter().any(|r| &r.name == n) {
+                receivers.push(ReceiverSummary {
+                    id: None,
+                    name: n.clone(),
+                    addr: None,
+                    outcome: ReceiverOutcome::NeverJoined,
+                    blocks_done: 0,
+                    bytes_done: 0,
+                    naks: 0,
+                });
+            }
+        }
+        let duration = self
+            .started_at
+            .map(|s| now.saturating_duration_since(s))
+            .unwrap_or_default();
+        self.events.push_back(SenderEvent::Finished(SessionSummary {
+            session: self.session,
+            receivers,
+            stats: self.stats,
+            duration,
+            aborted: self.aborted.clone(),
+        }));
+    }
+
+    /// When the driver should call [`Sender::handle_timeout`] / [`Sender::poll_transmit`]
+    /// next. `None`: only when a datagram arrives.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.phase == Phase::Finished {
+            return None;
+        }
+        let mut t = self.next_check;
+        if self.phase == Phase::Announcing {
+            let min_wait = self.created + self.cfg.min_wait;
+            if min_wait > self.last_refill {
+                t = t.min(min_wait);
+            }
+            if let Some(m) = self.cfg.max_wait {
+                t = t.min(self.created + m);
+            }
+        }
+        if self.cfg.adaptive && self.phase == Phase::Pass {
+            t = t.min(self.next_adapt);
+        }
+        if !self.control.is_empty() {
+            return Some(self.last_refill.min(t));
+        }
+        let has_paced = self.next_announce <= t
+            || !self.manifest_queue.is_empty()
+            || self.ends_left > 0
+            || !self.pending.is_empty()
+            || self.phase == Phase::Pass;
+        if has_paced {
+            let when = if self.manifest_queue.is_empty()
+                && self.ends_left == 0
+                && self.pending.is_empty()
+                && self.phase != Phase::Pass
+            {
+                self.next_announce.max(self.token_ready_at())
+            } else {
+                self.token_ready_at()
+            };
+            t = t.min(when);
+        } else {
+            t = t.min(self.next_announce);
+        }
+        Some(t)
+    }
+
+    fn token_ready_at(&self) -> Instant {
+        let need = self.packet_budget() - self.tokens;
+        if need <= 0.0 {
+            return self.last_refill;
+        }
+        let secs = need * 8.0 / self.rate_bps as f64;
+        self.last_refill + Duration::from_secs_f64(secs)
+    }
+
+    fn packet_budget(&self) -> f64 {
+        (packet::DATA_OVERHEAD + usize::from(self.manifest.manifest().symbol_size)) as f64
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let dt = now
+            .saturating_duration_since(self.last_refill)
+            .as_secs_f64();
+        if dt > 0.0 {
+            let burst = f64::from(self.cfg.burst_bytes).max(2.0 * self.packet_budget());
+            self.tokens = (self.tokens + dt * self.rate_bps as f64 / 8.0).min(burst);
+            self.last_refill = now;
+        }
+    }
+
+    /// The next datagram to send, written to `buf` (cleared first). Paced: returns `None` when
+    /// the token bucket is empty or nothing is due; ask [`Sender::poll_timeout`] when to retry.
+    pub fn poll_transmit(
+        &mut self,
+        now: Instant,
+        blocks: &mut dyn BlockSource,
+        buf: &mut Vec<u8>,
+    ) -> Option<Transmit> {
+        buf.clear();
+        if let Some((dest, bytes)) = self.control.pop_front() {
+            buf.extend_from_slice(&bytes);
+            return Some(Transmit {
+                dest,
+                size: buf.len(),
+            });
+        }
+        if self.phase == Phase::Finished {
+            return None;
+        }
+        self.check_start(now);
+        self.refill(now);
+        if self.tokens < self.packet_budget() {
+            return None;
+        }
+        let t = self.next_paced(now, blocks, buf)?;
+        self.tokens -= t.size as f64;
+        Some(t)
+    }
+
+    fn next_paced(
+        &mut self,
+        now: Instant,
+        blocks: &mut dyn BlockSource,
+        buf: &mut Vec<u8>,
+    ) -> Option<Transmit> {
+        if self.phase == Phase::Ending {
+            if self.ends_left > 0 {
+                self.ends_left -= 1;
+                let flags = if self.aborted.is_some() {
+                    packet::END_ABORTED
+                } else {
+                    0
+                };
+                Packet::new(self.session, Body::End { flags }).encode(buf);
+                if self.ends_left == 0 {
+                    self.finish(now);
+                }
+                return Some(Transmit {
+                    dest: Dest::Group,
+                    size: buf.len(),
+                });
+            }
+            return None;
+        }
+        if now >= self.next_announce {
+            self.next_announce = now + self.cfg.announce_interval;
+            if self.phase == Phase::Announcing {
+                let total = self.manifest.as_bytes().len() as u32;
+                self.manifest_queue.clear();
+                let mut off = 0u32;
+                while off < total {
+                    self.manifest_queue.push_back((Dest::Group, off));
+                    off += MANIFEST_CHUNK_LEN as u32;
+                }
+            }
+            self.encode_announce(buf);
+            self.stats.control_packets += 1;
+            return Some(Transmit {
+                dest: Dest::Group,
+                size: buf.len(),
+            });
+        }
+        if let Some((dest, off)) = self.manifest_queue.pop_front() {
+            let bytes = self.manifest.as_bytes();
+            let end = (off as usize + MANIFEST_CHUNK_LEN).min(bytes.len());
+            Packet::new(
+                self.session,
+                Body::ManifestChunk(packet::ManifestChunk {
+                    offset: off,
+                    total_len: bytes.len() as u32,
+                    bytes: &bytes[off as usize..end],
+                }),
+            )
+            .encode(buf);
+            self.stats.control_packets += 1;
+            return Some(Transmit {
+                dest,
+                size: buf.len(),
+            });
+        }
+        match self.phase {
+            Phase::Pass => {
+                let repair_allowed = !self.pending.is_empty() && {
+                    let total = (self.stats.source_bytes + self.stats.repair_bytes) as f64;
+                    (self.stats.repair_bytes as f64) <= self.cfg.repair_share * total
+                };
+                if repair_allowed && let Some(t) = self.send_repair(now, blocks, buf) {
+                    return Some(t);
+                }
+                if let Some(t) = self.send_source(now, blocks, buf) {
+                    return Some(t);
+                }
+                self.send_repair(now, blocks, buf)
+            }
+            Phase::Draining => self.send_repair(now, blocks, buf),
+            _ => None,
+        }
+    }
+
+    fn encode_announce(&self, buf: &mut Vec<u8>) {
+        let m = self.manifest.manifest();
+        let mut flags = 0;
+        if self.phase != Phase::Announcing {
+            flags |= packet::ANNOUNCE_STARTED;
+        }
+        if matches!(self.phase, Phase::Draining | Phase::Ending) {
+            flags |= packet::ANNOUNCE_PASS_DONE;
+        }
+        Packet::new(
+            self.session,
+            Body::Announce(Announce {
+                flags,
+                manifest_len: self.manifest.as_bytes().len() as u32,
+                manifest_hash: self.manifest_hash,
+                tcp_port: self.cfg.tcp_port,
+                symbol_size: m.symbol_size,
+                block_size: m.block_size,
+                block_count: m.block_count(),
+                image_size: m.image_size,
+                pass_pos: self.pass_pos,
+                rate_bps: self.rate_bps,
+            }),
+        )
+        .encode(buf);
+    }
+
+    fn fetch(
+        &mut self,
+        now: Instant,
+        blocks: &mut dyn BlockSource,
+        index: u32,
+    ) -> Option<Arc<EncodedBlock>> {
+        if let Some(c) = self.cache.iter().find(|c| c.block == index) {
+            return Some(c.enc.clone());
+        }
+        match blocks.encoded_block(index) {
+            Ok(enc) => {
+                self.cache.push_back(Cached {
+                    block: index,
+                    enc: enc.clone(),
+                    parity: None,
+                });
+                while self.cache.len() > self.cfg.repair_cache_blocks.max(2) {
+                    self.cache.pop_front();
+                }
+                Some(enc)
+            }
+            Err(e) => {
+                let error = e.to_string();
+                tracing::error!(block = index, %error, "block source failed; aborting cast");
+                self.events.push_back(SenderEvent::Aborted {
+                    block: index,
+                    error: error.clone(),
+                });
+                self.abort(
+                    now,
+                    &format!("sender could not read block {index}: {error}"),
+                );
+                None
+            }
+        }
+    }
+
+    fn send_source(
+        &mut self,
+        now: Instant,
+        blocks: &mut dyn BlockSource,
+        buf: &mut Vec<u8>,
+    ) -> Option<Transmit> {
+        let manifest = self.manifest.clone();
+        let m = manifest.manifest();
+        let count = m.block_count();
+        // Skip zero blocks.
+        if self.cur.is_none() {
+            while self.cur_block < count && m.blocks[self.cur_block as usize].zero {
+                self.cur_block += 1;
+                self.pass_pos = self.cur_block;
+            }
+            if self.cur_block >= count {
+                self.pass_complete(now);
+                return None;
+            }
+            let b = self.cur_block;
+            let enc = self.fetch(now, blocks, b)?;
+            if enc.symbol_size() != self.manifest.manifest().symbol_size {
+                self.events.push_back(SenderEvent::Aborted {
+                    block: b,
+                    error: "block source used a different symbol size".into(),
+                });
+                self.abort(now, "block source used a different symbol size");
+                return None;
+            }
+            self.cur = Some(enc);
+            self.cur_esi = 0;
+        }
+        let enc = self.cur.clone()?;
+        let esi = self.cur_esi;
+        let sym = enc.source_symbol(esi)?;
+        let mut flags = 0;
+        if enc.compressed() {
+            flags |= packet::DATA_COMPRESSED;
+        }
+        packet::encode_data(
+            buf,
+            self.session,
+            &Data {
+                block: self.cur_block,
+                esi,
+                k: enc.k(),
+                payload_len: enc.payload_len(),
+                flags,
+                symbol: sym,
+            },
+        );
+        self.stats.source_packets += 1;
+        self.stats.source_bytes += sym.len() as u64;
+        self.cur_esi += 1;
+        if self.cur_esi >= enc.k() {
+            self.repair.insert(
+                self.cur_block,
+                BlockRepair {
+                    k: enc.k(),
+                    sent: 0,
+                    last_sent: now,
+                },
+            );
+            self.cur = None;
+            self.cur_block += 1;
+            self.pass_pos = self.cur_block;
+            // Zero blocks right after are passed too, so receivers can NAK up to here.
+            while self.cur_block < count && m.blocks[self.cur_block as usize].zero {
+                self.cur_block += 1;
+                self.pass_pos = self.cur_block;
+            }
+            if self.cur_block >= count {
+                self.pass_complete(now);
+            }
+        }
+        Some(Transmit {
+            dest: Dest::Group,
+            size: buf.len(),
+        })
+    }
+
+    fn pass_complete(&mut self, now: Instant) {
+        if self.phase != Phase::Pass {
+            return;
+        }
+        self.phase = Phase::Draining;
+        self.pass_done_at = Some(now);
+        self.pass_pos = self.manifest.manifest().block_count();
+        // Tell receivers at once so they NAK the tail without waiting for the next cycle.
+        self.next_announce = now;
+        self.events.push_back(SenderEvent::PassComplete);
+        self.check_finish(now);
+    }
+
+    fn send_repair(
+        &mut self,
+        now: Instant,
+        blocks: &mut dyn BlockSource,
+        buf: &mut Vec<u8>,
+    ) -> Option<Transmit> {
+        let (&block, _) = self.pending.iter().next()?;
+        let Some(mut st) = self.repair.get(&block).copied() else {
+            self.pending.remove(&block);
+            return None;
+        };
+        let enc = self.fetch(now, blocks, block)?;
+        let k = enc.k();
+        let r = parity_count(k);
+        let j = st.sent;
+        let mut flags = packet::DATA_REPAIR;
+        if enc.compressed() {
+            flags |= packet::DATA_COMPRESSED;
+        }
+        let parity;
+        let (esi, sym): (u16, &[u8]) = if j < u32::from(r) {
+            parity = self.parity_for(block, &enc)?;
+            // j < r <= 32768 and k <= 32768, so k + j fits in u16.
+            (k + j as u16, parity.symbol(j as u16)?)
+        } else {
+            // Every parity symbol has been used: cycle through the source symbols again.
+            let s = ((j - u32::from(r)) % u32::from(k)) as u16;
+            (s, enc.source_symbol(s)?)
+        };
+        packet::encode_data(
+            buf,
+            self.session,
+            &Data {
+                block,
+                esi,
+                k,
+                payload_len: enc.payload_len(),
+                flags,
+                symbol: sym,
+            },
+        );
+        st.sent += 1;
+        st.last_sent = now;
+        self.repair.insert(block, st);
+        if let Some(p) = self.pending.get_mut(&block) {
+            *p = p.saturating_sub(1);
+            if *p == 0 {
+                self.pending.remove(&block);
+            }
+        }
+        self.stats.repair_packets += 1;
+        self.stats.repair_bytes += sym.len() as u64;
+        Some(Transmit {
+            dest: Dest::Group,
+            size: buf.len(),
+        })
+    }
+
+    fn parity_for(&mut self, block: u32, enc: &Arc<EncodedBlock>) -> Option<Arc<Parity>> {
+        let pos = self.cache.iter().position(|c| c.block == block)?;
+        if let Some(p) = &self.cache[pos].parity {
+            return Some(p.clone());
+        }
+        match enc.parity(block) {
+            Ok(p) => {
+                let p = Arc::new(p);
+                self.cache[pos].parity = Some(p.clone());
+                Some(p)
+            }
+            Err(e) => {
+                tracing::error!(block, error = %e, "parity encoding failed");
+                self.pending.remove(&block);
+                None
+            }
+        }
+    }
+
+    /// The next event, if any.
+    pub fn poll_event(&mut self) -> Option<SenderEvent> {
+        self.events.pop_front()
+    }
+}
