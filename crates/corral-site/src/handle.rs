@@ -112,6 +112,11 @@ impl SiteHandle {
         })
     }
 
+    /// The site directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
     /// The site in force now.
     pub fn current(&self) -> Arc<Site> {
         self.inner.current.load_full()
@@ -145,7 +150,19 @@ impl SiteHandle {
     pub fn reload(&self) -> Result<ReloadOutcome, SiteError> {
         let templates = self.templates();
         *self.attempted() = Fingerprint::scan(&self.inner.dir).with_files(&templates);
-        let site = Site::load(&self.inner.dir)?.with_overrides(&self.inner.overrides)?;
+        let loaded =
+            Site::load(&self.inner.dir).and_then(|s| s.with_overrides(&self.inner.overrides));
+        let site = match loaded {
+            Ok(site) => site,
+            Err(e) => {
+                tracing::warn!(
+                    dir = %self.inner.dir.display(),
+                    errors = e.problems().iter().filter(|p| p.is_error()).count(),
+                    "site reload rejected; the last good site stays in force"
+                );
+                return Err(e);
+            }
+        };
         let warnings = site.warnings().to_vec();
         let current = Arc::new(site);
         let previous = self.inner.current.swap(current.clone());

@@ -929,7 +929,10 @@ pub(crate) fn list_toml(dir: &Path, sub: &str, r: &mut Report) -> Vec<(String, P
             r.file_error(
                 Path::new(sub),
                 ProblemKind::Unreadable,
-                format!("cannot list directory: {}; make it readable", io_reason(&e)),
+                format!(
+                    "cannot list directory: {}; {sub}/ must be a readable directory",
+                    io_reason(&e)
+                ),
             );
             return out;
         }
