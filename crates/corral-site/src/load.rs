@@ -719,8 +719,16 @@ fn convert_profile(
 }
 
 /// A converted machine plus the spans the cross-checks point at.
+/// Fields that failed to convert are `None` (already reported); the rest still take part in
+/// the cross-checks, so one bad MAC does not hide a duplicate IP in the same file.
 struct MachineDraft {
-    machine: Machine,
+    name: MachineName,
+    macs: Vec<MacAddr>,
+    hostname: Option<Hostname>,
+    ip: Option<Ipv4Addr>,
+    profile: Option<ProfileName>,
+    groups: Vec<String>,
+    vars: BTreeMap<String, String>,
     src_index: usize,
     mac_spans: Vec<Option<Range<usize>>>,
     ip_span: Option<Range<usize>>,
@@ -735,13 +743,11 @@ fn convert_machine(
     raw: raw::RawMachine,
     pruned: bool,
     r: &mut Report,
-) -> Option<MachineDraft> {
-    let mut ok = true;
+) -> MachineDraft {
     let mut macs = Vec::new();
     let mut mac_spans = Vec::new();
     match raw.mac {
         None => {
-            ok = false;
             if !pruned {
                 r.error(
                     src,
@@ -761,7 +767,6 @@ fn convert_machine(
                     .collect(),
             };
             if items.is_empty() {
-                ok = false;
                 r.error(
                     src,
                     Some(outer),
@@ -772,7 +777,6 @@ fn convert_machine(
             for (text, span) in items {
                 match text.parse::<MacAddr>() {
                     Ok(mac) if mac.is_multicast() => {
-                        ok = false;
                         r.error(
                             src,
                             Some(span),
@@ -793,7 +797,6 @@ fn convert_machine(
                         mac_spans.push(Some(span));
                     }
                     Err(e) => {
-                        ok = false;
                         r.error(src, Some(span), ProblemKind::BadMac, e.to_string());
                     }
                 }
@@ -831,16 +834,7 @@ fn convert_machine(
             }
         },
     };
-    let ip = match &raw.ip {
-        Some(s) => match parse_ip(src, r, s) {
-            Some(ip) => Some(ip),
-            None => {
-                ok = false;
-                None
-            }
-        },
-        None => None,
-    };
+    let ip = raw.ip.as_ref().and_then(|s| parse_ip(src, r, s));
     let profile = match &raw.profile {
         Some(p) => Some(ProfileName::new(p.get_ref())),
         None => {
@@ -855,25 +849,20 @@ fn convert_machine(
             None
         }
     };
-    let (Some(hostname), Some(profile), true) = (hostname, profile, ok) else {
-        return None;
-    };
-    Some(MachineDraft {
-        machine: Machine {
-            name: MachineName::new(name),
-            macs,
-            hostname,
-            ip,
-            profile,
-            groups: raw.groups.unwrap_or_default(),
-            vars: raw.vars.unwrap_or_default(),
-        },
+    MachineDraft {
+        name: MachineName::new(name),
+        macs,
+        hostname,
+        ip,
+        profile,
+        groups: raw.groups.unwrap_or_default(),
+        vars: raw.vars.unwrap_or_default(),
         src_index,
         mac_spans,
         ip_span: raw.ip.as_ref().map(|s| s.span()),
         hostname_span,
         profile_span: raw.profile.as_ref().map(|s| s.span()),
-    })
+    }
 }
 
 fn io_reason(e: &std::io::Error) -> String {
@@ -1054,9 +1043,8 @@ pub(crate) fn load_site(dir: &Path) -> Result<Site, Vec<Problem>> {
         let Some(src) = read_source(dir, rel, &mut r) else {
             continue;
         };
-        let draft = parse_file::<raw::RawMachine>(&src, &mut r).and_then(|(raw, pruned)| {
-            convert_machine(&stem, &src, sources.len(), raw, pruned, &mut r)
-        });
+        let draft = parse_file::<raw::RawMachine>(&src, &mut r)
+            .map(|(raw, pruned)| convert_machine(&stem, &src, sources.len(), raw, pruned, &mut r));
         drafts.extend(draft);
         sources.push(src);
     }
@@ -1093,31 +1081,30 @@ pub(crate) fn load_site(dir: &Path) -> Result<Site, Vec<Problem>> {
     let mut by_host: HashMap<Hostname, usize> = HashMap::new();
     for (i, d) in drafts.iter().enumerate() {
         let src = &sources[d.src_index];
-        let m = &d.machine;
-        if !profiles.contains_key(&m.profile) {
+        let missing_profile = d.profile.as_ref().filter(|p| !profiles.contains_key(*p));
+        if let Some(p) = missing_profile {
             r.error(
                 src,
                 d.profile_span.clone(),
                 ProblemKind::MissingProfile,
                 format!(
-                    "profile {:?} does not exist; create profiles/{}.toml or use one of: {}",
-                    m.profile.as_str(),
-                    m.profile,
+                    "profile {:?} does not exist; create profiles/{p}.toml or use one of: {}",
+                    p.as_str(),
                     profile_list()
                 ),
             );
         }
-        for (mac, span) in m.macs.iter().zip(&d.mac_spans) {
+        for (mac, span) in d.macs.iter().zip(&d.mac_spans) {
             if let Some(&j) = by_mac.get(mac) {
                 let o = &drafts[j];
-                let k = o.machine.macs.iter().position(|x| x == mac).unwrap_or(0);
+                let k = o.macs.iter().position(|x| x == mac).unwrap_or(0);
                 r.error(
                     src,
                     span.clone(),
                     ProblemKind::DuplicateMac,
                     format!(
                         "MAC address {mac} is also used by machine {} ({}); each MAC may belong to one machine only",
-                        o.machine.name,
+                        o.name,
                         loc(o, &o.mac_spans.get(k).cloned().flatten())
                     ),
                 );
@@ -1125,7 +1112,7 @@ pub(crate) fn load_site(dir: &Path) -> Result<Site, Vec<Problem>> {
                 by_mac.insert(*mac, i);
             }
         }
-        if let Some(&j) = by_host.get(&m.hostname) {
+        if let Some(&j) = d.hostname.as_ref().and_then(|h| by_host.get(h)) {
             let o = &drafts[j];
             r.error(
                 src,
@@ -1133,15 +1120,15 @@ pub(crate) fn load_site(dir: &Path) -> Result<Site, Vec<Problem>> {
                 ProblemKind::DuplicateHostname,
                 format!(
                     "hostname {:?} is also used by machine {} ({}); hostnames must be unique",
-                    m.hostname.as_str(),
-                    o.machine.name,
+                    o.hostname.as_ref().map_or("", |h| h.as_str()),
+                    o.name,
                     loc(o, &o.hostname_span)
                 ),
             );
-        } else {
-            by_host.insert(m.hostname.clone(), i);
+        } else if let Some(h) = &d.hostname {
+            by_host.insert(h.clone(), i);
         }
-        if let Some(ip) = m.ip {
+        if let Some(ip) = d.ip {
             if let Some(&j) = by_ip.get(&ip) {
                 let o = &drafts[j];
                 r.error(
@@ -1150,7 +1137,7 @@ pub(crate) fn load_site(dir: &Path) -> Result<Site, Vec<Problem>> {
                     ProblemKind::DuplicateIp,
                     format!(
                         "address {ip} is also given to machine {} ({}); give each machine its own address",
-                        o.machine.name,
+                        o.name,
                         loc(o, &o.ip_span)
                     ),
                 );
@@ -1215,10 +1202,23 @@ pub(crate) fn load_site(dir: &Path) -> Result<Site, Vec<Problem>> {
     let mut machines = BTreeMap::new();
     let mut macs = HashMap::new();
     for d in drafts {
-        for mac in &d.machine.macs {
-            macs.insert(*mac, d.machine.name.clone());
+        // Both are Some when no error was reported (checked just above).
+        let (Some(hostname), Some(profile)) = (d.hostname, d.profile) else {
+            continue;
+        };
+        for mac in &d.macs {
+            macs.insert(*mac, d.name.clone());
         }
-        machines.insert(d.machine.name.clone(), d.machine);
+        let m = Machine {
+            name: d.name,
+            macs: d.macs,
+            hostname,
+            ip: d.ip,
+            profile,
+            groups: d.groups,
+            vars: d.vars,
+        };
+        machines.insert(m.name.clone(), m);
     }
     let templates: Vec<PathBuf> = profiles
         .values()

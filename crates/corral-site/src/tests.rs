@@ -465,6 +465,8 @@ fn every_problem_at_once_across_files() {
             ProblemKind::Syntax,
             ProblemKind::MissingProfile,
             ProblemKind::BadMac,
+            // web01's bad MAC does not hide its other problems.
+            ProblemKind::MissingProfile,
             ProblemKind::MissingProfile,
         ],
         "{:#?}",
@@ -776,4 +778,22 @@ proptest::proptest! {
             }
         }
     }
+}
+
+#[test]
+fn a_bad_value_does_not_hide_cross_file_problems() {
+    expect(
+        &[(
+            "machines/web03.toml",
+            Some(
+                "mac = [\"52:54:00:12:34:01\", \"bad\"]\nip = \"10.0.0.12\"\nprofile = \"debain\"\n",
+            ),
+        )],
+        &[
+            "machines/web03.toml:1:8: error: MAC address 52:54:00:12:34:01 is also used by machine web01 (machines/web01.toml:3:7); each MAC may belong to one machine only",
+            "machines/web03.toml:1:29: error: invalid MAC address \"bad\": expected six hex byte pairs like 52:54:00:12:34:56",
+            "machines/web03.toml:2:6: error: address 10.0.0.12 is also given to machine web02 (machines/web02.toml:2:6); give each machine its own address",
+            "machines/web03.toml:3:11: error: profile \"debain\" does not exist; create profiles/debain.toml or use one of: debian, discover",
+        ],
+    );
 }

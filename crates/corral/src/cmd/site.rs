@@ -30,7 +30,7 @@ Examples:
   corral site check                         check $CORRAL_SITE, else the current directory
   corral site check --site ./site           check one directory
   corral site check --json | jq '.problems[] | select(.severity == \"error\")'
-  git diff --quiet || corral site check     in a pre-commit hook")]
+  corral site check --site site/ -q || exit 1   in a git pre-commit hook")]
     Check(CheckArgs),
 }
 
