@@ -96,10 +96,6 @@ impl Blocks {
         b
     }
 
-    pub(crate) fn signed(&self) -> &SignedManifest {
-        &self.signed
-    }
-
     pub(crate) fn stop(&self) {
         self.lock().stop = true;
         self.cv.notify_all();

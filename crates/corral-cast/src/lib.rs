@@ -13,41 +13,24 @@
 //! Entry types: [`SendOptions`] → [`send`] → [`SendReport`]; [`ReceiveOptions`] → [`receive`] →
 //! [`ReceiveReport`]; [`keys`] for Ed25519 key files; [`Observer`] for events and progress.
 
-#[allow(dead_code)] // Wired into send/receive once the protocol API lands.
+mod blocks;
 mod catchup;
 mod error;
 pub mod keys;
 mod observe;
-#[allow(dead_code)] // Wired into receive once the protocol API lands.
+mod options;
 mod output;
+mod receive;
+mod send;
 pub mod socket;
 mod source;
 pub mod state;
 
 pub use error::CastError;
 pub use observe::{NoObserver, Observer, Progress, ReceiverProgress};
-pub use output::{OutputSpec, part_path};
-pub use source::ImageSource;
-mod options;
-
 pub use options::{Rate, ReceiveOptions, ReceiveReport, ReceiverOutcome, SendOptions, SendReport};
+pub use output::{OutputSpec, part_path};
+pub use receive::receive;
+pub use send::send;
+pub use source::ImageSource;
 pub use tokio_util::sync::CancellationToken;
-
-/// Sends an image to every receiver (see the crate docs).
-pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendReport, CastError> {
-    let _ = (opts, cancel);
-    Err(CastError::Incomplete {
-        reason: "the cast protocol is not wired yet".into(),
-    })
-}
-
-/// Receives an image (see the crate docs).
-pub async fn receive(
-    opts: ReceiveOptions,
-    cancel: CancellationToken,
-) -> Result<ReceiveReport, CastError> {
-    let _ = (opts, cancel);
-    Err(CastError::Incomplete {
-        reason: "the cast protocol is not wired yet".into(),
-    })
-}

@@ -44,7 +44,7 @@ impl std::str::FromStr for Rate {
             .parse()
             .map_err(|_| format!("invalid rate {s:?}: expected e.g. 800M, 1G or adaptive"))?;
         let bits = v * mult;
-        if !(bits >= 1e5 && bits <= 1e12) {
+        if !(1e5..=1e12).contains(&bits) {
             return Err(format!("rate {s:?} out of range (100K to 1000G)"));
         }
         Ok(Rate::Fixed(bits as u64))

@@ -229,6 +229,7 @@ impl StreamSink {
     }
 
     /// Blocks written so far (all in order).
+    #[cfg(test)]
     pub(crate) fn next_block(&self) -> u64 {
         self.next
     }

@@ -133,12 +133,19 @@ fn set_buffers(sock: &Socket, want: usize) {
     }
 }
 
-/// A non-blocking UDP socket for sending to the group (and receiving receivers' unicast
-/// reports on its ephemeral port).
+/// A non-blocking UDP socket for sending to the group and receiving receivers' unicast
+/// reports, bound to the interface address and the group's port.
 pub fn sender_socket(cfg: &MulticastConfig) -> Result<tokio::net::UdpSocket, CastError> {
     let sock =
         Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).map_err(io_err("socket"))?;
-    let bind = SocketAddrV4::new(cfg.interface.unwrap_or(Ipv4Addr::UNSPECIFIED), 0);
+    // Bound to the group's port number so that a receiver told `--sender HOST` knows where to
+    // send its reports without ever hearing an announcement.
+    sock.set_reuse_address(true)
+        .map_err(io_err("SO_REUSEADDR"))?;
+    // Without this, a socket bound to the wildcard address gets every group's traffic on the
+    // port as soon as any local socket joined it.
+    let _ = sock.set_multicast_all_v4(false);
+    let bind = SocketAddrV4::new(cfg.interface.unwrap_or(Ipv4Addr::UNSPECIFIED), cfg.port);
     sock.bind(&bind.into()).map_err(io_err("bind"))?;
     if let Some(ifa) = cfg.interface {
         sock.set_multicast_if_v4(&ifa)
@@ -166,6 +173,7 @@ pub fn receiver_socket(cfg: &MulticastConfig) -> Result<tokio::net::UdpSocket, C
     let ifa = cfg.interface.unwrap_or(Ipv4Addr::UNSPECIFIED);
     sock.join_multicast_v4(&cfg.group, &ifa)
         .map_err(io_err("IP_ADD_MEMBERSHIP"))?;
+    let _ = sock.set_multicast_all_v4(false);
     if let Some(ifa) = cfg.interface {
         // Replies to the sender leave from the same interface.
         let _ = sock.set_multicast_if_v4(&ifa);

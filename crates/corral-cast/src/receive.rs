@@ -1,0 +1,765 @@
+//! The receiver driver: group socket + unicast socket → protocol `Receiver`; verified blocks →
+//! file, device, stdout or pipe; resume state; TCP catch-up; read-back verification.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use corral_cast_proto::{Dest, Receiver, ReceiverConfig, ReceiverEvent, SignedManifest};
+use corral_model::{Outcome, SessionId};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::catchup::CatchUpClient;
+use crate::error::CastError;
+use crate::observe::Progress;
+use crate::options::{ReceiveOptions, ReceiveReport};
+use crate::output::{OutputSpec, RandomSink, StreamSink};
+use crate::send::event;
+use crate::socket;
+use crate::state::ResumeState;
+
+/// Without progress for this long while blocks are missing, fetch the rest over TCP.
+const STALL_AFTER: Duration = Duration::from_secs(3);
+/// How often written blocks are fsynced and recorded in the state file.
+const STATE_INTERVAL: Duration = Duration::from_millis(500);
+
+/// The identity of an image for resume: stable across sessions (the manifest itself carries
+/// the session id, so its hash changes every time the sender restarts).
+fn image_key(m: &SignedManifest) -> [u8; 32] {
+    let m = m.manifest();
+    let mut h = blake3::Hasher::new();
+    h.update(b"corral-cast-resume-v1");
+    h.update(&m.image_hash);
+    h.update(&m.image_size.to_be_bytes());
+    h.update(&m.block_size.to_be_bytes());
+    for b in &m.blocks {
+        h.update(&b.hash);
+    }
+    *h.finalize().as_bytes()
+}
+
+enum Sink {
+    Random { sink: RandomSink, fresh: bool },
+    Stream(StreamSink),
+}
+
+enum FromTcp {
+    Manifest(Vec<u8>),
+    Block(u32, Vec<u8>),
+    /// The batch is done (or failed, with the error).
+    Idle(Option<CastError>),
+}
+
+struct CatchUp {
+    requests: mpsc::Sender<Vec<u32>>,
+    busy: bool,
+}
+
+/// Starts a catch-up connection task: it fetches the manifest if `need_manifest`, then every
+/// batch of block indices it is sent.
+fn start_catchup(
+    addr: SocketAddr,
+    need_manifest: bool,
+    results: mpsc::Sender<FromTcp>,
+    cancel: CancellationToken,
+) -> CatchUp {
+    let (req_tx, mut req_rx) = mpsc::channel::<Vec<u32>>(4);
+    tokio::spawn(async move {
+        let run = async {
+            let mut client = CatchUpClient::connect(addr).await?;
+            if need_manifest {
+                let m = client.manifest().await?;
+                let _ = results.send(FromTcp::Manifest(m)).await;
+            }
+            let _ = results.send(FromTcp::Idle(None)).await;
+            while let Some(batch) = req_rx.recv().await {
+                for index in batch {
+                    let b = client.block(index).await?;
+                    if results.send(FromTcp::Block(index, b)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                let _ = results.send(FromTcp::Idle(None)).await;
+            }
+            Ok::<_, CastError>(())
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => {}
+            r = run => {
+                if let Err(e) = r {
+                    let _ = results.send(FromTcp::Idle(Some(e))).await;
+                }
+            }
+        }
+    });
+    CatchUp {
+        requests: req_tx,
+        busy: true,
+    }
+}
+
+struct Run {
+    opts: ReceiveOptions,
+    rx: Receiver,
+    sink: Option<Sink>,
+    state: Option<ResumeState>,
+    /// Blocks written since the last fsync + state save.
+    unsynced: Vec<u32>,
+    blocks_multicast: u64,
+    blocks_tcp: u64,
+    blocks_resumed: u64,
+    bytes_done: u64,
+    tcp_inflight: bool,
+    last_progress: Instant,
+}
+
+impl Run {
+    fn obs_event(&self, kind: &str, outcome: Outcome, reason: String) {
+        let session = self.rx.session().unwrap_or(SessionId(0));
+        self.opts
+            .observer
+            .event(&event(session, kind, outcome, reason).with_hostname(self.opts.name.clone()));
+    }
+
+    /// Opens the output once the manifest is known; re-verifies resumable blocks.
+    fn ensure_sink(&mut self) -> Result<(), CastError> {
+        if self.sink.is_some() {
+            return Ok(());
+        }
+        let Some(signed) = self.rx.manifest().cloned() else {
+            return Ok(());
+        };
+        let m = signed.manifest();
+        let key = image_key(&signed);
+        let prior = match &self.opts.state {
+            Some(p) => match ResumeState::load(p) {
+                Ok(Some(s))
+                    if s.manifest_hash == key && s.blocks() == u64::from(m.block_count()) =>
+                {
+                    Some(s)
+                }
+                Ok(Some(_)) => {
+                    warn!(state = %p.display(), "state file is for another image; starting over");
+                    None
+                }
+                Ok(None) => None,
+                Err(e) => {
+                    warn!(error = %e, "unreadable state file; starting over");
+                    None
+                }
+            },
+            None => None,
+        };
+        match &self.opts.output {
+            OutputSpec::Path(path) => {
+                let sink = RandomSink::open(path, m.image_size, prior.is_some())?;
+                let mut fresh = prior.is_none();
+                let mut have = Vec::new();
+                if let Some(prior) = &prior {
+                    // Trust nothing: re-read and verify every block the state file lists.
+                    let mut buf = Vec::new();
+                    for i in 0..m.block_count() {
+                        if !prior.has(u64::from(i)) || m.blocks[i as usize].zero {
+                            continue;
+                        }
+                        buf.resize(m.block_len(i) as usize, 0);
+                        if sink.read_at(m.block_offset(i), &mut buf).is_ok()
+                            && blake3::hash(&buf).as_bytes() == &m.blocks[i as usize].hash
+                        {
+                            have.push(i);
+                        }
+                    }
+                    info!(
+                        listed = prior.count(),
+                        verified = have.len(),
+                        "resuming: blocks already on disk re-verified"
+                    );
+                    self.obs_event(
+                        "resume",
+                        Outcome::Info,
+                        format!(
+                            "resuming: {} of {} blocks already on disk and verified",
+                            have.len(),
+                            m.block_count()
+                        ),
+                    );
+                    fresh = false;
+                }
+                let mut st = ResumeState::new(key, u64::from(m.block_count()));
+                for &i in &have {
+                    st.set(u64::from(i));
+                    self.bytes_done += u64::from(m.block_len(i));
+                }
+                self.blocks_resumed = have.len() as u64;
+                if !have.is_empty() {
+                    self.rx.mark_have(have);
+                }
+                self.state = self.opts.state.as_ref().map(|_| st);
+                if fs_is_device(sink.path()) {
+                    fresh = false;
+                }
+                self.sink = Some(Sink::Random { sink, fresh });
+            }
+            OutputSpec::Stdout => self.sink = Some(Sink::Stream(StreamSink::stdout())),
+            OutputSpec::Pipe(cmd) => self.sink = Some(Sink::Stream(StreamSink::pipe(cmd)?)),
+        }
+        Ok(())
+    }
+
+    async fn write_block(
+        &mut self,
+        index: u32,
+        offset: u64,
+        len: u32,
+        data: Option<Vec<u8>>,
+    ) -> Result<(), CastError> {
+        self.ensure_sink()?;
+        let is_zero = data.is_none();
+        match &mut self.sink {
+            Some(Sink::Random { sink, fresh }) => {
+                match &data {
+                    Some(d) => sink.write_at(offset, d)?,
+                    // A new file is already zero; a device or an old part file may not be.
+                    None if !*fresh => sink.write_at(offset, &vec![0u8; len as usize])?,
+                    None => {}
+                }
+                self.unsynced.push(index);
+            }
+            Some(Sink::Stream(s)) => {
+                let d = data.unwrap_or_else(|| vec![0u8; len as usize]);
+                s.push(u64::from(index), d).await?;
+            }
+            None => {}
+        }
+        self.bytes_done += u64::from(len);
+        if !is_zero {
+            self.last_progress = Instant::now();
+        }
+        Ok(())
+    }
+
+    /// Fsyncs the output and records the blocks written since the last call.
+    fn save_state(&mut self) -> Result<(), CastError> {
+        if self.unsynced.is_empty() {
+            return Ok(());
+        }
+        if let Some(Sink::Random { sink, .. }) = &self.sink {
+            sink.sync()?;
+        }
+        if let (Some(st), Some(path)) = (&mut self.state, &self.opts.state) {
+            for &i in &self.unsynced {
+                st.set(u64::from(i));
+            }
+            st.save(path)?;
+        }
+        self.unsynced.clear();
+        Ok(())
+    }
+
+    /// Reads the whole output back and checks every block and the image hash.
+    fn verify_readback(&self) -> Result<(), CastError> {
+        let (Some(Sink::Random { sink, .. }), Some(signed)) = (&self.sink, self.rx.manifest())
+        else {
+            return Ok(());
+        };
+        let m = signed.manifest();
+        let mut image = blake3::Hasher::new();
+        let mut buf = Vec::new();
+        for i in 0..m.block_count() {
+            buf.resize(m.block_len(i) as usize, 0);
+            sink.read_at(m.block_offset(i), &mut buf)?;
+            image.update(&buf);
+            if blake3::hash(&buf).as_bytes() != &m.blocks[i as usize].hash {
+                return Err(CastError::Verify {
+                    path: sink.path().to_owned(),
+                    block: u64::from(i),
+                });
+            }
+        }
+        if image.finalize().as_bytes() != &m.image_hash {
+            return Err(CastError::Verify {
+                path: sink.path().to_owned(),
+                block: u64::from(m.block_count()),
+            });
+        }
+        Ok(())
+    }
+
+    fn progress(&self, t0: Instant) {
+        let (blocks_total, image_bytes) = self
+            .rx
+            .manifest()
+            .map(|s| {
+                (
+                    u64::from(s.manifest().block_count()),
+                    s.manifest().image_size,
+                )
+            })
+            .unwrap_or((0, 0));
+        self.opts.observer.progress(&Progress::Receiver {
+            blocks_total,
+            blocks_done: u64::from(self.rx.blocks_done()),
+            image_bytes,
+            bytes_done: self.bytes_done.min(image_bytes),
+            elapsed_s: t0.elapsed().as_secs_f64(),
+        });
+    }
+
+    fn tcp_addr(&self) -> Option<SocketAddr> {
+        if let Some(a) = self.opts.sender {
+            return Some(a);
+        }
+        let sender = self.rx.sender()?;
+        match self.rx.tcp_port() {
+            Some(p) if p != 0 => Some(SocketAddr::new(sender.ip(), p)),
+            _ => None,
+        }
+    }
+}
+
+fn fs_is_device(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path)
+        .map(|m| m.file_type().is_block_device())
+        .unwrap_or(false)
+}
+
+/// Receives one image; returns only once it is written and verified (or fails).
+pub async fn receive(
+    opts: ReceiveOptions,
+    cancel: CancellationToken,
+) -> Result<ReceiveReport, CastError> {
+    let t0 = Instant::now();
+    let gsock = socket::receiver_socket(&opts.multicast)?;
+    let usock = socket::unicast_socket(opts.multicast.interface)?;
+    let mut seed = [0u8; 8];
+    let _ = getrandom::fill(&mut seed);
+    let cfg = ReceiverConfig {
+        name: opts.name.clone(),
+        trusted_key: opts.trusted_key.map(|k| k.to_bytes()),
+        seed: u64::from_be_bytes(seed),
+        sender: opts.sender,
+        silent_after: opts.silent_after,
+        ..ReceiverConfig::default()
+    };
+    let mut run = Run {
+        rx: Receiver::new(cfg, Instant::now()),
+        opts,
+        sink: None,
+        state: None,
+        unsynced: Vec::new(),
+        blocks_multicast: 0,
+        blocks_tcp: 0,
+        blocks_resumed: 0,
+        bytes_done: 0,
+        tcp_inflight: false,
+        last_progress: Instant::now(),
+    };
+    let task_cancel = cancel.child_token();
+    let _guard = task_cancel.clone().drop_guard();
+    let (tcp_tx, mut tcp_rx) = mpsc::channel::<FromTcp>(64);
+    let mut catchup: Option<CatchUp> = None;
+    let mut want_catchup = false;
+    let mut last_data_packets = 0u64;
+    let mut catchup_not_before = Instant::now();
+    let mut rejected_reason: Option<String> = None;
+    let mut last_heard = Instant::now();
+    let mut gbuf = vec![0u8; 65_536];
+    let mut ubuf = vec![0u8; 65_536];
+    let mut out = Vec::with_capacity(2048);
+    let mut tick = tokio::time::interval(STATE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut finishing: Option<Instant> = None;
+    let mut result: Option<Result<(), CastError>> = None;
+
+    loop {
+        let now = Instant::now();
+        run.rx.handle_timeout(now);
+        while let Some(t) = run.rx.poll_transmit(now, &mut out) {
+            let dest = match t.dest {
+                Dest::Unicast(a) => a,
+                Dest::Group => run.opts.multicast.group_addr(),
+            };
+            if let Err(e) = usock.send_to(&out[..t.size], dest).await {
+                debug!(%dest, error = %e, "send failed");
+            }
+        }
+        while let Some(ev) = run.rx.poll_event() {
+            match ev {
+                ReceiverEvent::Joined {
+                    session,
+                    sender,
+                    tcp_port,
+                } => {
+                    info!(%session, %sender, tcp_port, "joined");
+                    run.obs_event(
+                        "joined",
+                        Outcome::Info,
+                        format!("joined session {session} of sender {sender}"),
+                    );
+                }
+                ReceiverEvent::ManifestReady {
+                    manifest,
+                    authenticated,
+                } => {
+                    let m = manifest.manifest();
+                    run.obs_event(
+                        "manifest",
+                        if authenticated {
+                            Outcome::Ok
+                        } else {
+                            Outcome::Warn
+                        },
+                        format!(
+                            "manifest accepted: {} bytes in {} blocks{}",
+                            m.image_size,
+                            m.block_count(),
+                            if authenticated {
+                                ", signed by the trusted key"
+                            } else {
+                                " (no --trusted-key: origin not authenticated)"
+                            }
+                        ),
+                    );
+                    if let Err(e) = run.ensure_sink() {
+                        result = Some(Err(e));
+                    }
+                }
+                ReceiverEvent::ManifestRejected { error } => {
+                    warn!(%error, "manifest rejected");
+                    rejected_reason = Some(error.to_string());
+                    run.obs_event(
+                        "manifest-rejected",
+                        Outcome::Denied,
+                        format!("manifest rejected: {error}"),
+                    );
+                    if run.opts.trusted_key.is_some() && run.rx.manifest().is_none() {
+                        // Keep listening: a forged manifest must not stop a good one.
+                    }
+                }
+                ReceiverEvent::BlockReady {
+                    index,
+                    offset,
+                    len,
+                    data,
+                } => {
+                    if data.is_some() {
+                        if run.tcp_inflight {
+                            run.blocks_tcp += 1;
+                        } else {
+                            run.blocks_multicast += 1;
+                        }
+                    }
+                    if let Err(e) = run.write_block(index, offset, len, data).await {
+                        result = Some(Err(e));
+                    }
+                }
+                ReceiverEvent::BlockRejected { error } => {
+                    debug!(%error, "block rejected");
+                }
+                ReceiverEvent::AllBlocksReady => {
+                    let r = finish_output(&mut run).await;
+                    match &r {
+                        Ok(()) => run.rx.finish(true, "verified"),
+                        Err(e) => run.rx.finish(false, &e.to_string()),
+                    }
+                    finishing = Some(Instant::now());
+                    result = Some(r);
+                }
+                ReceiverEvent::MulticastSilent { silent_for } => {
+                    warn!(
+                        ?silent_for,
+                        "no multicast data: falling back to TCP catch-up"
+                    );
+                    run.obs_event(
+                        "multicast-silent",
+                        Outcome::Warn,
+                        format!(
+                            "no multicast data {:.1} s after joining; fetching over TCP",
+                            silent_for.as_secs_f64()
+                        ),
+                    );
+                    want_catchup = true;
+                }
+                ReceiverEvent::DoneAcknowledged | ReceiverEvent::DoneUnacknowledged => {}
+                ReceiverEvent::SessionEnded { aborted } => {
+                    if result.is_none() && !run.rx.is_complete() {
+                        if run.tcp_addr().is_some() && !aborted {
+                            want_catchup = true;
+                        } else {
+                            result = Some(Err(CastError::Incomplete {
+                                reason: format!(
+                                    "the sender {} the session with {} blocks missing",
+                                    if aborted { "aborted" } else { "ended" },
+                                    run.rx.missing_blocks().len()
+                                ),
+                            }));
+                        }
+                    }
+                }
+            }
+        }
+
+        // Finished: wait (briefly) for the sender to acknowledge our Done, then report.
+        if let Some(r) = &result {
+            if finishing.is_none() {
+                // Tell the sender why we stop (retried until acknowledged).
+                if let Err(e) = r {
+                    run.rx.finish(false, &e.to_string());
+                }
+                finishing = Some(Instant::now());
+            }
+            let done = run.rx.is_finished()
+                || run.rx.sender().is_none()
+                || finishing.is_some_and(|f| f.elapsed() > Duration::from_secs(3));
+            if done {
+                let r = result.take().unwrap_or(Ok(()));
+                return conclude(run, r, t0);
+            }
+        }
+
+        // Decide on TCP catch-up: told so by the protocol, or stalled with blocks missing, or
+        // never heard from multicast but given --sender.
+        let data_packets = run.rx.stats().data_packets;
+        if data_packets != last_data_packets {
+            last_data_packets = data_packets;
+            run.last_progress = Instant::now();
+        }
+        // Multicast data flowed, then stopped with blocks still missing.
+        let stalled = run.rx.manifest().is_some()
+            && !run.rx.is_complete()
+            && data_packets > 0
+            && run.last_progress.elapsed() > STALL_AFTER;
+        let never =
+            data_packets == 0 && run.opts.sender.is_some() && t0.elapsed() > run.opts.silent_after;
+        let due = result.is_none()
+            && (want_catchup || stalled || never)
+            && Instant::now() >= catchup_not_before;
+        match (due, run.tcp_addr(), &mut catchup) {
+            (true, Some(addr), None) => {
+                info!(%addr, "starting TCP catch-up");
+                catchup = Some(start_catchup(
+                    addr,
+                    run.rx.manifest().is_none(),
+                    tcp_tx.clone(),
+                    task_cancel.clone(),
+                ));
+            }
+            (true, Some(_), Some(c)) if !c.busy && run.rx.manifest().is_some() => {
+                let missing = run.rx.missing_blocks();
+                if !missing.is_empty() {
+                    c.busy = true;
+                    run.tcp_inflight = true;
+                    let _ = c.requests.try_send(missing);
+                }
+            }
+            _ => {}
+        }
+
+        let wake = match run.rx.poll_timeout() {
+            Some(d) => tokio::time::Instant::from_std(d),
+            None => tokio::time::Instant::now() + STATE_INTERVAL,
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                let _ = run.save_state();
+                return Err(CastError::Cancelled);
+            }
+            r = gsock.recv_from(&mut gbuf) => {
+                if let Ok((n, from)) = r {
+                    let now = Instant::now();
+                    // Datagrams count as "heard" only while no manifest was refused: a
+                    // sender we do not trust must not keep us waiting forever.
+                    if rejected_reason.is_none() || run.rx.manifest().is_some() {
+                        last_heard = now;
+                    }
+                    run.rx.handle_input(now, from, &gbuf[..n]);
+                    for _ in 0..256 {
+                        match gsock.try_recv_from(&mut gbuf) {
+                            Ok((n, from)) => run.rx.handle_input(now, from, &gbuf[..n]),
+                            Err(_) => break,
+                        }
+                    }
+                }
+            }
+            r = usock.recv_from(&mut ubuf) => {
+                if let Ok((n, from)) = r {
+                    let now = Instant::now();
+                    if rejected_reason.is_none() || run.rx.manifest().is_some() {
+                        last_heard = now;
+                    }
+                    run.rx.handle_input(now, from, &ubuf[..n]);
+                }
+            }
+            Some(msg) = tcp_rx.recv() => {
+                last_heard = Instant::now();
+                match msg {
+                    FromTcp::Manifest(bytes) => {
+                        if let Err(e) = run.rx.accept_manifest_bytes(&bytes) {
+                            warn!(error = %e, "manifest fetched over TCP rejected");
+                        }
+                    }
+                    FromTcp::Block(index, bytes) => {
+                        run.tcp_inflight = true;
+                        if let Err(e) = run.rx.accept_encoded_block(index, &bytes) {
+                            warn!(block = index, error = %e, "block fetched over TCP rejected");
+                        }
+                    }
+                    FromTcp::Idle(err) => {
+                        if let Some(c) = &mut catchup {
+                            c.busy = false;
+                        }
+                        run.tcp_inflight = false;
+                        if let Some(e) = err {
+                            warn!(error = %e, "TCP catch-up failed; will retry");
+                            catchup = None;
+                            catchup_not_before = Instant::now() + Duration::from_secs(1);
+                        }
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(wake) => {}
+            _ = tick.tick() => {
+                if let Some(sender) = run.rx.sender() {
+                    for pkt in keepalive(&run, last_data_packets) {
+                        let _ = usock.send_to(&pkt, sender).await;
+                    }
+                }
+                if let Err(e) = run.save_state() {
+                    result = Some(Err(e));
+                }
+                run.progress(t0);
+                if last_heard.elapsed() > run.opts.idle_timeout && result.is_none() {
+                    result = Some(Err(CastError::Incomplete {
+                        reason: match &rejected_reason {
+                            Some(why) if run.rx.manifest().is_none() => format!(
+                                "no acceptable sender within {:.0} s; last manifest refused: {why}",
+                                run.opts.idle_timeout.as_secs_f64()
+                            ),
+                            _ => format!(
+                                "nothing heard from a sender for {:.0} s",
+                                run.opts.idle_timeout.as_secs_f64()
+                            ),
+                        },
+                    }));
+                }
+            }
+        }
+    }
+}
+
+/// Works around two gaps in the protocol receiver (reported to its owner):
+/// - it schedules Status reports only after hearing an Announce, so a receiver that only ever
+///   talks TCP (`--sender`, multicast blocked) would be declared dead by the sender;
+/// - a JoinAck that arrives after the manifest was assembled marks "sender knows we hold the
+///   manifest" even when the acknowledged Join did not say so, so the sender may never count
+///   us as ready.
+///
+/// Both packets are idempotent on the sender side.
+fn keepalive(run: &Run, data_packets: u64) -> Vec<Vec<u8>> {
+    use corral_cast_proto::packet::{Body, JOIN_HAS_MANIFEST, Join, Packet};
+    let mut out = Vec::new();
+    let Some(session) = run.rx.session() else {
+        return out;
+    };
+    if run.rx.is_finished() || run.rx.sender().is_none() {
+        return out;
+    }
+    let mut buf = Vec::with_capacity(128);
+    if run.rx.manifest().is_some() && data_packets == 0 && !run.rx.is_complete() {
+        Packet::new(
+            session,
+            Body::Join(Join {
+                receiver: run.rx.id(),
+                flags: JOIN_HAS_MANIFEST,
+                name: &run.opts.name,
+            }),
+        )
+        .encode(&mut buf);
+        out.push(std::mem::take(&mut buf));
+    }
+    if run.rx.tcp_port().is_none() {
+        Packet::new(session, Body::Status(run.rx.status())).encode(&mut buf);
+        out.push(buf);
+    }
+    out
+}
+
+/// Flushes, verifies by reading back, and commits the output.
+async fn finish_output(run: &mut Run) -> Result<(), CastError> {
+    run.save_state()?;
+    match run.sink.take() {
+        Some(Sink::Random { sink, fresh }) => {
+            sink.sync()?;
+            run.sink = Some(Sink::Random { sink, fresh });
+            run.verify_readback()?;
+            if let Some(Sink::Random { sink, .. }) = run.sink.take() {
+                let path = sink.commit()?;
+                debug!(path = %path.display(), "output committed");
+            }
+            Ok(())
+        }
+        Some(Sink::Stream(s)) => {
+            s.finish().await?;
+            Ok(())
+        }
+        None => {
+            // An empty image: nothing to write, but a file output should exist.
+            if let (OutputSpec::Path(p), Some(_)) = (&run.opts.output, run.rx.manifest()) {
+                let sink = RandomSink::open(p, 0, false)?;
+                sink.commit()?;
+            }
+            Ok(())
+        }
+    }
+}
+
+fn conclude(run: Run, r: Result<(), CastError>, t0: Instant) -> Result<ReceiveReport, CastError> {
+    let (blocks, image_bytes) = run
+        .rx
+        .manifest()
+        .map(|s| {
+            (
+                u64::from(s.manifest().block_count()),
+                s.manifest().image_size,
+            )
+        })
+        .unwrap_or((0, 0));
+    match r {
+        Ok(()) => {
+            let report = ReceiveReport {
+                session: run.rx.session().unwrap_or(SessionId(0)),
+                image_bytes,
+                blocks,
+                blocks_multicast: run.blocks_multicast,
+                blocks_tcp: run.blocks_tcp,
+                blocks_resumed: run.blocks_resumed,
+                elapsed_s: t0.elapsed().as_secs_f64(),
+                output: match &run.opts.output {
+                    OutputSpec::Path(p) => p.display().to_string(),
+                    OutputSpec::Stdout => "-".into(),
+                    OutputSpec::Pipe(c) => format!("| {c}"),
+                },
+            };
+            run.progress(t0);
+            run.obs_event(
+                "verified",
+                Outcome::Ok,
+                format!(
+                    "image verified: {} bytes ({} multicast, {} TCP, {} resumed blocks) in {:.1} s",
+                    image_bytes,
+                    run.blocks_multicast,
+                    run.blocks_tcp,
+                    run.blocks_resumed,
+                    report.elapsed_s
+                ),
+            );
+            Ok(report)
+        }
+        Err(e) => {
+            run.obs_event("failed", Outcome::Fail, format!("receive failed: {e}"));
+            Err(e)
+        }
+    }
+}

@@ -1,0 +1,436 @@
+//! The sender driver: image → signed manifest → protocol `Sender` on a UDP socket, plus the TCP
+//! catch-up server, until the protocol says the session is finished.
+
+use std::net::SocketAddrV4;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use corral_cast_proto::{
+    Compression, Dest, ReceiverOutcome as ProtoOutcome, Sender, SenderConfig, SenderEvent,
+    SessionSummary,
+};
+use corral_model::{Event, Outcome, SessionId, Source, UnixMillis};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::blocks::{Blocks, SharedBlocks, build_manifest};
+use crate::error::CastError;
+use crate::observe::{Progress, ReceiverProgress};
+use crate::options::{Rate, ReceiverOutcome, SendOptions, SendReport};
+use crate::source::ImageSource;
+use crate::{catchup, keys, socket};
+
+/// Block size of the images we send (the protocol's default).
+const BLOCK_SIZE: u32 = corral_cast_proto::manifest::DEFAULT_BLOCK_SIZE;
+
+pub(crate) fn event(
+    session: SessionId,
+    kind: &str,
+    outcome: Outcome,
+    reason: impl Into<String>,
+) -> Event {
+    Event::new(
+        UnixMillis::from_system_time(std::time::SystemTime::now()),
+        Source::Cast,
+        kind,
+        outcome,
+        reason,
+    )
+    .with_session(session)
+}
+
+/// Symbol size for a UDP payload of `packet_size` bytes: what is left after the data packet
+/// header, rounded down to even (Reed–Solomon shards must be even).
+fn symbol_size(packet_size: usize) -> u16 {
+    let s = packet_size
+        .saturating_sub(corral_cast_proto::packet::DATA_OVERHEAD)
+        .min(65_000);
+    (s as u16) & !1
+}
+
+/// Sends an image to every receiver that joins; returns when the protocol reports the session
+/// finished (every receiver verified, failed or timed out) or `cancel` fires.
+pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendReport, CastError> {
+    let obs = opts.observer.clone();
+    let (key, ephemeral_key) = match &opts.key {
+        Some(k) => (k.clone(), false),
+        None => (keys::generate()?, true),
+    };
+    if ephemeral_key {
+        warn!("no signing key given: using an ephemeral key; receivers cannot pin it");
+    }
+    let session = SessionId::random();
+    let symbol = symbol_size(opts.packet_size);
+    if symbol < 64 {
+        return Err(CastError::Protocol(format!(
+            "packet size {} too small",
+            opts.packet_size
+        )));
+    }
+    let compression = if opts.compress_level == 0 {
+        Compression::None
+    } else {
+        Compression::Zstd {
+            level: opts.compress_level,
+        }
+    };
+    // Reading and hashing the image is blocking work.
+    let src_path = opts.source.clone();
+    let secret = key.to_bytes();
+    let (source, signed) = tokio::task::spawn_blocking(move || {
+        let source = Arc::new(ImageSource::open(&src_path)?);
+        let signed = build_manifest(&source, session, BLOCK_SIZE, symbol, compression, &secret)?;
+        Ok::<_, CastError>((source, signed))
+    })
+    .await
+    .map_err(|e| CastError::Protocol(format!("manifest task: {e}")))??;
+    let manifest = signed.manifest().clone();
+    let zero_blocks = manifest.blocks.iter().filter(|b| b.zero).count();
+    info!(
+        %session,
+        bytes = manifest.image_size,
+        blocks = manifest.block_count(),
+        zero_blocks,
+        "manifest signed"
+    );
+
+    let sock = socket::sender_socket(&opts.multicast)?;
+    let tcp_bind = SocketAddrV4::new(
+        opts.multicast
+            .interface
+            .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
+        opts.catchup_port,
+    );
+    let listener = match TcpListener::bind(tcp_bind).await {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(addr = %tcp_bind, error = %e, "catch-up port busy; using an ephemeral port");
+            TcpListener::bind(SocketAddrV4::new(*tcp_bind.ip(), 0))
+                .await
+                .map_err(|source| CastError::Socket {
+                    what: "bind catch-up listener",
+                    source,
+                })?
+        }
+    };
+    let tcp_port = listener
+        .local_addr()
+        .map_err(|source| CastError::Socket {
+            what: "catch-up listener address",
+            source,
+        })?
+        .port();
+
+    let blocks = Blocks::start(source.clone(), signed.clone());
+    let server_cancel = cancel.child_token();
+    tokio::spawn(catchup::serve(
+        listener,
+        blocks.clone() as Arc<dyn catchup::CatchUpProvider>,
+        server_cancel.clone(),
+    ));
+
+    let (rate_bps, adaptive) = match opts.rate {
+        Rate::Fixed(b) => (b, false),
+        Rate::Adaptive => (800_000_000, true),
+    };
+    let cfg = SenderConfig {
+        rate_bps,
+        adaptive,
+        min_receivers: opts.min_receivers,
+        expected_receivers: opts.expect.clone(),
+        min_wait: opts.min_wait,
+        max_wait: (!opts.max_wait.is_zero()).then_some(opts.max_wait),
+        linger: opts.linger,
+        tcp_port,
+        ..SenderConfig::default()
+    };
+    let mut sender =
+        Sender::new(cfg, signed, Instant::now()).map_err(|e| CastError::Protocol(e.to_string()))?;
+    let public_key = hex::encode(key.verifying_key().to_bytes());
+    obs.event(
+        &event(
+            session,
+            "session-start",
+            Outcome::Info,
+            format!(
+                "offering {} ({} bytes, {} blocks, {} all-zero) on {} (TCP catch-up port {}), key {}{}",
+                opts.source.display(),
+                manifest.image_size,
+                manifest.block_count(),
+                zero_blocks,
+                opts.multicast.group_addr(),
+                tcp_port,
+                &public_key[..16],
+                if ephemeral_key { " (ephemeral)" } else { "" }
+            ),
+        )
+        .with_details(serde_json::json!({
+            "image_bytes": manifest.image_size,
+            "blocks": manifest.block_count(),
+            "group": opts.multicast.group_addr().to_string(),
+            "tcp_port": tcp_port,
+            "public_key": public_key,
+        })),
+    );
+
+    let group = opts.multicast.group_addr();
+    let mut src = SharedBlocks(blocks.clone());
+    let mut out = Vec::with_capacity(65_536);
+    let mut inbuf = vec![0u8; 65_536];
+    let mut bytes_sent = 0u64;
+    let mut started_at: Option<Instant> = None;
+    let mut receivers: Vec<ReceiverProgress> = Vec::new();
+    let mut progress_tick = tokio::time::interval(Duration::from_millis(500));
+    progress_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let t0 = Instant::now();
+    let summary: SessionSummary = 'run: loop {
+        let now = Instant::now();
+        sender.handle_timeout(now);
+        // Send everything due now (the protocol paces; `None` means wait).
+        let mut burst = 0;
+        while let Some(t) = sender.poll_transmit(now, &mut src, &mut out) {
+            let dest = match t.dest {
+                Dest::Group => group,
+                Dest::Unicast(a) => a,
+            };
+            match sock.try_send_to(&out[..t.size], dest) {
+                Ok(n) => bytes_sent += n as u64,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    match sock.send_to(&out[..t.size], dest).await {
+                        Ok(n) => bytes_sent += n as u64,
+                        Err(e) => debug!(%dest, error = %e, "send failed"),
+                    }
+                }
+                Err(e) => debug!(%dest, error = %e, "send failed"),
+            }
+            burst += 1;
+            if burst >= 256 {
+                // Let the receive side and timers run between long bursts.
+                break;
+            }
+        }
+        while let Some(ev) = sender.poll_event() {
+            if let Some(summary) = on_event(&*obs, session, &ev, &mut receivers, &mut started_at) {
+                break 'run summary;
+            }
+        }
+        let deadline = sender.poll_timeout();
+        let wake = match deadline {
+            Some(d) if burst < 256 => tokio::time::Instant::from_std(d),
+            Some(_) => tokio::time::Instant::now(),
+            None if burst >= 256 => tokio::time::Instant::now(),
+            None => tokio::time::Instant::now() + Duration::from_secs(1),
+        };
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => {
+                sender.abort(Instant::now(), "sender cancelled");
+                // Let End go out and Finished come back.
+                for _ in 0..100 {
+                    let now = Instant::now();
+                    sender.handle_timeout(now);
+                    while let Some(t) = sender.poll_transmit(now, &mut src, &mut out) {
+                        let dest = match t.dest { Dest::Group => group, Dest::Unicast(a) => a };
+                        let _ = sock.try_send_to(&out[..t.size], dest);
+                    }
+                    while let Some(ev) = sender.poll_event() {
+                        if let Some(s) = on_event(&*obs, session, &ev, &mut receivers, &mut started_at) {
+                            break 'run s;
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                blocks.stop();
+                server_cancel.cancel();
+                return Err(CastError::Cancelled);
+            }
+            r = sock.recv_from(&mut inbuf) => match r {
+                Ok((n, from)) => {
+                    let now = Instant::now();
+                    sender.handle_input(now, from, &inbuf[..n]);
+                    // Drain whatever else is queued without waiting.
+                    let mut more = 0;
+                    while more < 256 {
+                        match sock.try_recv_from(&mut inbuf) {
+                            Ok((n, from)) => sender.handle_input(now, from, &inbuf[..n]),
+                            Err(_) => break,
+                        }
+                        more += 1;
+                    }
+                }
+                Err(e) => debug!(error = %e, "recv failed"),
+            },
+            _ = tokio::time::sleep_until(wake) => {}
+            _ = progress_tick.tick() => {
+                let elapsed = started_at.map(|s| s.elapsed()).unwrap_or_default();
+                obs.progress(&Progress::Sender {
+                    blocks_total: u64::from(manifest.block_count()),
+                    image_bytes: manifest.image_size,
+                    bytes_sent,
+                    elapsed_s: elapsed.as_secs_f64(),
+                    receivers: receivers.clone(),
+                });
+            }
+        }
+    };
+    blocks.stop();
+    server_cancel.cancel();
+    let elapsed = started_at
+        .map(|s| s.elapsed())
+        .unwrap_or_else(|| t0.elapsed());
+    let report = SendReport {
+        session,
+        image_bytes: manifest.image_size,
+        blocks: u64::from(manifest.block_count()),
+        elapsed_s: if summary.duration.is_zero() {
+            elapsed.as_secs_f64()
+        } else {
+            summary.duration.as_secs_f64()
+        },
+        bytes_sent,
+        public_key,
+        ephemeral_key,
+        receivers: summary
+            .receivers
+            .iter()
+            .map(|r| {
+                let (ok, reason) = match &r.outcome {
+                    ProtoOutcome::Verified => (true, "verified".to_owned()),
+                    ProtoOutcome::Failed { reason } => (false, reason.clone()),
+                    ProtoOutcome::NeverJoined => (false, "expected but never joined".to_owned()),
+                    ProtoOutcome::InProgress => (false, "still in progress at the end".to_owned()),
+                };
+                ReceiverOutcome {
+                    name: r.name.clone(),
+                    addr: r.addr,
+                    ok,
+                    reason,
+                    blocks_done: u64::from(r.blocks_done),
+                }
+            })
+            .collect(),
+    };
+    let failed = report.receivers.iter().filter(|r| !r.ok).count();
+    obs.event(
+        &event(
+            session,
+            "session-end",
+            if failed == 0 && !report.receivers.is_empty() {
+                Outcome::Ok
+            } else {
+                Outcome::Fail
+            },
+            match &summary.aborted {
+                Some(why) => format!("aborted: {why}"),
+                None => format!(
+                    "{} of {} receivers verified the image in {:.1} s",
+                    report.receivers.len() - failed,
+                    report.receivers.len(),
+                    report.elapsed_s
+                ),
+            },
+        )
+        .with_details(serde_json::to_value(&report).unwrap_or_default()),
+    );
+    Ok(report)
+}
+
+/// Turns a protocol event into audit events and progress; returns the summary when finished.
+fn on_event(
+    obs: &dyn crate::Observer,
+    session: SessionId,
+    ev: &SenderEvent,
+    receivers: &mut Vec<ReceiverProgress>,
+    started_at: &mut Option<Instant>,
+) -> Option<SessionSummary> {
+    match ev {
+        SenderEvent::ReceiverJoined { id, name, addr } => {
+            info!(%addr, name, "receiver joined");
+            receivers.retain(|r| r.name != *name || r.addr != *addr);
+            receivers.push(ReceiverProgress {
+                name: name.clone(),
+                addr: *addr,
+                blocks_done: 0,
+            });
+            obs.event(
+                &event(
+                    session,
+                    "receiver-joined",
+                    Outcome::Info,
+                    format!("receiver {name} joined from {addr}"),
+                )
+                .with_ip(addr.ip())
+                .with_hostname(name.clone())
+                .with_details(serde_json::json!({ "receiver_id": id })),
+            );
+        }
+        SenderEvent::ReceiverProgress { name, status, .. } => {
+            if let Some(r) = receivers.iter_mut().find(|r| r.name == *name) {
+                r.blocks_done = u64::from(status.blocks_done);
+            }
+        }
+        SenderEvent::ReceiverDone {
+            name, ok, reason, ..
+        } => {
+            let addr = receivers.iter().find(|r| r.name == *name).map(|r| r.addr);
+            let mut e = event(
+                session,
+                "receiver-done",
+                if *ok { Outcome::Ok } else { Outcome::Fail },
+                format!(
+                    "receiver {name} {}: {reason}",
+                    if *ok { "verified the image" } else { "failed" }
+                ),
+            )
+            .with_hostname(name.clone());
+            if let Some(a) = addr {
+                e = e.with_ip(a.ip());
+            }
+            obs.event(&e);
+        }
+        SenderEvent::ReceiverFailed { name, reason, .. } => {
+            warn!(name, reason, "receiver failed");
+            obs.event(
+                &event(
+                    session,
+                    "receiver-failed",
+                    Outcome::Fail,
+                    format!("receiver {name} failed: {reason}"),
+                )
+                .with_hostname(name.clone()),
+            );
+        }
+        SenderEvent::Started {
+            receivers: n,
+            reason,
+        } => {
+            *started_at = Some(Instant::now());
+            obs.event(&event(
+                session,
+                "pass-start",
+                Outcome::Info,
+                format!("data pass started with {n} receivers ({reason:?})"),
+            ));
+        }
+        SenderEvent::RateChanged {
+            rate_bps,
+            median_loss,
+        } => {
+            debug!(rate_bps, median_loss, "rate changed");
+        }
+        SenderEvent::PassComplete => {
+            debug!("pass complete");
+        }
+        SenderEvent::Aborted { block, error } => {
+            obs.event(&event(
+                session,
+                "aborted",
+                Outcome::Fail,
+                format!("cannot read block {block}: {error}"),
+            ));
+        }
+        SenderEvent::Finished(summary) => return Some(summary.clone()),
+    }
+    None
+}
