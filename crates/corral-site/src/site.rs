@@ -234,6 +234,11 @@ pub struct Boot {
 }
 
 /// An iPXE script template file.
+///
+/// This crate only loads its text (at load time, so a reload swaps it with the rest of the
+/// site). The HTTP engine fills it in: `{{ base_url }}`, `{{ kernel }}`, `{{ initrd }}`,
+/// `{{ cmdline }}`, `{{ hostname }}`, `{{ profile }}` and `{{ vars.NAME }}` (the machine's
+/// `[vars]`), as the example `templates/discover.ipxe` shows. `${...}` is left to iPXE.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Template {
     /// Path relative to the site directory, as written.

@@ -797,3 +797,28 @@ fn a_bad_value_does_not_hide_cross_file_problems() {
         ],
     );
 }
+
+#[test]
+fn structural_errors_inside_arrays_and_tables() {
+    expect(
+        &[
+            (
+                "site.toml",
+                Some(
+                    "[[dhcp.network]]\ncidr = \"10.0.0.0/24\"\nrange = \"x\"\n[[dhcp.network]]\ncidr = \"10.0.1.0/24\"\ndns = [\"10.0.1.1\", 53]\n",
+                ),
+            ),
+            (
+                "machines/web01.toml",
+                Some(
+                    "mac = \"52:54:00:12:34:01\"\nprofile = \"debian\"\n[vars]\ndisk = 1\nos = \"x\"\n",
+                ),
+            ),
+        ],
+        &[
+            "site.toml:3:1: error: unknown key \"range\"; allowed keys here: name, cidr, gateway, dns, domain, pool, lease",
+            "site.toml:6:20: error: wrong type: integer `53`, expected a string",
+            "machines/web01.toml:4:8: error: wrong type: integer `1`, expected a string",
+        ],
+    );
+}
