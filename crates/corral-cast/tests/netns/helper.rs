@@ -58,9 +58,15 @@ pub(crate) enum Role {
 /// `host.command(exe)` by passing the program and args separately).
 pub(crate) fn command(base: Command, role: &Role) -> Command {
     let mut c = base;
-    c.args(["helper", "--exact", "--nocapture", "--test-threads", "1"])
-        .env(ENV, serde_json::to_string(role).expect("roles serialise"))
-        .env("RUST_LOG", "corral_cast=debug,corral_cast_proto=info");
+    c.args([
+        "helper::helper",
+        "--exact",
+        "--nocapture",
+        "--test-threads",
+        "1",
+    ])
+    .env(ENV, serde_json::to_string(role).expect("roles serialise"))
+    .env("RUST_LOG", "corral_cast=debug,corral_cast_proto=info");
     c
 }
 
@@ -73,7 +79,7 @@ pub(crate) fn exe() -> PathBuf {
 pub(crate) fn result(stdout: &[u8]) -> Option<serde_json::Value> {
     String::from_utf8_lossy(stdout)
         .lines()
-        .find_map(|l| l.strip_prefix(RESULT))
+        .find_map(|l| l.find(RESULT).map(|i| &l[i + RESULT.len()..]))
         .and_then(|j| serde_json::from_str(j).ok())
 }
 
@@ -278,7 +284,7 @@ fn helper() {
         .build()
         .expect("runtime");
     let (ok, value) = rt.block_on(run_role(role));
-    println!("{RESULT}{value}");
+    println!("\n{RESULT}{value}");
     std::process::exit(if ok { 0 } else { 1 });
 }
 

@@ -8,7 +8,6 @@
 //! One integration-test binary; `helper` lets the binary re-run itself as a sender/receiver in a
 //! namespace.
 
-#[allow(dead_code)] // The self-exec helpers are used by the lab tests.
 mod helper;
 mod lab;
 mod loopback;
