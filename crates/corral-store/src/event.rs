@@ -142,8 +142,16 @@ impl Store {
             sql: "BEGIN".into(),
             source: e,
         })?;
-        for ev in events {
-            insert_in(&tx, &path, ev)?;
+        {
+            // One prepared statement for the whole batch.
+            let mut stmt = tx.prepare_cached(INSERT_SQL).map_err(|e| StoreError::Sql {
+                path: path.clone(),
+                sql: INSERT_SQL.into(),
+                source: e,
+            })?;
+            for ev in events {
+                execute_insert(&mut stmt, &path, ev)?;
+            }
         }
         tx.commit().map_err(|e| StoreError::Sql {
             path,
@@ -254,12 +262,19 @@ impl Store {
 
 /// Inserts one event inside an open transaction.
 pub(crate) fn insert_in(tx: &Transaction<'_>, path: &std::path::Path, ev: &Event) -> Result<()> {
-    let err = |source| StoreError::Sql {
+    let mut stmt = tx.prepare_cached(INSERT_SQL).map_err(|e| StoreError::Sql {
         path: path.to_path_buf(),
         sql: INSERT_SQL.into(),
-        source,
-    };
-    let mut stmt = tx.prepare_cached(INSERT_SQL).map_err(err)?;
+        source: e,
+    })?;
+    execute_insert(&mut stmt, path, ev)
+}
+
+fn execute_insert(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    path: &std::path::Path,
+    ev: &Event,
+) -> Result<()> {
     let details = if ev.details.is_null() {
         None
     } else {
@@ -277,6 +292,10 @@ pub(crate) fn insert_in(tx: &Transaction<'_>, path: &std::path::Path, ev: &Event
         ev.reason.as_str(),
         details,
     ])
-    .map_err(err)?;
+    .map_err(|e| StoreError::Sql {
+        path: path.to_path_buf(),
+        sql: INSERT_SQL.into(),
+        source: e,
+    })?;
     Ok(())
 }

@@ -820,3 +820,83 @@ fn kill9_mid_burst_leaves_a_consistent_store() {
     }
     eprintln!("kill -9 test: {n} events survived intact");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Round trips and hand-edited rows
+
+mod round_trip {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn arb_event() -> impl Strategy<Value = Event> {
+        (
+            (
+                any::<i64>(),
+                0..Source::ALL.len(),
+                "[a-z.-]{1,20}",
+                0..Outcome::ALL.len(),
+            ),
+            (
+                proptest::option::of(any::<[u8; 6]>()),
+                proptest::option::of(".{0,30}"),
+                proptest::option::of(any::<std::net::IpAddr>()),
+                proptest::option::of(any::<u64>()),
+            ),
+            (".{0,100}", proptest::option::of((any::<i32>(), ".{0,10}"))),
+        )
+            .prop_map(
+                |((t, s, kind, o), (mac, host, ip, sess), (reason, details))| {
+                    let mut e =
+                        Event::new(UnixMillis(t), Source::ALL[s], kind, Outcome::ALL[o], reason);
+                    e.mac = mac.map(MacAddr);
+                    e.hostname = host;
+                    e.ip = ip;
+                    e.session = sess.map(SessionId);
+                    if let Some((n, s)) = details {
+                        e.details = serde_json::json!({ "n": n, "s": s, "list": [1, null, true] });
+                    }
+                    e
+                },
+            )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn any_event_reads_back_identical(events in proptest::collection::vec(arb_event(), 1..20)) {
+            let mut s = Store::open_in_memory().unwrap();
+            s.insert_events(events.iter()).unwrap();
+            let back: Vec<Event> = all(&s).into_iter().map(|e| e.event).collect();
+            prop_assert_eq!(back, events);
+        }
+    }
+}
+
+#[test]
+fn hand_edited_row_is_a_decode_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("corral.db");
+    let mut s = Store::open(&path).unwrap();
+    s.insert_event(&ev(1, Source::Dhcp, "offer", Outcome::Ok))
+        .unwrap();
+    drop(s);
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch("UPDATE events SET source = 'dhpc', mac = 'zz'")
+            .unwrap();
+    }
+    let s = Store::open_read_only(&path).unwrap();
+    let err = s.events(&EventFilter::default()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Decode {
+                id: 1,
+                column: "source",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("event 1"), "{err}");
+}
