@@ -151,6 +151,12 @@ fn show_events(store: &Store, args: &LogArgs, out: &mut Output) -> std::io::Resu
         eprintln!("no matching events in {}", store.path().display());
     }
     out.events(&events)?;
+    if filter.limit == Some(events.len()) && std::io::stdout().is_terminal() {
+        eprintln!(
+            "(the newest {} matching events; --limit N for more, --limit 0 for all)",
+            events.len()
+        );
+    }
     if !args.follow {
         return Ok(());
     }
