@@ -143,6 +143,11 @@ pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendRe
         max_wait: (!opts.max_wait.is_zero()).then_some(opts.max_wait),
         linger: opts.linger,
         tcp_port,
+        // tokio timers fire with millisecond granularity, so the bucket must hold a few
+        // milliseconds' worth of packets or the real rate falls short of the set rate.
+        burst_bytes: u32::try_from((rate_bps / 8) * 4 / 1000)
+            .unwrap_or(u32::MAX)
+            .max(64 * 1024),
         ..SenderConfig::default()
     };
     let mut sender =

@@ -12,6 +12,7 @@ use corral_cast::CancellationToken;
 use corral_cast::socket::{DEFAULT_SOCKET_BUFFER, MulticastConfig};
 use corral_cast::{Observer, OutputSpec, Progress, Rate, ReceiveOptions, SendOptions, keys};
 use corral_model::Event;
+use corral_store::{Recorder, RecorderConfig};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 use crate::cli::Global;
@@ -102,9 +103,10 @@ pub(crate) struct SendArgs {
     /// UDP payload size per datagram (overrides --mtu).
     #[arg(long)]
     packet_size: Option<usize>,
-    /// Start once this many receivers have joined (and --min-wait has passed).
-    #[arg(long, default_value_t = 1)]
-    min_receivers: usize,
+    /// Start once this many receivers have joined (and --min-wait has passed). Default: the
+    /// number of --expect names, else 1.
+    #[arg(long)]
+    min_receivers: Option<usize>,
     /// Receivers (their --name) that must join before the start and must all succeed.
     #[arg(long, value_delimiter = ',', value_name = "HOST,...")]
     expect: Vec<String>,
@@ -126,6 +128,9 @@ pub(crate) struct SendArgs {
     /// JSON event lines on stdout (also the default when stdout is not a terminal).
     #[arg(long)]
     json: bool,
+    /// Also record every event (session start, joins, failures, result) in this audit store.
+    #[arg(long, value_name = "PATH")]
+    db: Option<PathBuf>,
 }
 
 /// Arguments of `corral cast receive`.
@@ -159,6 +164,9 @@ pub(crate) struct ReceiveArgs {
     /// JSON event lines (on stdout, or on stderr when the image goes to stdout).
     #[arg(long)]
     json: bool,
+    /// Also record every event in this audit store.
+    #[arg(long, value_name = "PATH")]
+    db: Option<PathBuf>,
 }
 
 /// Arguments of `corral cast keygen`.
@@ -234,14 +242,14 @@ async fn send(a: SendArgs) -> anyhow::Result<Code> {
         None => None,
     };
     let json = a.json || !std::io::stdout().is_terminal();
-    let observer = Arc::new(CliObserver::new(json, JsonTo::Stdout));
+    let observer = Arc::new(CliObserver::new(json, JsonTo::Stdout, recorder(&a.db)?));
     let opts = SendOptions {
         source: a.source.clone(),
         multicast: a.group.multicast(a.ttl)?,
         catchup_port: a.group.port,
         rate,
         packet_size,
-        min_receivers: a.min_receivers,
+        min_receivers: a.min_receivers.unwrap_or(a.expect.len().max(1)),
         expect: a.expect.clone(),
         min_wait: a.min_wait,
         max_wait: a.max_wait,
@@ -315,6 +323,7 @@ async fn receive(a: ReceiveArgs) -> anyhow::Result<Code> {
         } else {
             JsonTo::Stdout
         },
+        recorder(&a.db)?,
     ));
     let name = a.name.clone().unwrap_or_else(hostname);
     let opts = ReceiveOptions {
@@ -351,6 +360,16 @@ async fn receive(a: ReceiveArgs) -> anyhow::Result<Code> {
     Ok(Code::Success)
 }
 
+fn recorder(db: &Option<PathBuf>) -> anyhow::Result<Option<Recorder>> {
+    match db {
+        Some(p) => Ok(Some(
+            Recorder::open(p, RecorderConfig::default())
+                .with_context(|| format!("cannot open the audit store {}", p.display()))?,
+        )),
+        None => Ok(None),
+    }
+}
+
 fn resolve_sender(s: &str, port: u16) -> anyhow::Result<SocketAddr> {
     let with_port = if s.contains(':') {
         s.to_owned()
@@ -383,6 +402,7 @@ enum JsonTo {
 struct CliObserver {
     json: Option<JsonTo>,
     bars: Mutex<Bars>,
+    recorder: Option<Recorder>,
 }
 
 #[derive(Debug, Default)]
@@ -393,7 +413,7 @@ struct Bars {
 }
 
 impl CliObserver {
-    fn new(json: bool, to: JsonTo) -> Self {
+    fn new(json: bool, to: JsonTo, recorder: Option<Recorder>) -> Self {
         let bars = if !json && std::io::stderr().is_terminal() {
             Bars {
                 multi: Some(MultiProgress::new()),
@@ -405,6 +425,7 @@ impl CliObserver {
         CliObserver {
             json: json.then_some(to),
             bars: Mutex::new(bars),
+            recorder,
         }
     }
 
@@ -416,6 +437,11 @@ impl CliObserver {
     }
 
     fn finish(&self) {
+        if let Some(r) = &self.recorder
+            && let Err(e) = r.flush()
+        {
+            eprintln!("corral: warning: audit store: {e}");
+        }
         let bars = self.bars.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(b) = &bars.main {
             b.finish();
@@ -434,6 +460,9 @@ fn bar_style(template: &str) -> ProgressStyle {
 
 impl Observer for CliObserver {
     fn event(&self, event: &Event) {
+        if let Some(r) = &self.recorder {
+            r.record(event.clone());
+        }
         if self.json.is_some() {
             self.json_line(&serde_json::json!({"type": "event", "event": event}));
             return;

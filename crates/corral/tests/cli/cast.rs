@@ -1,1 +1,251 @@
-//! Binary-level tests for `corral cast`.
+//! Binary-level tests for `corral cast`: keygen, flag validation, and real sends over loopback
+//! multicast (no root needed).
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::support::{corral, text};
+
+fn port(n: u16) -> String {
+    (43_000 + (std::process::id() % 400) as u16 * 5 + n).to_string()
+}
+
+fn image(dir: &std::path::Path, len: usize) -> std::path::PathBuf {
+    let mut x: u64 = 0x1234_5678_9abc_def1;
+    let data: Vec<u8> = (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let p = dir.join("image");
+    std::fs::write(&p, data).unwrap();
+    p
+}
+
+fn receiver(dir: &std::path::Path, args: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_corral"))
+        .args(["cast", "receive", "--interface", "127.0.0.1"])
+        .args(args)
+        .current_dir(dir)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("corral runs")
+}
+
+#[test]
+fn keygen_writes_private_key_and_public_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = corral(dir.path(), &["cast", "keygen", "--out", "cast.key"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("cast.key.pub"), "{stdout}");
+    let key = std::fs::read_to_string(dir.path().join("cast.key")).unwrap();
+    let public = std::fs::read_to_string(dir.path().join("cast.key.pub")).unwrap();
+    assert_eq!(key.trim().len(), 64);
+    assert_eq!(public.trim().len(), 64);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.path().join("cast.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // Never overwrites a key.
+    let again = corral(dir.path(), &["cast", "keygen", "--out", "cast.key"]);
+    assert!(!again.status.success());
+}
+
+#[test]
+fn bad_flags_are_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = corral(dir.path(), &["cast", "send", "x", "--rate", "fast"]);
+    assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
+    let out = corral(dir.path(), &["cast", "send", "x", "--group", "10.0.0.1"]);
+    assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
+    std::fs::write(dir.path().join("bad.pub"), "zz\n").unwrap();
+    let out = corral(
+        dir.path(),
+        &["cast", "receive", "-o", "out", "--trusted-key", "bad.pub"],
+    );
+    assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
+    let out = corral(dir.path(), &["cast", "receive"]);
+    assert_eq!(out.status.code(), Some(2), "--output or --pipe is required");
+}
+
+#[test]
+fn help_has_examples() {
+    for sub in ["send", "receive", "keygen"] {
+        let out = corral(&std::env::temp_dir(), &["cast", sub, "--help"]);
+        let (stdout, _) = text(&out);
+        assert!(out.status.success());
+        assert!(stdout.contains("Example"), "{sub}: {stdout}");
+    }
+}
+
+#[test]
+fn send_and_receive_over_loopback_with_trusted_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), 3 << 20);
+    let k = corral(dir.path(), &["cast", "keygen", "--out", "k"]);
+    assert!(k.status.success());
+    let p = port(1);
+    let rx = receiver(
+        dir.path(),
+        &[
+            "--group",
+            "239.77.3.1",
+            "--port",
+            &p,
+            "--output",
+            "out.img",
+            "--trusted-key",
+            "k.pub",
+            "--name",
+            "alpha",
+            "--json",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let tx = corral(
+        dir.path(),
+        &[
+            "cast",
+            "send",
+            img.to_str().unwrap(),
+            "--interface",
+            "127.0.0.1",
+            "--group",
+            "239.77.3.1",
+            "--port",
+            &p,
+            "--key",
+            "k",
+            "--expect",
+            "alpha",
+            "--min-wait",
+            "0s",
+            "--rate",
+            "200M",
+            "--json",
+            "--db",
+            "events.db",
+        ],
+    );
+    let (stdout, stderr) = text(&tx);
+    assert!(tx.status.success(), "{stdout}\n{stderr}");
+    // The same events went to the audit store.
+    let log = corral(
+        dir.path(),
+        &["log", "--db", "events.db", "--source", "cast", "--json"],
+    );
+    let (logged, err) = text(&log);
+    assert!(log.status.success(), "{err}");
+    assert!(
+        logged.contains("receiver-joined") && logged.contains("session-end"),
+        "{logged}"
+    );
+    let summary = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["type"] == "summary")
+        .expect("a summary line");
+    assert_eq!(summary["report"]["receivers"][0]["name"], "alpha");
+    assert_eq!(summary["report"]["receivers"][0]["ok"], true);
+    assert_eq!(summary["report"]["ephemeral_key"], false);
+    let events: Vec<String> = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["type"] == "event")
+        .map(|v| v["event"]["kind"].as_str().unwrap_or("").to_owned())
+        .collect();
+    for kind in [
+        "session-start",
+        "receiver-joined",
+        "receiver-done",
+        "session-end",
+    ] {
+        assert!(
+            events.iter().any(|k| k == kind),
+            "no {kind} event: {events:?}"
+        );
+    }
+    let out = rx.wait_with_output().unwrap();
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert_eq!(
+        std::fs::read(dir.path().join("out.img")).unwrap(),
+        std::fs::read(&img).unwrap()
+    );
+}
+
+#[test]
+fn sender_exits_1_and_names_the_receiver_that_never_came() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), 1 << 20);
+    let p = port(2);
+    let rx = receiver(
+        dir.path(),
+        &[
+            "--group",
+            "239.77.3.2",
+            "--port",
+            &p,
+            "--output",
+            "out.img",
+            "--name",
+            "alpha",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let tx = corral(
+        dir.path(),
+        &[
+            "cast",
+            "send",
+            img.to_str().unwrap(),
+            "--interface",
+            "127.0.0.1",
+            "--group",
+            "239.77.3.2",
+            "--port",
+            &p,
+            "--expect",
+            "alpha,ghost",
+            "--min-wait",
+            "0s",
+            "--max-wait",
+            "2s",
+            "--rate",
+            "200M",
+        ],
+    );
+    let (stdout, stderr) = text(&tx);
+    assert_eq!(tx.status.code(), Some(1), "{stdout}\n{stderr}");
+    // stdout is not a terminal, so the summary is a JSON line.
+    let summary = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["type"] == "summary")
+        .unwrap_or_else(|| panic!("no summary: {stdout}"));
+    let rxs = summary["report"]["receivers"].as_array().unwrap();
+    let ghost = rxs
+        .iter()
+        .find(|r| r["name"] == "ghost")
+        .expect("ghost listed");
+    assert_eq!(ghost["ok"], false);
+    assert!(
+        ghost["reason"].as_str().unwrap().contains("never joined"),
+        "{ghost}"
+    );
+    let alpha = rxs
+        .iter()
+        .find(|r| r["name"] == "alpha")
+        .expect("alpha listed");
+    assert_eq!(alpha["ok"], true, "{alpha}");
+    assert!(stderr.contains("ephemeral key"), "{stderr}");
+    let out = rx.wait_with_output().unwrap();
+    assert!(out.status.success(), "{:?}", text(&out));
+}
