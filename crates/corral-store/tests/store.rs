@@ -900,3 +900,57 @@ fn hand_edited_row_is_a_decode_error_not_a_panic() {
     );
     assert!(err.to_string().contains("event 1"), "{err}");
 }
+
+/// Counts WARN events emitted on this thread.
+struct WarnCounter(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl tracing::Subscriber for WarnCounter {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        if *event.metadata().level() == tracing::Level::WARN {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+#[test]
+fn drop_warnings_are_rate_limited() {
+    let rec = Recorder::spawn(
+        Store::open_in_memory().unwrap(),
+        RecorderConfig {
+            capacity: 1,
+            warn_interval: Duration::from_secs(3600),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let pause = rec.pause_writer();
+    let warns = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    tracing::subscriber::with_default(WarnCounter(warns.clone()), || {
+        for i in 0..1000 {
+            rec.record(ev(i, Source::Dhcp, "discover", Outcome::Info));
+        }
+    });
+    assert_eq!(rec.dropped(), 999);
+    assert_eq!(
+        warns.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one warning per interval, not one per drop"
+    );
+    drop(pause);
+    rec.flush().unwrap();
+    let store = rec.shutdown().unwrap().unwrap();
+    assert_eq!(
+        all(&store).last().unwrap().event.reason,
+        "dropped 999 events: channel full"
+    );
+}
