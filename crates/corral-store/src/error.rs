@@ -124,8 +124,8 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// True when the error is about the file itself being unusable (foreign, corrupt, too new,
-    /// missing): the user's input is wrong, as opposed to a runtime failure.
+    /// True when the user's input is wrong — the file is missing, foreign, corrupt or too new,
+    /// or an ad-hoc statement would write — as opposed to a runtime failure.
     pub fn is_bad_file(&self) -> bool {
         matches!(
             self,

@@ -77,7 +77,10 @@ impl Store {
             return Err(StoreError::NotFound { path });
         }
         let conn = open_conn(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-        validate(&conn, &path)?;
+        if validate(&conn, &path)? == 0 {
+            // An empty SQLite file that no corral has initialised yet: nothing to read.
+            return Err(StoreError::NotFound { path });
+        }
         let store = Store {
             conn,
             path,
@@ -268,8 +271,9 @@ fn open_conn(path: &Path, flags: OpenFlags) -> Result<Connection> {
     Ok(conn)
 }
 
-/// Checks that an existing file is a corral store this build can use. Reads only.
-fn validate(conn: &Connection, path: &Path) -> Result<()> {
+/// Checks that an existing file is a corral store this build can use, and returns its schema
+/// version (0 for an empty SQLite file). Reads only.
+fn validate(conn: &Connection, path: &Path) -> Result<i64> {
     let corrupt = |source| StoreError::Corrupt {
         path: path.to_path_buf(),
         source,
@@ -298,12 +302,12 @@ fn validate(conn: &Connection, path: &Path) -> Result<()> {
                 supported: latest,
             });
         }
-        return Ok(());
+        return Ok(version);
     }
     if app_id == 0 && version == 0 && tables == 0 {
         // An empty SQLite file (for example one created by `touch` or `sqlite3 x.db ''`):
         // nothing to lose, it becomes a store.
-        return Ok(());
+        return Ok(0);
     }
     Err(StoreError::Foreign {
         path: path.to_path_buf(),

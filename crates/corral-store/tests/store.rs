@@ -75,6 +75,8 @@ fn empty_file_becomes_a_store() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("corral.db");
     std::fs::write(&path, b"").unwrap();
+    let err = Store::open_read_only(&path).unwrap_err();
+    assert!(matches!(err, StoreError::NotFound { .. }), "{err}");
     let s = Store::open(&path).unwrap();
     assert_eq!(s.event_count().unwrap(), 0);
 }
