@@ -159,13 +159,17 @@ pub struct ReceiverStats {
     pub naks_sent: u64,
 }
 
+const SYM_NONE: u8 = 0;
+const SYM_HAVE: u8 = 1;
+const SYM_POISONED: u8 = 2;
+
 #[derive(Debug)]
 struct Assembly {
     k: u16,
     payload_len: u32,
     compressed: bool,
-    /// `k + r` flags.
-    have: Vec<bool>,
+    /// `k + r` states: `SYM_*`.
+    have: Vec<u8>,
     count: u16,
     /// One past the highest ESI received.
     seen: u32,
@@ -228,6 +232,7 @@ pub struct Receiver {
     next_join: Option<Instant>,
     join_acked: bool,
     join_acked_with_manifest: bool,
+    last_join_had_manifest: bool,
     next_status: Option<Instant>,
     last_data: Option<Instant>,
     silent_reported: bool,
@@ -265,6 +270,7 @@ impl Receiver {
             next_join: None,
             join_acked: false,
             join_acked_with_manifest: false,
+            last_join_had_manifest: false,
             next_status: None,
             last_data: None,
             silent_reported: false,
@@ -448,7 +454,7 @@ impl Receiver {
                 });
                 // Tell the sender we are ready (Join with the flag).
                 self.join_acked_with_manifest = false;
-                self.next_join = Some(self.next_join.unwrap_or(self.last_anchor()));
+                self.next_join = Some(self.last_anchor());
                 self.check_all_ready();
                 Ok(())
             }
@@ -562,7 +568,7 @@ impl Receiver {
                     });
                 }
                 self.join_acked = true;
-                if self.manifest.is_some() {
+                if self.last_join_had_manifest {
                     self.join_acked_with_manifest = true;
                 }
             }
@@ -760,7 +766,7 @@ impl Receiver {
                 k: d.k,
                 payload_len: d.payload_len,
                 compressed,
-                have: vec![false; usize::from(d.k) + r],
+                have: vec![SYM_NONE; usize::from(d.k) + r],
                 count: 0,
                 seen: 0,
                 symbols: Vec::with_capacity(usize::from(d.k) * sym),
@@ -773,10 +779,35 @@ impl Receiver {
             return;
         };
         let esi = usize::from(d.esi);
-        if a.have[esi] {
-            return;
+        match a.have[esi] {
+            SYM_NONE => {}
+            SYM_HAVE => {
+                // A second copy. Identical: a harmless duplicate. Different: one of them is
+                // forged or corrupted and we cannot tell which, so distrust this index for
+                // good and rebuild from other symbols (the sender only sends fresh ones).
+                if let Some(pos) = a.esis.iter().position(|&e| e == d.esi) {
+                    let range = pos * sym..(pos + 1) * sym;
+                    if a.symbols[range.clone()] != *d.symbol {
+                        a.have[esi] = SYM_POISONED;
+                        a.count -= 1;
+                        let last = a.esis.len() - 1;
+                        a.esis.swap_remove(pos);
+                        if pos != last {
+                            a.symbols
+                                .copy_within(last * sym..(last + 1) * sym, range.start);
+                        }
+                        a.symbols.truncate(last * sym);
+                        self.stats.rejected_packets += 1;
+                    }
+                }
+                return;
+            }
+            _ => {
+                self.stats.rejected_packets += 1;
+                return;
+            }
         }
-        a.have[esi] = true;
+        a.have[esi] = SYM_HAVE;
         a.count += 1;
         a.seen = a.seen.max(u32::from(d.esi) + 1);
         a.symbols.extend_from_slice(d.symbol);
@@ -856,7 +887,17 @@ impl Receiver {
                 t = Some(t.map_or(x, |t| t.min(x)));
             }
         };
-        if self.sender.is_some() {
+        if self.ended {
+            if let DoneState::Pending { next, tries, .. } = &self.done {
+                if *tries < self.cfg.done_retries {
+                    add(Some(next.unwrap_or_else(|| self.last_anchor())));
+                } else {
+                    add(*next);
+                }
+            }
+            return t;
+        }
+        if self.sender.is_some() && self.session.is_some() {
             if self.join_pending() {
                 add(self.next_join);
             }
@@ -880,7 +921,10 @@ impl Receiver {
     }
 
     fn join_pending(&self) -> bool {
-        !self.join_acked || (self.manifest.is_some() && !self.join_acked_with_manifest)
+        // Until the pass starts, keep telling the sender we hold the manifest: a JoinAck for
+        // an earlier Join without it may have crossed a lost Join with it.
+        !self.join_acked
+            || (self.manifest.is_some() && (!self.join_acked_with_manifest || !self.sender_started))
     }
 
     /// The next datagram to send (always to the sender), written to `buf` (cleared first).
@@ -924,6 +968,7 @@ impl Receiver {
         // Join.
         if self.join_pending() && self.next_join.is_some_and(|n| now >= n) {
             self.next_join = Some(now + self.cfg.join_interval);
+            self.last_join_had_manifest = self.manifest.is_some();
             let flags = if self.manifest.is_some() {
                 packet::JOIN_HAS_MANIFEST
             } else {

@@ -78,7 +78,7 @@ impl Default for SenderConfig {
             linger: Duration::from_secs(60),
             announce_interval: Duration::from_millis(200),
             tcp_port: 0,
-            repair_share: 0.25,
+            repair_share: 0.05,
             repair_guard: Duration::from_millis(20),
             repair_margin: 0.0,
             burst_bytes: 64 * 1024,
@@ -879,8 +879,10 @@ impl Sender {
         if need <= 0.0 {
             return self.last_refill;
         }
-        let secs = need * 8.0 / self.rate_bps as f64;
-        self.last_refill + Duration::from_secs_f64(secs)
+        // Round up (plus a nanosecond) so that at the returned instant the bucket really holds
+        // enough; rounding down would make the driver spin at the same instant.
+        let nanos = (need * 8.0 * 1e9 / self.rate_bps as f64).ceil() as u64 + 1;
+        self.last_refill + Duration::from_nanos(nanos)
     }
 
     fn packet_budget(&self) -> f64 {

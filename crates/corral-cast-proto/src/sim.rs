@@ -196,6 +196,8 @@ pub struct SimReceiverResult {
     pub done_acked: bool,
     /// NAK packets sent.
     pub naks_sent: u64,
+    /// Packets the receiver rejected (malformed, conflicting duplicates, wrong parameters).
+    pub rejected_packets: u64,
 }
 
 /// What happened.
@@ -459,6 +461,7 @@ impl Sim<'_> {
             }
         }
         self.nodes[i].result.naks_sent = rx.stats().naks_sent;
+        self.nodes[i].result.rejected_packets = rx.stats().rejected_packets;
         let t = rx.poll_timeout();
         if t != self.nodes[i].timer {
             self.nodes[i].timer = t;
@@ -526,6 +529,7 @@ pub fn run(
     let mut started_at: Option<Instant> = None;
     sim.drive_sender(&mut sender, &mut events);
     let limit = start + cfg.time_limit;
+    let mut finished_at: Option<Instant> = None;
     while let Some(Reverse((at, seq, _))) = sim.heap.pop() {
         if at > limit {
             break;
@@ -583,12 +587,9 @@ pub fn run(
             started_at = Some(at);
         }
         if sender.is_finished() {
-            // Let receivers see their DoneAcks / End, then stop.
-            let all_quiet = sim.heap.iter().all(|Reverse((t, s, _))| {
-                !matches!(sim.items.get(s), Some(What::ToReceiver { .. }))
-                    || *t > at + Duration::from_secs(1)
-            });
-            if all_quiet {
+            // Let receivers see their DoneAcks and the End for a while, then stop.
+            let stop = *finished_at.get_or_insert(at + Duration::from_millis(500));
+            if at >= stop {
                 break;
             }
         }
