@@ -663,3 +663,324 @@ impl<'a> Reader<'a> {
         Ok(u64::from_be_bytes(a))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const S: SessionId = SessionId(0x0123_4567_89ab_cdef);
+
+    fn round_trip(body: Body<'_>) {
+        let p = Packet::new(S, body);
+        let mut v = Vec::new();
+        p.encode(&mut v);
+        assert_eq!(v.len(), p.encoded_len(), "{p:?}");
+        assert_eq!(Packet::decode(&v).unwrap(), p);
+        let mut arr = [0u8; 2048];
+        let n = p.encode_to_slice(&mut arr).unwrap();
+        assert_eq!(&arr[..n], &v[..]);
+        // Every strict prefix fails cleanly (no panic). Bodies ending in a variable-length
+        // tail may decode from a shorter prefix, so only check that nothing panics.
+        for cut in 0..v.len() {
+            let _ = Packet::decode(&v[..cut]);
+        }
+    }
+
+    fn announce() -> Announce {
+        Announce {
+            flags: ANNOUNCE_STARTED,
+            manifest_len: 1234,
+            manifest_hash: [9; 32],
+            tcp_port: 4711,
+            symbol_size: 1440,
+            block_size: 1 << 20,
+            block_count: 77,
+            image_size: 77 << 20,
+            pass_pos: 12,
+            rate_bps: 800_000_000,
+        }
+    }
+
+    #[test]
+    fn announce_round_trip() {
+        round_trip(Body::Announce(announce()));
+    }
+
+    #[test]
+    fn manifest_chunk_round_trip_and_bounds() {
+        round_trip(Body::ManifestChunk(ManifestChunk {
+            offset: 1200,
+            total_len: 2000,
+            bytes: &[1; 800],
+        }));
+        let mut v = Vec::new();
+        Packet::new(
+            S,
+            Body::ManifestChunk(ManifestChunk {
+                offset: 1500,
+                total_len: 2000,
+                bytes: &[1; 800],
+            }),
+        )
+        .encode(&mut v);
+        assert!(matches!(
+            Packet::decode(&v),
+            Err(PacketError::InvalidField {
+                field: "offset",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn data_round_trip_is_zero_copy() {
+        let sym = [0xabu8; 1440];
+        let d = Data {
+            block: 3,
+            esi: 700,
+            k: 729,
+            payload_len: 1_000_000,
+            flags: DATA_COMPRESSED | DATA_REPAIR,
+            symbol: &sym,
+        };
+        round_trip(Body::Data(d));
+        let mut v = Vec::new();
+        Packet::new(S, Body::Data(d)).encode(&mut v);
+        assert_eq!(v.len(), DATA_OVERHEAD + 1440);
+        let Body::Data(got) = Packet::decode(&v).unwrap().body else {
+            panic!("not data")
+        };
+        assert_eq!(got.symbol.as_ptr(), v[DATA_OVERHEAD..].as_ptr());
+    }
+
+    #[test]
+    fn data_rejects_zero_k_and_unknown_flags() {
+        let sym = [1u8; 8];
+        for (k, flags, field) in [(0u16, 0u8, "k"), (40000, 0, "k"), (1, 0x80, "flags")] {
+            let mut v = Vec::new();
+            Packet::new(
+                S,
+                Body::Data(Data {
+                    block: 0,
+                    esi: 0,
+                    k,
+                    payload_len: 8,
+                    flags,
+                    symbol: &sym,
+                }),
+            )
+            .encode(&mut v);
+            match Packet::decode(&v) {
+                Err(PacketError::InvalidField { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn join_round_trip_and_limits() {
+        round_trip(Body::Join(Join {
+            receiver: 42,
+            flags: JOIN_HAS_MANIFEST,
+            name: "web01.example",
+        }));
+        // Over-long names are truncated on encode (at a char boundary) so they still decode.
+        let long = "é".repeat(40);
+        let mut v = Vec::new();
+        Packet::new(
+            S,
+            Body::Join(Join {
+                receiver: 1,
+                flags: 0,
+                name: &long,
+            }),
+        )
+        .encode(&mut v);
+        let Body::Join(j) = Packet::decode(&v).unwrap().body else {
+            panic!()
+        };
+        assert_eq!(j.name.len(), 64);
+        // Invalid UTF-8 is a typed error.
+        let mut bad = Vec::new();
+        Packet::new(
+            S,
+            Body::Join(Join {
+                receiver: 1,
+                flags: 0,
+                name: "ab",
+            }),
+        )
+        .encode(&mut bad);
+        let n = bad.len();
+        bad[n - 1] = 0xff;
+        assert!(matches!(
+            Packet::decode(&bad),
+            Err(PacketError::InvalidUtf8 { field: "name", .. })
+        ));
+    }
+
+    #[test]
+    fn acks_and_end_round_trip() {
+        round_trip(Body::JoinAck { receiver: 7 });
+        round_trip(Body::DoneAck { receiver: 8 });
+        round_trip(Body::End { flags: END_ABORTED });
+    }
+
+    #[test]
+    fn nak_round_trip_and_count_limit() {
+        let entries: Vec<NakEntry> = (0..MAX_NAK_ENTRIES as u32)
+            .map(|i| NakEntry {
+                block: i,
+                needed: if i == 0 { NakEntry::ALL } else { i },
+                seen: i * 2,
+            })
+            .collect();
+        round_trip(Body::Nak(Nak {
+            receiver: 5,
+            entries: entries.clone(),
+        }));
+        // A count larger than the limit is refused before anything is allocated.
+        let mut v = Vec::new();
+        Packet::new(
+            S,
+            Body::Nak(Nak {
+                receiver: 5,
+                entries: vec![],
+            }),
+        )
+        .encode(&mut v);
+        let n = v.len();
+        v[n - 2..].copy_from_slice(&u16::MAX.to_be_bytes());
+        assert!(matches!(
+            Packet::decode(&v),
+            Err(PacketError::InvalidField { field: "count", .. })
+        ));
+        // A count the bytes do not back is truncation.
+        v[n - 2..].copy_from_slice(&3u16.to_be_bytes());
+        assert!(matches!(
+            Packet::decode(&v),
+            Err(PacketError::Truncated {
+                field: "entries",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn status_round_trip() {
+        round_trip(Body::Status(Status {
+            receiver: 1,
+            blocks_done: 2,
+            bytes_done: 3,
+            received: 4,
+            lost: 5,
+            rejected: 6,
+        }));
+    }
+
+    #[test]
+    fn done_round_trip() {
+        round_trip(Body::Done(Done {
+            receiver: 9,
+            ok: false,
+            reason: "image hash mismatch after read-back",
+        }));
+    }
+
+    #[test]
+    fn header_errors() {
+        assert!(matches!(
+            Packet::decode(b"CRC"),
+            Err(PacketError::TooShort { len: 3, .. })
+        ));
+        let mut v = Vec::new();
+        Packet::new(S, Body::End { flags: 0 }).encode(&mut v);
+        let mut bad = v.clone();
+        bad[0] = b'X';
+        assert!(matches!(
+            Packet::decode(&bad),
+            Err(PacketError::BadMagic { .. })
+        ));
+        let mut bad = v.clone();
+        bad[4] = 9;
+        assert!(matches!(
+            Packet::decode(&bad),
+            Err(PacketError::UnsupportedVersion { version: 9, .. })
+        ));
+        let mut bad = v.clone();
+        bad[5] = 0x7f;
+        assert!(matches!(
+            Packet::decode(&bad),
+            Err(PacketError::UnknownType { kind: 0x7f })
+        ));
+        let mut long = v.clone();
+        long.push(0);
+        assert!(matches!(
+            Packet::decode(&long),
+            Err(PacketError::TrailingBytes { extra: 1, .. })
+        ));
+        let mut small = [0u8; 4];
+        assert!(matches!(
+            Packet::new(S, Body::End { flags: 0 }).encode_to_slice(&mut small),
+            Err(PacketError::BufferTooSmall { .. })
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..1600)) {
+            let _ = Packet::decode(&bytes);
+        }
+
+        #[test]
+        fn decode_never_panics_with_valid_header(
+            kind in prop::sample::select(vec![1u8, 2, 3, 0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x20]),
+            body in proptest::collection::vec(any::<u8>(), 0..1600),
+        ) {
+            let mut v = MAGIC.to_vec();
+            v.push(VERSION);
+            v.push(kind);
+            v.extend_from_slice(&[0; 8]);
+            v.extend_from_slice(&body);
+            if let Ok(p) = Packet::decode(&v) {
+                // Whatever decodes re-encodes to the same bytes.
+                let mut out = Vec::new();
+                p.encode(&mut out);
+                prop_assert_eq!(out, v);
+            }
+        }
+
+        #[test]
+        fn data_round_trips(block: u32, esi: u16, k in 1u16..=32768, payload_len: u32,
+                            flags in 0u8..4, symbol in proptest::collection::vec(any::<u8>(), 1..1500)) {
+            let d = Data { block, esi, k, payload_len, flags, symbol: &symbol };
+            let p = Packet::new(S, Body::Data(d));
+            let mut v = Vec::new();
+            p.encode(&mut v);
+            prop_assert_eq!(Packet::decode(&v).unwrap(), p);
+        }
+
+        #[test]
+        fn nak_round_trips(receiver: u64, raw in proptest::collection::vec((any::<u32>(), any::<u32>(), any::<u32>()), 0..=MAX_NAK_ENTRIES)) {
+            let entries = raw.into_iter().map(|(block, needed, seen)| NakEntry { block, needed, seen }).collect();
+            let p = Packet::new(S, Body::Nak(Nak { receiver, entries }));
+            let mut v = Vec::new();
+            p.encode(&mut v);
+            prop_assert_eq!(Packet::decode(&v).unwrap(), p);
+        }
+
+        #[test]
+        fn text_round_trips(receiver: u64, ok: bool, name in "\\PC{0,64}", reason in "\\PC{0,200}") {
+            let name = truncate_str(&name, MAX_NAME_LEN);
+            let p = Packet::new(S, Body::Join(Join { receiver, flags: 0, name }));
+            let mut v = Vec::new();
+            p.encode(&mut v);
+            prop_assert_eq!(Packet::decode(&v).unwrap(), p);
+            let p = Packet::new(S, Body::Done(Done { receiver, ok, reason: &reason }));
+            let mut v = Vec::new();
+            p.encode(&mut v);
+            prop_assert_eq!(Packet::decode(&v).unwrap(), p);
+        }
+    }
+}

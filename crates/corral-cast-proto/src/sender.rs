@@ -1249,3 +1249,283 @@ impl Sender {
         self.events.pop_front()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sim::MemoryImage;
+    use crate::{Compression, Receiver, ReceiverConfig};
+    use std::collections::HashSet;
+
+    #[allow(clippy::disallowed_methods)] // tests need one real anchor for the virtual clock
+    fn t0() -> Instant {
+        Instant::now()
+    }
+
+    fn addr(i: u8) -> SocketAddr {
+        SocketAddr::from(([10, 1, 0, i], 9000))
+    }
+
+    fn setup() -> (SignedManifest, MemoryImage) {
+        let mut x = 5u64;
+        let data: Vec<u8> = (0..40_000)
+            .map(|_| {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                (x >> 33) as u8
+            })
+            .collect();
+        MemoryImage::build(data, SessionId(9), 10_000, 100, Compression::None, &[1; 32]).unwrap()
+    }
+
+    fn pkt(body: Body<'_>) -> Vec<u8> {
+        let mut v = Vec::new();
+        Packet::new(SessionId(9), body).encode(&mut v);
+        v
+    }
+
+    fn join(s: &mut Sender, now: Instant, i: u8, manifest: bool) {
+        let flags = if manifest {
+            packet::JOIN_HAS_MANIFEST
+        } else {
+            0
+        };
+        s.handle_input(
+            now,
+            addr(i),
+            &pkt(Body::Join(packet::Join {
+                receiver: u64::from(i),
+                flags,
+                name: &format!("r{i}"),
+            })),
+        );
+    }
+
+    /// Drains everything the sender may send at `now`, returning the data packets.
+    fn drain(s: &mut Sender, now: Instant, img: &mut MemoryImage) -> Vec<(u32, u16, u8)> {
+        let mut buf = Vec::new();
+        let mut out = Vec::new();
+        while let Some(t) = s.poll_transmit(now, img, &mut buf) {
+            if let Ok(Packet {
+                body: Body::Data(d),
+                ..
+            }) = Packet::decode(&buf[..t.size])
+            {
+                out.push((d.block, d.esi, d.flags));
+            }
+        }
+        out
+    }
+
+    fn cfg() -> SenderConfig {
+        SenderConfig {
+            rate_bps: 1_000_000_000,
+            min_receivers: 2,
+            repair_share: 1.0,
+            ..SenderConfig::default()
+        }
+    }
+
+    #[test]
+    fn starts_on_quorum_at_once_and_lists_never_joined() {
+        let now = t0();
+        let (m, mut img) = setup();
+        let mut s = Sender::new(
+            SenderConfig {
+                expected_receivers: vec!["r1".into(), "r2".into(), "ghost".into()],
+                ..cfg()
+            },
+            m,
+            now,
+        )
+        .unwrap();
+        join(&mut s, now, 1, true);
+        assert!(drain(&mut s, now, &mut img).is_empty());
+        join(&mut s, now, 2, false);
+        assert!(
+            drain(&mut s, now, &mut img).is_empty(),
+            "r2 lacks the manifest"
+        );
+        let t = now + Duration::from_millis(1);
+        join(&mut s, t, 2, true);
+        let evs: Vec<_> = std::iter::from_fn(|| s.poll_event()).collect();
+        assert!(evs.contains(&SenderEvent::Started {
+            receivers: 2,
+            reason: StartReason::Quorum
+        }));
+        s.abort(t, "test over");
+        let mut buf = Vec::new();
+        while s.poll_transmit(t, &mut img, &mut buf).is_some() {}
+        let summary = std::iter::from_fn(|| s.poll_event())
+            .find_map(|e| match e {
+                SenderEvent::Finished(s) => Some(s),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(summary.receivers.len(), 3);
+        assert_eq!(summary.receivers[2].outcome, ReceiverOutcome::NeverJoined);
+        assert_eq!(summary.aborted.as_deref(), Some("test over"));
+    }
+
+    #[test]
+    fn naks_aggregate_as_max_and_parity_is_fresh() {
+        let now = t0();
+        let (m, mut img) = setup();
+        let mut s = Sender::new(cfg(), m, now).unwrap();
+        join(&mut s, now, 1, true);
+        join(&mut s, now, 2, true);
+        let mut t = now;
+        let mut sent = Vec::new();
+        while s.pass_position() < 4 {
+            t += Duration::from_millis(1);
+            sent.extend(drain(&mut s, t, &mut img));
+        }
+        assert_eq!(sent.len(), 400, "4 blocks of k=100, once each");
+        // Two receivers miss 3 and 7 symbols of block 1; NAKs arrive long after the pass.
+        t += Duration::from_millis(100);
+        for (i, need) in [(1u8, 3u32), (2, 7)] {
+            s.handle_input(
+                t,
+                addr(i),
+                &pkt(Body::Nak(packet::Nak {
+                    receiver: u64::from(i),
+                    entries: vec![NakEntry {
+                        block: 1,
+                        needed: need,
+                        seen: 100,
+                    }],
+                })),
+            );
+        }
+        let rep = drain(&mut s, t, &mut img);
+        assert_eq!(rep.len(), 7, "max(3, 7), not the sum: {rep:?}");
+        assert!(
+            rep.iter()
+                .all(|&(b, esi, f)| b == 1 && esi >= 100 && f & packet::DATA_REPAIR != 0)
+        );
+        // A NAK composed before that repair arrived (seen = 100) within the guard is covered
+        // by the symbols in flight; nothing more is sent.
+        s.handle_input(
+            t,
+            addr(1),
+            &pkt(Body::Nak(packet::Nak {
+                receiver: 1,
+                entries: vec![NakEntry {
+                    block: 1,
+                    needed: 5,
+                    seen: 100,
+                }],
+            })),
+        );
+        assert!(drain(&mut s, t, &mut img).is_empty());
+        // Later, a receiver still short of 2 gets 2 *new* indices.
+        t += Duration::from_millis(100);
+        s.handle_input(
+            t,
+            addr(2),
+            &pkt(Body::Nak(packet::Nak {
+                receiver: 2,
+                entries: vec![NakEntry {
+                    block: 1,
+                    needed: 2,
+                    seen: 107,
+                }],
+            })),
+        );
+        let rep2 = drain(&mut s, t, &mut img);
+        let first: HashSet<u16> = rep.iter().map(|r| r.1).collect();
+        assert_eq!(rep2.len(), 2);
+        assert!(rep2.iter().all(|r| !first.contains(&r.1)), "{rep2:?}");
+    }
+
+    #[test]
+    fn silent_receiver_is_failed_and_session_finishes() {
+        let now = t0();
+        let (m, mut img) = setup();
+        let mut s = Sender::new(cfg(), m, now).unwrap();
+        join(&mut s, now, 1, true);
+        join(&mut s, now, 2, true);
+        let mut t = now;
+        let mut finished = None;
+        for _ in 0..4000 {
+            t += Duration::from_millis(1);
+            // Receiver 1 keeps reporting and finishes; receiver 2 is silent.
+            if t.duration_since(now).as_millis() % 100 == 0 {
+                s.handle_input(
+                    t,
+                    addr(1),
+                    &pkt(Body::Status(Status {
+                        receiver: 1,
+                        ..Status::default()
+                    })),
+                );
+            }
+            if t.duration_since(now).as_millis() == 500 {
+                s.handle_input(
+                    t,
+                    addr(1),
+                    &pkt(Body::Done(packet::Done {
+                        receiver: 1,
+                        ok: true,
+                        reason: "",
+                    })),
+                );
+            }
+            s.handle_timeout(t);
+            drain(&mut s, t, &mut img);
+            while let Some(e) = s.poll_event() {
+                if let SenderEvent::Finished(sum) = e {
+                    finished = Some((t, sum));
+                }
+            }
+            if finished.is_some() {
+                break;
+            }
+        }
+        let (at, sum) = finished.expect("finished");
+        let waited = at.duration_since(now);
+        assert!(waited <= Duration::from_millis(2100), "{waited:?}");
+        assert_eq!(sum.receivers[0].outcome, ReceiverOutcome::Verified);
+        assert!(
+            matches!(&sum.receivers[1].outcome, ReceiverOutcome::Failed { reason } if reason.contains("silent"))
+        );
+    }
+
+    #[test]
+    fn garbage_input_is_counted_not_fatal() {
+        let now = t0();
+        let (m, _) = setup();
+        let mut s = Sender::new(cfg(), m, now).unwrap();
+        s.handle_input(now, addr(1), b"hello");
+        s.handle_input(now, addr(1), &[0u8; 2000]);
+        let mut other = Vec::new();
+        Packet::new(SessionId(1), Body::End { flags: 0 }).encode(&mut other);
+        s.handle_input(now, addr(1), &other);
+        assert_eq!(s.stats().rejected_packets, 3);
+        // A receiver's random id that never joined is ignored.
+        s.handle_input(
+            now,
+            addr(1),
+            &pkt(Body::Nak(packet::Nak {
+                receiver: 77,
+                entries: vec![],
+            })),
+        );
+        assert_eq!(s.stats().naks_received, 0);
+        let _ = Receiver::new(ReceiverConfig::default(), now);
+    }
+
+    #[test]
+    fn bad_config_rejected() {
+        let (m, _) = setup();
+        let e = Sender::new(
+            SenderConfig {
+                rate_bps: 0,
+                ..SenderConfig::default()
+            },
+            m,
+            t0(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("rate_bps"));
+    }
+}
