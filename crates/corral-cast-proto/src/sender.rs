@@ -1449,7 +1449,7 @@ mod tests {
         for _ in 0..4000 {
             t += Duration::from_millis(1);
             // Receiver 1 keeps reporting and finishes; receiver 2 is silent.
-            if t.duration_since(now).as_millis() % 100 == 0 {
+            if t.duration_since(now).as_millis().is_multiple_of(100) {
                 s.handle_input(
                     t,
                     addr(1),
