@@ -1,0 +1,25 @@
+//! Fuzz the manifest decoders: arbitrary bytes as a signed manifest and as a bare manifest.
+//! They must fail with a typed error or decode to something that re-encodes identically.
+//!
+//! Run: `cargo fuzz run cast_manifest` (from `fuzz/`). The crate's proptest
+//! `manifest_decode_never_panics` runs the same check in CI.
+
+#![no_main]
+
+use corral_cast_proto::{Manifest, SignedManifest};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(m) = Manifest::decode(data) {
+        assert_eq!(m.encode(), data, "manifest encoding is not canonical");
+        let _ = m.data_bytes();
+        for i in 0..m.block_count().min(4) {
+            let _ = (m.block_offset(i), m.block_len(i));
+        }
+    }
+    if let Ok(s) = SignedManifest::decode(data) {
+        assert_eq!(s.as_bytes(), data);
+        let _ = s.verify(&[0u8; 32]);
+        let _ = s.hash();
+    }
+});
