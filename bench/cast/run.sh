@@ -13,12 +13,15 @@
 # Mbit/s of image delivered, and the ratio corral/udpcast (>1: corral faster). Every received
 # file is hashed and compared with the image; a mismatch is printed as BAD.
 #
+# CORRAL_RATE (default adaptive) is passed to `corral cast send --rate`.
+#
 # Needs root, iproute2, iptables (legacy), udpcast; installs them with apt-get if missing.
 # Times are on a shared 2-core machine: compare ratios within one run, not absolute numbers.
 set -euo pipefail
 
 SIZE_MB=${SIZE_MB:-512}
 TIMEOUT=${TIMEOUT:-120}
+CORRAL_RATE=${CORRAL_RATE:-adaptive}
 SCENARIOS=${SCENARIOS:-"rand:1 rand:2 rand:4 rand:8 rand9k:4 zeros:4 loss:4 slow:4 kill:4"}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 WORK=${WORK:-/dev/shm/corral-bench.$$}
@@ -48,7 +51,7 @@ cleanup() {
         ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
         ip netns del "$ns" 2>/dev/null || true
     done
-    rm -rf "$WORK"
+    [ -n "${KEEP:-}" ] || rm -rf "$WORK"
 }
 trap cleanup EXIT
 
@@ -114,7 +117,7 @@ run_tool() {
     if [ "$tool" = udpcast ]; then
         scmd="udp-sender --file $img --interface eth0 --nokbd --min-receivers $n --no-progress --portbase 9400"
     else
-        scmd="$CORRAL -q cast send $img --interface eth0 --group $GROUP --port 9400 --min-receivers $n --min-wait 0s --json"
+        scmd="$CORRAL -q cast send $img --interface eth0 --group $GROUP --port 9400 --min-receivers $n --min-wait 0s --rate $CORRAL_RATE --json"
         [ "$sc" = rand9k ] && scmd="$scmd --mtu 9000"
     fi
     ip netns exec "$TAG-h0" timeout "$TIMEOUT" sh -c "$scmd >$dir/sender.log 2>&1; echo \$? >$dir/sender.rc" &
@@ -184,9 +187,16 @@ for item in $SCENARIOS; do
     if [ "$(echo "$c_fast > 0 && $u_fast > 0" | bc -l)" = 1 ]; then
         ratio=$(echo "scale=2; $u_fast / $c_fast" | bc -l)
     fi
-    printf "%-8s %2s | %6.1f %6.1f %5s %2s/%-2s | %6.1f %6.1f %5s %2s/%-2s | %s\n" \
-        "$sc" "$n" "$u_all" "$u_fast" "$(mbit "$u_fast")" "$u_ok" "$((u_ok + u_bad))" \
-        "$c_all" "$c_fast" "$(mbit "$c_fast")" "$c_ok" "$((c_ok + c_bad))" "$ratio"
+    fmt() { # t_all t_fast ok bad
+        if [ "$4" != 0 ] && [ "$3" = 0 ]; then
+            printf "%6s %6s %5s %2s/%-2s" FAIL FAIL - "$3" "$(($3 + $4))"
+        else
+            printf "%6.1f %6.1f %5s %2s/%-2s" "$1" "$2" "$(mbit "$2")" "$3" "$(($3 + $4))"
+        fi
+    }
+    [ "$u_ok" = 0 ] && ratio="inf (udpcast failed)"
+    printf "%-8s %2s | %s | %s | %s\n" "$sc" "$n" "$(fmt "$u_all" "$u_fast" "$u_ok" "$u_bad")" \
+        "$(fmt "$c_all" "$c_fast" "$c_ok" "$c_bad")" "$ratio"
     rm -f "$img"
 done
 echo "(size ${SIZE_MB} MiB; s_fast = until every unaffected receiver finished; ratio = udpcast s_fast / corral s_fast, >1 means corral faster)"

@@ -41,9 +41,7 @@ pub(crate) fn build_manifest(
         builder.push_block(&buf[..n]);
         offset += n as u64;
     }
-    let manifest = builder
-        .finish()
-        .map_err(|e| CastError::Protocol(e.to_string()))?;
+    let manifest = builder.finish()?;
     Ok(SignedManifest::sign(manifest, secret))
 }
 

@@ -82,9 +82,28 @@ pub enum CastError {
         /// What went wrong.
         reason: String,
     },
-    /// The protocol state machine reported an error.
-    #[error("protocol: {0}")]
-    Protocol(String),
+    /// The image's manifest could not be built.
+    #[error("manifest: {0}")]
+    Manifest(#[from] corral_cast_proto::ManifestError),
+    /// The protocol rejected the sender configuration.
+    #[error("sender configuration: {0}")]
+    Config(#[from] corral_cast_proto::ConfigError),
+    /// The datagram size leaves no room for data.
+    #[error("packet size {size} is too small (at least {min} bytes)")]
+    PacketSize {
+        /// The size asked for.
+        size: usize,
+        /// The smallest usable size.
+        min: usize,
+    },
+    /// A background task died (a bug or an abort).
+    #[error("internal task {task} failed: {source}")]
+    Task {
+        /// Which task.
+        task: &'static str,
+        /// Why.
+        source: tokio::task::JoinError,
+    },
     /// The session ended without the image complete and verified.
     #[error("transfer incomplete: {reason}")]
     Incomplete {

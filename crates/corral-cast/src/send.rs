@@ -63,10 +63,10 @@ pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendRe
     let session = SessionId::random();
     let symbol = symbol_size(opts.packet_size);
     if symbol < 64 {
-        return Err(CastError::Protocol(format!(
-            "packet size {} too small",
-            opts.packet_size
-        )));
+        return Err(CastError::PacketSize {
+            size: opts.packet_size,
+            min: 64 + corral_cast_proto::packet::DATA_OVERHEAD,
+        });
     }
     let compression = if opts.compress_level == 0 {
         Compression::None
@@ -84,7 +84,10 @@ pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendRe
         Ok::<_, CastError>((source, signed))
     })
     .await
-    .map_err(|e| CastError::Protocol(format!("manifest task: {e}")))??;
+    .map_err(|source| CastError::Task {
+        task: "manifest",
+        source,
+    })??;
     let manifest = signed.manifest().clone();
     let zero_blocks = manifest.blocks.iter().filter(|b| b.zero).count();
     info!(
@@ -150,8 +153,7 @@ pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendRe
             .max(64 * 1024),
         ..SenderConfig::default()
     };
-    let mut sender =
-        Sender::new(cfg, signed, Instant::now()).map_err(|e| CastError::Protocol(e.to_string()))?;
+    let mut sender = Sender::new(cfg, signed, Instant::now())?;
     let public_key = hex::encode(key.verifying_key().to_bytes());
     obs.event(
         &event(
