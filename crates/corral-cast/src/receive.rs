@@ -365,7 +365,7 @@ pub async fn receive(
     let mut catchup_not_before = Instant::now();
     let mut rejected_reason: Option<String> = None;
     let mut last_heard = Instant::now();
-    let mut gbuf = vec![0u8; 65_536];
+    let mut batch = socket::RecvBatch::new(32, 65_536);
     let mut ubuf = vec![0u8; 65_536];
     let mut out = Vec::with_capacity(2048);
     let mut tick = tokio::time::interval(STATE_INTERVAL);
@@ -566,20 +566,28 @@ pub async fn receive(
                 let _ = run.save_state();
                 return Err(CastError::Cancelled);
             }
-            r = gsock.recv_from(&mut gbuf) => {
-                if let Ok((n, from)) = r {
+            r = gsock.readable() => {
+                if r.is_ok() {
                     let now = Instant::now();
-                    // Datagrams count as "heard" only while no manifest was refused: a
-                    // sender we do not trust must not keep us waiting forever.
-                    if rejected_reason.is_none() || run.rx.manifest().is_some() {
-                        last_heard = now;
-                    }
-                    run.rx.handle_input(now, from, &gbuf[..n]);
-                    for _ in 0..256 {
-                        match gsock.try_recv_from(&mut gbuf) {
-                            Ok((n, from)) => run.rx.handle_input(now, from, &gbuf[..n]),
+                    let mut got = 0;
+                    // Up to 8 batches (256 datagrams) before timers and sends get a turn.
+                    for _ in 0..8 {
+                        match batch.recv(&gsock) {
+                            Ok(n) => {
+                                for i in 0..n {
+                                    if let Some((d, from)) = batch.get(i) {
+                                        run.rx.handle_input(now, from, d);
+                                    }
+                                }
+                                got += n;
+                            }
                             Err(_) => break,
                         }
+                    }
+                    // Datagrams count as "heard" only while no manifest was refused: a
+                    // sender we do not trust must not keep us waiting forever.
+                    if got > 0 && (rejected_reason.is_none() || run.rx.manifest().is_some()) {
+                        last_heard = now;
                     }
                 }
             }
