@@ -607,8 +607,10 @@ impl Sender {
         }
         let r = u32::from(parity_count(st.k));
         let sent_hi = k + st.sent.min(r);
+        // Only *repair* symbols can still be in flight: a receiver NAKs a block once it has
+        // seen the pass move beyond it, so source symbols it lacks are lost, not late.
         let in_flight = if now.saturating_duration_since(st.last_sent) < self.cfg.repair_guard {
-            sent_hi.saturating_sub(e.seen.min(sent_hi))
+            sent_hi.saturating_sub(e.seen.max(k).min(sent_hi))
         } else {
             0
         };
