@@ -233,6 +233,7 @@ pub struct Receiver {
     join_acked: bool,
     join_acked_with_manifest: bool,
     last_join_had_manifest: bool,
+    naks_suppressed: bool,
     next_status: Option<Instant>,
     last_data: Option<Instant>,
     silent_reported: bool,
@@ -271,6 +272,7 @@ impl Receiver {
             join_acked: false,
             join_acked_with_manifest: false,
             last_join_had_manifest: false,
+            naks_suppressed: false,
             next_status: None,
             last_data: None,
             silent_reported: false,
@@ -366,6 +368,13 @@ impl Receiver {
             }
             _ => false,
         }
+    }
+
+    /// Stops (or resumes) NAKing. A driver that fetches the missing blocks over the TCP
+    /// catch-up path calls this with `true` so the sender does not multicast repair nobody
+    /// can use. Status and Done are still sent.
+    pub fn suppress_naks(&mut self, suppress: bool) {
+        self.naks_suppressed = suppress;
     }
 
     /// Reports the final result (after the driver's read-back check); Done is sent and retried
@@ -905,7 +914,7 @@ impl Receiver {
             if let DoneState::Pending { next, .. } = &self.done {
                 add(Some(next.unwrap_or_else(|| self.last_anchor())));
             }
-            if !self.naks.is_empty() {
+            if !self.naks.is_empty() && !self.naks_suppressed {
                 let first = self.naks.values().min().copied();
                 let gap = self.last_nak_sent.map(|l| l + self.cfg.nak_min_gap);
                 add(match (first, gap) {
@@ -990,6 +999,7 @@ impl Receiver {
         }
         // NAK: every due block, batched.
         if !self.naks.is_empty()
+            && !self.naks_suppressed
             && self
                 .last_nak_sent
                 .is_none_or(|l| now >= l + self.cfg.nak_min_gap)

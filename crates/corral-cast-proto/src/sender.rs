@@ -638,7 +638,7 @@ impl Sender {
             self.check_finish(now);
         }
         if self.cfg.adaptive && now >= self.next_adapt {
-            self.next_adapt = now + Duration::from_millis(250);
+            self.next_adapt = now + Duration::from_millis(100);
             self.adapt();
         }
     }
@@ -680,7 +680,9 @@ impl Sender {
         let median = losses[losses.len() / 2];
         let old = self.rate_bps;
         if median > 0.05 {
-            self.rate_bps = ((self.rate_bps as f64 * 0.8) as u64).max(self.cfg.min_rate_bps);
+            // Multiplicative decrease towards what the median receiver actually got.
+            let factor = (1.0 - median).clamp(0.5, 0.9);
+            self.rate_bps = ((self.rate_bps as f64 * factor) as u64).max(self.cfg.min_rate_bps);
         } else if median < 0.01 {
             self.rate_bps = (self.rate_bps + self.cfg.rate_bps / 20).min(self.cfg.rate_bps);
         }

@@ -343,3 +343,41 @@ fn thousand_receivers_one_percent_loss() {
     assert!(repair <= 0.03, "repair {:.2}% > 3%", 100.0 * repair);
     assert!(ratio <= 1.10, "completion ratio {ratio:.3} > 1.10");
 }
+
+#[test]
+fn adaptive_rate_backs_off_when_most_receivers_lose() {
+    let mut s = default_image();
+    let rxs: Vec<SimReceiver> = (0..3)
+        .map(|i| {
+            let mut r = trusted(SimReceiver::new(&format!("r{i}"), 0.0));
+            // Every link is slower than the send rate: the median receiver loses packets.
+            r.down.bandwidth_bps = Some(60_000_000);
+            r.down.queue = Duration::from_millis(5);
+            r
+        })
+        .collect();
+    let mut cfg = base(rxs, 13);
+    cfg.sender.adaptive = true;
+    cfg.sender.rate_bps = 200_000_000;
+    cfg.sender.min_rate_bps = 20_000_000;
+    cfg.sender.announce_interval = Duration::from_millis(20);
+    cfg.receivers
+        .iter_mut()
+        .for_each(|r| r.config.status_interval = Duration::from_millis(20));
+    // A larger image so the pass lasts long enough for control to act.
+    let mut s8 = setup(image(8 << 20, 14), 1 << 20, 1440);
+    let r = run(&cfg, &mut s8);
+    let _ = &mut s;
+    report("adaptive", &r, r.stats.source_packets);
+    let rates: Vec<u64> = r
+        .sender_events
+        .iter()
+        .filter_map(|e| match e {
+            corral_cast_proto::SenderEvent::RateChanged { rate_bps, .. } => Some(*rate_bps),
+            _ => None,
+        })
+        .collect();
+    eprintln!("rate changes: {rates:?}");
+    assert!(rates.iter().any(|&x| x < 200_000_000), "rate never lowered");
+    assert_all_verified(&r);
+}
