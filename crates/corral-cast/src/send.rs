@@ -1,7 +1,7 @@
 //! The sender driver: image → signed manifest → protocol `Sender` on a UDP socket, plus the TCP
 //! catch-up server, until the protocol says the session is finished.
 
-use std::net::SocketAddrV4;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -184,8 +184,8 @@ pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendRe
     let group = opts.multicast.group_addr();
     let mut src = SharedBlocks(blocks.clone());
     let mut out = Vec::with_capacity(65_536);
+    let mut batch = socket::SendBatch::new(32);
     let mut inbuf = vec![0u8; 65_536];
-    let mut bytes_sent = 0u64;
     let mut started_at: Option<Instant> = None;
     let mut receivers: Vec<ReceiverProgress> = Vec::new();
     let mut progress_tick = tokio::time::interval(Duration::from_millis(500));
@@ -196,20 +196,21 @@ pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendRe
         sender.handle_timeout(now);
         // Send everything due now (the protocol paces; `None` means wait).
         let mut burst = 0;
-        while let Some(t) = sender.poll_transmit(now, &mut src, &mut out) {
+        loop {
+            let Some(buf) = batch.next_buf() else {
+                flush(&mut batch, &sock).await;
+                continue;
+            };
+            let Some(t) = sender.poll_transmit(now, &mut src, buf) else {
+                break;
+            };
             let dest = match t.dest {
                 Dest::Group => group,
                 Dest::Unicast(a) => a,
             };
-            match sock.try_send_to(&out[..t.size], dest) {
-                Ok(n) => bytes_sent += n as u64,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    match sock.send_to(&out[..t.size], dest).await {
-                        Ok(n) => bytes_sent += n as u64,
-                        Err(e) => debug!(%dest, error = %e, "send failed"),
-                    }
-                }
-                Err(e) => debug!(%dest, error = %e, "send failed"),
+            match dest {
+                SocketAddr::V4(d) => batch.push(t.size, d),
+                SocketAddr::V6(_) => debug!(%dest, "IPv6 peers are not supported; dropped"),
             }
             burst += 1;
             if burst >= 256 {
@@ -217,6 +218,7 @@ pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendRe
                 break;
             }
         }
+        flush(&mut batch, &sock).await;
         while let Some(ev) = sender.poll_event() {
             if let Some(summary) = on_event(&*obs, session, &ev, &mut receivers, &mut started_at) {
                 break 'run summary;
@@ -274,7 +276,7 @@ pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendRe
                 obs.progress(&Progress::Sender {
                     blocks_total: u64::from(manifest.block_count()),
                     image_bytes: manifest.image_size,
-                    bytes_sent,
+                    bytes_sent: batch.sent_bytes(),
                     elapsed_s: elapsed.as_secs_f64(),
                     receivers: receivers.clone(),
                 });
@@ -295,7 +297,7 @@ pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendRe
         } else {
             summary.duration.as_secs_f64()
         },
-        bytes_sent,
+        bytes_sent: batch.sent_bytes(),
         public_key,
         ephemeral_key,
         receivers: summary
@@ -341,6 +343,24 @@ pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendRe
         .with_details(serde_json::to_value(&report).unwrap_or_default()),
     );
     Ok(report)
+}
+
+/// Sends everything queued in `batch`, waiting for the socket when its buffer is full.
+async fn flush(batch: &mut socket::SendBatch, sock: &tokio::net::UdpSocket) {
+    while !batch.is_empty() {
+        match batch.send(sock) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let _ = sock.writable().await;
+            }
+            Err(e) => {
+                // One bad destination must not wedge the queue: drop the batch (the protocol
+                // repairs what receivers miss).
+                debug!(error = %e, "sendmmsg failed; batch dropped");
+                batch.clear();
+            }
+        }
+    }
 }
 
 /// Turns a protocol event into audit events and progress; returns the summary when finished.
