@@ -381,3 +381,35 @@ fn adaptive_rate_backs_off_when_most_receivers_lose() {
     assert!(rates.iter().any(|&x| x < 200_000_000), "rate never lowered");
     assert_all_verified(&r);
 }
+
+/// The same figure at the default sizes (1 MiB blocks, 1440-byte symbols, k = 729), which is
+/// what a real cast uses. Slower (hashes 1000 x 4 MiB), so `--ignored`.
+#[test]
+#[ignore = "slow: run with --ignored to print the default-size figure"]
+fn thousand_receivers_default_sizes() {
+    let mut s = setup(image(4 << 20, 15), 1 << 20, 1440);
+    let rx = |i: usize| trusted(SimReceiver::new(&format!("r{i}"), 0.01));
+    let mut cfg = base(vec![rx(0)], 16);
+    cfg.sender.rate_bps = 40_000_000;
+    cfg.sender.announce_interval = Duration::from_millis(50);
+    let one = run(&cfg, &mut s);
+    let image_packets = one.stats.source_packets;
+    assert_all_verified(&one);
+    cfg.receivers = (0..1000).map(rx).collect();
+    cfg.sender.min_receivers = 1000;
+    let many = run(&cfg, &mut s);
+    assert_all_verified(&many);
+    let t1 = one.receivers[0].complete_after_start.unwrap();
+    let tn = many
+        .receivers
+        .iter()
+        .map(|r| r.complete_after_start.unwrap())
+        .max()
+        .unwrap();
+    eprintln!(
+        "FIGURE (defaults) 1000 receivers @1% loss: repair {:.2}% of image, completion {tn:?} vs \
+         {t1:?} for one receiver ({:.3}x)",
+        100.0 * many.stats.repair_packets as f64 / image_packets as f64,
+        tn.as_secs_f64() / t1.as_secs_f64()
+    );
+}
