@@ -62,6 +62,9 @@ pub struct SenderConfig {
     pub repair_cache_blocks: usize,
     /// Least time between unicast manifest copies to one late joiner.
     pub manifest_resend_interval: Duration,
+    /// Most receivers tracked; Joins beyond it are ignored and counted (bounds the memory a
+    /// flood of forged Joins can take).
+    pub max_receivers: usize,
 }
 
 impl Default for SenderConfig {
@@ -84,6 +87,7 @@ impl Default for SenderConfig {
             burst_bytes: 64 * 1024,
             repair_cache_blocks: 16,
             manifest_resend_interval: Duration::from_secs(1),
+            max_receivers: 10_000,
         }
     }
 }
@@ -535,6 +539,11 @@ impl Sender {
             Some(&i) => i,
             None => {
                 if matches!(self.phase, Phase::Ending | Phase::Finished) {
+                    return;
+                }
+                if self.rxs.len() >= self.cfg.max_receivers {
+                    self.stats.rejected_packets += 1;
+                    tracing::warn!(%from, max = self.cfg.max_receivers, "join ignored: receiver limit reached");
                     return;
                 }
                 self.rxs.push(Rx {
@@ -1516,6 +1525,29 @@ mod tests {
         );
         assert_eq!(s.stats().naks_received, 0);
         let _ = Receiver::new(ReceiverConfig::default(), now);
+    }
+
+    #[test]
+    fn join_flood_is_bounded() {
+        let now = t0();
+        let (m, _) = setup();
+        let mut s = Sender::new(
+            SenderConfig {
+                max_receivers: 2,
+                ..cfg()
+            },
+            m,
+            now,
+        )
+        .unwrap();
+        for i in 1..=5 {
+            join(&mut s, now, i, false);
+        }
+        let joined = std::iter::from_fn(|| s.poll_event())
+            .filter(|e| matches!(e, SenderEvent::ReceiverJoined { .. }))
+            .count();
+        assert_eq!(joined, 2);
+        assert_eq!(s.stats().rejected_packets, 3);
     }
 
     #[test]
