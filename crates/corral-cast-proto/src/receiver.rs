@@ -249,6 +249,9 @@ impl Receiver {
     pub fn new(cfg: ReceiverConfig, now: Instant) -> Self {
         let mut rng = SplitMix64::new(cfg.seed);
         let id = rng.next_u64();
+        // Told the sender and the session: join at once by unicast, without waiting for an
+        // Announce (which may never come if multicast is blocked).
+        let told = cfg.sender.is_some() && cfg.session.is_some();
         Receiver {
             created: now,
             id,
@@ -267,13 +270,13 @@ impl Receiver {
             naks: BTreeMap::new(),
             last_nak_sent: None,
             last_pass: None,
-            joined_at: None,
-            next_join: None,
+            joined_at: told.then_some(now),
+            next_join: told.then_some(now),
             join_acked: false,
             join_acked_with_manifest: false,
             last_join_had_manifest: false,
             naks_suppressed: false,
-            next_status: None,
+            next_status: told.then_some(now + cfg.status_interval),
             last_data: None,
             silent_reported: false,
             all_ready_reported: false,
@@ -864,9 +867,7 @@ impl Receiver {
 
     /// Fires timers (NAK, Status, Join and Done retries, silence detection).
     pub fn handle_timeout(&mut self, now: Instant) {
-        if !self.silent_reported
-            && self.sender_started
-            && self.last_data.is_none()
+        if self.silence_possible()
             && let Some(j) = self.joined_at
         {
             let since = now.saturating_duration_since(j);
@@ -923,10 +924,18 @@ impl Receiver {
                 });
             }
         }
-        if !self.silent_reported && self.sender_started && self.last_data.is_none() {
+        if self.silence_possible() {
             add(self.joined_at.map(|j| j + self.cfg.silent_after));
         }
         t
+    }
+
+    /// Multicast may be silent: joined a started session and no data yet, or joined by
+    /// unicast (sender and session configured) and not even an Announce arrived.
+    fn silence_possible(&self) -> bool {
+        !self.silent_reported
+            && self.last_data.is_none()
+            && (self.sender_started || self.announce.is_none())
     }
 
     fn join_pending(&self) -> bool {
@@ -1391,6 +1400,34 @@ mod tests {
                 .iter()
                 .any(|e| matches!(e, ReceiverEvent::MulticastSilent { .. }))
         );
+        r.handle_timeout(now + Duration::from_secs(5));
+        assert!(
+            events(&mut r)
+                .iter()
+                .any(|e| matches!(e, ReceiverEvent::MulticastSilent { .. }))
+        );
+    }
+
+    #[test]
+    fn told_the_sender_joins_by_unicast_and_reports_blocked_multicast() {
+        let now = t0();
+        let mut r = Receiver::new(
+            ReceiverConfig {
+                name: "u".into(),
+                sender: Some(sender()),
+                session: Some(SessionId(1)),
+                ..ReceiverConfig::default()
+            },
+            now,
+        );
+        let mut buf = Vec::new();
+        let t = r.poll_transmit(now, &mut buf).expect("joins at once");
+        assert_eq!(t.dest, Dest::Unicast(sender()));
+        assert!(matches!(
+            Packet::decode(&buf[..t.size]).unwrap().body,
+            Body::Join(_)
+        ));
+        // Not even an Announce within silent_after: multicast looks blocked.
         r.handle_timeout(now + Duration::from_secs(5));
         assert!(
             events(&mut r)
