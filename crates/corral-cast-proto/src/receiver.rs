@@ -8,7 +8,7 @@
 //! ones can rebuild it) and counted. NAKs are batched, jittered by an injected seed, and
 //! rate-limited; Status goes out periodically; Done is retried until the sender acknowledges it.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -159,6 +159,64 @@ pub struct ReceiverStats {
     pub naks_sent: u64,
 }
 
+/// When each incomplete, due block should next be NAKed, indexed both ways so the next
+/// deadline and the due set cost O(log n) even for a late joiner with thousands of blocks due.
+#[derive(Debug, Default)]
+struct NakSchedule {
+    by_block: HashMap<u32, Instant>,
+    by_time: BTreeSet<(Instant, u32)>,
+}
+
+impl NakSchedule {
+    fn insert(&mut self, block: u32, at: Instant) {
+        if let Some(old) = self.by_block.insert(block, at) {
+            self.by_time.remove(&(old, block));
+        }
+        self.by_time.insert((at, block));
+    }
+
+    fn insert_if_absent(&mut self, block: u32, at: Instant) {
+        if !self.by_block.contains_key(&block) {
+            self.insert(block, at);
+        }
+    }
+
+    fn postpone(&mut self, block: u32, at: Instant) {
+        if self.by_block.get(&block).is_some_and(|&old| at > old) {
+            self.insert(block, at);
+        }
+    }
+
+    fn remove(&mut self, block: u32) {
+        if let Some(old) = self.by_block.remove(&block) {
+            self.by_time.remove(&(old, block));
+        }
+    }
+
+    fn clear(&mut self) {
+        self.by_block.clear();
+        self.by_time.clear();
+    }
+
+    fn is_empty(&self) -> bool {
+        self.by_block.is_empty()
+    }
+
+    fn first(&self) -> Option<Instant> {
+        self.by_time.first().map(|&(t, _)| t)
+    }
+
+    /// Up to `max` blocks due at `now`, earliest first.
+    fn due(&self, now: Instant, max: usize) -> Vec<u32> {
+        self.by_time
+            .iter()
+            .take_while(|&&(t, _)| t <= now)
+            .take(max)
+            .map(|&(_, b)| b)
+            .collect()
+    }
+}
+
 const SYM_NONE: u8 = 0;
 const SYM_HAVE: u8 = 1;
 const SYM_POISONED: u8 = 2;
@@ -225,7 +283,7 @@ pub struct Receiver {
     done_bytes: u64,
     pending_have: Vec<u32>,
     frontier: u32,
-    naks: BTreeMap<u32, Instant>,
+    naks: NakSchedule,
     last_nak_sent: Option<Instant>,
     last_pass: Option<(u32, u16, u16)>,
     joined_at: Option<Instant>,
@@ -267,7 +325,7 @@ impl Receiver {
             done_bytes: 0,
             pending_have: Vec::new(),
             frontier: 0,
-            naks: BTreeMap::new(),
+            naks: NakSchedule::default(),
             last_nak_sent: None,
             last_pass: None,
             joined_at: told.then_some(now),
@@ -366,7 +424,7 @@ impl Receiver {
                 *s = Slot::Done;
                 self.done_blocks += 1;
                 self.done_bytes += u64::from(len);
-                self.naks.remove(&b);
+                self.naks.remove(b);
                 true
             }
             _ => false,
@@ -699,7 +757,7 @@ impl Receiver {
             self.frontier += 1;
             if !matches!(self.slots[b as usize], Slot::Done) {
                 let jitter = self.jitter();
-                self.naks.entry(b).or_insert(now + jitter);
+                self.naks.insert_if_absent(b, now + jitter);
             }
         }
     }
@@ -826,9 +884,7 @@ impl Receiver {
         a.esis.push(d.esi);
         a.last_symbol = Some(now);
         self.stats.useful_packets += 1;
-        if let Some(t) = self.naks.get_mut(&b) {
-            *t = (*t).max(now + self.cfg.nak_quiet);
-        }
+        self.naks.postpone(b, now + self.cfg.nak_quiet);
         if a.count < a.k {
             return;
         }
@@ -916,7 +972,7 @@ impl Receiver {
                 add(Some(next.unwrap_or_else(|| self.last_anchor())));
             }
             if !self.naks.is_empty() && !self.naks_suppressed {
-                let first = self.naks.values().min().copied();
+                let first = self.naks.first();
                 let gap = self.last_nak_sent.map(|l| l + self.cfg.nak_min_gap);
                 add(match (first, gap) {
                     (Some(f), Some(g)) => Some(f.max(g)),
@@ -1014,10 +1070,7 @@ impl Receiver {
                 .is_none_or(|l| now >= l + self.cfg.nak_min_gap)
         {
             let mut entries = Vec::new();
-            for (&b, &t) in &self.naks {
-                if t > now {
-                    continue;
-                }
+            for b in self.naks.due(now, packet::MAX_NAK_ENTRIES) {
                 let (needed, seen) = match &self.slots[b as usize] {
                     Slot::Assembling(a) => (u32::from(a.k - a.count.min(a.k)), a.seen),
                     _ => (NakEntry::ALL, 0),
@@ -1027,9 +1080,6 @@ impl Receiver {
                     needed,
                     seen,
                 });
-                if entries.len() == packet::MAX_NAK_ENTRIES {
-                    break;
-                }
             }
             if !entries.is_empty() {
                 for e in &entries {
