@@ -732,17 +732,23 @@ impl Sender {
         let elapsed = now.saturating_duration_since(self.created);
         if elapsed >= self.cfg.min_wait {
             let exp = &self.cfg.expected_receivers;
-            if !exp.is_empty()
-                && exp.iter().all(|n| {
-                    self.rxs
-                        .iter()
-                        .any(|r| &r.name == n && r.has_manifest && r.state == RxState::Active)
-                })
-            {
+            // A set, so a thousand expected names cost O(n) per Join, not O(n^2).
+            let ready: std::collections::HashSet<&str> = self
+                .rxs
+                .iter()
+                .filter(|r| r.has_manifest && r.state == RxState::Active)
+                .map(|r| r.name.as_str())
+                .collect();
+            if !exp.is_empty() && exp.iter().all(|n| ready.contains(n.as_str())) {
                 return Some(StartReason::AllExpected);
             }
+            let ready_count = self
+                .rxs
+                .iter()
+                .filter(|r| r.has_manifest && r.state == RxState::Active)
+                .count();
             if (exp.is_empty() || self.cfg.min_receivers > 0)
-                && self.ready_count() >= self.cfg.min_receivers
+                && ready_count >= self.cfg.min_receivers
             {
                 return Some(StartReason::Quorum);
             }
@@ -1525,6 +1531,34 @@ mod tests {
         );
         assert_eq!(s.stats().naks_received, 0);
         let _ = Receiver::new(ReceiverConfig::default(), now);
+    }
+
+    #[test]
+    fn starts_when_all_expected_hold_the_manifest() {
+        let now = t0();
+        let (m, _) = setup();
+        let mut s = Sender::new(
+            SenderConfig {
+                expected_receivers: vec!["r1".into(), "r3".into()],
+                min_receivers: 0,
+                ..cfg()
+            },
+            m,
+            now,
+        )
+        .unwrap();
+        join(&mut s, now, 1, true);
+        join(&mut s, now, 2, true);
+        assert!(
+            !std::iter::from_fn(|| s.poll_event())
+                .any(|e| matches!(e, SenderEvent::Started { .. }))
+        );
+        join(&mut s, now, 3, true);
+        assert!(std::iter::from_fn(|| s.poll_event()).any(|e| e
+            == SenderEvent::Started {
+                receivers: 3,
+                reason: StartReason::AllExpected
+            }));
     }
 
     #[test]
