@@ -110,7 +110,8 @@ struct Run {
     blocks_tcp: u64,
     blocks_resumed: u64,
     bytes_done: u64,
-    tcp_inflight: bool,
+    /// Blocks just handed over from TCP (their BlockReady counts as TCP).
+    tcp_blocks: std::collections::HashSet<u32>,
     last_progress: Instant,
 }
 
@@ -353,7 +354,7 @@ pub async fn receive(
         blocks_tcp: 0,
         blocks_resumed: 0,
         bytes_done: 0,
-        tcp_inflight: false,
+        tcp_blocks: std::collections::HashSet::new(),
         last_progress: Instant::now(),
     };
     let task_cancel = cancel.child_token();
@@ -445,7 +446,7 @@ pub async fn receive(
                     data,
                 } => {
                     if data.is_some() {
-                        if run.tcp_inflight {
+                        if run.tcp_blocks.remove(&index) {
                             run.blocks_tcp += 1;
                         } else {
                             run.blocks_multicast += 1;
@@ -550,7 +551,6 @@ pub async fn receive(
                 let missing = run.rx.missing_blocks();
                 if !missing.is_empty() {
                     c.busy = true;
-                    run.tcp_inflight = true;
                     let _ = c.requests.try_send(missing);
                 }
             }
@@ -609,7 +609,7 @@ pub async fn receive(
                         }
                     }
                     FromTcp::Block(index, bytes) => {
-                        run.tcp_inflight = true;
+                        run.tcp_blocks.insert(index);
                         if let Err(e) = run.rx.accept_encoded_block(index, &bytes) {
                             warn!(block = index, error = %e, "block fetched over TCP rejected");
                         }
@@ -618,7 +618,6 @@ pub async fn receive(
                         if let Some(c) = &mut catchup {
                             c.busy = false;
                         }
-                        run.tcp_inflight = false;
                         if let Some(e) = err {
                             warn!(error = %e, "TCP catch-up failed; will retry");
                             catchup = None;
