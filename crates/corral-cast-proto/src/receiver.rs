@@ -235,6 +235,8 @@ struct Assembly {
     esis: Vec<u16>,
     conflicts: u32,
     last_symbol: Option<Instant>,
+    /// Highest repair (parity) index received, for loss estimates during repair.
+    last_repair: Option<u16>,
 }
 
 #[derive(Debug)]
@@ -843,6 +845,7 @@ impl Receiver {
                 esis: Vec::with_capacity(usize::from(d.k)),
                 conflicts: 0,
                 last_symbol: None,
+                last_repair: None,
             }));
         }
         let Slot::Assembling(a) = slot else {
@@ -883,6 +886,16 @@ impl Receiver {
         a.symbols.extend_from_slice(d.symbol);
         a.esis.push(d.esi);
         a.last_symbol = Some(now);
+        // Repair symbols of a block carry consecutive parity indices; a gap is loss. This
+        // keeps the loss estimate (and adaptive rate) alive after the pass.
+        if d.flags & packet::DATA_REPAIR != 0 && d.esi >= a.k {
+            if let Some(last) = a.last_repair
+                && d.esi > last + 1
+            {
+                self.stats.lost_packets += u64::from(d.esi - last - 1);
+            }
+            a.last_repair = Some(a.last_repair.map_or(d.esi, |l| l.max(d.esi)));
+        }
         self.stats.useful_packets += 1;
         self.naks.postpone(b, now + self.cfg.nak_quiet);
         if a.count < a.k {

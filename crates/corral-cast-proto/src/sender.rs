@@ -682,7 +682,7 @@ impl Sender {
             .filter(|r| r.state == RxState::Active)
             .filter_map(|r| r.last_loss)
             .collect();
-        if losses.is_empty() || self.phase != Phase::Pass {
+        if losses.is_empty() || !matches!(self.phase, Phase::Pass | Phase::Draining) {
             return;
         }
         losses.sort_by(f64::total_cmp);
@@ -865,7 +865,7 @@ impl Sender {
                 t = t.min(self.created + m);
             }
         }
-        if self.cfg.adaptive && self.phase == Phase::Pass {
+        if self.cfg.adaptive && matches!(self.phase, Phase::Pass | Phase::Draining) {
             t = t.min(self.next_adapt);
         }
         if !self.control.is_empty() {

@@ -265,6 +265,28 @@ fn slow_receiver_does_not_delay_the_others() {
 }
 
 #[test]
+fn adaptive_rate_limits_repair_for_a_slow_receiver_after_the_pass() {
+    let mut s = default_image();
+    let mut rxs: Vec<SimReceiver> = (0..3)
+        .map(|i| trusted(SimReceiver::new(&format!("r{i}"), 0.0)))
+        .collect();
+    rxs[2].down.bandwidth_bps = Some(20_000_000);
+    rxs[2].config.status_interval = Duration::from_millis(20);
+    let fixed = run(&base(rxs.clone(), 6), &mut s);
+    let mut cfg = base(rxs, 6);
+    cfg.sender.adaptive = true;
+    let adaptive = run(&cfg, &mut s);
+    report("slow link, fixed rate", &fixed, fixed.stats.source_packets);
+    report(
+        "slow link, adaptive",
+        &adaptive,
+        adaptive.stats.source_packets,
+    );
+    assert_all_verified(&adaptive);
+    assert!(adaptive.stats.repair_packets * 2 < fixed.stats.repair_packets);
+}
+
+#[test]
 fn forged_and_corrupted_packets_never_produce_a_wrong_block() {
     let mut s = setup(image(1 << 20, 8), 256 * 1024, 1024);
     let rxs: Vec<SimReceiver> = (0..3)
