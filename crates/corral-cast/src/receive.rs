@@ -551,6 +551,9 @@ pub async fn receive(
                 let missing = run.rx.missing_blocks();
                 if !missing.is_empty() {
                     c.busy = true;
+                    // We fetch these over TCP now: multicast repair for us would only cost
+                    // the other receivers bandwidth.
+                    run.rx.suppress_naks(true);
                     let _ = c.requests.try_send(missing);
                 }
             }
