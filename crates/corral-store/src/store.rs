@@ -158,10 +158,21 @@ impl Store {
 
     fn configure_writer(&self) -> Result<()> {
         let sql = "PRAGMA journal_mode = WAL";
-        let mode: String = self
-            .conn
-            .query_row(sql, [], |r| r.get(0))
-            .map_err(self.sql_err(sql))?;
+        // Switching the journal mode of a new file returns SQLITE_BUSY at once, without the
+        // busy handler, while another process is creating the same store: retry for as long
+        // as the busy timeout would have waited.
+        let started = std::time::Instant::now();
+        let mode: String = loop {
+            match self.conn.query_row(sql, [], |r| r.get(0)) {
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if e.code == rusqlite::ErrorCode::DatabaseBusy
+                        && started.elapsed() < BUSY_TIMEOUT =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                other => break other.map_err(self.sql_err(sql))?,
+            }
+        };
         if !mode.eq_ignore_ascii_case("wal") {
             tracing::warn!(path = %self.path.display(), %mode, "the store could not switch to WAL");
         }
@@ -191,7 +202,19 @@ impl Store {
                 name: m.name,
                 source,
             };
-            let tx = self.conn.transaction().map_err(err)?;
+            // IMMEDIATE takes the write lock first, so when several processes open a new file
+            // at once (a sender and its receivers sharing one store) only one applies each
+            // migration; the others wait (busy timeout), see the new version and skip it.
+            let tx = self
+                .conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(err)?;
+            let now: i64 = tx
+                .query_row("PRAGMA user_version", [], |r| r.get(0))
+                .map_err(err)?;
+            if now >= m.version {
+                continue;
+            }
             tx.execute_batch(m.sql).map_err(err)?;
             // Both pragmas write the database header inside the transaction, so a crash leaves
             // either the old version or the new one, never a half-applied schema.
@@ -278,6 +301,9 @@ fn validate(conn: &Connection, path: &Path) -> Result<i64> {
         path: path.to_path_buf(),
         source,
     };
+    // One read transaction, so the header and the schema come from the same snapshot even
+    // when another process is creating the store at this moment.
+    let snapshot = conn.unchecked_transaction().map_err(corrupt)?;
     let app_id: i32 = conn
         .query_row("PRAGMA application_id", [], |r| r.get(0))
         .map_err(corrupt)?;
@@ -293,6 +319,7 @@ fn validate(conn: &Connection, path: &Path) -> Result<i64> {
             |r| r.get(0),
         )
         .map_err(corrupt)?;
+    drop(snapshot);
     if app_id == APPLICATION_ID {
         let latest = schema::latest_version();
         if version > latest {

@@ -36,6 +36,33 @@ fn file_bytes(p: &Path) -> Vec<u8> {
 // ---------------------------------------------------------------------------------------------
 // Opening
 
+/// A sender and its receivers open one new store at the same moment: every open succeeds and
+/// each migration is applied once (regression: "table events already exists").
+#[test]
+fn concurrent_opens_of_a_new_file_all_succeed() {
+    for round in 0..5 {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("corral.db");
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                let (path, barrier) = (path.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    Store::open(&path).map(|s| s.schema_version().unwrap())
+                })
+            })
+            .collect();
+        for h in handles {
+            let v = h.join().unwrap();
+            assert_eq!(
+                v.unwrap_or_else(|e| panic!("round {round}: {e}")),
+                corral_store::schema::latest_version()
+            );
+        }
+    }
+}
+
 #[test]
 fn open_creates_parent_dir_wal_and_header_ids() {
     let dir = tempfile::tempdir().unwrap();

@@ -81,4 +81,12 @@ pub(crate) enum Command {
     /// Multicast an image to many machines at once, verified block by block.
     #[command(subcommand)]
     Cast(cmd::cast::CastCommand),
+    /// Serve network boot (DHCP, ProxyDHCP, TFTP, HTTP, iPXE) from the site directory.
+    Serve(cmd::serve::Args),
+    /// List, inspect, adopt and reinstall machines.
+    Machine(cmd::machine::Args),
+    /// Keep file trees identical to a master, through tiers.
+    Sync(cmd::sync::Args),
+    /// Compare children with their master by content and report drift.
+    Drift(cmd::drift::Args),
 }

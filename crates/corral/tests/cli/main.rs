@@ -5,5 +5,7 @@
 mod cast;
 mod demo;
 mod log;
+mod netboot;
 mod site;
 mod support;
+mod sync;

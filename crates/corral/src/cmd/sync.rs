@@ -1,0 +1,12 @@
+//! `corral sync`: placeholder until its engine lands (see the open issue); owned by that work.
+
+use crate::cli::Global;
+use crate::exit::Code;
+
+/// Arguments of `corral sync`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {}
+
+pub(crate) fn run(_args: Args, _global: &Global) -> anyhow::Result<Code> {
+    anyhow::bail!("`corral sync` is not built yet")
+}

@@ -1,0 +1,1 @@
+//! Binary-level tests for `corral serve` and `corral machine`.
