@@ -31,7 +31,7 @@ Examples:
 pub(crate) struct LogArgs {
     #[command(flatten)]
     site: SiteArg,
-    /// The store's database file. Default: <SITE>/state/corral.db.
+    /// The store's database file. Default: the site's `[store] path` (state/corral.db).
     #[arg(long, value_name = "PATH")]
     db: Option<PathBuf>,
     /// Only events of this machine: a MAC address (any common spelling) or a hostname.
@@ -75,10 +75,19 @@ pub(crate) struct LogArgs {
     sql: Option<String>,
 }
 
-/// Where the store lives in a site directory.
-// TODO(site): the lead wires this to the site's `[store] path`.
-fn store_path(site_dir: &Path) -> PathBuf {
-    site_dir.join("state").join("corral.db")
+/// Where the store of the site directory `site_dir` lives: its `[store] path` (relative to
+/// the site directory), else `state/corral.db`. The audit log must stay readable while the
+/// site has errors (that is when people need it), so an invalid site still yields the path
+/// written in its `site.toml` when that one key can be read.
+pub(crate) fn store_path(site_dir: &Path) -> PathBuf {
+    if let Ok(site) = corral_site::Site::load(site_dir) {
+        return site.store.path.clone();
+    }
+    let written = fs_err::read_to_string(site_dir.join("site.toml"))
+        .ok()
+        .and_then(|text| text.parse::<toml::Table>().ok())
+        .and_then(|t| t.get("store")?.get("path")?.as_str().map(PathBuf::from));
+    site_dir.join(written.unwrap_or_else(|| PathBuf::from(corral_site::DEFAULT_STORE_PATH)))
 }
 
 /// Parses `--since`/`--until`: a duration back from now, or an RFC 3339 time.

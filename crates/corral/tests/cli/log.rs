@@ -337,3 +337,40 @@ fn follow_prints_new_events_as_they_arrive() {
     assert!(line.contains("followed event"), "{line}");
     assert!(start.elapsed() < Duration::from_secs(5));
 }
+
+/// `--site` finds the store where the site's `[store] path` says, even while another part of
+/// the site is invalid (that is when the log is needed most).
+#[test]
+fn store_path_comes_from_site_toml() {
+    let dir = tempfile::tempdir().unwrap();
+    let site = dir.path().join("site");
+    let out = corral(dir.path(), &["site", "init", site.to_str().unwrap()]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let toml_path = site.join("site.toml");
+    let original = std::fs::read_to_string(&toml_path).unwrap();
+    let mut edited: toml::Table = original.parse().unwrap();
+    let mut store = toml::Table::new();
+    store.insert("path".into(), toml::Value::String("var/audit.db".into()));
+    edited.insert("store".into(), toml::Value::Table(store));
+    std::fs::write(&toml_path, toml::to_string(&edited).unwrap()).unwrap();
+    // The default place holds nothing; the configured place holds the five events.
+    site_with_store(&dir.path().join("elsewhere"));
+    std::fs::create_dir_all(site.join("var")).unwrap();
+    std::fs::rename(
+        dir.path().join("elsewhere/state/corral.db"),
+        site.join("var/audit.db"),
+    )
+    .unwrap();
+    let site_arg = site.to_str().unwrap();
+    let out = corral(dir.path(), &["log", "--json", "--site", site_arg]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(json_lines(&stdout).len(), 5, "{stdout}");
+
+    // Break a machine file: the site is invalid, the log still opens the configured store.
+    std::fs::write(site.join("machines/broken.toml"), "mac = 'not a mac'\n").unwrap();
+    let out = corral(dir.path(), &["log", "--json", "--site", site_arg]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(json_lines(&stdout).len(), 5, "{stdout}");
+}
