@@ -110,6 +110,14 @@ pub enum CastError {
         /// Why.
         reason: String,
     },
+    /// The image server's control exchange failed or refused the request.
+    #[error("image server {server}: {reason}")]
+    Control {
+        /// The server's control address.
+        server: SocketAddr,
+        /// What went wrong, or the server's reason.
+        reason: String,
+    },
     /// Cancelled by the caller.
     #[error("cancelled")]
     Cancelled,

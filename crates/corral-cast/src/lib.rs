@@ -22,6 +22,7 @@ mod options;
 mod output;
 mod receive;
 mod send;
+pub mod serve;
 pub mod socket;
 mod source;
 pub mod state;

@@ -21,6 +21,9 @@ use crate::options::{Rate, ReceiverOutcome, SendOptions, SendReport};
 use crate::source::ImageSource;
 use crate::{catchup, keys, socket};
 
+/// Event kind recorded when the data pass begins (the start condition held).
+pub(crate) const PASS_START: &str = "pass-start";
+
 /// Block size of the images we send (the protocol's default).
 const BLOCK_SIZE: u32 = corral_cast_proto::manifest::DEFAULT_BLOCK_SIZE;
 
@@ -435,7 +438,7 @@ fn on_event(
             *started_at = Some(Instant::now());
             obs.event(&event(
                 session,
-                "pass-start",
+                PASS_START,
                 Outcome::Info,
                 format!("data pass started with {n} receivers ({reason:?})"),
             ));

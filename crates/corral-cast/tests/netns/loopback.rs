@@ -1,6 +1,7 @@
 //! Sender and receivers in this process, multicast on the loopback interface. No root needed.
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use corral_cast::{CancellationToken, OutputSpec};
@@ -293,4 +294,146 @@ async fn resume_refetches_only_missing_blocks() {
     let r = rx.await.unwrap().expect("resumed receiver succeeds");
     assert_eq!(r.blocks_resumed, had, "{r:?}");
     assert_eq!(hash_file(&out), hash_file(&img));
+}
+
+/// `serve`: receivers ask for images by name; two images run as two sessions at once on two
+/// groups, two receivers of one image share one session, and hostile requests are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_server_runs_a_session_per_image_and_refuses_bad_names() {
+    use corral_cast::serve::{self, Answer, Request};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    std::fs::create_dir(&images).unwrap();
+    make_image(&images.join("alpha.img"), 3 << 20, 11, 3);
+    make_image(&images.join("beta.img"), 2 << 20, 12, 0);
+    std::fs::write(images.join(".hidden"), b"secret").unwrap();
+    std::fs::write(dir.path().join("outside"), b"outside the root").unwrap();
+    std::os::unix::fs::symlink(dir.path().join("outside"), images.join("escape.img")).unwrap();
+
+    let (g, p) = (group(40), port(5));
+    let control: SocketAddr = (LO, port(9)).into();
+    let mut mc = crate::helper::receive_options(
+        OutputSpec::Stdout,
+        g,
+        p,
+        LO,
+        None,
+        None,
+        "x",
+        None,
+        Duration::from_secs(1),
+    )
+    .multicast;
+    mc.loopback = true;
+    let opts = serve::ServeOptions {
+        dir: images.clone(),
+        control,
+        multicast: mc,
+        max_sessions: 4,
+        rate: corral_cast::Rate::Fixed(400_000_000),
+        packet_size: 1472,
+        min_receivers: 2,
+        min_wait: Duration::from_millis(200),
+        max_wait: Duration::from_secs(3),
+        compress_level: 1,
+        key: Some(corral_cast::keys::SigningKey::from_bytes(&[7; 32])),
+        linger: Duration::from_secs(10),
+        observer: Arc::new(corral_cast::NoObserver),
+    };
+    let cancel = CancellationToken::new();
+    let server = tokio::spawn(serve::serve(opts, cancel.clone()));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // The list shows the two images, not the hidden file nor the symlink out of the root.
+    match serve::ask(control, &Request::List).await.unwrap() {
+        Answer::Images { images } => {
+            let names: Vec<_> = images.iter().map(|i| i.name.as_str()).collect();
+            assert_eq!(names, ["alpha.img", "beta.img"]);
+            assert_eq!(images[0].bytes, 3 << 20);
+        }
+        other => panic!("unexpected answer {other:?}"),
+    }
+    for bad in [
+        "../outside",
+        "/etc/passwd",
+        ".hidden",
+        "escape.img",
+        "missing.img",
+        "",
+    ] {
+        let err = serve::request_image(control, bad, "rogue")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, corral_cast::CastError::Control { .. }),
+            "{bad:?}: {err}"
+        );
+    }
+    // Garbage and an over-long line get an error answer, not a dropped server.
+    for junk in [b"not json\n".to_vec(), vec![b'x'; 10_000]] {
+        let mut s = tokio::net::TcpStream::connect(control).await.unwrap();
+        s.write_all(&junk).await.unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.contains("\"status\":\"error\""), "{answer}");
+    }
+
+    // Three receivers: two want alpha (one session), one wants beta (a second session).
+    let want = [("r1", "alpha.img"), ("r2", "alpha.img"), ("r3", "beta.img")];
+    let mut tasks = Vec::new();
+    let mut groups = Vec::new();
+    for (name, image) in want {
+        let offer = serve::request_image(control, image, name).await.unwrap();
+        groups.push((image, offer.group, offer.port));
+        let out = dir.path().join(format!("{name}.out"));
+        let mut opts = crate::helper::receive_options(
+            OutputSpec::Path(out),
+            offer.group,
+            offer.port,
+            LO,
+            Some(offer.sender),
+            None,
+            name,
+            Some(
+                corral_cast::keys::SigningKey::from_bytes(&[7; 32])
+                    .verifying_key()
+                    .to_bytes(),
+            ),
+            Duration::from_secs(30),
+        );
+        opts.multicast.loopback = true;
+        tasks.push(tokio::spawn(corral_cast::receive(
+            opts,
+            CancellationToken::new(),
+        )));
+    }
+    assert_eq!(
+        groups[0].1, groups[1].1,
+        "one session per image: {groups:?}"
+    );
+    assert_ne!(
+        groups[0].1, groups[2].1,
+        "distinct groups per session: {groups:?}"
+    );
+    assert_ne!(
+        groups[0].2, groups[2].2,
+        "distinct ports per session: {groups:?}"
+    );
+    for ((name, image), t) in want.iter().zip(tasks) {
+        let r = tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .expect("receiver finishes")
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(
+            hash_file(&dir.path().join(format!("{name}.out"))),
+            hash_file(&images.join(image)),
+            "{name}"
+        );
+        assert!(r.blocks > 0);
+    }
+    cancel.cancel();
+    server.await.unwrap().unwrap();
 }

@@ -33,8 +33,26 @@ Examples:
 Examples:
   corral cast receive --output /dev/sda --trusted-key cast.key.pub --state /tmp/cast.state
   corral cast receive --output disk.img --interface eth0 --name web01
-  corral cast receive --pipe 'tar -x -C /mnt' --sender 10.0.0.1")]
+  corral cast receive --pipe 'tar -x -C /mnt' --sender 10.0.0.1
+  corral cast receive --server 10.0.0.1 --image debian12.img --output /dev/sda")]
     Receive(ReceiveArgs),
+    /// Offer the images of a directory; receivers ask for one by name (daemon mode).
+    #[command(after_help = "\
+Receivers ask with `corral cast receive --server HOST --image NAME`; a session for an image starts
+when its start condition holds (--min-receivers after --min-wait, or --max-wait), and requests
+that come later open the next session. Sessions run at once on groups GROUP, GROUP+1, ... and
+ports PORT, PORT+1, ... (one per --max-sessions slot).
+
+Examples:
+  corral cast serve --site /etc/corral             the site's [paths] images directory
+  corral cast serve --dir /srv/images --interface eth1 --min-receivers 8 --max-wait 2m
+  corral cast serve --dir /srv/images --key /etc/corral/cast.key --db /var/lib/corral/corral.db")]
+    Serve(ServeArgs),
+    /// List the images a `corral cast serve` offers.
+    #[command(after_help = "\
+Example:
+  corral cast list --server 10.0.0.1")]
+    List(ListArgs),
     /// Make a signing key pair: KEY (secret, mode 0600) and KEY.pub.
     #[command(after_help = "\
 Both files hold 32 bytes as 64 hexadecimal digits and a newline; readers also accept the raw 32
@@ -86,9 +104,11 @@ impl GroupArgs {
 /// Arguments of `corral cast send`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct SendArgs {
-    /// The image: a file, a block device, or `-` for stdin (read whole first: the manifest is
-    /// signed before anything is sent).
+    /// The image: a file, a block device, `-` for stdin (read whole first: the manifest is
+    /// signed before anything is sent), or the name of an image in the site's images directory.
     source: PathBuf,
+    #[command(flatten)]
+    site: crate::cli::SiteArg,
     #[command(flatten)]
     group: GroupArgs,
     /// Multicast TTL (1 keeps the traffic on the local network).
@@ -147,8 +167,15 @@ pub(crate) struct ReceiveArgs {
     group: GroupArgs,
     /// The sender's address (`HOST` or `HOST:PORT`, TCP; default port = --port): fetch over TCP
     /// even without ever hearing an announcement.
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", conflicts_with = "server")]
     sender: Option<String>,
+    /// Ask this `corral cast serve` (`HOST` or `HOST:PORT`, default port 9100) for --image;
+    /// it says which group, port and sender to use.
+    #[arg(long, value_name = "ADDR", requires = "image")]
+    server: Option<String>,
+    /// The image to ask --server for (see `corral cast list`).
+    #[arg(long, value_name = "NAME", requires = "server")]
+    image: Option<String>,
     /// Only accept images signed by this public key (KEY.pub from `corral cast keygen`).
     #[arg(long, value_name = "KEY.pub")]
     trusted_key: Option<PathBuf>,
@@ -169,6 +196,76 @@ pub(crate) struct ReceiveArgs {
     db: Option<PathBuf>,
 }
 
+/// Arguments of `corral cast serve`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ServeArgs {
+    /// Directory of images to offer (default: the site's `[paths] images`).
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    #[command(flatten)]
+    site: crate::cli::SiteArg,
+    /// First multicast group of the session pool.
+    #[arg(long, default_value = "239.255.77.1")]
+    group: Ipv4Addr,
+    /// First UDP port of the session pool (TCP catch-up uses the same numbers).
+    #[arg(long, default_value_t = 9000)]
+    port: u16,
+    /// Interface to use: a name (`eth0`) or one of its IPv4 addresses.
+    #[arg(long, value_name = "IFACE|ADDR")]
+    interface: Option<String>,
+    /// TCP port where receivers ask for images.
+    #[arg(long, default_value_t = corral_cast::serve::DEFAULT_CONTROL_PORT)]
+    control_port: u16,
+    /// Sessions that may run at once.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
+    max_sessions: u16,
+    /// Multicast TTL.
+    #[arg(long, default_value_t = 1)]
+    ttl: u32,
+    /// Sending rate in bit/s (`800M`, `1G`) or `adaptive`.
+    #[arg(long, default_value = "adaptive")]
+    rate: String,
+    /// Link MTU; datagrams are sized to fit it.
+    #[arg(long, default_value_t = 1500)]
+    mtu: usize,
+    /// Start a session once this many receivers asked for its image (after --min-wait).
+    #[arg(long, default_value_t = 1)]
+    min_receivers: usize,
+    /// Wait at least this long for more receivers after the first one asks.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    min_wait: Duration,
+    /// Start after this long even with fewer than --min-receivers.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    max_wait: Duration,
+    /// zstd level per block.
+    #[arg(long, default_value_t = 1)]
+    compress: i32,
+    /// Secret signing key (default: an ephemeral key for this server's life, printed).
+    #[arg(long, value_name = "KEY")]
+    key: Option<PathBuf>,
+    /// Stop waiting for a receiver that made no progress for this long after the pass.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    linger: Duration,
+    /// JSON event lines on stdout (also the default when stdout is not a terminal).
+    #[arg(long)]
+    json: bool,
+    /// Record every event in this audit store (default: the site's store, when --site has a
+    /// site.toml).
+    #[arg(long, value_name = "PATH")]
+    db: Option<PathBuf>,
+}
+
+/// Arguments of `corral cast list`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ListArgs {
+    /// The `corral cast serve` to ask (`HOST` or `HOST:PORT`, default port 9100).
+    #[arg(long, value_name = "ADDR")]
+    server: String,
+    /// One JSON object per image.
+    #[arg(long)]
+    json: bool,
+}
+
 /// Arguments of `corral cast keygen`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct KeygenArgs {
@@ -182,6 +279,8 @@ pub(crate) fn run(cmd: CastCommand, _global: &Global) -> anyhow::Result<Code> {
         CastCommand::Keygen(a) => keygen(a),
         CastCommand::Send(a) => runtime()?.block_on(send(a)),
         CastCommand::Receive(a) => runtime()?.block_on(receive(a)),
+        CastCommand::Serve(a) => runtime()?.block_on(serve(a)),
+        CastCommand::List(a) => runtime()?.block_on(list(a)),
     }
 }
 
@@ -242,9 +341,10 @@ async fn send(a: SendArgs) -> anyhow::Result<Code> {
         None => None,
     };
     let json = a.json || !std::io::stdout().is_terminal();
+    let source = site_image(&a.source, &a.site.site)?;
     let observer = Arc::new(CliObserver::new(json, JsonTo::Stdout, recorder(&a.db)?));
     let opts = SendOptions {
-        source: a.source.clone(),
+        source,
         multicast: a.group.multicast(a.ttl)?,
         catchup_port: a.group.port,
         rate,
@@ -306,9 +406,22 @@ async fn receive(a: ReceiveArgs) -> anyhow::Result<Code> {
         (Some(o), None) => OutputSpec::from_arg(o),
         (None, None) => return Err(bad_input("give --output PATH|- or --pipe CMD")),
     };
-    let sender = match &a.sender {
-        Some(s) => Some(resolve_sender(s, a.group.port)?),
-        None => None,
+    let name = a.name.clone().unwrap_or_else(hostname);
+    let mut multicast = a.group.multicast(1)?;
+    let sender = match (&a.sender, &a.server, &a.image) {
+        (Some(s), _, _) => Some(resolve_sender(s, a.group.port)?),
+        (None, Some(server), Some(image)) => {
+            let server = resolve_sender(server, corral_cast::serve::DEFAULT_CONTROL_PORT)?;
+            let offer = corral_cast::serve::request_image(server, image, &name).await?;
+            eprintln!(
+                "image server {server}: {} ({} bytes) on {}:{}, sender {}",
+                offer.image, offer.bytes, offer.group, offer.port, offer.sender
+            );
+            multicast.group = offer.group;
+            multicast.port = offer.port;
+            Some(offer.sender)
+        }
+        _ => None,
     };
     let trusted_key = match &a.trusted_key {
         Some(p) => Some(keys::read_verifying_key(p).map_err(|e| bad_input(e.to_string()))?),
@@ -325,10 +438,9 @@ async fn receive(a: ReceiveArgs) -> anyhow::Result<Code> {
         },
         recorder(&a.db)?,
     ));
-    let name = a.name.clone().unwrap_or_else(hostname);
     let opts = ReceiveOptions {
         output,
-        multicast: a.group.multicast(1)?,
+        multicast,
         sender,
         trusted_key,
         state: a.state.clone(),
@@ -358,6 +470,130 @@ async fn receive(a: ReceiveArgs) -> anyhow::Result<Code> {
         );
     }
     Ok(Code::Success)
+}
+
+async fn serve(a: ServeArgs) -> anyhow::Result<Code> {
+    let rate: Rate = a.rate.parse().map_err(bad_input)?;
+    let packet_size = a.mtu.saturating_sub(28);
+    if !(512..=65_000).contains(&packet_size) {
+        return Err(bad_input(format!(
+            "--mtu {} out of range (540..=65028)",
+            a.mtu
+        )));
+    }
+    let site_toml = a.site.site.join("site.toml");
+    let site = if site_toml.is_file() {
+        Some(corral_site::Site::load(&a.site.site).map_err(|e| bad_input(format!("{e:#}")))?)
+    } else {
+        None
+    };
+    let dir = match (&a.dir, &site) {
+        (Some(d), _) => d.clone(),
+        (None, Some(site)) => site.paths.images.clone(),
+        (None, None) => {
+            return Err(bad_input(format!(
+                "no image directory: give --dir DIR, or --site DIR with a site.toml ({} has none)",
+                a.site.site.display()
+            )));
+        }
+    };
+    if !dir.is_dir() {
+        return Err(bad_input(format!(
+            "image directory {} does not exist; create it and put images in it",
+            dir.display()
+        )));
+    }
+    let db =
+        a.db.clone()
+            .or_else(|| site.as_ref().map(|s| s.store.path.clone()));
+    let key = match &a.key {
+        Some(p) => Some(keys::read_signing_key(p).map_err(|e| bad_input(e.to_string()))?),
+        None => None,
+    };
+    let group = GroupArgs {
+        group: a.group,
+        port: a.port,
+        interface: a.interface.clone(),
+    };
+    let multicast = group.multicast(a.ttl)?;
+    let control_ip = multicast.interface.unwrap_or(Ipv4Addr::UNSPECIFIED);
+    let json = a.json || !std::io::stdout().is_terminal();
+    let observer = Arc::new(CliObserver::new(json, JsonTo::Stdout, recorder(&db)?));
+    let images = corral_cast::serve::list_images(&dir)?;
+    eprintln!(
+        "offering {} image(s) from {} on control port {}:{}",
+        images.len(),
+        dir.display(),
+        control_ip,
+        a.control_port
+    );
+    let opts = corral_cast::serve::ServeOptions {
+        dir,
+        control: SocketAddr::from((control_ip, a.control_port)),
+        multicast,
+        max_sessions: a.max_sessions,
+        rate,
+        packet_size,
+        min_receivers: a.min_receivers,
+        min_wait: a.min_wait,
+        max_wait: a.max_wait,
+        compress_level: a.compress,
+        key,
+        linger: a.linger,
+        observer: observer.clone(),
+    };
+    let cancel = CancellationToken::new();
+    cancel_on_signal(cancel.clone());
+    let result = corral_cast::serve::serve(opts, cancel).await;
+    observer.finish();
+    result?;
+    Ok(Code::Success)
+}
+
+async fn list(a: ListArgs) -> anyhow::Result<Code> {
+    let server = resolve_sender(&a.server, corral_cast::serve::DEFAULT_CONTROL_PORT)?;
+    match corral_cast::serve::ask(server, &corral_cast::serve::Request::List).await? {
+        corral_cast::serve::Answer::Images { images } => {
+            for i in &images {
+                if a.json {
+                    println!("{}", serde_json::to_string(i)?);
+                } else {
+                    println!("{:<40} {:>14} bytes", i.name, i.bytes);
+                }
+            }
+            Ok(Code::Success)
+        }
+        corral_cast::serve::Answer::Error { reason } => {
+            anyhow::bail!("image server {server}: {reason}")
+        }
+        corral_cast::serve::Answer::Offer(_) => {
+            anyhow::bail!("image server {server} answered an offer to a list request")
+        }
+    }
+}
+
+/// `SOURCE` as given when it exists (or is `-`), else the image of that name in the site's
+/// images directory.
+fn site_image(source: &std::path::Path, site_dir: &std::path::Path) -> anyhow::Result<PathBuf> {
+    if source == std::path::Path::new("-") || source.exists() {
+        return Ok(source.to_owned());
+    }
+    let name = source.to_string_lossy();
+    if site_dir.join("site.toml").is_file()
+        && let Ok(site) = corral_site::Site::load(site_dir)
+    {
+        let root = fs_err::canonicalize(&site.paths.images).ok();
+        if let Some(root) = root
+            && let Ok(p) = corral_cast::serve::resolve_image(&root, &name)
+        {
+            return Ok(p);
+        }
+        return Err(bad_input(format!(
+            "{name}: no such file, and no image of that name in {}",
+            site.paths.images.display()
+        )));
+    }
+    Err(bad_input(format!("{name}: no such file")))
 }
 
 fn recorder(db: &Option<PathBuf>) -> anyhow::Result<Option<Recorder>> {

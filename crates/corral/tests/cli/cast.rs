@@ -78,7 +78,7 @@ fn bad_flags_are_bad_input() {
 
 #[test]
 fn help_has_examples() {
-    for sub in ["send", "receive", "keygen"] {
+    for sub in ["send", "receive", "keygen", "serve", "list"] {
         let out = corral(&std::env::temp_dir(), &["cast", sub, "--help"]);
         let (stdout, _) = text(&out);
         assert!(out.status.success());
@@ -248,4 +248,107 @@ fn sender_exits_1_and_names_the_receiver_that_never_came() {
     assert!(stderr.contains("ephemeral key"), "{stderr}");
     let out = rx.wait_with_output().unwrap();
     assert!(out.status.success(), "{:?}", text(&out));
+}
+
+/// Daemon mode end to end with the real binary: `cast serve` offers a site's images directory,
+/// `cast list` shows it, `cast receive --server --image` gets a verified copy, and the serve
+/// events land in the site's store.
+#[test]
+fn serve_offers_site_images_to_receivers_that_ask_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let site = dir.path().join("site");
+    let out = corral(dir.path(), &["site", "init", site.to_str().unwrap()]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let images = site.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let img = image(dir.path(), 2 << 20);
+    std::fs::rename(&img, images.join("web.img")).unwrap();
+    let (control, data) = (port(3), port(4));
+    let mut server = Command::new(env!("CARGO_BIN_EXE_corral"))
+        .args(["cast", "serve", "--json", "--interface", "127.0.0.1"])
+        .args(["--site", site.to_str().unwrap()])
+        .args(["--control-port", &control, "--port", &data])
+        .args(["--min-wait", "100ms", "--max-wait", "5s"])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let server_addr = format!("127.0.0.1:{control}");
+    let list = corral(dir.path(), &["cast", "list", "--server", &server_addr]);
+    let (stdout, stderr) = text(&list);
+    assert!(list.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("web.img") && stdout.contains("2097152"),
+        "{stdout}"
+    );
+
+    let copy = dir.path().join("copy.img");
+    let rx = receiver(
+        dir.path(),
+        &[
+            "--server",
+            &server_addr,
+            "--image",
+            "web.img",
+            "--name",
+            "web01",
+            "--output",
+            copy.to_str().unwrap(),
+        ],
+    );
+    let out = rx.wait_with_output().unwrap();
+    let missing = corral(
+        dir.path(),
+        &[
+            "cast",
+            "receive",
+            "--server",
+            &server_addr,
+            "--image",
+            "nope.img",
+            "-o",
+            "x",
+        ],
+    );
+    // SIGTERM: the server stops cleanly and flushes its events to the store.
+    let term = Command::new("kill")
+        .arg(server.id().to_string())
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let stopped = server.wait().unwrap();
+    assert!(
+        stopped.success(),
+        "cast serve exits 0 on SIGTERM: {stopped:?}"
+    );
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert!(
+        std::fs::read(&copy).unwrap() == std::fs::read(images.join("web.img")).unwrap(),
+        "the copy differs from the image"
+    );
+    assert_eq!(missing.status.code(), Some(1), "{:?}", text(&missing));
+    assert!(
+        text(&missing).1.contains("no image \"nope.img\""),
+        "{:?}",
+        text(&missing)
+    );
+
+    // The server recorded the request in the site's store.
+    let log = corral(
+        dir.path(),
+        &[
+            "log",
+            "--json",
+            "--kind",
+            "image-request",
+            "--site",
+            site.to_str().unwrap(),
+        ],
+    );
+    let (events, err) = text(&log);
+    assert!(log.status.success(), "{err}");
+    assert!(events.contains("receiver web01"), "{events}");
+    assert!(events.contains("nope.img"), "{events}");
 }
