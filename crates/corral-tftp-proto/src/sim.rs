@@ -471,6 +471,53 @@ mod tests {
             check(&r, &f);
         }
 
+        // The fuzz target `tftp_transfer` in CI form: random op sequences (ACKs ahead of the
+        // acknowledged block, garbage, timer firings); DATA stays inside the window and carries
+        // the file's bytes; a finished transfer stays finished.
+        #[test]
+        fn op_sequences_keep_invariants(
+            blksize in 8u16..600,
+            windowsize in 1u16..20,
+            len in 0usize..5000,
+            ops in prop::collection::vec((0u8..3, any::<u16>(), prop::collection::vec(any::<u8>(), 0..8)), 0..200),
+        ) {
+            let file: Vec<u8> = (0..len).map(|i| (i * 7 + i / 251) as u8).collect();
+            let o = opts(Some(blksize), Some(windowsize));
+            let neg = Negotiated::new(&o, &Limits::default(), Some(len as u64));
+            let bs = usize::from(neg.blksize);
+            let ws = u64::from(neg.windowsize);
+            let mut t = Transfer::new(MemorySource(file.clone()), neg);
+            let mut buf = vec![0u8; t.max_packet_len()];
+            let mut now = Instant::now();
+            let mut done = false;
+            for (kind, arg, bytes) in ops {
+                match kind {
+                    0 => {
+                        let wire = (t.acknowledged() + u64::from(arg % 40)) as u16;
+                        t.handle_input(now, &Packet::Ack { block: wire }.to_vec());
+                    }
+                    1 => t.handle_input(now, &bytes),
+                    _ => {
+                        now += Duration::from_millis(u64::from(arg % 3000));
+                        t.handle_timeout(now);
+                    }
+                }
+                let acked = t.acknowledged();
+                while let Some(n) = t.poll_transmit(now, &mut buf) {
+                    if let Packet::Data { block, data } = Packet::decode(&buf[..n]).unwrap() {
+                        prop_assert!(!done);
+                        let ahead = u64::from(block.wrapping_sub(acked as u16));
+                        prop_assert!((1..=ws).contains(&ahead));
+                        let start = ((acked + ahead - 1) as usize * bs).min(file.len());
+                        let end = (start + bs).min(file.len());
+                        prop_assert_eq!(data, &file[start..end]);
+                    }
+                }
+                while t.poll_event().is_some() {}
+                if t.is_done() { done = true; } else { prop_assert!(!done); }
+            }
+        }
+
         // Random bytes into the decoder and into a running transfer: errors, never panics.
         #[test]
         fn random_bytes_never_panic(data in prop::collection::vec(any::<u8>(), 0..600)) {

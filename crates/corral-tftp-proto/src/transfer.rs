@@ -165,6 +165,16 @@ impl<S: Source> Transfer<S> {
         &self.neg
     }
 
+    /// Highest block acknowledged so far (1-based index, not wrapped; 0 = none).
+    pub fn acknowledged(&self) -> u64 {
+        self.acked
+    }
+
+    /// Highest block sent so far (1-based index, not wrapped).
+    pub fn highest_sent(&self) -> u64 {
+        self.highest_sent
+    }
+
     /// Size of the send buffer [`Transfer::poll_transmit`] needs.
     pub fn max_packet_len(&self) -> usize {
         // An OACK with four options fits in 512 bytes; DATA needs the block plus header.
@@ -385,4 +395,168 @@ fn read_full<S: Source>(src: &mut S, offset: u64, buf: &mut [u8]) -> std::io::Re
         }
     }
     Ok(got)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::disallowed_methods)] // one real `Instant` as the clock's origin
+
+    use std::time::Duration;
+
+    use super::*;
+    use crate::options::{Limits, RequestOptions};
+
+    fn transfer(
+        len: usize,
+        blksize: Option<u16>,
+        windowsize: Option<u16>,
+    ) -> Transfer<MemorySource<Vec<u8>>> {
+        let opts = RequestOptions {
+            blksize,
+            windowsize,
+            ..Default::default()
+        };
+        let neg = Negotiated::new(&opts, &Limits::default(), Some(len as u64));
+        Transfer::new(MemorySource((0..len).map(|i| i as u8).collect()), neg)
+    }
+
+    fn drain(t: &mut Transfer<MemorySource<Vec<u8>>>, now: Instant) -> Vec<Vec<u8>> {
+        let mut buf = vec![0u8; t.max_packet_len()];
+        let mut out = Vec::new();
+        while let Some(n) = t.poll_transmit(now, &mut buf) {
+            out.push(buf[..n].to_vec());
+        }
+        out
+    }
+
+    fn ack(b: u16) -> Vec<u8> {
+        Packet::Ack { block: b }.to_vec()
+    }
+
+    fn blocks(packets: &[Vec<u8>]) -> Vec<u16> {
+        packets
+            .iter()
+            .map(|p| match Packet::decode(p).unwrap() {
+                Packet::Data { block, .. } => block,
+                other => panic!("not DATA: {other:?}"),
+            })
+            .collect()
+    }
+
+    // RFC 2347 §"Negotiation": OACK first; DATA 1 only after ACK 0.
+    #[test]
+    fn rfc2347_oack_then_ack0_then_data() {
+        let now = Instant::now();
+        let mut t = transfer(2000, Some(1000), None);
+        let p = drain(&mut t, now);
+        assert_eq!(p, vec![b"\x00\x06blksize\x001000\x00".to_vec()]);
+        t.handle_input(now, &ack(1)); // not ACK 0: ignored
+        assert!(drain(&mut t, now).is_empty());
+        t.handle_input(now, &ack(0));
+        assert_eq!(blocks(&drain(&mut t, now)), vec![1]);
+        // OACK lost: resent on timeout.
+        let mut t = transfer(10, Some(512), None);
+        drain(&mut t, now);
+        t.handle_timeout(now + Duration::from_secs(1));
+        assert_eq!(drain(&mut t, now)[0][..2], [0, 6]);
+    }
+
+    // RFC 2347: the client may refuse the OACK with error 8; the server sends nothing more.
+    #[test]
+    fn rfc2347_client_declines_oack() {
+        let now = Instant::now();
+        let mut t = transfer(100, Some(512), None);
+        drain(&mut t, now);
+        t.handle_input(now, b"\x00\x05\x00\x08no thanks\x00");
+        assert!(drain(&mut t, now).is_empty());
+        assert!(t.is_done());
+        assert_eq!(
+            t.poll_event(),
+            Some(TransferEvent::Failed(FailReason::PeerError {
+                code: 8,
+                message: "no thanks".into()
+            }))
+        );
+    }
+
+    // RFC 7440 §4: an ACK inside the window restarts right after it; duplicates do nothing.
+    #[test]
+    fn rfc7440_s4_partial_ack_and_duplicate() {
+        let now = Instant::now();
+        let mut t = transfer(512 * 20, None, Some(4));
+        drain(&mut t, now); // OACK
+        t.handle_input(now, &ack(0));
+        assert_eq!(blocks(&drain(&mut t, now)), vec![1, 2, 3, 4]);
+        t.handle_input(now, &ack(2)); // gap after 2
+        assert_eq!(blocks(&drain(&mut t, now)), vec![3, 4, 5, 6]);
+        t.handle_input(now, &ack(2)); // duplicate: nothing
+        assert!(drain(&mut t, now).is_empty());
+        t.handle_input(now, &ack(9)); // beyond anything sent: ignored
+        assert!(drain(&mut t, now).is_empty());
+        // Timeout: go back to the first unacknowledged block.
+        t.handle_timeout(now + Duration::from_secs(1));
+        assert_eq!(blocks(&drain(&mut t, now)), vec![3, 4, 5, 6]);
+    }
+
+    // Block numbers wrap from 65535 to 0.
+    #[test]
+    fn block_numbers_wrap_to_zero() {
+        let now = Instant::now();
+        let mut t = transfer(8 * 65540, Some(8), Some(64));
+        drain(&mut t, now);
+        t.handle_input(now, &ack(0));
+        let mut seen = Vec::new();
+        while !t.is_done() {
+            let p = drain(&mut t, now);
+            let b = blocks(&p);
+            seen.extend_from_slice(&b);
+            t.handle_input(now, &ack(*b.last().unwrap()));
+        }
+        assert_eq!(seen.len(), 65541);
+        assert_eq!(&seen[65533..65538], &[65534, 65535, 0, 1, 2]);
+        assert!(matches!(
+            t.poll_event(),
+            Some(TransferEvent::Finished { bytes, .. }) if bytes == 8 * 65540
+        ));
+    }
+
+    // RFC 1350 §5: DATA (or a request) from the client during a read is an illegal operation.
+    #[test]
+    fn rfc1350_unexpected_packet_is_error_4() {
+        let now = Instant::now();
+        let mut t = transfer(100, None, None);
+        drain(&mut t, now);
+        t.handle_input(now, b"\x00\x03\x00\x01xx");
+        let p = drain(&mut t, now);
+        assert_eq!(p.len(), 1);
+        assert_eq!(&p[0][..4], b"\x00\x05\x00\x04");
+        assert!(t.is_done());
+        assert!(drain(&mut t, now).is_empty());
+    }
+
+    // A failing source ends the transfer with an error packet.
+    #[test]
+    fn read_error_sends_error() {
+        struct Broken;
+        impl Source for Broken {
+            fn size(&self) -> Option<u64> {
+                None
+            }
+            fn read_at(&mut self, _: u64, _: &mut [u8]) -> std::io::Result<usize> {
+                Err(std::io::Error::other("disk on fire"))
+            }
+        }
+        let now = Instant::now();
+        let neg = Negotiated::new(&RequestOptions::default(), &Limits::default(), None);
+        let mut t = Transfer::new(Broken, neg);
+        let mut buf = vec![0u8; t.max_packet_len()];
+        let n = t.poll_transmit(now, &mut buf).unwrap();
+        assert_eq!(&buf[..4], b"\x00\x05\x00\x00");
+        assert!(n > 5);
+        assert!(t.is_done());
+        assert!(matches!(
+            t.poll_event(),
+            Some(TransferEvent::Failed(FailReason::Read { .. }))
+        ));
+    }
 }
