@@ -5,12 +5,17 @@
 # server share the machine's cores, so only ratios from one run mean anything.
 #   1. a 64 MiB file fetched with atftp at blksize 1432, without windowsize and with windowsize 16;
 #   2. 200 atftp clients fetching a 4 MiB file at once: how many complete, and the total time.
+# corral runs as crates/corral-tftp/examples/tftp_server on tokio's multi-threaded runtime
+# ("corral") and on the single-threaded one ("corral-1t", TFTP_RUNTIME=current).
 # Every fetched file is compared with the original.
 #
-# atftpd is not run: installing it removes tftpd-hpa. Its figure with windowsize 16 is the
-# issue's reference, 139.5 MB/s, measured on this machine class; it is printed as such.
+# atftpd (the only one of the peers that honours windowsize) cannot be installed beside
+# tftpd-hpa: Debian's packages conflict. With ATFTPD=1 the script measures it last, installing
+# `atftpd` with apt-get (which removes tftpd-hpa) and reinstalling `tftpd-hpa` afterwards.
+# Without it, corral's windowsize figure is compared with the issue's atftpd reference,
+# 139.5 MB/s, and the output says so.
 #
-# Needs root, atftp, dnsmasq, tftpd-hpa (in.tftpd). Usage: bench/tftp/run.sh [RUNS]
+# Needs root, atftp, dnsmasq, tftpd-hpa (in.tftpd). Usage: [ATFTPD=1] bench/tftp/run.sh [RUNS]
 # (RUNS = repetitions of the single-client fetches, best taken; default 3).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -37,6 +42,9 @@ cleanup() {
     ip netns del "$SRV" 2>/dev/null || true
     ip netns del "$CLI" 2>/dev/null || true
     rm -rf "$WORK"
+    if [ "${ATFTPD:-0}" = 1 ] && ! command -v in.tftpd >/dev/null; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tftpd-hpa >/dev/null || true
+    fi
 }
 trap cleanup EXIT
 
@@ -72,6 +80,14 @@ start_server() {
             ;;
         corral)
             ip netns exec "$SRV" "$CORRAL" "$ROOT" 0.0.0.0:69 1000 2>"$WORK/corral.log" &
+            ;;
+        corral-1t)
+            ip netns exec "$SRV" env TFTP_RUNTIME=current "$CORRAL" "$ROOT" 0.0.0.0:69 1000 \
+                2>"$WORK/corral.log" &
+            ;;
+        atftpd)
+            ip netns exec "$SRV" atftpd --daemon --no-fork --port 69 --bind-address $SIP \
+                --user root.root --maxthread 1000 --logfile "$WORK/atftpd.log" "$ROOT" &
             ;;
     esac
     SERVER_PID=$!
@@ -132,14 +148,24 @@ crowd() {
     awk -v a="$t0" -v b="$t1" -v ok="$ok" 'BEGIN { printf "%d %.1f\n", ok, b - a }'
 }
 
+SERVERS=(dnsmasq tftp-hpa corral corral-1t)
+[ "${ATFTPD:-0}" = 1 ] && SERVERS+=(atftpd)
 declare -A PLAIN WIN CROWD_OK CROWD_T
-for s in dnsmasq tftp-hpa corral; do
+for s in "${SERVERS[@]}"; do
     echo "== $s" >&2
+    if [ "$s" = atftpd ]; then
+        echo "installing atftpd (removes tftpd-hpa; reinstalled after)" >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq atftpd >/dev/null
+    fi
     start_server "$s"
     PLAIN[$s]=$(best_of "blksize 1432" "tsize 0")
     WIN[$s]=$(best_of "blksize 1432" "tsize 0" "windowsize 16")
     read -r CROWD_OK[$s] CROWD_T[$s] < <(crowd)
     stop_server
+    if [ "$s" = atftpd ]; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tftpd-hpa >/dev/null
+        echo "tftpd-hpa reinstalled" >&2
+    fi
     echo "   64 MiB blksize 1432: ${PLAIN[$s]} MB/s; windowsize 16: ${WIN[$s]} MB/s; 200 x 4 MiB: ${CROWD_OK[$s]}/200 in ${CROWD_T[$s]} s" >&2
 done
 
@@ -147,16 +173,29 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0 && a ~ /^[0-9.]+$/) printf 
 
 echo
 echo "TFTP benchmark, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, kernel $(uname -r)"
+echo "load average at the end: $(cut -d" " -f1-3 /proc/loadavg)"
 echo "dnsmasq $(dnsmasq --version | head -1 | awk '{print $3}'), tftp-hpa $(dpkg-query -W -f='${Version}' tftpd-hpa 2>/dev/null), atftp $(dpkg-query -W -f='${Version}' atftp 2>/dev/null); best of $RUNS"
 echo
-printf '%-28s %12s %12s %12s\n' "" dnsmasq tftp-hpa corral
-printf '%-28s %12s %12s %12s\n' "64 MiB, blksize 1432 (MB/s)" "${PLAIN[dnsmasq]}" "${PLAIN[tftp-hpa]}" "${PLAIN[corral]}"
-printf '%-28s %12s %12s %12s\n' "  + windowsize 16 (MB/s)" "${WIN[dnsmasq]}" "${WIN[tftp-hpa]}" "${WIN[corral]}"
-printf '%-28s %12s %12s %12s\n' "200 x 4 MiB: completed" "${CROWD_OK[dnsmasq]}" "${CROWD_OK[tftp-hpa]}" "${CROWD_OK[corral]}"
-printf '%-28s %12s %12s %12s\n' "200 x 4 MiB: time (s)" "${CROWD_T[dnsmasq]}" "${CROWD_T[tftp-hpa]}" "${CROWD_T[corral]}"
+row() {
+    local label=$1
+    local -n values=$2
+    printf '%-28s' "$label"
+    for s in "${SERVERS[@]}"; do printf ' %12s' "${values[$s]}"; done
+    echo
+}
+printf '%-28s' ""; for s in "${SERVERS[@]}"; do printf ' %12s' "$s"; done; echo
+row "64 MiB, blksize 1432 (MB/s)" PLAIN
+row "  + windowsize 16 (MB/s)" WIN
+row "200 x 4 MiB: completed" CROWD_OK
+row "200 x 4 MiB: time (s)" CROWD_T
 echo
 echo "corral / dnsmasq, no windowsize:     $(ratio "${PLAIN[corral]}" "${PLAIN[dnsmasq]}")  (target >= 1)"
+echo "corral-1t / dnsmasq, no windowsize:  $(ratio "${PLAIN[corral-1t]}" "${PLAIN[dnsmasq]}")"
 echo "corral / tftp-hpa, no windowsize:    $(ratio "${PLAIN[corral]}" "${PLAIN[tftp-hpa]}")"
-echo "corral windowsize 16 / atftpd ref:   $(ratio "${WIN[corral]}" "$ATFTPD_REF")  (atftpd ${ATFTPD_REF} MB/s from the issue, not this run; target >= 1)"
+if [ -n "${WIN[atftpd]:-}" ]; then
+    echo "corral / atftpd, windowsize 16:      $(ratio "${WIN[corral]}" "${WIN[atftpd]}")  (same run; target >= 1)"
+fi
+echo "corral windowsize 16 / atftpd ref:   $(ratio "${WIN[corral]}" "$ATFTPD_REF")  (atftpd ${ATFTPD_REF} MB/s from the issue, not this run)"
 echo "corral windowsize 16 / dnsmasq:      $(ratio "${WIN[corral]}" "${PLAIN[dnsmasq]}")"
 echo "200 clients, tftp-hpa time / corral: $(ratio "${CROWD_T[tftp-hpa]}" "${CROWD_T[corral]}")  (target >= 1, all 200 complete)"
+echo "200 clients, tftp-hpa / corral-1t:   $(ratio "${CROWD_T[tftp-hpa]}" "${CROWD_T[corral-1t]}")"
