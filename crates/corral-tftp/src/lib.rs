@@ -5,7 +5,10 @@
 //! transfer runs in its own task with its own ephemeral socket bound to the address the request
 //! was sent to (learnt with `IP_PKTINFO` when the listening socket is bound to a wildcard), as
 //! RFC 1350 §4 and every PXE ROM expect. Files are opened with `openat2(RESOLVE_BENEATH)`, so
-//! neither `..`, absolute paths nor symlinks reach outside the root.
+//! neither `..`, absolute paths nor symlinks reach outside the root, and read through a
+//! read-ahead buffer; a window of DATA packets (RFC 7440) leaves in one `sendmsg` with UDP GSO.
+//! At most [`TftpConfig::max_transfers`] run at once; a retransmitted RRQ of a running transfer
+//! is ignored rather than starting a second one.
 //!
 //! The netboot layer steers requests through [`TftpHooks`]: [`TftpHooks::on_request`] sees
 //! every valid read request and returns a [`TftpDecision`] (serve the file, another file,
