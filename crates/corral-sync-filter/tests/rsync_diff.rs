@@ -1,0 +1,372 @@
+//! Differential test against the real rsync: random trees and random rule sets; `rsync -r -n -i`
+//! (and `--delete` against a destination with extra files) must select exactly what
+//! `Matcher::transfers` / `Matcher::may_delete` select when walked the way rsync walks.
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)] // tests build real trees
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use corral_sync_filter::{FilterOption, MatchOptions, Matcher, Rules};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// A tree: relative path -> is_dir.
+type Tree = BTreeMap<String, bool>;
+
+const NAMES: &[&str] = &[
+    "a", "b", "foo", "bar", "x.o", "y.txt", "core", "a.bak", "sub", ".hid", "[x]", "Ab",
+];
+
+fn gen_universe(rng: &mut StdRng) -> Tree {
+    fn rec(rng: &mut StdRng, prefix: &str, depth: usize, out: &mut Tree) {
+        let n = rng.random_range(1..=5);
+        let mut used = BTreeSet::new();
+        for _ in 0..n {
+            let name = NAMES[rng.random_range(0..NAMES.len())];
+            if !used.insert(name) {
+                continue;
+            }
+            let path = if prefix.is_empty() {
+                name.to_owned()
+            } else {
+                format!("{prefix}/{name}")
+            };
+            let is_dir = depth < 3 && rng.random_bool(0.45);
+            out.insert(path.clone(), is_dir);
+            if is_dir {
+                rec(rng, &path, depth + 1, out);
+            }
+        }
+    }
+    let mut t = Tree::new();
+    rec(rng, "", 0, &mut t);
+    t
+}
+
+/// A subset of `u` closed under parents.
+fn subset(rng: &mut StdRng, u: &Tree, keep: f64) -> Tree {
+    let mut out = Tree::new();
+    for (p, &d) in u {
+        let parent_ok = match p.rfind('/') {
+            Some(i) => out.get(&p[..i]) == Some(&true),
+            None => true,
+        };
+        if parent_ok && rng.random_bool(keep) {
+            out.insert(p.clone(), d);
+        }
+    }
+    out
+}
+
+fn gen_pattern(rng: &mut StdRng) -> String {
+    let comps = rng.random_range(1..=3);
+    let mut parts = Vec::new();
+    for _ in 0..comps {
+        let c = match rng.random_range(0..12) {
+            0 => "*".to_owned(),
+            1 => "?".to_owned(),
+            2 => "*.o".to_owned(),
+            3 => "[ab]*".to_owned(),
+            4 => "**".to_owned(),
+            5 => "f*".to_owned(),
+            _ => NAMES[rng.random_range(0..NAMES.len())].replace('[', "\\["),
+        };
+        parts.push(c);
+    }
+    let mut p = parts.join("/");
+    if rng.random_bool(0.1) {
+        p.push_str("/***");
+    }
+    if rng.random_bool(0.3) {
+        p.insert(0, '/');
+    }
+    if rng.random_bool(0.2) {
+        p.push('/');
+    }
+    p
+}
+
+fn gen_rules(rng: &mut StdRng, delete: bool, allow_dir_merge: bool) -> Vec<String> {
+    let prefixes: &[&str] = if delete {
+        &[
+            "- ", "+ ", "P ", "R ", "H ", "S ", "-s ", "-r ", "+r ", "-! ", "protect ", "risk ",
+            "-p ", "hide ", "show ",
+        ]
+    } else {
+        &[
+            "- ", "+ ", "H ", "S ", "P ", "R ", "-! ", "+! ", "-s ", "-r ", "+s ", "exclude ",
+            "include ", "-,! ", "+_",
+        ]
+    };
+    let n = rng.random_range(1..=6);
+    let mut rules = Vec::new();
+    for _ in 0..n {
+        let pre = prefixes[rng.random_range(0..prefixes.len())];
+        rules.push(format!("{pre}{}", gen_pattern(rng)));
+    }
+    if allow_dir_merge && rng.random_bool(0.35) {
+        let m = match rng.random_range(0..4) {
+            0 => ": .rf",
+            1 => "dir-merge,n .rf",
+            2 => ":e .rf",
+            _ => ":- .rf",
+        };
+        let at = rng.random_range(0..=rules.len());
+        rules.insert(at, m.to_owned());
+    }
+    rules
+}
+
+fn write_tree(root: &Path, t: &Tree) -> Result<()> {
+    std::fs::create_dir_all(root)?;
+    for (p, &d) in t {
+        let full = root.join(p);
+        if d {
+            std::fs::create_dir_all(&full)?;
+        } else {
+            std::fs::write(&full, p.as_bytes())?;
+        }
+    }
+    Ok(())
+}
+
+/// Files `.rf` in some directories of `t` (including the root ""), with random rules.
+fn gen_merge_files(rng: &mut StdRng, t: &Tree, no_prefix: bool) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let dirs = std::iter::once(String::new()).chain(t.iter().filter(|e| *e.1).map(|e| e.0.clone()));
+    for d in dirs {
+        if !rng.random_bool(0.5) {
+            continue;
+        }
+        let mut text = String::new();
+        for _ in 0..rng.random_range(1..=3) {
+            if no_prefix {
+                text.push_str(&gen_pattern(rng));
+            } else if rng.random_bool(0.1) {
+                text.push('!');
+            } else {
+                let pre = ["- ", "+ ", "H ", "# comment ", "exclude "][rng.random_range(0..5)];
+                text.push_str(pre);
+                text.push_str(&gen_pattern(rng));
+            }
+            text.push('\n');
+        }
+        let path = if d.is_empty() {
+            ".rf".to_owned()
+        } else {
+            format!("{d}/.rf")
+        };
+        out.insert(path, text);
+    }
+    out
+}
+
+fn run_rsync(src: &Path, dst: &Path, rules: &[String], extra: &[&str]) -> Result<Vec<String>> {
+    let mut cmd = Command::new("rsync");
+    cmd.arg("-r").arg("-i").args(extra);
+    for r in rules {
+        cmd.arg(format!("--filter={r}"));
+    }
+    cmd.arg(format!("{}/", src.display()))
+        .arg(format!("{}/", dst.display()));
+    let out = cmd.output().context("running rsync (is it installed?)")?;
+    if !out.status.success() {
+        bail!(
+            "rsync failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?
+        .lines()
+        .map(str::to_owned)
+        .collect())
+}
+
+/// The paths rsync itemized as transferred (`>f`, `cd`), skipping `*deleting` lines.
+fn parse_itemized(lines: &[String]) -> BTreeSet<String> {
+    let mut sent = BTreeSet::new();
+    for l in lines {
+        if l.starts_with("*deleting") {
+            continue;
+        } else if l.len() > 12 && l.as_bytes()[11] == b' ' {
+            let name = l[12..].trim_end_matches('/');
+            if name != "." && !name.is_empty() {
+                sent.insert(name.to_owned());
+            }
+        }
+    }
+    sent
+}
+
+fn children<'a>(t: &'a Tree, dir: &str) -> Vec<(&'a String, bool)> {
+    t.iter()
+        .filter(|(p, _)| match p.rfind('/') {
+            Some(i) => &p[..i] == dir,
+            None => dir.is_empty(),
+        })
+        .map(|(p, &d)| (p, d))
+        .collect()
+}
+
+fn reader(root: PathBuf) -> impl FnMut(&Path) -> Option<String> {
+    move |rel: &Path| std::fs::read_to_string(root.join(rel)).ok()
+}
+
+/// Walk `t` as rsync's sender does and return what is transferred.
+fn our_sent(t: &Tree, m: &Matcher, root: &Path) -> Result<BTreeSet<String>> {
+    let mut read = reader(root.to_owned());
+    let rootm = m.for_dir(Path::new(""), &mut read)?;
+    let mut out = BTreeSet::new();
+    let mut stack = vec![(String::new(), rootm)];
+    while let Some((dir, dm)) = stack.pop() {
+        for (p, is_dir) in children(t, &dir) {
+            if !dm.transfers(Path::new(p), is_dir) {
+                continue;
+            }
+            out.insert(p.clone());
+            if is_dir {
+                stack.push((p.clone(), dm.for_dir(Path::new(p), &mut read)?));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// What rsync --delete removes from `dst` given the sent set (no per-directory merge files).
+fn our_deleted(dst: &Tree, sent: &BTreeSet<String>, m: &Matcher) -> BTreeSet<String> {
+    fn del_dir(dst: &Tree, dir: &str, m: &Matcher, out: &mut BTreeSet<String>) -> bool {
+        let mut empty = true;
+        for (c, is_dir) in children(dst, dir) {
+            if !m.may_delete_within_deleted(Path::new(c), is_dir) {
+                empty = false;
+                continue;
+            }
+            if is_dir && !del_dir(dst, c, m, out) {
+                empty = false;
+                continue;
+            }
+            out.insert(c.clone());
+        }
+        empty
+    }
+    let mut out = BTreeSet::new();
+    // Directories the sender sent that exist on the receiver (and the root).
+    let dirs = std::iter::once(String::new())
+        .chain(sent.iter().filter(|p| dst.get(*p) == Some(&true)).cloned());
+    for d in dirs.collect::<Vec<_>>() {
+        for (c, is_dir) in children(dst, &d) {
+            if sent.contains(c) || !m.may_delete(Path::new(c), is_dir) {
+                continue;
+            }
+            if is_dir && !del_dir(dst, c, m, &mut out) {
+                continue;
+            }
+            out.insert(c.clone());
+        }
+    }
+    out
+}
+
+fn rsync_available() -> bool {
+    Command::new("rsync").arg("--version").output().is_ok()
+}
+
+fn one_case(seed: u64, delete: bool) -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let universe = gen_universe(&mut rng);
+    let src_t = subset(&mut rng, &universe, 0.85);
+    let dst_t = subset(&mut rng, &universe, 0.6);
+    let dir_merge = !delete;
+    let rules = gen_rules(&mut rng, delete, dir_merge);
+    let delete_excluded = delete && rng.random_bool(0.25);
+    let tmp = tempfile::tempdir()?;
+    let src = tmp.path().join("src");
+    let dst = tmp.path().join("dst");
+    write_tree(&src, &src_t)?;
+    let mut src_all = src_t.clone();
+    if rules.iter().any(|r| r.contains(".rf")) {
+        let no_prefix = rules.iter().any(|r| r.starts_with(":- "));
+        for (p, text) in gen_merge_files(&mut rng, &src_t, no_prefix) {
+            std::fs::write(src.join(&p), text)?;
+            src_all.insert(p, false);
+        }
+    }
+    let opts: Vec<FilterOption> = rules.iter().cloned().map(FilterOption::Filter).collect();
+    let parsed = Rules::from_options(&opts).with_context(|| format!("parsing {rules:?}"))?;
+    let m = Matcher::new(
+        parsed,
+        MatchOptions {
+            delete_excluded,
+            ..Default::default()
+        },
+    );
+    let ours = our_sent(&src_all, &m, &src)?;
+    let ctx = || format!("seed {seed}: rules {rules:?}\nsrc {src_all:?}\ndst {dst_t:?}");
+    if delete {
+        write_tree(&dst, &dst_t)?;
+        // A real run: `-n` reports non-empty subdirectories of a deleted directory as deleted
+        // (its rmdir is skipped), so what is gone afterwards is the truth.
+        let mut extra = vec!["--delete"];
+        if delete_excluded {
+            extra.push("--delete-excluded");
+        }
+        let lines = run_rsync(&src, &dst, &rules, &extra)?;
+        let theirs: BTreeSet<String> = dst_t
+            .keys()
+            .filter(|p| std::fs::symlink_metadata(dst.join(p)).is_err())
+            .cloned()
+            .collect();
+        let ours_del = our_deleted(&dst_t, &ours, &m);
+        if ours_del != theirs {
+            bail!(
+                "delete mismatch, delete_excluded={delete_excluded}\n{}\nrsync: {theirs:?}\nours:  {ours_del:?}\nrsync output: {lines:#?}",
+                ctx()
+            );
+        }
+    } else {
+        let lines = run_rsync(&src, &dst, &rules, &["-n"])?;
+        let theirs = parse_itemized(&lines);
+        if ours != theirs {
+            bail!(
+                "transfer mismatch\n{}\nrsync: {theirs:?}\nours:  {ours:?}",
+                ctx()
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn differential_transfer_against_rsync() -> Result<()> {
+    if !rsync_available() {
+        eprintln!("SKIPPED differential_transfer_against_rsync: rsync not installed");
+        return Ok(());
+    }
+    let n: u64 = std::env::var("FILTER_DIFF_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(150);
+    for seed in 0..n {
+        one_case(seed, false)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn differential_delete_against_rsync() -> Result<()> {
+    if !rsync_available() {
+        eprintln!("SKIPPED differential_delete_against_rsync: rsync not installed");
+        return Ok(());
+    }
+    let n: u64 = std::env::var("FILTER_DIFF_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    for seed in 0..n {
+        one_case(1_000_000 + seed, true)?;
+    }
+    Ok(())
+}
