@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags, Timestamps};
 use rustix::io::Errno;
@@ -48,7 +48,6 @@ pub struct ReceiverOptions {
 #[derive(Debug)]
 pub struct Receiver {
     root: OwnedFd,
-    root_path: PathBuf,
     opts: ReceiverOptions,
     /// Where each chunk the child holds can be read: path, offset, length.
     index: HashMap<Hash, (String, u64, u32)>,
@@ -58,6 +57,8 @@ pub struct Receiver {
     retained: HashMap<String, OwnedFd>,
     open_cache: Option<(String, OwnedFd)>,
     created: Vec<String>,
+    /// Directories whose entries changed (fsynced at the end).
+    touched: std::collections::BTreeSet<String>,
     /// Files written with their content (for the hash cache).
     pub written: Vec<(String, Content)>,
     /// What was done.
@@ -128,13 +129,13 @@ impl Receiver {
         }
         Ok(Receiver {
             root: fd,
-            root_path: root.to_path_buf(),
             opts,
             index,
             old,
             retained: HashMap::new(),
             open_cache: None,
             created: Vec::new(),
+            touched: std::collections::BTreeSet::new(),
             written: Vec::new(),
             report: Report::default(),
             seq: 0,
@@ -259,6 +260,7 @@ impl Receiver {
             }
             None => self.created.push(path.to_string()),
         }
+        self.touched.insert(split(path).0.to_string());
         rustix::fs::renameat(dir, tmp, dir, name).map_err(|e| errno("rename into place", path, e))
     }
 
@@ -608,8 +610,15 @@ impl Receiver {
             write_at(&f, &j, 0, false).map_err(|x| errno("write journal", JOURNAL, x))?;
         }
         self.retained.clear();
-        rustix::fs::syncfs(&self.root)
-            .map_err(|x| SyncError::fs("syncfs", &self.root_path, x.into()))
+        if self.opts.fsync {
+            // The renames are durable once their directories are.
+            for d in std::mem::take(&mut self.touched) {
+                if let Ok(fd) = self.dir(&d) {
+                    rustix::fs::fsync(&fd).map_err(|x| errno("fsync directory", &d, x))?;
+                }
+            }
+        }
+        Ok(())
     }
 }
 

@@ -361,10 +361,14 @@ pub fn plan(
     }
 
     if opts.delete {
-        // Child paths the master does not transfer; a protected directory protects its
-        // contents, and a deleted directory takes its contents along.
-        let mut dels: Vec<&Entry> = Vec::new();
+        // Child paths the master does not transfer. A path the filter protects keeps its
+        // directories; a protected directory is not looked into; a deleted directory takes
+        // its contents along.
+        let mut cand: Vec<&Entry> = Vec::new();
         let mut skip: Option<&str> = None;
+        // Directories being deleted, innermost last (to ask "within deleted").
+        let mut deleting: Vec<&str> = Vec::new();
+        let mut kept: HashSet<&str> = HashSet::new();
         for c in &child.entries {
             if c.path.is_empty() {
                 continue;
@@ -378,18 +382,48 @@ pub fn plan(
             if replaced.iter().any(|r| c.path == *r || is_under(&c.path, r)) {
                 continue;
             }
+            while deleting.last().is_some_and(|d| !is_under(&c.path, d)) {
+                deleting.pop();
+            }
             if sel_paths.contains(c.path.as_str()) {
                 continue;
             }
             let dir = c.kind == Kind::Dir;
-            if filter.may_delete(&c.path, dir) && master_parent_kept(&c.path, &sel_paths) {
-                dels.push(c);
-            }
-            if dir {
-                skip = Some(&c.path);
+            let inside = !deleting.is_empty();
+            let ok = if inside {
+                filter.may_delete_within_deleted(&c.path, dir)
+            } else {
+                filter.may_delete(&c.path, dir) && master_parent_kept(&c.path, &sel_paths)
+            };
+            if ok {
+                cand.push(c);
+                if dir {
+                    deleting.push(&c.path);
+                }
+            } else {
+                // Keep it and every directory above it.
+                let mut p = c.path.as_str();
+                while let Some(i) = p.rfind('/') {
+                    p = &p[..i];
+                    kept.insert(p);
+                }
+                if dir {
+                    skip = Some(&c.path);
+                }
             }
         }
-        for c in dels.iter().rev() {
+        let dels: Vec<&Entry> = cand.into_iter().filter(|c| !kept.contains(c.path.as_str())).collect();
+        // One step per top-most deleted path (deepest first); an item for each.
+        let mut tops: Vec<&Entry> = Vec::new();
+        for c in &dels {
+            let covered = tops
+                .last()
+                .is_some_and(|t| t.kind == Kind::Dir && is_under(&c.path, &t.path));
+            if !covered {
+                tops.push(c);
+            }
+        }
+        for c in tops.iter().rev() {
             plan.ops.push(Op::Delete {
                 path: c.path.clone(),
                 dir: c.kind == Kind::Dir,
