@@ -220,21 +220,46 @@ fn is_under(path: &str, dir: &str) -> bool {
         || path.len() > dir.len() && path.starts_with(dir) && path.as_bytes()[dir.len()] == b'/'
 }
 
-/// The master entries the filter transfers: an excluded directory excludes all below it.
-pub fn filtered<'a>(master: &'a Manifest, filter: &dyn PathFilter) -> Vec<&'a Entry> {
-    let mut out = Vec::with_capacity(master.entries.len());
+/// The master entries the filter transfers: an excluded directory excludes all below it. A
+/// hard-link group whose first name is excluded is led by its first transferred name.
+pub fn filtered(master: &Manifest, filter: &dyn PathFilter) -> Vec<Entry> {
+    let mut out: Vec<Entry> = Vec::with_capacity(master.entries.len());
     let mut excluded: Option<&str> = None;
+    let mut dropped: HashSet<&str> = HashSet::new();
+    // Excluded leader -> its first transferred name.
+    let mut new_leader: std::collections::HashMap<&str, String> = std::collections::HashMap::new();
     for e in &master.entries {
         if let Some(x) = excluded {
             if is_under(&e.path, x) {
+                dropped.insert(&e.path);
                 continue;
             }
             excluded = None;
         }
         if e.path.is_empty() || filter.transfers(&e.path, e.kind == Kind::Dir) {
-            out.push(e);
-        } else if e.kind == Kind::Dir {
-            excluded = Some(&e.path);
+            let mut e2 = e.clone();
+            if let Kind::Hardlink(t) = &e.kind
+                && dropped.contains(t.as_str())
+            {
+                match new_leader.get(t.as_str()) {
+                    Some(l) => e2.kind = Kind::Hardlink(l.clone()),
+                    None => {
+                        let leader = master.get(t);
+                        e2.kind = Kind::File;
+                        e2.content = leader.and_then(|l| l.content.clone());
+                        if let Some(l) = leader {
+                            e2.meta = l.meta.clone();
+                        }
+                        new_leader.insert(t.as_str(), e.path.clone());
+                    }
+                }
+            }
+            out.push(e2);
+        } else {
+            dropped.insert(&e.path);
+            if e.kind == Kind::Dir {
+                excluded = Some(&e.path);
+            }
         }
     }
     out
@@ -249,6 +274,7 @@ pub fn plan(
 ) -> Plan {
     let sel = filtered(master, filter);
     let sel_paths: HashSet<&str> = sel.iter().map(|e| e.path.as_str()).collect();
+    let sel: Vec<&Entry> = sel.iter().collect();
     let mut plan = Plan::default();
     let mut dirmeta = Vec::new();
     // Files whose inode is replaced in this run: their hard links must be redone.
@@ -454,5 +480,222 @@ fn master_parent_kept(path: &str, sel: &HashSet<&str>) -> bool {
     match path.rfind('/') {
         None => true,
         Some(i) => sel.contains(&path[..i]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::manifest::{Content, Hash};
+
+    /// Excludes (and so protects) every path with a component starting with `x`.
+    struct NoX;
+    impl PathFilter for NoX {
+        fn transfers(&self, rel: &str, _d: bool) -> bool {
+            !rel.rsplit('/').next().unwrap_or("").starts_with('x')
+        }
+        fn may_delete(&self, rel: &str, d: bool) -> bool {
+            self.transfers(rel, d)
+        }
+    }
+
+    fn meta(mode: u32, mtime: i64) -> Meta {
+        Meta {
+            mode,
+            uid: 0,
+            gid: 0,
+            user: None,
+            group: None,
+            mtime,
+            mtime_ns: 0,
+            xattrs: vec![],
+        }
+    }
+
+    /// Builds a manifest from (path components, kind, content, mode, mtime) choices.
+    fn build(spec: Vec<(Vec<u8>, u8, u8, u8, u8)>) -> Manifest {
+        let names = ["a", "b", "xa", "c"];
+        let mut map: BTreeMap<String, (u8, u8, u8, u8)> = BTreeMap::new();
+        for (comps, k, c, m, t) in spec {
+            let parts: Vec<&str> = comps.iter().map(|i| names[*i as usize % 4]).collect();
+            for i in 1..parts.len() {
+                map.entry(parts[..i].join("/")).or_insert((3, 0, m, t));
+            }
+            map.entry(parts.join("/")).or_insert((k, c, m, t));
+        }
+        let paths: Vec<String> = map.keys().cloned().collect();
+        let is_parent = |p: &str| paths.iter().any(|q| is_under(q, p));
+        let mut m = Manifest {
+            entries: vec![Entry {
+                path: String::new(),
+                kind: Kind::Dir,
+                meta: meta(0o755, 1),
+                content: None,
+            }],
+        };
+        for (p, (k, c, md, t)) in map {
+            let mode = [0o644, 0o755, 0o4755, 0o600][md as usize % 4];
+            let mut kind = match k % 5 {
+                _ if is_parent(&p) => Kind::Dir,
+                0 | 4 => Kind::File,
+                1 => Kind::Symlink(vec![b'a' + c % 3]),
+                2 => Kind::Fifo,
+                _ => Kind::Dir,
+            };
+            if k % 7 == 6 && kind == Kind::File {
+                // A second name for the first regular file, if one precedes.
+                let first = m.entries.iter().find(|e| e.kind == Kind::File).map(|e| e.path.clone());
+                if let Some(f) = first {
+                    kind = Kind::Hardlink(f);
+                }
+            }
+            let content = (kind == Kind::File).then(|| Content {
+                size: u64::from(c % 3),
+                hash: Hash::of(&[c % 3]),
+                chunks: vec![],
+                sparse: false,
+            });
+            m.entries.push(Entry {
+                path: p,
+                kind,
+                meta: meta(mode, i64::from(t % 3)),
+                content,
+            });
+        }
+        m.sort();
+        m
+    }
+
+    fn remove_under(model: &mut BTreeMap<String, Entry>, p: &str) {
+        model.retain(|k, _| k != p && !is_under(k, p));
+    }
+
+    fn apply(child: &Manifest, plan: &Plan) -> Result<BTreeMap<String, Entry>, String> {
+        let mut model: BTreeMap<String, Entry> =
+            child.entries.iter().map(|e| (e.path.clone(), e.clone())).collect();
+        let parent_ok = |model: &BTreeMap<String, Entry>, p: &str| {
+            let parent = p.rsplit_once('/').map_or("", |(d, _)| d);
+            model.get(parent).is_some_and(|e| e.kind == Kind::Dir)
+        };
+        for op in &plan.ops {
+            match op {
+                Op::Replace { path } | Op::Delete { path, .. } => remove_under(&mut model, path),
+                Op::Mkdir(e) | Op::Write(e) | Op::Special(e) => {
+                    if !parent_ok(&model, &e.path) {
+                        return Err(format!("{op:?}: no parent"));
+                    }
+                    if model.get(&e.path).is_some_and(|c| c.kind == Kind::Dir) && e.kind != Kind::Dir {
+                        return Err(format!("{op:?}: a directory is in the way"));
+                    }
+                    let mut e = e.clone();
+                    if let Op::Mkdir(_) = op {
+                        e.meta = meta(0o700, 99);
+                    }
+                    model.insert(e.path.clone(), e);
+                }
+                Op::Link { path, target } => {
+                    if !parent_ok(&model, path) {
+                        return Err(format!("{op:?}: no parent"));
+                    }
+                    let t = model.get(target).cloned().ok_or(format!("{op:?}: no target"))?;
+                    model.insert(
+                        path.clone(),
+                        Entry {
+                            path: path.clone(),
+                            kind: Kind::Hardlink(target.clone()),
+                            meta: t.meta,
+                            content: None,
+                        },
+                    );
+                }
+                Op::Meta(e) | Op::DirMeta(e) => {
+                    let c = model.get_mut(&e.path).ok_or(format!("{op:?}: missing"))?;
+                    c.meta = e.meta.clone();
+                }
+            }
+        }
+        Ok(model)
+    }
+
+    fn spec() -> impl Strategy<Value = Vec<(Vec<u8>, u8, u8, u8, u8)>> {
+        proptest::collection::vec(
+            (proptest::collection::vec(0u8..4, 1..4), any::<u8>(), any::<u8>(), any::<u8>(), any::<u8>()),
+            0..14,
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(400))]
+        /// After applying the plan the child equals the master, except excluded paths, which
+        /// are neither sent nor deleted.
+        #[test]
+        fn applying_the_plan_makes_child_equal_master(ms in spec(), cs in spec()) {
+            let master = build(ms);
+            let child = build(cs);
+            let opts = PlanOptions { delete: true, ..PlanOptions::default() };
+            let p = plan(&master, &child, &NoX, &opts);
+            let model = apply(&child, &p).map_err(TestCaseError::fail)?;
+            let has_x = |p: &str| p.split('/').any(|c| c.starts_with('x'));
+            // A directory the master lacks stays when it holds a protected path.
+            let keeps_protected = |k: &str| master.get(k).is_none() && model.keys().any(|q| is_under(q, k) && has_x(q));
+            let got: Vec<(&String, &Kind, Option<Hash>)> = model
+                .iter()
+                .filter(|(k, _)| !has_x(k) && !keeps_protected(k))
+                .map(|(k, e)| (k, &e.kind, e.content.as_ref().map(|c| c.hash)))
+                .collect();
+            let sel = filtered(&master, &NoX);
+            let want: Vec<(&String, &Kind, Option<Hash>)> = sel
+                .iter()
+                .filter(|e| !has_x(&e.path))
+                .map(|e| (&e.path, &e.kind, e.content.as_ref().map(|c| c.hash)))
+                .collect();
+            prop_assert_eq!(got, want);
+            for e in sel.iter().filter(|e| !has_x(&e.path)) {
+                if !matches!(e.kind, Kind::Hardlink(_)) {
+                    prop_assert_eq!(&model[&e.path].meta, &e.meta, "meta of {}", e.path);
+                }
+            }
+            // Protected child paths survive (where their directory still exists).
+            for e in child.entries.iter().filter(|e| has_x(&e.path)) {
+                let parent = e.path.rsplit_once('/').map_or("", |(d, _)| d);
+                let parent_is_master_dir = master.get(parent).is_some_and(|m| m.kind == Kind::Dir) || has_x(parent);
+                if parent_is_master_dir && !has_x(parent) {
+                    prop_assert!(model.contains_key(&e.path), "protected {} deleted", e.path);
+                }
+            }
+            // A second plan has nothing left to do.
+            let again = Manifest { entries: model.into_values().collect() };
+            let mut again = again;
+            again.sort();
+            let p2 = plan(&master, &again, &NoX, &opts);
+            prop_assert!(p2.is_empty(), "{:?}", p2.items);
+        }
+    }
+
+    #[test]
+    fn itemize_strings_look_like_rsync() {
+        let mut a = Manifest::default();
+        let mut b = Manifest::default();
+        let f = |p: &str, size: u8, mode: u32, t: i64| Entry {
+            path: p.into(),
+            kind: Kind::File,
+            meta: meta(mode, t),
+            content: Some(Content { size: u64::from(size), hash: Hash::of(&[size]), chunks: vec![], sparse: false }),
+        };
+        a.entries = vec![f("new", 1, 0o644, 1), f("same", 1, 0o644, 1), f("sz", 2, 0o644, 2), f("suid", 1, 0o4755, 1)];
+        b.entries = vec![f("gone", 1, 0o644, 1), f("same", 1, 0o644, 1), f("suid", 1, 0o755, 1), f("sz", 1, 0o644, 1)];
+        a.sort();
+        b.sort();
+        let p = plan(&a, &b, &crate::filter::IncludeAll, &PlanOptions { delete: true, ..Default::default() });
+        let lines: Vec<String> = p.items.iter().map(Item::line).collect();
+        assert_eq!(
+            lines,
+            vec!["*deleting   gone", ">f+++++++++ new", ".f...p..... suid", ">fcst...... sz"]
+        );
+        assert!(p.items.iter().find(|i| i.path == "suid").unwrap().security);
     }
 }
