@@ -56,7 +56,13 @@ impl Report {
         });
     }
 
-    pub(crate) fn error(&mut self, src: &Source, span: Option<Range<usize>>, kind: ProblemKind, msg: String) {
+    pub(crate) fn error(
+        &mut self,
+        src: &Source,
+        span: Option<Range<usize>>,
+        kind: ProblemKind,
+        msg: String,
+    ) {
         let at = span.map(|s| line_col(&src.text, s.start));
         self.push(&src.rel, at, Severity::Error, kind, msg);
     }

@@ -848,13 +848,24 @@ mod trees {
     #[test]
     fn bad_trees_are_reported_by_check() {
         let d = site_with("source = \"relative\"\n[[child]]\ndest = \"x\"\n");
-        let errs: Vec<_> = crate::check(d.path()).into_iter().filter(|p| p.is_error()).collect();
-        assert!(errs.iter().any(|p| p.message.contains("absolute")), "{errs:?}");
+        let errs: Vec<_> = crate::check(d.path())
+            .into_iter()
+            .filter(|p| p.is_error())
+            .collect();
+        assert!(
+            errs.iter().any(|p| p.message.contains("absolute")),
+            "{errs:?}"
+        );
         let d = site_with("source = \"/a\"\nbogus = 1\n");
         assert!(crate::load_tree(d.path(), "t").is_err());
-        let d = site_with("source = \"/a\"\n[[child]]\nhost = \"h\"\ndest = \"/\"\n[[child]]\nhost = \"h\"\ndest = \"/x\"\n");
+        let d = site_with(
+            "source = \"/a\"\n[[child]]\nhost = \"h\"\ndest = \"/\"\n[[child]]\nhost = \"h\"\ndest = \"/x\"\n",
+        );
         let e = crate::load_tree(d.path(), "t").unwrap_err();
-        assert!(e.iter().any(|p| p.message.contains("two children")), "{e:?}");
+        assert!(
+            e.iter().any(|p| p.message.contains("two children")),
+            "{e:?}"
+        );
         assert!(crate::load_tree(d.path(), "missing").is_err());
     }
 }

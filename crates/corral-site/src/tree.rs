@@ -109,7 +109,10 @@ fn convert(dir: &Path, name: &str, src: &Source, raw: RawTree, r: &mut Report) -
     let source = match raw.source {
         Some(s) if Path::new(&s).is_absolute() => PathBuf::from(s),
         Some(s) => {
-            bad(r, format!("source = {s:?} must be an absolute path (the master's root)"));
+            bad(
+                r,
+                format!("source = {s:?} must be an absolute path (the master's root)"),
+            );
             return None;
         }
         None => {
@@ -121,7 +124,11 @@ fn convert(dir: &Path, name: &str, src: &Source, raw: RawTree, r: &mut Report) -
         let f = f?;
         let p = dir.join(&f);
         if !p.is_file() {
-            r.file_error(&src.rel, ProblemKind::BadTree, format!("filter file {f:?} not found (paths are relative to the site directory)"));
+            r.file_error(
+                &src.rel,
+                ProblemKind::BadTree,
+                format!("filter file {f:?} not found (paths are relative to the site directory)"),
+            );
         }
         Some(p)
     };
@@ -129,32 +136,63 @@ fn convert(dir: &Path, name: &str, src: &Source, raw: RawTree, r: &mut Report) -
     if let Some(b) = &raw.backup_dir
         && (b.is_empty() || b.starts_with('/') || b.split('/').any(|c| c == ".." || c.is_empty()))
     {
-        bad(r, format!("backup_dir = {b:?} must be a relative path beneath the child's root"));
+        bad(
+            r,
+            format!("backup_dir = {b:?} must be a relative path beneath the child's root"),
+        );
     }
     if raw.child.is_empty() {
-        r.file_warn(&src.rel, ProblemKind::BadTree, "no [[child]]: nothing to sync".into());
+        r.file_warn(
+            &src.rel,
+            ProblemKind::BadTree,
+            "no [[child]]: nothing to sync".into(),
+        );
     }
     let mut children = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for (i, c) in raw.child.into_iter().enumerate() {
         let Some(dest) = c.dest else {
-            bad(r, format!("[[child]] #{} has no `dest` (the child's root, e.g. dest = \"/\")", i + 1));
+            bad(
+                r,
+                format!(
+                    "[[child]] #{} has no `dest` (the child's root, e.g. dest = \"/\")",
+                    i + 1
+                ),
+            );
             continue;
         };
         if c.host.is_none() && !Path::new(&dest).is_absolute() {
-            bad(r, format!("[[child]] #{}: a local dest must be absolute, got {dest:?}", i + 1));
+            bad(
+                r,
+                format!(
+                    "[[child]] #{}: a local dest must be absolute, got {dest:?}",
+                    i + 1
+                ),
+            );
         }
         if let Some(h) = &c.host
             && (h.is_empty() || h.starts_with('-') || h.contains(char::is_whitespace))
         {
-            bad(r, format!("[[child]] #{}: host {h:?} is not a host name", i + 1));
+            bad(
+                r,
+                format!("[[child]] #{}: host {h:?} is not a host name", i + 1),
+            );
         }
-        let cname = c.name.or_else(|| c.host.clone()).unwrap_or_else(|| dest.clone());
+        let cname = c
+            .name
+            .or_else(|| c.host.clone())
+            .unwrap_or_else(|| dest.clone());
         if !seen.insert(cname.clone()) {
-            bad(r, format!("two children named {cname:?}; give each a distinct `name`"));
+            bad(
+                r,
+                format!("two children named {cname:?}; give each a distinct `name`"),
+            );
         }
         if c.recurse && c.host.is_none() && c.site.is_none() {
-            bad(r, format!("child {cname:?} recurses but has no `site` (its site directory)"));
+            bad(
+                r,
+                format!("child {cname:?} recurses but has no `site` (its site directory)"),
+            );
         }
         children.push(TreeChild {
             name: cname,
@@ -193,11 +231,20 @@ fn load_tree_report(site_dir: &Path, name: &str) -> (Option<Tree>, Vec<Problem>)
     let mut r = Report::default();
     let rel = Path::new("trees").join(format!("{name}.toml"));
     if !site_dir.join(&rel).is_file() {
-        r.file_error(&rel, ProblemKind::BadTree, format!("no tree named {name:?}: {} does not exist", site_dir.join(&rel).display()));
+        r.file_error(
+            &rel,
+            ProblemKind::BadTree,
+            format!(
+                "no tree named {name:?}: {} does not exist",
+                site_dir.join(&rel).display()
+            ),
+        );
         return (None, r.problems);
     }
-    let tree = read_source(site_dir, rel, &mut r)
-        .and_then(|src| parse_file::<RawTree>(&src, &mut r).and_then(|(raw, _)| convert(site_dir, name, &src, raw, &mut r)));
+    let tree = read_source(site_dir, rel, &mut r).and_then(|src| {
+        parse_file::<RawTree>(&src, &mut r)
+            .and_then(|(raw, _)| convert(site_dir, name, &src, raw, &mut r))
+    });
     match tree {
         Some(t) if !r.has_errors() => (Some(t), r.problems),
         _ => (None, r.problems),

@@ -68,6 +68,9 @@ pub struct Receiver {
 
 const RETAIN_MAX: usize = 256;
 
+/// Yields the master's bytes for a chunk the child does not hold (checked against the hash).
+pub type DataSource<'a> = dyn FnMut(&Hash, u32) -> Result<Vec<u8>, SyncError> + 'a;
+
 fn split(path: &str) -> (&str, &str) {
     match path.rfind('/') {
         Some(i) => (&path[..i], &path[i + 1..]),
@@ -111,7 +114,9 @@ impl Receiver {
         for e in &child.entries {
             if let (Kind::File, Some(c)) = (&e.kind, &e.content) {
                 for (off, ch) in c.chunk_list() {
-                    index.entry(ch.hash).or_insert((e.path.clone(), off, ch.len));
+                    index
+                        .entry(ch.hash)
+                        .or_insert((e.path.clone(), off, ch.len));
                 }
                 old.insert(e.path.clone(), c.clone());
             }
@@ -242,7 +247,13 @@ impl Receiver {
     }
 
     /// Renames `tmp` over `name`, first hard-linking the old object into the backup.
-    fn install(&mut self, path: &str, dir: &OwnedFd, tmp: &str, name: &str) -> Result<(), SyncError> {
+    fn install(
+        &mut self,
+        path: &str,
+        dir: &OwnedFd,
+        tmp: &str,
+        name: &str,
+    ) -> Result<(), SyncError> {
         match Self::exists(dir, name) {
             Some(st) => {
                 if st.st_mode & 0o170000 == 0o040000 {
@@ -290,8 +301,13 @@ impl Receiver {
         }
         self.set_xattrs(p, rel, m)?;
         if set_mode {
-            rustix::fs::chmodat(rustix::fs::CWD, p, Mode::from_raw_mode(m.mode), AtFlags::empty())
-                .map_err(|e| errno("chmod", rel, e))?;
+            rustix::fs::chmodat(
+                rustix::fs::CWD,
+                p,
+                Mode::from_raw_mode(m.mode),
+                AtFlags::empty(),
+            )
+            .map_err(|e| errno("chmod", rel, e))?;
         }
         rustix::fs::utimensat(rustix::fs::CWD, p, &times(m), AtFlags::empty())
             .map_err(|e| errno("set mtime", rel, e))
@@ -310,23 +326,32 @@ impl Receiver {
         for n in &have {
             let ours = n.starts_with(b"user.") || n.starts_with(b"system.posix_acl_");
             if ours && !m.xattrs.iter().any(|(k, _)| k == n) {
-                rustix::fs::removexattr(p, n.as_slice()).map_err(|e| errno("remove xattr", rel, e))?;
+                rustix::fs::removexattr(p, n.as_slice())
+                    .map_err(|e| errno("remove xattr", rel, e))?;
             }
         }
         for (k, v) in &m.xattrs {
-            rustix::fs::setxattr(p, k.as_slice(), v, rustix::fs::XattrFlags::empty()).map_err(|e| {
-                SyncError::fs(
-                    "set xattr",
-                    format!("{rel} ({})", String::from_utf8_lossy(k)),
-                    e.into(),
-                )
-            })?;
+            rustix::fs::setxattr(p, k.as_slice(), v, rustix::fs::XattrFlags::empty()).map_err(
+                |e| {
+                    SyncError::fs(
+                        "set xattr",
+                        format!("{rel} ({})", String::from_utf8_lossy(k)),
+                        e.into(),
+                    )
+                },
+            )?;
         }
         Ok(())
     }
 
     /// Sets the metadata of an existing object without following a final symlink.
-    fn set_meta_at(&self, dir: &OwnedFd, name: &str, rel: &str, e: &Entry) -> Result<(), SyncError> {
+    fn set_meta_at(
+        &self,
+        dir: &OwnedFd,
+        name: &str,
+        rel: &str,
+        e: &Entry,
+    ) -> Result<(), SyncError> {
         if let Kind::Symlink(_) = e.kind {
             if !self.opts.ignore_owner {
                 let (u, g) = self.uid_gid(&e.meta);
@@ -395,11 +420,7 @@ impl Receiver {
 
     /// Writes a regular file. `data` yields the next chunk sent by the master (already
     /// checked against its hash) for each chunk the child does not hold.
-    pub fn write(
-        &mut self,
-        e: &Entry,
-        data: &mut dyn FnMut(&Hash, u32) -> Result<Vec<u8>, SyncError>,
-    ) -> Result<(), SyncError> {
+    pub fn write(&mut self, e: &Entry, data: &mut DataSource<'_>) -> Result<(), SyncError> {
         let content = e.content.clone().unwrap_or(Content {
             size: 0,
             hash: Hash::of(b""),
@@ -454,15 +475,14 @@ impl Receiver {
         dir: &OwnedFd,
         name: &str,
         f: &OwnedFd,
-        data: &mut dyn FnMut(&Hash, u32) -> Result<Vec<u8>, SyncError>,
+        data: &mut DataSource<'_>,
     ) -> Result<(), SyncError> {
         // Same chunks at the same offsets in the old file: keep them by cloning it.
         let mut cloned: HashMap<u64, Hash> = HashMap::new();
         if let Some(old) = self.old.get(&e.path)
             && old.size > crate::manifest::CHUNK_THRESHOLD
         {
-            let new_at: HashMap<u64, Hash> =
-                chunks.iter().map(|(o, c)| (*o, c.hash)).collect();
+            let new_at: HashMap<u64, Hash> = chunks.iter().map(|(o, c)| (*o, c.hash)).collect();
             let shared: Vec<(u64, Hash)> = old
                 .chunk_list()
                 .into_iter()
@@ -579,10 +599,30 @@ impl Receiver {
         let mode = Mode::from_raw_mode(e.meta.mode);
         let r = match &e.kind {
             Kind::Symlink(t) => rustix::fs::symlinkat(t.as_slice(), &dir, tmp.as_str()),
-            Kind::Char(d) => rustix::fs::mknodat(&dir, tmp.as_str(), rustix::fs::FileType::CharacterDevice, mode, *d),
-            Kind::Block(d) => rustix::fs::mknodat(&dir, tmp.as_str(), rustix::fs::FileType::BlockDevice, mode, *d),
-            Kind::Fifo => rustix::fs::mknodat(&dir, tmp.as_str(), rustix::fs::FileType::Fifo, mode, 0),
-            _ => return Err(SyncError::fs("create", &e.path, std::io::Error::other("not a special file"))),
+            Kind::Char(d) => rustix::fs::mknodat(
+                &dir,
+                tmp.as_str(),
+                rustix::fs::FileType::CharacterDevice,
+                mode,
+                *d,
+            ),
+            Kind::Block(d) => rustix::fs::mknodat(
+                &dir,
+                tmp.as_str(),
+                rustix::fs::FileType::BlockDevice,
+                mode,
+                *d,
+            ),
+            Kind::Fifo => {
+                rustix::fs::mknodat(&dir, tmp.as_str(), rustix::fs::FileType::Fifo, mode, 0)
+            }
+            _ => {
+                return Err(SyncError::fs(
+                    "create",
+                    &e.path,
+                    std::io::Error::other("not a special file"),
+                ));
+            }
         };
         r.map_err(|x| errno("create", &e.path, x))?;
         let r = self
@@ -603,7 +643,11 @@ impl Receiver {
             let f = rustix::fs::openat(
                 &d,
                 JOURNAL,
-                OFlags::CREATE | OFlags::TRUNC | OFlags::WRONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+                OFlags::CREATE
+                    | OFlags::TRUNC
+                    | OFlags::WRONLY
+                    | OFlags::CLOEXEC
+                    | OFlags::NOFOLLOW,
                 Mode::from_raw_mode(0o600),
             )
             .map_err(|x| errno("write journal", JOURNAL, x))?;
@@ -622,7 +666,12 @@ impl Receiver {
     }
 }
 
-fn write_at(f: &OwnedFd, mut buf: &[u8], mut off: u64, skip_zero_blocks: bool) -> Result<(), Errno> {
+fn write_at(
+    f: &OwnedFd,
+    mut buf: &[u8],
+    mut off: u64,
+    skip_zero_blocks: bool,
+) -> Result<(), Errno> {
     if skip_zero_blocks {
         // Leave holes where the master has zeros (the file was created empty).
         for block in buf.chunks(4096) {

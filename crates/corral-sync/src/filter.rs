@@ -38,7 +38,11 @@ pub struct RulesFilter {
 
 impl RulesFilter {
     /// Rules applied to the tree at `master` (where per-directory merge files are read).
-    pub fn new(rules: corral_sync_filter::Rules, opts: corral_sync_filter::MatchOptions, master: &std::path::Path) -> Self {
+    pub fn new(
+        rules: corral_sync_filter::Rules,
+        opts: corral_sync_filter::MatchOptions,
+        master: &std::path::Path,
+    ) -> Self {
         RulesFilter {
             root: corral_sync_filter::Matcher::new(rules, opts),
             master: master.to_path_buf(),
@@ -79,6 +83,7 @@ impl PathFilter for RulesFilter {
         self.of(rel).may_delete(std::path::Path::new(rel), is_dir)
     }
     fn may_delete_within_deleted(&self, rel: &str, is_dir: bool) -> bool {
-        self.of(rel).may_delete_within_deleted(std::path::Path::new(rel), is_dir)
+        self.of(rel)
+            .may_delete_within_deleted(std::path::Path::new(rel), is_dir)
     }
 }

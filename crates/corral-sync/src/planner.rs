@@ -167,7 +167,10 @@ fn meta_diff(m: &Meta, c: &Meta, opts: &PlanOptions, kind: &Kind) -> Diff {
         _ => mu == cu,
     };
     let split = |x: &[(Vec<u8>, Vec<u8>)], acl: bool| -> Vec<(Vec<u8>, Vec<u8>)> {
-        x.iter().filter(|(n, _)| is_acl(n) == acl).cloned().collect()
+        x.iter()
+            .filter(|(n, _)| is_acl(n) == acl)
+            .cloned()
+            .collect()
     };
     let symlink = matches!(kind, Kind::Symlink(_));
     Diff {
@@ -307,7 +310,9 @@ pub fn plan(
         }
         let new = c.is_none();
         let old = c.map(Summary::of);
-        let mut d = c.map_or_else(Diff::default, |c| meta_diff(&m.meta, &c.meta, opts, &m.kind));
+        let mut d = c.map_or_else(Diff::default, |c| {
+            meta_diff(&m.meta, &c.meta, opts, &m.kind)
+        });
         let push_item = |plan: &mut Plan, y: char, d: &Diff, new: bool| {
             let security = match (&old, m.kind == Kind::File) {
                 (Some(o), true) => {
@@ -405,7 +410,10 @@ pub fn plan(
                 }
                 skip = None;
             }
-            if replaced.iter().any(|r| c.path == *r || is_under(&c.path, r)) {
+            if replaced
+                .iter()
+                .any(|r| c.path == *r || is_under(&c.path, r))
+            {
                 continue;
             }
             while deleting.last().is_some_and(|d| !is_under(&c.path, d)) {
@@ -438,7 +446,10 @@ pub fn plan(
                 }
             }
         }
-        let dels: Vec<&Entry> = cand.into_iter().filter(|c| !kept.contains(c.path.as_str())).collect();
+        let dels: Vec<&Entry> = cand
+            .into_iter()
+            .filter(|c| !kept.contains(c.path.as_str()))
+            .collect();
         // One step per top-most deleted path (deepest first); an item for each.
         let mut tops: Vec<&Entry> = Vec::new();
         for c in &dels {
@@ -470,7 +481,8 @@ pub fn plan(
     for m in dirmeta {
         plan.ops.push(Op::DirMeta(m.clone()));
     }
-    plan.items.sort_by(|a, b| path_order(a.path.trim_end_matches('/'), b.path.trim_end_matches('/')));
+    plan.items
+        .sort_by(|a, b| path_order(a.path.trim_end_matches('/'), b.path.trim_end_matches('/')));
     plan
 }
 
@@ -548,7 +560,11 @@ mod tests {
             };
             if k % 7 == 6 && kind == Kind::File {
                 // A second name for the first regular file, if one precedes.
-                let first = m.entries.iter().find(|e| e.kind == Kind::File).map(|e| e.path.clone());
+                let first = m
+                    .entries
+                    .iter()
+                    .find(|e| e.kind == Kind::File)
+                    .map(|e| e.path.clone());
                 if let Some(f) = first {
                     kind = Kind::Hardlink(f);
                 }
@@ -575,8 +591,11 @@ mod tests {
     }
 
     fn apply(child: &Manifest, plan: &Plan) -> Result<BTreeMap<String, Entry>, String> {
-        let mut model: BTreeMap<String, Entry> =
-            child.entries.iter().map(|e| (e.path.clone(), e.clone())).collect();
+        let mut model: BTreeMap<String, Entry> = child
+            .entries
+            .iter()
+            .map(|e| (e.path.clone(), e.clone()))
+            .collect();
         let parent_ok = |model: &BTreeMap<String, Entry>, p: &str| {
             let parent = p.rsplit_once('/').map_or("", |(d, _)| d);
             model.get(parent).is_some_and(|e| e.kind == Kind::Dir)
@@ -588,7 +607,9 @@ mod tests {
                     if !parent_ok(&model, &e.path) {
                         return Err(format!("{op:?}: no parent"));
                     }
-                    if model.get(&e.path).is_some_and(|c| c.kind == Kind::Dir) && e.kind != Kind::Dir {
+                    if model.get(&e.path).is_some_and(|c| c.kind == Kind::Dir)
+                        && e.kind != Kind::Dir
+                    {
                         return Err(format!("{op:?}: a directory is in the way"));
                     }
                     let mut e = e.clone();
@@ -601,7 +622,10 @@ mod tests {
                     if !parent_ok(&model, path) {
                         return Err(format!("{op:?}: no parent"));
                     }
-                    let t = model.get(target).cloned().ok_or(format!("{op:?}: no target"))?;
+                    let t = model
+                        .get(target)
+                        .cloned()
+                        .ok_or(format!("{op:?}: no target"))?;
                     model.insert(
                         path.clone(),
                         Entry {
@@ -623,7 +647,13 @@ mod tests {
 
     fn spec() -> impl Strategy<Value = Vec<(Vec<u8>, u8, u8, u8, u8)>> {
         proptest::collection::vec(
-            (proptest::collection::vec(0u8..4, 1..4), any::<u8>(), any::<u8>(), any::<u8>(), any::<u8>()),
+            (
+                proptest::collection::vec(0u8..4, 1..4),
+                any::<u8>(),
+                any::<u8>(),
+                any::<u8>(),
+                any::<u8>(),
+            ),
             0..14,
         )
     }
@@ -684,17 +714,45 @@ mod tests {
             path: p.into(),
             kind: Kind::File,
             meta: meta(mode, t),
-            content: Some(Content { size: u64::from(size), hash: Hash::of(&[size]), chunks: vec![], sparse: false }),
+            content: Some(Content {
+                size: u64::from(size),
+                hash: Hash::of(&[size]),
+                chunks: vec![],
+                sparse: false,
+            }),
         };
-        a.entries = vec![f("new", 1, 0o644, 1), f("same", 1, 0o644, 1), f("sz", 2, 0o644, 2), f("suid", 1, 0o4755, 1)];
-        b.entries = vec![f("gone", 1, 0o644, 1), f("same", 1, 0o644, 1), f("suid", 1, 0o755, 1), f("sz", 1, 0o644, 1)];
+        a.entries = vec![
+            f("new", 1, 0o644, 1),
+            f("same", 1, 0o644, 1),
+            f("sz", 2, 0o644, 2),
+            f("suid", 1, 0o4755, 1),
+        ];
+        b.entries = vec![
+            f("gone", 1, 0o644, 1),
+            f("same", 1, 0o644, 1),
+            f("suid", 1, 0o755, 1),
+            f("sz", 1, 0o644, 1),
+        ];
         a.sort();
         b.sort();
-        let p = plan(&a, &b, &crate::filter::IncludeAll, &PlanOptions { delete: true, ..Default::default() });
+        let p = plan(
+            &a,
+            &b,
+            &crate::filter::IncludeAll,
+            &PlanOptions {
+                delete: true,
+                ..Default::default()
+            },
+        );
         let lines: Vec<String> = p.items.iter().map(Item::line).collect();
         assert_eq!(
             lines,
-            vec!["*deleting   gone", ">f+++++++++ new", ".f...p..... suid", ">fcst...... sz"]
+            vec![
+                "*deleting   gone",
+                ">f+++++++++ new",
+                ".f...p..... suid",
+                ">fcst...... sz"
+            ]
         );
         assert!(p.items.iter().find(|i| i.path == "suid").unwrap().security);
     }

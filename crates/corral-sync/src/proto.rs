@@ -266,7 +266,10 @@ mod tests {
                 dir: false,
             });
             let f = encode(&m).unwrap();
-            assert!(matches!(decode(&f[4..]), Err(ProtoError::BadPath(_))), "{p}");
+            assert!(
+                matches!(decode(&f[4..]), Err(ProtoError::BadPath(_))),
+                "{p}"
+            );
             let m = Message::Apply(Op::Link {
                 path: "ok".into(),
                 target: p.into(),

@@ -32,7 +32,11 @@ pub fn rollback(root: &Path, backup_dir: &str, run: &str) -> Result<RollbackRepo
     let mut rep = RollbackReport::default();
     let created: Vec<String> = v["created"]
         .as_array()
-        .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect()
+        })
         .unwrap_or_default();
     // Deepest first so directories are empty when their turn comes.
     let mut created = created;
@@ -67,10 +71,16 @@ fn restore(base: &Path, root: &Path, rel: &str, rep: &mut RollbackReport) -> Res
         if rel.is_empty() && name == JOURNAL {
             continue;
         }
-        let r = if rel.is_empty() { name.to_string() } else { format!("{rel}/{name}") };
+        let r = if rel.is_empty() {
+            name.to_string()
+        } else {
+            format!("{rel}/{name}")
+        };
         let from = base.join(&r);
         let to = root.join(&r);
-        let from_dir = std::fs::symlink_metadata(&from).map(|m| m.is_dir()).unwrap_or(false);
+        let from_dir = std::fs::symlink_metadata(&from)
+            .map(|m| m.is_dir())
+            .unwrap_or(false);
         match std::fs::symlink_metadata(&to) {
             Ok(m) if m.is_dir() && from_dir => restore(base, root, &r, rep)?,
             Ok(m) => {

@@ -198,23 +198,28 @@ impl Walk<'_> {
         let rd = match std::fs::read_dir(&abs) {
             Ok(r) => r,
             Err(e) => {
-                self.errors.lock().unwrap().push(SyncError::fs("read dir", &abs, e));
+                self.errors
+                    .lock()
+                    .unwrap()
+                    .push(SyncError::fs("read dir", &abs, e));
                 return;
             }
         };
         let mut batch = Vec::new();
         for de in rd {
             let Ok(de) = de else {
-                self.skipped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.skipped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 continue;
             };
             let Some(name) = de.file_name().to_str().map(str::to_string) else {
                 tracing::warn!(dir = %abs.display(), name = ?de.file_name(), "skipping a name that is not UTF-8");
-                self.skipped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.skipped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 continue;
             };
             let path = join(&rel, &name);
-            if self.opts.skip.iter().any(|s| *s == path) {
+            if self.opts.skip.contains(&path) {
                 continue;
             }
             let p = de.path();
@@ -380,7 +385,11 @@ pub fn scan(root: &Path, opts: &ScanOptions) -> Result<(Manifest, ScanStats), Sy
 }
 
 /// Records freshly written files in the cache so the next scan does not read them again.
-pub fn cache_add(cache: &Path, root: &Path, written: &[(String, Content)]) -> Result<(), SyncError> {
+pub fn cache_add(
+    cache: &Path,
+    root: &Path,
+    written: &[(String, Content)],
+) -> Result<(), SyncError> {
     if written.is_empty() {
         return Ok(());
     }
@@ -410,5 +419,6 @@ pub fn default_cache(root: &Path) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/var/lib/corral"));
     let canon = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
     let h = Hash::of(canon.as_os_str().as_encoded_bytes());
-    base.join("sync").join(format!("{}.cache", &h.to_hex()[..32]))
+    base.join("sync")
+        .join(format!("{}.cache", &h.to_hex()[..32]))
 }

@@ -72,7 +72,9 @@ fn serve_inner<R: Read, W: Write>(
     loop {
         let m = match framed.recv() {
             Ok(m) => m,
-            Err(ProtoError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(ProtoError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Ok(());
+            }
             Err(e) => return Err(e.into()),
         };
         match m {
@@ -223,7 +225,10 @@ pub fn fetch_manifest<R: Read, W: Write>(framed: &mut Framed<R, W>) -> Result<Ma
 }
 
 /// Says hello.
-pub fn hello<R: Read, W: Write>(framed: &mut Framed<R, W>, run: &RunOptions) -> Result<(), SyncError> {
+pub fn hello<R: Read, W: Write>(
+    framed: &mut Framed<R, W>,
+    run: &RunOptions,
+) -> Result<(), SyncError> {
     framed.send(&Message::Hello {
         version: VERSION,
         options: run.clone(),
@@ -262,7 +267,11 @@ pub fn push<R: Read, W: Write>(
             )
         });
         let child = fetch_manifest(framed);
-        (h.join().unwrap_or_else(|_| Err(SyncError::Remote("scan panicked".into()))), child)
+        (
+            h.join()
+                .unwrap_or_else(|_| Err(SyncError::Remote("scan panicked".into()))),
+            child,
+        )
     });
     let (master, master_scan) = master?;
     let child = child?;
@@ -338,10 +347,12 @@ fn send_data<R: Read, W: Write>(
             continue;
         }
         if pos != off {
-            f.seek(SeekFrom::Start(off)).map_err(|x| SyncError::fs("seek", &path, x))?;
+            f.seek(SeekFrom::Start(off))
+                .map_err(|x| SyncError::fs("seek", &path, x))?;
         }
         buf.resize(ch.len as usize, 0);
-        f.read_exact(&mut buf).map_err(|_| SyncError::SourceChanged(e.path.clone()))?;
+        f.read_exact(&mut buf)
+            .map_err(|_| SyncError::SourceChanged(e.path.clone()))?;
         pos = off + u64::from(ch.len);
         if Hash::of(&buf) != ch.hash {
             return Err(SyncError::SourceChanged(e.path.clone()));

@@ -30,7 +30,11 @@ impl Dest {
         match s.find(':') {
             Some(i) if !s[..i].contains('/') && i > 0 => Dest::Ssh {
                 host: s[..i].to_string(),
-                path: if s[i + 1..].is_empty() { ".".into() } else { s[i + 1..].to_string() },
+                path: if s[i + 1..].is_empty() {
+                    ".".into()
+                } else {
+                    s[i + 1..].to_string()
+                },
             },
             _ => Dest::Local(PathBuf::from(s)),
         }
@@ -69,7 +73,10 @@ pub struct Connection {
 }
 
 fn sh_quote(s: &str) -> String {
-    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._-+=:@,".contains(&b)) {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-+=:@,".contains(&b))
+    {
         s.to_string()
     } else {
         format!("'{}'", s.replace('\'', "'\\''"))
@@ -82,12 +89,18 @@ pub fn remote_command(corral: &str, path: &str) -> String {
 }
 
 /// Opens a conversation with the receiver of `dest`.
-pub fn connect(dest: &Dest, ssh: &SshOptions, serve_opts: ServeOptions) -> Result<Connection, SyncError> {
+pub fn connect(
+    dest: &Dest,
+    ssh: &SshOptions,
+    serve_opts: ServeOptions,
+) -> Result<Connection, SyncError> {
     match dest {
         Dest::Local(p) => {
             let (a, b) = UnixStream::pair().map_err(|e| SyncError::fs("socketpair", p, e))?;
             let root = p.clone();
-            let b2 = b.try_clone().map_err(|e| SyncError::fs("socketpair", p, e))?;
+            let b2 = b
+                .try_clone()
+                .map_err(|e| SyncError::fs("socketpair", p, e))?;
             let thread = std::thread::spawn(move || {
                 let mut f = Framed::new(
                     BufReader::with_capacity(1 << 20, b),
@@ -95,8 +108,12 @@ pub fn connect(dest: &Dest, ssh: &SshOptions, serve_opts: ServeOptions) -> Resul
                 );
                 serve(&root, &mut f, &serve_opts)
             });
-            let a2 = a.try_clone().map_err(|e| SyncError::fs("socketpair", p, e))?;
-            let a3 = a.try_clone().map_err(|e| SyncError::fs("socketpair", p, e))?;
+            let a2 = a
+                .try_clone()
+                .map_err(|e| SyncError::fs("socketpair", p, e))?;
+            let a3 = a
+                .try_clone()
+                .map_err(|e| SyncError::fs("socketpair", p, e))?;
             Ok(Connection {
                 framed: Framed::new(
                     Box::new(BufReader::with_capacity(1 << 20, a)),
@@ -150,13 +167,19 @@ impl Connection {
     /// Closes the conversation and reaps the receiver; `r` is the master's result, which
     /// gains the receiver's own error when both failed.
     pub fn close<T>(self, r: Result<T, SyncError>) -> Result<T, SyncError> {
-        let Connection { framed, local, child } = self;
+        let Connection {
+            framed,
+            local,
+            child,
+        } = self;
         drop(framed);
         if let Some((sock, thread)) = local {
             let _ = sock.shutdown(std::net::Shutdown::Both);
             let inner = thread.join();
             return match (r, inner) {
-                (Err(e), Ok(Err(inner))) => Err(SyncError::Remote(format!("{e}; receiver: {inner}"))),
+                (Err(e), Ok(Err(inner))) => {
+                    Err(SyncError::Remote(format!("{e}; receiver: {inner}")))
+                }
                 (r, _) => r,
             };
         }

@@ -81,7 +81,10 @@ fn build_master(m: &Path) {
     std::os::unix::fs::symlink("/nonexistent/target", m.join("dangling")).unwrap();
     std::fs::hard_link(m.join("etc/hosts"), m.join("bin/hosts-hard")).unwrap();
     sh(&format!("mkfifo {}", m.join("fifo").display()));
-    sh(&format!("setfattr -n user.colour -v blue {}", m.join("etc/hosts").display()));
+    sh(&format!(
+        "setfattr -n user.colour -v blue {}",
+        m.join("etc/hosts").display()
+    ));
     // A sparse file: 8 MiB with data at 1 MiB and at the end.
     let mut f = std::fs::File::create(m.join("sparse.img")).unwrap();
     f.set_len(8 << 20).unwrap();
@@ -91,13 +94,25 @@ fn build_master(m: &Path) {
     f.seek(std::io::SeekFrom::Start((8 << 20) - 4096)).unwrap();
     f.write_all(&pseudo_random(4096, 4)).unwrap();
     drop(f);
-    sh(&format!("touch -d '2001-02-03 04:05:06.123456789' {}", m.join("etc/hosts").display()));
+    sh(&format!(
+        "touch -d '2001-02-03 04:05:06.123456789' {}",
+        m.join("etc/hosts").display()
+    ));
     if corral_testkit::is_root() {
         sh(&format!("mknod {} c 1 3", m.join("null-dev").display()));
         sh(&format!("mknod {} b 7 200", m.join("loop-dev").display()));
-        sh(&format!("chown 1234:2345 {}", m.join("etc/empty").display()));
-        sh(&format!("setfacl -m u:4321:r-x {}", m.join("bin/tool").display()));
-        sh(&format!("setfacl -d -m g:4321:rwx {}", m.join("etc").display()));
+        sh(&format!(
+            "chown 1234:2345 {}",
+            m.join("etc/empty").display()
+        ));
+        sh(&format!(
+            "setfacl -m u:4321:r-x {}",
+            m.join("bin/tool").display()
+        ));
+        sh(&format!(
+            "setfacl -d -m g:4321:rwx {}",
+            m.join("etc").display()
+        ));
     }
 }
 
@@ -116,10 +131,21 @@ fn every_file_type_round_trips() {
     let h2 = std::fs::metadata(c.join("bin/hosts-hard")).unwrap();
     assert_eq!(h1.ino(), h2.ino());
     let sp = std::fs::metadata(c.join("sparse.img")).unwrap();
-    assert!(sp.blocks() * 512 < 1 << 20, "sparse file allocated {} blocks", sp.blocks());
-    assert_eq!(std::fs::read(m.join("sparse.img")).unwrap(), std::fs::read(c.join("sparse.img")).unwrap());
+    assert!(
+        sp.blocks() * 512 < 1 << 20,
+        "sparse file allocated {} blocks",
+        sp.blocks()
+    );
+    assert_eq!(
+        std::fs::read(m.join("sparse.img")).unwrap(),
+        std::fs::read(c.join("sparse.img")).unwrap()
+    );
     if corral_testkit::is_root() {
-        let acl = Command::new("getfacl").arg("-c").arg(c.join("bin/tool")).output().unwrap();
+        let acl = Command::new("getfacl")
+            .arg("-c")
+            .arg(c.join("bin/tool"))
+            .output()
+            .unwrap();
         assert!(String::from_utf8_lossy(&acl.stdout).contains("user:4321:r-x"));
         assert_eq!(std::fs::metadata(c.join("etc/empty")).unwrap().uid(), 1234);
     } else {
@@ -140,16 +166,34 @@ fn drift_sees_same_size_edit_with_restored_mtime_and_new_xattr() {
     build_master(&m);
     push(&m, &c, &PushOptions::default());
     let cache = t.path().join("drift.cache");
-    let child_scan = |p: &Path| scan(p, &ScanOptions { cache: Some(cache.clone()), ..Default::default() }).unwrap();
+    let child_scan = |p: &Path| {
+        scan(
+            p,
+            &ScanOptions {
+                cache: Some(cache.clone()),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
     child_scan(&c); // warm the cache
     // Same size, different content, mtime put back.
     let f = c.join("etc/hosts");
     let before = std::fs::metadata(&f).unwrap();
     write(&f, b"127.0.0.1 evilhost!\n");
-    sh(&format!("touch -d '2001-02-03 04:05:06.123456789' {}", f.display()));
+    sh(&format!(
+        "touch -d '2001-02-03 04:05:06.123456789' {}",
+        f.display()
+    ));
     let after = std::fs::metadata(&f).unwrap();
-    assert_eq!((before.len(), before.mtime(), before.mtime_nsec()), (after.len(), after.mtime(), after.mtime_nsec()));
-    sh(&format!("setfattr -n user.planted -v 1 {}", c.join("bin/tool").display()));
+    assert_eq!(
+        (before.len(), before.mtime(), before.mtime_nsec()),
+        (after.len(), after.mtime(), after.mtime_nsec())
+    );
+    sh(&format!(
+        "setfattr -n user.planted -v 1 {}",
+        c.join("bin/tool").display()
+    ));
     // rsync without -c does not see the content edit.
     let out = Command::new("rsync")
         .args(["-a", "-n", "-i", "--no-X"])
@@ -160,11 +204,24 @@ fn drift_sees_same_size_edit_with_restored_mtime_and_new_xattr() {
     let rs = String::from_utf8_lossy(&out.stdout);
     assert!(!rs.contains("etc/hosts"), "rsync -n -i: {rs}");
     let (child, st) = child_scan(&c);
-    assert!(st.hashed >= 1 && st.hashed < 5, "only changed files are re-read: {st:?}");
+    assert!(
+        st.hashed >= 1 && st.hashed < 5,
+        "only changed files are re-read: {st:?}"
+    );
     let p = plan(&manifest(&m), &child, &IncludeAll, &PlanOptions::default());
     let lines: Vec<String> = p.items.iter().map(|i| i.line()).collect();
-    assert!(lines.iter().any(|l| l.starts_with(">fc") && l.ends_with(" bin/hosts-hard")), "{lines:?}");
-    assert!(lines.iter().any(|l| l.starts_with(".f") && l.ends_with("x bin/tool")), "{lines:?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with(">fc") && l.ends_with(" bin/hosts-hard")),
+        "{lines:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with(".f") && l.ends_with("x bin/tool")),
+        "{lines:?}"
+    );
 }
 
 #[test]
@@ -187,15 +244,31 @@ fn big_image_edit_sends_and_writes_only_changed_chunks() {
     let r = push(&m, &c, &PushOptions::default());
     assert!(r.report.failed.is_empty(), "{:?}", r.report.failed);
     assert_eq!(std::fs::read(c.join("disk.img")).unwrap(), img);
-    eprintln!("big image: {:?} bytes on the wire {}", r.report, r.bytes_out);
+    eprintln!(
+        "big image: {:?} bytes on the wire {}",
+        r.report, r.bytes_out
+    );
     assert!(r.report.literal_bytes <= 2 << 20, "{:?}", r.report);
     assert!(r.bytes_out <= 2 << 20, "{}", r.bytes_out);
     // Either the file system cloned the old file (then little is written) or the rest came
     // from the child's own copy.
-    assert_eq!(r.report.cloned_bytes + r.report.reused_bytes + r.report.literal_bytes, size as u64);
+    assert_eq!(
+        r.report.cloned_bytes + r.report.reused_bytes + r.report.literal_bytes,
+        size as u64
+    );
     // Renaming costs no data.
     std::fs::rename(m.join("disk.img"), m.join("disk2.img")).unwrap();
-    let r = push(&m, &c, &PushOptions { plan: PlanOptions { delete: true, ..Default::default() }, ..Default::default() });
+    let r = push(
+        &m,
+        &c,
+        &PushOptions {
+            plan: PlanOptions {
+                delete: true,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    );
     assert_eq!(r.report.literal_bytes, 0, "{:?}", r.report);
     assert!(!c.join("disk.img").exists());
 }
@@ -215,8 +288,14 @@ fn backup_and_rollback_restore_the_previous_tree() {
     std::fs::remove_file(m.join("gone")).unwrap();
     write(&m.join("d/new"), b"new");
     let opts = PushOptions {
-        plan: PlanOptions { delete: true, ..Default::default() },
-        run: RunOptions { backup: Some(("backup".into(), "run1".into())), ..Default::default() },
+        plan: PlanOptions {
+            delete: true,
+            ..Default::default()
+        },
+        run: RunOptions {
+            backup: Some(("backup".into(), "run1".into())),
+            ..Default::default()
+        },
         ..Default::default()
     };
     let r = push(&m, &c, &opts);
@@ -226,9 +305,21 @@ fn backup_and_rollback_restore_the_previous_tree() {
     assert_eq!(std::fs::read(c.join("backup/run1/gone")).unwrap(), b"old");
     let rep = corral_sync::rollback::rollback(&c, "backup", "run1").unwrap();
     assert!(rep.restored >= 2 && rep.removed >= 1, "{rep:?}");
-    let after = scan(&c, &ScanOptions { skip: vec!["backup".into()], ..Default::default() }).unwrap().0;
+    let after = scan(
+        &c,
+        &ScanOptions {
+            skip: vec!["backup".into()],
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .0;
     let strip = |m: &Manifest| -> Vec<(String, Option<corral_sync::manifest::Hash>)> {
-        m.entries.iter().filter(|e| e.kind != Kind::Dir).map(|e| (e.path.clone(), e.content.as_ref().map(|c| c.hash))).collect()
+        m.entries
+            .iter()
+            .filter(|e| e.kind != Kind::Dir)
+            .map(|e| (e.path.clone(), e.content.as_ref().map(|c| c.hash)))
+            .collect()
     };
     assert_eq!(strip(&before), strip(&after));
 }
@@ -236,9 +327,15 @@ fn backup_and_rollback_restore_the_previous_tree() {
 /// Sends raw messages to a receiver and returns its final result.
 fn hostile(root: &Path, msgs: Vec<Message>) -> Result<(), corral_sync::SyncError> {
     let mut input = Vec::new();
-    for m in [Message::Hello { version: VERSION, options: RunOptions::default() }, Message::Scan]
-        .into_iter()
-        .chain(msgs)
+    for m in [
+        Message::Hello {
+            version: VERSION,
+            options: RunOptions::default(),
+        },
+        Message::Scan,
+    ]
+    .into_iter()
+    .chain(msgs)
     {
         input.extend(corral_sync::proto::encode(&m).unwrap());
     }
@@ -285,9 +382,24 @@ fn hostile_stream_writes_nothing_outside_the_root() {
     let hash = corral_sync::manifest::Hash::of(data);
     // Paths with .. or absolute paths are refused at decode time.
     for bad in ["../outside/precious", "/tmp/x", "a/../../outside/x"] {
-        let r = hostile(&root, vec![Message::Apply(Op::Delete { path: bad.into(), dir: false })]);
+        let r = hostile(
+            &root,
+            vec![Message::Apply(Op::Delete {
+                path: bad.into(),
+                dir: false,
+            })],
+        );
         assert!(r.is_err(), "{bad}");
-        let r = hostile(&root, vec![Message::Apply(Op::Write(file_entry(bad, data))), Message::Data { hash, zstd: zstd.clone() }]);
+        let r = hostile(
+            &root,
+            vec![
+                Message::Apply(Op::Write(file_entry(bad, data))),
+                Message::Data {
+                    hash,
+                    zstd: zstd.clone(),
+                },
+            ],
+        );
         assert!(r.is_err(), "{bad}");
     }
     // Through the symlink: every step fails, nothing is written outside.
@@ -295,21 +407,55 @@ fn hostile_stream_writes_nothing_outside_the_root() {
         &root,
         vec![
             Message::Apply(Op::Write(file_entry("sneaky/new", data))),
-            Message::Data { hash, zstd: zstd.clone() },
-            Message::Apply(Op::Delete { path: "sneaky/precious".into(), dir: false }),
-            Message::Apply(Op::Link { path: "sneaky/l".into(), target: "sneaky/precious".into() }),
-            Message::Apply(Op::Mkdir(Entry { kind: Kind::Dir, content: None, ..file_entry("sneaky/d", b"") })),
-            Message::Apply(Op::Meta(Entry { meta: corral_sync::manifest::Meta { mode: 0o777, ..file_entry("", b"").meta }, ..file_entry("sneaky/precious", b"keep") })),
+            Message::Data {
+                hash,
+                zstd: zstd.clone(),
+            },
+            Message::Apply(Op::Delete {
+                path: "sneaky/precious".into(),
+                dir: false,
+            }),
+            Message::Apply(Op::Link {
+                path: "sneaky/l".into(),
+                target: "sneaky/precious".into(),
+            }),
+            Message::Apply(Op::Mkdir(Entry {
+                kind: Kind::Dir,
+                content: None,
+                ..file_entry("sneaky/d", b"")
+            })),
+            Message::Apply(Op::Meta(Entry {
+                meta: corral_sync::manifest::Meta {
+                    mode: 0o777,
+                    ..file_entry("", b"").meta
+                },
+                ..file_entry("sneaky/precious", b"keep")
+            })),
             Message::Finish,
         ],
     );
     assert!(r.is_ok(), "{r:?}");
-    let names: Vec<_> = std::fs::read_dir(&outside).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let names: Vec<_> = std::fs::read_dir(&outside)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(names, vec![std::ffi::OsString::from("precious")]);
     assert_eq!(std::fs::read(outside.join("precious")).unwrap(), b"keep");
-    assert_ne!(std::fs::metadata(outside.join("precious")).unwrap().mode() & 0o777, 0o777);
+    assert_ne!(
+        std::fs::metadata(outside.join("precious")).unwrap().mode() & 0o777,
+        0o777
+    );
     // Data that does not match its hash ends the conversation.
-    let r = hostile(&root, vec![Message::Apply(Op::Write(file_entry("x", data))), Message::Data { hash, zstd: corral_sync::proto::compress(b"other") }]);
+    let r = hostile(
+        &root,
+        vec![
+            Message::Apply(Op::Write(file_entry("x", data))),
+            Message::Data {
+                hash,
+                zstd: corral_sync::proto::compress(b"other"),
+            },
+        ],
+    );
     assert!(r.is_err());
     assert!(!root.join("x").exists());
 }
@@ -333,8 +479,22 @@ fn excluded_paths_are_neither_sent_nor_deleted() {
     write(&m.join("xdir/inner"), b"3");
     write(&c.join("xlocal"), b"child's own");
     write(&c.join("stale"), b"delete me");
-    let r = push_to(&m, &Dest::Local(c.clone()), &SshOptions::default(), ServeOptions::default(), &NoX,
-        &PushOptions { plan: PlanOptions { delete: true, ..Default::default() }, ..Default::default() }, &mut |_| {}).unwrap();
+    let r = push_to(
+        &m,
+        &Dest::Local(c.clone()),
+        &SshOptions::default(),
+        ServeOptions::default(),
+        &NoX,
+        &PushOptions {
+            plan: PlanOptions {
+                delete: true,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+        &mut |_| {},
+    )
+    .unwrap();
     assert!(r.report.failed.is_empty());
     assert!(c.join("keep").exists() && !c.join("xskip").exists() && !c.join("xdir").exists());
     assert!(c.join("xlocal").exists(), "protected from deletion");

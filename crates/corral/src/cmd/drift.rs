@@ -100,7 +100,15 @@ pub(crate) fn run(a: Args, _global: &Global) -> anyhow::Result<Code> {
                 },
                 Dest::Ssh { .. } => ServeOptions::default(),
             };
-            Ok(push_to(&tree.source, &dest, &tree_ssh(tree), serve_opts, filter.as_ref(), &opts, &mut |_| {})?)
+            Ok(push_to(
+                &tree.source,
+                &dest,
+                &tree_ssh(tree),
+                serve_opts,
+                filter.as_ref(),
+                &opts,
+                &mut |_| {},
+            )?)
         })();
         match r {
             Ok(r) => {
@@ -122,7 +130,10 @@ pub(crate) fn run(a: Args, _global: &Global) -> anyhow::Result<Code> {
             Err(e) => rep.reason = Some(format!("{e:#}")),
         }
         let (outcome, reason) = match rep.status.as_str() {
-            "clean" => (Outcome::Ok, format!("tree {}: {} matches the master", tree.name, rep.name)),
+            "clean" => (
+                Outcome::Ok,
+                format!("tree {}: {} matches the master", tree.name, rep.name),
+            ),
             "drift" => (
                 Outcome::Warn,
                 format!(
@@ -132,12 +143,25 @@ pub(crate) fn run(a: Args, _global: &Global) -> anyhow::Result<Code> {
                     rep.changed.len(),
                     rep.added.len(),
                     rep.removed.len(),
-                    if rep.changed.iter().any(|i| i.security) { " (setuid/executable changes)" } else { "" }
+                    if rep.changed.iter().any(|i| i.security) {
+                        " (setuid/executable changes)"
+                    } else {
+                        ""
+                    }
                 ),
             ),
-            _ => (Outcome::Fail, format!("tree {}: {} not compared: {}", tree.name, rep.name, rep.reason.as_deref().unwrap_or("?"))),
+            _ => (
+                Outcome::Fail,
+                format!(
+                    "tree {}: {} not compared: {}",
+                    tree.name,
+                    rep.name,
+                    rep.reason.as_deref().unwrap_or("?")
+                ),
+            ),
         };
-        let mut ev = Event::new(now(), Source::Drift, "drift", outcome, reason).with_hostname(rep.name.clone());
+        let mut ev = Event::new(now(), Source::Drift, "drift", outcome, reason)
+            .with_hostname(rep.name.clone());
         ev.details = serde_json::json!({
             "tree": tree.name,
             "changed": rep.changed.iter().map(|i| i.line()).collect::<Vec<_>>(),
@@ -151,7 +175,12 @@ pub(crate) fn run(a: Args, _global: &Global) -> anyhow::Result<Code> {
         let _ = r.flush();
     }
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"tree": tree.name, "hosts": results}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"tree": tree.name, "hosts": results})
+            )?
+        );
     } else {
         for h in &results {
             match h.status.as_str() {
@@ -179,5 +208,9 @@ pub(crate) fn run(a: Args, _global: &Global) -> anyhow::Result<Code> {
             }
         }
     }
-    Ok(if results.iter().all(|h| h.status == "clean") { Code::Success } else { Code::Runtime })
+    Ok(if results.iter().all(|h| h.status == "clean") {
+        Code::Success
+    } else {
+        Code::Runtime
+    })
 }

@@ -208,11 +208,12 @@ pub(crate) fn run(args: Args, global: &Global) -> anyhow::Result<Code> {
         SyncCommand::Serve(a) => serve(a),
         SyncCommand::Rollback(a) => {
             check_backup_dir(&a.backup_dir)?;
-            let r = corral_sync::rollback::rollback(&a.root, &a.backup_dir, &a.run)
-                .map_err(|e| match e {
+            let r = corral_sync::rollback::rollback(&a.root, &a.backup_dir, &a.run).map_err(
+                |e| match e {
                     corral_sync::SyncError::NoSuchRun(..) => bad_input(e.to_string()),
                     e => e.into(),
-                })?;
+                },
+            )?;
             println!(
                 "rolled back run {}: {} paths restored, {} created paths removed",
                 a.run, r.restored, r.removed
@@ -477,7 +478,9 @@ fn push(a: PushArgs, global: &Global) -> anyhow::Result<Code> {
         if !global.quiet {
             summary(&a.dest, &r, secs, a.dry_run);
             if a.backup_dir.is_some() && !a.dry_run {
-                eprintln!("run id {id} (undo on the child: corral sync rollback {id} --root DIR --backup-dir DIR)");
+                eprintln!(
+                    "run id {id} (undo on the child: corral sync rollback {id} --root DIR --backup-dir DIR)"
+                );
             }
         }
     }
@@ -549,7 +552,11 @@ pub(crate) fn load_tree_ctx(
     if !all && hosts.is_empty() {
         return Err(bad_input(format!(
             "say which children: -s HOST (repeatable) or --all; tree {name} has: {}",
-            tree.children.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")
+            tree.children
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         )));
     }
     let children: Vec<corral_site::TreeChild> = if all {
@@ -575,7 +582,10 @@ pub(crate) fn load_tree_ctx(
         Some(p) => match Recorder::open(&p, RecorderConfig::default()) {
             Ok(r) => Some(r),
             Err(e) => {
-                eprintln!("corral: warning: audit store {}: {e}; events not recorded", p.display());
+                eprintln!(
+                    "corral: warning: audit store {}: {e}; events not recorded",
+                    p.display()
+                );
                 None
             }
         },
@@ -625,18 +635,20 @@ pub(crate) fn parallel<T: Send>(
     let out: Mutex<Vec<Option<T>>> = Mutex::new((0..children.len()).map(|_| None).collect());
     std::thread::scope(|s| {
         for _ in 0..jobs.clamp(1, children.len().max(1)) {
-            s.spawn(|| loop {
-                let i = {
-                    let mut n = next.lock().unwrap_or_else(|e| e.into_inner());
-                    let i = *n;
-                    *n += 1;
-                    i
-                };
-                if i >= children.len() {
-                    break;
+            s.spawn(|| {
+                loop {
+                    let i = {
+                        let mut n = next.lock().unwrap_or_else(|e| e.into_inner());
+                        let i = *n;
+                        *n += 1;
+                        i
+                    };
+                    if i >= children.len() {
+                        break;
+                    }
+                    let r = f(&children[i]);
+                    out.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(r);
                 }
-                let r = f(&children[i]);
-                out.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(r);
             });
         }
     });
@@ -729,7 +741,12 @@ fn run_tree(a: RunArgs, global: &Global) -> anyhow::Result<Code> {
                 rep.bytes_sent = r.bytes_out;
                 rep.changes = r.plan.items.clone();
                 if r.report.failed.is_empty() {
-                    rep.status = if r.plan.items.is_empty() { "unchanged" } else { "changed" }.into();
+                    rep.status = if r.plan.items.is_empty() {
+                        "unchanged"
+                    } else {
+                        "changed"
+                    }
+                    .into();
                 } else {
                     rep.reason = Some(format!(
                         "{} step(s) failed, first: {}: {}",
@@ -751,7 +768,11 @@ fn run_tree(a: RunArgs, global: &Global) -> anyhow::Result<Code> {
             }
             Err(e) => rep.reason = Some(format!("{e:#}")),
         }
-        let outcome = if rep.status == "failed" { Outcome::Fail } else { Outcome::Ok };
+        let outcome = if rep.status == "failed" {
+            Outcome::Fail
+        } else {
+            Outcome::Ok
+        };
         let mut ev = Event::new(
             now(),
             Source::Sync,
@@ -763,7 +784,10 @@ fn run_tree(a: RunArgs, global: &Global) -> anyhow::Result<Code> {
                 rep.name,
                 rep.dest,
                 rep.status,
-                rep.reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default()
+                rep.reason
+                    .as_ref()
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default()
             ),
         )
         .with_hostname(rep.name.clone());
@@ -788,7 +812,11 @@ fn run_tree(a: RunArgs, global: &Global) -> anyhow::Result<Code> {
             println!("run id {id}");
         }
     }
-    Ok(if failed == 0 { Code::Success } else { Code::Runtime })
+    Ok(if failed == 0 {
+        Code::Success
+    } else {
+        Code::Runtime
+    })
 }
 
 fn count_failed(r: &[HostReport]) -> usize {
@@ -802,7 +830,11 @@ fn print_reports(r: &[HostReport], depth: usize, dry: bool) {
     for h in r {
         let what = match h.status.as_str() {
             "failed" => format!("failed: {}", h.reason.as_deref().unwrap_or("?")),
-            s => format!("{s} ({} change(s), {} bytes sent)", h.changes.len(), h.bytes_sent),
+            s => format!(
+                "{s} ({} change(s), {} bytes sent)",
+                h.changes.len(),
+                h.bytes_sent
+            ),
         };
         println!("{pad}{}: {what}", h.name);
         if dry {
@@ -851,7 +883,10 @@ fn recurse(
             .args(&args)
             .output()?,
         Dest::Ssh { host, .. } => {
-            let corral = tree.remote_corral.clone().unwrap_or_else(|| "corral".into());
+            let corral = tree
+                .remote_corral
+                .clone()
+                .unwrap_or_else(|| "corral".into());
             let line = std::iter::once(corral)
                 .chain(args.iter().map(|s| quote(s)))
                 .collect::<Vec<_>>()
@@ -876,7 +911,10 @@ fn recurse(
 }
 
 fn quote(s: &str) -> String {
-    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._-+=:@,".contains(&b)) {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-+=:@,".contains(&b))
+    {
         s.to_string()
     } else {
         format!("'{}'", s.replace('\'', "'\\''"))

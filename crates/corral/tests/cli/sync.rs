@@ -56,7 +56,21 @@ fn sync_push_dry_run_filters_and_json() {
     write(&c.join("stale"), b"old");
     let ms = m.to_str().unwrap();
     let cs = c.to_str().unwrap();
-    let out = corral_state(t.path(), &["sync", "push", ms, cs, "--dry-run", "--delete", "--exclude", "*.tmp", "--exclude", "logs/"]);
+    let out = corral_state(
+        t.path(),
+        &[
+            "sync",
+            "push",
+            ms,
+            cs,
+            "--dry-run",
+            "--delete",
+            "--exclude",
+            "*.tmp",
+            "--exclude",
+            "logs/",
+        ],
+    );
     let (so, se) = text(&out);
     assert_eq!(out.status.code(), Some(0), "{so}{se}");
     assert!(so.contains(">f+++++++++ keep.conf"), "{so}");
@@ -64,15 +78,46 @@ fn sync_push_dry_run_filters_and_json() {
     assert!(!so.contains("skip.tmp") && !so.contains("logs"), "{so}");
     assert!(c.join("stale").exists(), "dry run changes nothing");
     // Include before exclude wins (rsync order).
-    let out = corral_state(t.path(), &["sync", "push", ms, cs, "--json", "--include", "*.tmp", "--exclude", "*"]);
+    let out = corral_state(
+        t.path(),
+        &[
+            "sync",
+            "push",
+            ms,
+            cs,
+            "--json",
+            "--include",
+            "*.tmp",
+            "--exclude",
+            "*",
+        ],
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(out.status.code(), Some(0));
-    let paths: Vec<&str> = v["changes"].as_array().unwrap().iter().map(|i| i["path"].as_str().unwrap()).collect();
-    assert!(paths.contains(&"skip.tmp") && !paths.contains(&"keep.conf"), "{paths:?}");
+    let paths: Vec<&str> = v["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["path"].as_str().unwrap())
+        .collect();
+    assert!(
+        paths.contains(&"skip.tmp") && !paths.contains(&"keep.conf"),
+        "{paths:?}"
+    );
     assert_eq!(std::fs::read(c.join("skip.tmp")).unwrap(), b"b");
     // Bad rules are bad input.
     write(&t.path().join("bad.rules"), b"x nonsense\n");
-    let out = corral_state(t.path(), &["sync", "push", ms, cs, "--filter-file", t.path().join("bad.rules").to_str().unwrap()]);
+    let out = corral_state(
+        t.path(),
+        &[
+            "sync",
+            "push",
+            ms,
+            cs,
+            "--filter-file",
+            t.path().join("bad.rules").to_str().unwrap(),
+        ],
+    );
     assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
     let out = corral(t.path(), &["sync", "push", "--help"]);
     assert!(text(&out).0.contains("Examples:"));
@@ -83,10 +128,16 @@ fn tree_file(site: &Path, name: &str, source: &Path, children: &[(&Path, Option<
     for (dest, sub_site) in children {
         s.push_str(&format!("[[child]]\ndest = {:?}\n", dest.to_str().unwrap()));
         if let Some(ss) = sub_site {
-            s.push_str(&format!("recurse = true\nsite = {:?}\n", ss.to_str().unwrap()));
+            s.push_str(&format!(
+                "recurse = true\nsite = {:?}\n",
+                ss.to_str().unwrap()
+            ));
         }
     }
-    write(&site.join("trees").join(format!("{name}.toml")), s.as_bytes());
+    write(
+        &site.join("trees").join(format!("{name}.toml")),
+        s.as_bytes(),
+    );
 }
 
 #[test]
@@ -101,7 +152,19 @@ fn sync_run_three_tiers_recursive_and_drift() {
     let (s1, s2) = (p("site1"), p("site2"));
     tree_file(&s1, "os", &m, &[(&cm, Some(&s2))]);
     tree_file(&s2, "os", &cm, &[(&c1, None), (&c2, None)]);
-    let out = corral_state(t.path(), &["sync", "run", "os", "--site", s1.to_str().unwrap(), "--all", "--recursive", "--json"]);
+    let out = corral_state(
+        t.path(),
+        &[
+            "sync",
+            "run",
+            "os",
+            "--site",
+            s1.to_str().unwrap(),
+            "--all",
+            "--recursive",
+            "--json",
+        ],
+    );
     let (so, se) = text(&out);
     assert_eq!(out.status.code(), Some(0), "{so}{se}");
     let v: serde_json::Value = serde_json::from_str(&so).unwrap();
@@ -115,14 +178,32 @@ fn sync_run_three_tiers_recursive_and_drift() {
     assert_eq!(files(&c1, ""), want);
     assert_eq!(files(&c2, ""), want);
     // Nothing to do the second time: every tier reports unchanged.
-    let out = corral_state(t.path(), &["sync", "run", "os", "--site", s1.to_str().unwrap(), "--all", "--recursive"]);
+    let out = corral_state(
+        t.path(),
+        &[
+            "sync",
+            "run",
+            "os",
+            "--site",
+            s1.to_str().unwrap(),
+            "--all",
+            "--recursive",
+        ],
+    );
     let (so, se) = text(&out);
     assert_eq!(out.status.code(), Some(0), "{so}{se}");
     assert_eq!(so.matches("unchanged").count(), 3, "{so}");
     // Drift: same-size edit with mtime restored, and a new setuid bit.
     let db = p("audit.db");
     let drift = |args: &[&str]| {
-        let mut a = vec!["drift", "os", "--site", s2.to_str().unwrap(), "--db", db.to_str().unwrap()];
+        let mut a = vec![
+            "drift",
+            "os",
+            "--site",
+            s2.to_str().unwrap(),
+            "--db",
+            db.to_str().unwrap(),
+        ];
         a.extend_from_slice(args);
         corral_state(t.path(), &a)
     };
@@ -131,10 +212,15 @@ fn sync_run_three_tiers_recursive_and_drift() {
     let motd = c1.join("etc/motd");
     let old = std::fs::metadata(&motd).unwrap();
     std::fs::write(&motd, b"WELCOME\n").unwrap();
-    let st = Command::new("touch").arg("-d").arg(format!("@{}", {
-        use std::os::unix::fs::MetadataExt;
-        format!("{}.{:09}", old.mtime(), old.mtime_nsec())
-    })).arg(&motd).status().unwrap();
+    let st = Command::new("touch")
+        .arg("-d")
+        .arg(format!("@{}", {
+            use std::os::unix::fs::MetadataExt;
+            format!("{}.{:09}", old.mtime(), old.mtime_nsec())
+        }))
+        .arg(&motd)
+        .status()
+        .unwrap();
     assert!(st.success());
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(c1.join("bin/tool"), std::fs::Permissions::from_mode(0o4755)).unwrap();
@@ -142,10 +228,16 @@ fn sync_run_three_tiers_recursive_and_drift() {
     let (so, se) = text(&out);
     assert_eq!(out.status.code(), Some(1), "{so}{se}");
     let first = so.lines().nth(1).unwrap_or("");
-    assert!(first.contains("bin/tool") && first.contains("[setuid/exec]"), "setuid first: {so}");
+    assert!(
+        first.contains("bin/tool") && first.contains("[setuid/exec]"),
+        "setuid first: {so}"
+    );
     assert!(so.contains(">fc") && so.contains("etc/motd"), "{so}");
     // The events are in the store.
-    let log = corral(t.path(), &["log", "--db", db.to_str().unwrap(), "--source", "drift"]);
+    let log = corral(
+        t.path(),
+        &["log", "--db", db.to_str().unwrap(), "--source", "drift"],
+    );
     let (lo, le) = text(&log);
     assert!(lo.contains("drifted"), "{lo}{le}");
 }
@@ -159,7 +251,10 @@ fn kill_9_mid_run_leaves_every_file_old_or_new() {
     for i in 0..n {
         write(&m.join(format!("d{}/f{i}", i % 10)), &body(1, i));
     }
-    let (ms, cs) = (m.to_str().unwrap().to_string(), c.to_str().unwrap().to_string());
+    let (ms, cs) = (
+        m.to_str().unwrap().to_string(),
+        c.to_str().unwrap().to_string(),
+    );
     let out = corral_state(t.path(), &["sync", "push", &ms, &cs, "--no-fsync"]);
     assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
     for i in 0..n {
@@ -182,16 +277,27 @@ fn kill_9_mid_run_leaves_every_file_old_or_new() {
                 continue; // a temporary file, never under a real name
             }
             let i: usize = name[1..].parse().unwrap();
-            assert!(data == body(1, i) || data == body(2, i), "{rel} is neither old nor new after kill -9 at {delay} ms");
+            assert!(
+                data == body(1, i) || data == body(2, i),
+                "{rel} is neither old nor new after kill -9 at {delay} ms"
+            );
         }
     }
     let out = corral_state(t.path(), &["sync", "push", &ms, &cs]);
     assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
-    assert_eq!(files(&c, ""), files(&m, ""), "the next run completes and removes temporaries");
+    assert_eq!(
+        files(&c, ""),
+        files(&m, ""),
+        "the next run completes and removes temporaries"
+    );
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Kills sshd when the test ends, also on failure.
@@ -217,7 +323,11 @@ fn sync_over_real_sshd_with_forced_command_key() {
     std::fs::create_dir_all(&c).unwrap();
     std::fs::create_dir_all(&decoy).unwrap();
     let keygen = |p: &Path| {
-        let st = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(p).status().unwrap();
+        let st = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(p)
+            .status()
+            .unwrap();
         assert!(st.success());
     };
     keygen(&d.join("host_key"));
@@ -275,6 +385,10 @@ fn sync_over_real_sshd_with_forced_command_key() {
     // Second run over ssh: nothing to send but the manifests.
     let out = corral_state(d, &args);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["changes"].as_array().unwrap().len(), 0, "{v}\nfirst run: {so}");
+    assert_eq!(
+        v["changes"].as_array().unwrap().len(),
+        0,
+        "{v}\nfirst run: {so}"
+    );
     assert_eq!(v["report"]["literal_bytes"], 0);
 }
