@@ -172,11 +172,19 @@ fn check_entry(e: &Entry) -> Result<(), ProtoError> {
     if let crate::manifest::Kind::Hardlink(t) = &e.kind {
         check(t)?;
     }
-    if let Some(c) = &e.content
-        && !c.chunks.is_empty()
-        && c.chunks.iter().map(|c| u64::from(c.len)).sum::<u64>() != c.size
-    {
-        return Err(ProtoError::BadChunks(e.path.clone()));
+    if let Some(c) = &e.content {
+        // Chunk lengths bound what a receiver allocates for one chunk.
+        let bad = if c.chunks.is_empty() {
+            c.size > crate::manifest::CHUNK_THRESHOLD
+        } else {
+            c.chunks
+                .iter()
+                .any(|c| c.len == 0 || c.len > crate::scan::CDC_MAX)
+                || c.chunks.iter().map(|c| u64::from(c.len)).sum::<u64>() != c.size
+        };
+        if bad {
+            return Err(ProtoError::BadChunks(e.path.clone()));
+        }
     }
     Ok(())
 }
@@ -277,6 +285,38 @@ mod tests {
             let f = encode(&m).unwrap();
             assert!(decode(&f[4..]).is_err(), "{p}");
         }
+    }
+
+    #[test]
+    fn oversized_chunks_rejected() {
+        let mut e = crate::manifest::Entry {
+            path: "f".into(),
+            kind: crate::manifest::Kind::File,
+            meta: crate::manifest::Meta {
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+                user: None,
+                group: None,
+                mtime: 0,
+                mtime_ns: 0,
+                xattrs: vec![],
+            },
+            content: Some(crate::manifest::Content {
+                size: 4 << 30,
+                hash: Hash::of(b""),
+                chunks: vec![],
+                sparse: false,
+            }),
+        };
+        let f = encode(&Message::Apply(Op::Write(e.clone()))).unwrap();
+        assert!(matches!(decode(&f[4..]), Err(ProtoError::BadChunks(_))));
+        e.content.as_mut().unwrap().chunks = vec![crate::manifest::Chunk {
+            len: u32::MAX,
+            hash: Hash::of(b""),
+        }];
+        let f = encode(&Message::Apply(Op::Write(e))).unwrap();
+        assert!(decode(&f[4..]).is_err());
     }
 
     proptest! {

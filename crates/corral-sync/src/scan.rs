@@ -131,10 +131,21 @@ pub fn hash_file(path: &Path, sparse: bool) -> Result<Content, SyncError> {
         let mut buf = Vec::with_capacity(size as usize);
         f.read_to_end(&mut buf)
             .map_err(|e| SyncError::fs("read", path, e))?;
+        let chunks = if buf.len() as u64 > CHUNK_THRESHOLD {
+            // Grew while we read it: chunk what we have.
+            fastcdc::v2020::FastCDC::new(&buf, CDC_MIN, CDC_AVG, CDC_MAX)
+                .map(|c| Chunk {
+                    len: c.length as u32,
+                    hash: Hash::of(&buf[c.offset..c.offset + c.length]),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         return Ok(Content {
             size: buf.len() as u64,
             hash: Hash::of(&buf),
-            chunks: Vec::new(),
+            chunks,
             sparse,
         });
     }
