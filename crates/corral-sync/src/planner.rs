@@ -477,6 +477,26 @@ pub fn plan(
         }
     }
 
+    // A directory whose entries this plan adds, replaces or removes gets a new mtime from
+    // the file system: set its metadata again at the end, even if it matched before.
+    let mut touched: HashSet<&str> = HashSet::new();
+    for op in &plan.ops {
+        if !matches!(op, Op::Meta(_) | Op::DirMeta(_)) {
+            let p = op.path();
+            touched.insert(p.rsplit_once('/').map_or("", |(d, _)| d));
+        }
+    }
+    let have: HashSet<&str> = dirmeta.iter().map(|e| e.path.as_str()).collect();
+    let extra: Vec<&Entry> = sel
+        .iter()
+        .filter(|e| {
+            e.kind == Kind::Dir
+                && touched.contains(e.path.as_str())
+                && !have.contains(e.path.as_str())
+        })
+        .copied()
+        .collect();
+    dirmeta.extend(extra);
     dirmeta.sort_by(|a, b| path_order(&b.path, &a.path));
     for m in dirmeta {
         plan.ops.push(Op::DirMeta(m.clone()));
