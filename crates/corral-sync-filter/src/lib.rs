@@ -76,6 +76,14 @@ pub enum FilterError {
         /// The rule text.
         rule: String,
     },
+    /// A rule inside a merge file with a side (`s`/`r`) names a side itself.
+    #[error("{origin}: specified-side merge file contains specified-side filter `{rule}`")]
+    SideConflict {
+        /// Where the rule came from.
+        origin: String,
+        /// The rule text.
+        rule: String,
+    },
     /// A `merge` file could not be read.
     #[error("{origin}: cannot read merge file {path}")]
     MergeFileUnreadable {

@@ -244,7 +244,7 @@ pub(crate) fn parse_token(
     let mut cvs = false;
     let mut no_inherit = false;
     let mut exclude_self = false;
-    let mut sides = template.sides;
+    let mut sides = Sides::default();
     let mut abs_path = template.abs_path;
     let mut perishable = template.perishable;
     let mut xattr = template.xattr;
@@ -469,6 +469,15 @@ pub(crate) fn parse_token(
         });
     }
 
+    if template.sides != Sides::default() {
+        if sides != Sides::default() {
+            return Err(FilterError::SideConflict {
+                origin: origin.to_owned(),
+                rule: err_rule(),
+            });
+        }
+        sides = template.sides;
+    }
     let t = Template {
         no_prefixes,
         word_split,
