@@ -235,39 +235,68 @@ fn our_sent(t: &Tree, m: &Matcher, root: &Path) -> Result<BTreeSet<String>> {
     Ok(out)
 }
 
-/// What rsync --delete removes from `dst` given the sent set (no per-directory merge files).
-fn our_deleted(dst: &Tree, sent: &BTreeSet<String>, m: &Matcher) -> BTreeSet<String> {
-    fn del_dir(dst: &Tree, dir: &str, m: &Matcher, out: &mut BTreeSet<String>) -> bool {
+/// What rsync --delete removes from `dst` given the sent set. The receiver's per-directory
+/// merge files are those of the destination before the run (`dst_merge`).
+fn our_deleted(
+    dst: &Tree,
+    sent: &BTreeSet<String>,
+    m: &Matcher,
+    dst_merge: &BTreeMap<String, String>,
+) -> Result<BTreeSet<String>> {
+    type Read<'a> = dyn FnMut(&Path) -> Option<String> + 'a;
+    fn del_dir(
+        dst: &Tree,
+        dir: &str,
+        m: &Matcher,
+        read: &mut Read<'_>,
+        out: &mut BTreeSet<String>,
+    ) -> Result<bool> {
+        let dm = m.for_dir(Path::new(dir), read)?;
         let mut empty = true;
         for (c, is_dir) in children(dst, dir) {
-            if !m.may_delete_within_deleted(Path::new(c), is_dir) {
+            if !dm.may_delete_within_deleted(Path::new(c), is_dir) {
                 empty = false;
                 continue;
             }
-            if is_dir && !del_dir(dst, c, m, out) {
+            if is_dir && !del_dir(dst, c, &dm, read, out)? {
                 empty = false;
                 continue;
             }
             out.insert(c.clone());
         }
-        empty
+        Ok(empty)
     }
+    fn walk(
+        dst: &Tree,
+        sent: &BTreeSet<String>,
+        dir: &str,
+        dm: &Matcher,
+        read: &mut Read<'_>,
+        out: &mut BTreeSet<String>,
+    ) -> Result<()> {
+        for (c, is_dir) in children(dst, dir) {
+            if sent.contains(c) {
+                if is_dir {
+                    let cm = dm.for_dir(Path::new(c), read)?;
+                    walk(dst, sent, c, &cm, read, out)?;
+                }
+                continue;
+            }
+            if !dm.may_delete(Path::new(c), is_dir) {
+                continue;
+            }
+            if is_dir && !del_dir(dst, c, dm, read, out)? {
+                continue;
+            }
+            out.insert(c.clone());
+        }
+        Ok(())
+    }
+    let mut read = |p: &Path| dst_merge.get(p.to_str()?).cloned();
+    let root = m.for_dir(Path::new(""), &mut read)?;
     let mut out = BTreeSet::new();
-    // Directories the sender sent that exist on the receiver (and the root).
-    let dirs = std::iter::once(String::new())
-        .chain(sent.iter().filter(|p| dst.get(*p) == Some(&true)).cloned());
-    for d in dirs.collect::<Vec<_>>() {
-        for (c, is_dir) in children(dst, &d) {
-            if sent.contains(c) || !m.may_delete(Path::new(c), is_dir) {
-                continue;
-            }
-            if is_dir && !del_dir(dst, c, m, &mut out) {
-                continue;
-            }
-            out.insert(c.clone());
-        }
-    }
-    out
+    walk(dst, sent, "", &root, &mut read, &mut out)?;
+    Ok(out)
 }
 
 fn rsync_available() -> bool {
@@ -279,8 +308,7 @@ fn one_case(seed: u64, delete: bool) -> Result<()> {
     let universe = gen_universe(&mut rng);
     let src_t = subset(&mut rng, &universe, 0.85);
     let dst_t = subset(&mut rng, &universe, 0.6);
-    let dir_merge = !delete;
-    let rules = gen_rules(&mut rng, delete, dir_merge);
+    let rules = gen_rules(&mut rng, delete, true);
     let delete_excluded = delete && rng.random_bool(0.25);
     let tmp = tempfile::tempdir()?;
     let src = tmp.path().join("src");
@@ -307,6 +335,16 @@ fn one_case(seed: u64, delete: bool) -> Result<()> {
     let ctx = || format!("seed {seed}: rules {rules:?}\nsrc {src_all:?}\ndst {dst_t:?}");
     if delete {
         write_tree(&dst, &dst_t)?;
+        let mut dst_t = dst_t.clone();
+        let mut dst_merge = BTreeMap::new();
+        if rules.iter().any(|r| r.contains(".rf")) {
+            let no_prefix = rules.iter().any(|r| r.starts_with(":- "));
+            for (p, text) in gen_merge_files(&mut rng, &dst_t.clone(), no_prefix) {
+                std::fs::write(dst.join(&p), &text)?;
+                dst_t.insert(p.clone(), false);
+                dst_merge.insert(p, text);
+            }
+        }
         // A real run: `-n` reports non-empty subdirectories of a deleted directory as deleted
         // (its rmdir is skipped), so what is gone afterwards is the truth.
         let mut extra = vec!["--delete"];
@@ -319,10 +357,10 @@ fn one_case(seed: u64, delete: bool) -> Result<()> {
             .filter(|p| std::fs::symlink_metadata(dst.join(p)).is_err())
             .cloned()
             .collect();
-        let ours_del = our_deleted(&dst_t, &ours, &m);
+        let ours_del = our_deleted(&dst_t, &ours, &m, &dst_merge)?;
         if ours_del != theirs {
             bail!(
-                "delete mismatch, delete_excluded={delete_excluded}\n{}\nrsync: {theirs:?}\nours:  {ours_del:?}\nrsync output: {lines:#?}",
+                "delete mismatch, delete_excluded={delete_excluded}\n{}\ndst merge files {dst_merge:?}\nrsync: {theirs:?}\nours:  {ours_del:?}\nrsync output: {lines:#?}",
                 ctx()
             );
         }
@@ -649,7 +687,7 @@ fn isp_seed_exclude_file_matches_rsync() -> Result<()> {
         .filter(|p| std::fs::symlink_metadata(dst.join(p)).is_err())
         .cloned()
         .collect();
-    let ours_deleted = our_deleted(&child, &ours, &m);
+    let ours_deleted = our_deleted(&child, &ours, &m, &BTreeMap::new())?;
     assert_eq!(ours_deleted, theirs_deleted, "deletions: {lines:?}");
     // Local configuration the exclude file names survives on the child.
     for keep in [
