@@ -219,6 +219,7 @@ fn load_dir_merge(
     }
     let path = path_of(&join(dir, &spec.name));
     let text = read(&path);
+    tracing::trace!(path = %path.display(), found = text.is_some(), "per-directory merge file");
     let mut b = Builder {
         items: Vec::new(),
         cleared: false,

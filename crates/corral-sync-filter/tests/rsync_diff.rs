@@ -402,7 +402,7 @@ fn differential_delete_against_rsync() -> Result<()> {
     let n: u64 = std::env::var("FILTER_DIFF_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(100);
+        .unwrap_or(80);
     for seed in 0..n {
         one_case(1_000_000 + seed, true)?;
     }
