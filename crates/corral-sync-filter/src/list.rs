@@ -637,6 +637,32 @@ mod tests {
         }
     }
 
+    /// Checked against `rsync -rni` run in /tmp/abst with the same rules.
+    #[test]
+    fn slash_modifier_matches_the_absolute_path() {
+        let m = |text: &str| {
+            Matcher::new(
+                Rules::parse(text, "t").unwrap(),
+                MatchOptions {
+                    abs_root: Some("/tmp/abst/src".into()),
+                    ..Default::default()
+                },
+            )
+        };
+        let r = m("-/ /tmp/abst/src/a/b/x\n-/ /tmp/abst/src/c\n");
+        assert!(!sends(&r, "a/b/x", false));
+        assert!(!sends(&r, "c", true));
+        assert!(sends(&r, "x", false));
+        let r = m("-/ /tmp/abst/src/**/x\n");
+        assert!(!sends(&r, "a/b/x", false));
+        assert!(sends(&r, "x", false));
+        let r = m("-/ src/a\n");
+        assert!(!sends(&r, "a", true));
+        assert!(sends(&r, "c", true));
+        let r = m("-/ x\n");
+        assert!(!sends(&r, "a/b/x", false));
+    }
+
     #[test]
     fn root_path_is_never_matched() {
         let m = matcher("- *\n");

@@ -107,10 +107,12 @@ fn gen_rules(rng: &mut StdRng, delete: bool, allow_dir_merge: bool) -> Vec<Strin
         rules.push(format!("{pre}{}", gen_pattern(rng)));
     }
     if allow_dir_merge && rng.random_bool(0.35) {
-        let m = match rng.random_range(0..4) {
+        let m = match rng.random_range(0..6) {
             0 => ": .rf",
             1 => "dir-merge,n .rf",
             2 => ":e .rf",
+            3 => ":C .rf",
+            4 => ":+ .rf",
             _ => ":- .rf",
         };
         let at = rng.random_range(0..=rules.len());
@@ -316,7 +318,9 @@ fn one_case(seed: u64, delete: bool) -> Result<()> {
     write_tree(&src, &src_t)?;
     let mut src_all = src_t.clone();
     if rules.iter().any(|r| r.contains(".rf")) {
-        let no_prefix = rules.iter().any(|r| r.starts_with(":- "));
+        let no_prefix = rules
+            .iter()
+            .any(|r| [":- ", ":C ", ":+ "].iter().any(|p| r.starts_with(p)));
         for (p, text) in gen_merge_files(&mut rng, &src_t, no_prefix) {
             std::fs::write(src.join(&p), text)?;
             src_all.insert(p, false);
@@ -338,7 +342,9 @@ fn one_case(seed: u64, delete: bool) -> Result<()> {
         let mut dst_t = dst_t.clone();
         let mut dst_merge = BTreeMap::new();
         if rules.iter().any(|r| r.contains(".rf")) {
-            let no_prefix = rules.iter().any(|r| r.starts_with(":- "));
+            let no_prefix = rules
+                .iter()
+                .any(|r| [":- ", ":C ", ":+ "].iter().any(|p| r.starts_with(p)));
             for (p, text) in gen_merge_files(&mut rng, &dst_t.clone(), no_prefix) {
                 std::fs::write(dst.join(&p), &text)?;
                 dst_t.insert(p.clone(), false);
