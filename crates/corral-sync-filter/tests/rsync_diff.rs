@@ -301,6 +301,37 @@ fn our_deleted(
     Ok(out)
 }
 
+/// Run `f` for every seed in `seeds` on a few threads (rsync runs are mostly process start-up
+/// and pipe waits); the first failure is returned.
+fn run_cases(seeds: std::ops::Range<u64>, f: fn(u64) -> Result<()>) -> Result<()> {
+    const THREADS: u64 = 4;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let seeds = seeds.clone();
+                s.spawn(move || -> Result<()> {
+                    for seed in seeds.skip(t as usize).step_by(THREADS as usize) {
+                        f(seed)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("case thread panicked"))??;
+        }
+        Ok(())
+    })
+}
+
+fn case_count(default: u64) -> u64 {
+    std::env::var("FILTER_DIFF_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 fn rsync_available() -> bool {
     Command::new("rsync").arg("--version").output().is_ok()
 }
@@ -389,14 +420,8 @@ fn differential_transfer_against_rsync() -> Result<()> {
         eprintln!("SKIPPED differential_transfer_against_rsync: rsync not installed");
         return Ok(());
     }
-    let n: u64 = std::env::var("FILTER_DIFF_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(150);
-    for seed in 0..n {
-        one_case(seed, false)?;
-    }
-    Ok(())
+    let n = case_count(150);
+    run_cases(0..n, |seed| one_case(seed, false))
 }
 
 #[test]
@@ -405,14 +430,8 @@ fn differential_delete_against_rsync() -> Result<()> {
         eprintln!("SKIPPED differential_delete_against_rsync: rsync not installed");
         return Ok(());
     }
-    let n: u64 = std::env::var("FILTER_DIFF_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(80);
-    for seed in 0..n {
-        one_case(1_000_000 + seed, true)?;
-    }
-    Ok(())
+    let n = case_count(80);
+    run_cases(1_000_000..1_000_000 + n, |seed| one_case(seed, true))
 }
 
 /// One random command-line option: what rsync gets and what we get.
@@ -564,14 +583,8 @@ fn differential_options_against_rsync() -> Result<()> {
         eprintln!("SKIPPED differential_options_against_rsync: rsync not installed");
         return Ok(());
     }
-    let n: u64 = std::env::var("FILTER_DIFF_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100);
-    for seed in 0..n {
-        one_option_case(2_000_000 + seed)?;
-    }
-    Ok(())
+    let n = case_count(100);
+    run_cases(2_000_000..2_000_000 + n, one_option_case)
 }
 
 /// The ISP seed's exclude file (`exclude.example` in the XS4ALL paper) on a system-like tree,
