@@ -113,9 +113,26 @@ if [ "${SKIP_CORRAL:-0}" != 1 ]; then
         log "corral sync push is not available in $CORRAL: measuring rsync only"
     fi
 fi
-# corral over the same ssh: the remote end runs this same binary.
-corral_push() { "$CORRAL" sync push --ssh-command "$SSH" --remote-corral "$CORRAL" "$@"; }
-corral_drift() { "$CORRAL" sync push --dry-run --checksum --ssh-command "$SSH" --remote-corral "$CORRAL" "$@"; }
+# corral over the same ssh (same options, same key); the remote end runs this same binary.
+CSSH=(--ssh-arg=-p "--ssh-arg=$PORT" --ssh-arg=-i "--ssh-arg=$SSHDIR/client_key"
+      --ssh-arg=-o --ssh-arg=StrictHostKeyChecking=no --ssh-arg=-o
+      --ssh-arg=UserKnownHostsFile=/dev/null --ssh-arg=-o --ssh-arg=LogLevel=ERROR)
+corral_push() { "$CORRAL" sync push --delete "${CSSH[@]}" --remote-corral "$CORRAL" "$@" >/dev/null; }
+# The content-verified check is `corral drift` on a tree whose one child is the copy.
+SITE="$WORK/site"
+mkdir -p "$SITE/trees"
+cat > "$SITE/trees/bench.toml" <<TOML
+source = "$SRC"
+[ssh]
+args = ["-p", "$PORT", "-i", "$SSHDIR/client_key", "-o", "StrictHostKeyChecking=no",
+        "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
+remote_corral = "$CORRAL"
+[[child]]
+name = "copy"
+host = "root@127.0.0.1"
+dest = "$WORK/dst-corral"
+TOML
+corral_drift() { "$CORRAL" drift bench --all --site "$SITE" >/dev/null; }
 
 DR="$WORK/dst-rsync"
 DC="$WORK/dst-corral"
@@ -144,10 +161,10 @@ if [ "$HAVE_C" = 1 ]; then
     drop_caches
     timed corral_push "$SRC/" "root@127.0.0.1:$DC/"; C[nochange_cold]=$TIMED
     log "corral: content check"
-    timed corral_drift "$SRC/" "root@127.0.0.1:$DC/"
-    timed corral_drift "$SRC/" "root@127.0.0.1:$DC/"; C[check_warm]=$TIMED
+    timed corral_drift
+    timed corral_drift; C[check_warm]=$TIMED
     drop_caches
-    timed corral_drift "$SRC/" "root@127.0.0.1:$DC/"; C[check_cold]=$TIMED
+    timed corral_drift; C[check_cold]=$TIMED
 fi
 
 # ---- 1% changed (the source is regenerated on the next run) ---------------------------------
@@ -177,7 +194,7 @@ timed rsync_push --rsync-path="python3 $HERE/iowrap.py $WORK/io-rsync rsync" "$I
 R[img_time]=$TIMED; R[img_written]=$(cat "$WORK/io-rsync"); R[img_wire]=$(wire_bytes)
 if [ "$HAVE_C" = 1 ]; then
     wire_zero
-    timed "$CORRAL" sync push --ssh-command "$SSH" --remote-corral "python3 $HERE/iowrap.py $WORK/io-corral $CORRAL" "$IMG/" "root@127.0.0.1:$DC-img/"
+    timed "$CORRAL" sync push --delete "${CSSH[@]}" --remote-corral "python3 $HERE/iowrap.py $WORK/io-corral $CORRAL" "$IMG/" "root@127.0.0.1:$DC-img/"
     C[img_time]=$TIMED; C[img_written]=$(cat "$WORK/io-corral"); C[img_wire]=$(wire_bytes)
 fi
 cmp "$IMG/image.img" "$DR-img/image.img"

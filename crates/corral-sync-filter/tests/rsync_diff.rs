@@ -107,8 +107,9 @@ fn gen_rules(rng: &mut StdRng, delete: bool, allow_dir_merge: bool) -> Vec<Strin
         rules.push(format!("{pre}{}", gen_pattern(rng)));
     }
     if allow_dir_merge && rng.random_bool(0.35) {
-        let m = match rng.random_range(0..6) {
+        let m = match rng.random_range(0..7) {
             0 => ": .rf",
+            6 => ": /.rf", // like rsync's -F
             1 => "dir-merge,n .rf",
             2 => ":e .rf",
             3 => ":C .rf",
