@@ -76,6 +76,14 @@ pub enum FilterError {
         /// The rule text.
         rule: String,
     },
+    /// A rule inside a merge file with a side (`s`/`r`) names a side itself.
+    #[error("{origin}: specified-side merge file contains specified-side filter `{rule}`")]
+    SideConflict {
+        /// Where the rule came from.
+        origin: String,
+        /// The rule text.
+        rule: String,
+    },
     /// A `merge` file could not be read.
     #[error("{origin}: cannot read merge file {path}")]
     MergeFileUnreadable {
@@ -223,6 +231,8 @@ impl Matcher {
     /// `delete_excluded`; `P` protects, `R` risks; `H`/`S`/`s` rules are ignored). For a
     /// directory this answers for the directory itself; its contents are asked one by one
     /// with [`Matcher::may_delete_within_deleted`] (a protected child keeps the directory).
+    /// As in rsync, the receiver's per-directory merge files are the destination's: build the
+    /// matcher used here with a reader over the destination as it was before the run.
     pub fn may_delete(&self, rel: &Path, is_dir: bool) -> bool {
         let name = rel_bytes(rel);
         check(

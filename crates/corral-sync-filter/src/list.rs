@@ -219,6 +219,7 @@ fn load_dir_merge(
     }
     let path = path_of(&join(dir, &spec.name));
     let text = read(&path);
+    tracing::trace!(path = %path.display(), found = text.is_some(), "per-directory merge file");
     let mut b = Builder {
         items: Vec::new(),
         cleared: false,
@@ -416,4 +417,256 @@ fn add_options(b: &mut Builder<'_>, opts: &[FilterOption]) -> Result<(), FilterE
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{MatchOptions, Matcher};
+    use std::collections::HashMap;
+
+    fn matcher(text: &str) -> Matcher {
+        Matcher::new(Rules::parse(text, "test").unwrap(), MatchOptions::default())
+    }
+    fn sends(m: &Matcher, p: &str, dir: bool) -> bool {
+        m.transfers(Path::new(p), dir)
+    }
+    fn deletes(m: &Matcher, p: &str, dir: bool) -> bool {
+        m.may_delete(Path::new(p), dir)
+    }
+
+    #[test]
+    fn include_exclude_first_match_wins() {
+        let m = matcher("+ keep.o\n- *.o\n");
+        assert!(sends(&m, "a/keep.o", false));
+        assert!(!sends(&m, "a/x.o", false));
+        assert!(sends(&m, "a/x.c", false));
+        let m = matcher("- *.o\n+ keep.o\n");
+        assert!(!sends(&m, "a/keep.o", false));
+    }
+
+    #[test]
+    fn long_names_and_comma_modifiers() {
+        let m = matcher("include,! *.c\nexclude *\n# comment\n; comment\n\n");
+        // "include,! *.c": include everything that is not *.c.
+        assert!(sends(&m, "x.h", false));
+        assert!(!sends(&m, "x.c", false));
+    }
+
+    #[test]
+    fn anchored_and_slash_patterns() {
+        let m = matcher("- /tmp\n- var/log\n");
+        assert!(!sends(&m, "tmp", true));
+        assert!(sends(&m, "usr/tmp", true));
+        assert!(!sends(&m, "var/log", true));
+        assert!(
+            !sends(&m, "x/var/log", true),
+            "a slash inside matches the path tail"
+        );
+        assert!(sends(&m, "x/avar/log", true));
+    }
+
+    #[test]
+    fn trailing_slash_is_directories_only() {
+        let m = matcher("- cache/\n");
+        assert!(!sends(&m, "a/cache", true));
+        assert!(sends(&m, "a/cache", false));
+    }
+
+    #[test]
+    fn stars() {
+        let m = matcher("+ /a/***\n+ /b/**/c\n- *\n");
+        assert!(sends(&m, "a", true), "*** matches the directory itself");
+        assert!(sends(&m, "a/x/y", false));
+        assert!(sends(&m, "b/x/y/c", false));
+        assert!(
+            !sends(&m, "b/c", false),
+            "** needs at least one directory here"
+        );
+        assert!(!sends(&m, "z", false));
+    }
+
+    #[test]
+    fn hide_show_protect_risk() {
+        let m = matcher("H secret\nP local.conf\nR *.tmp\n- *.tmp\n- excl\n");
+        assert!(!sends(&m, "secret", false));
+        assert!(deletes(&m, "secret", false), "hide is sender-side only");
+        assert!(
+            sends(&m, "local.conf", false),
+            "protect is receiver-side only"
+        );
+        assert!(!deletes(&m, "local.conf", false));
+        assert!(
+            deletes(&m, "x.tmp", false),
+            "risk overrides the later exclude on the receiver"
+        );
+        assert!(!sends(&m, "x.tmp", false));
+        assert!(!deletes(&m, "excl", false), "excluded paths are protected");
+        let m = Matcher::new(
+            Rules::parse("- excl\nP prot\n", "t").unwrap(),
+            MatchOptions {
+                delete_excluded: true,
+                ..Default::default()
+            },
+        );
+        assert!(deletes(&m, "excl", false), "--delete-excluded");
+        assert!(
+            !deletes(&m, "prot", false),
+            "P still protects with --delete-excluded"
+        );
+    }
+
+    #[test]
+    fn side_modifiers() {
+        let m = matcher("-s a\n-r b\n");
+        assert!(!sends(&m, "a", false));
+        assert!(deletes(&m, "a", false));
+        assert!(sends(&m, "b", false));
+        assert!(!deletes(&m, "b", false));
+    }
+
+    #[test]
+    fn clear_resets_the_list() {
+        let m = matcher("- a\n!\n- b\n");
+        assert!(sends(&m, "a", false));
+        assert!(!sends(&m, "b", false));
+        let m = Matcher::new(
+            Rules::from_options(&[
+                FilterOption::Exclude("a".into()),
+                FilterOption::Exclude("!".into()),
+                FilterOption::Include("- b".into()),
+            ])
+            .unwrap(),
+            MatchOptions::default(),
+        );
+        assert!(sends(&m, "a", false));
+        assert!(!sends(&m, "b", false));
+    }
+
+    #[test]
+    fn cvs_default_list() {
+        let m = matcher("-C\n");
+        assert!(!sends(&m, "x/foo.o", false));
+        assert!(!sends(&m, ".git", true));
+        assert!(sends(&m, ".git", false), ".git/ is directories only");
+        assert!(sends(&m, "main.rs", false));
+    }
+
+    #[test]
+    fn merge_files_through_the_reader() {
+        let mut files: HashMap<PathBuf, String> = HashMap::new();
+        files.insert("inc.rules".into(), "- *.log\n".into());
+        files.insert("names".into(), "a b\nc\n".into());
+        let mut read = |p: &Path| files.get(p).cloned();
+        let rules = Rules::parse_with(". inc.rules\nmerge,-w names\n", "top", &mut read).unwrap();
+        let m = Matcher::new(rules, MatchOptions::default());
+        assert!(!sends(&m, "x.log", false));
+        assert!(!sends(&m, "a", false));
+        assert!(!sends(&m, "b", false));
+        assert!(!sends(&m, "c", false));
+        assert!(sends(&m, "d", false));
+        let err = Rules::parse_with("merge missing", "top", &mut read).unwrap_err();
+        assert!(
+            matches!(err, FilterError::MergeFileUnreadable { .. }),
+            "{err}"
+        );
+        let err = Rules::parse("merge inc.rules", "top").unwrap_err();
+        assert!(
+            matches!(err, FilterError::MergeFileUnreadable { .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn merge_loop_is_an_error() {
+        let mut read = |_: &Path| Some(". self\n".to_owned());
+        let err = Rules::parse_with(". self", "top", &mut read).unwrap_err();
+        assert!(matches!(err, FilterError::MergeTooDeep { .. }), "{err}");
+    }
+
+    #[test]
+    fn dir_merge_inherits_anchors_and_clears() {
+        let mut files: HashMap<PathBuf, String> = HashMap::new();
+        files.insert(".f".into(), "- *.tmp\n".into());
+        files.insert("a/.f".into(), "+ keep.tmp\n- /only-here\n".into());
+        files.insert("a/b/.f".into(), "!\n- x\n".into());
+        let mut read = |p: &Path| files.get(p).cloned();
+        let root = Matcher::new(
+            Rules::parse(": .f\n", "t").unwrap(),
+            MatchOptions::default(),
+        )
+        .for_dir(Path::new(""), &mut read)
+        .unwrap();
+        assert!(!sends(&root, "z.tmp", false));
+        assert!(sends(&root, "only-here", false));
+        let a = root.for_dir(Path::new("a"), &mut read).unwrap();
+        assert!(sends(&a, "a/keep.tmp", false), "subdir rules come first");
+        assert!(!sends(&a, "a/z.tmp", false), "parent rules are inherited");
+        assert!(
+            !sends(&a, "a/only-here", false),
+            "anchored at the file's directory"
+        );
+        let ab = a.for_dir(Path::new("a/b"), &mut read).unwrap();
+        assert!(!sends(&ab, "a/b/only-here/q", true) || sends(&ab, "a/b/only-here", true));
+        assert!(
+            sends(&ab, "a/b/z.tmp", false),
+            "! cleared the inherited rules"
+        );
+        assert!(!sends(&ab, "a/b/x", false));
+        let c = a.for_dir(Path::new("a/c"), &mut read).unwrap();
+        assert!(sends(&c, "a/c/only-here", false));
+        assert!(!sends(&c, "a/c/z.tmp", false));
+    }
+
+    #[test]
+    fn syntax_errors_name_their_origin() {
+        for (text, want) in [
+            ("x foo", "unknown filter rule"),
+            ("excludeme foo", "unknown filter rule"),
+            ("-z foo", "invalid modifier"),
+            ("-e foo", "invalid modifier"),
+            ("! x", "trailing characters"),
+            ("- ", "unexpected end"),
+            ("+", "unexpected end"),
+            ("H,s foo", "invalid modifier"),
+        ] {
+            let err = Rules::parse(&format!("# c\n{text}\n"), "rules.txt").unwrap_err();
+            let msg = err.to_string();
+            assert!(msg.starts_with("rules.txt:2:"), "{msg}");
+            assert!(msg.contains(want), "{text:?}: {msg}");
+        }
+    }
+
+    /// Checked against `rsync -rni` run in /tmp/abst with the same rules.
+    #[test]
+    fn slash_modifier_matches_the_absolute_path() {
+        let m = |text: &str| {
+            Matcher::new(
+                Rules::parse(text, "t").unwrap(),
+                MatchOptions {
+                    abs_root: Some("/tmp/abst/src".into()),
+                    ..Default::default()
+                },
+            )
+        };
+        let r = m("-/ /tmp/abst/src/a/b/x\n-/ /tmp/abst/src/c\n");
+        assert!(!sends(&r, "a/b/x", false));
+        assert!(!sends(&r, "c", true));
+        assert!(sends(&r, "x", false));
+        let r = m("-/ /tmp/abst/src/**/x\n");
+        assert!(!sends(&r, "a/b/x", false));
+        assert!(sends(&r, "x", false));
+        let r = m("-/ src/a\n");
+        assert!(!sends(&r, "a", true));
+        assert!(sends(&r, "c", true));
+        let r = m("-/ x\n");
+        assert!(!sends(&r, "a/b/x", false));
+    }
+
+    #[test]
+    fn root_path_is_never_matched() {
+        let m = matcher("- *\n");
+        assert!(sends(&m, "", true));
+        assert!(sends(&m, ".", true));
+    }
 }

@@ -1,6 +1,8 @@
 //! One parsed rule and the rsync rule-token grammar (`parse_rule_tok` and `add_rule` in rsync's
 //! `exclude.c`): prefixes, long names, modifiers, and how a pattern is classified for matching.
 
+use std::borrow::Cow;
+
 use crate::FilterError;
 use crate::wildmatch::{Anchor, litmatch, wildmatch};
 
@@ -151,34 +153,36 @@ impl Rule {
             // xattr rules match attribute names, never paths.
             return false;
         }
-        let mut text: Vec<u8>;
-        let mut base = name;
-        let multi;
+        // The text to match; allocated only when rsync would match several strings.
+        let mut text: Cow<'_, [u8]>;
+        let mut multi = false;
         if self.slash_cnt == 0 && !self.wild2 {
-            if let Some(i) = name.iter().rposition(|&c| c == b'/') {
-                base = &name[i + 1..];
-            }
-            text = base.to_vec();
-            multi = false;
+            // No slash and no "**": only the last path element is compared.
+            text = Cow::Borrowed(match name.iter().rposition(|&c| c == b'/') {
+                Some(i) => &name[i + 1..],
+                None => name,
+            });
         } else if self.abs_path && !abs_root.is_empty() {
-            text = Vec::with_capacity(abs_root.len() + 1 + name.len());
-            text.extend_from_slice(abs_root);
-            text.push(b'/');
-            text.extend_from_slice(name);
+            let mut v = Vec::with_capacity(abs_root.len() + 2 + name.len());
+            v.extend_from_slice(abs_root);
+            v.push(b'/');
+            v.extend_from_slice(name);
+            text = Cow::Owned(v);
             multi = true;
         } else if self.wild2_prefix {
-            text = Vec::with_capacity(name.len() + 1);
-            text.push(b'/');
-            text.extend_from_slice(name);
+            // Let a leading "**/" match at the start.
+            let mut v = Vec::with_capacity(name.len() + 2);
+            v.push(b'/');
+            v.extend_from_slice(name);
+            text = Cow::Owned(v);
             multi = true;
         } else {
-            text = name.to_vec();
-            multi = false;
+            text = Cow::Borrowed(name);
         }
-        let mut multi = multi;
         if is_dir {
             if self.wild3_suffix {
-                text.push(b'/');
+                // Let a trailing "/***" match the directory itself.
+                text.to_mut().push(b'/');
                 multi = true;
             }
         } else if self.dir_only {
@@ -201,7 +205,7 @@ impl Rule {
         } else if multi {
             litmatch(pattern, &text, anchor)
         } else if anchored {
-            text == pattern
+            *text == *pattern
         } else {
             let (l1, l2) = (text.len(), pattern.len());
             l2 <= l1 && text[l1 - l2..] == *pattern && (l1 == l2 || text[l1 - l2 - 1] == b'/')
@@ -244,7 +248,7 @@ pub(crate) fn parse_token(
     let mut cvs = false;
     let mut no_inherit = false;
     let mut exclude_self = false;
-    let mut sides = template.sides;
+    let mut sides = Sides::default();
     let mut abs_path = template.abs_path;
     let mut perishable = template.perishable;
     let mut xattr = template.xattr;
@@ -469,6 +473,15 @@ pub(crate) fn parse_token(
         });
     }
 
+    if template.sides != Sides::default() {
+        if sides != Sides::default() {
+            return Err(FilterError::SideConflict {
+                origin: origin.to_owned(),
+                rule: err_rule(),
+            });
+        }
+        sides = template.sides;
+    }
     let t = Template {
         no_prefixes,
         word_split,
