@@ -500,3 +500,64 @@ fn excluded_paths_are_neither_sent_nor_deleted() {
     assert!(c.join("xlocal").exists(), "protected from deletion");
     assert!(!c.join("stale").exists());
 }
+
+/// Unmounts and removes a loop-mounted scratch file system when the test ends.
+struct LoopMount(std::path::PathBuf);
+impl Drop for LoopMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn big_image_edit_on_a_reflink_file_system_writes_only_changed_chunks() {
+    if !corral_testkit::is_root() {
+        eprintln!(
+            "SKIPPED big_image_edit_on_a_reflink_file_system_writes_only_changed_chunks: needs root (loop mount)"
+        );
+        return;
+    }
+    if Command::new("mkfs.xfs").arg("-V").output().is_err() {
+        eprintln!(
+            "SKIPPED big_image_edit_on_a_reflink_file_system_writes_only_changed_chunks: needs mkfs.xfs (package xfsprogs)"
+        );
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let img = t.path().join("xfs.img");
+    let mnt = t.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(512 << 20)
+        .unwrap();
+    sh(&format!("mkfs.xfs -q -f -m reflink=1 {}", img.display()));
+    sh(&format!(
+        "mount -o loop {} {}",
+        img.display(),
+        mnt.display()
+    ));
+    let _guard = LoopMount(mnt.clone());
+    let (m, c) = (mnt.join("master"), mnt.join("child"));
+    std::fs::create_dir(&m).unwrap();
+    std::fs::create_dir(&c).unwrap();
+    let size = 96 << 20;
+    let mut data = pseudo_random(size, 21);
+    write(&m.join("disk.img"), &data);
+    push(&m, &c, &PushOptions::default());
+    for i in 0..8 {
+        let off = (i * 11_000_117 + 4_321) % (size - 4096);
+        data[off..off + 4096].copy_from_slice(&pseudo_random(4096, 200 + i as u64));
+    }
+    write(&m.join("disk.img"), &data);
+    let r = push(&m, &c, &PushOptions::default());
+    assert!(r.report.failed.is_empty(), "{:?}", r.report.failed);
+    assert_eq!(std::fs::read(c.join("disk.img")).unwrap(), data);
+    eprintln!("reflink: {:?}, {} bytes on the wire", r.report, r.bytes_out);
+    assert!(
+        r.report.cloned_bytes > (size as u64) * 9 / 10,
+        "{:?}",
+        r.report
+    );
+    assert!(r.report.bytes_written <= 2 << 20, "{:?}", r.report);
+}
