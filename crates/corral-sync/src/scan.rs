@@ -389,7 +389,11 @@ pub fn scan(root: &Path, opts: &ScanOptions) -> Result<(Manifest, ScanStats), Sy
             content,
         });
     }
-    if let Some(p) = &opts.cache {
+    // Rewrite the cache only when it changed (a no-change run writes nothing).
+    let cache_len = cache.len();
+    if let Some(p) = &opts.cache
+        && (st.hashed > 0 || new_cache.len() != cache_len || !p.exists())
+    {
         save_cache(p, new_cache)?;
     }
     Ok((Manifest { entries }, st))
