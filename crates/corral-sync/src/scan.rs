@@ -393,8 +393,10 @@ pub fn scan(root: &Path, opts: &ScanOptions) -> Result<(Manifest, ScanStats), Sy
     let cache_len = cache.len();
     if let Some(p) = &opts.cache
         && (st.hashed > 0 || new_cache.len() != cache_len || !p.exists())
+        && let Err(e) = save_cache(p, new_cache)
     {
-        save_cache(p, new_cache)?;
+        // A missing cache costs time, not correctness.
+        tracing::warn!(error = %e, "hash cache not saved; the next run hashes again");
     }
     Ok((Manifest { entries }, st))
 }
@@ -423,7 +425,10 @@ pub fn cache_add(
             );
         }
     }
-    save_cache(cache, files)
+    if let Err(e) = save_cache(cache, files) {
+        tracing::warn!(error = %e, "hash cache not saved; the next run hashes again");
+    }
+    Ok(())
 }
 
 /// The default hash cache file for a tree root: `$CORRAL_STATE_DIR/sync/<hash of root>.cache`
