@@ -76,7 +76,8 @@ pub enum Message {
     Data {
         /// BLAKE3 of the uncompressed bytes.
         hash: Hash,
-        /// zstd frame.
+        /// zstd frame (encoded as one byte string, not a sequence of numbers).
+        #[serde(with = "serde_bytes")]
         zstd: Vec<u8>,
     },
     /// All steps sent.
