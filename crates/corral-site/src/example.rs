@@ -39,6 +39,18 @@ pub const EXAMPLE_FILES: &[(&str, &str)] = &[
     ("images/.gitkeep", ""),
     ("trees/.gitkeep", ""),
     (
+        "trees/web.toml",
+        include_str!("../../../examples/site/trees/web.toml"),
+    ),
+    (
+        "filters/web.rules",
+        include_str!("../../../examples/site/filters/web.rules"),
+    ),
+    (
+        "filters/web01.rules",
+        include_str!("../../../examples/site/filters/web01.rules"),
+    ),
+    (
         ".gitignore",
         include_str!("../../../examples/site/.gitignore"),
     ),

@@ -8,6 +8,7 @@
 //! profiles/NAME.toml     what a kind of machine gets: [boot] and [install]
 //! machines/NAME.toml     one machine: mac, hostname, ip, profile, groups, [vars]
 //! templates/*.ipxe       optional iPXE script templates named by profiles
+//! trees/NAME.toml        optional sync tree descriptions (see [`Tree`], `corral sync run`)
 //! ```
 //!
 //! `examples/site/` in the repository (also written by `corral site init`, see [`init`]) is the
@@ -56,6 +57,7 @@ mod names;
 mod problem;
 mod raw;
 mod site;
+mod tree;
 
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -75,11 +77,15 @@ pub use site::{
 /// Validates the site directory `dir` offline and returns every problem (errors and warnings),
 /// in file order. Empty means a clean site.
 pub fn check(dir: impl AsRef<Path>) -> Vec<Problem> {
-    match load::load_site(dir.as_ref()) {
+    let mut p = match load::load_site(dir.as_ref()) {
         Ok(site) => site.warnings,
         Err(problems) => problems,
-    }
+    };
+    p.extend(tree::check_trees(dir.as_ref()));
+    p
 }
+
+pub use tree::{Tree, TreeChild, load_tree};
 
 /// Settings given on the command line, which beat the file (precedence: defaults < file <
 /// flags). `None` leaves the file's value.

@@ -56,7 +56,13 @@ impl Report {
         });
     }
 
-    fn error(&mut self, src: &Source, span: Option<Range<usize>>, kind: ProblemKind, msg: String) {
+    pub(crate) fn error(
+        &mut self,
+        src: &Source,
+        span: Option<Range<usize>>,
+        kind: ProblemKind,
+        msg: String,
+    ) {
         let at = span.map(|s| line_col(&src.text, s.start));
         self.push(&src.rel, at, Severity::Error, kind, msg);
     }
@@ -66,11 +72,11 @@ impl Report {
         self.push(&src.rel, at, Severity::Warning, kind, msg);
     }
 
-    fn file_error(&mut self, rel: &Path, kind: ProblemKind, msg: String) {
+    pub(crate) fn file_error(&mut self, rel: &Path, kind: ProblemKind, msg: String) {
         self.push(rel, None, Severity::Error, kind, msg);
     }
 
-    fn file_warn(&mut self, rel: &Path, kind: ProblemKind, msg: String) {
+    pub(crate) fn file_warn(&mut self, rel: &Path, kind: ProblemKind, msg: String) {
         self.push(rel, None, Severity::Warning, kind, msg);
     }
 
@@ -875,7 +881,7 @@ fn io_reason(e: &std::io::Error) -> String {
 }
 
 /// Reads a file to text, reporting why not.
-fn read_source(dir: &Path, rel: PathBuf, r: &mut Report) -> Option<Source> {
+pub(crate) fn read_source(dir: &Path, rel: PathBuf, r: &mut Report) -> Option<Source> {
     let bytes = match fs_err::read(dir.join(&rel)) {
         Ok(b) => b,
         Err(e) => {

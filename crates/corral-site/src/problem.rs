@@ -99,6 +99,8 @@ pub enum ProblemKind {
     TemplateNotIpxe,
     /// A configured directory (`[paths]`) does not exist (warning).
     MissingDir,
+    /// A sync tree description (`trees/NAME.toml`) with a bad or missing value.
+    BadTree,
 }
 
 /// One problem in a site directory, with its place.

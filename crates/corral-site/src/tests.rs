@@ -822,3 +822,50 @@ fn structural_errors_inside_arrays_and_tables() {
         ],
     );
 }
+
+mod trees {
+    use std::path::Path;
+
+    fn site_with(tree: &str) -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        crate::init(d.path(), true).unwrap();
+        std::fs::write(d.path().join("trees/t.toml"), tree).unwrap();
+        d
+    }
+
+    #[test]
+    fn example_tree_loads() {
+        let d = tempfile::tempdir().unwrap();
+        crate::init(d.path(), true).unwrap();
+        let t = crate::load_tree(d.path(), "web").unwrap();
+        assert_eq!(t.source, Path::new("/srv/trees/web"));
+        assert_eq!(t.children.len(), 3);
+        assert!(t.children[2].recurse);
+        assert_eq!(t.children[2].tree, "web");
+        assert!(crate::check(d.path()).iter().all(|p| !p.is_error()));
+    }
+
+    #[test]
+    fn bad_trees_are_reported_by_check() {
+        let d = site_with("source = \"relative\"\n[[child]]\ndest = \"x\"\n");
+        let errs: Vec<_> = crate::check(d.path())
+            .into_iter()
+            .filter(|p| p.is_error())
+            .collect();
+        assert!(
+            errs.iter().any(|p| p.message.contains("absolute")),
+            "{errs:?}"
+        );
+        let d = site_with("source = \"/a\"\nbogus = 1\n");
+        assert!(crate::load_tree(d.path(), "t").is_err());
+        let d = site_with(
+            "source = \"/a\"\n[[child]]\nhost = \"h\"\ndest = \"/\"\n[[child]]\nhost = \"h\"\ndest = \"/x\"\n",
+        );
+        let e = crate::load_tree(d.path(), "t").unwrap_err();
+        assert!(
+            e.iter().any(|p| p.message.contains("two children")),
+            "{e:?}"
+        );
+        assert!(crate::load_tree(d.path(), "missing").is_err());
+    }
+}

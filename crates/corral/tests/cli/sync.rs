@@ -1,1 +1,394 @@
 //! Binary-level tests for `corral sync` and `corral drift`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::support::{corral, text};
+
+fn write(p: &Path, data: &[u8]) {
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(p, data).unwrap();
+}
+
+/// Runs corral with a private state directory (hash caches) under `dir`.
+fn corral_state(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_corral"))
+        .args(args)
+        .current_dir(dir)
+        .env("CORRAL_STATE_DIR", dir.join("state"))
+        .env_remove("CORRAL_SITE")
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap()
+}
+
+/// Every regular file below `root` with its content, skipping `skip` (a top-level name).
+fn files(root: &Path, skip: &str) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let p = e.path();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            if rel == skip || rel.starts_with(&format!("{skip}/")) {
+                continue;
+            }
+            let ft = e.file_type().unwrap();
+            if ft.is_dir() {
+                stack.push(p);
+            } else if ft.is_file() {
+                out.push((rel, std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn sync_push_dry_run_filters_and_json() {
+    let t = tempfile::tempdir().unwrap();
+    let (m, c) = (t.path().join("m"), t.path().join("c"));
+    write(&m.join("keep.conf"), b"a");
+    write(&m.join("skip.tmp"), b"b");
+    write(&m.join("logs/x.log"), b"c");
+    write(&c.join("stale"), b"old");
+    let ms = m.to_str().unwrap();
+    let cs = c.to_str().unwrap();
+    let out = corral_state(
+        t.path(),
+        &[
+            "sync",
+            "push",
+            ms,
+            cs,
+            "--dry-run",
+            "--delete",
+            "--exclude",
+            "*.tmp",
+            "--exclude",
+            "logs/",
+        ],
+    );
+    let (so, se) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{so}{se}");
+    assert!(so.contains(">f+++++++++ keep.conf"), "{so}");
+    assert!(so.contains("*deleting   stale"), "{so}");
+    assert!(!so.contains("skip.tmp") && !so.contains("logs"), "{so}");
+    assert!(c.join("stale").exists(), "dry run changes nothing");
+    // Include before exclude wins (rsync order).
+    let out = corral_state(
+        t.path(),
+        &[
+            "sync",
+            "push",
+            ms,
+            cs,
+            "--json",
+            "--include",
+            "*.tmp",
+            "--exclude",
+            "*",
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let paths: Vec<&str> = v["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["path"].as_str().unwrap())
+        .collect();
+    assert!(
+        paths.contains(&"skip.tmp") && !paths.contains(&"keep.conf"),
+        "{paths:?}"
+    );
+    assert_eq!(std::fs::read(c.join("skip.tmp")).unwrap(), b"b");
+    // Bad rules are bad input.
+    write(&t.path().join("bad.rules"), b"x nonsense\n");
+    let out = corral_state(
+        t.path(),
+        &[
+            "sync",
+            "push",
+            ms,
+            cs,
+            "--filter-file",
+            t.path().join("bad.rules").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
+    let out = corral(t.path(), &["sync", "push", "--help"]);
+    assert!(text(&out).0.contains("Examples:"));
+}
+
+fn tree_file(site: &Path, name: &str, source: &Path, children: &[(&Path, Option<&Path>)]) {
+    let mut s = format!("source = {:?}\ndelete = true\n", source.to_str().unwrap());
+    for (dest, sub_site) in children {
+        s.push_str(&format!("[[child]]\ndest = {:?}\n", dest.to_str().unwrap()));
+        if let Some(ss) = sub_site {
+            s.push_str(&format!(
+                "recurse = true\nsite = {:?}\n",
+                ss.to_str().unwrap()
+            ));
+        }
+    }
+    write(
+        &site.join("trees").join(format!("{name}.toml")),
+        s.as_bytes(),
+    );
+}
+
+#[test]
+fn sync_run_three_tiers_recursive_and_drift() {
+    let t = tempfile::tempdir().unwrap();
+    let p = |n: &str| -> PathBuf { t.path().join(n) };
+    let (m, cm, c1, c2) = (p("master"), p("cluster"), p("child1"), p("child2"));
+    write(&m.join("etc/motd"), b"welcome\n");
+    write(&m.join("bin/tool"), &vec![7u8; 3 << 20]);
+    std::fs::create_dir_all(&c2).unwrap();
+    write(&c2.join("junk"), b"to be deleted");
+    let (s1, s2) = (p("site1"), p("site2"));
+    tree_file(&s1, "os", &m, &[(&cm, Some(&s2))]);
+    tree_file(&s2, "os", &cm, &[(&c1, None), (&c2, None)]);
+    let out = corral_state(
+        t.path(),
+        &[
+            "sync",
+            "run",
+            "os",
+            "--site",
+            s1.to_str().unwrap(),
+            "--all",
+            "--recursive",
+            "--json",
+        ],
+    );
+    let (so, se) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{so}{se}");
+    let v: serde_json::Value = serde_json::from_str(&so).unwrap();
+    let top = &v["hosts"][0];
+    assert_eq!(top["status"], "changed", "{so}");
+    let kids = top["children"].as_array().unwrap();
+    assert_eq!(kids.len(), 2, "{so}");
+    assert!(kids.iter().all(|k| k["status"] == "changed"), "{so}");
+    let want = files(&m, "");
+    assert_eq!(files(&cm, ""), want);
+    assert_eq!(files(&c1, ""), want);
+    assert_eq!(files(&c2, ""), want);
+    // Nothing to do the second time: every tier reports unchanged.
+    let out = corral_state(
+        t.path(),
+        &[
+            "sync",
+            "run",
+            "os",
+            "--site",
+            s1.to_str().unwrap(),
+            "--all",
+            "--recursive",
+        ],
+    );
+    let (so, se) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{so}{se}");
+    assert_eq!(so.matches("unchanged").count(), 3, "{so}");
+    // Drift: same-size edit with mtime restored, and a new setuid bit.
+    let db = p("audit.db");
+    let drift = |args: &[&str]| {
+        let mut a = vec![
+            "drift",
+            "os",
+            "--site",
+            s2.to_str().unwrap(),
+            "--db",
+            db.to_str().unwrap(),
+        ];
+        a.extend_from_slice(args);
+        corral_state(t.path(), &a)
+    };
+    let out = drift(&["--all"]);
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    let motd = c1.join("etc/motd");
+    let old = std::fs::metadata(&motd).unwrap();
+    std::fs::write(&motd, b"WELCOME\n").unwrap();
+    let st = Command::new("touch")
+        .arg("-d")
+        .arg(format!("@{}", {
+            use std::os::unix::fs::MetadataExt;
+            format!("{}.{:09}", old.mtime(), old.mtime_nsec())
+        }))
+        .arg(&motd)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(c1.join("bin/tool"), std::fs::Permissions::from_mode(0o4755)).unwrap();
+    let out = drift(&["-s", c1.to_str().unwrap()]);
+    let (so, se) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{so}{se}");
+    let first = so.lines().nth(1).unwrap_or("");
+    assert!(
+        first.contains("bin/tool") && first.contains("[setuid/exec]"),
+        "setuid first: {so}"
+    );
+    assert!(so.contains(">fc") && so.contains("etc/motd"), "{so}");
+    // The events are in the store.
+    let log = corral(
+        t.path(),
+        &["log", "--db", db.to_str().unwrap(), "--source", "drift"],
+    );
+    let (lo, le) = text(&log);
+    assert!(lo.contains("drifted"), "{lo}{le}");
+}
+
+#[test]
+fn kill_9_mid_run_leaves_every_file_old_or_new() {
+    let t = tempfile::tempdir().unwrap();
+    let (m, c) = (t.path().join("m"), t.path().join("c"));
+    let n = 1500;
+    let body = |g: u8, i: usize| -> Vec<u8> { vec![g.wrapping_add(i as u8); 20_000 + i] };
+    for i in 0..n {
+        write(&m.join(format!("d{}/f{i}", i % 10)), &body(1, i));
+    }
+    let (ms, cs) = (
+        m.to_str().unwrap().to_string(),
+        c.to_str().unwrap().to_string(),
+    );
+    let out = corral_state(t.path(), &["sync", "push", &ms, &cs, "--no-fsync"]);
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    for i in 0..n {
+        write(&m.join(format!("d{}/f{i}", i % 10)), &body(2, i));
+    }
+    for delay in [50u64, 150, 400] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_corral"))
+            .args(["sync", "push", &ms, &cs, "-q"])
+            .env("CORRAL_STATE_DIR", t.path().join("state"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay));
+        let _ = child.kill(); // SIGKILL
+        let _ = child.wait();
+        for (rel, data) in files(&c, "") {
+            let name = rel.rsplit('/').next().unwrap();
+            if name.ends_with(".corral-tmp") {
+                continue; // a temporary file, never under a real name
+            }
+            let i: usize = name[1..].parse().unwrap();
+            assert!(
+                data == body(1, i) || data == body(2, i),
+                "{rel} is neither old nor new after kill -9 at {delay} ms"
+            );
+        }
+    }
+    let out = corral_state(t.path(), &["sync", "push", &ms, &cs]);
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    assert_eq!(
+        files(&c, ""),
+        files(&m, ""),
+        "the next run completes and removes temporaries"
+    );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Kills sshd when the test ends, also on failure.
+struct Sshd(std::process::Child);
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn sync_over_real_sshd_with_forced_command_key() {
+    if !corral_testkit::is_root() {
+        eprintln!("SKIPPED sync_over_real_sshd_with_forced_command_key: needs root (sshd)");
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let (m, c, decoy) = (d.join("m"), d.join("c"), d.join("decoy"));
+    write(&m.join("etc/passwd-like"), b"root:x:0:0\n");
+    write(&m.join("big"), &vec![3u8; 2 << 20]);
+    std::fs::create_dir_all(&c).unwrap();
+    std::fs::create_dir_all(&decoy).unwrap();
+    let keygen = |p: &Path| {
+        let st = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(p)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    keygen(&d.join("host_key"));
+    keygen(&d.join("client_key"));
+    let pubkey = std::fs::read_to_string(d.join("client_key.pub")).unwrap();
+    let corral_bin = env!("CARGO_BIN_EXE_corral");
+    // The documented line: the key may only run the receiver, beneath c, from loopback.
+    let line = format!(
+        "command=\"CORRAL_STATE_DIR={} {corral_bin} sync serve --stdio --root {}\",from=\"127.0.0.1\",restrict {}",
+        d.join("state-remote").display(),
+        c.display(),
+        pubkey.trim()
+    );
+    write(&d.join("authorized_keys"), line.as_bytes());
+    let port = free_port();
+    let cfg = format!(
+        "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPidFile {}\nStrictModes no\nPermitRootLogin forced-commands-only\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n",
+        d.join("host_key").display(),
+        d.join("authorized_keys").display(),
+        d.join("sshd.pid").display()
+    );
+    write(&d.join("sshd_config"), cfg.as_bytes());
+    std::fs::create_dir_all("/run/sshd").unwrap();
+    let _sshd = Sshd(
+        Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(d.join("sshd_config"))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "sshd did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let ssh_args = [
+        "--ssh-arg=-p".to_string(),
+        format!("--ssh-arg={port}"),
+        "--ssh-arg=-i".into(),
+        format!("--ssh-arg={}", d.join("client_key").display()),
+        "--ssh-arg=-oStrictHostKeyChecking=no".into(),
+        "--ssh-arg=-oUserKnownHostsFile=/dev/null".into(),
+        "--ssh-arg=-oLogLevel=ERROR".into(),
+    ];
+    // The path asked for is ignored: the forced command pins the root to c.
+    let dest = format!("root@127.0.0.1:{}", decoy.display());
+    let mut args: Vec<&str> = vec!["sync", "push", m.to_str().unwrap(), &dest, "--json"];
+    args.extend(ssh_args.iter().map(String::as_str));
+    let out = corral_state(d, &args);
+    let (so, se) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{so}{se}");
+    assert_eq!(files(&c, ""), files(&m, ""));
+    assert!(files(&decoy, "").is_empty());
+    // Second run over ssh: nothing to send but the manifests.
+    let out = corral_state(d, &args);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        v["changes"].as_array().unwrap().len(),
+        0,
+        "{v}\nfirst run: {so}"
+    );
+    assert_eq!(v["report"]["literal_bytes"], 0);
+}

@@ -1,0 +1,230 @@
+#!/usr/bin/env bash
+# corral sync benchmark: rsync and corral over ssh to localhost on the same generated data, in
+# the same run. Prints each figure, the peer's figure and the ratio (corral / rsync).
+#
+#   SCALE=0.1 bench/sync/run.sh          # quick run (5,000 files, ~330 MB, 100 MiB image)
+#   SCALE=1   bench/sync/run.sh          # the issue's size (50,000 files, ~3.3 GB, 1 GiB image)
+#
+# Environment: SCALE (default 0.1), WORK (default /var/tmp/corral-bench-sync), PORT (sshd port,
+# default 22987), CORRAL (the corral binary; default target/release/corral, built if missing),
+# SEED (default 1), SKIP_CORRAL=1 (rsync only). Needs root (drop_caches, sshd, iptables).
+#
+# What is measured:
+#   full copy            empty destination, caches dropped first
+#   no-change warm/cold  second sync with nothing changed; cold = caches dropped first
+#   content check        rsync -a -c -n vs corral's content-verified check (drift), warm/cold
+#   1% changed           64 bytes edited in 1% of the files: time and bytes on the wire
+#                        (iptables byte counters on the sshd port, both directions)
+#   image                1 GiB image (scaled) with 32 KiB changed in 8 places: bytes written
+#                        by the receiving side (rusage of the remote process, iowrap.py)
+set -euo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
+REPO="$(cd "$HERE/../.." && pwd)"
+SCALE="${SCALE:-0.1}"
+SEED="${SEED:-1}"
+WORK="${WORK:-/var/tmp/corral-bench-sync}"
+PORT="${PORT:-22987}"
+CORRAL="${CORRAL:-$REPO/target/release/corral}"
+CHAIN="CORRAL_BENCH_$PORT"
+
+[ "$(id -u)" -eq 0 ] || { echo "run.sh: needs root (drop_caches, sshd, iptables)" >&2; exit 2; }
+mkdir -p "$WORK"
+SRC="$WORK/src-$SCALE"
+IMG="$WORK/img-$SCALE"
+
+log() { echo "== $*" >&2; }
+
+# ---- data -----------------------------------------------------------------------------------
+if [ ! -e "$SRC.complete" ]; then
+    log "generating tree (scale $SCALE, seed $SEED) in $SRC"
+    rm -rf "$SRC"
+    python3 "$HERE/gen.py" tree "$SRC" --seed "$SEED" --scale "$SCALE"
+    touch "$SRC.complete"
+fi
+if [ ! -e "$IMG.complete" ]; then
+    log "generating image in $IMG"
+    rm -rf "$IMG"
+    python3 "$HERE/gen.py" image "$IMG" --seed "$SEED" --scale "$SCALE"
+    touch "$IMG.complete"
+fi
+NFILES=$(find "$SRC" -type f | wc -l)
+NBYTES=$(du -sb "$SRC" | cut -f1)
+IMGBYTES=$(stat -c %s "$IMG/image.img")
+
+# ---- sshd on loopback with throwaway keys ---------------------------------------------------
+SSHDIR="$WORK/ssh"
+mkdir -p "$SSHDIR" /run/sshd
+[ -e "$SSHDIR/host_key" ] || ssh-keygen -q -t ed25519 -N '' -f "$SSHDIR/host_key"
+[ -e "$SSHDIR/client_key" ] || ssh-keygen -q -t ed25519 -N '' -f "$SSHDIR/client_key"
+cp "$SSHDIR/client_key.pub" "$SSHDIR/authorized_keys"
+cat > "$SSHDIR/sshd_config" <<CFG
+Port $PORT
+ListenAddress 127.0.0.1
+HostKey $SSHDIR/host_key
+AuthorizedKeysFile $SSHDIR/authorized_keys
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+PidFile $SSHDIR/sshd.pid
+CFG
+/usr/sbin/sshd -f "$SSHDIR/sshd_config" -D -e 2>"$SSHDIR/sshd.log" &
+SSHD_PID=$!
+cleanup() {
+    kill "$SSHD_PID" 2>/dev/null || true
+    iptables -D INPUT -i lo -p tcp -j "$CHAIN" 2>/dev/null || true
+    iptables -F "$CHAIN" 2>/dev/null || true
+    iptables -X "$CHAIN" 2>/dev/null || true
+}
+trap cleanup EXIT
+SSH="ssh -p $PORT -i $SSHDIR/client_key -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes -o LogLevel=ERROR"
+for _ in $(seq 50); do $SSH root@127.0.0.1 true 2>/dev/null && break; sleep 0.1; done
+$SSH root@127.0.0.1 true
+
+# Byte counters for traffic to and from the sshd port (this chain only).
+iptables -N "$CHAIN" 2>/dev/null || iptables -F "$CHAIN"
+iptables -D INPUT -i lo -p tcp -j "$CHAIN" 2>/dev/null || true
+iptables -I INPUT -i lo -p tcp -j "$CHAIN"
+iptables -A "$CHAIN" -p tcp --dport "$PORT" -j RETURN
+iptables -A "$CHAIN" -p tcp --sport "$PORT" -j RETURN
+wire_zero() { iptables -Z "$CHAIN"; }
+wire_bytes() { iptables -L "$CHAIN" -n -v -x | awk -v p="$PORT" '$0 ~ "pt:" p {s += $2} END {print s + 0}'; }
+
+# ---- helpers --------------------------------------------------------------------------------
+drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+now() { date +%s.%N; }
+elapsed() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$1" "$2"; }
+declare -A R C
+# timed NAME CMD...: run, store seconds in TIMED
+timed() { local t0 t1; t0=$(now); "$@"; t1=$(now); TIMED=$(elapsed "$t0" "$t1"); }
+
+rsync_push() { rsync -a --delete -e "$SSH" "$@"; }
+
+HAVE_CORRAL=0
+if [ "${SKIP_CORRAL:-0}" != 1 ]; then
+    if [ ! -x "$CORRAL" ]; then
+        log "building corral (release)"
+        (cd "$REPO" && cargo build --release -p corral >&2) || true
+    fi
+    if [ -x "$CORRAL" ] && "$CORRAL" sync push --help >/dev/null 2>&1; then
+        HAVE_CORRAL=1
+    else
+        log "corral sync push is not available in $CORRAL: measuring rsync only"
+    fi
+fi
+# corral over the same ssh (same options, same key); the remote end runs this same binary.
+CSSH=(--ssh-arg=-p "--ssh-arg=$PORT" --ssh-arg=-i "--ssh-arg=$SSHDIR/client_key"
+      --ssh-arg=-o --ssh-arg=StrictHostKeyChecking=no --ssh-arg=-o
+      --ssh-arg=UserKnownHostsFile=/dev/null --ssh-arg=-o --ssh-arg=LogLevel=ERROR)
+corral_push() { "$CORRAL" sync push --delete "${CSSH[@]}" --remote-corral "$CORRAL" "$@" >/dev/null; }
+# The content-verified check is `corral drift` on a tree whose one child is the copy.
+SITE="$WORK/site"
+mkdir -p "$SITE/trees"
+cat > "$SITE/trees/bench.toml" <<TOML
+source = "$SRC"
+[ssh]
+args = ["-p", "$PORT", "-i", "$SSHDIR/client_key", "-o", "StrictHostKeyChecking=no",
+        "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
+remote_corral = "$CORRAL"
+[[child]]
+name = "copy"
+host = "root@127.0.0.1"
+dest = "$WORK/dst-corral"
+TOML
+corral_drift() { "$CORRAL" drift bench --all --site "$SITE" >/dev/null; }
+
+DR="$WORK/dst-rsync"
+DC="$WORK/dst-corral"
+
+# ---- rsync ----------------------------------------------------------------------------------
+log "rsync: full copy"
+rm -rf "$DR"; mkdir -p "$DR"; drop_caches
+timed rsync_push "$SRC/" "root@127.0.0.1:$DR/"; R[full]=$TIMED
+timed rsync_push "$SRC/" "root@127.0.0.1:$DR/"
+timed rsync_push "$SRC/" "root@127.0.0.1:$DR/"; R[nochange_warm]=$TIMED
+drop_caches
+timed rsync_push "$SRC/" "root@127.0.0.1:$DR/"; R[nochange_cold]=$TIMED
+log "rsync: content check"
+timed rsync_push -c -n "$SRC/" "root@127.0.0.1:$DR/"
+timed rsync_push -c -n "$SRC/" "root@127.0.0.1:$DR/"; R[check_warm]=$TIMED
+drop_caches
+timed rsync_push -c -n "$SRC/" "root@127.0.0.1:$DR/"; R[check_cold]=$TIMED
+
+HAVE_C=$HAVE_CORRAL
+if [ "$HAVE_C" = 1 ]; then
+    log "corral: full copy"
+    rm -rf "$DC"; mkdir -p "$DC"; drop_caches
+    timed corral_push "$SRC/" "root@127.0.0.1:$DC/"; C[full]=$TIMED
+    timed corral_push "$SRC/" "root@127.0.0.1:$DC/"
+    timed corral_push "$SRC/" "root@127.0.0.1:$DC/"; C[nochange_warm]=$TIMED
+    drop_caches
+    timed corral_push "$SRC/" "root@127.0.0.1:$DC/"; C[nochange_cold]=$TIMED
+    log "corral: content check"
+    timed corral_drift
+    timed corral_drift; C[check_warm]=$TIMED
+    drop_caches
+    timed corral_drift; C[check_cold]=$TIMED
+fi
+
+# ---- 1% changed (the source is regenerated on the next run) ---------------------------------
+log "1% of files changed"
+rm -f "$SRC.complete"
+python3 "$HERE/gen.py" change "$SRC" --seed "$SEED" --percent 1
+wire_zero
+timed rsync_push --stats "$SRC/" "root@127.0.0.1:$DR/" > "$WORK/rsync-stats.txt"
+R[change_time]=$TIMED; R[change_wire]=$(wire_bytes)
+R[change_sent]=$(awk -F': ' '/^Total bytes sent/ {gsub(",", "", $2); print $2}' "$WORK/rsync-stats.txt")
+if [ "$HAVE_C" = 1 ]; then
+    wire_zero
+    timed corral_push "$SRC/" "root@127.0.0.1:$DC/"
+    C[change_time]=$TIMED; C[change_wire]=$(wire_bytes)
+fi
+
+# ---- image with 32 KiB changed --------------------------------------------------------------
+log "image: first copy"
+for d in "$DR-img" "$DC-img"; do rm -rf "$d"; mkdir -p "$d"; done
+rsync_push "$IMG/" "root@127.0.0.1:$DR-img/"
+[ "$HAVE_C" = 1 ] && corral_push "$IMG/" "root@127.0.0.1:$DC-img/"
+rm -f "$IMG.complete"
+python3 "$HERE/gen.py" image-edit "$IMG/image.img" --seed "$SEED"
+log "image: 32 KiB changed"
+wire_zero
+timed rsync_push --rsync-path="python3 $HERE/iowrap.py $WORK/io-rsync rsync" "$IMG/" "root@127.0.0.1:$DR-img/"
+R[img_time]=$TIMED; R[img_written]=$(cat "$WORK/io-rsync"); R[img_wire]=$(wire_bytes)
+if [ "$HAVE_C" = 1 ]; then
+    wire_zero
+    timed "$CORRAL" sync push --delete "${CSSH[@]}" --remote-corral "python3 $HERE/iowrap.py $WORK/io-corral $CORRAL" "$IMG/" "root@127.0.0.1:$DC-img/"
+    C[img_time]=$TIMED; C[img_written]=$(cat "$WORK/io-corral"); C[img_wire]=$(wire_bytes)
+fi
+cmp "$IMG/image.img" "$DR-img/image.img"
+[ "$HAVE_C" = 1 ] && cmp "$IMG/image.img" "$DC-img/image.img"
+if [ "$HAVE_C" = 1 ]; then
+    # Every byte checked: the corral copy equals the source (rsync -c finds nothing to do).
+    left=$(rsync -a -c -n -i "$SRC/" "$DC/" | grep -v '^\.d' | wc -l)
+    [ "$left" -eq 0 ] || { echo "corral copy differs from the source in $left entries" >&2; exit 1; }
+fi
+
+# ---- report ---------------------------------------------------------------------------------
+echo
+echo "corral sync benchmark: SCALE=$SCALE seed=$SEED: $NFILES files, $NBYTES bytes, image $IMGBYTES bytes"
+echo "rsync $(rsync --version | head -1 | awk '{print $3}'), ssh to 127.0.0.1:$PORT, $(nproc) cores, $(date -u +%Y-%m-%dT%H:%MZ)"
+printf '%-32s %14s %14s %8s  %s\n' "figure" "rsync" "corral" "ratio" "target"
+row() { # key label unit target
+    local r="${R[$1]:-}" c="${C[$1]:-}" ratio="-"
+    if [ -n "$r" ] && [ -n "$c" ]; then
+        ratio=$(python3 -c "import sys; r,c=float(sys.argv[1]),float(sys.argv[2]); print(f'{c/r:.2f}' if r else '-')" "$r" "$c")
+    fi
+    printf '%-32s %14s %14s %8s  %s\n' "$2 ($3)" "${r:--}" "${c:--}" "$ratio" "$4"
+}
+row full "full copy" s "<= 0.6"
+row nochange_warm "no-change sync, warm" s "<= 0.4"
+row nochange_cold "no-change sync, cold" s "<= 0.4"
+row check_warm "content check, warm" s "<= 0.15"
+row check_cold "content check, cold" s "<= 0.15"
+row change_time "1% changed" s "<= 0.5"
+row change_wire "1% changed, on the wire" B "<= 0.5"
+row change_sent "1% changed, rsync --stats sent" B ""
+row img_time "image 32 KiB changed" s ""
+row img_wire "image, on the wire" B ""
+row img_written "image, written on the child" B "<= 2 MiB"

@@ -1,0 +1,720 @@
+//! The receiver: applies plan steps beneath a root directory, confined to it.
+//!
+//! Every path is resolved from an `O_DIRECTORY` descriptor of the root with `openat2` and
+//! `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS` for the parent directory, then acted on with the
+//! `*at` calls on the last component without following it. A symlink swapped in during the
+//! run therefore fails the step; it never leads outside the root.
+//!
+//! Files are written to a temporary name in the same directory, given their metadata, synced
+//! and renamed over the old name: a run killed at any moment leaves each file old or new.
+//! Content comes chunk by chunk from, in order of preference: the old file itself (kept by a
+//! copy-on-write clone, `FICLONE`, where the file system supports it), any file the child
+//! already holds with that chunk (by BLAKE3), or data from the master.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::Path;
+
+use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags, Timestamps};
+use rustix::io::Errno;
+
+use crate::error::SyncError;
+use crate::manifest::{Content, Entry, Hash, Kind, Manifest, Meta};
+use crate::owner;
+use crate::proto::Report;
+use crate::scan::TEMP_SUFFIX;
+
+/// Name of the journal a run leaves in its backup directory (what it created).
+pub const JOURNAL: &str = ".corral-run.json";
+
+fn errno(op: &'static str, path: &str, e: Errno) -> SyncError {
+    SyncError::fs(op, path, std::io::Error::from(e))
+}
+
+/// How the receiver behaves.
+#[derive(Debug, Clone, Default)]
+pub struct ReceiverOptions {
+    /// Keep replaced and deleted objects under `dir/run/` beneath the root.
+    pub backup: Option<(String, String)>,
+    /// Do not change owners.
+    pub ignore_owner: bool,
+    /// Use numeric ids even when names are known.
+    pub numeric_ids: bool,
+    /// fsync each written file before renaming it into place.
+    pub fsync: bool,
+}
+
+/// Applies steps beneath a root.
+#[derive(Debug)]
+pub struct Receiver {
+    root: OwnedFd,
+    opts: ReceiverOptions,
+    /// Where each chunk the child holds can be read: path, offset, length.
+    index: HashMap<Hash, (String, u64, u32)>,
+    /// The child's files before the run, by path.
+    old: HashMap<String, Content>,
+    /// Old inodes of files replaced in this run, still readable for their chunks.
+    retained: HashMap<String, OwnedFd>,
+    open_cache: Option<(String, OwnedFd)>,
+    created: Vec<String>,
+    /// Directories whose entries changed (fsynced at the end).
+    touched: std::collections::BTreeSet<String>,
+    /// Files written with their content (for the hash cache).
+    pub written: Vec<(String, Content)>,
+    /// What was done.
+    pub report: Report,
+    seq: u64,
+}
+
+const RETAIN_MAX: usize = 256;
+
+/// Yields the master's bytes for a chunk the child does not hold (checked against the hash).
+pub type DataSource<'a> = dyn FnMut(&Hash, u32) -> Result<Vec<u8>, SyncError> + 'a;
+
+fn split(path: &str) -> (&str, &str) {
+    match path.rfind('/') {
+        Some(i) => (&path[..i], &path[i + 1..]),
+        None => ("", path),
+    }
+}
+
+fn beneath() -> ResolveFlags {
+    ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS
+}
+
+fn ts(s: i64, ns: u32) -> rustix::fs::Timespec {
+    rustix::fs::Timespec {
+        tv_sec: s,
+        tv_nsec: ns.into(),
+    }
+}
+
+fn times(m: &Meta) -> Timestamps {
+    Timestamps {
+        last_access: rustix::fs::Timespec {
+            tv_sec: 0,
+            tv_nsec: rustix::fs::UTIME_OMIT,
+        },
+        last_modification: ts(m.mtime, m.mtime_ns),
+    }
+}
+
+impl Receiver {
+    /// A receiver for `root`, which must be a directory; `child` is its manifest from the
+    /// scan at the start of the run.
+    pub fn new(root: &Path, child: &Manifest, opts: ReceiverOptions) -> Result<Self, SyncError> {
+        let fd = rustix::fs::open(
+            root,
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| SyncError::fs("open root", root, e.into()))?;
+        let mut index = HashMap::new();
+        let mut old = HashMap::new();
+        for e in &child.entries {
+            if let (Kind::File, Some(c)) = (&e.kind, &e.content) {
+                for (off, ch) in c.chunk_list() {
+                    index
+                        .entry(ch.hash)
+                        .or_insert((e.path.clone(), off, ch.len));
+                }
+                old.insert(e.path.clone(), c.clone());
+            }
+        }
+        // Many retained descriptors may be open at once.
+        let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+        if let Some(max) = lim.maximum {
+            let _ = rustix::process::setrlimit(
+                rustix::process::Resource::Nofile,
+                rustix::process::Rlimit {
+                    current: Some(max.min(65536)),
+                    maximum: Some(max),
+                },
+            );
+        }
+        Ok(Receiver {
+            root: fd,
+            opts,
+            index,
+            old,
+            retained: HashMap::new(),
+            open_cache: None,
+            created: Vec::new(),
+            touched: std::collections::BTreeSet::new(),
+            written: Vec::new(),
+            report: Report::default(),
+            seq: 0,
+        })
+    }
+
+    /// Whether the child holds a chunk with this hash (same rule the master uses to decide
+    /// what data to send).
+    pub fn has_chunk(&self, h: &Hash) -> bool {
+        self.index.contains_key(h)
+    }
+
+    /// Opens a directory beneath the root (`""` is the root).
+    fn dir(&self, rel: &str) -> Result<OwnedFd, SyncError> {
+        let p = if rel.is_empty() { "." } else { rel };
+        rustix::fs::openat2(
+            &self.root,
+            p,
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::empty(),
+            beneath(),
+        )
+        .map_err(|e| errno("open directory", rel, e))
+    }
+
+    fn parent(&self, path: &str) -> Result<(OwnedFd, String), SyncError> {
+        let (d, n) = split(path);
+        Ok((self.dir(d)?, n.to_string()))
+    }
+
+    fn temp_name(&mut self, name: &str) -> String {
+        self.seq += 1;
+        let short: String = name.chars().take(150).collect();
+        format!(".{short}.{}-{}{TEMP_SUFFIX}", std::process::id(), self.seq)
+    }
+
+    fn exists(dir: &OwnedFd, name: &str) -> Option<rustix::fs::Stat> {
+        rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).ok()
+    }
+
+    /// Creates the directories of `rel` beneath the root (for the backup tree).
+    fn mkdirs(&self, rel: &str) -> Result<OwnedFd, SyncError> {
+        let mut cur = self.dir("")?;
+        for comp in rel.split('/').filter(|c| !c.is_empty()) {
+            match rustix::fs::mkdirat(&cur, comp, Mode::from_raw_mode(0o700)) {
+                Ok(()) | Err(Errno::EXIST) => {}
+                Err(e) => return Err(errno("mkdir", rel, e)),
+            }
+            cur = rustix::fs::openat2(
+                &cur,
+                comp,
+                OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+                Mode::empty(),
+                beneath(),
+            )
+            .map_err(|e| errno("open directory", rel, e))?;
+        }
+        Ok(cur)
+    }
+
+    fn backup_parent(&self, path: &str) -> Result<Option<(OwnedFd, String)>, SyncError> {
+        let Some((dir, run)) = &self.opts.backup else {
+            return Ok(None);
+        };
+        let (d, n) = split(path);
+        let rel = if d.is_empty() {
+            format!("{dir}/{run}")
+        } else {
+            format!("{dir}/{run}/{d}")
+        };
+        Ok(Some((self.mkdirs(&rel)?, n.to_string())))
+    }
+
+    /// Moves an existing object away: into the backup, or removed (recursively).
+    fn remove(&mut self, path: &str) -> Result<(), SyncError> {
+        let (dir, name) = self.parent(path)?;
+        if Self::exists(&dir, &name).is_none() {
+            return Ok(());
+        }
+        self.keep_old(path, &dir, &name);
+        if let Some((bdir, bname)) = self.backup_parent(path)? {
+            // A second backup of the same path in one run keeps the first.
+            if Self::exists(&bdir, &bname).is_none() {
+                return rustix::fs::renameat(&dir, name.as_str(), &bdir, bname.as_str())
+                    .map_err(|e| errno("move to backup", path, e));
+            }
+        }
+        rm_rf(&dir, name.as_str()).map_err(|e| errno("remove", path, e))
+    }
+
+    /// Keeps the old inode of a regular file open while its chunks may still be needed.
+    fn keep_old(&mut self, path: &str, dir: &OwnedFd, name: &str) {
+        if self.old.contains_key(path)
+            && self.retained.len() < RETAIN_MAX
+            && let Ok(fd) = rustix::fs::openat(
+                dir,
+                name,
+                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+                Mode::empty(),
+            )
+        {
+            self.retained.insert(path.to_string(), fd);
+        }
+    }
+
+    /// Renames `tmp` over `name`, first hard-linking the old object into the backup.
+    fn install(
+        &mut self,
+        path: &str,
+        dir: &OwnedFd,
+        tmp: &str,
+        name: &str,
+    ) -> Result<(), SyncError> {
+        match Self::exists(dir, name) {
+            Some(st) => {
+                if st.st_mode & 0o170000 == 0o040000 {
+                    // A directory in the way (the plan's Replace normally cleared it).
+                    self.remove(path)?;
+                } else {
+                    self.keep_old(path, dir, name);
+                    if let Some((bdir, bname)) = self.backup_parent(path)?
+                        && Self::exists(&bdir, &bname).is_none()
+                    {
+                        rustix::fs::linkat(dir, name, &bdir, bname.as_str(), AtFlags::empty())
+                            .map_err(|e| errno("link to backup", path, e))?;
+                    }
+                }
+            }
+            None => self.created.push(path.to_string()),
+        }
+        self.touched.insert(split(path).0.to_string());
+        rustix::fs::renameat(dir, tmp, dir, name).map_err(|e| errno("rename into place", path, e))
+    }
+
+    fn uid_gid(&self, m: &Meta) -> (u32, u32) {
+        if self.opts.numeric_ids {
+            (m.uid, m.gid)
+        } else {
+            (
+                owner::local_uid(m.user.as_deref(), m.uid),
+                owner::local_gid(m.group.as_deref(), m.gid),
+            )
+        }
+    }
+
+    /// Sets owner, xattrs (ACLs), mode and mtime through a path that names the inode itself.
+    fn set_meta_path(&self, p: &str, rel: &str, m: &Meta, set_mode: bool) -> Result<(), SyncError> {
+        if !self.opts.ignore_owner {
+            let (u, g) = self.uid_gid(m);
+            rustix::fs::chownat(
+                rustix::fs::CWD,
+                p,
+                Some(rustix::fs::Uid::from_raw(u)),
+                Some(rustix::fs::Gid::from_raw(g)),
+                AtFlags::empty(),
+            )
+            .map_err(|e| errno("chown", rel, e))?;
+        }
+        self.set_xattrs(p, rel, m)?;
+        if set_mode {
+            rustix::fs::chmodat(
+                rustix::fs::CWD,
+                p,
+                Mode::from_raw_mode(m.mode),
+                AtFlags::empty(),
+            )
+            .map_err(|e| errno("chmod", rel, e))?;
+        }
+        rustix::fs::utimensat(rustix::fs::CWD, p, &times(m), AtFlags::empty())
+            .map_err(|e| errno("set mtime", rel, e))
+    }
+
+    fn set_xattrs(&self, p: &str, rel: &str, m: &Meta) -> Result<(), SyncError> {
+        let mut names = vec![0u8; 64 * 1024];
+        let have: Vec<Vec<u8>> = match rustix::fs::listxattr(p, &mut names[..]) {
+            Ok(n) => names[..n]
+                .split(|b| *b == 0)
+                .filter(|n| !n.is_empty())
+                .map(<[u8]>::to_vec)
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        for n in &have {
+            let ours = n.starts_with(b"user.") || n.starts_with(b"system.posix_acl_");
+            if ours && !m.xattrs.iter().any(|(k, _)| k == n) {
+                rustix::fs::removexattr(p, n.as_slice())
+                    .map_err(|e| errno("remove xattr", rel, e))?;
+            }
+        }
+        for (k, v) in &m.xattrs {
+            rustix::fs::setxattr(p, k.as_slice(), v, rustix::fs::XattrFlags::empty()).map_err(
+                |e| {
+                    SyncError::fs(
+                        "set xattr",
+                        format!("{rel} ({})", String::from_utf8_lossy(k)),
+                        e.into(),
+                    )
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Sets the metadata of an existing object without following a final symlink.
+    fn set_meta_at(
+        &self,
+        dir: &OwnedFd,
+        name: &str,
+        rel: &str,
+        e: &Entry,
+    ) -> Result<(), SyncError> {
+        if let Kind::Symlink(_) = e.kind {
+            if !self.opts.ignore_owner {
+                let (u, g) = self.uid_gid(&e.meta);
+                rustix::fs::chownat(
+                    dir,
+                    name,
+                    Some(rustix::fs::Uid::from_raw(u)),
+                    Some(rustix::fs::Gid::from_raw(g)),
+                    AtFlags::SYMLINK_NOFOLLOW,
+                )
+                .map_err(|x| errno("chown", rel, x))?;
+            }
+            return rustix::fs::utimensat(dir, name, &times(&e.meta), AtFlags::SYMLINK_NOFOLLOW)
+                .map_err(|x| errno("set mtime", rel, x));
+        }
+        let fd = if name.is_empty() {
+            rustix::fs::openat(dir, ".", OFlags::PATH | OFlags::CLOEXEC, Mode::empty())
+        } else {
+            rustix::fs::openat(
+                dir,
+                name,
+                OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+        }
+        .map_err(|x| errno("open", rel, x))?;
+        let st = rustix::fs::fstat(&fd).map_err(|x| errno("stat", rel, x))?;
+        if st.st_mode & 0o170000 == 0o120000 {
+            return Err(SyncError::fs(
+                "set metadata",
+                rel,
+                std::io::Error::other("became a symlink during the run"),
+            ));
+        }
+        let p = format!("/proc/self/fd/{}", fd.as_raw_fd());
+        self.set_meta_path(&p, rel, &e.meta, true)
+    }
+
+    fn read_local(&mut self, path: &str, off: u64, len: u32) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; len as usize];
+        let fd = if let Some(fd) = self.retained.get(path) {
+            fd.as_fd()
+        } else {
+            if self.open_cache.as_ref().is_none_or(|(p, _)| p != path) {
+                let fd = rustix::fs::openat2(
+                    &self.root,
+                    path,
+                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+                    Mode::empty(),
+                    beneath(),
+                )
+                .ok()?;
+                self.open_cache = Some((path.to_string(), fd));
+            }
+            self.open_cache.as_ref()?.1.as_fd()
+        };
+        let mut done = 0;
+        while done < buf.len() {
+            match rustix::io::pread(fd, &mut buf[done..], off + done as u64) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => done += n,
+            }
+        }
+        Some(buf)
+    }
+
+    /// Writes a regular file. `data` yields the next chunk sent by the master (already
+    /// checked against its hash) for each chunk the child does not hold.
+    pub fn write(&mut self, e: &Entry, data: &mut DataSource<'_>) -> Result<(), SyncError> {
+        let content = e.content.clone().unwrap_or(Content {
+            size: 0,
+            hash: Hash::of(b""),
+            chunks: Vec::new(),
+            sparse: false,
+        });
+        let chunks = content.chunk_list();
+        // Pull every chunk from the stream first in any failure case, so that the stream
+        // stays in step with the master even when this file fails.
+        let (dir, name) = match self.parent(&e.path) {
+            Ok(x) => x,
+            Err(err) => {
+                for (_, c) in &chunks {
+                    if !self.has_chunk(&c.hash) {
+                        data(&c.hash, c.len)?;
+                    }
+                }
+                return Err(err);
+            }
+        };
+        let tmp = self.temp_name(&name);
+        let f = rustix::fs::openat(
+            &dir,
+            tmp.as_str(),
+            OFlags::CREATE | OFlags::EXCL | OFlags::RDWR | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::from_raw_mode(0o600),
+        )
+        .map_err(|x| errno("create temporary", &e.path, x))?;
+        let result = self.fill(e, &content, &chunks, &dir, &name, &f, data);
+        let result = result.and_then(|()| {
+            self.set_meta_fd(&f, &e.path, &e.meta)?;
+            if self.opts.fsync {
+                rustix::fs::fsync(&f).map_err(|x| errno("fsync", &e.path, x))?;
+            }
+            self.install(&e.path, &dir, &tmp, &name)
+        });
+        if result.is_err() {
+            let _ = rustix::fs::unlinkat(&dir, tmp.as_str(), AtFlags::empty());
+        } else {
+            self.report.files_written += 1;
+            self.written.push((e.path.clone(), content));
+        }
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn fill(
+        &mut self,
+        e: &Entry,
+        content: &Content,
+        chunks: &[(u64, crate::manifest::Chunk)],
+        dir: &OwnedFd,
+        name: &str,
+        f: &OwnedFd,
+        data: &mut DataSource<'_>,
+    ) -> Result<(), SyncError> {
+        // Same chunks at the same offsets in the old file: keep them by cloning it.
+        let mut cloned: HashMap<u64, Hash> = HashMap::new();
+        if let Some(old) = self.old.get(&e.path)
+            && old.size > crate::manifest::CHUNK_THRESHOLD
+        {
+            let new_at: HashMap<u64, Hash> = chunks.iter().map(|(o, c)| (*o, c.hash)).collect();
+            let shared: Vec<(u64, Hash)> = old
+                .chunk_list()
+                .into_iter()
+                .filter(|(o, c)| new_at.get(o) == Some(&c.hash))
+                .map(|(o, c)| (o, c.hash))
+                .collect();
+            if !shared.is_empty()
+                && let Ok(src) = rustix::fs::openat(
+                    dir,
+                    name,
+                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+                    Mode::empty(),
+                )
+                && rustix::fs::ioctl_ficlone(f, &src).is_ok()
+            {
+                cloned = shared.into_iter().collect();
+            }
+        }
+        let mut first_err = None;
+        for (off, c) in chunks {
+            let local = self.index.get(&c.hash).cloned();
+            if cloned.get(off) == Some(&c.hash) {
+                self.report.cloned_bytes += u64::from(c.len);
+                continue;
+            }
+            let bytes = match local {
+                Some((p, o, l)) => {
+                    let b = self.read_local(&p, o, l).filter(|b| Hash::of(b) == c.hash);
+                    match b {
+                        Some(b) => {
+                            self.report.reused_bytes += b.len() as u64;
+                            b
+                        }
+                        None => {
+                            first_err.get_or_insert(SyncError::SourceChanged(format!(
+                                "{} (chunk source {p} on the child)",
+                                e.path
+                            )));
+                            continue;
+                        }
+                    }
+                }
+                None => {
+                    let b = data(&c.hash, c.len)?;
+                    self.report.literal_bytes += b.len() as u64;
+                    b
+                }
+            };
+            if first_err.is_some() {
+                continue;
+            }
+            if let Err(x) = write_at(f, &bytes, *off, content.sparse && cloned.is_empty()) {
+                first_err = Some(errno("write", &e.path, x));
+                continue;
+            }
+            self.report.bytes_written += bytes.len() as u64;
+        }
+        if let Some(err) = first_err {
+            return Err(err);
+        }
+        rustix::fs::ftruncate(f, content.size).map_err(|x| errno("truncate", &e.path, x))
+    }
+
+    fn set_meta_fd(&self, f: &OwnedFd, rel: &str, m: &Meta) -> Result<(), SyncError> {
+        let p = format!("/proc/self/fd/{}", f.as_raw_fd());
+        self.set_meta_path(&p, rel, m, true)
+    }
+
+    /// Applies a step that carries no file data.
+    pub fn apply(&mut self, op: &crate::planner::Op) -> Result<(), SyncError> {
+        use crate::planner::Op;
+        self.report.ops += 1;
+        match op {
+            Op::Replace { path } | Op::Delete { path, .. } => self.remove(path),
+            Op::Mkdir(e) => {
+                let (dir, name) = self.parent(&e.path)?;
+                match rustix::fs::mkdirat(&dir, name.as_str(), Mode::from_raw_mode(0o700)) {
+                    Ok(()) => {
+                        self.created.push(e.path.clone());
+                        Ok(())
+                    }
+                    Err(Errno::EXIST) => Ok(()),
+                    Err(x) => Err(errno("mkdir", &e.path, x)),
+                }
+            }
+            Op::Special(e) => self.special(e),
+            Op::Link { path, target } => {
+                let (tdir, tname) = self.parent(target)?;
+                let (dir, name) = self.parent(path)?;
+                let tmp = self.temp_name(&name);
+                rustix::fs::linkat(&tdir, tname.as_str(), &dir, tmp.as_str(), AtFlags::empty())
+                    .map_err(|x| errno("hard link", path, x))?;
+                let r = self.install(path, &dir, &tmp, &name);
+                if r.is_err() {
+                    let _ = rustix::fs::unlinkat(&dir, tmp.as_str(), AtFlags::empty());
+                }
+                r
+            }
+            Op::Meta(e) | Op::DirMeta(e) => {
+                let (dir, name) = self.parent(&e.path)?;
+                self.set_meta_at(&dir, &name, &e.path, e)
+            }
+            Op::Write(_) => Err(SyncError::fs(
+                "apply",
+                op.path(),
+                std::io::Error::other("a write needs its data"),
+            )),
+        }
+    }
+
+    fn special(&mut self, e: &Entry) -> Result<(), SyncError> {
+        let (dir, name) = self.parent(&e.path)?;
+        let tmp = self.temp_name(&name);
+        let mode = Mode::from_raw_mode(e.meta.mode);
+        let r = match &e.kind {
+            Kind::Symlink(t) => rustix::fs::symlinkat(t.as_slice(), &dir, tmp.as_str()),
+            Kind::Char(d) => rustix::fs::mknodat(
+                &dir,
+                tmp.as_str(),
+                rustix::fs::FileType::CharacterDevice,
+                mode,
+                *d,
+            ),
+            Kind::Block(d) => rustix::fs::mknodat(
+                &dir,
+                tmp.as_str(),
+                rustix::fs::FileType::BlockDevice,
+                mode,
+                *d,
+            ),
+            Kind::Fifo => {
+                rustix::fs::mknodat(&dir, tmp.as_str(), rustix::fs::FileType::Fifo, mode, 0)
+            }
+            _ => {
+                return Err(SyncError::fs(
+                    "create",
+                    &e.path,
+                    std::io::Error::other("not a special file"),
+                ));
+            }
+        };
+        r.map_err(|x| errno("create", &e.path, x))?;
+        let r = self
+            .set_meta_at(&dir, &tmp, &e.path, e)
+            .and_then(|()| self.install(&e.path, &dir, &tmp, &name));
+        if r.is_err() {
+            let _ = rustix::fs::unlinkat(&dir, tmp.as_str(), AtFlags::empty());
+        }
+        r
+    }
+
+    /// Ends the run: writes the rollback journal, syncs the file system.
+    pub fn finish(&mut self) -> Result<(), SyncError> {
+        if let Some((dir, run)) = self.opts.backup.clone() {
+            let d = self.mkdirs(&format!("{dir}/{run}"))?;
+            let j = serde_json::to_vec_pretty(&serde_json::json!({ "created": self.created }))
+                .unwrap_or_default();
+            let f = rustix::fs::openat(
+                &d,
+                JOURNAL,
+                OFlags::CREATE
+                    | OFlags::TRUNC
+                    | OFlags::WRONLY
+                    | OFlags::CLOEXEC
+                    | OFlags::NOFOLLOW,
+                Mode::from_raw_mode(0o600),
+            )
+            .map_err(|x| errno("write journal", JOURNAL, x))?;
+            write_at(&f, &j, 0, false).map_err(|x| errno("write journal", JOURNAL, x))?;
+        }
+        self.retained.clear();
+        if self.opts.fsync {
+            // The renames are durable once their directories are.
+            for d in std::mem::take(&mut self.touched) {
+                if let Ok(fd) = self.dir(&d) {
+                    rustix::fs::fsync(&fd).map_err(|x| errno("fsync directory", &d, x))?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn write_at(
+    f: &OwnedFd,
+    mut buf: &[u8],
+    mut off: u64,
+    skip_zero_blocks: bool,
+) -> Result<(), Errno> {
+    if skip_zero_blocks {
+        // Leave holes where the master has zeros (the file was created empty).
+        for block in buf.chunks(4096) {
+            if block.iter().any(|b| *b != 0) {
+                write_at(f, block, off, false)?;
+            }
+            off += block.len() as u64;
+        }
+        return Ok(());
+    }
+    while !buf.is_empty() {
+        let n = rustix::io::pwrite(f, buf, off)?;
+        if n == 0 {
+            return Err(Errno::IO);
+        }
+        buf = &buf[n..];
+        off += n as u64;
+    }
+    Ok(())
+}
+
+/// Removes `name` in `dir`, recursively, never following symlinks.
+pub(crate) fn rm_rf<P: rustix::path::Arg + Copy>(dir: &OwnedFd, name: P) -> Result<(), Errno> {
+    let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
+    if st.st_mode & 0o170000 != 0o040000 {
+        return rustix::fs::unlinkat(dir, name, AtFlags::empty());
+    }
+    let sub = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let mut names = Vec::new();
+    for de in rustix::fs::Dir::read_from(&sub)? {
+        let de = de?;
+        let n = de.file_name();
+        if n.to_bytes() != b"." && n.to_bytes() != b".." {
+            names.push(n.to_owned());
+        }
+    }
+    for n in names {
+        rm_rf(&sub, n.as_c_str())?;
+    }
+    rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR)
+}

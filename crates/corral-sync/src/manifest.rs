@@ -1,0 +1,218 @@
+//! The manifest: what a tree holds, entry by entry. Pure data, no file system access.
+
+use serde::{Deserialize, Serialize};
+
+/// A BLAKE3 digest.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Hash(pub [u8; 32]);
+
+impl Hash {
+    /// The digest of `data`.
+    pub fn of(data: &[u8]) -> Hash {
+        Hash(*blake3::hash(data).as_bytes())
+    }
+    /// Lower-case hex.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl std::fmt::Debug for Hash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", &self.to_hex()[..16])
+    }
+}
+
+/// One content-defined chunk of a large file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Chunk {
+    /// Length in bytes.
+    pub len: u32,
+    /// BLAKE3 of the chunk's bytes.
+    pub hash: Hash,
+}
+
+/// The content of a regular file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Content {
+    /// Size in bytes.
+    pub size: u64,
+    /// BLAKE3 of the whole content.
+    pub hash: Hash,
+    /// Content-defined chunks (FastCDC) for files larger than [`CHUNK_THRESHOLD`]; empty for
+    /// smaller files, which are one chunk (`size`, `hash`).
+    pub chunks: Vec<Chunk>,
+    /// The file has holes (allocated blocks < size): the receiver leaves zero blocks as holes.
+    pub sparse: bool,
+}
+
+/// Files above this size are split into content-defined chunks.
+pub const CHUNK_THRESHOLD: u64 = 1024 * 1024;
+
+impl Content {
+    /// The chunk list with offsets: one chunk for small files.
+    pub fn chunk_list(&self) -> Vec<(u64, Chunk)> {
+        if self.chunks.is_empty() {
+            if self.size == 0 {
+                return Vec::new();
+            }
+            return vec![(
+                0,
+                Chunk {
+                    len: u32::try_from(self.size).unwrap_or(u32::MAX),
+                    hash: self.hash,
+                },
+            )];
+        }
+        let mut off = 0;
+        self.chunks
+            .iter()
+            .map(|c| {
+                let o = off;
+                off += u64::from(c.len);
+                (o, *c)
+            })
+            .collect()
+    }
+}
+
+/// What kind of file system object an entry is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kind {
+    /// A regular file (the first path of a hard-link group).
+    File,
+    /// A directory.
+    Dir,
+    /// A symbolic link with its target bytes.
+    Symlink(Vec<u8>),
+    /// Another name for the regular file at this path (same inode on the master).
+    Hardlink(String),
+    /// A character device with its `rdev`.
+    Char(u64),
+    /// A block device with its `rdev`.
+    Block(u64),
+    /// A named pipe.
+    Fifo,
+}
+
+impl Kind {
+    /// rsync's itemize letter for this kind.
+    pub fn letter(&self) -> char {
+        match self {
+            Kind::File | Kind::Hardlink(_) => 'f',
+            Kind::Dir => 'd',
+            Kind::Symlink(_) => 'L',
+            Kind::Char(_) | Kind::Block(_) => 'D',
+            Kind::Fifo => 'S',
+        }
+    }
+}
+
+/// Owner, permissions, times and extended attributes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meta {
+    /// Permission bits including setuid, setgid and sticky (`0o7777`).
+    pub mode: u32,
+    /// Numeric owner.
+    pub uid: u32,
+    /// Numeric group.
+    pub gid: u32,
+    /// Owner name, when the sender's system knows one.
+    pub user: Option<String>,
+    /// Group name, when the sender's system knows one.
+    pub group: Option<String>,
+    /// Modification time, seconds since the epoch.
+    pub mtime: i64,
+    /// Nanoseconds of the modification time.
+    pub mtime_ns: u32,
+    /// Extended attributes sorted by name, including `system.posix_acl_access` and
+    /// `system.posix_acl_default` (POSIX ACLs).
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// One path in a tree.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Path relative to the tree root, `/`-separated, no leading `/`; `""` is the root itself.
+    pub path: String,
+    /// The object's kind.
+    pub kind: Kind,
+    /// Its metadata.
+    pub meta: Meta,
+    /// Content of regular files (`Kind::File`).
+    pub content: Option<Content>,
+}
+
+impl Entry {
+    /// Size of the content (0 for anything but a regular file).
+    pub fn size(&self) -> u64 {
+        self.content.as_ref().map_or(0, |c| c.size)
+    }
+}
+
+/// A whole tree, entries sorted by path (parents before children).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Entries sorted with [`path_order`].
+    pub entries: Vec<Entry>,
+}
+
+/// The order of paths in a manifest: component by component, so that a directory's entries
+/// follow it directly (`a`, `a/b`, `a.b` and not `a`, `a.b`, `a/b`).
+pub fn path_order(a: &str, b: &str) -> std::cmp::Ordering {
+    a.split('/').cmp(b.split('/'))
+}
+
+impl Manifest {
+    /// Sorts the entries into manifest order.
+    pub fn sort(&mut self) {
+        self.entries.sort_by(|a, b| path_order(&a.path, &b.path));
+    }
+    /// The entry at `path`.
+    pub fn get(&self, path: &str) -> Option<&Entry> {
+        self.entries
+            .binary_search_by(|e| path_order(&e.path, path))
+            .ok()
+            .map(|i| &self.entries[i])
+    }
+    /// Number of regular files and their total size.
+    pub fn totals(&self) -> (u64, u64) {
+        self.entries
+            .iter()
+            .filter(|e| e.kind == Kind::File)
+            .fold((0, 0), |(n, s), e| (n + 1, s + e.size()))
+    }
+}
+
+/// Checks that a path from an untrusted peer is a plain relative path: no empty, `.` or `..`
+/// component, no leading `/`, no NUL. `""` (the root) is allowed.
+pub fn check_rel_path(path: &str) -> bool {
+    if path.is_empty() {
+        return true;
+    }
+    !path.contains('\0')
+        && path
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn order_puts_children_after_parent() {
+        let mut v = vec!["a.b", "a/b", "a", "", "a/b/c", "b"];
+        v.sort_by(|a, b| path_order(a, b));
+        assert_eq!(v, vec!["", "a", "a/b", "a/b/c", "a.b", "b"]);
+    }
+
+    #[test]
+    fn rel_paths() {
+        assert!(check_rel_path(""));
+        assert!(check_rel_path("a/b"));
+        for bad in ["/a", "a/../b", "..", "a//b", "a/", "./a", "a\0b"] {
+            assert!(!check_rel_path(bad), "{bad}");
+        }
+    }
+}

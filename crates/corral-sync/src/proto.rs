@@ -1,0 +1,332 @@
+//! The wire protocol between the master (client) and the receiver (`corral sync serve`).
+//!
+//! Every message is one frame: a 4-byte big-endian length, then the message encoded with
+//! `postcard`. The first message each way is a `Hello` carrying [`VERSION`]; a peer that
+//! speaks another version is refused. File data travels in `Data` frames, zstd-compressed.
+//!
+//! Conversation (client → server unless noted):
+//! 1. `Hello` / server `Hello`.
+//! 2. `Scan` / server `Entries`… `EntriesEnd` (the child's manifest, from its hash cache).
+//! 3. `Apply(op)` for each planned step; an `Apply(Write)` whose chunks the child does not
+//!    hold is followed by one `Data` frame per missing chunk, in order.
+//! 4. `Finish` / server `Report`, or `Bye` (dry run).
+//!
+//! This module is pure: it encodes and decodes bytes and checks every decoded path.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ProtoError;
+use crate::manifest::{Entry, Hash, check_rel_path};
+use crate::planner::Op;
+
+/// Protocol version spoken by this build.
+pub const VERSION: u32 = 1;
+/// Largest frame accepted (a chunk is at most 256 KiB; manifests come in batches).
+pub const MAX_FRAME: usize = 64 * 1024 * 1024;
+
+/// Options for a run, sent by the client in `Hello`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunOptions {
+    /// Keep replaced and deleted files under `BACKUP/RUN_ID/` (a path beneath the root).
+    pub backup: Option<(String, String)>,
+    /// Do not set owners (the receiver is not root).
+    pub ignore_owner: bool,
+    /// Map owners by number only, never by name.
+    pub numeric_ids: bool,
+}
+
+/// What a receiver did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    /// Plan steps carried out.
+    pub ops: u64,
+    /// Files written.
+    pub files_written: u64,
+    /// Bytes written to files on the child.
+    pub bytes_written: u64,
+    /// Bytes received as data from the master (uncompressed).
+    pub literal_bytes: u64,
+    /// Bytes copied from data the child already had.
+    pub reused_bytes: u64,
+    /// Bytes kept in place by a copy-on-write clone of the old file.
+    pub cloned_bytes: u64,
+    /// Steps that failed: path and reason.
+    pub failed: Vec<(String, String)>,
+}
+
+/// A protocol message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// First message each way.
+    Hello {
+        /// Protocol version.
+        version: u32,
+        /// Options (ignored from the server).
+        options: RunOptions,
+    },
+    /// Asks for the child's manifest.
+    Scan,
+    /// A batch of the child's manifest.
+    Entries(Vec<Entry>),
+    /// End of the child's manifest.
+    EntriesEnd,
+    /// One plan step.
+    Apply(Op),
+    /// One chunk of file data, zstd-compressed; must hash to `hash` once decompressed.
+    Data {
+        /// BLAKE3 of the uncompressed bytes.
+        hash: Hash,
+        /// zstd frame (encoded as one byte string, not a sequence of numbers).
+        #[serde(with = "serde_bytes")]
+        zstd: Vec<u8>,
+    },
+    /// All steps sent.
+    Finish,
+    /// What the server did.
+    Report(Report),
+    /// The server failed as a whole.
+    Error(String),
+    /// End of a conversation without changes.
+    Bye,
+}
+
+/// Encodes one frame.
+pub fn encode(msg: &Message) -> Result<Vec<u8>, ProtoError> {
+    let body = postcard::to_stdvec(msg).map_err(|e| ProtoError::Encode(e.to_string()))?;
+    if body.len() > MAX_FRAME {
+        return Err(ProtoError::TooLarge(body.len()));
+    }
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&u32::try_from(body.len()).unwrap_or(u32::MAX).to_be_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Length of the frame starting at `buf`, if its header is complete.
+pub fn frame_len(header: [u8; 4]) -> Result<usize, ProtoError> {
+    let n = u32::from_be_bytes(header) as usize;
+    if n > MAX_FRAME {
+        return Err(ProtoError::TooLarge(n));
+    }
+    Ok(n)
+}
+
+/// Decodes one frame body and checks it: every path must be a plain relative path.
+pub fn decode(body: &[u8]) -> Result<Message, ProtoError> {
+    let msg: Message = postcard::from_bytes(body).map_err(|e| ProtoError::Decode(e.to_string()))?;
+    validate(&msg)?;
+    Ok(msg)
+}
+
+fn check(p: &str) -> Result<(), ProtoError> {
+    if check_rel_path(p) {
+        Ok(())
+    } else {
+        Err(ProtoError::BadPath(p.to_string()))
+    }
+}
+
+fn validate(msg: &Message) -> Result<(), ProtoError> {
+    match msg {
+        Message::Entries(es) => es.iter().try_for_each(check_entry),
+        Message::Apply(op) => {
+            check(op.path())?;
+            match op {
+                Op::Link { path, target } => {
+                    check(target)?;
+                    if path.is_empty() || target.is_empty() {
+                        return Err(ProtoError::BadPath(path.clone()));
+                    }
+                    Ok(())
+                }
+                Op::Mkdir(e) | Op::Write(e) | Op::Special(e) | Op::Meta(e) | Op::DirMeta(e) => {
+                    check_entry(e)?;
+                    // Only the root's metadata may be set on "" and it is a directory.
+                    if e.path.is_empty() && !matches!(op, Op::DirMeta(_)) {
+                        return Err(ProtoError::BadPath(String::new()));
+                    }
+                    Ok(())
+                }
+                Op::Replace { path } | Op::Delete { path, .. } => {
+                    if path.is_empty() {
+                        return Err(ProtoError::BadPath(String::new()));
+                    }
+                    Ok(())
+                }
+            }
+        }
+        Message::Hello { options, .. } => {
+            if let Some((dir, run)) = &options.backup {
+                check(dir)?;
+                if dir.is_empty() || run.is_empty() || !check_rel_path(run) || run.contains('/') {
+                    return Err(ProtoError::BadPath(format!("{dir}/{run}")));
+                }
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+fn check_entry(e: &Entry) -> Result<(), ProtoError> {
+    check(&e.path)?;
+    if let crate::manifest::Kind::Hardlink(t) = &e.kind {
+        check(t)?;
+    }
+    if let Some(c) = &e.content {
+        // Chunk lengths bound what a receiver allocates for one chunk.
+        let bad = if c.chunks.is_empty() {
+            c.size > crate::manifest::CHUNK_THRESHOLD
+        } else {
+            c.chunks
+                .iter()
+                .any(|c| c.len == 0 || c.len > crate::scan::CDC_MAX)
+                || c.chunks.iter().map(|c| u64::from(c.len)).sum::<u64>() != c.size
+        };
+        if bad {
+            return Err(ProtoError::BadChunks(e.path.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// Reads and writes frames on a byte stream (blocking).
+pub struct Framed<R, W> {
+    r: R,
+    w: W,
+    /// Bytes read, frames included.
+    pub bytes_in: u64,
+    /// Bytes written, frames included.
+    pub bytes_out: u64,
+}
+
+impl<R, W> std::fmt::Debug for Framed<R, W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Framed")
+            .field("bytes_in", &self.bytes_in)
+            .field("bytes_out", &self.bytes_out)
+            .finish()
+    }
+}
+
+impl<R: std::io::Read, W: std::io::Write> Framed<R, W> {
+    /// Wraps a reader and a writer.
+    pub fn new(r: R, w: W) -> Self {
+        Framed {
+            r,
+            w,
+            bytes_in: 0,
+            bytes_out: 0,
+        }
+    }
+    /// Sends one message (buffered; see [`Framed::flush`]).
+    pub fn send(&mut self, msg: &Message) -> Result<(), ProtoError> {
+        let f = encode(msg)?;
+        self.bytes_out += f.len() as u64;
+        self.w.write_all(&f).map_err(ProtoError::Io)
+    }
+    /// Flushes the writer.
+    pub fn flush(&mut self) -> Result<(), ProtoError> {
+        self.w.flush().map_err(ProtoError::Io)
+    }
+    /// Receives one message.
+    pub fn recv(&mut self) -> Result<Message, ProtoError> {
+        let mut h = [0u8; 4];
+        self.r.read_exact(&mut h).map_err(ProtoError::Io)?;
+        let n = frame_len(h)?;
+        let mut body = vec![0u8; n];
+        self.r.read_exact(&mut body).map_err(ProtoError::Io)?;
+        self.bytes_in += 4 + n as u64;
+        decode(&body)
+    }
+}
+
+/// Compresses a chunk for a `Data` frame.
+pub fn compress(data: &[u8]) -> Vec<u8> {
+    zstd::bulk::compress(data, 1).unwrap_or_default()
+}
+
+/// Decompresses a `Data` frame, refusing more than `max` bytes.
+pub fn decompress(z: &[u8], max: usize) -> Result<Vec<u8>, ProtoError> {
+    zstd::bulk::decompress(z, max).map_err(|e| ProtoError::Decode(format!("zstd: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn roundtrip() {
+        let m = Message::Hello {
+            version: VERSION,
+            options: RunOptions::default(),
+        };
+        let f = encode(&m).unwrap();
+        assert_eq!(frame_len(f[..4].try_into().unwrap()).unwrap(), f.len() - 4);
+        assert_eq!(decode(&f[4..]).unwrap(), m);
+    }
+
+    #[test]
+    fn hostile_paths_rejected() {
+        for p in ["../x", "/etc/passwd", "a/../../b", "a//b"] {
+            let m = Message::Apply(Op::Delete {
+                path: p.into(),
+                dir: false,
+            });
+            let f = encode(&m).unwrap();
+            assert!(
+                matches!(decode(&f[4..]), Err(ProtoError::BadPath(_))),
+                "{p}"
+            );
+            let m = Message::Apply(Op::Link {
+                path: "ok".into(),
+                target: p.into(),
+            });
+            let f = encode(&m).unwrap();
+            assert!(decode(&f[4..]).is_err(), "{p}");
+        }
+    }
+
+    #[test]
+    fn oversized_chunks_rejected() {
+        let mut e = crate::manifest::Entry {
+            path: "f".into(),
+            kind: crate::manifest::Kind::File,
+            meta: crate::manifest::Meta {
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+                user: None,
+                group: None,
+                mtime: 0,
+                mtime_ns: 0,
+                xattrs: vec![],
+            },
+            content: Some(crate::manifest::Content {
+                size: 4 << 30,
+                hash: Hash::of(b""),
+                chunks: vec![],
+                sparse: false,
+            }),
+        };
+        let f = encode(&Message::Apply(Op::Write(e.clone()))).unwrap();
+        assert!(matches!(decode(&f[4..]), Err(ProtoError::BadChunks(_))));
+        e.content.as_mut().unwrap().chunks = vec![crate::manifest::Chunk {
+            len: u32::MAX,
+            hash: Hash::of(b""),
+        }];
+        let f = encode(&Message::Apply(Op::Write(e))).unwrap();
+        assert!(decode(&f[4..]).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn random_bytes_never_panic(b in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode(&b);
+            if b.len() >= 4 {
+                let _ = frame_len(b[..4].try_into().unwrap());
+            }
+        }
+    }
+}

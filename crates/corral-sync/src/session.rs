@@ -1,0 +1,366 @@
+//! The two ends of a run over a byte stream: [`serve`] (the receiver, `corral sync serve`)
+//! and [`push`] (the master). Blocking I/O on purpose: a run is one sequential conversation
+//! and the parallel parts (walking, hashing) use rayon inside the scan.
+
+use std::collections::HashSet;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::apply::{Receiver, ReceiverOptions};
+use crate::error::{ProtoError, SyncError};
+use crate::filter::PathFilter;
+use crate::manifest::{Entry, Hash, Manifest};
+use crate::planner::{Op, Plan, PlanOptions, plan};
+use crate::proto::{Framed, Message, Report, RunOptions, VERSION, compress, decompress};
+use crate::scan::{ScanOptions, ScanStats, scan};
+
+const BATCH: usize = 2000;
+
+/// Options of the receiving end.
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    /// Hash cache file for the root (`None`: no cache).
+    pub cache: Option<PathBuf>,
+    /// Skip fsync per file (the file system is still synced at the end).
+    pub no_fsync: bool,
+}
+
+fn unexpected(m: &Message) -> SyncError {
+    let s = format!("{m:?}");
+    SyncError::Proto(ProtoError::Unexpected(s.chars().take(80).collect()))
+}
+
+/// Runs the receiving end of a conversation beneath `root` until the master is done.
+pub fn serve<R: Read, W: Write>(
+    root: &Path,
+    framed: &mut Framed<R, W>,
+    opts: &ServeOptions,
+) -> Result<(), SyncError> {
+    let options = match framed.recv()? {
+        Message::Hello { version, options } if version == VERSION => options,
+        Message::Hello { version, .. } => {
+            let _ = framed.send(&Message::Error(format!(
+                "protocol version {version} not supported (this end speaks {VERSION})"
+            )));
+            let _ = framed.flush();
+            return Err(ProtoError::Version(version, VERSION).into());
+        }
+        m => return Err(unexpected(&m)),
+    };
+    framed.send(&Message::Hello {
+        version: VERSION,
+        options: RunOptions::default(),
+    })?;
+    framed.flush()?;
+    let r = serve_inner(root, framed, opts, &options);
+    if let Err(e) = &r {
+        let _ = framed.send(&Message::Error(e.to_string()));
+        let _ = framed.flush();
+    }
+    r
+}
+
+fn serve_inner<R: Read, W: Write>(
+    root: &Path,
+    framed: &mut Framed<R, W>,
+    opts: &ServeOptions,
+    options: &RunOptions,
+) -> Result<(), SyncError> {
+    let mut recv: Option<Receiver> = None;
+    loop {
+        let m = match framed.recv() {
+            Ok(m) => m,
+            Err(ProtoError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match m {
+            Message::Scan => {
+                let mut skip = Vec::new();
+                if let Some((d, _)) = &options.backup {
+                    skip.push(d.clone());
+                }
+                let (child, _) = scan(
+                    root,
+                    &ScanOptions {
+                        cache: opts.cache.clone(),
+                        skip,
+                        clean_temps: true,
+                    },
+                )?;
+                for b in child.entries.chunks(BATCH) {
+                    framed.send(&Message::Entries(b.to_vec()))?;
+                }
+                framed.send(&Message::EntriesEnd)?;
+                framed.flush()?;
+                recv = Some(Receiver::new(
+                    root,
+                    &child,
+                    ReceiverOptions {
+                        backup: options.backup.clone(),
+                        ignore_owner: options.ignore_owner || !rustix::process::geteuid().is_root(),
+                        numeric_ids: options.numeric_ids,
+                        fsync: !opts.no_fsync,
+                    },
+                )?);
+            }
+            Message::Apply(op) => {
+                let Some(r) = recv.as_mut() else {
+                    return Err(unexpected(&Message::Apply(op)));
+                };
+                let res = match &op {
+                    Op::Write(e) => {
+                        let mut data = |h: &Hash, len: u32| -> Result<Vec<u8>, SyncError> {
+                            match framed.recv()? {
+                                Message::Data { hash, zstd } if hash == *h => {
+                                    let b = decompress(&zstd, len as usize)?;
+                                    if b.len() != len as usize || Hash::of(&b) != *h {
+                                        return Err(SyncError::BadData(e.path.clone()));
+                                    }
+                                    Ok(b)
+                                }
+                                m => Err(unexpected(&m)),
+                            }
+                        };
+                        r.report.ops += 1;
+                        r.write(e, &mut data)
+                    }
+                    op => r.apply(op),
+                };
+                match res {
+                    Ok(()) => {}
+                    // Stream-level failures end the conversation.
+                    Err(e @ (SyncError::Proto(_) | SyncError::BadData(_))) => return Err(e),
+                    Err(e) => {
+                        tracing::warn!(path = op.path(), error = %e, "sync step failed");
+                        r.report.failed.push((op.path().to_string(), e.to_string()));
+                    }
+                }
+            }
+            Message::Finish => {
+                let report = match recv.as_mut() {
+                    Some(r) => {
+                        r.finish()?;
+                        if let Some(c) = &opts.cache {
+                            crate::scan::cache_add(c, root, &r.written)?;
+                        }
+                        r.report.clone()
+                    }
+                    None => Report::default(),
+                };
+                framed.send(&Message::Report(report))?;
+                framed.flush()?;
+            }
+            Message::Bye => return Ok(()),
+            m => return Err(unexpected(&m)),
+        }
+    }
+}
+
+/// Options of the master end.
+#[derive(Debug, Clone, Default)]
+pub struct PushOptions {
+    /// Planner options (delete, ids).
+    pub plan: PlanOptions,
+    /// Only compute and return the plan.
+    pub dry_run: bool,
+    /// Run options sent to the receiver.
+    pub run: RunOptions,
+    /// The master's hash cache.
+    pub cache: Option<PathBuf>,
+}
+
+/// What a push did.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PushResult {
+    /// The plan (its `items` are the change list).
+    pub plan: Plan,
+    /// The receiver's report (empty on a dry run).
+    pub report: Report,
+    /// Master scan figures.
+    pub master_scan: ScanStats,
+    /// Bytes sent on the stream.
+    pub bytes_out: u64,
+    /// Bytes received on the stream.
+    pub bytes_in: u64,
+}
+
+/// Progress callback events.
+#[derive(Debug, Clone)]
+pub enum Progress {
+    /// The plan is known: steps and bytes to send at most.
+    Planned {
+        /// Steps.
+        ops: u64,
+        /// Bytes of file content in the plan.
+        bytes: u64,
+    },
+    /// One step sent.
+    Step {
+        /// Its path.
+        path: String,
+        /// Content bytes it covers.
+        bytes: u64,
+    },
+}
+
+/// Receives the child's manifest.
+pub fn fetch_manifest<R: Read, W: Write>(framed: &mut Framed<R, W>) -> Result<Manifest, SyncError> {
+    framed.send(&Message::Scan)?;
+    framed.flush()?;
+    let mut child = Manifest::default();
+    loop {
+        match framed.recv()? {
+            Message::Entries(es) => child.entries.extend(es),
+            Message::EntriesEnd => break,
+            Message::Error(e) => return Err(SyncError::Remote(e)),
+            m => return Err(unexpected(&m)),
+        }
+    }
+    child.sort();
+    Ok(child)
+}
+
+/// Says hello.
+pub fn hello<R: Read, W: Write>(
+    framed: &mut Framed<R, W>,
+    run: &RunOptions,
+) -> Result<(), SyncError> {
+    framed.send(&Message::Hello {
+        version: VERSION,
+        options: run.clone(),
+    })?;
+    framed.flush()?;
+    match framed.recv()? {
+        Message::Hello { version, .. } if version == VERSION => Ok(()),
+        Message::Hello { version, .. } => Err(ProtoError::Version(version, VERSION).into()),
+        Message::Error(e) => Err(SyncError::Remote(e)),
+        m => Err(unexpected(&m)),
+    }
+}
+
+/// Runs the master end: scans `src`, fetches the child's manifest, plans, sends the steps.
+pub fn push<R: Read, W: Write>(
+    src: &Path,
+    framed: &mut Framed<R, W>,
+    filter: &dyn PathFilter,
+    opts: &PushOptions,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<PushResult, SyncError> {
+    hello(framed, &opts.run)?;
+    let mut skip = Vec::new();
+    if let Some((d, _)) = &opts.run.backup {
+        skip.push(d.clone());
+    }
+    let (master, child) = std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            scan(
+                src,
+                &ScanOptions {
+                    cache: opts.cache.clone(),
+                    skip,
+                    clean_temps: false,
+                },
+            )
+        });
+        let child = fetch_manifest(framed);
+        (
+            h.join()
+                .unwrap_or_else(|_| Err(SyncError::Remote("scan panicked".into()))),
+            child,
+        )
+    });
+    let (master, master_scan) = master?;
+    let child = child?;
+    let p = plan(&master, &child, filter, &opts.plan);
+    let mut result = PushResult {
+        master_scan,
+        ..PushResult::default()
+    };
+    if opts.dry_run {
+        framed.send(&Message::Bye)?;
+        framed.flush()?;
+        result.plan = p;
+        result.bytes_in = framed.bytes_in;
+        result.bytes_out = framed.bytes_out;
+        return Ok(result);
+    }
+    let have: HashSet<Hash> = child
+        .entries
+        .iter()
+        .filter(|e| e.kind == crate::manifest::Kind::File)
+        .filter_map(|e| e.content.as_ref())
+        .flat_map(|c| c.chunk_list().into_iter().map(|(_, c)| c.hash))
+        .collect();
+    progress(Progress::Planned {
+        ops: p.ops.len() as u64,
+        bytes: p
+            .ops
+            .iter()
+            .map(|o| if let Op::Write(e) = o { e.size() } else { 0 })
+            .sum(),
+    });
+    for op in &p.ops {
+        framed.send(&Message::Apply(op.clone()))?;
+        if let Op::Write(e) = op {
+            send_data(src, e, &have, framed)?;
+        }
+        progress(Progress::Step {
+            path: op.path().to_string(),
+            bytes: if let Op::Write(e) = op { e.size() } else { 0 },
+        });
+    }
+    framed.send(&Message::Finish)?;
+    framed.flush()?;
+    let report = match framed.recv()? {
+        Message::Report(r) => r,
+        Message::Error(e) => return Err(SyncError::Remote(e)),
+        m => return Err(unexpected(&m)),
+    };
+    result.plan = p;
+    result.report = report;
+    result.bytes_in = framed.bytes_in;
+    result.bytes_out = framed.bytes_out;
+    Ok(result)
+}
+
+fn send_data<R: Read, W: Write>(
+    src: &Path,
+    e: &Entry,
+    have: &HashSet<Hash>,
+    framed: &mut Framed<R, W>,
+) -> Result<(), SyncError> {
+    let Some(c) = &e.content else { return Ok(()) };
+    let chunks = c.chunk_list();
+    if chunks.iter().all(|(_, ch)| have.contains(&ch.hash)) {
+        return Ok(());
+    }
+    let path = src.join(&e.path);
+    let mut f = fs_err::File::open(&path).map_err(|x| SyncError::fs("open", &path, x))?;
+    let mut pos = 0u64;
+    let mut buf = Vec::new();
+    for (off, ch) in chunks {
+        if have.contains(&ch.hash) {
+            continue;
+        }
+        if pos != off {
+            f.seek(SeekFrom::Start(off))
+                .map_err(|x| SyncError::fs("seek", &path, x))?;
+        }
+        buf.resize(ch.len as usize, 0);
+        f.read_exact(&mut buf)
+            .map_err(|_| SyncError::SourceChanged(e.path.clone()))?;
+        pos = off + u64::from(ch.len);
+        if Hash::of(&buf) != ch.hash {
+            return Err(SyncError::SourceChanged(e.path.clone()));
+        }
+        framed.send(&Message::Data {
+            hash: ch.hash,
+            zstd: compress(&buf),
+        })?;
+    }
+    Ok(())
+}

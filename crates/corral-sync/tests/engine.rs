@@ -1,0 +1,563 @@
+//! End-to-end tests of the engine on real directories: every file type, metadata, drift,
+//! big-image chunk reuse, backups and rollback, hostile streams.
+
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::Command;
+
+use corral_sync::filter::{IncludeAll, PathFilter};
+use corral_sync::manifest::{Entry, Kind, Manifest};
+use corral_sync::planner::{Op, PlanOptions, plan};
+use corral_sync::proto::{Framed, Message, RunOptions, VERSION};
+use corral_sync::scan::{ScanOptions, scan};
+use corral_sync::session::{PushOptions, PushResult, ServeOptions};
+use corral_sync::transport::{Dest, SshOptions, push_to};
+
+fn sh(cmd: &str) {
+    let st = Command::new("sh").arg("-c").arg(cmd).status().unwrap();
+    assert!(st.success(), "{cmd}");
+}
+
+fn push(src: &Path, dst: &Path, opts: &PushOptions) -> PushResult {
+    push_to(
+        src,
+        &Dest::Local(dst.to_path_buf()),
+        &SshOptions::default(),
+        ServeOptions {
+            cache: Some(dst.parent().unwrap().join(format!(
+                "{}.cache",
+                dst.file_name().unwrap().to_str().unwrap()
+            ))),
+            no_fsync: true,
+        },
+        &IncludeAll,
+        opts,
+        &mut |_| {},
+    )
+    .unwrap()
+}
+
+fn manifest(p: &Path) -> Manifest {
+    scan(p, &ScanOptions::default()).unwrap().0
+}
+
+fn assert_same(a: &Manifest, b: &Manifest) {
+    let pa: Vec<&str> = a.entries.iter().map(|e| e.path.as_str()).collect();
+    let pb: Vec<&str> = b.entries.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(pa, pb, "same paths");
+    for (x, y) in a.entries.iter().zip(&b.entries) {
+        assert_eq!(x, y, "entry {}", x.path);
+    }
+}
+
+fn write(p: &Path, data: &[u8]) {
+    if let Some(d) = p.parent() {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::write(p, data).unwrap();
+}
+
+fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+fn build_master(m: &Path) {
+    write(&m.join("etc/hosts"), b"127.0.0.1 localhost\n");
+    write(&m.join("etc/empty"), b"");
+    write(&m.join("big/blob"), &pseudo_random(3 << 20, 7));
+    write(&m.join("bin/tool"), b"#!/bin/sh\necho hi\n");
+    std::fs::set_permissions(m.join("bin/tool"), std::fs::Permissions::from_mode(0o4755)).unwrap();
+    std::fs::set_permissions(m.join("etc"), std::fs::Permissions::from_mode(0o750)).unwrap();
+    std::os::unix::fs::symlink("../etc/hosts", m.join("bin/hosts-link")).unwrap();
+    std::os::unix::fs::symlink("/nonexistent/target", m.join("dangling")).unwrap();
+    std::fs::hard_link(m.join("etc/hosts"), m.join("bin/hosts-hard")).unwrap();
+    sh(&format!("mkfifo {}", m.join("fifo").display()));
+    sh(&format!(
+        "setfattr -n user.colour -v blue {}",
+        m.join("etc/hosts").display()
+    ));
+    // A sparse file: 8 MiB with data at 1 MiB and at the end.
+    let mut f = std::fs::File::create(m.join("sparse.img")).unwrap();
+    f.set_len(8 << 20).unwrap();
+    use std::io::Seek;
+    f.seek(std::io::SeekFrom::Start(1 << 20)).unwrap();
+    f.write_all(&pseudo_random(4096, 3)).unwrap();
+    f.seek(std::io::SeekFrom::Start((8 << 20) - 4096)).unwrap();
+    f.write_all(&pseudo_random(4096, 4)).unwrap();
+    drop(f);
+    sh(&format!(
+        "touch -d '2001-02-03 04:05:06.123456789' {}",
+        m.join("etc/hosts").display()
+    ));
+    if corral_testkit::is_root() {
+        sh(&format!("mknod {} c 1 3", m.join("null-dev").display()));
+        sh(&format!("mknod {} b 7 200", m.join("loop-dev").display()));
+        sh(&format!(
+            "chown 1234:2345 {}",
+            m.join("etc/empty").display()
+        ));
+        sh(&format!(
+            "setfacl -m u:4321:r-x {}",
+            m.join("bin/tool").display()
+        ));
+        sh(&format!(
+            "setfacl -d -m g:4321:rwx {}",
+            m.join("etc").display()
+        ));
+    }
+}
+
+#[test]
+fn every_file_type_round_trips() {
+    let t = tempfile::tempdir().unwrap();
+    let (m, c) = (t.path().join("master"), t.path().join("child"));
+    std::fs::create_dir(&m).unwrap();
+    std::fs::create_dir(&c).unwrap();
+    build_master(&m);
+    let r = push(&m, &c, &PushOptions::default());
+    assert!(r.report.failed.is_empty(), "{:?}", r.report.failed);
+    assert_same(&manifest(&m), &manifest(&c));
+    // Hard links are links on the child too; holes stay holes.
+    let h1 = std::fs::metadata(c.join("etc/hosts")).unwrap();
+    let h2 = std::fs::metadata(c.join("bin/hosts-hard")).unwrap();
+    assert_eq!(h1.ino(), h2.ino());
+    let sp = std::fs::metadata(c.join("sparse.img")).unwrap();
+    assert!(
+        sp.blocks() * 512 < 1 << 20,
+        "sparse file allocated {} blocks",
+        sp.blocks()
+    );
+    assert_eq!(
+        std::fs::read(m.join("sparse.img")).unwrap(),
+        std::fs::read(c.join("sparse.img")).unwrap()
+    );
+    if corral_testkit::is_root() {
+        let acl = Command::new("getfacl")
+            .arg("-c")
+            .arg(c.join("bin/tool"))
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&acl.stdout).contains("user:4321:r-x"));
+        assert_eq!(std::fs::metadata(c.join("etc/empty")).unwrap().uid(), 1234);
+    } else {
+        eprintln!("SKIPPED every_file_type_round_trips (devices, owners, ACLs): needs root");
+    }
+    // A second run has nothing to do and reads nothing again.
+    let r2 = push(&m, &c, &PushOptions::default());
+    assert!(r2.plan.is_empty(), "{:?}", r2.plan.items);
+    assert_eq!(r2.report.files_written, 0);
+}
+
+#[test]
+fn drift_sees_same_size_edit_with_restored_mtime_and_new_xattr() {
+    let t = tempfile::tempdir().unwrap();
+    let (m, c) = (t.path().join("master"), t.path().join("child"));
+    std::fs::create_dir(&m).unwrap();
+    std::fs::create_dir(&c).unwrap();
+    build_master(&m);
+    push(&m, &c, &PushOptions::default());
+    let cache = t.path().join("drift.cache");
+    let child_scan = |p: &Path| {
+        scan(
+            p,
+            &ScanOptions {
+                cache: Some(cache.clone()),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    child_scan(&c); // warm the cache
+    // Same size, different content, mtime put back.
+    let f = c.join("etc/hosts");
+    let before = std::fs::metadata(&f).unwrap();
+    write(&f, b"127.0.0.1 evilhost!\n");
+    sh(&format!(
+        "touch -d '2001-02-03 04:05:06.123456789' {}",
+        f.display()
+    ));
+    let after = std::fs::metadata(&f).unwrap();
+    assert_eq!(
+        (before.len(), before.mtime(), before.mtime_nsec()),
+        (after.len(), after.mtime(), after.mtime_nsec())
+    );
+    sh(&format!(
+        "setfattr -n user.planted -v 1 {}",
+        c.join("bin/tool").display()
+    ));
+    // rsync without -c does not see the content edit.
+    let out = Command::new("rsync")
+        .args(["-a", "-n", "-i", "--no-X"])
+        .arg(format!("{}/", m.display()))
+        .arg(format!("{}/", c.display()))
+        .output()
+        .unwrap();
+    let rs = String::from_utf8_lossy(&out.stdout);
+    assert!(!rs.contains("etc/hosts"), "rsync -n -i: {rs}");
+    let (child, st) = child_scan(&c);
+    assert!(
+        st.hashed >= 1 && st.hashed < 5,
+        "only changed files are re-read: {st:?}"
+    );
+    let p = plan(&manifest(&m), &child, &IncludeAll, &PlanOptions::default());
+    let lines: Vec<String> = p.items.iter().map(|i| i.line()).collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with(">fc") && l.ends_with(" bin/hosts-hard")),
+        "{lines:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with(".f") && l.ends_with("x bin/tool")),
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn big_image_edit_sends_and_writes_only_changed_chunks() {
+    let t = tempfile::tempdir().unwrap();
+    let (m, c) = (t.path().join("master"), t.path().join("child"));
+    std::fs::create_dir(&m).unwrap();
+    std::fs::create_dir(&c).unwrap();
+    let size = 64 << 20;
+    let mut img = pseudo_random(size, 11);
+    write(&m.join("disk.img"), &img);
+    push(&m, &c, &PushOptions::default());
+    // 32 KiB changed in 8 scattered places.
+    for i in 0..8 {
+        let off = (i * 7_919_333 + 123_457) % (size - 4096);
+        img[off..off + 4096].copy_from_slice(&pseudo_random(4096, 100 + i as u64));
+    }
+    write(&m.join("disk.img"), &img);
+    // A renamed copy of the old image costs nothing either.
+    let r = push(&m, &c, &PushOptions::default());
+    assert!(r.report.failed.is_empty(), "{:?}", r.report.failed);
+    assert_eq!(std::fs::read(c.join("disk.img")).unwrap(), img);
+    eprintln!(
+        "big image: {:?} bytes on the wire {}",
+        r.report, r.bytes_out
+    );
+    assert!(r.report.literal_bytes <= 2 << 20, "{:?}", r.report);
+    assert!(r.bytes_out <= 2 << 20, "{}", r.bytes_out);
+    // Either the file system cloned the old file (then little is written) or the rest came
+    // from the child's own copy.
+    assert_eq!(
+        r.report.cloned_bytes + r.report.reused_bytes + r.report.literal_bytes,
+        size as u64
+    );
+    // Renaming costs no data.
+    std::fs::rename(m.join("disk.img"), m.join("disk2.img")).unwrap();
+    let r = push(
+        &m,
+        &c,
+        &PushOptions {
+            plan: PlanOptions {
+                delete: true,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    );
+    assert_eq!(r.report.literal_bytes, 0, "{:?}", r.report);
+    assert!(!c.join("disk.img").exists());
+}
+
+#[test]
+fn backup_and_rollback_restore_the_previous_tree() {
+    let t = tempfile::tempdir().unwrap();
+    let (m, c) = (t.path().join("master"), t.path().join("child"));
+    std::fs::create_dir(&m).unwrap();
+    std::fs::create_dir(&c).unwrap();
+    write(&m.join("a"), b"one");
+    write(&m.join("d/b"), b"two");
+    write(&m.join("gone"), b"old");
+    push(&m, &c, &PushOptions::default());
+    let before = manifest(&c);
+    write(&m.join("a"), b"ONE!");
+    std::fs::remove_file(m.join("gone")).unwrap();
+    write(&m.join("d/new"), b"new");
+    let opts = PushOptions {
+        plan: PlanOptions {
+            delete: true,
+            ..Default::default()
+        },
+        run: RunOptions {
+            backup: Some(("backup".into(), "run1".into())),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let r = push(&m, &c, &opts);
+    assert!(r.report.failed.is_empty(), "{:?}", r.report.failed);
+    assert_eq!(std::fs::read(c.join("a")).unwrap(), b"ONE!");
+    assert!(!c.join("gone").exists());
+    assert_eq!(std::fs::read(c.join("backup/run1/gone")).unwrap(), b"old");
+    let rep = corral_sync::rollback::rollback(&c, "backup", "run1").unwrap();
+    assert!(rep.restored >= 2 && rep.removed >= 1, "{rep:?}");
+    let after = scan(
+        &c,
+        &ScanOptions {
+            skip: vec!["backup".into()],
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .0;
+    let strip = |m: &Manifest| -> Vec<(String, Option<corral_sync::manifest::Hash>)> {
+        m.entries
+            .iter()
+            .filter(|e| e.kind != Kind::Dir)
+            .map(|e| (e.path.clone(), e.content.as_ref().map(|c| c.hash)))
+            .collect()
+    };
+    assert_eq!(strip(&before), strip(&after));
+}
+
+/// Sends raw messages to a receiver and returns its final result.
+fn hostile(root: &Path, msgs: Vec<Message>) -> Result<(), corral_sync::SyncError> {
+    let mut input = Vec::new();
+    for m in [
+        Message::Hello {
+            version: VERSION,
+            options: RunOptions::default(),
+        },
+        Message::Scan,
+    ]
+    .into_iter()
+    .chain(msgs)
+    {
+        input.extend(corral_sync::proto::encode(&m).unwrap());
+    }
+    let mut out = Vec::new();
+    let mut f = Framed::new(&input[..], &mut out);
+    corral_sync::session::serve(root, &mut f, &ServeOptions::default())
+}
+
+fn file_entry(path: &str, data: &[u8]) -> Entry {
+    Entry {
+        path: path.into(),
+        kind: Kind::File,
+        meta: corral_sync::manifest::Meta {
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            user: None,
+            group: None,
+            mtime: 0,
+            mtime_ns: 0,
+            xattrs: vec![],
+        },
+        content: Some(corral_sync::manifest::Content {
+            size: data.len() as u64,
+            hash: corral_sync::manifest::Hash::of(data),
+            chunks: vec![],
+            sparse: false,
+        }),
+    }
+}
+
+#[test]
+fn hostile_stream_writes_nothing_outside_the_root() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("root");
+    let outside = t.path().join("outside");
+    std::fs::create_dir(&root).unwrap();
+    std::fs::create_dir(&outside).unwrap();
+    write(&outside.join("precious"), b"keep");
+    // A symlink inside the root pointing out (as if swapped in during the run).
+    std::os::unix::fs::symlink(&outside, root.join("sneaky")).unwrap();
+    let data = b"pwned";
+    let zstd = corral_sync::proto::compress(data);
+    let hash = corral_sync::manifest::Hash::of(data);
+    // Paths with .. or absolute paths are refused at decode time.
+    for bad in ["../outside/precious", "/tmp/x", "a/../../outside/x"] {
+        let r = hostile(
+            &root,
+            vec![Message::Apply(Op::Delete {
+                path: bad.into(),
+                dir: false,
+            })],
+        );
+        assert!(r.is_err(), "{bad}");
+        let r = hostile(
+            &root,
+            vec![
+                Message::Apply(Op::Write(file_entry(bad, data))),
+                Message::Data {
+                    hash,
+                    zstd: zstd.clone(),
+                },
+            ],
+        );
+        assert!(r.is_err(), "{bad}");
+    }
+    // Through the symlink: every step fails, nothing is written outside.
+    let r = hostile(
+        &root,
+        vec![
+            Message::Apply(Op::Write(file_entry("sneaky/new", data))),
+            Message::Data {
+                hash,
+                zstd: zstd.clone(),
+            },
+            Message::Apply(Op::Delete {
+                path: "sneaky/precious".into(),
+                dir: false,
+            }),
+            Message::Apply(Op::Link {
+                path: "sneaky/l".into(),
+                target: "sneaky/precious".into(),
+            }),
+            Message::Apply(Op::Mkdir(Entry {
+                kind: Kind::Dir,
+                content: None,
+                ..file_entry("sneaky/d", b"")
+            })),
+            Message::Apply(Op::Meta(Entry {
+                meta: corral_sync::manifest::Meta {
+                    mode: 0o777,
+                    ..file_entry("", b"").meta
+                },
+                ..file_entry("sneaky/precious", b"keep")
+            })),
+            Message::Finish,
+        ],
+    );
+    assert!(r.is_ok(), "{r:?}");
+    let names: Vec<_> = std::fs::read_dir(&outside)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("precious")]);
+    assert_eq!(std::fs::read(outside.join("precious")).unwrap(), b"keep");
+    assert_ne!(
+        std::fs::metadata(outside.join("precious")).unwrap().mode() & 0o777,
+        0o777
+    );
+    // Data that does not match its hash ends the conversation.
+    let r = hostile(
+        &root,
+        vec![
+            Message::Apply(Op::Write(file_entry("x", data))),
+            Message::Data {
+                hash,
+                zstd: corral_sync::proto::compress(b"other"),
+            },
+        ],
+    );
+    assert!(r.is_err());
+    assert!(!root.join("x").exists());
+}
+
+struct NoX;
+impl PathFilter for NoX {
+    fn transfers(&self, rel: &str, _d: bool) -> bool {
+        !rel.rsplit('/').next().unwrap_or("").starts_with('x')
+    }
+    fn may_delete(&self, rel: &str, d: bool) -> bool {
+        self.transfers(rel, d)
+    }
+}
+
+#[test]
+fn excluded_paths_are_neither_sent_nor_deleted() {
+    let t = tempfile::tempdir().unwrap();
+    let (m, c) = (t.path().join("master"), t.path().join("child"));
+    write(&m.join("keep"), b"1");
+    write(&m.join("xskip"), b"2");
+    write(&m.join("xdir/inner"), b"3");
+    write(&c.join("xlocal"), b"child's own");
+    write(&c.join("stale"), b"delete me");
+    let r = push_to(
+        &m,
+        &Dest::Local(c.clone()),
+        &SshOptions::default(),
+        ServeOptions::default(),
+        &NoX,
+        &PushOptions {
+            plan: PlanOptions {
+                delete: true,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+        &mut |_| {},
+    )
+    .unwrap();
+    assert!(r.report.failed.is_empty());
+    assert!(c.join("keep").exists() && !c.join("xskip").exists() && !c.join("xdir").exists());
+    assert!(c.join("xlocal").exists(), "protected from deletion");
+    assert!(!c.join("stale").exists());
+}
+
+/// Unmounts and removes a loop-mounted scratch file system when the test ends.
+struct LoopMount(std::path::PathBuf);
+impl Drop for LoopMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn big_image_edit_on_a_reflink_file_system_writes_only_changed_chunks() {
+    if !corral_testkit::is_root() {
+        eprintln!(
+            "SKIPPED big_image_edit_on_a_reflink_file_system_writes_only_changed_chunks: needs root (loop mount)"
+        );
+        return;
+    }
+    if Command::new("mkfs.xfs").arg("-V").output().is_err() {
+        eprintln!(
+            "SKIPPED big_image_edit_on_a_reflink_file_system_writes_only_changed_chunks: needs mkfs.xfs (package xfsprogs)"
+        );
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let img = t.path().join("xfs.img");
+    let mnt = t.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(512 << 20)
+        .unwrap();
+    sh(&format!("mkfs.xfs -q -f -m reflink=1 {}", img.display()));
+    sh(&format!(
+        "mount -o loop {} {}",
+        img.display(),
+        mnt.display()
+    ));
+    let _guard = LoopMount(mnt.clone());
+    let (m, c) = (mnt.join("master"), mnt.join("child"));
+    std::fs::create_dir(&m).unwrap();
+    std::fs::create_dir(&c).unwrap();
+    let size = 96 << 20;
+    let mut data = pseudo_random(size, 21);
+    write(&m.join("disk.img"), &data);
+    push(&m, &c, &PushOptions::default());
+    for i in 0..8 {
+        let off = (i * 11_000_117 + 4_321) % (size - 4096);
+        data[off..off + 4096].copy_from_slice(&pseudo_random(4096, 200 + i as u64));
+    }
+    write(&m.join("disk.img"), &data);
+    let r = push(&m, &c, &PushOptions::default());
+    assert!(r.report.failed.is_empty(), "{:?}", r.report.failed);
+    assert_eq!(std::fs::read(c.join("disk.img")).unwrap(), data);
+    eprintln!("reflink: {:?}, {} bytes on the wire", r.report, r.bytes_out);
+    assert!(
+        r.report.cloned_bytes > (size as u64) * 9 / 10,
+        "{:?}",
+        r.report
+    );
+    assert!(r.report.bytes_written <= 2 << 20, "{:?}", r.report);
+}
