@@ -148,7 +148,12 @@ pub fn render_text(text: &str, vars: &ScriptVars) -> Result<String, minijinja::E
     let mut env = Environment::new();
     env.set_keep_trailing_newline(true);
     env.set_trim_blocks(true);
-    env.render_str(text, vars)
+    let mut out = env.render_str(text, vars)?;
+    // iPXE reads line by line; make sure the last command has its newline.
+    if !out.ends_with('\n') {
+        out.push('\n');
+    }
+    Ok(out)
 }
 
 /// Renders the script for `plan`: the template named by the profile (or a built-in one).
