@@ -1,0 +1,1 @@
+//! QEMU firmware tests (filled in below).
