@@ -22,6 +22,7 @@ struct Boot {
     id: SessionId,
     last: Instant,
     reached_ipxe: bool,
+    script_served: bool,
 }
 
 /// The session table: MAC → current boot, IP → MAC.
@@ -57,6 +58,7 @@ impl Sessions {
             Some(b) => {
                 now.saturating_duration_since(b.last) > idle
                     || (client != ClientKind::Ipxe && b.reached_ipxe)
+                    || b.script_served
             }
         };
         if new_boot {
@@ -68,6 +70,7 @@ impl Sessions {
                     id,
                     last: now,
                     reached_ipxe: client == ClientKind::Ipxe,
+                    script_served: false,
                 },
             );
             return (id, true);
@@ -81,8 +84,9 @@ impl Sessions {
         (b.id, false)
     }
 
-    /// Marks that `mac`'s boot reached iPXE (its script was fetched), returning its session,
-    /// or starts one if it has none (e.g. DHCP is off and another server sent it to us).
+    /// Marks that `mac`'s boot fetched its iPXE script, returning its session. Starts a new
+    /// one if it has none, if it is idle, or if this boot already fetched its script (DHCP is
+    /// off and another server sends iPXE to us: each script fetch is a boot).
     pub fn on_ipxe(
         &mut self,
         mac: MacAddr,
@@ -91,9 +95,10 @@ impl Sessions {
     ) -> SessionId {
         let idle = self.idle;
         match self.by_mac.get_mut(&mac) {
-            Some(b) if now.saturating_duration_since(b.last) <= idle => {
+            Some(b) if now.saturating_duration_since(b.last) <= idle && !b.script_served => {
                 b.last = now;
                 b.reached_ipxe = true;
+                b.script_served = true;
                 b.id
             }
             _ => {
@@ -105,6 +110,7 @@ impl Sessions {
                         id,
                         last: now,
                         reached_ipxe: true,
+                        script_served: true,
                     },
                 );
                 id
@@ -186,6 +192,17 @@ mod tests {
         );
         assert_eq!(s.on_ipxe(mac, t0 + Duration::from_secs(10), &mut fresh), a);
         assert_eq!(s.touch(mac, t0 + Duration::from_secs(11)), Some(a));
+        // A second script fetch without DHCP in between is another boot (DHCP off).
+        let (a2, ..) = (s.on_ipxe(mac, t0 + Duration::from_secs(12), &mut fresh),);
+        assert_ne!(a2, a);
+        // iPXE asking DHCP after its script was served is a reboot (iPXE ROM): a new session.
+        let (a3, new) = s.on_boot_request(
+            mac,
+            ClientKind::Ipxe,
+            t0 + Duration::from_secs(14),
+            &mut fresh,
+        );
+        assert!(new && a3 != a2);
         // The firmware asking again after iPXE ran is a reboot: a new session.
         let (b, new) = s.on_boot_request(
             mac,
