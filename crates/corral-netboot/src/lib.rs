@@ -37,6 +37,7 @@ pub mod script;
 pub mod service;
 pub mod session;
 pub mod syslog;
+pub mod tftp;
 
 pub use decision::{
     Answer, BootRequest, Decision, Identity, MachinePlan, Plan, UrlBase, decide, plan_for,

@@ -33,35 +33,35 @@ Examples:
   corral log --site ./site --source dhcp -f            watch the boot decisions")]
 pub(crate) struct Args {
     #[command(flatten)]
-    site: SiteArg,
+    pub(crate) site: SiteArg,
     /// Serve DHCP on this interface (repeatable); replaces [server] interfaces.
     #[arg(long, short = 'i', value_name = "IF")]
-    interface: Vec<String>,
+    pub(crate) interface: Vec<String>,
     /// DHCP mode: off, proxy or full; replaces [dhcp] mode.
     #[arg(long, value_name = "MODE", value_parser = parse_mode)]
-    dhcp: Option<DhcpMode>,
+    pub(crate) dhcp: Option<DhcpMode>,
     /// The address put into URLs handed to clients; replaces [server] advertise.
     #[arg(long, value_name = "IP")]
-    advertise: Option<Ipv4Addr>,
+    pub(crate) advertise: Option<Ipv4Addr>,
     /// HTTP port; replaces [server] http_port.
     #[arg(long, value_name = "PORT")]
-    http_port: Option<u16>,
+    pub(crate) http_port: Option<u16>,
     /// TFTP port (0: no TFTP); replaces [server] tftp_port.
     #[arg(long, value_name = "PORT")]
-    tftp_port: Option<u16>,
+    pub(crate) tftp_port: Option<u16>,
     /// DHCP server port (tests use others; clients always send to 67).
     #[arg(long, value_name = "PORT", default_value_t = 67)]
-    dhcp_port: u16,
+    pub(crate) dhcp_port: u16,
     /// Syslog receiver port (UDP; 0: off).
     #[arg(long, value_name = "PORT", default_value_t = 514)]
-    syslog_port: u16,
+    pub(crate) syslog_port: u16,
     /// The x64 UEFI iPXE binary handed out: snponly.efi (any card, firmware's driver) or
     /// ipxe.efi (iPXE's own drivers).
     #[arg(long, value_name = "FILE", default_value = "snponly.efi", value_parser = ["snponly.efi", "ipxe.efi"])]
-    uefi_binary: String,
+    pub(crate) uefi_binary: String,
     /// The address to bind TFTP, HTTP and syslog to.
     #[arg(long, value_name = "IP", default_value = "0.0.0.0")]
-    bind: Ipv4Addr,
+    pub(crate) bind: Ipv4Addr,
 }
 
 fn parse_mode(s: &str) -> Result<DhcpMode, String> {

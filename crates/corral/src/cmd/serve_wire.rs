@@ -1,18 +1,39 @@
-//! Wiring of the DHCP and TFTP servers into `corral serve` (filled in when corral-dhcp and
-//! corral-tftp land).
+//! Wiring of the DHCP and TFTP servers into `corral serve`.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
+use anyhow::Context;
 use corral_netboot::Netboot;
+use corral_netboot::tftp::TftpPolicy;
+use corral_tftp::TftpConfig;
 use tokio_util::sync::CancellationToken;
 
 pub(crate) async fn spawn_tftp_dhcp(
-    _engine: &Arc<Netboot>,
-    _args: &super::serve::Args,
+    engine: &Arc<Netboot>,
+    args: &super::serve::Args,
     _dhcp_ifaces: &[(String, Ipv4Addr)],
-    _cancel: &CancellationToken,
-    _tasks: &mut tokio::task::JoinSet<anyhow::Result<()>>,
+    cancel: &CancellationToken,
+    tasks: &mut tokio::task::JoinSet<anyhow::Result<()>>,
 ) -> anyhow::Result<()> {
+    let site = engine.site().current();
+    if site.server.tftp_port != 0 {
+        let addr = SocketAddr::from((args.bind, site.server.tftp_port));
+        let sock = tokio::net::UdpSocket::bind(addr).await.with_context(|| {
+            format!("binding TFTP on {addr} (another TFTP server there? port 69 needs root; --tftp-port 0 turns TFTP off)")
+        })?;
+        let config = TftpConfig {
+            root: site.paths.boot.clone(),
+            ..TftpConfig::default()
+        };
+        let hooks = Arc::new(TftpPolicy(engine.clone()));
+        let c = cancel.clone();
+        tracing::info!(%addr, root = %site.paths.boot.display(), "TFTP server listening");
+        tasks.spawn(async move {
+            corral_tftp::serve(sock, config, hooks, c)
+                .await
+                .context("TFTP server")
+        });
+    }
     Ok(())
 }

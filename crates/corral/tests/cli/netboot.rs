@@ -60,6 +60,7 @@ pub(crate) fn write_site(dir: &Path, site_toml: &str, template: &str) -> Vec<u8>
 pub(crate) struct Serve {
     pub(crate) child: Child,
     pub(crate) http: u16,
+    pub(crate) tftp: u16,
     pub(crate) db: PathBuf,
 }
 
@@ -67,10 +68,18 @@ impl Serve {
     pub(crate) fn start(site: &Path, extra: &[&str]) -> Serve {
         let http = free_port();
         let syslog = free_port();
+        let tftp = free_port();
         let child = Command::new(env!("CARGO_BIN_EXE_corral"))
             .args(["serve", "--site"])
             .arg(site)
-            .args(["--dhcp", "off", "--bind", "127.0.0.1", "--tftp-port", "0"])
+            .args([
+                "--dhcp",
+                "off",
+                "--bind",
+                "127.0.0.1",
+                "--tftp-port",
+                &tftp.to_string(),
+            ])
             .args([
                 "--http-port",
                 &http.to_string(),
@@ -86,6 +95,7 @@ impl Serve {
         let s = Serve {
             child,
             http,
+            tftp,
             db: site.join("state/corral.db"),
         };
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -345,6 +355,27 @@ fn serve_http_scripts_files_done_and_reload() {
     let (code, body, _) = curl(&[&s.url("/ipxe-bin/snponly.efi")]);
     assert_eq!(code, 200);
     assert!(body == fs_err::read("/usr/lib/ipxe/snponly.efi").unwrap());
+    // TFTP (curl as the client, blksize option): the iPXE binary and a boot-root file.
+    let tftp = |path: &str| {
+        Command::new("curl")
+            .args([
+                "-sS",
+                "--tftp-blksize",
+                "1432",
+                &format!("tftp://127.0.0.1:{}/{path}", s.tftp),
+            ])
+            .output()
+            .unwrap()
+    };
+    let out = tftp("undionly.kpxe");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout == fs_err::read("/usr/lib/ipxe/undionly.kpxe").unwrap());
+    let out = tftp("payload.bin");
+    assert!(out.status.success() && out.stdout == payload);
     // An unknown MAC is discovered and gets the discovery profile.
     let (code, body, _) = curl(&[&s.url("/ipxe/52:54:00:aa:00:99")]);
     assert_eq!(code, 200);
@@ -367,6 +398,13 @@ fn serve_http_scripts_files_done_and_reload() {
         local.contains("is local: booting from local disk")
             && local.contains("sanboot --no-describe --drive 0x80"),
         "{local}"
+    );
+    // Boot once over TFTP too: the machine using this address (web01, local now) is refused
+    // its iPXE binary.
+    let out = tftp("undionly.kpxe");
+    assert!(
+        !out.status.success() && out.stdout.is_empty(),
+        "iPXE binary handed to a local machine"
     );
     // Syslog, RFC 5424 and 3164, attributed to the machine by IP (loopback = web01's last IP).
     let port = {
