@@ -27,6 +27,7 @@
 //! - Not a network prober: it never picks interfaces; the binary passes bound sockets.
 
 mod decision;
+pub mod dhcp;
 mod engine;
 mod error;
 pub mod files;

@@ -360,11 +360,11 @@ pub(crate) fn start_dnsmasq(lab: &Lab, dir: &Path, boot_url: Option<&str>) -> u3
 }
 
 /// Runs `vms` (already started) to completion in parallel threads; panics with every failure.
-pub(crate) fn check_all(vms: &[Vm], db: &Path, uefi_binary: &str, timeout: Duration) {
+pub(crate) fn check_all(vms: &[(&Vm, &Path)], uefi_binary: &str, timeout: Duration) {
     let failures: Vec<String> = std::thread::scope(|s| {
         let hs: Vec<_> = vms
             .iter()
-            .map(|vm| s.spawn(move || check_vm(vm, db, uefi_binary, timeout)))
+            .map(|&(vm, db)| s.spawn(move || check_vm(vm, db, uefi_binary, timeout)))
             .collect();
         hs.into_iter().filter_map(|h| h.join().unwrap()).collect()
     });
@@ -393,10 +393,109 @@ fn qemu_bios_ipxe_with_dhcp_off() {
     let url = format!("http://{server}:8080/ipxe/${{mac}}");
     start_dnsmasq(&lab, dir.path(), Some(&url));
     let vm = start_vm(&lab, dir.path(), "bios1", Fw::BiosIpxe, mac, "tapoff0");
-    check_all(
-        &[vm],
-        &site.join("state/corral.db"),
-        "snponly.efi",
-        Duration::from_secs(240),
+    let db = site.join("state/corral.db");
+    check_all(&[(&vm, &db)], "snponly.efi", Duration::from_secs(240));
+}
+
+/// Every firmware route against `corral serve`, in parallel: full DHCP (BIOS iPXE ROM, UEFI
+/// PXE → TFTP snponly.efi, UEFI HTTP Boot) and ProxyDHCP beside dnsmasq handing out the
+/// addresses from another namespace (BIOS, and UEFI with its port 4011 request). Each client
+/// installs once (script, payload, done callback), reboots, and is answered "boot from disk".
+#[test]
+fn qemu_firmware_full_and_proxy() {
+    if !corral_testkit::require_root("qemu_firmware_full_and_proxy") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Full DHCP lab.
+    let full = Lab::new("nbfull", 1).unwrap();
+    let full_site = dir.path().join("full");
+    let full_macs = [
+        ("fbios", "52:54:00:f0:00:01"),
+        ("fuefi", "52:54:00:f0:00:02"),
+        ("fhttp", "52:54:00:f0:00:03"),
+    ];
+    lab_site(&full_site, &full, "full", &full_macs);
+    start_corral(&full, &full_site, &[]);
+    // ProxyDHCP lab: dnsmasq (host 1) owns the addresses, corral (host 0) only boots.
+    let proxy = Lab::new("nbproxy", 2).unwrap();
+    let proxy_site = dir.path().join("proxy");
+    let proxy_macs = [
+        ("pbios", "52:54:00:e0:00:01"),
+        ("puefi", "52:54:00:e0:00:02"),
+    ];
+    lab_site(&proxy_site, &proxy, "proxy", &proxy_macs);
+    start_dnsmasq(&proxy, dir.path(), None);
+    start_corral(&proxy, &proxy_site, &[]);
+
+    let vms = [
+        start_vm(
+            &full,
+            dir.path(),
+            "fbios",
+            Fw::BiosIpxe,
+            full_macs[0].1,
+            "tapf0",
+        ),
+        start_vm(
+            &full,
+            dir.path(),
+            "fuefi",
+            Fw::UefiPxe,
+            full_macs[1].1,
+            "tapf1",
+        ),
+        start_vm(
+            &full,
+            dir.path(),
+            "fhttp",
+            Fw::UefiHttp,
+            full_macs[2].1,
+            "tapf2",
+        ),
+        start_vm(
+            &proxy,
+            dir.path(),
+            "pbios",
+            Fw::BiosIpxe,
+            proxy_macs[0].1,
+            "tapp0",
+        ),
+        start_vm(
+            &proxy,
+            dir.path(),
+            "puefi",
+            Fw::UefiPxe,
+            proxy_macs[1].1,
+            "tapp1",
+        ),
+    ];
+    let (fdb, pdb) = (
+        full_site.join("state/corral.db"),
+        proxy_site.join("state/corral.db"),
     );
+    let checks: Vec<(&Vm, &Path)> = vms
+        .iter()
+        .map(|vm| {
+            (
+                vm,
+                if vm.name.starts_with('f') {
+                    fdb.as_path()
+                } else {
+                    pdb.as_path()
+                },
+            )
+        })
+        .collect();
+    check_all(&checks, "snponly.efi", Duration::from_secs(420));
+    // The proxy lab's DHCP addresses came from dnsmasq, never from corral.
+    let ev = events(&pdb);
+    assert!(
+        !ev.iter().any(|e| e.event.source.as_str() == "dhcp"
+            && matches!(e.event.kind.as_str(), "offer" | "ack")),
+        "corral leased an address in proxy mode"
+    );
+    for vm in &vms {
+        let _ = vm.pid;
+    }
 }
