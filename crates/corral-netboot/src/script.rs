@@ -148,12 +148,7 @@ pub fn render_text(text: &str, vars: &ScriptVars) -> Result<String, minijinja::E
     let mut env = Environment::new();
     env.set_keep_trailing_newline(true);
     env.set_trim_blocks(true);
-    let mut out = env.render_str(text, vars)?;
-    // iPXE reads line by line; make sure the last command has its newline.
-    if !out.ends_with('\n') {
-        out.push('\n');
-    }
-    Ok(out)
+    env.render_str(text, vars)
 }
 
 /// Renders the script for `plan`: the template named by the profile (or a built-in one).
@@ -165,9 +160,13 @@ pub fn render(
     let (text, origin) = template_for(site, plan).ok_or_else(|| NetbootError::NoScript {
         reason: plan.reason.clone(),
     })?;
-    let out = render_text(text, vars).map_err(|e| NetbootError::Template {
+    let mut out = render_text(text, vars).map_err(|e| NetbootError::Template {
         template: origin.clone(),
         reason: format!("{e:#}"),
     })?;
+    // iPXE reads line by line; make sure the last command has its newline.
+    if !out.ends_with('\n') {
+        out.push('\n');
+    }
     Ok((out, origin))
 }
