@@ -110,7 +110,7 @@ run_perf() {
     local name=$1 out=$WORK/perf-$1.txt
     local n=$((RATE * SECONDS_RUN))
     timeout $((SECONDS_RUN + 30)) ip netns exec "$NS_C" perfdhcp -4 -r "$RATE" -R "$CLIENTS" \
-        -n "$n" -p "$((SECONDS_RUN + 5))" -l $CLI -x t $SRV >"$out" 2>&1 || true
+        -n "$n" -p "$((SECONDS_RUN + 5))" -W 2000000 -l $CLI -x t $SRV >"$out" 2>&1 || true
     python3 "$ROOT/bench/dhcp/summarise.py" "$name" "$out"
 }
 
@@ -119,7 +119,7 @@ run_burst() {
     local name=$1 out=$WORK/burst-$1.txt start end
     start=$(date +%s.%N)
     timeout 60 ip netns exec "$NS_C" perfdhcp -4 -r 100000 -R "$BURST" -n "$BURST" -P "$BURST" \
-        -p 30 -l $CLI -b mac=00:0c:01:02:03:04 $SRV >"$out" 2>&1 || true
+        -p 30 -W 2000000 -l $CLI -b mac=00:0c:01:02:03:04 $SRV >"$out" 2>&1 || true
     end=$(date +%s.%N)
     python3 "$ROOT/bench/dhcp/summarise.py" --burst "$name" "$out" "$start" "$end"
 }
