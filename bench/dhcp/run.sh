@@ -61,8 +61,8 @@ start_dnsmasq() {
     : > "$WORK/dnsmasq.leases"
     ip netns exec "$NS_S" dnsmasq --keep-in-foreground --no-ping --port=0 --bind-interfaces \
         --interface=s0 --dhcp-range=$POOL_START,$POOL_END,255.255.0.0,1h \
-        --dhcp-leasefile="$WORK/dnsmasq.leases" --dhcp-authoritative --dhcp-lease-max=100000 \
-        --log-facility="$WORK/dnsmasq.log" --pid-file="$WORK/dnsmasq.pid" &
+        --dhcp-leasefile="$WORK/dnsmasq.leases" --dhcp-authoritative --dhcp-lease-max=100000 --quiet-dhcp \
+        --log-facility="$WORK/dnsmasq.log" --pid-file="$WORK/dnsmasq.pid" >/dev/null 2>&1 &
     echo $!
 }
 
@@ -99,11 +99,16 @@ pool = "$POOL_START-$POOL_END"
 lease = "1h"
 TOML
     ip netns exec "$NS_S" "$CORRAL" --site "$WORK/site" --interface s0 --server-ip $SRV \
-        --store "$WORK/corral.db" 2>"$WORK/corral.log" &
+        --store "$WORK/corral.db" >"$WORK/corral.out" 2>"$WORK/corral.log" &
     echo $!
 }
 
-stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+# The launchers run in command substitutions, so their servers are not our children: poll.
+stop() {
+    kill "$1" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done
+    kill -9 "$1" 2>/dev/null || true
+}
 
 # perfdhcp DORA at RATE over CLIENTS clients for SECONDS_RUN seconds; prints a result line.
 run_perf() {
