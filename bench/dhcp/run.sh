@@ -61,8 +61,8 @@ start_dnsmasq() {
     : > "$WORK/dnsmasq.leases"
     ip netns exec "$NS_S" dnsmasq --keep-in-foreground --no-ping --port=0 --bind-interfaces \
         --interface=s0 --dhcp-range=$POOL_START,$POOL_END,255.255.0.0,1h \
-        --dhcp-leasefile="$WORK/dnsmasq.leases" --dhcp-authoritative --dhcp-lease-max=100000 \
-        --log-facility="$WORK/dnsmasq.log" --pid-file="$WORK/dnsmasq.pid" &
+        --dhcp-leasefile="$WORK/dnsmasq.leases" --dhcp-authoritative --dhcp-lease-max=100000 --quiet-dhcp \
+        --log-facility="$WORK/dnsmasq.log" --pid-file="$WORK/dnsmasq.pid" >/dev/null 2>&1 &
     echo $!
 }
 
@@ -99,18 +99,23 @@ pool = "$POOL_START-$POOL_END"
 lease = "1h"
 TOML
     ip netns exec "$NS_S" "$CORRAL" --site "$WORK/site" --interface s0 --server-ip $SRV \
-        --store "$WORK/corral.db" 2>"$WORK/corral.log" &
+        --store "$WORK/corral.db" >"$WORK/corral.out" 2>"$WORK/corral.log" &
     echo $!
 }
 
-stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+# The launchers run in command substitutions, so their servers are not our children: poll.
+stop() {
+    kill "$1" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done
+    kill -9 "$1" 2>/dev/null || true
+}
 
 # perfdhcp DORA at RATE over CLIENTS clients for SECONDS_RUN seconds; prints a result line.
 run_perf() {
     local name=$1 out=$WORK/perf-$1.txt
     local n=$((RATE * SECONDS_RUN))
     timeout $((SECONDS_RUN + 30)) ip netns exec "$NS_C" perfdhcp -4 -r "$RATE" -R "$CLIENTS" \
-        -n "$n" -p "$((SECONDS_RUN + 5))" -l $CLI -x t $SRV >"$out" 2>&1 || true
+        -n "$n" -p "$((SECONDS_RUN + 5))" -W 2000000 -l $CLI -x t $SRV >"$out" 2>&1 || true
     python3 "$ROOT/bench/dhcp/summarise.py" "$name" "$out"
 }
 
@@ -119,7 +124,7 @@ run_burst() {
     local name=$1 out=$WORK/burst-$1.txt start end
     start=$(date +%s.%N)
     timeout 60 ip netns exec "$NS_C" perfdhcp -4 -r 100000 -R "$BURST" -n "$BURST" -P "$BURST" \
-        -p 30 -l $CLI -b mac=00:0c:01:02:03:04 $SRV >"$out" 2>&1 || true
+        -p 30 -W 2000000 -l $CLI -b mac=00:0c:01:02:03:04 $SRV >"$out" 2>&1 || true
     end=$(date +%s.%N)
     python3 "$ROOT/bench/dhcp/summarise.py" --burst "$name" "$out" "$start" "$end"
 }

@@ -978,10 +978,6 @@ impl Server {
                         m.opts_mut()
                             .insert(DhcpOption::BootfileName(filename.as_bytes().to_vec()));
                     }
-                    if proxy && cx.client.firmware == Firmware::Pxe {
-                        m.opts_mut()
-                            .insert(DhcpOption::VendorExtensions(vec![6, 1, 0x08, 255]));
-                    }
                 }
             }
             Boot::Http { url } => {
@@ -992,6 +988,15 @@ impl Server {
                 }
             }
             Boot::NoBootFile | Boot::Ignore => {}
+        }
+        // ProxyDHCP answers that carry a boot file also carry PXE vendor options: iPXE ignores
+        // ProxyDHCPACKs without them (iPXE commit 0a34c2a), and BIOS PXE ROMs then skip boot
+        // server discovery. UEFI PXE offers on 67 have no file and no option 43, so that EDK2
+        // asks on port 4011 (with option 43 it would treat the offer as a PXE 1.0 menu offer).
+        let has_file = with_file && matches!(boot, Boot::Tftp { .. } | Boot::Http { .. });
+        if proxy && has_file && matches!(cx.client.firmware, Firmware::Pxe | Firmware::Ipxe) {
+            m.opts_mut()
+                .insert(DhcpOption::VendorExtensions(vec![6, 1, 0x08, 255]));
         }
     }
 }

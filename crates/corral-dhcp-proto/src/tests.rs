@@ -785,7 +785,48 @@ mod rfc4578_pxe {
             "snponly.efi"
         );
         assert_eq!(a.siaddr(), SERVER);
+        // iPXE drops ProxyDHCPACKs without PXE vendor options (option 43).
+        assert_eq!(
+            a.opts().get(OptionCode::VendorExtensions),
+            Some(&DhcpOption::VendorExtensions(vec![6, 1, 8, 255]))
+        );
         assert_eq!(st.events[0].kind, DhcpEventKind::ProxyAck);
+    }
+
+    #[test]
+    fn proxy_answers_to_ipxe_carry_option_43() {
+        let mut c = config();
+        c.mode = Mode::Proxy;
+        let mut h = H::new(c);
+        h.boot = Boot::Http {
+            url: "http://10.0.0.1:8080/boot.ipxe".into(),
+        };
+        let mut d = pxe(MessageType::Discover, mac(1), 7, "PXEClient:Arch:00007");
+        d.opts_mut().insert(DhcpOption::UserClass(b"iPXE".to_vec()));
+        let o = h.reply(&d).0;
+        assert_eq!(
+            o.fname_str().unwrap().unwrap().trim_end_matches('\0'),
+            "http://10.0.0.1:8080/boot.ipxe"
+        );
+        assert_eq!(
+            o.opts().get(OptionCode::VendorExtensions),
+            Some(&DhcpOption::VendorExtensions(vec![6, 1, 8, 255]))
+        );
+        let mut r = d.clone();
+        r.opts_mut()
+            .insert(DhcpOption::MessageType(MessageType::Request));
+        r.set_ciaddr(Ipv4Addr::new(10, 0, 0, 77));
+        let st = h.step_at(
+            T0,
+            &r,
+            SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 77), 68),
+            Port::Pxe,
+        );
+        let a = decode(&st.reply.unwrap().bytes);
+        assert_eq!(
+            a.opts().get(OptionCode::VendorExtensions),
+            Some(&DhcpOption::VendorExtensions(vec![6, 1, 8, 255]))
+        );
     }
 
     #[test]
