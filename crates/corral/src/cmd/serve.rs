@@ -34,19 +34,19 @@ Examples:
 pub(crate) struct Args {
     #[command(flatten)]
     pub(crate) site: SiteArg,
-    /// Serve DHCP on this interface (repeatable); replaces [server] interfaces.
+    /// Serve DHCP on this interface (repeatable); replaces `[server] interfaces`.
     #[arg(long, short = 'i', value_name = "IF")]
     pub(crate) interface: Vec<String>,
-    /// DHCP mode: off, proxy or full; replaces [dhcp] mode.
+    /// DHCP mode: off, proxy or full; replaces `[dhcp] mode`.
     #[arg(long, value_name = "MODE", value_parser = parse_mode)]
     pub(crate) dhcp: Option<DhcpMode>,
-    /// The address put into URLs handed to clients; replaces [server] advertise.
+    /// The address put into URLs handed to clients; replaces `[server] advertise`.
     #[arg(long, value_name = "IP")]
     pub(crate) advertise: Option<Ipv4Addr>,
-    /// HTTP port; replaces [server] http_port.
+    /// HTTP port; replaces `[server] http_port`.
     #[arg(long, value_name = "PORT")]
     pub(crate) http_port: Option<u16>,
-    /// TFTP port (0: no TFTP); replaces [server] tftp_port.
+    /// TFTP port (0: no TFTP); replaces `[server] tftp_port`.
     #[arg(long, value_name = "PORT")]
     pub(crate) tftp_port: Option<u16>,
     /// DHCP server port (tests use others; clients always send to 67).
