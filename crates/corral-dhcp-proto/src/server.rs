@@ -989,12 +989,14 @@ impl Server {
             }
             Boot::NoBootFile | Boot::Ignore => {}
         }
-        // ProxyDHCP answers that carry a boot file also carry PXE vendor options: iPXE ignores
-        // ProxyDHCPACKs without them (iPXE commit 0a34c2a), and BIOS PXE ROMs then skip boot
-        // server discovery. UEFI PXE offers on 67 have no file and no option 43, so that EDK2
-        // asks on port 4011 (with option 43 it would treat the offer as a PXE 1.0 menu offer).
+        // Answers that carry a boot file to PXE/iPXE clients also carry PXE vendor options
+        // (discovery control: "use the boot file in this packet"): iPXE ignores ProxyDHCPACKs
+        // without them (iPXE commit 0a34c2a); EDK2 classifies a full-mode offer without them
+        // as "BINL" and re-asks on port 4011 instead of fetching the file; BIOS PXE ROMs skip
+        // boot server discovery. UEFI PXE proxy offers on 67 have no file and no option 43, so
+        // that EDK2 asks on port 4011 as the PXE spec intends.
         let has_file = with_file && matches!(boot, Boot::Tftp { .. } | Boot::Http { .. });
-        if proxy && has_file && matches!(cx.client.firmware, Firmware::Pxe | Firmware::Ipxe) {
+        if has_file && matches!(cx.client.firmware, Firmware::Pxe | Firmware::Ipxe) {
             m.opts_mut()
                 .insert(DhcpOption::VendorExtensions(vec![6, 1, 0x08, 255]));
         }

@@ -682,6 +682,11 @@ mod rfc4578_pxe {
             o.opts().get(OptionCode::ClassIdentifier),
             Some(&DhcpOption::ClassIdentifier(b"PXEClient".to_vec()))
         );
+        // EDK2 needs PXE vendor options here, or it re-asks on port 4011 ("BINL" offer).
+        assert_eq!(
+            o.opts().get(OptionCode::VendorExtensions),
+            Some(&DhcpOption::VendorExtensions(vec![6, 1, 8, 255]))
+        );
         assert_eq!(h.queries.len(), 1);
         assert_eq!(h.queries[0].ip, Some(Ipv4Addr::new(10, 0, 0, 100)));
         assert!(!h.queries[0].proxy);

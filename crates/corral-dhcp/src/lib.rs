@@ -1,6 +1,6 @@
 //! corral's DHCP and ProxyDHCP server: a thin tokio driver over [`corral_dhcp_proto`].
 //!
-//! [`serve`] binds UDP port 67 (and 4011 in proxy mode) on **one** interface
+//! [`serve`] binds UDP port 67 and the PXE port 4011 on **one** interface
 //! (`SO_BINDTODEVICE`: it never sees nor answers traffic of any other), feeds every datagram
 //! to the sans-IO [`corral_dhcp_proto::Server`], asks the netboot layer's [`BootPolicy`] what
 //! boot clients get, persists leases durably in the store (schema 2, `dhcp_leases`) before
@@ -57,7 +57,8 @@ pub struct DhcpConfig {
     pub site: SiteHandle,
     /// The lease database (the corral store, schema version 2); `None`: leases in memory only.
     pub store: Option<PathBuf>,
-    /// The DHCP server port, 67 (tests may use others). Proxy mode also listens on 4011.
+    /// The DHCP server port, 67 (tests may use others). The PXE port 4011 is also served
+    /// (required in proxy mode, best effort in full mode).
     pub port: u16,
 }
 
@@ -122,12 +123,18 @@ pub async fn serve(
     cancel: CancellationToken,
 ) -> Result<(), DhcpError> {
     let sock = Arc::new(socket::bind(&config.interface, config.port)?);
-    let pxe = match config.mode {
-        Mode::Proxy => Some(Arc::new(socket::bind(
-            &config.interface,
-            corral_dhcp_proto::PXE_PORT,
-        )?)),
-        Mode::Full => None,
+    // Port 4011: required in proxy mode; in full mode it answers firmware that re-asks there
+    // (EDK2 does for offers it classifies as "BINL"), so a failure to bind it is only a warning.
+    let pxe = match (
+        config.mode,
+        socket::bind(&config.interface, corral_dhcp_proto::PXE_PORT),
+    ) {
+        (_, Ok(s)) => Some(Arc::new(s)),
+        (Mode::Proxy, Err(e)) => return Err(e),
+        (Mode::Full, Err(e)) => {
+            tracing::warn!(error = %e, "not answering PXE requests on port 4011");
+            None
+        }
     };
     let mut site = config.site.current();
     let mut server = Server::new(server_config(
