@@ -1,13 +1,23 @@
 //! A plain corral TFTP server, for benchmarks and manual tests:
 //! `tftp_server ROOT [LISTEN_ADDR] [MAX_TRANSFERS]` (default 0.0.0.0:69, 512).
-//! Logs with `RUST_LOG` (default warn); stops on Ctrl-C.
+//! Logs with `RUST_LOG` (default warn); stops on Ctrl-C. `TFTP_RUNTIME=current` uses tokio's
+//! single-threaded runtime instead of the multi-threaded one.
 
 use std::sync::Arc;
 
 use corral_tftp::{NoHooks, TftpConfig, serve};
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // TFTP_RUNTIME=current runs everything on one thread (no cross-thread wake-ups per packet).
+    let mut rt = if std::env::var("TFTP_RUNTIME").as_deref() == Ok("current") {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    rt.enable_all().build()?.block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),

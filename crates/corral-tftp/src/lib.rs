@@ -5,7 +5,10 @@
 //! transfer runs in its own task with its own ephemeral socket bound to the address the request
 //! was sent to (learnt with `IP_PKTINFO` when the listening socket is bound to a wildcard), as
 //! RFC 1350 §4 and every PXE ROM expect. Files are opened with `openat2(RESOLVE_BENEATH)`, so
-//! neither `..`, absolute paths nor symlinks reach outside the root.
+//! neither `..`, absolute paths nor symlinks reach outside the root, and read through a
+//! read-ahead buffer; a window of DATA packets (RFC 7440) leaves in one `sendmsg` with UDP GSO.
+//! At most [`TftpConfig::max_transfers`] run at once; a retransmitted RRQ of a running transfer
+//! is ignored rather than starting a second one.
 //!
 //! The netboot layer steers requests through [`TftpHooks`]: [`TftpHooks::on_request`] sees
 //! every valid read request and returns a [`TftpDecision`] (serve the file, another file,
@@ -488,6 +491,37 @@ fn open(shared: &Shared, path: &str) -> Result<Content, (Rejection, String)> {
     }
 }
 
+/// Sends a run of DATA packets laid out back to back in `batch`, each `seg` bytes but the last:
+/// with UDP GSO in one system call when the kernel and device allow, else one by one.
+async fn flush(
+    sock: &UdpSocket,
+    peer: SocketAddr,
+    batch: &[u8],
+    seg: usize,
+    count: usize,
+    gso: &mut bool,
+) {
+    if batch.is_empty() {
+        return;
+    }
+    if count > 1 && *gso {
+        match socket::send_segments(sock, batch, seg as u16, peer).await {
+            Ok(()) => return,
+            Err(e) => {
+                // EIO/EINVAL/ENOPROTOOPT: no GSO on this path; send plainly from now on.
+                debug!(%peer, error = %e, "UDP GSO unavailable; sending packets one by one");
+                *gso = false;
+            }
+        }
+    }
+    for p in batch.chunks(seg) {
+        if let Err(e) = sock.send_to(p, peer).await {
+            // A full send queue or an ICMP error: the retransmit timer covers it.
+            debug!(%peer, error = %e, "TFTP send failed");
+        }
+    }
+}
+
 /// Runs the state machine on `sock` until it is done. Returns the bytes delivered, or why not.
 async fn drive(
     sock: &UdpSocket,
@@ -495,30 +529,51 @@ async fn drive(
     mut t: Transfer<Content>,
     cancel: &CancellationToken,
 ) -> Result<u64, String> {
-    let mut out = vec![0u8; t.max_packet_len()];
+    let seg = usize::from(t.negotiated().blksize) + corral_tftp_proto::packet::DATA_HEADER;
+    let max_segs = usize::from(t.negotiated().windowsize)
+        .min(socket::GSO_MAX_BYTES / seg)
+        .max(1);
+    let mut batch = vec![0u8; max_segs * seg + t.max_packet_len()];
+    let mut gso = true;
     let mut inbuf = vec![0u8; 2048];
+    let sleep = tokio::time::sleep(Duration::from_secs(86400));
+    tokio::pin!(sleep);
+    let mut armed: Option<Instant> = None;
     let mut outcome = None;
     loop {
         let now = Instant::now();
-        while let Some(n) = t.poll_transmit(now, &mut out) {
-            if let Err(e) = sock.send_to(&out[..n], peer).await {
-                // A full send queue or an ICMP error: the retransmit timer covers it.
-                debug!(%peer, error = %e, "TFTP send failed");
+        // Lay packets out back to back. GSO cuts the run every `seg` bytes, so a run is any
+        // number of `seg`-byte packets (full DATA blocks) plus at most one shorter packet last.
+        let (mut off, mut count) = (0usize, 0usize);
+        while let Some(n) = t.poll_transmit(now, &mut batch[off..]) {
+            if n > seg {
+                // Only an OACK or ERROR can exceed a tiny block size: send it alone.
+                flush(sock, peer, &batch[..off], seg, count, &mut gso).await;
+                let pkt = batch[off..off + n].to_vec();
+                flush(sock, peer, &pkt, n, 1, &mut gso).await;
+                (off, count) = (0, 0);
+                continue;
+            }
+            off += n;
+            count += 1;
+            if n < seg || count == max_segs {
+                flush(sock, peer, &batch[..off], seg, count, &mut gso).await;
+                (off, count) = (0, 0);
             }
         }
+        flush(sock, peer, &batch[..off], seg, count, &mut gso).await;
         while let Some(ev) = t.poll_event() {
             outcome = Some(ev);
         }
         if t.is_done() {
             break;
         }
-        let deadline = t.poll_timeout();
-        let sleep = async {
-            match deadline {
-                Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
-                None => std::future::pending().await,
-            }
-        };
+        // The timer is armed lazily: in lock-step the deadline moves with every packet, and
+        // re-registering it each time costs more than waking once early and re-arming.
+        if let Some(d) = t.poll_timeout().filter(|&d| armed.is_none_or(|a| d < a)) {
+            sleep.as_mut().reset(tokio::time::Instant::from_std(d));
+            armed = Some(d);
+        }
         tokio::select! {
             biased;
             _ = cancel.cancelled() => {
@@ -536,7 +591,11 @@ async fn drive(
                 }
                 Err(e) => debug!(%peer, error = %e, "TFTP receive error"),
             },
-            _ = sleep => t.handle_timeout(Instant::now()),
+            _ = &mut sleep, if armed.is_some() => {
+                armed = None;
+                // A no-op when the real deadline has moved on; the loop re-arms for it.
+                t.handle_timeout(Instant::now());
+            }
         }
     }
     match outcome {

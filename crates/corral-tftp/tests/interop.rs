@@ -612,3 +612,24 @@ fn rustix_setns(f: &std::fs::File) {
     )
     .unwrap();
 }
+
+/// A dual-stack listener on `[::]`: IPv6 clients and IPv4 clients (v4-mapped) are both answered
+/// from the address they asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dual_stack_listener() {
+    if !have("curl") {
+        return;
+    }
+    let s = start("[::]:0", |_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o");
+    let want = std::fs::read(s.path("small.bin")).unwrap();
+    for host in ["[::1]", "127.0.0.1"] {
+        let _ = std::fs::remove_file(&out);
+        let url = format!("tftp://{host}:{}/small.bin", s.addr.port());
+        let o = curl(&url, &out, Some(1432)).await;
+        assert!(o.status.success(), "{url}: {o:?}");
+        assert!(std::fs::read(&out).unwrap() == want, "{url}");
+    }
+    s.stop().await;
+}
