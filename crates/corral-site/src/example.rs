@@ -35,6 +35,14 @@ pub const EXAMPLE_FILES: &[(&str, &str)] = &[
         "templates/discover.ipxe",
         include_str!("../../../examples/site/templates/discover.ipxe"),
     ),
+    (
+        "templates/install.ipxe",
+        include_str!("../../../examples/site/templates/install.ipxe"),
+    ),
+    (
+        "templates/local.ipxe",
+        include_str!("../../../examples/site/templates/local.ipxe"),
+    ),
     ("boot/.gitkeep", ""),
     ("images/.gitkeep", ""),
     ("trees/.gitkeep", ""),

@@ -114,6 +114,16 @@ pub enum StoreError {
         /// Why it did not parse.
         reason: String,
     },
+    /// A stored DHCP lease does not parse back (edited by hand, or a bug).
+    #[error("{path}: a row of {table} is invalid: {what}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The table.
+        table: &'static str,
+        /// What is wrong with it.
+        what: String,
+    },
     /// The recorder's writer thread has stopped (after [`crate::Recorder::shutdown`] or a
     /// panic).
     #[error("the store's writer thread for {path} has stopped")]

@@ -13,6 +13,8 @@
 //!   events. A dedicated writer thread inserts them in batches and enforces [`Retention`].
 //! - [`EventFilter`] / [`StoredEvent`]: queries over the `events` table.
 //! - [`Machine`]: the `machines` table (last seen, last IP, lifecycle state).
+//! - [`StoredLease`] / [`LeaseWrite`]: the `dhcp_leases` table (schema 2), written in durable
+//!   batches by the DHCP server ([`Store::write_leases`], [`Store::set_durable`]).
 //! - [`StoreError`]: every failure, with the path and SQL it concerns.
 //!
 //! # What it is not
@@ -33,6 +35,7 @@
 
 mod error;
 mod event;
+mod lease;
 mod machine;
 mod recorder;
 mod retention;
@@ -42,6 +45,7 @@ mod store;
 
 pub use error::StoreError;
 pub use event::{EventFilter, StoredEvent};
+pub use lease::{LeaseStatus, LeaseWrite, StoredLease};
 pub use machine::Machine;
 pub use recorder::{Recorder, RecorderConfig};
 pub use retention::{Retention, RetentionStep};

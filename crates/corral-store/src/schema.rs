@@ -30,10 +30,11 @@ pub struct Migration {
 }
 
 /// Every migration, oldest first. Append only.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "events and machines",
-    sql: "
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "events and machines",
+        sql: "
         CREATE TABLE events (
             id       INTEGER PRIMARY KEY,
             time_ms  INTEGER NOT NULL,
@@ -64,7 +65,23 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
         ) WITHOUT ROWID;
         CREATE INDEX machines_hostname ON machines(hostname);
     ",
-}];
+    },
+    Migration {
+        version: 2,
+        name: "dhcp leases",
+        sql: "
+        CREATE TABLE dhcp_leases (
+            ip         TEXT PRIMARY KEY,
+            mac        TEXT NOT NULL,
+            state      TEXT NOT NULL,
+            expires_ms INTEGER NOT NULL,
+            hostname   TEXT,
+            updated_ms INTEGER NOT NULL
+        ) WITHOUT ROWID;
+        CREATE INDEX dhcp_leases_mac ON dhcp_leases(mac);
+    ",
+    },
+];
 
 /// The newest schema version this build knows.
 pub fn latest_version() -> i64 {

@@ -6,6 +6,7 @@ pub(crate) mod drift;
 pub(crate) mod log;
 pub(crate) mod machine;
 pub(crate) mod serve;
+pub(crate) mod serve_wire;
 pub(crate) mod site;
 pub(crate) mod sync;
 

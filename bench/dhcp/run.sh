@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# DHCP benchmark: perfdhcp (ISC, package kea-admin) against dnsmasq, Kea (1 thread) and
+# corral-dhcp in the same run, on the same pair of network namespaces joined by a veth pair.
+#
+# perfdhcp acts as a relay agent (giaddr = its address), so every server answers relayed
+# traffic here. Figures per server: DORA exchanges/s, drops, average and p99 delay (from
+# perfdhcp's `-x t` per-exchange timers), and the time for 2000 clients arriving at once to be
+# all leased. Leases are persisted by every server: dnsmasq to its lease file, Kea to its
+# memfile CSV, corral to its SQLite store with one fsync per group commit (synchronous=FULL).
+#
+# Usage: sudo bench/dhcp/run.sh [RATE] [CLIENTS]     (defaults 5000 exchanges/s, 1000 clients)
+# Needs root. Everything runs inside namespaces it creates and removes (trap on exit).
+set -euo pipefail
+
+RATE=${1:-5000}
+CLIENTS=${2:-1000}
+SECONDS_RUN=${SECONDS_RUN:-10}
+BURST=${BURST:-2000}
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+WORK=$(mktemp -d /tmp/corral-bench-dhcp.XXXXXX)
+NS_S=cbdhcp-s$$
+NS_C=cbdhcp-c$$
+SRV=10.99.0.1
+CLI=10.99.0.2
+
+[ "$(id -u)" -eq 0 ] || { echo "run.sh: needs root (network namespaces)" >&2; exit 2; }
+command -v perfdhcp >/dev/null || { echo "run.sh: perfdhcp missing: apt-get install kea-admin" >&2; exit 2; }
+command -v dnsmasq >/dev/null || { echo "run.sh: dnsmasq missing: apt-get install dnsmasq" >&2; exit 2; }
+if ! command -v kea-dhcp4 >/dev/null; then
+    echo "run.sh: installing kea-dhcp4-server" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kea-dhcp4-server >/dev/null
+fi
+
+cleanup() {
+    set +e
+    for ns in "$NS_S" "$NS_C"; do
+        for p in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$p" 2>/dev/null; done
+        ip netns del "$ns" 2>/dev/null
+    done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+echo "building corral-dhcp example (release)..." >&2
+(cd "$ROOT" && cargo build --release -q -p corral-dhcp --example dhcp_server)
+CORRAL="$ROOT/target/release/examples/dhcp_server"
+
+ip netns add "$NS_S"; ip netns add "$NS_C"
+ip -n "$NS_S" link set lo up; ip -n "$NS_C" link set lo up
+ip -n "$NS_S" link add s0 type veth peer name c0 netns "$NS_C"
+ip -n "$NS_S" addr add $SRV/16 brd + dev s0
+ip -n "$NS_C" addr add $CLI/16 brd + dev c0
+ip -n "$NS_S" link set s0 up; ip -n "$NS_C" link set c0 up
+
+# One /16 with a pool larger than the number of clients of any run.
+POOL_START=10.99.1.0
+POOL_END=10.99.40.255
+
+# --- server launchers: each starts in the server namespace and prints its pid ---
+start_dnsmasq() {
+    : > "$WORK/dnsmasq.leases"
+    ip netns exec "$NS_S" dnsmasq --keep-in-foreground --no-ping --port=0 --bind-interfaces \
+        --interface=s0 --dhcp-range=$POOL_START,$POOL_END,255.255.0.0,1h \
+        --dhcp-leasefile="$WORK/dnsmasq.leases" --dhcp-authoritative --dhcp-lease-max=100000 --quiet-dhcp \
+        --log-facility="$WORK/dnsmasq.log" --pid-file="$WORK/dnsmasq.pid" >/dev/null 2>&1 &
+    echo $!
+}
+
+start_kea() {
+    rm -f "$WORK/kea-leases4.csv"*
+    cat > "$WORK/kea.json" <<JSON
+{ "Dhcp4": {
+    "interfaces-config": { "interfaces": [ "s0" ], "dhcp-socket-type": "udp" },
+    "lease-database": { "type": "memfile", "persist": true, "name": "$WORK/kea-leases4.csv", "lfc-interval": 0 },
+    "multi-threading": { "enable-multi-threading": false },
+    "valid-lifetime": 3600,
+    "authoritative": true,
+    "subnet4": [ { "id": 1, "subnet": "10.99.0.0/16", "pools": [ { "pool": "$POOL_START - $POOL_END" } ] } ],
+    "loggers": [ { "name": "kea-dhcp4", "severity": "WARN", "output_options": [ { "output": "$WORK/kea.log" } ] } ]
+} }
+JSON
+    mkdir -p /run/kea
+    KEA_PIDFILE_DIR=$WORK KEA_LOCKFILE_DIR=$WORK ip netns exec "$NS_S" kea-dhcp4 -c "$WORK/kea.json" >"$WORK/kea.out" 2>&1 &
+    echo $!
+}
+
+start_corral() {
+    rm -rf "$WORK/site" "$WORK/corral.db"*
+    mkdir -p "$WORK/site/machines" "$WORK/site/profiles"
+    cat > "$WORK/site/site.toml" <<TOML
+[server]
+interfaces = ["s0"]
+[dhcp]
+mode = "full"
+[[dhcp.network]]
+name = "bench"
+cidr = "10.99.0.0/16"
+pool = "$POOL_START-$POOL_END"
+lease = "1h"
+TOML
+    ip netns exec "$NS_S" "$CORRAL" --site "$WORK/site" --interface s0 --server-ip $SRV \
+        --store "$WORK/corral.db" >"$WORK/corral.out" 2>"$WORK/corral.log" &
+    echo $!
+}
+
+# The launchers run in command substitutions, so their servers are not our children: poll.
+stop() {
+    kill "$1" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done
+    kill -9 "$1" 2>/dev/null || true
+}
+
+# perfdhcp DORA at RATE over CLIENTS clients for SECONDS_RUN seconds; prints a result line.
+run_perf() {
+    local name=$1 out=$WORK/perf-$1.txt
+    local n=$((RATE * SECONDS_RUN))
+    timeout $((SECONDS_RUN + 30)) ip netns exec "$NS_C" perfdhcp -4 -r "$RATE" -R "$CLIENTS" \
+        -n "$n" -p "$((SECONDS_RUN + 5))" -W 2000000 -l $CLI -x t $SRV >"$out" 2>&1 || true
+    python3 "$ROOT/bench/dhcp/summarise.py" "$name" "$out"
+}
+
+# BURST clients arriving at once (preloaded back to back): time until all are leased.
+run_burst() {
+    local name=$1 out=$WORK/burst-$1.txt start end
+    start=$(date +%s.%N)
+    timeout 60 ip netns exec "$NS_C" perfdhcp -4 -r 100000 -R "$BURST" -n "$BURST" -P "$BURST" \
+        -p 30 -W 2000000 -l $CLI -b mac=00:0c:01:02:03:04 $SRV >"$out" 2>&1 || true
+    end=$(date +%s.%N)
+    python3 "$ROOT/bench/dhcp/summarise.py" --burst "$name" "$out" "$start" "$end"
+}
+
+echo "== $CLIENTS clients, target $RATE exchanges/s for ${SECONDS_RUN}s (DORA, relayed) =="
+RESULTS=()
+for srv in dnsmasq kea corral; do
+    pid=$(start_$srv); sleep 1.5
+    RESULTS+=("$(run_perf $srv)")
+    echo "${RESULTS[-1]}"
+    stop "$pid"
+    case $srv in
+        dnsmasq) echo "   dnsmasq leases on disk: $(wc -l < "$WORK/dnsmasq.leases")" ;;
+        kea) echo "   kea leases on disk: $(grep -c '^10\.' "$WORK/kea-leases4.csv" 2>/dev/null || echo 0) rows (memfile, appended, not fsynced)" ;;
+        corral) echo "   corral leases on disk: $(sqlite3 "$WORK/corral.db" "select count(*) from dhcp_leases where state='bound'") bound (synchronous=FULL)" ;;
+    esac
+done
+
+echo
+echo "== $BURST clients at once =="
+for srv in kea corral; do
+    pid=$(start_$srv); sleep 1.5
+    run_burst $srv
+    stop "$pid"
+done

@@ -1,0 +1,318 @@
+//! corral's DHCP and ProxyDHCP server: a thin tokio driver over [`corral_dhcp_proto`].
+//!
+//! [`serve`] binds UDP port 67 and the PXE port 4011 on **one** interface
+//! (`SO_BINDTODEVICE`: it never sees nor answers traffic of any other), feeds every datagram
+//! to the sans-IO [`corral_dhcp_proto::Server`], asks the netboot layer's [`BootPolicy`] what
+//! boot clients get, persists leases durably in the store (schema 2, `dhcp_leases`) before
+//! the ACK that grants them leaves, and sends replies by broadcast or unicast as RFC 2131 §4.1
+//! says (broadcast to clients that have no address yet: it never adds ARP entries).
+//!
+//! Persistence uses group commit: a writer thread commits all waiting lease changes in one
+//! transaction (`synchronous = FULL`, one fsync) and the ACKs of that batch go out after it;
+//! leases are reloaded on start, and expired ones reclaimed every second.
+//!
+//! The site is re-read on every packet from the [`corral_site::SiteHandle`] (an atomic
+//! pointer load): a reload of networks or `machines/` takes effect at once, leases are kept.
+//!
+//! It is *not*: a DHCP relay, a DHCPv6 server, a DNS updater, or a place for boot decisions
+//! (those live in `corral-netboot`, behind [`BootPolicy`]).
+//!
+//! # Entry points
+//! - [`serve`] with a [`DhcpConfig`] and an `Arc<dyn BootPolicy>`; stops on its
+//!   `CancellationToken`.
+//! - [`server_config`]: the site's `[[dhcp.network]]` and `machines/` as a
+//!   [`corral_dhcp_proto::ServerConfig`] (used by `serve`, public for tests and tools).
+
+mod error;
+mod persist;
+mod socket;
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use corral_dhcp_proto::{Datagram, Port, Reply, Reservation, Server, ServerConfig, Step};
+use corral_model::UnixMillis;
+use corral_site::{Site, SiteHandle};
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+
+pub use corral_dhcp_proto::{
+    Arch, Boot, BootAnswer, BootQuery, ClientInfo, DhcpEvent, DhcpEventKind, Firmware, Mode,
+};
+pub use error::DhcpError;
+pub use persist::MAX_BATCH;
+
+/// How the service runs.
+#[derive(Debug, Clone)]
+pub struct DhcpConfig {
+    /// Full server or ProxyDHCP ("off" means: do not call [`serve`]).
+    pub mode: Mode,
+    /// The one interface served (`SO_BINDTODEVICE`); never any other.
+    pub interface: String,
+    /// Our address on that interface: server identifier (option 54) and siaddr.
+    pub server_ip: Ipv4Addr,
+    /// Networks, pools, lease times and reservations (machines' MAC, IP, hostname).
+    pub site: SiteHandle,
+    /// The lease database (the corral store, schema version 2); `None`: leases in memory only.
+    pub store: Option<PathBuf>,
+    /// The DHCP server port, 67 (tests may use others). The PXE port 4011 is also served
+    /// (required in proxy mode, best effort in full mode).
+    pub port: u16,
+}
+
+/// The netboot layer's side: boot decisions and the record of what happened.
+pub trait BootPolicy: Send + Sync + 'static {
+    /// What a PXE/HTTP/iPXE client boots. Called on the packet path: keep it quick (no disk
+    /// writes; hand those to a background writer such as `corral_store::Recorder`).
+    fn decide(&self, query: &BootQuery) -> BootAnswer;
+
+    /// Every offer, ack, nak, release, decline, inform, proxy answer, drop and expiry.
+    fn on_event(&self, event: DhcpEvent);
+}
+
+/// The site's DHCP configuration as the state machine's data.
+pub fn server_config(
+    site: &Site,
+    mode: Mode,
+    server_ip: Ipv4Addr,
+    interface: &str,
+    port: u16,
+) -> ServerConfig {
+    let mut c = ServerConfig::new(mode, server_ip, interface);
+    c.server_port = port;
+    c.networks = site
+        .dhcp
+        .networks
+        .iter()
+        .map(|n| corral_dhcp_proto::Network {
+            name: n.name.clone(),
+            cidr: n.cidr,
+            pool: n.pool.map(|p| (p.start, p.end)),
+            gateway: n.gateway,
+            dns: n.dns.clone(),
+            domain: n.domain.as_ref().map(|d| d.as_str().to_owned()),
+            lease: n.lease,
+        })
+        .collect();
+    c.reservations = site
+        .machines()
+        .flat_map(|m| {
+            m.macs.iter().map(|mac| Reservation {
+                mac: *mac,
+                ip: m.ip,
+                hostname: Some(m.hostname.as_str().to_owned()),
+            })
+        })
+        .collect();
+    c
+}
+
+fn now() -> UnixMillis {
+    UnixMillis::from_system_time(SystemTime::now())
+}
+
+/// Runs the DHCP service until `cancel` fires.
+///
+/// Fails at start when a socket cannot be bound (missing interface, port in use, no
+/// privilege) or the lease store cannot be opened; afterwards only on a receive error.
+pub async fn serve(
+    config: DhcpConfig,
+    policy: Arc<dyn BootPolicy>,
+    cancel: CancellationToken,
+) -> Result<(), DhcpError> {
+    let sock = Arc::new(socket::bind(&config.interface, config.port)?);
+    // Port 4011: required in proxy mode; in full mode it answers firmware that re-asks there
+    // (EDK2 does for offers it classifies as "BINL"), so a failure to bind it is only a warning.
+    let pxe = match (
+        config.mode,
+        socket::bind(&config.interface, corral_dhcp_proto::PXE_PORT),
+    ) {
+        (_, Ok(s)) => Some(Arc::new(s)),
+        (Mode::Proxy, Err(e)) => return Err(e),
+        (Mode::Full, Err(e)) => {
+            tracing::warn!(error = %e, "not answering PXE requests on port 4011");
+            None
+        }
+    };
+    let mut site = config.site.current();
+    let mut server = Server::new(server_config(
+        &site,
+        config.mode,
+        config.server_ip,
+        &config.interface,
+        config.port,
+    ));
+    let writer = match &config.store {
+        Some(path) => {
+            let (w, leases) = persist::LeaseWriter::open(path)?;
+            tracing::info!(path = %path.display(), leases = leases.len(), "DHCP leases loaded");
+            server.load_leases(leases);
+            Some(w)
+        }
+        None => None,
+    };
+    tracing::info!(
+        interface = %config.interface,
+        server_ip = %config.server_ip,
+        port = config.port,
+        mode = ?config.mode,
+        "DHCP service started"
+    );
+    let mut buf = vec![0u8; 65536];
+    let mut buf2 = vec![0u8; 65536];
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let (port, n, src) = tokio::select! {
+            _ = cancel.cancelled() => break,
+            r = sock.recv_from(&mut buf) => match r {
+                Ok((n, src)) => (Port::Dhcp, n, src),
+                Err(e) if transient(&e) => continue,
+                Err(source) => return Err(DhcpError::Receive { interface: config.interface.clone(), source }),
+            },
+            r = recv_opt(pxe.as_deref(), &mut buf2) => match r {
+                Ok((n, src)) => (Port::Pxe, n, src),
+                Err(e) if transient(&e) => continue,
+                Err(source) => return Err(DhcpError::Receive { interface: config.interface.clone(), source }),
+            },
+            _ = tick.tick() => {
+                let t = now();
+                let (changes, events) = server.expire(t);
+                if !changes.is_empty() && let Some(w) = &writer {
+                    w.submit(&changes, t, None);
+                }
+                for e in events {
+                    policy.on_event(e);
+                }
+                continue;
+            }
+        };
+        let SocketAddr::V4(src) = src else { continue };
+        // Hot reload: the handle's current site is one atomic load.
+        let current = config.site.current();
+        if !Arc::ptr_eq(&current, &site) {
+            site = current;
+            server.set_config(server_config(
+                &site,
+                config.mode,
+                config.server_ip,
+                &config.interface,
+                config.port,
+            ));
+            tracing::info!("DHCP configuration reloaded from the site");
+        }
+        let data = if port == Port::Dhcp {
+            &buf[..n]
+        } else {
+            &buf2[..n]
+        };
+        let t = now();
+        let step = server.handle(t, Datagram { data, src, port }, &mut |q: &BootQuery| {
+            policy.decide(q)
+        });
+        dispatch(step, t, &sock, pxe.as_ref(), writer.as_ref(), &policy);
+    }
+    tracing::info!(interface = %config.interface, "DHCP service stopped");
+    // Dropping the writer drains its queue and joins the thread; do it off the runtime.
+    if let Some(w) = writer {
+        let _ = tokio::task::spawn_blocking(move || drop(w)).await;
+    }
+    Ok(())
+}
+
+async fn recv_opt(s: Option<&UdpSocket>, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+    match s {
+        Some(s) => s.recv_from(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Errors a UDP receive can return for an earlier send (ICMP unreachable) and the like.
+fn transient(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionRefused
+            | ConnectionReset
+            | WouldBlock
+            | Interrupted
+            | HostUnreachable
+            | NetworkUnreachable
+    )
+}
+
+fn dispatch(
+    step: Step,
+    t: UnixMillis,
+    sock: &Arc<UdpSocket>,
+    pxe: Option<&Arc<UdpSocket>>,
+    writer: Option<&persist::LeaseWriter>,
+    policy: &Arc<dyn BootPolicy>,
+) {
+    let out = match step.reply.as_ref().map(|r| r.via) {
+        Some(Port::Pxe) => pxe.unwrap_or(sock).clone(),
+        _ => sock.clone(),
+    };
+    match (writer, step.persist.is_empty()) {
+        (Some(w), false) => {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            w.submit(&step.persist, t, Some(tx));
+            let policy = policy.clone();
+            tokio::spawn(async move {
+                match rx.await {
+                    Ok(Ok(())) => {
+                        if let Some(r) = &step.reply {
+                            send(&out, r).await;
+                        }
+                        for e in step.events {
+                            policy.on_event(e);
+                        }
+                    }
+                    failed => {
+                        let why = match failed {
+                            Ok(Err(msg)) => msg,
+                            _ => "lease writer stopped".into(),
+                        };
+                        // No durable lease, no ACK: the client retries, and nobody is told
+                        // an address we could lose on a crash.
+                        for mut e in step.events {
+                            e.kind = DhcpEventKind::Dropped;
+                            e.reason = format!(
+                                "not answered: the lease could not be stored ({why}); was: {}",
+                                e.reason
+                            );
+                            policy.on_event(e);
+                        }
+                    }
+                }
+            });
+        }
+        _ => {
+            if let Some(r) = step.reply {
+                let out2 = out.clone();
+                // The socket is non-blocking with a large send buffer: try inline first.
+                match out.try_send_to(&r.bytes, r.dest.into()) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        tokio::spawn(async move { send(&out2, &r).await });
+                    }
+                    Err(e) => {
+                        tracing::warn!(dest = %r.dest, error = %e, "sending DHCP reply failed")
+                    }
+                }
+            }
+            for e in step.events {
+                policy.on_event(e);
+            }
+        }
+    }
+}
+
+async fn send(sock: &UdpSocket, r: &Reply) {
+    let dest: SocketAddrV4 = r.dest;
+    if let Err(e) = sock.send_to(&r.bytes, dest).await {
+        tracing::warn!(%dest, error = %e, "sending DHCP reply failed");
+    }
+}

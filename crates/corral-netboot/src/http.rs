@@ -1,0 +1,345 @@
+//! The HTTP boot server (axum): iPXE scripts, iPXE binaries, `/boot/*` and `/images/*` with
+//! HEAD and Range, the installer's done callback and `/healthz`. Every request is an event
+//! (source `http`) with the machine's boot session.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::connect_info::Connected;
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::serve::IncomingStream;
+use corral_model::{MacAddr, Outcome, Source};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::{Netboot, kinds};
+use crate::error::NetbootError;
+use crate::files::{self, PathRefused, RangeAnswer};
+
+/// Both ends of an HTTP connection: the peer identifies the machine, the local address is
+/// what absolute URLs point at.
+#[derive(Debug, Clone, Copy)]
+pub struct Conn {
+    /// The client.
+    pub peer: SocketAddr,
+    /// Our address it connected to.
+    pub local: SocketAddr,
+}
+
+impl Connected<IncomingStream<'_, TcpListener>> for Conn {
+    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
+        let peer = *stream.remote_addr();
+        let local = stream
+            .io()
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        Conn { peer, local }
+    }
+}
+
+/// The router, for tests and for [`serve`].
+pub fn router(engine: Arc<Netboot>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/ipxe/{mac}", get(script))
+        .route("/ipxe-bin/{file}", get(binary))
+        .route("/boot/{*path}", get(boot_file))
+        .route("/images/{*path}", get(image_file))
+        .route("/api/v1/machines/{mac}/done", get(done).post(done))
+        .fallback(fallback)
+        .with_state(engine)
+}
+
+/// Serves HTTP on an already bound listener until `cancel`.
+pub async fn serve(
+    listener: TcpListener,
+    engine: Arc<Netboot>,
+    cancel: CancellationToken,
+) -> Result<(), NetbootError> {
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    tracing::info!(%addr, "HTTP boot server listening");
+    axum::serve(
+        listener,
+        router(engine).into_make_service_with_connect_info::<Conn>(),
+    )
+    .with_graceful_shutdown(async move { cancel.cancelled().await })
+    .await
+    .map_err(|source| NetbootError::Io {
+        op: "serving HTTP on",
+        path: PathBuf::from(addr.to_string()),
+        source,
+    })
+}
+
+fn local_v4(c: &Conn) -> Ipv4Addr {
+    match c.local.ip() {
+        IpAddr::V4(v) => v,
+        IpAddr::V6(v) => v.to_ipv4_mapped().unwrap_or(Ipv4Addr::LOCALHOST),
+    }
+}
+
+fn peer_ip(c: &Conn) -> IpAddr {
+    match c.peer.ip() {
+        IpAddr::V6(v) => v.to_ipv4_mapped().map_or(IpAddr::V6(v), IpAddr::V4),
+        v => v,
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        body,
+    )
+        .into_response()
+}
+
+async fn script(
+    State(e): State<Arc<Netboot>>,
+    ConnectInfo(c): ConnectInfo<Conn>,
+    Path(mac): Path<String>,
+) -> Response {
+    let Ok(mac) = mac.parse::<MacAddr>() else {
+        return deny(
+            &e,
+            &c,
+            StatusCode::BAD_REQUEST,
+            format!("/ipxe/{mac}: not a MAC address"),
+        );
+    };
+    let (peer, local) = (peer_ip(&c), local_v4(&c));
+    let e2 = e.clone();
+    match tokio::task::spawn_blocking(move || e2.script(mac, peer, local)).await {
+        Ok(Ok(s)) => text(StatusCode::OK, s),
+        Ok(Err(reason)) => text(
+            StatusCode::NOT_FOUND,
+            format!("#!ipxe\necho corral: {reason}\nexit 1\n"),
+        ),
+        Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "internal error\n".into()),
+    }
+}
+
+async fn done(
+    State(e): State<Arc<Netboot>>,
+    ConnectInfo(c): ConnectInfo<Conn>,
+    Path(mac): Path<String>,
+) -> Response {
+    let Ok(mac) = mac.parse::<MacAddr>() else {
+        return deny(
+            &e,
+            &c,
+            StatusCode::BAD_REQUEST,
+            format!("done callback for {mac:?}: not a MAC address"),
+        );
+    };
+    let peer = peer_ip(&c);
+    let e2 = e.clone();
+    match tokio::task::spawn_blocking(move || e2.done(mac, peer)).await {
+        Ok(Ok(m)) => text(StatusCode::OK, format!("{m}\n")),
+        Ok(Err(m)) => text(StatusCode::CONFLICT, format!("{m}\n")),
+        Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "internal error\n".into()),
+    }
+}
+
+fn deny(e: &Netboot, c: &Conn, status: StatusCode, reason: String) -> Response {
+    let ip = peer_ip(c);
+    let mac = e.mac_for_ip(ip);
+    let outcome = if status == StatusCode::NOT_FOUND {
+        Outcome::Fail
+    } else {
+        Outcome::Denied
+    };
+    e.recorder().record(
+        e.machine_event(
+            Source::Http,
+            kinds::DENIED,
+            outcome,
+            reason.clone(),
+            mac,
+            Some(ip),
+        )
+        .with_details(serde_json::json!({ "status": status.as_u16() })),
+    );
+    text(status, format!("{reason}\n"))
+}
+
+async fn fallback(
+    State(e): State<Arc<Netboot>>,
+    ConnectInfo(c): ConnectInfo<Conn>,
+    uri: Uri,
+) -> Response {
+    deny(
+        &e,
+        &c,
+        StatusCode::NOT_FOUND,
+        format!("no such resource {}", uri.path()),
+    )
+}
+
+async fn binary(
+    State(e): State<Arc<Netboot>>,
+    ConnectInfo(c): ConnectInfo<Conn>,
+    method: Method,
+    headers: HeaderMap,
+    Path(file): Path<String>,
+) -> Response {
+    let dir = e.site().current().paths.ipxe.clone();
+    send_file(&e, &c, &method, &headers, dir, "/ipxe-bin", &file).await
+}
+
+async fn boot_file(
+    State(e): State<Arc<Netboot>>,
+    ConnectInfo(c): ConnectInfo<Conn>,
+    method: Method,
+    headers: HeaderMap,
+    Path(path): Path<String>,
+) -> Response {
+    let dir = e.site().current().paths.boot.clone();
+    send_file(&e, &c, &method, &headers, dir, "/boot", &path).await
+}
+
+async fn image_file(
+    State(e): State<Arc<Netboot>>,
+    ConnectInfo(c): ConnectInfo<Conn>,
+    method: Method,
+    headers: HeaderMap,
+    Path(path): Path<String>,
+) -> Response {
+    let dir = e.site().current().paths.images.clone();
+    send_file(&e, &c, &method, &headers, dir, "/images", &path).await
+}
+
+async fn send_file(
+    e: &Arc<Netboot>,
+    c: &Conn,
+    method: &Method,
+    headers: &HeaderMap,
+    root: PathBuf,
+    prefix: &str,
+    rel: &str,
+) -> Response {
+    let shown = format!("{prefix}/{rel}");
+    let resolved = {
+        let (root, rel) = (root.clone(), rel.to_owned());
+        tokio::task::spawn_blocking(move || files::resolve_beneath(&root, &rel)).await
+    };
+    let path = match resolved {
+        Ok(Ok(p)) => p,
+        Ok(Err(PathRefused::NotFound(_))) => {
+            return deny(
+                e,
+                c,
+                StatusCode::NOT_FOUND,
+                format!("{shown}: no such file under {}", root.display()),
+            );
+        }
+        Ok(Err(r)) => {
+            return deny(
+                e,
+                c,
+                StatusCode::FORBIDDEN,
+                format!("{shown}: refused: {r}"),
+            );
+        }
+        Err(_) => return text(StatusCode::INTERNAL_SERVER_ERROR, "internal error\n".into()),
+    };
+    let mut file = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(err) => {
+            return deny(
+                e,
+                c,
+                StatusCode::NOT_FOUND,
+                format!("{shown}: cannot open: {err}"),
+            );
+        }
+    };
+    let len = match file.metadata().await {
+        Ok(m) => m.len(),
+        Err(err) => {
+            return deny(
+                e,
+                c,
+                StatusCode::NOT_FOUND,
+                format!("{shown}: cannot stat: {err}"),
+            );
+        }
+    };
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map_or(RangeAnswer::Full, |h| files::parse_range(h, len));
+    let ip = peer_ip(c);
+    let mac = e.mac_for_ip(ip);
+    let (status, start, end) = match range {
+        RangeAnswer::Full => (StatusCode::OK, 0, len),
+        RangeAnswer::Partial(r) => (StatusCode::PARTIAL_CONTENT, r.start, r.end),
+        RangeAnswer::Unsatisfiable => {
+            let mut r = deny(
+                e,
+                c,
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                format!("{shown}: range not satisfiable for {len} bytes"),
+            );
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
+                r.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+            return r;
+        }
+    };
+    if start > 0 && file.seek(std::io::SeekFrom::Start(start)).await.is_err() {
+        return deny(
+            e,
+            c,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{shown}: cannot seek"),
+        );
+    }
+    let what = if status == StatusCode::PARTIAL_CONTENT {
+        format!("bytes {start}-{} of {len}", end - 1)
+    } else {
+        format!("{len} bytes")
+    };
+    let verb = if method == Method::HEAD {
+        "HEAD"
+    } else {
+        "GET"
+    };
+    e.recorder().record(
+        e.machine_event(Source::Http, kinds::FILE, Outcome::Ok, format!("{verb} {shown}: {what}"), mac, Some(ip))
+            .with_details(serde_json::json!({ "path": shown, "status": status.as_u16(), "start": start, "end": end, "size": len, "method": verb })),
+    );
+    let body = if method == Method::HEAD {
+        Body::empty()
+    } else {
+        Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
+            file.take(end - start),
+            64 * 1024,
+        ))
+    };
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
+    if let (StatusCode::PARTIAL_CONTENT, Ok(v)) = (
+        status,
+        HeaderValue::from_str(&format!("bytes {start}-{}/{len}", end - 1)),
+    ) {
+        h.insert(header::CONTENT_RANGE, v);
+    }
+    resp
+}
