@@ -45,7 +45,10 @@ fn init_output_passes_check_from_cwd_and_env() {
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
     assert!(
-        stdout.starts_with("wrote an example site to site (14 files)\n"),
+        stdout.starts_with(&format!(
+            "wrote an example site to site ({} files)\n",
+            corral_site::EXAMPLE_FILES.len()
+        )),
         "{stdout}"
     );
     // Same bytes as the committed example.
