@@ -63,7 +63,7 @@ pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendRe
     if ephemeral_key {
         warn!("no signing key given: using an ephemeral key; receivers cannot pin it");
     }
-    let session = SessionId::random();
+    let session = SessionId::new();
     let symbol = symbol_size(opts.packet_size);
     if symbol < 64 {
         return Err(CastError::PacketSize {

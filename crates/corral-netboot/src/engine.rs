@@ -239,7 +239,7 @@ impl Netboot {
             req.mac,
             req.client,
             Instant::now(),
-            SessionId::random,
+            SessionId::new,
         );
         if let Some(ip) = req.ip {
             lock(&self.sessions).learn_ip(req.mac, IpAddr::V4(ip));
@@ -418,7 +418,7 @@ impl Netboot {
     /// absolute URLs). Records the event. `Err` carries the reason for a 404.
     pub fn script(&self, mac: MacAddr, peer: IpAddr, local: Ipv4Addr) -> Result<String, String> {
         let site = self.site.current();
-        let session = lock(&self.sessions).on_ipxe(mac, Instant::now(), SessionId::random);
+        let session = lock(&self.sessions).on_ipxe(mac, Instant::now(), SessionId::new);
         self.learn_ip(mac, peer);
         let stored = self.stored_state(mac);
         let plan = decision::plan_for(&site, mac, stored);
@@ -511,7 +511,7 @@ impl Netboot {
     /// The client kind's session start (exposed for drivers that see firmware requests).
     pub fn begin_boot(&self, mac: MacAddr, client: ClientKind) -> SessionId {
         lock(&self.sessions)
-            .on_boot_request(mac, client, Instant::now(), SessionId::random)
+            .on_boot_request(mac, client, Instant::now(), SessionId::new)
             .0
     }
 }

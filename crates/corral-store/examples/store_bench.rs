@@ -41,7 +41,11 @@ fn event(i: u64) -> Event {
         (machine >> 8) as u8,
         machine as u8,
     ]))
-    .with_session(SessionId(boot.wrapping_mul(0x9e37_79b9_7f4a_7c15)))
+    // As `SessionId::new` makes them: the boot's start second, then 32 random-looking bits.
+    .with_session(SessionId::from_parts(
+        (1_700_000_000 + boot * 7 / 1000) as u32,
+        (boot.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as u32,
+    ))
     .with_details(serde_json::json!({ "blksize": 1432, "seq": i }))
 }
 

@@ -25,7 +25,10 @@ use crate::{Result, Retention, Store, StoreError};
 pub struct RecorderConfig {
     /// How many events may wait for the writer before new ones are dropped.
     pub capacity: usize,
-    /// The most events inserted in one transaction.
+    /// The most events inserted in one transaction. Large batches matter: each commit writes
+    /// every index page the batch touched, and the per-machine indexes (MAC, hostname) spread
+    /// one batch over as many pages as there are machines; 8192 events per commit sustained about
+    /// 10% more events/s than 1000 in `store_bench`.
     pub batch_max: usize,
     /// The longest the writer spends collecting one batch; also how often an idle writer
     /// wakes to check for retention work.
@@ -44,7 +47,7 @@ impl Default for RecorderConfig {
     fn default() -> Self {
         RecorderConfig {
             capacity: 65_536,
-            batch_max: 1000,
+            batch_max: 8192,
             batch_window: Duration::from_millis(50),
             retention: Retention::default(),
             retention_interval: Duration::from_secs(60),
