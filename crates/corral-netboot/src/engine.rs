@@ -10,13 +10,14 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use corral_model::{Event, LifecycleState, MacAddr, Outcome, SessionId, Source, UnixMillis};
 use corral_site::{Site, SiteHandle};
-use corral_store::{Recorder, Store};
+use corral_store::{MachineUpdate, Recorder, Store};
 
 use crate::decision::{self, Answer, BootRequest, Decision, MachinePlan, Plan, UrlBase};
 use crate::error::NetbootError;
 use crate::firmware::ClientKind;
 use crate::script;
 use crate::session::Sessions;
+use crate::state::StateWriter;
 
 /// Event kinds recorded by this crate (source in parentheses).
 pub mod kinds {
@@ -73,13 +74,16 @@ pub enum TftpAnswer {
 }
 
 /// The netboot engine. Share it as `Arc<Netboot>`; every method is safe to call from any
-/// server task. Store reads and writes are by primary key on the engine's own connection
-/// (milliseconds at worst); events go through the never-blocking [`Recorder`].
+/// server task. Machine state is read by primary key on the engine's own connection (after
+/// the [`StateWriter`]'s queue, which holds the newest state) and written by the
+/// [`StateWriter`]'s thread, so no boot decision waits for a commit; events go through the
+/// never-blocking [`Recorder`].
 #[derive(Debug)]
 pub struct Netboot {
     site: SiteHandle,
     recorder: Recorder,
     store: Mutex<Store>,
+    state: StateWriter,
     sessions: Mutex<Sessions>,
     binaries: Mutex<HashMap<PathBuf, Bytes>>,
     config: NetbootConfig,
@@ -94,22 +98,25 @@ fn now_ms() -> UnixMillis {
 }
 
 impl Netboot {
-    /// An engine over `site`, with `store` (its own connection, for lifecycle state) and
+    /// An engine over `site`, with `store` (a file store: the engine reads lifecycle state on
+    /// this connection and opens a second one on the same file for its state writer) and
     /// `recorder` (events).
     pub fn new(
         site: SiteHandle,
         store: Store,
         recorder: Recorder,
         config: NetbootConfig,
-    ) -> Arc<Netboot> {
-        Arc::new(Netboot {
+    ) -> Result<Arc<Netboot>, NetbootError> {
+        let state = StateWriter::spawn(Store::open(store.path())?)?;
+        Ok(Arc::new(Netboot {
             site,
             recorder,
             store: Mutex::new(store),
+            state,
             sessions: Mutex::new(Sessions::new(config.session_idle)),
             binaries: Mutex::new(HashMap::new()),
             config,
-        })
+        }))
     }
 
     /// The site handle.
@@ -166,8 +173,11 @@ impl Netboot {
         )
     }
 
-    /// The stored lifecycle state of `mac`.
+    /// The lifecycle state of `mac`: the newest queued one, else the store's.
     pub fn stored_state(&self, mac: MacAddr) -> Option<LifecycleState> {
+        if let Some(s) = self.state.state(mac) {
+            return Some(s);
+        }
         match lock(&self.store).machine(mac) {
             Ok(m) => m.and_then(|m| m.state),
             Err(e) => {
@@ -186,23 +196,21 @@ impl Netboot {
         session: Option<SessionId>,
     ) {
         let now = now_ms();
-        let store = lock(&self.store);
-        if let Err(e) = store.touch_machine(mac, plan.identity.hostname.as_deref(), ip, now) {
-            tracing::error!(%mac, error = %e, "cannot record machine as seen");
-        }
         let next = match &plan.plan {
             Plan::Install(p) => format!("install profile {p}"),
             Plan::Discover(p) => format!("discovery profile {p}"),
             Plan::Local => "boot from local disk".into(),
             Plan::Refuse => "not answered".into(),
         };
-        let _ = store.set_machine_next_action(mac, Some(&next), now);
+        self.state.update(MachineUpdate {
+            seen: Some(now),
+            hostname: plan.identity.hostname.clone(),
+            ip,
+            state: plan.new_state,
+            next_action: Some(next),
+            ..MachineUpdate::new(mac, now)
+        });
         if let Some(state) = plan.new_state {
-            if let Err(e) = store.set_machine_state(mac, state, now) {
-                tracing::error!(%mac, error = %e, "cannot store lifecycle state");
-                return;
-            }
-            drop(store);
             let mut ev = Event::new(
                 now,
                 source,
@@ -480,12 +488,16 @@ impl Netboot {
             .unwrap_or_else(|| mac.to_string());
         let result = if stored == Some(LifecycleState::Install) {
             let now = now_ms();
-            let store = lock(&self.store);
-            let r = store
-                .set_machine_state(mac, LifecycleState::Installed, now)
-                .and_then(|_| store.set_machine_next_action(mac, Some("boot from local disk"), now))
-                .and_then(|_| store.touch_machine(mac, None, Some(peer), now));
-            drop(store);
+            self.state.update(MachineUpdate {
+                seen: Some(now),
+                ip: Some(peer),
+                state: Some(LifecycleState::Installed),
+                next_action: Some("boot from local disk".into()),
+                ..MachineUpdate::new(mac, now)
+            });
+            // On disk before the installer hears "done": a lost `installed` would reinstall
+            // the machine at its next boot.
+            let r = self.state.flush();
             match r {
                 Ok(()) => Ok(format!(
                     "{name} is installed; its next boot is from the local disk"

@@ -37,6 +37,7 @@ pub mod neighbour;
 pub mod script;
 pub mod service;
 pub mod session;
+pub mod state;
 pub mod syslog;
 pub mod tftp;
 

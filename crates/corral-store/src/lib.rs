@@ -46,7 +46,7 @@ mod store;
 pub use error::StoreError;
 pub use event::{EventFilter, StoredEvent};
 pub use lease::{LeaseStatus, LeaseWrite, StoredLease};
-pub use machine::Machine;
+pub use machine::{Machine, MachineUpdate};
 pub use recorder::{Recorder, RecorderConfig};
 pub use retention::{Retention, RetentionStep};
 pub use sql::SqlRows;

@@ -28,6 +28,62 @@ pub struct Machine {
 
 const COLUMNS: &str = "mac, hostname, last_seen_ms, last_ip, state, next_action, updated_ms";
 
+/// A change to one machine's row, for [`Store::update_machines`]. `None` fields leave the
+/// stored value alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineUpdate {
+    /// The machine.
+    pub mac: MacAddr,
+    /// When it was seen (sets `last_seen`).
+    pub seen: Option<UnixMillis>,
+    /// Its hostname.
+    pub hostname: Option<String>,
+    /// The IP address it used.
+    pub ip: Option<IpAddr>,
+    /// Its new lifecycle state.
+    pub state: Option<LifecycleState>,
+    /// What its next boot will do, in words.
+    pub next_action: Option<String>,
+    /// When the change was made (sets `updated`).
+    pub now: UnixMillis,
+}
+
+impl MachineUpdate {
+    /// An update of `mac` made at `now` that changes nothing else yet.
+    pub fn new(mac: MacAddr, now: UnixMillis) -> Self {
+        MachineUpdate {
+            mac,
+            seen: None,
+            hostname: None,
+            ip: None,
+            state: None,
+            next_action: None,
+            now,
+        }
+    }
+
+    /// Folds a later update of the same machine into this one: the later update's fields win
+    /// where it has them.
+    pub fn merge(&mut self, later: MachineUpdate) {
+        debug_assert_eq!(self.mac, later.mac);
+        let MachineUpdate {
+            mac: _,
+            seen,
+            hostname,
+            ip,
+            state,
+            next_action,
+            now,
+        } = later;
+        self.seen = seen.or(self.seen);
+        self.hostname = hostname.or(self.hostname.take());
+        self.ip = ip.or(self.ip);
+        self.state = state.or(self.state);
+        self.next_action = next_action.or(self.next_action.take());
+        self.now = self.now.max(now);
+    }
+}
+
 impl Store {
     /// Records that `mac` was seen at `now`, creating its row if needed. A `None` hostname or
     /// IP keeps the previous value.
@@ -84,6 +140,43 @@ impl Store {
             .execute(sql, params![mac.to_string(), next_action, now.0])
             .map_err(self.sql_err(sql))?;
         Ok(())
+    }
+
+    /// Applies `updates` in one transaction, in order (all or nothing).
+    pub fn update_machines(&mut self, updates: &[MachineUpdate]) -> Result<()> {
+        let sql = "INSERT INTO machines \
+                     (mac, hostname, last_seen_ms, last_ip, state, next_action, updated_ms) \
+                   VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+                   ON CONFLICT(mac) DO UPDATE SET \
+                     hostname = coalesce(excluded.hostname, hostname), \
+                     last_seen_ms = coalesce(excluded.last_seen_ms, last_seen_ms), \
+                     last_ip = coalesce(excluded.last_ip, last_ip), \
+                     state = coalesce(excluded.state, state), \
+                     next_action = coalesce(excluded.next_action, next_action), \
+                     updated_ms = excluded.updated_ms";
+        let path = self.path.clone();
+        let err = |e| StoreError::Sql {
+            path: path.clone(),
+            sql: sql.into(),
+            source: e,
+        };
+        let tx = self.conn.transaction().map_err(err)?;
+        {
+            let mut stmt = tx.prepare_cached(sql).map_err(err)?;
+            for u in updates {
+                stmt.execute(params![
+                    u.mac.to_string(),
+                    u.hostname.as_deref(),
+                    u.seen.map(|t| t.0),
+                    u.ip.map(|i| i.to_string()),
+                    u.state.map(|s| s.as_str()),
+                    u.next_action.as_deref(),
+                    u.now.0,
+                ])
+                .map_err(err)?;
+            }
+        }
+        tx.commit().map_err(err)
     }
 
     /// The row of `mac`, if the store knows it.

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use corral_model::{Event, LifecycleState, MacAddr, Outcome, SessionId, Source, UnixMillis};
 use corral_store::{
-    EventFilter, Recorder, RecorderConfig, Retention, Store, StoreError, schema::APPLICATION_ID,
+    EventFilter, MachineUpdate, Recorder, RecorderConfig, Retention, Store, StoreError,
+    schema::APPLICATION_ID,
 };
 
 fn mac(s: &str) -> MacAddr {
@@ -468,6 +469,69 @@ fn machines_track_last_seen_ip_and_state() {
     assert_eq!(
         ms[0].next_action.as_deref(),
         Some("boot installer debian12")
+    );
+}
+
+#[test]
+fn machine_updates_merge_and_apply_in_one_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Store::open(dir.path().join("m.db")).unwrap();
+    let a = mac("52:54:00:00:00:0a");
+    let b = mac("52:54:00:00:00:0b");
+    s.touch_machine(
+        a,
+        Some("web01"),
+        Some("10.0.0.5".parse().unwrap()),
+        UnixMillis(1),
+    )
+    .unwrap();
+    s.set_machine_state(a, LifecycleState::Install, UnixMillis(2))
+        .unwrap();
+
+    // Two updates of `a` folded into one: the later one's fields win, missing ones keep the
+    // earlier ones'.
+    let mut ua = MachineUpdate::new(a, UnixMillis(10));
+    ua.seen = Some(UnixMillis(10));
+    ua.next_action = Some("install profile debian12".into());
+    ua.ip = Some("10.0.0.6".parse().unwrap());
+    let mut later = MachineUpdate::new(a, UnixMillis(20));
+    later.seen = Some(UnixMillis(20));
+    later.state = Some(LifecycleState::Installed);
+    later.next_action = Some("boot from local disk".into());
+    ua.merge(later);
+    assert_eq!(ua.seen, Some(UnixMillis(20)));
+    assert_eq!(
+        ua.ip,
+        Some("10.0.0.6".parse().unwrap()),
+        "kept from the earlier update"
+    );
+    assert_eq!(ua.state, Some(LifecycleState::Installed));
+    assert_eq!(ua.now, UnixMillis(20));
+
+    let mut ub = MachineUpdate::new(b, UnixMillis(15));
+    ub.state = Some(LifecycleState::Discovered);
+    s.update_machines(&[ua, ub]).unwrap();
+
+    let ma = s.machine(a).unwrap().unwrap();
+    assert_eq!(
+        ma.hostname.as_deref(),
+        Some("web01"),
+        "None keeps the hostname"
+    );
+    assert_eq!(ma.last_ip, Some("10.0.0.6".parse().unwrap()));
+    assert_eq!(ma.last_seen, Some(UnixMillis(20)));
+    assert_eq!(ma.state, Some(LifecycleState::Installed));
+    assert_eq!(ma.next_action.as_deref(), Some("boot from local disk"));
+    assert_eq!(ma.updated, UnixMillis(20));
+    let mb = s.machine(b).unwrap().unwrap();
+    assert_eq!(mb.state, Some(LifecycleState::Discovered));
+    assert_eq!(mb.last_seen, None, "a state change alone is not a sighting");
+
+    // Another connection sees the committed rows (the engine reads on its own connection).
+    let other = Store::open(dir.path().join("m.db")).unwrap();
+    assert_eq!(
+        other.machine(b).unwrap().unwrap().state,
+        Some(LifecycleState::Discovered)
     );
 }
 

@@ -129,7 +129,13 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<Code> {
             syslog: syslog_addr,
             ..NetbootConfig::default()
         },
-    );
+    )
+    .with_context(|| {
+        format!(
+            "starting the machine state writer on {}",
+            store_path.display()
+        )
+    })?;
     engine
         .check_binaries()
         .map_err(|e| exit::bad_input(e.to_string()))?;

@@ -1,0 +1,239 @@
+//! Machine state writes, off the network path.
+//!
+//! Every boot decision updates the machine's row (last seen, last IP, next action, sometimes
+//! the lifecycle state). Doing that as SQLite transactions inside the DHCP decision made every
+//! DHCP answer wait for a commit. The [`StateWriter`] takes the updates instead: the caller
+//! merges its update into an in-memory map keyed by MAC (so a machine that sends DISCOVER,
+//! REQUEST and its iPXE DHCP within milliseconds costs one row write), and a thread with its
+//! own connection commits whatever is pending in one transaction.
+//!
+//! Reads must see the caller's own writes before the thread commits them: [`StateWriter::state`]
+//! answers from the pending and in-flight maps first; only when neither holds a state for the
+//! MAC does the engine read the store. The in-flight map is cleared only after the commit, so
+//! no moment exists where an update is neither in a map nor in the database.
+//!
+//! Where a change must be on disk before the answer (the installer's done callback: a lost
+//! `installed` would mean a reinstall loop), the caller [`StateWriter::flush`]es.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+
+use corral_model::{LifecycleState, MacAddr};
+use corral_store::{MachineUpdate, Store};
+
+use crate::NetbootError;
+
+#[derive(Debug, Default)]
+struct Queue {
+    /// Updates not yet taken by the writer, merged per machine.
+    pending: HashMap<MacAddr, MachineUpdate>,
+    /// Updates being committed right now.
+    in_flight: HashMap<MacAddr, MachineUpdate>,
+    /// How many updates were ever queued.
+    queued: u64,
+    /// How many of those were committed or failed.
+    done: u64,
+    /// The last failed batch: the `done` count it reached and why it failed.
+    failure: Option<(u64, String)>,
+    stop: bool,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    queue: Mutex<Queue>,
+    cond: Condvar,
+}
+
+fn lock(m: &Mutex<Queue>) -> MutexGuard<'_, Queue> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The machine-state writer thread and its queue. Dropping it writes what is pending and
+/// stops the thread.
+#[derive(Debug)]
+pub struct StateWriter {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl StateWriter {
+    /// Starts the writer on `store` (a connection of its own).
+    pub fn spawn(store: Store) -> Result<StateWriter, NetbootError> {
+        let shared = Arc::new(Shared::default());
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("corral-state-wr".into())
+            .spawn(move || run(store, &s))
+            .map_err(|e| NetbootError::Io {
+                op: "starting the machine state writer",
+                path: std::path::PathBuf::new(),
+                source: e,
+            })?;
+        Ok(StateWriter {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Queues `update`; never blocks on the database.
+    pub fn update(&self, update: MachineUpdate) {
+        let mut q = lock(&self.shared.queue);
+        q.queued += 1;
+        match q.pending.get_mut(&update.mac) {
+            Some(u) => u.merge(update),
+            None => {
+                q.pending.insert(update.mac, update);
+            }
+        }
+        drop(q);
+        self.shared.cond.notify_all();
+    }
+
+    /// The lifecycle state of `mac` that is queued or being written, if any: newer than what
+    /// the store holds.
+    pub fn state(&self, mac: MacAddr) -> Option<LifecycleState> {
+        let q = lock(&self.shared.queue);
+        q.pending
+            .get(&mac)
+            .and_then(|u| u.state)
+            .or_else(|| q.in_flight.get(&mac).and_then(|u| u.state))
+    }
+
+    /// Waits until every update queued before this call is committed. `Err` says why the
+    /// database refused one of them.
+    pub fn flush(&self) -> Result<(), String> {
+        let mut q = lock(&self.shared.queue);
+        let target = q.queued;
+        while q.done < target {
+            if self.thread.as_ref().is_none_or(|t| t.is_finished()) {
+                return Err("the machine state writer has stopped".into());
+            }
+            q = self
+                .shared
+                .cond
+                .wait(q)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        match &q.failure {
+            // A failure at or after our target covers (or may cover) our updates.
+            Some((at, why)) if *at >= target => Err(why.clone()),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Drop for StateWriter {
+    fn drop(&mut self) {
+        lock(&self.shared.queue).stop = true;
+        self.shared.cond.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run(mut store: Store, shared: &Shared) {
+    loop {
+        let mut q = lock(&shared.queue);
+        while q.pending.is_empty() && !q.stop {
+            q = shared.cond.wait(q).unwrap_or_else(PoisonError::into_inner);
+        }
+        if q.pending.is_empty() {
+            return;
+        }
+        q.in_flight = std::mem::take(&mut q.pending);
+        let upto = q.queued;
+        let batch: Vec<MachineUpdate> = q.in_flight.values().cloned().collect();
+        drop(q);
+
+        let result = store.update_machines(&batch);
+
+        let mut q = lock(&shared.queue);
+        q.in_flight.clear();
+        q.done = upto;
+        if let Err(e) = result {
+            tracing::error!(error = %e, machines = batch.len(), "cannot store machine state; these updates are lost");
+            q.failure = Some((upto, e.to_string()));
+        }
+        drop(q);
+        shared.cond.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use corral_model::UnixMillis;
+
+    fn mac(n: u8) -> MacAddr {
+        MacAddr([0x52, 0x54, 0, 0, 0, n])
+    }
+
+    #[test]
+    fn queued_state_is_visible_at_once_and_durable_after_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let reader = Store::open(&path).unwrap();
+        let w = StateWriter::spawn(Store::open(&path).unwrap()).unwrap();
+        let mut u = MachineUpdate::new(mac(1), UnixMillis(1));
+        u.state = Some(LifecycleState::Discovered);
+        u.seen = Some(UnixMillis(1));
+        w.update(u);
+        // A later update without a state does not hide the queued one.
+        let mut u2 = MachineUpdate::new(mac(1), UnixMillis(2));
+        u2.seen = Some(UnixMillis(2));
+        w.update(u2);
+        assert_eq!(w.state(mac(1)), Some(LifecycleState::Discovered));
+        assert_eq!(w.state(mac(2)), None);
+        w.flush().unwrap();
+        let m = reader.machine(mac(1)).unwrap().unwrap();
+        assert_eq!(m.state, Some(LifecycleState::Discovered));
+        assert_eq!(m.last_seen, Some(UnixMillis(2)));
+    }
+
+    #[test]
+    fn never_a_moment_where_the_state_is_nowhere() {
+        // Readers poll while the writer commits: each read must see the new state either in
+        // the queue or in the database.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let reader = Store::open(&path).unwrap();
+        let w = StateWriter::spawn(Store::open(&path).unwrap()).unwrap();
+        for i in 0..200u8 {
+            let m = mac(i);
+            let mut u = MachineUpdate::new(m, UnixMillis(i.into()));
+            u.state = Some(LifecycleState::Install);
+            w.update(u);
+            for _ in 0..3 {
+                let seen = w
+                    .state(m)
+                    .or_else(|| reader.machine(m).unwrap().and_then(|r| r.state));
+                assert_eq!(seen, Some(LifecycleState::Install), "machine {i}");
+            }
+        }
+        w.flush().unwrap();
+        assert_eq!(reader.machines().unwrap().len(), 200);
+    }
+
+    #[test]
+    fn drop_writes_what_is_pending() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        {
+            let w = StateWriter::spawn(Store::open(&path).unwrap()).unwrap();
+            for i in 0..50u8 {
+                let mut u = MachineUpdate::new(mac(i), UnixMillis(5));
+                u.next_action = Some("boot from local disk".into());
+                w.update(u);
+            }
+        }
+        let reader = Store::open(&path).unwrap();
+        let all = reader.machines().unwrap();
+        assert_eq!(all.len(), 50);
+        assert!(
+            all.iter()
+                .all(|m| m.next_action.as_deref() == Some("boot from local disk"))
+        );
+    }
+}
