@@ -12,7 +12,7 @@ use axum::extract::connect_info::Connected;
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{MethodRouter, get};
 use axum::serve::IncomingStream;
 use corral_model::{MacAddr, Outcome, Source};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
@@ -49,9 +49,9 @@ pub fn router(engine: Arc<Netboot>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/ipxe/{mac}", get(script))
-        .route("/ipxe-bin/{file}", get(binary))
-        .route("/boot/{*path}", get(boot_file))
-        .route("/images/{*path}", get(image_file))
+        .route("/ipxe-bin/{file}", files(Root::Ipxe))
+        .route("/boot/{*path}", files(Root::Boot))
+        .route("/images/{*path}", files(Root::Images))
         .route("/api/v1/machines/{mac}/done", get(done).post(done))
         .fallback(fallback)
         .with_state(engine)
@@ -185,37 +185,48 @@ async fn fallback(
     )
 }
 
-async fn binary(
-    State(e): State<Arc<Netboot>>,
-    ConnectInfo(c): ConnectInfo<Conn>,
-    method: Method,
-    headers: HeaderMap,
-    Path(file): Path<String>,
-) -> Response {
-    let dir = e.site().current().paths.ipxe.clone();
-    send_file(&e, &c, &method, &headers, dir, "/ipxe-bin", &file).await
+/// The file trees served over HTTP, each from its `[paths]` root of the current site.
+#[derive(Debug, Clone, Copy)]
+enum Root {
+    /// `/ipxe-bin/FILE` from `[paths] ipxe`.
+    Ipxe,
+    /// `/boot/PATH` from `[paths] boot`.
+    Boot,
+    /// `/images/PATH` from `[paths] images`.
+    Images,
 }
 
-async fn boot_file(
-    State(e): State<Arc<Netboot>>,
-    ConnectInfo(c): ConnectInfo<Conn>,
-    method: Method,
-    headers: HeaderMap,
-    Path(path): Path<String>,
-) -> Response {
-    let dir = e.site().current().paths.boot.clone();
-    send_file(&e, &c, &method, &headers, dir, "/boot", &path).await
+impl Root {
+    fn prefix(self) -> &'static str {
+        match self {
+            Root::Ipxe => "/ipxe-bin",
+            Root::Boot => "/boot",
+            Root::Images => "/images",
+        }
+    }
+
+    fn dir(self, e: &Netboot) -> PathBuf {
+        let site = e.site().current();
+        match self {
+            Root::Ipxe => site.paths.ipxe.clone(),
+            Root::Boot => site.paths.boot.clone(),
+            Root::Images => site.paths.images.clone(),
+        }
+    }
 }
 
-async fn image_file(
-    State(e): State<Arc<Netboot>>,
-    ConnectInfo(c): ConnectInfo<Conn>,
-    method: Method,
-    headers: HeaderMap,
-    Path(path): Path<String>,
-) -> Response {
-    let dir = e.site().current().paths.images.clone();
-    send_file(&e, &c, &method, &headers, dir, "/images", &path).await
+/// GET and HEAD (with Range) of files beneath `root`.
+fn files(root: Root) -> MethodRouter<Arc<Netboot>> {
+    get(
+        move |State(e): State<Arc<Netboot>>,
+              ConnectInfo(c): ConnectInfo<Conn>,
+              method: Method,
+              headers: HeaderMap,
+              Path(path): Path<String>| async move {
+            let dir = root.dir(&e);
+            send_file(&e, &c, &method, &headers, dir, root.prefix(), &path).await
+        },
+    )
 }
 
 async fn send_file(
