@@ -23,6 +23,7 @@ Exit codes:
   1  runtime failure (I/O, network, a peer or receiver failed)
   2  usage error (unknown flag, missing argument)
   3  bad input (invalid site directory, corrupt or foreign file, failed verification)
+  4  differences found (corral drift: a child drifted; every child was compared)
 
 Examples:
   corral demo                          cast an image to 3 receivers in network namespaces

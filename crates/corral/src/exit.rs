@@ -14,6 +14,9 @@ pub(crate) enum Code {
     Usage = 2,
     /// Bad input: an invalid site directory, a corrupt or foreign file, failed verification.
     BadInput = 3,
+    /// The command worked and found differences it was asked to look for (`corral drift`
+    /// found drift), like `diff`'s 1, but kept apart from runtime failures.
+    Differences = 4,
 }
 
 impl From<Code> for ExitCode {

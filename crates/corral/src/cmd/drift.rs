@@ -19,8 +19,9 @@ size, mtime and ctime, so only files whose metadata changed are read again). Set
 executable changes are listed first. Every child's result is an event in the audit store
 (source drift).
 
-Exit status: 0 no drift, 1 drift found on at least one child (or a child could not be
-compared: the report says which), 3 bad tree file.
+Exit status: 0 no drift; 4 drift found (every child was compared); 1 a child could not be
+compared (the report says which; this wins over 4, since an unchecked child may hide drift);
+3 bad tree file.
 
 Examples:
   corral drift web --all                 nightly check of every child
@@ -208,9 +209,11 @@ pub(crate) fn run(a: Args, _global: &Global) -> anyhow::Result<Code> {
             }
         }
     }
-    Ok(if results.iter().all(|h| h.status == "clean") {
-        Code::Success
-    } else {
+    Ok(if results.iter().any(|h| h.status == "failed") {
         Code::Runtime
+    } else if results.iter().any(|h| h.status == "drift") {
+        Code::Differences
+    } else {
+        Code::Success
     })
 }

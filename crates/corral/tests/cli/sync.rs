@@ -226,7 +226,7 @@ fn sync_run_three_tiers_recursive_and_drift() {
     std::fs::set_permissions(c1.join("bin/tool"), std::fs::Permissions::from_mode(0o4755)).unwrap();
     let out = drift(&["-s", c1.to_str().unwrap()]);
     let (so, se) = text(&out);
-    assert_eq!(out.status.code(), Some(1), "{so}{se}");
+    assert_eq!(out.status.code(), Some(4), "drift found: exit 4\n{so}{se}");
     let first = so.lines().nth(1).unwrap_or("");
     assert!(
         first.contains("bin/tool") && first.contains("[setuid/exec]"),
@@ -240,6 +240,18 @@ fn sync_run_three_tiers_recursive_and_drift() {
     );
     let (lo, le) = text(&log);
     assert!(lo.contains("drifted"), "{lo}{le}");
+    // A child that cannot be compared (its tree is now a plain file) is a failure: exit 1,
+    // which wins over the drift of child 1.
+    std::fs::remove_dir_all(&c2).unwrap();
+    std::fs::write(&c2, b"not a directory").unwrap();
+    let out = drift(&["--all"]);
+    let (so, se) = text(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a failed child: exit 1\n{so}{se}"
+    );
+    assert!(so.contains("FAILED"), "{so}{se}");
 }
 
 #[test]
