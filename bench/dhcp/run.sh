@@ -110,6 +110,11 @@ stop() {
     kill -9 "$1" 2>/dev/null || true
 }
 
+# CPU seconds (user + system) a process has used so far, from /proc/PID/stat.
+cpu_s() {
+    awk -v hz="$(getconf CLK_TCK)" '{ printf "%.3f", ($14 + $15) / hz }' "/proc/$1/stat" 2>/dev/null || echo 0
+}
+
 # perfdhcp DORA at RATE over CLIENTS clients for SECONDS_RUN seconds; prints a result line.
 run_perf() {
     local name=$1 out=$WORK/perf-$1.txt
@@ -133,8 +138,13 @@ echo "== $CLIENTS clients, target $RATE exchanges/s for ${SECONDS_RUN}s (DORA, r
 RESULTS=()
 for srv in dnsmasq kea corral; do
     pid=$(start_$srv); sleep 1.5
+    cpu0=$(cpu_s "$pid")
     RESULTS+=("$(run_perf $srv)")
+    cpu1=$(cpu_s "$pid")
     echo "${RESULTS[-1]}"
+    # Server CPU per exchange: less sensitive to other load on the machine than the rate.
+    awk -v a="$cpu0" -v b="$cpu1" -v r="$(awk '{ print $2 }' <<<"${RESULTS[-1]}")" -v t="$SECONDS_RUN" \
+        'BEGIN { c = b - a; n = r * t; printf "   server CPU %.2f s = %.1f us per exchange\n", c, (n > 0 ? c / n * 1e6 : 0) }'
     stop "$pid"
     case $srv in
         dnsmasq) echo "   dnsmasq leases on disk: $(wc -l < "$WORK/dnsmasq.leases")" ;;
