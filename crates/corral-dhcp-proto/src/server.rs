@@ -952,10 +952,20 @@ impl Server {
         }
     }
 
-    /// Boot options: siaddr + file for TFTP, file = URL for HTTP, option 60 echoed so PXE and
-    /// HTTP Boot firmware accept the offer, option 97 echoed (PXE 2.1 requires it when sent),
-    /// and for proxy answers to BIOS PXE option 43 with discovery control "use the boot file
-    /// in this packet" (PXE 2.1 §2.4.2.1, sub-option 6, bit 3).
+    /// Boot options: siaddr (next server = us) and file for TFTP and HTTP alike (file = the
+    /// URL), option 60 echoed so PXE and HTTP Boot firmware accept the offer, option 97 echoed
+    /// (PXE 2.1 requires it when sent), and for answers with a boot file to PXE and iPXE option
+    /// 43 with discovery control "use the boot file in this packet" (PXE 2.1 §2.4.2.1,
+    /// sub-option 6, bit 3).
+    ///
+    /// Firmware quirks these rules follow (checked with QEMU against Debian 12's iPXE
+    /// 1.0.0+git-20190125 and OVMF 2022.11, and compared packet by packet with dnsmasq):
+    ///
+    /// | firmware | what it requires | without it |
+    /// |---|---|---|
+    /// | iPXE (BIOS ROM, snponly.efi), ProxyDHCP | an answer with option 60 `PXEClient` has "PXE options" only if siaddr is non-zero *and* it has a boot file, or a 43.9 boot menu (`dhcp_has_pxeopts` in iPXE's `dhcp.c`; option 43.6 alone does not count) | iPXE does not take the proxy offer as is, sends ProxyDHCPREQUESTs to 4011, drops each ACK for the same reason and ends with "Nothing to boot" (issue #4: URLs went out with siaddr 0) |
+    /// | iPXE, ProxyDHCPACK | it comes from port 4011, option 54 equals the proxy offer's | ACK ignored |
+    /// | EDK2/OVMF PXE, ProxyDHCP | option 60 `PXEClient` in the proxy offer; corral gives no boot file there, and OVMF asks on 4011 and fetches the ACK's file by TFTP (seen in captures) | (not tried) |
     fn add_boot(&self, m: &mut Message, cx: &Ctx<'_>, boot: &Boot, with_file: bool, proxy: bool) {
         let class: &[u8] = match cx.client.firmware {
             Firmware::HttpClient => b"HTTPClient",
@@ -981,6 +991,9 @@ impl Server {
                 }
             }
             Boot::Http { url } => {
+                // Next server = us for URLs too: iPXE takes a proxy answer's boot file only
+                // when siaddr is non-zero (see the firmware quirks above `add_boot`).
+                m.set_siaddr(self.config.server_ip);
                 if with_file {
                     m.set_fname_str(trunc(url, 127));
                     m.opts_mut()
