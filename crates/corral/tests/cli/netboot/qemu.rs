@@ -410,6 +410,7 @@ fn qemu_firmware_full_dhcp() {
         "full",
         &[
             ("fbios", "52:54:00:f0:00:01", Fw::BiosIpxe),
+            ("fuefi", "52:54:00:f0:00:02", Fw::UefiPxe),
             ("fhttp", "52:54:00:f0:00:03", Fw::UefiHttp),
         ],
     );
@@ -418,7 +419,6 @@ fn qemu_firmware_full_dhcp() {
 /// ProxyDHCP beside dnsmasq (which hands out the addresses from another namespace), for BIOS
 /// and for UEFI with its port 4011 request.
 #[test]
-#[ignore = "corral-dhcp: iPXE ignores its ProxyDHCP answers (\"Nothing to boot\"); see /work/wt/NOTES-for-dhcp.md"]
 fn qemu_firmware_proxy_dhcp() {
     if !corral_testkit::require_root("qemu_firmware_proxy_dhcp") {
         return;
