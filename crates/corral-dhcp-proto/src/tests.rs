@@ -790,7 +790,7 @@ mod rfc4578_pxe {
             "snponly.efi"
         );
         assert_eq!(a.siaddr(), SERVER);
-        // iPXE drops ProxyDHCPACKs without PXE vendor options (option 43).
+        // PXE vendor options with discovery control 8: "use the boot file in this packet".
         assert_eq!(
             a.opts().get(OptionCode::VendorExtensions),
             Some(&DhcpOption::VendorExtensions(vec![6, 1, 8, 255]))
