@@ -11,9 +11,10 @@
 //! - §4.4.5 T1/T2 timers.
 //!
 //! ProxyDHCP follows the PXE 2.1 specification §2.2.5 and [RFC 4578]: a proxy offer on port
-//! 67 carries no address (yiaddr 0), option 60 `PXEClient` and, for BIOS clients, the boot
-//! file; UEFI clients get no boot file there so that they ask again on port 4011, where the
-//! ACK carries the file.
+//! 67 carries no address (yiaddr 0), option 60 `PXEClient`, siaddr = us and, for BIOS PXE and
+//! iPXE clients, the boot file; UEFI PXE clients get no boot file there so that they ask
+//! again on port 4011, where the ACK carries the file. What real firmware requires of these
+//! answers is in the quirks table of `Server::add_boot`.
 //!
 //! [RFC 2131]: https://www.rfc-editor.org/rfc/rfc2131
 //! [RFC 4578]: https://www.rfc-editor.org/rfc/rfc4578
@@ -952,10 +953,21 @@ impl Server {
         }
     }
 
-    /// Boot options: siaddr + file for TFTP, file = URL for HTTP, option 60 echoed so PXE and
-    /// HTTP Boot firmware accept the offer, option 97 echoed (PXE 2.1 requires it when sent),
-    /// and for proxy answers to BIOS PXE option 43 with discovery control "use the boot file
-    /// in this packet" (PXE 2.1 §2.4.2.1, sub-option 6, bit 3).
+    /// Boot options: siaddr (next server = us) and file for TFTP and HTTP alike (file = the
+    /// URL), option 60 echoed so PXE and HTTP Boot firmware accept the offer, option 97 echoed
+    /// (PXE 2.1 requires it when sent), and for answers with a boot file to PXE and iPXE option
+    /// 43 with discovery control "use the boot file in this packet" (PXE 2.1 §2.4.2.1,
+    /// sub-option 6, bit 3).
+    ///
+    /// Firmware quirks these rules follow (checked with QEMU against Debian 12's iPXE
+    /// 1.0.0+git-20190125 and OVMF 2022.11, and compared packet by packet with dnsmasq):
+    ///
+    /// | firmware | what it requires | without it |
+    /// |---|---|---|
+    /// | iPXE (BIOS ROM, snponly.efi), ProxyDHCP | an answer with option 60 `PXEClient` has "PXE options" only if siaddr is non-zero *and* it has a boot file, or a 43.9 boot menu (`dhcp_has_pxeopts` in iPXE's `dhcp.c`; option 43.6 alone does not count) | iPXE does not take the proxy offer as is, sends ProxyDHCPREQUESTs to 4011, drops each ACK for the same reason and ends with "Nothing to boot" (issue #4: URLs went out with siaddr 0) |
+    /// | iPXE, ProxyDHCPACK | it comes from port 4011, option 54 equals the proxy offer's | ACK ignored |
+    /// | EDK2/OVMF PXE, ProxyDHCP | option 60 `PXEClient` in the proxy offer; corral gives no boot file there, and OVMF asks on 4011 and fetches the ACK's file by TFTP (seen in captures) | (not tried) |
+    /// | EDK2/OVMF PXE, full mode | an offer with option 60 `PXEClient` must also carry option 43, or EDK2 classes it "BINL" and asks siaddr:4011 instead of fetching the file (seen by the netboot tests before a60f187). dnsmasq sends neither 60 nor 43 (file in option 67) and OVMF fetches the file at once too; corral sends both | no TFTP request, PXE-E16 |
     fn add_boot(&self, m: &mut Message, cx: &Ctx<'_>, boot: &Boot, with_file: bool, proxy: bool) {
         let class: &[u8] = match cx.client.firmware {
             Firmware::HttpClient => b"HTTPClient",
@@ -981,6 +993,9 @@ impl Server {
                 }
             }
             Boot::Http { url } => {
+                // Next server = us for URLs too: iPXE takes a proxy answer's boot file only
+                // when siaddr is non-zero (see the firmware quirks above `add_boot`).
+                m.set_siaddr(self.config.server_ip);
                 if with_file {
                     m.set_fname_str(trunc(url, 127));
                     m.opts_mut()
@@ -990,11 +1005,11 @@ impl Server {
             Boot::NoBootFile | Boot::Ignore => {}
         }
         // Answers that carry a boot file to PXE/iPXE clients also carry PXE vendor options
-        // (discovery control: "use the boot file in this packet"): iPXE ignores ProxyDHCPACKs
-        // without them (iPXE commit 0a34c2a); EDK2 classifies a full-mode offer without them
-        // as "BINL" and re-asks on port 4011 instead of fetching the file; BIOS PXE ROMs skip
-        // boot server discovery. UEFI PXE proxy offers on 67 have no file and no option 43, so
-        // that EDK2 asks on port 4011 as the PXE spec intends.
+        // (discovery control: "use the boot file in this packet"): EDK2 classifies a full-mode
+        // offer with option 60 but without them as "BINL" and re-asks on port 4011 instead of
+        // fetching the file; BIOS PXE ROMs skip boot server discovery. (iPXE does not need
+        // them: it wants siaddr and a file, see the table above.) UEFI PXE proxy offers on 67
+        // have no file and no option 43, so that EDK2 asks on port 4011 as the PXE spec intends.
         let has_file = with_file && matches!(boot, Boot::Tftp { .. } | Boot::Http { .. });
         if has_file && matches!(cx.client.firmware, Firmware::Pxe | Firmware::Ipxe) {
             m.opts_mut()

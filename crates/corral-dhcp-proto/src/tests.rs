@@ -790,7 +790,7 @@ mod rfc4578_pxe {
             "snponly.efi"
         );
         assert_eq!(a.siaddr(), SERVER);
-        // iPXE drops ProxyDHCPACKs without PXE vendor options (option 43).
+        // PXE vendor options with discovery control 8: "use the boot file in this packet".
         assert_eq!(
             a.opts().get(OptionCode::VendorExtensions),
             Some(&DhcpOption::VendorExtensions(vec![6, 1, 8, 255]))
@@ -832,6 +832,56 @@ mod rfc4578_pxe {
             a.opts().get(OptionCode::VendorExtensions),
             Some(&DhcpOption::VendorExtensions(vec![6, 1, 8, 255]))
         );
+    }
+
+    /// Issue #4. PXE 2.1 §2.2.5 (ProxyDHCP): iPXE takes the boot file of a `PXEClient` proxy
+    /// answer only when it also names a next server (siaddr != 0, iPXE's `dhcp_has_pxeopts`);
+    /// URLs were sent with siaddr 0, so iPXE dropped the offer and the port 4011 ACK alike
+    /// and ended with "Nothing to boot".
+    #[test]
+    fn issue_4_proxy_url_answers_to_ipxe_name_us_as_next_server() {
+        let mut c = config();
+        c.mode = Mode::Proxy;
+        let mut h = H::new(c);
+        h.boot = Boot::Http {
+            url: "http://10.0.0.1:8080/ipxe/52:54:00:00:00:01".into(),
+        };
+        let has_pxe_opts = |m: &Message| {
+            m.siaddr() == SERVER
+                && m.fname_str().unwrap().unwrap().trim_end_matches('\0')
+                    == "http://10.0.0.1:8080/ipxe/52:54:00:00:00:01"
+                && m.opts().get(OptionCode::ClassIdentifier)
+                    == Some(&DhcpOption::ClassIdentifier(b"PXEClient".to_vec()))
+                && m.opts().get(OptionCode::ServerIdentifier)
+                    == Some(&DhcpOption::ServerIdentifier(SERVER))
+        };
+        for arch in [0u16, 7] {
+            let mut d = pxe(
+                MessageType::Discover,
+                mac(1),
+                arch,
+                &format!("PXEClient:Arch:{arch:05}:UNDI:002001"),
+            );
+            d.opts_mut().insert(DhcpOption::UserClass(b"iPXE".to_vec()));
+            let (o, rep) = h.reply(&d);
+            assert_eq!(o.opts().msg_type(), Some(MessageType::Offer));
+            assert_eq!(rep.via, Port::Dhcp);
+            assert_eq!(o.yiaddr(), Ipv4Addr::UNSPECIFIED);
+            assert!(has_pxe_opts(&o), "arch {arch}: proxy offer {o:?}");
+            // The ProxyDHCPREQUEST iPXE sends to 4011 from its new address.
+            let cip = Ipv4Addr::new(10, 0, 0, 77);
+            let mut r = d.clone();
+            r.opts_mut()
+                .insert(DhcpOption::MessageType(MessageType::Request));
+            r.opts_mut().insert(DhcpOption::ServerIdentifier(SERVER));
+            r.set_ciaddr(cip);
+            let src = SocketAddrV4::new(cip, 68);
+            let rep = h.step_at(T0, &r, src, Port::Pxe).reply.unwrap();
+            assert_eq!((rep.dest, rep.via), (src, Port::Pxe));
+            let a = decode(&rep.bytes);
+            assert_eq!(a.opts().msg_type(), Some(MessageType::Ack));
+            assert!(has_pxe_opts(&a), "arch {arch}: 4011 ACK {a:?}");
+        }
     }
 
     #[test]

@@ -410,6 +410,7 @@ fn qemu_firmware_full_dhcp() {
         "full",
         &[
             ("fbios", "52:54:00:f0:00:01", Fw::BiosIpxe),
+            ("fuefi", "52:54:00:f0:00:02", Fw::UefiPxe),
             ("fhttp", "52:54:00:f0:00:03", Fw::UefiHttp),
         ],
     );
@@ -418,7 +419,6 @@ fn qemu_firmware_full_dhcp() {
 /// ProxyDHCP beside dnsmasq (which hands out the addresses from another namespace), for BIOS
 /// and for UEFI with its port 4011 request.
 #[test]
-#[ignore = "corral-dhcp: iPXE ignores its ProxyDHCP answers (\"Nothing to boot\"); see /work/wt/NOTES-for-dhcp.md"]
 fn qemu_firmware_proxy_dhcp() {
     if !corral_testkit::require_root("qemu_firmware_proxy_dhcp") {
         return;
@@ -456,6 +456,35 @@ fn run_lab(tag: &str, mode: &str, clients: &[(&str, &str, Fw)]) {
     let checks: Vec<(&Vm, &Path)> = vms.iter().map(|vm| (vm, db.as_path())).collect();
     check_all(&checks, "snponly.efi", Duration::from_secs(420));
     let ev = events(&db);
+    if mode == "proxy" {
+        for (name, mac, fw) in clients {
+            let mine: Vec<&StoredEvent> = ev
+                .iter()
+                .filter(|e| e.event.mac.map(|m| m.to_string()).as_deref() == Some(*mac))
+                .collect();
+            let boots = |k: &str, what: &str| {
+                mine.iter().any(|e| {
+                    kind(e) == ("dhcp", k)
+                        && e.event.details["boot"]
+                            .as_str()
+                            .is_some_and(|b| b.contains(what))
+                })
+            };
+            // iPXE (the BIOS ROM, and snponly.efi after UEFI PXE) is sent its script URL in
+            // corral's proxy offer on port 67 (issue #4: it used to ignore it).
+            assert!(
+                boots("proxy-offer", "/ipxe/"),
+                "{name}: no proxy offer with the script URL"
+            );
+            // OVMF's own PXE takes the port 4011 route for its TFTP boot file.
+            if *fw == Fw::UefiPxe {
+                assert!(
+                    boots("proxy-ack", "snponly.efi"),
+                    "{name}: no port 4011 ACK with snponly.efi"
+                );
+            }
+        }
+    }
     for (_, mac) in &machines {
         let acked = ev.iter().any(|e| {
             e.event.kind.as_str() == "ack"
