@@ -6,8 +6,10 @@ use corral_sync::session::{PushOptions, ServeOptions};
 use corral_sync::transport::{Dest, push_to};
 use serde::Serialize;
 
-use crate::cli::{Global, SiteArg};
-use crate::cmd::sync::{child_dest, child_filter, load_tree_ctx, now, parallel, record, tree_ssh};
+use crate::cli::Global;
+use crate::cmd::sync::{
+    TreeSelect, child_dest, child_filter, load_tree_ctx, now, parallel, record, tree_ssh,
+};
 use crate::exit::{Code, bad_input};
 
 /// Arguments of `corral drift`.
@@ -28,25 +30,11 @@ Examples:
   corral drift web -s web01 --json       one child, machine-readable
   corral drift os --all || mail -s drift root < /dev/null")]
 pub(crate) struct Args {
-    /// The tree: trees/TREE.toml in the site directory.
-    tree: String,
     #[command(flatten)]
-    site: SiteArg,
-    /// Only this child (by name or host); repeat for more.
-    #[arg(short = 's', long = "host", value_name = "HOST")]
-    hosts: Vec<String>,
-    /// Every child of the tree.
-    #[arg(long, conflicts_with = "hosts")]
-    all: bool,
-    /// Children checked at once.
-    #[arg(long, default_value_t = 4)]
-    jobs: usize,
+    sel: TreeSelect,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
-    /// Record events in this audit store (default: the site's store when the site loads).
-    #[arg(long, value_name = "FILE")]
-    db: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Serialize)]
@@ -62,7 +50,7 @@ struct DriftReport {
 }
 
 pub(crate) fn run(a: Args, _global: &Global) -> anyhow::Result<Code> {
-    let ctx = load_tree_ctx(&a.site.site, &a.tree, &a.hosts, a.all, &a.db)?;
+    let ctx = load_tree_ctx(&a.sel)?;
     let tree = &ctx.tree;
     if !tree.source.is_dir() {
         return Err(bad_input(format!(
@@ -71,7 +59,7 @@ pub(crate) fn run(a: Args, _global: &Global) -> anyhow::Result<Code> {
             tree.source.display()
         )));
     }
-    let results = parallel(&ctx.children, a.jobs, |c| {
+    let results = parallel(&ctx.children, a.sel.jobs, |c| {
         let dest = child_dest(c);
         let mut rep = DriftReport {
             name: c.name.clone(),

@@ -138,28 +138,39 @@ pub(crate) struct PushArgs {
     ssh: SshArgs,
 }
 
+/// Which tree and which of its children a command works on: shared by `corral sync run` and
+/// `corral drift`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct TreeSelect {
+    /// The tree: trees/TREE.toml in the site directory.
+    pub(crate) tree: String,
+    #[command(flatten)]
+    pub(crate) site: SiteArg,
+    /// Only this child (by name or host); repeat for more.
+    #[arg(short = 's', long = "host", value_name = "HOST")]
+    pub(crate) hosts: Vec<String>,
+    /// Every child of the tree.
+    #[arg(long, conflicts_with = "hosts")]
+    pub(crate) all: bool,
+    /// Children worked on at once.
+    #[arg(long, default_value_t = 4)]
+    pub(crate) jobs: usize,
+    /// Record events in this audit store (default: the site's store when the site loads).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) db: Option<PathBuf>,
+}
+
 /// Arguments of `corral sync run`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct RunArgs {
-    /// The tree: trees/TREE.toml in the site directory.
-    tree: String,
     #[command(flatten)]
-    site: SiteArg,
-    /// Only this child (by name or host); repeat for more.
-    #[arg(short = 's', long = "host", value_name = "HOST")]
-    hosts: Vec<String>,
-    /// Every child of the tree.
-    #[arg(long, conflicts_with = "hosts")]
-    all: bool,
+    sel: TreeSelect,
     /// Children that are masters sync their own children after they are updated.
     #[arg(long)]
     recursive: bool,
     /// List the changes per child, change nothing.
     #[arg(short = 'n', long)]
     dry_run: bool,
-    /// Children synced at once.
-    #[arg(long, default_value_t = 4)]
-    jobs: usize,
     /// Delete on children what the master does not have (also `delete = true` in the tree).
     #[arg(long)]
     delete: bool,
@@ -169,9 +180,6 @@ pub(crate) struct RunArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
-    /// Record events in this audit store (default: the site's store when the site loads).
-    #[arg(long, value_name = "FILE")]
-    db: Option<PathBuf>,
 }
 
 /// Arguments of `corral sync serve`.
@@ -533,13 +541,16 @@ pub(crate) struct TreeCtx {
     pub(crate) recorder: Option<Recorder>,
 }
 
-pub(crate) fn load_tree_ctx(
-    site: &Path,
-    name: &str,
-    hosts: &[String],
-    all: bool,
-    db: &Option<PathBuf>,
-) -> anyhow::Result<TreeCtx> {
+pub(crate) fn load_tree_ctx(sel: &TreeSelect) -> anyhow::Result<TreeCtx> {
+    let TreeSelect {
+        tree: name,
+        site: SiteArg { site },
+        hosts,
+        all,
+        db,
+        jobs: _,
+    } = sel;
+    let all = *all;
     let tree = corral_site::load_tree(site, name).map_err(|problems| {
         let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
         bad_input(format!(
@@ -673,7 +684,7 @@ fn run_tree(a: RunArgs, global: &Global) -> anyhow::Result<Code> {
     if let Some(b) = &a.backup_dir {
         check_backup_dir(b)?;
     }
-    let ctx = load_tree_ctx(&a.site.site, &a.tree, &a.hosts, a.all, &a.db)?;
+    let ctx = load_tree_ctx(&a.sel)?;
     let tree = &ctx.tree;
     if !tree.source.is_dir() {
         return Err(bad_input(format!(
@@ -686,7 +697,7 @@ fn run_tree(a: RunArgs, global: &Global) -> anyhow::Result<Code> {
     let id = run_id();
     let delete = a.delete || tree.delete;
     let quiet = global.quiet || a.json;
-    let results = parallel(&ctx.children, a.jobs, |c| {
+    let results = parallel(&ctx.children, a.sel.jobs, |c| {
         let dest = child_dest(c);
         let mut rep = HostReport {
             name: c.name.clone(),
@@ -723,7 +734,7 @@ fn run_tree(a: RunArgs, global: &Global) -> anyhow::Result<Code> {
                 }
                 Dest::Ssh { .. } => ServeOptions::default(),
             };
-            let mut view = ProgressView::new(&c.name, quiet || a.jobs > 1 || a.dry_run);
+            let mut view = ProgressView::new(&c.name, quiet || a.sel.jobs > 1 || a.dry_run);
             let r = push_to(
                 &tree.source,
                 &dest,
@@ -862,7 +873,7 @@ fn recurse(
         "--json".into(),
         "-q".into(),
         "--jobs".into(),
-        a.jobs.to_string(),
+        a.sel.jobs.to_string(),
     ];
     if let Some(s) = &c.site {
         args.push("--site".into());
