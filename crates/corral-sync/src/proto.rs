@@ -1,7 +1,9 @@
 //! The wire protocol between the master (client) and the receiver (`corral sync serve`).
 //!
 //! Every message is one frame: a 4-byte big-endian length, then the message encoded with
-//! `postcard`. The first message each way is a `Hello` carrying [`VERSION`]; a peer that
+//! `postcard`. The length's top bit ([`FRAME_ZSTD`]) says the body is a zstd frame: bodies of
+//! at least [`FRAME_COMPRESS_MIN`] bytes other than file data (manifest batches, signatures)
+//! are compressed, which shrinks a manifest of paths and metadata several times. The first message each way is a `Hello` carrying [`VERSION`]; a peer that
 //! speaks another version is refused. File data travels in `Data` frames, zstd-compressed
 //! when a sample of it compresses (see [`compress`]), raw otherwise.
 //!
@@ -113,7 +115,12 @@ pub enum Message {
     Bye,
 }
 
-/// Encodes one frame.
+/// Flag in a frame's length word: the body is zstd-compressed.
+pub const FRAME_ZSTD: u32 = 1 << 31;
+/// Bodies this large (other than file data, compressed on its own) are compressed.
+pub const FRAME_COMPRESS_MIN: usize = 1024;
+
+/// Encodes one frame, uncompressed.
 pub fn encode(msg: &Message) -> Result<Vec<u8>, ProtoError> {
     let body = postcard::to_stdvec(msg).map_err(|e| ProtoError::Encode(e.to_string()))?;
     if body.len() > MAX_FRAME {
@@ -125,13 +132,39 @@ pub fn encode(msg: &Message) -> Result<Vec<u8>, ProtoError> {
     Ok(out)
 }
 
-/// Length of the frame starting at `buf`, if its header is complete.
+/// Encodes one frame as [`Framed`] sends it: compressed when that pays (see the module doc).
+pub fn encode_wire(msg: &Message) -> Result<Vec<u8>, ProtoError> {
+    let body = postcard::to_stdvec(msg).map_err(|e| ProtoError::Encode(e.to_string()))?;
+    if body.len() > MAX_FRAME {
+        return Err(ProtoError::TooLarge(body.len()));
+    }
+    let (flag, body) = match msg {
+        Message::Data { .. } | Message::Delta { .. } => (0, body),
+        _ if body.len() >= FRAME_COMPRESS_MIN => match zstd::bulk::compress(&body, 3) {
+            Ok(z) if z.len() < body.len() => (FRAME_ZSTD, z),
+            _ => (0, body),
+        },
+        _ => (0, body),
+    };
+    let mut out = Vec::with_capacity(4 + body.len());
+    let n = u32::try_from(body.len()).unwrap_or(u32::MAX) | flag;
+    out.extend_from_slice(&n.to_be_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Length of the frame body that follows this header (without the compression flag).
 pub fn frame_len(header: [u8; 4]) -> Result<usize, ProtoError> {
-    let n = u32::from_be_bytes(header) as usize;
+    let n = (u32::from_be_bytes(header) & !FRAME_ZSTD) as usize;
     if n > MAX_FRAME {
         return Err(ProtoError::TooLarge(n));
     }
     Ok(n)
+}
+
+/// Whether the frame body that follows this header is compressed.
+pub fn frame_compressed(header: [u8; 4]) -> bool {
+    u32::from_be_bytes(header) & FRAME_ZSTD != 0
 }
 
 /// Decodes one frame body and checks it: every path must be a plain relative path.
@@ -139,6 +172,20 @@ pub fn decode(body: &[u8]) -> Result<Message, ProtoError> {
     let msg: Message = postcard::from_bytes(body).map_err(|e| ProtoError::Decode(e.to_string()))?;
     validate(&msg)?;
     Ok(msg)
+}
+
+/// Decodes a compressed frame body (at most [`MAX_FRAME`] bytes once decompressed).
+pub fn decode_compressed(z: &[u8]) -> Result<Message, ProtoError> {
+    use std::io::Read;
+    let d = zstd::stream::read::Decoder::new(z).map_err(ProtoError::Io)?;
+    let mut body = Vec::new();
+    d.take(MAX_FRAME as u64 + 1)
+        .read_to_end(&mut body)
+        .map_err(|e| ProtoError::Decode(format!("zstd frame: {e}")))?;
+    if body.len() > MAX_FRAME {
+        return Err(ProtoError::TooLarge(body.len()));
+    }
+    decode(&body)
 }
 
 fn check(p: &str) -> Result<(), ProtoError> {
@@ -269,7 +316,7 @@ impl<R: std::io::Read, W: std::io::Write> Framed<R, W> {
     }
     /// Sends one message (buffered; see [`Framed::flush`]).
     pub fn send(&mut self, msg: &Message) -> Result<(), ProtoError> {
-        let f = encode(msg)?;
+        let f = encode_wire(msg)?;
         self.bytes_out += f.len() as u64;
         self.w.write_all(&f).map_err(ProtoError::Io)
     }
@@ -285,7 +332,11 @@ impl<R: std::io::Read, W: std::io::Write> Framed<R, W> {
         let mut body = vec![0u8; n];
         self.r.read_exact(&mut body).map_err(ProtoError::Io)?;
         self.bytes_in += 4 + n as u64;
-        decode(&body)
+        if frame_compressed(h) {
+            decode_compressed(&body)
+        } else {
+            decode(&body)
+        }
     }
 }
 
@@ -356,6 +407,41 @@ mod tests {
         let f = encode(&m).unwrap();
         assert_eq!(frame_len(f[..4].try_into().unwrap()).unwrap(), f.len() - 4);
         assert_eq!(decode(&f[4..]).unwrap(), m);
+    }
+
+    #[test]
+    fn large_frames_are_compressed_and_round_trip() {
+        let entries: Vec<Entry> = (0..500)
+            .map(|i| crate::manifest::Entry {
+                path: format!("etc/dir{}/file{i}.conf", i % 7),
+                kind: crate::manifest::Kind::File,
+                meta: crate::manifest::Meta {
+                    mode: 0o644,
+                    uid: 0,
+                    gid: 0,
+                    user: Some("root".into()),
+                    group: Some("root".into()),
+                    mtime: 1_700_000_000 + i,
+                    mtime_ns: 0,
+                    xattrs: vec![],
+                },
+                content: None,
+            })
+            .collect();
+        let m = Message::Entries(entries);
+        let f = encode_wire(&m).unwrap();
+        let h: [u8; 4] = f[..4].try_into().unwrap();
+        assert!(frame_compressed(h));
+        assert_eq!(frame_len(h).unwrap(), f.len() - 4);
+        let plain = postcard::to_stdvec(&m).unwrap().len();
+        assert!(f.len() * 3 < plain, "{} of {plain}", f.len());
+        assert_eq!(decode_compressed(&f[4..]).unwrap(), m);
+        let mut framed = Framed::new(&f[..], Vec::new());
+        assert_eq!(framed.recv().unwrap(), m);
+        // A zstd bomb stops at MAX_FRAME; garbage is an error, not a panic.
+        let bomb = zstd::bulk::compress(&vec![0u8; MAX_FRAME + 10], 3).unwrap();
+        assert!(decode_compressed(&bomb).is_err());
+        assert!(decode_compressed(b"not zstd").is_err());
     }
 
     #[test]
