@@ -24,7 +24,7 @@ const BATCH: usize = 2000;
 pub struct ServeOptions {
     /// Hash cache file for the root (`None`: no cache).
     pub cache: Option<PathBuf>,
-    /// Skip fsync per file (the file system is still synced at the end).
+    /// Skip the `syncfs` before each batch of renames and at the end (see [`crate::apply`]).
     pub no_fsync: bool,
 }
 
