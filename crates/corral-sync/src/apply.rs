@@ -520,8 +520,12 @@ impl Receiver {
         if self.opts.fsync
             && let Err(x) = rustix::fs::syncfs(&self.root)
         {
-            for p in &batch {
+            // Nothing of the batch is installed: every file stays old.
+            for p in batch {
                 let _ = rustix::fs::unlinkat(&p.dir, p.tmp.as_str(), AtFlags::empty());
+                self.report
+                    .failed
+                    .push((p.path, format!("syncfs before rename: {x}")));
             }
             return Err(errno("syncfs", "", x));
         }

@@ -657,3 +657,61 @@ fn batched_install_and_small_edits_as_deltas() {
         changed_bytes as u64
     );
 }
+
+/// A delta that does not rebuild the file (hostile or against a changed old copy) fails that
+/// file's step and leaves the old copy; signatures are only made of files beneath the root.
+#[test]
+fn bad_delta_fails_the_step_and_keeps_the_old_file() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("root");
+    let old = pseudo_random(10_000, 5);
+    write(&root.join("f"), &old);
+    let new = pseudo_random(10_000, 6);
+    let hash = corral_sync::manifest::Hash::of(&new);
+    let mut input = Vec::new();
+    for m in [
+        Message::Hello {
+            version: VERSION,
+            options: RunOptions::default(),
+        },
+        Message::Scan,
+        Message::SigRequest(vec!["f".into(), "missing".into()]),
+        Message::Apply(Op::Write(file_entry("f", &new))),
+        Message::Delta {
+            hash,
+            block: 256,
+            ops: vec![corral_sync::delta::DeltaOp::Copy {
+                index: 0,
+                count: 39,
+            }],
+            literals: corral_sync::proto::compress(&new[..16]),
+        },
+        Message::Finish,
+    ] {
+        input.extend(corral_sync::proto::encode(&m).unwrap());
+    }
+    let mut out = Vec::new();
+    let mut f = Framed::new(&input[..], &mut out);
+    corral_sync::session::serve(&root, &mut f, &ServeOptions::default()).unwrap();
+    let mut back = Framed::new(&out[..], Vec::new());
+    let (mut sigs, mut report) = (None, None);
+    while let Ok(m) = back.recv() {
+        match m {
+            Message::Sigs(s) => sigs = Some(s),
+            Message::Report(r) => report = Some(r),
+            _ => {}
+        }
+    }
+    let sigs = sigs.expect("signatures answered");
+    assert_eq!(sigs.len(), 2);
+    assert_eq!(sigs[0].len, old.len() as u64);
+    assert!(sigs[0].block > 0 && !sigs[0].blocks.is_empty());
+    assert_eq!(sigs[1].block, 0, "no old copy, no signature");
+    let report = report.expect("report");
+    assert_eq!(report.failed.len(), 1, "{report:?}");
+    assert_eq!(report.failed[0].0, "f");
+    assert_eq!(report.files_written, 0);
+    assert_eq!(std::fs::read(root.join("f")).unwrap(), old);
+    // No temporary file left behind.
+    assert_eq!(std::fs::read_dir(&root).unwrap().count(), 1);
+}
