@@ -5,8 +5,14 @@
 //! `*at` calls on the last component without following it. A symlink swapped in during the
 //! run therefore fails the step; it never leads outside the root.
 //!
-//! Files are written to a temporary name in the same directory, given their metadata, synced
-//! and renamed over the old name: a run killed at any moment leaves each file old or new.
+//! Files are written to a temporary name in the same directory and given their metadata; the
+//! renames over the old names happen in batches (see [`BATCH_FILES`], [`BATCH_BYTES`]): every
+//! temporary file of a batch is written first, then one `syncfs` makes all of them durable,
+//! and only then are they renamed into place. A run killed at any moment therefore leaves each
+//! file old or new: before the `syncfs` only temporary files exist (removed by the next scan),
+//! after it every rename installs a file whose data is already on disk. One `syncfs` per batch
+//! replaces an `fsync` per file (the old cost of a full copy); the final `syncfs` of the run
+//! makes the renames themselves durable.
 //! Content comes chunk by chunk from, in order of preference: the old file itself (kept by a
 //! copy-on-write clone, `FICLONE`, where the file system supports it), any file the child
 //! already holds with that chunk (by BLAKE3), or data from the master.
@@ -40,8 +46,24 @@ pub struct ReceiverOptions {
     pub ignore_owner: bool,
     /// Use numeric ids even when names are known.
     pub numeric_ids: bool,
-    /// fsync each written file before renaming it into place.
+    /// Make each batch of written files durable (`syncfs`) before renaming it into place,
+    /// and the renames durable at the end of the run.
     pub fsync: bool,
+}
+
+/// Files written to temporary names before a batch is synced and renamed into place.
+pub const BATCH_FILES: usize = 1024;
+/// Bytes written to temporary files before a batch is synced and renamed into place.
+pub const BATCH_BYTES: u64 = 256 << 20;
+
+/// A file written to its temporary name, waiting for its batch's sync and rename.
+#[derive(Debug)]
+struct Pending {
+    path: String,
+    dir: OwnedFd,
+    tmp: String,
+    name: String,
+    content: Content,
 }
 
 /// Applies steps beneath a root.
@@ -57,19 +79,35 @@ pub struct Receiver {
     retained: HashMap<String, OwnedFd>,
     open_cache: Option<(String, OwnedFd)>,
     created: Vec<String>,
-    /// Directories whose entries changed (fsynced at the end).
-    touched: std::collections::BTreeSet<String>,
     /// Files written with their content (for the hash cache).
     pub written: Vec<(String, Content)>,
     /// What was done.
     pub report: Report,
     seq: u64,
+    pending: Vec<Pending>,
+    pending_bytes: u64,
 }
 
 const RETAIN_MAX: usize = 256;
 
-/// Yields the master's bytes for a chunk the child does not hold (checked against the hash).
-pub type DataSource<'a> = dyn FnMut(&Hash, u32) -> Result<Vec<u8>, SyncError> + 'a;
+/// What the master sent for a chunk the child does not hold.
+#[derive(Debug)]
+pub enum Incoming {
+    /// The bytes themselves (already checked against the chunk's hash).
+    Bytes(Vec<u8>),
+    /// A delta against the child's old copy of the same path (checked once rebuilt).
+    Delta {
+        /// Block size of the signature it was made against.
+        block: u32,
+        /// Block copies and literals.
+        ops: Vec<crate::delta::DeltaOp>,
+        /// The literal bytes (decoded).
+        literals: Vec<u8>,
+    },
+}
+
+/// Yields what the master sent for each chunk the child does not hold.
+pub type DataSource<'a> = dyn FnMut(&Hash, u32) -> Result<Incoming, SyncError> + 'a;
 
 fn split(path: &str) -> (&str, &str) {
     match path.rfind('/') {
@@ -140,10 +178,11 @@ impl Receiver {
             retained: HashMap::new(),
             open_cache: None,
             created: Vec::new(),
-            touched: std::collections::BTreeSet::new(),
             written: Vec::new(),
             report: Report::default(),
             seq: 0,
+            pending: Vec::new(),
+            pending_bytes: 0,
         })
     }
 
@@ -271,7 +310,6 @@ impl Receiver {
             }
             None => self.created.push(path.to_string()),
         }
-        self.touched.insert(split(path).0.to_string());
         rustix::fs::renameat(dir, tmp, dir, name).map_err(|e| errno("rename into place", path, e))
     }
 
@@ -450,20 +488,61 @@ impl Receiver {
         )
         .map_err(|x| errno("create temporary", &e.path, x))?;
         let result = self.fill(e, &content, &chunks, &dir, &name, &f, data);
-        let result = result.and_then(|()| {
-            self.set_meta_fd(&f, &e.path, &e.meta)?;
-            if self.opts.fsync {
-                rustix::fs::fsync(&f).map_err(|x| errno("fsync", &e.path, x))?;
-            }
-            self.install(&e.path, &dir, &tmp, &name)
-        });
-        if result.is_err() {
+        let result = result.and_then(|()| self.set_meta_fd(&f, &e.path, &e.meta));
+        drop(f);
+        if let Err(err) = result {
             let _ = rustix::fs::unlinkat(&dir, tmp.as_str(), AtFlags::empty());
-        } else {
-            self.report.files_written += 1;
-            self.written.push((e.path.clone(), content));
+            return Err(err);
         }
-        result
+        self.pending_bytes += content.size;
+        self.pending.push(Pending {
+            path: e.path.clone(),
+            dir,
+            tmp,
+            name,
+            content,
+        });
+        if self.pending.len() >= BATCH_FILES || self.pending_bytes >= BATCH_BYTES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Installs the files written so far: one `syncfs` makes their data durable, then each is
+    /// renamed into place. A file that cannot be installed is reported in `report.failed`
+    /// (its temporary file removed); only a failed sync fails the whole batch.
+    pub fn flush(&mut self) -> Result<(), SyncError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut self.pending);
+        self.pending_bytes = 0;
+        if self.opts.fsync
+            && let Err(x) = rustix::fs::syncfs(&self.root)
+        {
+            // Nothing of the batch is installed: every file stays old.
+            for p in batch {
+                let _ = rustix::fs::unlinkat(&p.dir, p.tmp.as_str(), AtFlags::empty());
+                self.report
+                    .failed
+                    .push((p.path, format!("syncfs before rename: {x}")));
+            }
+            return Err(errno("syncfs", "", x));
+        }
+        for p in batch {
+            match self.install(&p.path, &p.dir, &p.tmp, &p.name) {
+                Ok(()) => {
+                    self.report.files_written += 1;
+                    self.written.push((p.path, p.content));
+                }
+                Err(err) => {
+                    let _ = rustix::fs::unlinkat(&p.dir, p.tmp.as_str(), AtFlags::empty());
+                    tracing::warn!(path = %p.path, error = %err, "sync step failed");
+                    self.report.failed.push((p.path, err.to_string()));
+                }
+            }
+        }
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -525,11 +604,31 @@ impl Receiver {
                         }
                     }
                 }
-                None => {
-                    let b = data(&c.hash, c.len)?;
-                    self.report.literal_bytes += b.len() as u64;
-                    b
-                }
+                None => match data(&c.hash, c.len)? {
+                    Incoming::Bytes(b) => {
+                        self.report.literal_bytes += b.len() as u64;
+                        b
+                    }
+                    Incoming::Delta {
+                        block,
+                        ops,
+                        literals,
+                    } => match self.rebuild(&e.path, block, &ops, &literals, c) {
+                        Some(b) => {
+                            self.report.literal_bytes += literals.len() as u64;
+                            self.report.reused_bytes += (b.len() - literals.len()) as u64;
+                            b
+                        }
+                        None => {
+                            first_err.get_or_insert(SyncError::SourceChanged(format!(
+                                "{} (the delta against the old copy on the child does not \
+                                 rebuild it)",
+                                e.path
+                            )));
+                            continue;
+                        }
+                    },
+                },
             };
             if first_err.is_some() {
                 continue;
@@ -546,6 +645,38 @@ impl Receiver {
         rustix::fs::ftruncate(f, content.size).map_err(|x| errno("truncate", &e.path, x))
     }
 
+    /// The child's old copy of `path` when it is one chunk (what signatures describe).
+    fn old_copy(&mut self, path: &str) -> Option<Vec<u8>> {
+        let old = self.old.get(path)?;
+        if !old.chunks.is_empty() || old.size > crate::manifest::CHUNK_THRESHOLD {
+            return None;
+        }
+        let size = u32::try_from(old.size).ok()?;
+        self.read_local(path, 0, size)
+    }
+
+    /// The signature of the child's old copy of `path` (`block == 0` when there is none).
+    pub fn signature(&mut self, path: &str) -> crate::delta::Signature {
+        self.old_copy(path)
+            .map(|b| crate::delta::signature(&b))
+            .unwrap_or_default()
+    }
+
+    /// Rebuilds a chunk from the old copy of `path` and a delta; `None` unless the result
+    /// hashes to the chunk's hash.
+    fn rebuild(
+        &mut self,
+        path: &str,
+        block: u32,
+        ops: &[crate::delta::DeltaOp],
+        literals: &[u8],
+        c: &crate::manifest::Chunk,
+    ) -> Option<Vec<u8>> {
+        let old = self.old_copy(path)?;
+        let b = crate::delta::apply(&old, block, ops, literals, c.len as usize).ok()?;
+        (Hash::of(&b) == c.hash).then_some(b)
+    }
+
     fn set_meta_fd(&self, f: &OwnedFd, rel: &str, m: &Meta) -> Result<(), SyncError> {
         let p = format!("/proc/self/fd/{}", f.as_raw_fd());
         self.set_meta_path(&p, rel, m, true)
@@ -555,6 +686,11 @@ impl Receiver {
     pub fn apply(&mut self, op: &crate::planner::Op) -> Result<(), SyncError> {
         use crate::planner::Op;
         self.report.ops += 1;
+        // Steps that may read or replace what a pending write installs wait for its batch;
+        // new directories and special files do not depend on it.
+        if !matches!(op, Op::Mkdir(_) | Op::Special(_)) {
+            self.flush()?;
+        }
         match op {
             Op::Replace { path } | Op::Delete { path, .. } => self.remove(path),
             Op::Mkdir(e) => {
@@ -636,6 +772,7 @@ impl Receiver {
 
     /// Ends the run: writes the rollback journal, syncs the file system.
     pub fn finish(&mut self) -> Result<(), SyncError> {
+        self.flush()?;
         if let Some((dir, run)) = self.opts.backup.clone() {
             let d = self.mkdirs(&format!("{dir}/{run}"))?;
             let j = serde_json::to_vec_pretty(&serde_json::json!({ "created": self.created }))
@@ -655,12 +792,8 @@ impl Receiver {
         }
         self.retained.clear();
         if self.opts.fsync {
-            // The renames are durable once their directories are.
-            for d in std::mem::take(&mut self.touched) {
-                if let Ok(fd) = self.dir(&d) {
-                    rustix::fs::fsync(&fd).map_err(|x| errno("fsync directory", &d, x))?;
-                }
-            }
+            // The renames (and the journal) are durable once the file system is synced.
+            rustix::fs::syncfs(&self.root).map_err(|x| errno("syncfs", "", x))?;
         }
         Ok(())
     }

@@ -6,7 +6,8 @@
 //! change list), a receiver that applies steps confined beneath its root ([`apply`]: `openat2`
 //! with `RESOLVE_BENEATH`, temp file + rename for every file, copy-on-write clone of a large
 //! file's unchanged chunks, backup and rollback), and the wire protocol ([`proto`]) between the
-//! master and `corral sync serve --stdio`, over a local socket pair or the system `ssh`
+//! master and `corral sync serve --stdio` (small changed files travel as [`delta`]s against
+//! the child's old copy), over a local socket pair or the system `ssh`
 //! ([`transport`]).
 //!
 //! What it is not: an rsync protocol implementation (it does not talk to rsync), and not the
@@ -17,6 +18,7 @@
 //! [`transport::connect`], [`rollback::rollback`].
 
 pub mod apply;
+pub mod delta;
 pub mod error;
 pub mod filter;
 pub mod manifest;

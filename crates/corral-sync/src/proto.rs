@@ -1,26 +1,33 @@
 //! The wire protocol between the master (client) and the receiver (`corral sync serve`).
 //!
 //! Every message is one frame: a 4-byte big-endian length, then the message encoded with
-//! `postcard`. The first message each way is a `Hello` carrying [`VERSION`]; a peer that
-//! speaks another version is refused. File data travels in `Data` frames, zstd-compressed.
+//! `postcard`. The length's top bit ([`FRAME_ZSTD`]) says the body is a zstd frame: bodies of
+//! at least [`FRAME_COMPRESS_MIN`] bytes other than file data (manifest batches, signatures)
+//! are compressed, which shrinks a manifest of paths and metadata several times. The first message each way is a `Hello` carrying [`VERSION`]; a peer that
+//! speaks another version is refused. File data travels in `Data` frames, zstd-compressed
+//! when a sample of it compresses (see [`compress`]), raw otherwise.
 //!
 //! Conversation (client → server unless noted):
 //! 1. `Hello` / server `Hello`.
 //! 2. `Scan` / server `Entries`… `EntriesEnd` (the child's manifest, from its hash cache).
-//! 3. `Apply(op)` for each planned step; an `Apply(Write)` whose chunks the child does not
-//!    hold is followed by one `Data` frame per missing chunk, in order.
-//! 4. `Finish` / server `Report`, or `Bye` (dry run).
+//! 3. `SigRequest(paths)` / server `Sigs` (one [`Signature`] per path, same order), in
+//!    batches, for the changed small files the child holds an old copy of.
+//! 4. `Apply(op)` for each planned step; an `Apply(Write)` whose chunks the child does not
+//!    hold is followed by one `Data` or `Delta` frame per missing chunk, in order (a `Delta`
+//!    only for a file whose signature the child sent).
+//! 5. `Finish` / server `Report`, or `Bye` (dry run).
 //!
 //! This module is pure: it encodes and decodes bytes and checks every decoded path.
 
 use serde::{Deserialize, Serialize};
 
+use crate::delta::{BLOCK_MAX, DeltaOp, Signature};
 use crate::error::ProtoError;
 use crate::manifest::{Entry, Hash, check_rel_path};
 use crate::planner::Op;
 
 /// Protocol version spoken by this build.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Largest frame accepted (a chunk is at most 256 KiB; manifests come in batches).
 pub const MAX_FRAME: usize = 64 * 1024 * 1024;
 
@@ -72,13 +79,31 @@ pub enum Message {
     EntriesEnd,
     /// One plan step.
     Apply(Op),
-    /// One chunk of file data, zstd-compressed; must hash to `hash` once decompressed.
+    /// One chunk of file data; must hash to `hash` once decoded with [`decompress`].
     Data {
         /// BLAKE3 of the uncompressed bytes.
         hash: Hash,
-        /// zstd frame (encoded as one byte string, not a sequence of numbers).
+        /// The bytes as made by [`compress`]: a tag byte, then raw bytes or a zstd frame
+        /// (encoded as one byte string, not a sequence of numbers).
         #[serde(with = "serde_bytes")]
-        zstd: Vec<u8>,
+        payload: Vec<u8>,
+    },
+    /// Asks for the signatures of the child's old copies of these files.
+    SigRequest(Vec<String>),
+    /// The signatures asked for, in the same order (`block == 0`: no usable copy).
+    Sigs(Vec<Signature>),
+    /// One chunk of file data as a delta against the child's old copy of the same path;
+    /// must hash to `hash` once rebuilt.
+    Delta {
+        /// BLAKE3 of the rebuilt bytes.
+        hash: Hash,
+        /// Block size of the signature the delta was made against.
+        block: u32,
+        /// Block copies and literals.
+        ops: Vec<DeltaOp>,
+        /// The literal bytes, encoded as by [`compress`].
+        #[serde(with = "serde_bytes")]
+        literals: Vec<u8>,
     },
     /// All steps sent.
     Finish,
@@ -90,7 +115,12 @@ pub enum Message {
     Bye,
 }
 
-/// Encodes one frame.
+/// Flag in a frame's length word: the body is zstd-compressed.
+pub const FRAME_ZSTD: u32 = 1 << 31;
+/// Bodies this large (other than file data, compressed on its own) are compressed.
+pub const FRAME_COMPRESS_MIN: usize = 1024;
+
+/// Encodes one frame, uncompressed.
 pub fn encode(msg: &Message) -> Result<Vec<u8>, ProtoError> {
     let body = postcard::to_stdvec(msg).map_err(|e| ProtoError::Encode(e.to_string()))?;
     if body.len() > MAX_FRAME {
@@ -102,13 +132,39 @@ pub fn encode(msg: &Message) -> Result<Vec<u8>, ProtoError> {
     Ok(out)
 }
 
-/// Length of the frame starting at `buf`, if its header is complete.
+/// Encodes one frame as [`Framed`] sends it: compressed when that pays (see the module doc).
+pub fn encode_wire(msg: &Message) -> Result<Vec<u8>, ProtoError> {
+    let body = postcard::to_stdvec(msg).map_err(|e| ProtoError::Encode(e.to_string()))?;
+    if body.len() > MAX_FRAME {
+        return Err(ProtoError::TooLarge(body.len()));
+    }
+    let (flag, body) = match msg {
+        Message::Data { .. } | Message::Delta { .. } => (0, body),
+        _ if body.len() >= FRAME_COMPRESS_MIN => match zstd::bulk::compress(&body, 3) {
+            Ok(z) if z.len() < body.len() => (FRAME_ZSTD, z),
+            _ => (0, body),
+        },
+        _ => (0, body),
+    };
+    let mut out = Vec::with_capacity(4 + body.len());
+    let n = u32::try_from(body.len()).unwrap_or(u32::MAX) | flag;
+    out.extend_from_slice(&n.to_be_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Length of the frame body that follows this header (without the compression flag).
 pub fn frame_len(header: [u8; 4]) -> Result<usize, ProtoError> {
-    let n = u32::from_be_bytes(header) as usize;
+    let n = (u32::from_be_bytes(header) & !FRAME_ZSTD) as usize;
     if n > MAX_FRAME {
         return Err(ProtoError::TooLarge(n));
     }
     Ok(n)
+}
+
+/// Whether the frame body that follows this header is compressed.
+pub fn frame_compressed(header: [u8; 4]) -> bool {
+    u32::from_be_bytes(header) & FRAME_ZSTD != 0
 }
 
 /// Decodes one frame body and checks it: every path must be a plain relative path.
@@ -116,6 +172,20 @@ pub fn decode(body: &[u8]) -> Result<Message, ProtoError> {
     let msg: Message = postcard::from_bytes(body).map_err(|e| ProtoError::Decode(e.to_string()))?;
     validate(&msg)?;
     Ok(msg)
+}
+
+/// Decodes a compressed frame body (at most [`MAX_FRAME`] bytes once decompressed).
+pub fn decode_compressed(z: &[u8]) -> Result<Message, ProtoError> {
+    use std::io::Read;
+    let d = zstd::stream::read::Decoder::new(z).map_err(ProtoError::Io)?;
+    let mut body = Vec::new();
+    d.take(MAX_FRAME as u64 + 1)
+        .read_to_end(&mut body)
+        .map_err(|e| ProtoError::Decode(format!("zstd frame: {e}")))?;
+    if body.len() > MAX_FRAME {
+        return Err(ProtoError::TooLarge(body.len()));
+    }
+    decode(&body)
 }
 
 fn check(p: &str) -> Result<(), ProtoError> {
@@ -154,6 +224,31 @@ fn validate(msg: &Message) -> Result<(), ProtoError> {
                     Ok(())
                 }
             }
+        }
+        Message::SigRequest(paths) => paths.iter().try_for_each(|p| {
+            check(p)?;
+            if p.is_empty() {
+                return Err(ProtoError::BadPath(String::new()));
+            }
+            Ok(())
+        }),
+        Message::Sigs(sigs) => {
+            for s in sigs {
+                let ok = if s.block == 0 {
+                    s.blocks.is_empty()
+                } else {
+                    s.block <= BLOCK_MAX
+                        && s.len <= crate::manifest::CHUNK_THRESHOLD
+                        && s.blocks.len() as u64 == s.len.div_ceil(u64::from(s.block))
+                };
+                if !ok {
+                    return Err(ProtoError::Decode("inconsistent signature".into()));
+                }
+            }
+            Ok(())
+        }
+        Message::Delta { block, .. } if *block == 0 || *block > BLOCK_MAX => {
+            Err(ProtoError::Decode(format!("delta block size {block}")))
         }
         Message::Hello { options, .. } => {
             if let Some((dir, run)) = &options.backup {
@@ -221,7 +316,7 @@ impl<R: std::io::Read, W: std::io::Write> Framed<R, W> {
     }
     /// Sends one message (buffered; see [`Framed::flush`]).
     pub fn send(&mut self, msg: &Message) -> Result<(), ProtoError> {
-        let f = encode(msg)?;
+        let f = encode_wire(msg)?;
         self.bytes_out += f.len() as u64;
         self.w.write_all(&f).map_err(ProtoError::Io)
     }
@@ -237,18 +332,65 @@ impl<R: std::io::Read, W: std::io::Write> Framed<R, W> {
         let mut body = vec![0u8; n];
         self.r.read_exact(&mut body).map_err(ProtoError::Io)?;
         self.bytes_in += 4 + n as u64;
-        decode(&body)
+        if frame_compressed(h) {
+            decode_compressed(&body)
+        } else {
+            decode(&body)
+        }
     }
 }
 
-/// Compresses a chunk for a `Data` frame.
-pub fn compress(data: &[u8]) -> Vec<u8> {
-    zstd::bulk::compress(data, 1).unwrap_or_default()
+const RAW: u8 = 0;
+const ZSTD: u8 = 1;
+/// Chunks up to this size are compressed whole to see whether it pays.
+const SAMPLE: usize = 8 * 1024;
+
+/// Whether `data` is worth compressing: small data is tried whole by the caller; for larger
+/// data a sample from its middle must shrink by at least 10% at zstd level 1. Random or
+/// already-compressed content (half of a typical system tree by bytes) then costs a copy, not
+/// a compression and a decompression.
+fn compressible(data: &[u8]) -> bool {
+    if data.len() <= SAMPLE {
+        return true;
+    }
+    let mid = data.len() / 2 - SAMPLE / 2;
+    let sample = &data[mid..mid + SAMPLE];
+    zstd::bulk::compress(sample, 1).is_ok_and(|z| z.len() * 10 < sample.len() * 9)
 }
 
-/// Decompresses a `Data` frame, refusing more than `max` bytes.
+/// Encodes a chunk for a `Data` frame: a tag byte, then a zstd frame if that is smaller,
+/// else the raw bytes.
+pub fn compress(data: &[u8]) -> Vec<u8> {
+    if data.len() >= 64
+        && compressible(data)
+        && let Ok(z) = zstd::bulk::compress(data, 1)
+        && z.len() < data.len()
+    {
+        let mut out = Vec::with_capacity(1 + z.len());
+        out.push(ZSTD);
+        out.extend_from_slice(&z);
+        return out;
+    }
+    let mut out = Vec::with_capacity(1 + data.len());
+    out.push(RAW);
+    out.extend_from_slice(data);
+    out
+}
+
+/// Decodes a `Data` frame's payload, refusing more than `max` bytes.
 pub fn decompress(z: &[u8], max: usize) -> Result<Vec<u8>, ProtoError> {
-    zstd::bulk::decompress(z, max).map_err(|e| ProtoError::Decode(format!("zstd: {e}")))
+    match z.split_first() {
+        Some((&RAW, b)) if b.len() <= max => Ok(b.to_vec()),
+        Some((&RAW, b)) => Err(ProtoError::Decode(format!(
+            "data: {} bytes where at most {max} were expected",
+            b.len()
+        ))),
+        Some((&ZSTD, b)) => {
+            zstd::bulk::decompress(b, max).map_err(|e| ProtoError::Decode(format!("zstd: {e}")))
+        }
+        Some((t, _)) => Err(ProtoError::Decode(format!("data: unknown encoding {t}"))),
+        None => Err(ProtoError::Decode("data: empty payload".into())),
+    }
 }
 
 #[cfg(test)]
@@ -265,6 +407,41 @@ mod tests {
         let f = encode(&m).unwrap();
         assert_eq!(frame_len(f[..4].try_into().unwrap()).unwrap(), f.len() - 4);
         assert_eq!(decode(&f[4..]).unwrap(), m);
+    }
+
+    #[test]
+    fn large_frames_are_compressed_and_round_trip() {
+        let entries: Vec<Entry> = (0..500)
+            .map(|i| crate::manifest::Entry {
+                path: format!("etc/dir{}/file{i}.conf", i % 7),
+                kind: crate::manifest::Kind::File,
+                meta: crate::manifest::Meta {
+                    mode: 0o644,
+                    uid: 0,
+                    gid: 0,
+                    user: Some("root".into()),
+                    group: Some("root".into()),
+                    mtime: 1_700_000_000 + i,
+                    mtime_ns: 0,
+                    xattrs: vec![],
+                },
+                content: None,
+            })
+            .collect();
+        let m = Message::Entries(entries);
+        let f = encode_wire(&m).unwrap();
+        let h: [u8; 4] = f[..4].try_into().unwrap();
+        assert!(frame_compressed(h));
+        assert_eq!(frame_len(h).unwrap(), f.len() - 4);
+        let plain = postcard::to_stdvec(&m).unwrap().len();
+        assert!(f.len() * 3 < plain, "{} of {plain}", f.len());
+        assert_eq!(decode_compressed(&f[4..]).unwrap(), m);
+        let mut framed = Framed::new(&f[..], Vec::new());
+        assert_eq!(framed.recv().unwrap(), m);
+        // A zstd bomb stops at MAX_FRAME; garbage is an error, not a panic.
+        let bomb = zstd::bulk::compress(&vec![0u8; MAX_FRAME + 10], 3).unwrap();
+        assert!(decode_compressed(&bomb).is_err());
+        assert!(decode_compressed(b"not zstd").is_err());
     }
 
     #[test]
@@ -320,7 +497,39 @@ mod tests {
         assert!(decode(&f[4..]).is_err());
     }
 
+    #[test]
+    fn incompressible_data_is_sent_raw_and_text_compressed() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let random: Vec<u8> = (0..200_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let p = compress(&random);
+        assert_eq!(p[0], RAW, "random bytes are not compressed");
+        assert_eq!(p.len(), random.len() + 1);
+        assert_eq!(decompress(&p, random.len()).unwrap(), random);
+        let text = b"server cluster child master rsync corral\n".repeat(5000);
+        let p = compress(&text);
+        assert_eq!(p[0], ZSTD);
+        assert!(p.len() * 10 < text.len(), "{} of {}", p.len(), text.len());
+        assert_eq!(decompress(&p, text.len()).unwrap(), text);
+        // Limits hold for both encodings.
+        assert!(decompress(&compress(&random), 1000).is_err());
+        assert!(decompress(&compress(&text), 1000).is_err());
+        assert!(decompress(&[], 10).is_err());
+        assert!(decompress(&[7, 1, 2], 10).is_err());
+    }
+
     proptest! {
+        #[test]
+        fn compress_round_trips(b in proptest::collection::vec(any::<u8>(), 0..20_000)) {
+            prop_assert_eq!(decompress(&compress(&b), b.len()).unwrap(), b);
+        }
+
         #[test]
         fn random_bytes_never_panic(b in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = decode(&b);

@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::apply::{Receiver, ReceiverOptions};
+use crate::apply::{Incoming, Receiver, ReceiverOptions};
+use crate::delta::{DELTA_MIN, Signature};
 use crate::error::{ProtoError, SyncError};
 use crate::filter::PathFilter;
 use crate::manifest::{Entry, Hash, Manifest};
@@ -23,7 +24,7 @@ const BATCH: usize = 2000;
 pub struct ServeOptions {
     /// Hash cache file for the root (`None`: no cache).
     pub cache: Option<PathBuf>,
-    /// Skip fsync per file (the file system is still synced at the end).
+    /// Skip the `syncfs` before each batch of renames and at the end (see [`crate::apply`]).
     pub no_fsync: bool,
 }
 
@@ -113,15 +114,25 @@ fn serve_inner<R: Read, W: Write>(
                 };
                 let res = match &op {
                     Op::Write(e) => {
-                        let mut data = |h: &Hash, len: u32| -> Result<Vec<u8>, SyncError> {
+                        let mut data = |h: &Hash, len: u32| -> Result<Incoming, SyncError> {
                             match framed.recv()? {
-                                Message::Data { hash, zstd } if hash == *h => {
-                                    let b = decompress(&zstd, len as usize)?;
+                                Message::Data { hash, payload } if hash == *h => {
+                                    let b = decompress(&payload, len as usize)?;
                                     if b.len() != len as usize || Hash::of(&b) != *h {
                                         return Err(SyncError::BadData(e.path.clone()));
                                     }
-                                    Ok(b)
+                                    Ok(Incoming::Bytes(b))
                                 }
+                                Message::Delta {
+                                    hash,
+                                    block,
+                                    ops,
+                                    literals,
+                                } if hash == *h => Ok(Incoming::Delta {
+                                    block,
+                                    ops,
+                                    literals: decompress(&literals, len as usize)?,
+                                }),
                                 m => Err(unexpected(&m)),
                             }
                         };
@@ -139,6 +150,14 @@ fn serve_inner<R: Read, W: Write>(
                         r.report.failed.push((op.path().to_string(), e.to_string()));
                     }
                 }
+            }
+            Message::SigRequest(paths) => {
+                let Some(r) = recv.as_mut() else {
+                    return Err(unexpected(&Message::SigRequest(paths)));
+                };
+                let sigs = paths.iter().map(|p| r.signature(p)).collect();
+                framed.send(&Message::Sigs(sigs))?;
+                framed.flush()?;
             }
             Message::Finish => {
                 let report = match recv.as_mut() {
@@ -295,6 +314,8 @@ pub fn push<R: Read, W: Write>(
         .filter_map(|e| e.content.as_ref())
         .flat_map(|c| c.chunk_list().into_iter().map(|(_, c)| c.hash))
         .collect();
+    let sigs = fetch_signatures(framed, &p, &child, &have)?;
+    let sigs = &sigs;
     progress(Progress::Planned {
         ops: p.ops.len() as u64,
         bytes: p
@@ -303,16 +324,40 @@ pub fn push<R: Read, W: Write>(
             .map(|o| if let Op::Write(e) = o { e.size() } else { 0 })
             .sum(),
     });
-    for op in &p.ops {
-        framed.send(&Message::Apply(op.clone()))?;
-        if let Op::Write(e) = op {
-            send_data(src, e, &have, framed)?;
-        }
-        progress(Progress::Step {
-            path: op.path().to_string(),
-            bytes: if let Op::Write(e) = op { e.size() } else { 0 },
+    // A producer thread reads, checks and compresses the data of the next steps while this
+    // thread writes frames: the disk, the CPU and the stream work at the same time.
+    let sent = std::thread::scope(|s| -> Result<(), SyncError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<Message>, SyncError>>(PIPELINE);
+        let ops = &p.ops;
+        let have = &have;
+        s.spawn(move || {
+            for op in ops {
+                let mut frames = vec![Message::Apply(op.clone())];
+                let r = match op {
+                    Op::Write(e) => data_frames(src, e, have, sigs.get(&e.path), &mut frames),
+                    _ => Ok(()),
+                };
+                let failed = r.is_err();
+                if tx.send(r.map(|()| frames)).is_err() || failed {
+                    return;
+                }
+            }
         });
-    }
+        for op in &p.ops {
+            let frames = rx
+                .recv()
+                .map_err(|_| SyncError::Remote("data reader stopped".into()))??;
+            for f in &frames {
+                framed.send(f)?;
+            }
+            progress(Progress::Step {
+                path: op.path().to_string(),
+                bytes: if let Op::Write(e) = op { e.size() } else { 0 },
+            });
+        }
+        Ok(())
+    });
+    sent?;
     framed.send(&Message::Finish)?;
     framed.flush()?;
     let report = match framed.recv()? {
@@ -327,11 +372,68 @@ pub fn push<R: Read, W: Write>(
     Ok(result)
 }
 
-fn send_data<R: Read, W: Write>(
+/// Paths asked for in one `SigRequest`.
+const SIG_BATCH: usize = 1024;
+
+/// Asks the child for the signatures of its old copies of the small files the plan rewrites
+/// (one round trip per [`SIG_BATCH`] files), so that they can travel as deltas.
+fn fetch_signatures<R: Read, W: Write>(
+    framed: &mut Framed<R, W>,
+    p: &Plan,
+    child: &Manifest,
+    have: &HashSet<Hash>,
+) -> Result<std::collections::HashMap<String, Signature>, SyncError> {
+    let small = |c: &crate::manifest::Content| {
+        c.chunks.is_empty() && c.size >= DELTA_MIN && c.size <= crate::manifest::CHUNK_THRESHOLD
+    };
+    let old: std::collections::HashMap<&str, &crate::manifest::Content> = child
+        .entries
+        .iter()
+        .filter(|e| e.kind == crate::manifest::Kind::File)
+        .filter_map(|e| Some((e.path.as_str(), e.content.as_ref()?)))
+        .filter(|(_, c)| small(c))
+        .collect();
+    let paths: Vec<String> = p
+        .ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::Write(e) => Some(e),
+            _ => None,
+        })
+        .filter(|e| {
+            e.content
+                .as_ref()
+                .is_some_and(|c| small(c) && !have.contains(&c.hash))
+                && old.contains_key(e.path.as_str())
+        })
+        .map(|e| e.path.clone())
+        .collect();
+    let mut out = std::collections::HashMap::new();
+    for batch in paths.chunks(SIG_BATCH) {
+        framed.send(&Message::SigRequest(batch.to_vec()))?;
+        framed.flush()?;
+        match framed.recv()? {
+            Message::Sigs(s) if s.len() == batch.len() => {
+                out.extend(batch.iter().cloned().zip(s).filter(|(_, s)| s.block > 0));
+            }
+            Message::Error(e) => return Err(SyncError::Remote(e)),
+            m => return Err(unexpected(&m)),
+        }
+    }
+    Ok(out)
+}
+
+/// Steps whose frames are prepared ahead of the stream.
+const PIPELINE: usize = 32;
+
+/// The `Data` frames of a write: one per chunk the child does not hold, read from the source
+/// and checked against the manifest's hash (a file changed since the scan fails its step).
+fn data_frames(
     src: &Path,
     e: &Entry,
     have: &HashSet<Hash>,
-    framed: &mut Framed<R, W>,
+    sig: Option<&Signature>,
+    frames: &mut Vec<Message>,
 ) -> Result<(), SyncError> {
     let Some(c) = &e.content else { return Ok(()) };
     let chunks = c.chunk_list();
@@ -357,10 +459,24 @@ fn send_data<R: Read, W: Write>(
         if Hash::of(&buf) != ch.hash {
             return Err(SyncError::SourceChanged(e.path.clone()));
         }
-        framed.send(&Message::Data {
+        if let Some(sig) = sig {
+            // A small file is one chunk: the delta against the child's old copy replaces it
+            // when that is clearly smaller.
+            let d = crate::delta::delta(sig, &buf);
+            if crate::delta::wire_size(&d) * 4 < buf.len() * 3 {
+                frames.push(Message::Delta {
+                    hash: ch.hash,
+                    block: sig.block,
+                    ops: d.ops,
+                    literals: compress(&d.literals),
+                });
+                continue;
+            }
+        }
+        frames.push(Message::Data {
             hash: ch.hash,
-            zstd: compress(&buf),
-        })?;
+            payload: compress(&buf),
+        });
     }
     Ok(())
 }

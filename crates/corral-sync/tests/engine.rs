@@ -396,7 +396,7 @@ fn hostile_stream_writes_nothing_outside_the_root() {
                 Message::Apply(Op::Write(file_entry(bad, data))),
                 Message::Data {
                     hash,
-                    zstd: zstd.clone(),
+                    payload: zstd.clone(),
                 },
             ],
         );
@@ -409,7 +409,7 @@ fn hostile_stream_writes_nothing_outside_the_root() {
             Message::Apply(Op::Write(file_entry("sneaky/new", data))),
             Message::Data {
                 hash,
-                zstd: zstd.clone(),
+                payload: zstd.clone(),
             },
             Message::Apply(Op::Delete {
                 path: "sneaky/precious".into(),
@@ -452,7 +452,7 @@ fn hostile_stream_writes_nothing_outside_the_root() {
             Message::Apply(Op::Write(file_entry("x", data))),
             Message::Data {
                 hash,
-                zstd: corral_sync::proto::compress(b"other"),
+                payload: corral_sync::proto::compress(b"other"),
             },
         ],
     );
@@ -560,4 +560,158 @@ fn big_image_edit_on_a_reflink_file_system_writes_only_changed_chunks() {
         r.report
     );
     assert!(r.report.bytes_written <= 2 << 20, "{:?}", r.report);
+}
+
+fn push_durable(src: &Path, dst: &Path) -> PushResult {
+    push_to(
+        src,
+        &Dest::Local(dst.to_path_buf()),
+        &SshOptions::default(),
+        ServeOptions {
+            cache: None,
+            no_fsync: false,
+        },
+        &IncludeAll,
+        &PushOptions::default(),
+        &mut |_| {},
+    )
+    .unwrap()
+}
+
+fn tree_bytes(root: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let p = e.path();
+            if e.file_type().unwrap().is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(root).unwrap().to_str().unwrap().to_string();
+                out.push((rel, std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// More files than one install batch (1024) with durability on, then 64-byte edits in 1% of
+/// them: every file arrives byte for byte, and the edits cost a few KB each on the wire.
+#[test]
+fn batched_install_and_small_edits_as_deltas() {
+    let t = tempfile::tempdir().unwrap();
+    let (m, c) = (t.path().join("master"), t.path().join("child"));
+    std::fs::create_dir(&m).unwrap();
+    std::fs::create_dir(&c).unwrap();
+    let n = 1300;
+    let size = |i: usize| 2048 + (i * 7919) % (96 * 1024);
+    for i in 0..n {
+        let body = if i % 2 == 0 {
+            pseudo_random(size(i), i as u64)
+        } else {
+            format!("line {i} of a text-like file\n")
+                .repeat(size(i) / 20)
+                .into_bytes()
+        };
+        write(&m.join(format!("d{}/f{i}", i % 13)), &body);
+    }
+    let r = push_durable(&m, &c);
+    assert!(r.report.failed.is_empty(), "{:?}", r.report.failed);
+    assert_eq!(r.report.files_written, n as u64);
+    assert_eq!(tree_bytes(&m), tree_bytes(&c));
+    assert_same(&manifest(&m), &manifest(&c));
+
+    // 64 bytes edited in place in 13 files, and 100 bytes inserted in 2 more.
+    let mut changed_bytes = 0;
+    for i in (0..n).step_by(100) {
+        let p = m.join(format!("d{}/f{i}", i % 13));
+        let mut b = std::fs::read(&p).unwrap();
+        let off = b.len() / 3;
+        b[off..off + 64].copy_from_slice(&pseudo_random(64, 1000 + i as u64));
+        changed_bytes += b.len();
+        write(&p, &b);
+    }
+    for i in [7usize, 8] {
+        let p = m.join(format!("d{}/f{i}", i % 13));
+        let mut b = std::fs::read(&p).unwrap();
+        b.splice(100..100, pseudo_random(100, i as u64));
+        changed_bytes += b.len();
+        write(&p, &b);
+    }
+    let r = push_durable(&m, &c);
+    assert!(r.report.failed.is_empty(), "{:?}", r.report.failed);
+    assert_eq!(r.report.files_written, 15);
+    assert_eq!(tree_bytes(&m), tree_bytes(&c));
+    eprintln!(
+        "15 edited files of {changed_bytes} bytes: {} bytes sent, {:?}",
+        r.bytes_out, r.report
+    );
+    // Whole files would be about `changed_bytes` (half of them random); deltas cost a few
+    // blocks each (the Apply frames with their entries included).
+    assert!(r.bytes_out < 15 * 4096, "{} bytes sent", r.bytes_out);
+    assert!(r.report.literal_bytes < 15 * 2 * 2048, "{:?}", r.report);
+    assert_eq!(
+        r.report.literal_bytes + r.report.reused_bytes,
+        changed_bytes as u64
+    );
+}
+
+/// A delta that does not rebuild the file (hostile or against a changed old copy) fails that
+/// file's step and leaves the old copy; signatures are only made of files beneath the root.
+#[test]
+fn bad_delta_fails_the_step_and_keeps_the_old_file() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("root");
+    let old = pseudo_random(10_000, 5);
+    write(&root.join("f"), &old);
+    let new = pseudo_random(10_000, 6);
+    let hash = corral_sync::manifest::Hash::of(&new);
+    let mut input = Vec::new();
+    for m in [
+        Message::Hello {
+            version: VERSION,
+            options: RunOptions::default(),
+        },
+        Message::Scan,
+        Message::SigRequest(vec!["f".into(), "missing".into()]),
+        Message::Apply(Op::Write(file_entry("f", &new))),
+        Message::Delta {
+            hash,
+            block: 256,
+            ops: vec![corral_sync::delta::DeltaOp::Copy {
+                index: 0,
+                count: 39,
+            }],
+            literals: corral_sync::proto::compress(&new[..16]),
+        },
+        Message::Finish,
+    ] {
+        input.extend(corral_sync::proto::encode(&m).unwrap());
+    }
+    let mut out = Vec::new();
+    let mut f = Framed::new(&input[..], &mut out);
+    corral_sync::session::serve(&root, &mut f, &ServeOptions::default()).unwrap();
+    let mut back = Framed::new(&out[..], Vec::new());
+    let (mut sigs, mut report) = (None, None);
+    while let Ok(m) = back.recv() {
+        match m {
+            Message::Sigs(s) => sigs = Some(s),
+            Message::Report(r) => report = Some(r),
+            _ => {}
+        }
+    }
+    let sigs = sigs.expect("signatures answered");
+    assert_eq!(sigs.len(), 2);
+    assert_eq!(sigs[0].len, old.len() as u64);
+    assert!(sigs[0].block > 0 && !sigs[0].blocks.is_empty());
+    assert_eq!(sigs[1].block, 0, "no old copy, no signature");
+    let report = report.expect("report");
+    assert_eq!(report.failed.len(), 1, "{report:?}");
+    assert_eq!(report.failed[0].0, "f");
+    assert_eq!(report.files_written, 0);
+    assert_eq!(std::fs::read(root.join("f")).unwrap(), old);
+    // No temporary file left behind.
+    assert_eq!(std::fs::read_dir(&root).unwrap().count(), 1);
 }

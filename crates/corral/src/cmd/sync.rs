@@ -126,7 +126,8 @@ pub(crate) struct PushArgs {
     /// Map owners by number, never by name.
     #[arg(long)]
     numeric_ids: bool,
-    /// Do not fsync each file (the file system is still synced at the end).
+    /// Do not sync each batch of written files before renaming it into place (faster; after
+    /// a power loss a renamed file may be empty).
     #[arg(long)]
     no_fsync: bool,
     /// Print the result as one JSON object.
@@ -191,7 +192,7 @@ pub(crate) struct ServeArgs {
     /// Everything happens beneath this directory.
     #[arg(long, value_name = "DIR")]
     root: PathBuf,
-    /// Do not fsync each file.
+    /// Do not sync each batch of written files before renaming it into place.
     #[arg(long)]
     no_fsync: bool,
 }
