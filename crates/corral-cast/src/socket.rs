@@ -100,16 +100,20 @@ fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> CastError {
     move |source| CastError::Socket { what, source }
 }
 
-/// Asks for `want` bytes of receive and send buffer and warns when the kernel gives less.
+/// Asks for `want` bytes of receive and send buffer. When `net.core.rmem_max`/`wmem_max` caps
+/// the request, retries with `SO_RCVBUFFORCE`/`SO_SNDBUFFORCE` (which a privileged process,
+/// e.g. one imaging a disk as root, may use beyond the cap) and warns only if that fails too.
 fn set_buffers(sock: &Socket, want: usize) {
-    for (name, set, get) in [
+    for (name, force, set, get) in [
         (
             "SO_RCVBUF",
+            libc::SO_RCVBUFFORCE,
             Socket::set_recv_buffer_size as fn(&Socket, usize) -> io::Result<()>,
             Socket::recv_buffer_size as fn(&Socket) -> io::Result<usize>,
         ),
         (
             "SO_SNDBUF",
+            libc::SO_SNDBUFFORCE,
             Socket::set_send_buffer_size,
             Socket::send_buffer_size,
         ),
@@ -119,17 +123,42 @@ fn set_buffers(sock: &Socket, want: usize) {
             continue;
         }
         // Linux doubles the value it stores (bookkeeping overhead), so compare against half.
-        match get(sock) {
-            Ok(got) if got / 2 < want => warn!(
+        let capped = |sock: &Socket| get(sock).map(|got| (got / 2 < want, got / 2));
+        if let Ok((true, _)) = capped(sock) {
+            let _ = set_force(sock, force, want);
+        }
+        match capped(sock) {
+            Ok((true, got)) => warn!(
                 option = name,
                 asked = want,
-                got = got / 2,
+                got,
                 "kernel capped the socket buffer (raise net.core.rmem_max/wmem_max); \
                  expect more loss at high rates"
             ),
-            Ok(got) => debug!(option = name, got, "socket buffer"),
+            Ok((false, got)) => debug!(option = name, got, "socket buffer"),
             Err(e) => warn!(option = name, error = %e, "cannot read socket buffer size"),
         }
+    }
+}
+
+/// `setsockopt(SOL_SOCKET, opt, want)` for the `*BUFFORCE` options socket2 does not wrap.
+fn set_force(sock: &Socket, opt: libc::c_int, want: usize) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let v = libc::c_int::try_from(want).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `v` is a live c_int and we pass its exact size; the fd is open (owned by `sock`).
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
