@@ -13,7 +13,9 @@
 # Mbit/s of image delivered, and the ratio corral/udpcast (>1: corral faster). Every received
 # file is hashed and compared with the image; a mismatch is printed as BAD.
 #
-# CORRAL_RATE (default adaptive) is passed to `corral cast send --rate`.
+# CORRAL_RATE (default adaptive) is passed to `corral cast send --rate`. CORRAL=path runs that
+# binary instead of building one. PERF=prefix records a system-wide profile of each run
+# (`perf record -a -g`) into prefix.TOOL.SCENARIO.N.data.
 #
 # Needs root, iproute2, iptables (legacy), udpcast; installs them with apt-get if missing.
 # Times are on a shared 2-core machine: compare ratios within one run, not absolute numbers.
@@ -27,6 +29,7 @@ ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 WORK=${WORK:-/dev/shm/corral-bench.$$}
 TAG=cb$$
 GROUP=239.255.88.1
+TIME="/usr/bin/time -f %U\ %S"
 
 if [ "$(id -u)" != 0 ]; then
     echo "bench/cast/run.sh needs root (network namespaces)" >&2
@@ -40,9 +43,11 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get install -y "${need[@]}"
 fi
 
-echo "building corral (release)..." >&2
-(cd "$ROOT" && cargo build --release -p corral --bin corral >&2)
-CORRAL=$ROOT/target/release/corral
+if [ -z "${CORRAL:-}" ]; then
+    echo "building corral (release)..." >&2
+    (cd "$ROOT" && cargo build --release --locked -p corral --bin corral >&2)
+    CORRAL=$ROOT/target/release/corral
+fi
 
 mkdir -p "$WORK"
 NSS=()
@@ -92,7 +97,15 @@ make_image() { # kind file
 
 now() { date +%s.%N; }
 
-# run_tool TOOL SCENARIO N IMAGE -> prints "t_all t_unaffected ok_count bad_count"
+# tx_packets NS: packets sent so far by the namespace's eth0 (multicast, unicast and control;
+# a UDP GSO send counts once).
+tx_packets() { ip netns exec "$1" cat /sys/class/net/eth0/statistics/tx_packets; }
+
+# cpu_of FILE...: sum of user+system CPU seconds recorded by /usr/bin/time -f "%U %S".
+cpu_of() { cat "$@" 2>/dev/null | awk 'NF == 2 && $1 ~ /^[0-9.]+$/ { s += $1 + $2 } END { printf "%.2f", s }'; }
+
+# run_tool TOOL SCENARIO N IMAGE -> prints "t_all t_unaffected ok_count bad_count tx_packets
+# sender_cpu_s receivers_cpu_s"
 run_tool() {
     local tool=$1 sc=$2 n=$3 img=$4
     local dir=$WORK/$tool
@@ -107,10 +120,16 @@ run_tool() {
         else
             cmd="$CORRAL -q cast receive --output $out --interface eth0 --group $GROUP --port 9400 --name r$i --idle-timeout ${TIMEOUT}s --json"
         fi
-        ip netns exec "$TAG-h$i" timeout "$TIMEOUT" sh -c "$cmd >$dir/log$i 2>&1; echo \$? \$(date +%s.%N) >$dir/done$i" &
+        ip netns exec "$TAG-h$i" timeout "$TIMEOUT" sh -c "$TIME -o $dir/cpu$i $cmd >$dir/log$i 2>&1; echo \$? \$(date +%s.%N) >$dir/done$i" &
         pids+=($!)
     done
     sleep 0.5
+    local tx0 perf_pid=
+    tx0=$(tx_packets "$TAG-h0")
+    if [ -n "${PERF:-}" ]; then
+        perf record -q -a -g -o "$PERF.$tool.$sc.$n.data" >/dev/null 2>&1 &
+        perf_pid=$!
+    fi
     local start
     start=$(now)
     local scmd
@@ -120,7 +139,7 @@ run_tool() {
         scmd="$CORRAL -q cast send $img --interface eth0 --group $GROUP --port 9400 --min-receivers $n --min-wait 0s --rate $CORRAL_RATE --json"
         [ "$sc" = rand9k ] && scmd="$scmd --mtu 9000"
     fi
-    ip netns exec "$TAG-h0" timeout "$TIMEOUT" sh -c "$scmd >$dir/sender.log 2>&1; echo \$? >$dir/sender.rc" &
+    ip netns exec "$TAG-h0" timeout "$TIMEOUT" sh -c "$TIME -o $dir/cpu0 $scmd >$dir/sender.log 2>&1; echo \$? >$dir/sender.rc" &
     local spid=$!
     if [ "$sc" = kill ]; then
         sleep 1
@@ -128,6 +147,17 @@ run_tool() {
     fi
     for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
     wait "$spid" 2>/dev/null || true
+    local txp
+    txp=$(($(tx_packets "$TAG-h0") - tx0))
+    # corral sends with UDP GSO, which the interface counts as one packet per super-datagram:
+    # take the sender's own count of datagrams when it reports one.
+    local own
+    own=$(grep -o '"packets_sent":[0-9]*' "$dir/sender.log" 2>/dev/null | tail -n 1 | cut -d: -f2 || true)
+    [ -z "$own" ] || txp=$own
+    if [ -n "$perf_pid" ]; then
+        kill -INT "$perf_pid" 2>/dev/null || true
+        wait "$perf_pid" 2>/dev/null || true
+    fi
     local want
     want=$(sha256sum <"$img" | cut -d' ' -f1)
     local t_all=0 t_fast=0 ok=0 bad=0
@@ -153,7 +183,9 @@ run_tool() {
     done
     [ "$n" = 1 ] || [ "$t_fast" != 0 ] || t_fast=$t_all
     [ "$t_fast" != 0 ] || t_fast=$t_all
-    echo "$t_all $t_fast $ok $bad"
+    local rcpu=()
+    for i in $(seq 1 "$n"); do rcpu+=("$dir/cpu$i"); done
+    echo "$t_all $t_fast $ok $bad $txp $(cpu_of "$dir/cpu0") $(cpu_of "${rcpu[@]}")"
 }
 
 mbit() { # seconds -> Mbit/s of image
@@ -181,8 +213,9 @@ for item in $SCENARIOS; do
     kind=rand
     [ "$sc" = zeros ] && kind=zeros
     [ -f "$img" ] || make_image "$kind" "$img"
-    read -r u_all u_fast u_ok u_bad < <(run_tool udpcast "$sc" "$n" "$img")
-    read -r c_all c_fast c_ok c_bad < <(run_tool corral "$sc" "$n" "$img")
+    load=$(cut -d' ' -f1 /proc/loadavg)
+    read -r u_all u_fast u_ok u_bad u_pk u_scpu u_rcpu < <(run_tool udpcast "$sc" "$n" "$img")
+    read -r c_all c_fast c_ok c_bad c_pk c_scpu c_rcpu < <(run_tool corral "$sc" "$n" "$img")
     ratio=-
     if [ "$(echo "$c_fast > 0 && $u_fast > 0" | bc -l)" = 1 ]; then
         ratio=$(echo "scale=2; $u_fast / $c_fast" | bc -l)
@@ -197,6 +230,15 @@ for item in $SCENARIOS; do
     [ "$u_ok" = 0 ] && ratio="inf (udpcast failed)"
     printf "%-8s %2s | %s | %s | %s\n" "$sc" "$n" "$(fmt "$u_all" "$u_fast" "$u_ok" "$u_bad")" \
         "$(fmt "$c_all" "$c_fast" "$c_ok" "$c_bad")" "$ratio"
+    pk_ratio=-
+    [ "$u_pk" -gt 0 ] && pk_ratio=$(echo "scale=3; $c_pk / $u_pk" | bc -l)
+    # CPU seconds per GiB of image: the sender, and the receivers' mean.
+    per_gib() { echo "scale=2; $1 * 1024 / $SIZE_MB / $2" | bc -l; }
+    printf "%-11s | packets %8s cpu/GiB snd %5s rcv %5s | packets %8s cpu/GiB snd %5s rcv %5s | packets %s, load %s\n" \
+        "" "$u_pk" "$(per_gib "$u_scpu" 1)" "$(per_gib "$u_rcpu" "$n")" \
+        "$c_pk" "$(per_gib "$c_scpu" 1)" "$(per_gib "$c_rcpu" "$n")" "$pk_ratio" "$load"
     rm -f "$img"
 done
+echo "(second line: packets sent by the sender's interface, CPU seconds (user+sys) per GiB of image
+ for the sender and per receiver, corral/udpcast packet ratio, 1-min load average before the pair)"
 echo "(size ${SIZE_MB} MiB; s_fast = until every unaffected receiver finished; ratio = udpcast s_fast / corral s_fast, >1 means corral faster)"

@@ -228,18 +228,13 @@ impl EncodedBlock {
         expected_len: usize,
         expected_hash: &[u8; 32],
     ) -> Result<Vec<u8>, BlockError> {
-        let data = if self.compressed {
-            // Capacity bounds the output: a decompression bomb fails instead of allocating.
-            zstd::bulk::decompress(self.payload(), expected_len).map_err(|e| BlockError::Zstd {
-                block,
-                op: "decompress",
-                message: e.to_string(),
-            })?
-        } else {
-            self.payload().to_vec()
-        };
-        verify(block, &data, expected_len, expected_hash)?;
-        Ok(data)
+        decode_payload(
+            block,
+            self.compressed,
+            self.payload().to_vec(),
+            expected_len,
+            expected_hash,
+        )
     }
 
     /// Serialises for the TCP catch-up path: `flags u8 | payload_len u32 BE | symbol_size u16 BE
@@ -276,8 +271,9 @@ impl EncodedBlock {
         Self::from_payload(block, compressed, &bytes[7..], symbol_size)
     }
 
-    /// Rebuilds a block from any `k` distinct symbols. Used by the receiver; exposed for
-    /// drivers and tests. `symbols` yields `(esi, bytes)`; each must be `symbol_size` long.
+    /// Rebuilds a block from any `k` distinct symbols. Used by drivers and tests (the
+    /// receiver itself lays symbols out in place and calls [`rebuild_payload`]). `symbols`
+    /// yields `(esi, bytes)`; each must be `symbol_size` long.
     pub fn from_symbols<'a>(
         block: u32,
         compressed: bool,
@@ -285,23 +281,12 @@ impl EncodedBlock {
         symbol_size: u16,
         symbols: impl IntoIterator<Item = (u16, &'a [u8])>,
     ) -> Result<Self, BlockError> {
-        check_symbol_size(symbol_size)?;
+        let k = checked_source_count(block, payload_len, symbol_size)?;
         let s = usize::from(symbol_size);
-        let k = source_count(payload_len as usize, symbol_size);
-        if k > MAX_SOURCE_SYMBOLS {
-            return Err(BlockError::TooManySymbols {
-                block,
-                payload_len: payload_len as usize,
-                k,
-                max: MAX_SOURCE_SYMBOLS,
-            });
-        }
-        let k16 = k as u16;
-        let r = usize::from(parity_count(k16));
+        let r = usize::from(parity_count(k as u16));
         let mut buf = vec![0u8; k * s];
         let mut have = vec![false; k];
-        let mut recovery: Vec<(usize, &[u8])> = Vec::new();
-        let mut have_count = 0usize;
+        let mut recovery: Vec<(u16, &[u8])> = Vec::new();
         for (esi, sym) in symbols {
             if sym.len() != s {
                 return Err(BlockError::Malformed {
@@ -314,44 +299,133 @@ impl EncodedBlock {
             if esi < k {
                 if !have[esi] {
                     have[esi] = true;
-                    have_count += 1;
                     buf[esi * s..(esi + 1) * s].copy_from_slice(sym);
                 }
-            } else if esi < k + r && !recovery.iter().any(|(i, _)| *i == esi - k) {
-                recovery.push((esi - k, sym));
+            } else if esi < k + r {
+                // esi - k < r <= 32768
+                let j = (esi - k) as u16;
+                if !recovery.iter().any(|&(i, _)| i == j) {
+                    recovery.push((j, sym));
+                }
             }
         }
-        if have_count < k {
-            let need = k - have_count;
-            if recovery.len() < need {
-                return Err(BlockError::ReedSolomon {
+        let payload = rebuild_payload(block, payload_len, symbol_size, buf, |i| have[i], recovery)?;
+        Self::from_payload(block, compressed, &payload, symbol_size)
+    }
+}
+
+/// `source_count` with the size checks every rebuild needs.
+fn checked_source_count(
+    block: u32,
+    payload_len: u32,
+    symbol_size: u16,
+) -> Result<usize, BlockError> {
+    check_symbol_size(symbol_size)?;
+    let k = source_count(payload_len as usize, symbol_size);
+    if k > MAX_SOURCE_SYMBOLS {
+        return Err(BlockError::TooManySymbols {
+            block,
+            payload_len: payload_len as usize,
+            k,
+            max: MAX_SOURCE_SYMBOLS,
+        });
+    }
+    Ok(k)
+}
+
+/// Rebuilds a block's payload in place, without copying the symbols that arrived.
+///
+/// `source` holds the `k` source symbols laid out at their positions (symbol `i` at
+/// `i * symbol_size`; it is zero-extended to `k * symbol_size` if shorter); `present(i)` says
+/// which of them arrived (the bytes of the others are ignored and overwritten). `recovery`
+/// yields `(j, bytes)` for parity symbols (ESI `k + j`), distinct `j`, each `symbol_size` long.
+/// With every source symbol present no decoding is done at all. Returns the payload
+/// (`payload_len` bytes, the `source` buffer truncated), not yet verified.
+pub fn rebuild_payload<'a>(
+    block: u32,
+    payload_len: u32,
+    symbol_size: u16,
+    mut source: Vec<u8>,
+    present: impl Fn(usize) -> bool,
+    recovery: impl IntoIterator<Item = (u16, &'a [u8])>,
+) -> Result<Vec<u8>, BlockError> {
+    let k = checked_source_count(block, payload_len, symbol_size)?;
+    let s = usize::from(symbol_size);
+    let r = usize::from(parity_count(k as u16));
+    source.resize(k * s, 0);
+    let have_count = (0..k).filter(|&i| present(i)).count();
+    if have_count < k {
+        let need = k - have_count;
+        let mut rec: Vec<(usize, &[u8])> = Vec::with_capacity(need);
+        for (j, sym) in recovery {
+            if rec.len() == need {
+                break;
+            }
+            if sym.len() != s {
+                return Err(BlockError::Malformed {
                     block,
-                    op: "decode",
-                    message: format!(
-                        "not enough symbols: {have_count} source + {} parity < {k}",
-                        recovery.len()
-                    ),
+                    why: "symbol length differs from symbol size",
+                    len: sym.len(),
                 });
             }
-            recovery.truncate(need);
-            let originals = (0..k)
-                .filter(|&i| have[i])
-                .map(|i| (i, &buf[i * s..(i + 1) * s]));
-            let restored = reed_solomon_simd::decode(k, r, originals, recovery.iter().copied())
-                .map_err(|e| BlockError::ReedSolomon {
+            if usize::from(j) < r {
+                rec.push((usize::from(j), sym));
+            }
+        }
+        if rec.len() < need {
+            return Err(BlockError::ReedSolomon {
+                block,
+                op: "decode",
+                message: format!(
+                    "not enough symbols: {have_count} source + {} parity < {k}",
+                    rec.len()
+                ),
+            });
+        }
+        let originals = (0..k)
+            .filter(|&i| present(i))
+            .map(|i| (i, &source[i * s..(i + 1) * s]));
+        let restored =
+            reed_solomon_simd::decode(k, r, originals, rec.iter().copied()).map_err(|e| {
+                BlockError::ReedSolomon {
                     block,
                     op: "decode",
                     message: e.to_string(),
-                })?;
-            for (i, shard) in restored {
-                if i < k && shard.len() == s {
-                    buf[i * s..(i + 1) * s].copy_from_slice(&shard);
                 }
+            })?;
+        for (i, shard) in restored {
+            if i < k && shard.len() == s {
+                source[i * s..(i + 1) * s].copy_from_slice(&shard);
             }
         }
-        buf.truncate(payload_len as usize);
-        Self::from_payload(block, compressed, &buf, symbol_size)
     }
+    source.truncate(payload_len as usize);
+    Ok(source)
+}
+
+/// Turns a rebuilt payload into the block's bytes (decompressing if `compressed`, else reusing
+/// the buffer) and checks length and BLAKE3 hash against the manifest's entry.
+///
+/// Nothing that fails here may reach the disk.
+pub fn decode_payload(
+    block: u32,
+    compressed: bool,
+    payload: Vec<u8>,
+    expected_len: usize,
+    expected_hash: &[u8; 32],
+) -> Result<Vec<u8>, BlockError> {
+    let data = if compressed {
+        // Capacity bounds the output: a decompression bomb fails instead of allocating.
+        zstd::bulk::decompress(&payload, expected_len).map_err(|e| BlockError::Zstd {
+            block,
+            op: "decompress",
+            message: e.to_string(),
+        })?
+    } else {
+        payload
+    };
+    verify(block, &data, expected_len, expected_hash)?;
+    Ok(data)
 }
 
 /// Checks a decoded block's length and BLAKE3 hash.

@@ -231,8 +231,13 @@ struct Assembly {
     count: u16,
     /// One past the highest ESI received.
     seen: u32,
-    symbols: Vec<u8>,
-    esis: Vec<u16>,
+    /// Source symbols laid out in place (ESI `i` at `i * symbol_size`), so a block that lost
+    /// nothing is its own payload, with no copy and no decoding. Grows as symbols arrive
+    /// (usually in order); holes are zero-filled and flagged in `have`.
+    source: Vec<u8>,
+    /// Parity symbols in arrival order, and their ESIs.
+    parity: Vec<u8>,
+    parity_esis: Vec<u16>,
     conflicts: u32,
     last_symbol: Option<Instant>,
     /// Highest repair (parity) index received, for loss estimates during repair.
@@ -302,7 +307,13 @@ pub struct Receiver {
     ended: bool,
     events: VecDeque<ReceiverEvent>,
     stats: ReceiverStats,
+    /// Block buffers handed back by the driver ([`Receiver::recycle`]), reused for new
+    /// assemblies so a steady stream does not fault in (and zero) fresh pages for every block.
+    spare: Vec<Vec<u8>>,
 }
+
+/// Most recycled block buffers kept.
+const MAX_SPARE_BUFFERS: usize = 4;
 
 impl Receiver {
     /// A receiver waiting for an Announce. `now` starts its timers.
@@ -344,6 +355,7 @@ impl Receiver {
             ended: false,
             events: VecDeque::new(),
             stats: ReceiverStats::default(),
+            spare: Vec::new(),
             cfg,
         }
     }
@@ -430,6 +442,14 @@ impl Receiver {
                 true
             }
             _ => false,
+        }
+    }
+
+    /// Hands back the buffer of a [`ReceiverEvent::BlockReady`] once it is written, for reuse
+    /// by later blocks (optional; saves an allocation and page faults per block).
+    pub fn recycle(&mut self, buf: Vec<u8>) {
+        if self.spare.len() < MAX_SPARE_BUFFERS && buf.capacity() > 0 {
+            self.spare.push(buf);
         }
     }
 
@@ -563,10 +583,17 @@ impl Receiver {
             return Ok(());
         }
         let enc = EncodedBlock::from_bytes(index, bytes)?;
-        self.verify_and_emit(index, &enc)
+        self.verify_and_emit(index, enc.compressed(), enc.payload().to_vec())
     }
 
-    fn verify_and_emit(&mut self, index: u32, enc: &EncodedBlock) -> Result<(), BlockError> {
+    /// Decodes and verifies a rebuilt payload; emits `BlockReady` on success, counts and
+    /// reports the block otherwise.
+    fn verify_and_emit(
+        &mut self,
+        index: u32,
+        compressed: bool,
+        payload: Vec<u8>,
+    ) -> Result<(), BlockError> {
         let Some(m) = self.manifest.clone() else {
             return Err(BlockError::NoManifest { block: index });
         };
@@ -574,7 +601,8 @@ impl Receiver {
         let entry = man.blocks[index as usize];
         let len = man.block_len(index);
         // Zero blocks too: their hash is the hash of zeros, so only zeros are accepted.
-        let res = enc.decode_verified(index, len as usize, &entry.hash);
+        let res =
+            crate::block::decode_payload(index, compressed, payload, len as usize, &entry.hash);
         match res {
             Ok(data) => {
                 if self.mark_done(index) {
@@ -841,8 +869,16 @@ impl Receiver {
                 have: vec![SYM_NONE; usize::from(d.k) + r],
                 count: 0,
                 seen: 0,
-                symbols: Vec::with_capacity(usize::from(d.k) * sym),
-                esis: Vec::with_capacity(usize::from(d.k)),
+                source: match self.spare.pop() {
+                    Some(mut v) => {
+                        v.clear();
+                        v.reserve(usize::from(d.k) * sym);
+                        v
+                    }
+                    None => Vec::with_capacity(usize::from(d.k) * sym),
+                },
+                parity: Vec::new(),
+                parity_esis: Vec::new(),
                 conflicts: 0,
                 last_symbol: None,
                 last_repair: None,
@@ -852,26 +888,35 @@ impl Receiver {
             return;
         };
         let esi = usize::from(d.esi);
+        let is_source = d.esi < a.k;
         match a.have[esi] {
             SYM_NONE => {}
             SYM_HAVE => {
                 // A second copy. Identical: a harmless duplicate. Different: one of them is
                 // forged or corrupted and we cannot tell which, so distrust this index for
                 // good and rebuild from other symbols (the sender only sends fresh ones).
-                if let Some(pos) = a.esis.iter().position(|&e| e == d.esi) {
-                    let range = pos * sym..(pos + 1) * sym;
-                    if a.symbols[range.clone()] != *d.symbol {
-                        a.have[esi] = SYM_POISONED;
-                        a.count -= 1;
-                        let last = a.esis.len() - 1;
-                        a.esis.swap_remove(pos);
+                let differs = if is_source {
+                    a.source.get(esi * sym..(esi + 1) * sym) != Some(d.symbol)
+                } else {
+                    a.parity_esis
+                        .iter()
+                        .position(|&e| e == d.esi)
+                        .is_some_and(|pos| a.parity[pos * sym..(pos + 1) * sym] != *d.symbol)
+                };
+                if differs {
+                    a.have[esi] = SYM_POISONED;
+                    a.count -= 1;
+                    if !is_source && let Some(pos) = a.parity_esis.iter().position(|&e| e == d.esi)
+                    {
+                        let last = a.parity_esis.len() - 1;
+                        a.parity_esis.swap_remove(pos);
                         if pos != last {
-                            a.symbols
-                                .copy_within(last * sym..(last + 1) * sym, range.start);
+                            a.parity
+                                .copy_within(last * sym..(last + 1) * sym, pos * sym);
                         }
-                        a.symbols.truncate(last * sym);
-                        self.stats.rejected_packets += 1;
+                        a.parity.truncate(last * sym);
                     }
+                    self.stats.rejected_packets += 1;
                 }
                 return;
             }
@@ -883,8 +928,20 @@ impl Receiver {
         a.have[esi] = SYM_HAVE;
         a.count += 1;
         a.seen = a.seen.max(u32::from(d.esi) + 1);
-        a.symbols.extend_from_slice(d.symbol);
-        a.esis.push(d.esi);
+        if is_source {
+            let at = esi * sym;
+            if a.source.len() == at {
+                a.source.extend_from_slice(d.symbol);
+            } else {
+                if a.source.len() < at + sym {
+                    a.source.resize(at + sym, 0);
+                }
+                a.source[at..at + sym].copy_from_slice(d.symbol);
+            }
+        } else {
+            a.parity.extend_from_slice(d.symbol);
+            a.parity_esis.push(d.esi);
+        }
         a.last_symbol = Some(now);
         // Repair symbols of a block carry consecutive parity indices; a gap is loss. This
         // keeps the loss estimate (and adaptive rate) alive after the pass.
@@ -901,32 +958,35 @@ impl Receiver {
         if a.count < a.k {
             return;
         }
-        // k distinct symbols: rebuild, decompress, verify.
-        let rebuilt = EncodedBlock::from_symbols(
+        // k distinct symbols: rebuild (a no-op when no source symbol was lost), decompress,
+        // verify.
+        let compressed = a.compressed;
+        let k = a.k;
+        let source = std::mem::take(&mut a.source);
+        let have = &a.have;
+        let rebuilt = crate::block::rebuild_payload(
             b,
-            a.compressed,
             a.payload_len,
             man.symbol_size,
-            a.esis
+            source,
+            |i| have[i] == SYM_HAVE,
+            a.parity_esis
                 .iter()
-                .zip(a.symbols.chunks_exact(sym))
-                .map(|(&e, s)| (e, s)),
+                .zip(a.parity.chunks_exact(sym))
+                .map(|(&e, s)| (e - k, s)),
         );
-        let res = rebuilt.and_then(|enc| {
-            self.slots[b as usize] = Slot::Missing;
-            self.verify_and_emit(b, &enc)
-        });
-        if let Err(e) = res {
-            // Discard everything for this block so fresh symbols can rebuild it; NAK it.
-            self.slots[b as usize] = Slot::Missing;
-            if !matches!(
-                e,
-                BlockError::HashMismatch { .. } | BlockError::Length { .. }
-            ) {
+        self.slots[b as usize] = Slot::Missing;
+        let res = match rebuilt {
+            Ok(payload) => self.verify_and_emit(b, compressed, payload),
+            Err(e) => {
                 self.stats.rejected_blocks += 1;
                 self.events
-                    .push_back(ReceiverEvent::BlockRejected { error: e });
+                    .push_back(ReceiverEvent::BlockRejected { error: e.clone() });
+                Err(e)
             }
+        };
+        if res.is_err() {
+            // Everything for this block was discarded so fresh symbols can rebuild it; NAK it.
             if b < self.frontier {
                 let j = self.jitter();
                 self.naks.insert(b, now + j);
@@ -1361,6 +1421,81 @@ mod tests {
             ev.iter()
                 .any(|e| matches!(e, ReceiverEvent::BlockReady { index: 0, .. }))
         );
+    }
+
+    fn ready_blocks(ev: &[ReceiverEvent]) -> Vec<(u32, Vec<u8>)> {
+        ev.iter()
+            .filter_map(|e| match e {
+                ReceiverEvent::BlockReady {
+                    index,
+                    data: Some(d),
+                    ..
+                } => Some((*index, d.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn reordered_duplicated_and_poisoned_symbols_rebuild_in_a_recycled_buffer() {
+        let now = t0();
+        let (mut r, _) = ready_receiver(now);
+        events(&mut r);
+        // A recycled buffer full of garbage: none of it may leak into a block.
+        r.recycle(vec![0xAA; 4096]);
+        let d = data();
+        let enc = encode_block(0, &d[..1000], Compression::None, 100).unwrap();
+        let par = enc.parity(0).unwrap();
+        let send = |r: &mut Receiver, esi: u16, sym: &[u8]| {
+            r.handle_input(now, sender(), &pkt(Body::Data(data_pkt(&enc, 0, esi, sym))));
+        };
+        let mut bad = enc.source_symbol(3).unwrap().to_vec();
+        bad[7] ^= 0x10;
+        // Last to first; symbol 3 arrives twice with different bytes (poisoned: neither copy
+        // is trusted), symbol 6 twice identically, symbol 8 never.
+        for esi in (0..enc.k()).rev().filter(|&e| e != 8) {
+            send(&mut r, esi, enc.source_symbol(esi).unwrap());
+            if esi == 6 {
+                send(&mut r, esi, enc.source_symbol(esi).unwrap());
+            }
+            if esi == 3 {
+                send(&mut r, esi, &bad);
+            }
+        }
+        assert!(ready_blocks(&events(&mut r)).is_empty(), "8 of 10 symbols");
+        send(&mut r, enc.k() + 2, par.symbol(2).unwrap());
+        assert!(ready_blocks(&events(&mut r)).is_empty(), "9 of 10 symbols");
+        send(&mut r, enc.k() + 5, par.symbol(5).unwrap());
+        assert_eq!(ready_blocks(&events(&mut r)), vec![(0, d[..1000].to_vec())]);
+
+        // A block that lost nothing is handed over in the buffer it was assembled in: the
+        // recycled one, without a copy.
+        let spare = vec![0x55u8; 2000];
+        let spare_ptr = spare.as_ptr();
+        r.recycle(spare);
+        let enc2 = encode_block(2, &d[2000..], Compression::None, 100).unwrap();
+        for esi in 0..enc2.k() {
+            r.handle_input(
+                now,
+                sender(),
+                &pkt(Body::Data(data_pkt(
+                    &enc2,
+                    2,
+                    esi,
+                    enc2.source_symbol(esi).unwrap(),
+                ))),
+            );
+        }
+        let ev = events(&mut r);
+        let ready = ready_blocks(&ev);
+        assert_eq!(ready, vec![(2, d[2000..].to_vec())]);
+        let handed = ev.iter().find_map(|e| match e {
+            ReceiverEvent::BlockReady { data: Some(d), .. } => Some(d.as_ptr()),
+            _ => None,
+        });
+        assert_eq!(handed, Some(spare_ptr));
+        assert!(ev.contains(&ReceiverEvent::AllBlocksReady));
+        assert_eq!(r.stats().rejected_blocks, 0);
     }
 
     #[test]

@@ -123,6 +123,10 @@ pub struct SendReport {
     pub elapsed_s: f64,
     /// Bytes put on the wire (all datagrams).
     pub bytes_sent: u64,
+    /// Datagrams sent (data, repair and control; each segment of a GSO send counts).
+    pub packets_sent: u64,
+    /// Whether UDP GSO was still in use at the end (off: the kernel refused it).
+    pub gso: bool,
     /// Hex of the public key that signed the manifest.
     pub public_key: String,
     /// Whether that key was made up for this session.

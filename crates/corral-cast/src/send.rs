@@ -187,7 +187,8 @@ pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendRe
     let group = opts.multicast.group_addr();
     let mut src = SharedBlocks(blocks.clone());
     let mut out = Vec::with_capacity(65_536);
-    let mut batch = socket::SendBatch::new(32);
+    // Room for more than one full GSO run (44 datagrams of 1472 bytes at MTU 1500).
+    let mut batch = socket::SendBatch::new(128);
     let mut inbuf = vec![0u8; 65_536];
     let mut started_at: Option<Instant> = None;
     let mut receivers: Vec<ReceiverProgress> = Vec::new();
@@ -301,6 +302,8 @@ pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendRe
             summary.duration.as_secs_f64()
         },
         bytes_sent: batch.sent_bytes(),
+        packets_sent: batch.sent_packets(),
+        gso: batch.gso(),
         public_key,
         ephemeral_key,
         receivers: summary
