@@ -2,6 +2,7 @@
 # Lock-step profile of one TFTP server: server CPU per MB (utime+stime from /proc/PID/stat
 # around one 64 MiB fetch at blksize 1432, no windowsize), then syscalls per block
 # (strace -c -f) and context switches per block (perf stat) over an 8 MiB fetch.
+# With PERF_RECORD=1 it also prints the top of a `perf record -g` profile.
 # Usage: bench/tftp/profile.sh dnsmasq|corral [CORRAL_BINARY]   (root; atftp, dnsmasq, strace, perf)
 set -euo pipefail
 S=$1; BIN=${2:-$(dirname "$0")/../../target/release/examples/tftp_server}
@@ -32,3 +33,9 @@ strace -c -f -p $PID -o "$WORK/strace" & SP=$!; sleep 0.5; fetch eight.bin; slee
 echo "strace -c over an 8 MiB fetch (5858 blocks):"; head -20 "$WORK/strace"
 perf stat -e context-switches,cpu-migrations,task-clock -p $PID -o "$WORK/perf" & PP=$!; sleep 0.5; fetch eight.bin; sleep 0.2; kill -INT $PP; wait $PP 2>/dev/null || true
 grep -E 'context|migr|task-clock' "$WORK/perf"
+if [ "${PERF_RECORD:-0}" = 1 ]; then
+    perf record -q -g -p $PID -o "$WORK/perf.data" 2>/dev/null & PR=$!; sleep 0.5; fetch eight.bin; sleep 0.2
+    kill -INT $PR; wait $PR 2>/dev/null || true
+    echo "perf record -g, top self time over an 8 MiB fetch:"
+    perf report -i "$WORK/perf.data" --no-children --stdio --sort dso,sym 2>/dev/null | grep -E '^ +[0-9.]+%' | head -25
+fi

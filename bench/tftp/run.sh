@@ -39,11 +39,13 @@ for p in atftp dnsmasq in.tftpd ip; do
 done
 
 SERVER_PID=
+CG=
 cleanup() {
     [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null || true
     ip netns del "$SRV" 2>/dev/null || true
     ip netns del "$CLI" 2>/dev/null || true
     rm -rf "$WORK"
+    if [ -n "$CG" ]; then sleep 0.3; rmdir "$CG" 2>/dev/null || true; fi
     if [ "${ATFTPD:-0}" = 1 ] && ! command -v in.tftpd >/dev/null; then
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tftpd-hpa >/dev/null || true
     fi
@@ -93,6 +95,7 @@ start_server() {
             ;;
     esac
     SERVER_PID=$!
+    if [ -n "$CG" ]; then echo "$SERVER_PID" > "$CG/cgroup.procs"; fi
     sleep 0.5
 }
 
@@ -105,10 +108,25 @@ stop_server() {
 
 now() { date +%s.%N; }
 
-# Server CPU so far in clock ticks: utime + stime + cutime + cstime of SERVER_PID (threads that
-# ended are included; so are tftp-hpa's per-transfer children once reaped).
-server_ticks() { awk '{ print $14 + $15 + $16 + $17 }' "/proc/$SERVER_PID/stat"; }
+# Server CPU so far in clock ticks. Each server runs in a cgroup of its own (cgroup v1
+# cpuacct or v2) when the machine has one, so every thread and child counts, also those that
+# ended (tftp-hpa forks a child per transfer and does not collect its times); otherwise
+# utime + stime + cutime + cstime of SERVER_PID from /proc.
 HZ=$(getconf CLK_TCK)
+if [ -d /sys/fs/cgroup/cpuacct ] && mkdir -p "/sys/fs/cgroup/cpuacct/tftpbench-$$" 2>/dev/null; then
+    CG=/sys/fs/cgroup/cpuacct/tftpbench-$$
+elif [ -f /sys/fs/cgroup/cgroup.controllers ] && mkdir -p "/sys/fs/cgroup/tftpbench-$$" 2>/dev/null; then
+    CG=/sys/fs/cgroup/tftpbench-$$
+fi
+server_ticks() {
+    if [ -f "$CG/cpuacct.usage" ]; then
+        awk -v hz="$HZ" '{ printf "%.3f\n", $1 * hz / 1e9 }' "$CG/cpuacct.usage"
+    elif [ -f "$CG/cpu.stat" ]; then
+        awk -v hz="$HZ" '$1 == "usage_usec" { printf "%.3f\n", $2 * hz / 1e6 }' "$CG/cpu.stat"
+    else
+        awk '{ print $14 + $15 + $16 + $17 }' "/proc/$SERVER_PID/stat"
+    fi
+}
 
 # One 64 MiB fetch; prints "MB/s CPU-ms-per-MB" (MB = 10^6 bytes; CPU is the server's, read
 # from /proc before and after the fetch), or FAIL / CORRUPT.
@@ -128,7 +146,7 @@ fetch_big() {
     sleep 0.3
     c1=$(server_ticks)
     if ! cmp -s "$WORK/out/big" "$ROOT/big.bin"; then echo CORRUPT; return; fi
-    awk -v a="$t0" -v b="$t1" -v c=$((c1 - c0)) -v hz="$HZ" \
+    awk -v a="$t0" -v b="$t1" -v c="$(awk -v a="$c0" -v b="$c1" 'BEGIN { print b - a }')" -v hz="$HZ" \
         'BEGIN { printf "%.1f %.1f\n", 67108864 / (b - a) / 1e6, c / hz * 1000 / 67.108864 }'
 }
 
