@@ -7,7 +7,9 @@
 #   2. 200 atftp clients fetching a 4 MiB file at once: how many complete, and the total time.
 # corral runs as crates/corral-tftp/examples/tftp_server on tokio's multi-threaded runtime
 # ("corral") and on the single-threaded one ("corral-1t", TFTP_RUNTIME=current).
-# Every fetched file is compared with the original.
+# Every fetched file is compared with the original. For the 64 MiB fetches the script also
+# prints the server's CPU time per MB (utime+stime from /proc/PID/stat around each fetch, the
+# lowest of the runs), which other load on the machine distorts much less than the rates.
 #
 # atftpd (the only one of the peers that honours windowsize) cannot be installed beside
 # tftpd-hpa: Debian's packages conflict. With ATFTPD=1 the script measures it last, installing
@@ -37,11 +39,13 @@ for p in atftp dnsmasq in.tftpd ip; do
 done
 
 SERVER_PID=
+CG=
 cleanup() {
     [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null || true
     ip netns del "$SRV" 2>/dev/null || true
     ip netns del "$CLI" 2>/dev/null || true
     rm -rf "$WORK"
+    if [ -n "$CG" ]; then sleep 0.3; rmdir "$CG" 2>/dev/null || true; fi
     if [ "${ATFTPD:-0}" = 1 ] && ! command -v in.tftpd >/dev/null; then
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tftpd-hpa >/dev/null || true
     fi
@@ -91,6 +95,7 @@ start_server() {
             ;;
     esac
     SERVER_PID=$!
+    if [ -n "$CG" ]; then echo "$SERVER_PID" > "$CG/cgroup.procs"; fi
     sleep 0.5
 }
 
@@ -103,30 +108,58 @@ stop_server() {
 
 now() { date +%s.%N; }
 
-# One 64 MiB fetch; prints MB/s (10^6 bytes per second) or FAIL.
+# Server CPU so far in clock ticks. Each server runs in a cgroup of its own (cgroup v1
+# cpuacct or v2) when the machine has one, so every thread and child counts, also those that
+# ended (tftp-hpa forks a child per transfer and does not collect its times); otherwise
+# utime + stime + cutime + cstime of SERVER_PID from /proc.
+HZ=$(getconf CLK_TCK)
+if [ -d /sys/fs/cgroup/cpuacct ] && mkdir -p "/sys/fs/cgroup/cpuacct/tftpbench-$$" 2>/dev/null; then
+    CG=/sys/fs/cgroup/cpuacct/tftpbench-$$
+elif [ -f /sys/fs/cgroup/cgroup.controllers ] && mkdir -p "/sys/fs/cgroup/tftpbench-$$" 2>/dev/null; then
+    CG=/sys/fs/cgroup/tftpbench-$$
+fi
+server_ticks() {
+    if [ -f "$CG/cpuacct.usage" ]; then
+        awk -v hz="$HZ" '{ printf "%.3f\n", $1 * hz / 1e9 }' "$CG/cpuacct.usage"
+    elif [ -f "$CG/cpu.stat" ]; then
+        awk -v hz="$HZ" '$1 == "usage_usec" { printf "%.3f\n", $2 * hz / 1e6 }' "$CG/cpu.stat"
+    else
+        awk '{ print $14 + $15 + $16 + $17 }' "/proc/$SERVER_PID/stat"
+    fi
+}
+
+# One 64 MiB fetch; prints "MB/s CPU-ms-per-MB" (MB = 10^6 bytes; CPU is the server's, read
+# from /proc before and after the fetch), or FAIL / CORRUPT.
 fetch_big() {
     local opts=() o
     for o in "$@"; do opts+=(--option "$o"); done
     rm -f "$WORK/out/big"
-    local t0 t1
+    local t0 t1 c0 c1
+    c0=$(server_ticks)
     t0=$(now)
     if ! ip netns exec "$CLI" timeout 300 atftp "${opts[@]}" -g -r big.bin -l "$WORK/out/big" $SIP 69 \
             >/dev/null 2>&1; then
         echo FAIL; return
     fi
     t1=$(now)
+    # Let the server's transfer thread, task or child finish and be accounted.
+    sleep 0.3
+    c1=$(server_ticks)
     if ! cmp -s "$WORK/out/big" "$ROOT/big.bin"; then echo CORRUPT; return; fi
-    awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", 67108864 / (b - a) / 1e6 }'
+    awk -v a="$t0" -v b="$t1" -v c="$(awk -v a="$c0" -v b="$c1" 'BEGIN { print b - a }')" -v hz="$HZ" \
+        'BEGIN { printf "%.1f %.1f\n", 67108864 / (b - a) / 1e6, c / hz * 1000 / 67.108864 }'
 }
 
+# Best rate and lowest server CPU per MB over RUNS fetches: "MB/s CPU-ms-per-MB".
 best_of() {
-    local best=0 r i
+    local best=0 cpu=999999 r c i
     for ((i = 0; i < RUNS; i++)); do
-        r=$(fetch_big "$@")
-        case $r in FAIL|CORRUPT) echo "$r"; return ;; esac
+        read -r r c < <(fetch_big "$@")
+        case $r in FAIL|CORRUPT) echo "$r $r"; return ;; esac
         best=$(awk -v a="$best" -v b="$r" 'BEGIN { print (b > a) ? b : a }')
+        cpu=$(awk -v a="$cpu" -v b="$c" 'BEGIN { print (b < a) ? b : a }')
     done
-    echo "$best"
+    echo "$best $cpu"
 }
 
 # 200 clients at once; prints "completed seconds".
@@ -150,7 +183,7 @@ crowd() {
 
 SERVERS=(dnsmasq tftp-hpa corral corral-1t)
 [ "${ATFTPD:-0}" = 1 ] && SERVERS+=(atftpd)
-declare -A PLAIN WIN CROWD_OK CROWD_T
+declare -A PLAIN WIN PLAIN_CPU WIN_CPU CROWD_OK CROWD_T
 for s in "${SERVERS[@]}"; do
     echo "== $s" >&2
     if [ "$s" = atftpd ]; then
@@ -158,15 +191,15 @@ for s in "${SERVERS[@]}"; do
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq atftpd >/dev/null
     fi
     start_server "$s"
-    PLAIN[$s]=$(best_of "blksize 1432" "tsize 0")
-    WIN[$s]=$(best_of "blksize 1432" "tsize 0" "windowsize 16")
+    read -r PLAIN[$s] PLAIN_CPU[$s] < <(best_of "blksize 1432" "tsize 0")
+    read -r WIN[$s] WIN_CPU[$s] < <(best_of "blksize 1432" "tsize 0" "windowsize 16")
     read -r CROWD_OK[$s] CROWD_T[$s] < <(crowd)
     stop_server
     if [ "$s" = atftpd ]; then
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tftpd-hpa >/dev/null
         echo "tftpd-hpa reinstalled" >&2
     fi
-    echo "   64 MiB blksize 1432: ${PLAIN[$s]} MB/s; windowsize 16: ${WIN[$s]} MB/s; 200 x 4 MiB: ${CROWD_OK[$s]}/200 in ${CROWD_T[$s]} s" >&2
+    echo "   64 MiB blksize 1432: ${PLAIN[$s]} MB/s (${PLAIN_CPU[$s]} ms CPU/MB); windowsize 16: ${WIN[$s]} MB/s (${WIN_CPU[$s]} ms CPU/MB); 200 x 4 MiB: ${CROWD_OK[$s]}/200 in ${CROWD_T[$s]} s" >&2
 done
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0 && a ~ /^[0-9.]+$/) printf "%.2f", a / b; else print "n/a" }'; }
@@ -185,11 +218,14 @@ row() {
 }
 printf '%-28s' ""; for s in "${SERVERS[@]}"; do printf ' %12s' "$s"; done; echo
 row "64 MiB, blksize 1432 (MB/s)" PLAIN
+row "  server CPU (ms per MB)" PLAIN_CPU
 row "  + windowsize 16 (MB/s)" WIN
+row "  server CPU (ms per MB)" WIN_CPU
 row "200 x 4 MiB: completed" CROWD_OK
 row "200 x 4 MiB: time (s)" CROWD_T
 echo
 echo "corral / dnsmasq, no windowsize:     $(ratio "${PLAIN[corral]}" "${PLAIN[dnsmasq]}")  (target >= 1)"
+echo "dnsmasq / corral server CPU per MB, no windowsize: $(ratio "${PLAIN_CPU[dnsmasq]}" "${PLAIN_CPU[corral]}")  (> 1: corral cheaper)"
 echo "corral-1t / dnsmasq, no windowsize:  $(ratio "${PLAIN[corral-1t]}" "${PLAIN[dnsmasq]}")"
 echo "corral / tftp-hpa, no windowsize:    $(ratio "${PLAIN[corral]}" "${PLAIN[tftp-hpa]}")"
 if [ -n "${WIN[atftpd]:-}" ]; then

@@ -4,7 +4,10 @@
 //! from beneath [`TftpConfig::root`], and stops when its `CancellationToken` fires. Each
 //! transfer runs in its own task with its own ephemeral socket bound to the address the request
 //! was sent to (learnt with `IP_PKTINFO` when the listening socket is bound to a wildcard), as
-//! RFC 1350 §4 and every PXE ROM expect. Files are opened with `openat2(RESOLVE_BENEATH)`, so
+//! RFC 1350 §4 and every PXE ROM expect. A lock-step transfer (windowsize 1) hands its socket
+//! to a thread of its own that blocks in `recvfrom` (see `lockstep`): one wake-up and two system
+//! calls per block, where the runtime needs a readiness event, `epoll_wait` and a failed
+//! `recvfrom` besides. Files are opened with `openat2(RESOLVE_BENEATH)`, so
 //! neither `..`, absolute paths nor symlinks reach outside the root, and read through a
 //! read-ahead buffer; a window of DATA packets (RFC 7440) leaves in one `sendmsg` with UDP GSO.
 //! At most [`TftpConfig::max_transfers`] run at once; a retransmitted RRQ of a running transfer
@@ -32,6 +35,7 @@
 //! ```
 
 mod error;
+mod lockstep;
 mod root;
 mod socket;
 
@@ -450,7 +454,12 @@ async fn run_request(
         size,
         options,
     });
-    let outcome = drive(&sock, peer, Transfer::new(content, neg), &cancel).await;
+    let transfer = Transfer::new(content, neg);
+    let outcome = if options.windowsize == 1 {
+        drive_on_thread(sock, peer, transfer, &cancel).await
+    } else {
+        drive(&sock, peer, transfer, &cancel).await
+    };
     match outcome {
         Ok(bytes) => {
             let elapsed = started.elapsed();
@@ -489,6 +498,47 @@ fn open(shared: &Shared, path: &str) -> Result<Content, (Rejection, String)> {
             format!("cannot open: {e}"),
         )),
     }
+}
+
+/// Stack of a lock-step transfer thread: its buffers are on the heap.
+const LOCKSTEP_STACK: usize = 256 << 10;
+
+/// Runs a lock-step transfer on a thread of its own with a blocking socket (see
+/// [`lockstep`]), and waits for its outcome without blocking the runtime. Falls back to the
+/// runtime's [`drive`] when no thread can be started.
+async fn drive_on_thread(
+    sock: UdpSocket,
+    peer: SocketAddr,
+    t: Transfer<Content>,
+    cancel: &CancellationToken,
+) -> Result<u64, String> {
+    type Job = (std::net::UdpSocket, Transfer<Content>, CancellationToken);
+    // The thread is started before the socket and transfer are handed over, so a failed spawn
+    // leaves both here for the fallback.
+    let (job_tx, job_rx) = std::sync::mpsc::sync_channel::<Job>(1);
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("tftp-lockstep".into())
+        .stack_size(LOCKSTEP_STACK)
+        .spawn(move || {
+            if let Ok((sock, t, cancel)) = job_rx.recv() {
+                let _ = done_tx.send(lockstep::drive(&sock, peer, t, &cancel));
+            }
+        });
+    if let Err(e) = spawned {
+        debug!(%peer, error = %e, "cannot start a lock-step thread; running on the runtime");
+        return drive(&sock, peer, t, cancel).await;
+    }
+    let sock = sock
+        .into_std()
+        .and_then(|s| s.set_nonblocking(false).map(|()| s))
+        .map_err(|e| format!("cannot make the transfer socket blocking: {e}"))?;
+    if job_tx.send((sock, t, cancel.clone())).is_err() {
+        return Err("the lock-step thread ended before its transfer".into());
+    }
+    done_rx
+        .await
+        .unwrap_or_else(|_| Err("the lock-step thread ended without an outcome".into()))
 }
 
 /// Sends a run of DATA packets laid out back to back in `batch`, each `seg` bytes but the last:

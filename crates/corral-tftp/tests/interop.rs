@@ -633,3 +633,75 @@ async fn dual_stack_listener() {
     }
     s.stop().await;
 }
+
+/// Receives one datagram within `within`, or panics with `what`.
+async fn recv_within(sock: &UdpSocket, within: Duration, what: &str) -> (Vec<u8>, SocketAddr) {
+    let mut buf = vec![0u8; 2048];
+    let (n, from) = tokio::time::timeout(within, sock.recv_from(&mut buf))
+        .await
+        .unwrap_or_else(|_| panic!("no {what} within {within:?}"))
+        .unwrap();
+    buf.truncate(n);
+    (buf, from)
+}
+
+/// A lock-step transfer (driven on its own thread) retransmits an unacknowledged block after
+/// the timeout, no earlier, and gives up with an error packet after `retries` retransmissions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lockstep_retransmits_then_gives_up() {
+    let s = start("127.0.0.1:0", |c| {
+        c.timeout = Duration::from_millis(300);
+        c.retries = 2;
+    })
+    .await;
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client
+        .send_to(b"\x00\x01small.bin\x00octet\x00", s.addr)
+        .await
+        .unwrap();
+    let (first, tid) = recv_within(&client, Duration::from_secs(5), "DATA 1").await;
+    assert_eq!(&first[..4], b"\x00\x03\x00\x01");
+    for _ in 0..2 {
+        let t0 = std::time::Instant::now();
+        let (again, from) = recv_within(&client, Duration::from_secs(3), "retransmission").await;
+        let waited = t0.elapsed();
+        assert_eq!(from, tid);
+        assert_eq!(again, first, "the same block is sent again");
+        assert!(
+            waited >= Duration::from_millis(250) && waited < Duration::from_millis(1000),
+            "retransmitted after {waited:?}, timeout is 300 ms"
+        );
+    }
+    let (err, _) = recv_within(&client, Duration::from_secs(3), "error").await;
+    assert_eq!(error_code(&err), 0);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let failures = s.hooks.failures();
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert!(failures[0].1.contains("timed out"), "{failures:?}");
+    s.stop().await;
+}
+
+/// Cancelling the server ends a running lock-step transfer at once: the client gets "server
+/// shutting down" and `serve` returns well within a retransmit timeout it would otherwise wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_a_lockstep_transfer_promptly() {
+    let s = start("127.0.0.1:0", |c| c.timeout = Duration::from_secs(10)).await;
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client
+        .send_to(b"\x00\x01small.bin\x00octet\x00", s.addr)
+        .await
+        .unwrap();
+    let (first, _) = recv_within(&client, Duration::from_secs(5), "DATA 1").await;
+    assert_eq!(&first[..4], b"\x00\x03\x00\x01");
+    let t0 = std::time::Instant::now();
+    s.cancel.cancel();
+    let (err, _) = recv_within(&client, Duration::from_secs(2), "shutdown error").await;
+    assert_eq!(error_code(&err), 0);
+    assert!(String::from_utf8_lossy(&err).contains("shutting down"));
+    tokio::time::timeout(Duration::from_secs(2), s.task)
+        .await
+        .expect("serve returns promptly")
+        .unwrap()
+        .unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(2));
+}
