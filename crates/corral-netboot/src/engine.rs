@@ -488,7 +488,7 @@ impl Netboot {
             .unwrap_or_else(|| mac.to_string());
         let result = if stored == Some(LifecycleState::Install) {
             let now = now_ms();
-            self.state.update(MachineUpdate {
+            let seq = self.state.update(MachineUpdate {
                 seen: Some(now),
                 ip: Some(peer),
                 state: Some(LifecycleState::Installed),
@@ -497,7 +497,7 @@ impl Netboot {
             });
             // On disk before the installer hears "done": a lost `installed` would reinstall
             // the machine at its next boot.
-            let r = self.state.flush();
+            let r = self.state.flush(seq);
             match r {
                 Ok(()) => Ok(format!(
                     "{name} is installed; its next boot is from the local disk"

@@ -34,8 +34,9 @@ struct Queue {
     queued: u64,
     /// How many of those were committed or failed.
     done: u64,
-    /// The last failed batch: the `done` count it reached and why it failed.
-    failure: Option<(u64, String)>,
+    /// The most recent failed batches: the update numbers they held (`from` exclusive, `upto`
+    /// inclusive) and why they failed.
+    failures: std::collections::VecDeque<(u64, u64, String)>,
     stop: bool,
 }
 
@@ -76,10 +77,12 @@ impl StateWriter {
         })
     }
 
-    /// Queues `update`; never blocks on the database.
-    pub fn update(&self, update: MachineUpdate) {
+    /// Queues `update`; never blocks on the database. Returns the update's number, for
+    /// [`StateWriter::flush`].
+    pub fn update(&self, update: MachineUpdate) -> u64 {
         let mut q = lock(&self.shared.queue);
         q.queued += 1;
+        let seq = q.queued;
         match q.pending.get_mut(&update.mac) {
             Some(u) => u.merge(update),
             None => {
@@ -88,6 +91,7 @@ impl StateWriter {
         }
         drop(q);
         self.shared.cond.notify_all();
+        seq
     }
 
     /// The lifecycle state of `mac` that is queued or being written, if any: newer than what
@@ -100,12 +104,11 @@ impl StateWriter {
             .or_else(|| q.in_flight.get(&mac).and_then(|u| u.state))
     }
 
-    /// Waits until every update queued before this call is committed. `Err` says why the
-    /// database refused one of them.
-    pub fn flush(&self) -> Result<(), String> {
+    /// Waits until update number `seq` (and every one before it) is written. `Err` says why
+    /// the database refused the batch that held it.
+    pub fn flush(&self, seq: u64) -> Result<(), String> {
         let mut q = lock(&self.shared.queue);
-        let target = q.queued;
-        while q.done < target {
+        while q.done < seq {
             if self.thread.as_ref().is_none_or(|t| t.is_finished()) {
                 return Err("the machine state writer has stopped".into());
             }
@@ -115,10 +118,13 @@ impl StateWriter {
                 .wait(q)
                 .unwrap_or_else(PoisonError::into_inner);
         }
-        match &q.failure {
-            // A failure at or after our target covers (or may cover) our updates.
-            Some((at, why)) if *at >= target => Err(why.clone()),
-            _ => Ok(()),
+        match q
+            .failures
+            .iter()
+            .find(|(from, upto, _)| *from < seq && seq <= *upto)
+        {
+            Some((_, _, why)) => Err(why.clone()),
+            None => Ok(()),
         }
     }
 }
@@ -143,6 +149,7 @@ fn run(mut store: Store, shared: &Shared) {
             return;
         }
         q.in_flight = std::mem::take(&mut q.pending);
+        let from = q.done;
         let upto = q.queued;
         let batch: Vec<MachineUpdate> = q.in_flight.values().cloned().collect();
         drop(q);
@@ -154,7 +161,10 @@ fn run(mut store: Store, shared: &Shared) {
         q.done = upto;
         if let Err(e) = result {
             tracing::error!(error = %e, machines = batch.len(), "cannot store machine state; these updates are lost");
-            q.failure = Some((upto, e.to_string()));
+            if q.failures.len() == 64 {
+                q.failures.pop_front();
+            }
+            q.failures.push_back((from, upto, e.to_string()));
         }
         drop(q);
         shared.cond.notify_all();
@@ -183,10 +193,10 @@ mod tests {
         // A later update without a state does not hide the queued one.
         let mut u2 = MachineUpdate::new(mac(1), UnixMillis(2));
         u2.seen = Some(UnixMillis(2));
-        w.update(u2);
+        let seq = w.update(u2);
         assert_eq!(w.state(mac(1)), Some(LifecycleState::Discovered));
         assert_eq!(w.state(mac(2)), None);
-        w.flush().unwrap();
+        w.flush(seq).unwrap();
         let m = reader.machine(mac(1)).unwrap().unwrap();
         assert_eq!(m.state, Some(LifecycleState::Discovered));
         assert_eq!(m.last_seen, Some(UnixMillis(2)));
@@ -200,11 +210,12 @@ mod tests {
         let path = dir.path().join("s.db");
         let reader = Store::open(&path).unwrap();
         let w = StateWriter::spawn(Store::open(&path).unwrap()).unwrap();
+        let mut last = 0;
         for i in 0..200u8 {
             let m = mac(i);
             let mut u = MachineUpdate::new(m, UnixMillis(i.into()));
             u.state = Some(LifecycleState::Install);
-            w.update(u);
+            last = w.update(u);
             for _ in 0..3 {
                 let seen = w
                     .state(m)
@@ -212,8 +223,34 @@ mod tests {
                 assert_eq!(seen, Some(LifecycleState::Install), "machine {i}");
             }
         }
-        w.flush().unwrap();
+        w.flush(last).unwrap();
         assert_eq!(reader.machines().unwrap().len(), 200);
+    }
+
+    #[test]
+    fn a_refused_batch_is_reported_to_its_flusher_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let w = StateWriter::spawn(Store::open(&path).unwrap()).unwrap();
+        let ok = w.update(MachineUpdate::new(mac(1), UnixMillis(1)));
+        w.flush(ok).unwrap();
+        // Break the database under the writer (the sqlite3 shell is one of the test packages).
+        let st = std::process::Command::new("sqlite3")
+            .arg(&path)
+            .arg("DROP TABLE machines")
+            .status();
+        match st {
+            Ok(s) if s.success() => {}
+            other => {
+                eprintln!("SKIPPED: the sqlite3 shell is not available ({other:?})");
+                return;
+            }
+        }
+        let bad = w.update(MachineUpdate::new(mac(2), UnixMillis(2)));
+        let err = w.flush(bad).unwrap_err();
+        assert!(err.contains("machines"), "{err}");
+        // The earlier, committed update is not blamed for the later failure.
+        w.flush(ok).unwrap();
     }
 
     #[test]
