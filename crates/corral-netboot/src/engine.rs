@@ -317,12 +317,7 @@ impl Netboot {
             lock(&self.sessions).learn_ip(m, ip);
             return Some(m);
         }
-        let machines = lock(&self.store).machines().ok()?;
-        machines
-            .into_iter()
-            .filter(|m| m.last_ip == Some(ip))
-            .max_by_key(|m| m.last_seen)
-            .map(|m| m.mac)
+        lock(&self.store).machine_by_ip(ip).ok()?.map(|m| m.mac)
     }
 
     /// A base event for `mac` (hostname from the site, current session).

@@ -250,7 +250,7 @@ mod tests {
                 .unwrap();
         }
         let s = Store::open(&p).unwrap();
-        assert_eq!(s.schema_version().unwrap(), 2);
+        assert_eq!(s.schema_version().unwrap(), crate::schema::latest_version());
         assert_eq!(s.leases().unwrap(), vec![lease(9, LeaseStatus::Bound)]);
     }
 }

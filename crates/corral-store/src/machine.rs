@@ -189,6 +189,21 @@ impl Store {
             .transpose()
     }
 
+    /// The machine last seen at `ip` (the most recently seen one if several were), through the
+    /// `machines_last_ip` index: a lookup for an unknown address costs one index probe, not a
+    /// scan of the fleet.
+    pub fn machine_by_ip(&self, ip: IpAddr) -> Result<Option<Machine>> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM machines WHERE last_ip = ?1 \
+             ORDER BY last_seen_ms DESC LIMIT 1"
+        );
+        self.conn
+            .query_row(&sql, [ip.to_string()], |r| Ok(self.decode_machine(r)))
+            .optional()
+            .map_err(self.sql_err(&sql))?
+            .transpose()
+    }
+
     /// Every known machine, ordered by MAC address.
     pub fn machines(&self) -> Result<Vec<Machine>> {
         let sql = format!("SELECT {COLUMNS} FROM machines ORDER BY mac");
@@ -238,5 +253,25 @@ impl Store {
                     .map_err(|e| bad("machines.updated_ms", e.to_string()))?,
             ),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::Store;
+
+    #[test]
+    fn machine_by_ip_is_an_index_probe_not_a_scan() {
+        let s = Store::open_in_memory().unwrap();
+        let plan: String = s
+            .conn
+            .query_row(
+                "EXPLAIN QUERY PLAN SELECT mac FROM machines WHERE last_ip = '10.0.0.7' \
+                 ORDER BY last_seen_ms DESC LIMIT 1",
+                [],
+                |r| r.get(3),
+            )
+            .unwrap();
+        assert!(plan.contains("machines_last_ip"), "query plan: {plan}");
     }
 }

@@ -81,6 +81,13 @@ pub const MIGRATIONS: &[Migration] = &[
         CREATE INDEX dhcp_leases_mac ON dhcp_leases(mac);
     ",
     },
+    Migration {
+        version: 3,
+        name: "machines by last IP",
+        sql: "
+        CREATE INDEX machines_last_ip ON machines(last_ip, last_seen_ms) WHERE last_ip IS NOT NULL;
+    ",
+    },
 ];
 
 /// The newest schema version this build knows.

@@ -473,6 +473,32 @@ fn machines_track_last_seen_ip_and_state() {
 }
 
 #[test]
+fn machine_by_ip_finds_the_latest_machine_seen_at_an_address_through_the_index() {
+    let s = Store::open_in_memory().unwrap();
+    let ip: std::net::IpAddr = "10.0.0.7".parse().unwrap();
+    assert_eq!(s.machine_by_ip(ip).unwrap(), None, "empty store");
+    let old = mac("52:54:00:00:00:01");
+    let new = mac("52:54:00:00:00:02");
+    s.touch_machine(old, None, Some(ip), UnixMillis(100))
+        .unwrap();
+    s.touch_machine(new, None, Some(ip), UnixMillis(200))
+        .unwrap();
+    s.touch_machine(
+        mac("52:54:00:00:00:03"),
+        None,
+        Some("10.0.0.8".parse().unwrap()),
+        UnixMillis(300),
+    )
+    .unwrap();
+    assert_eq!(s.machine_by_ip(ip).unwrap().map(|m| m.mac), Some(new));
+    // `old` comes back later at the same address: it is now the one seen last.
+    s.touch_machine(old, None, Some(ip), UnixMillis(400))
+        .unwrap();
+    assert_eq!(s.machine_by_ip(ip).unwrap().map(|m| m.mac), Some(old));
+    assert_eq!(s.machine_by_ip("10.0.0.9".parse().unwrap()).unwrap(), None);
+}
+
+#[test]
 fn machine_updates_merge_and_apply_in_one_transaction() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = Store::open(dir.path().join("m.db")).unwrap();
