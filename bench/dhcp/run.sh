@@ -15,7 +15,7 @@ set -euo pipefail
 RATE=${1:-5000}
 CLIENTS=${2:-1000}
 SECONDS_RUN=${SECONDS_RUN:-10}
-BURST=${BURST:-2000}
+export BURST=${BURST:-2000}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 WORK=$(mktemp -d /tmp/corral-bench-dhcp.XXXXXX)
 NS_S=cbdhcp-s$$
@@ -124,19 +124,25 @@ run_perf() {
     python3 "$ROOT/bench/dhcp/summarise.py" "$name" "$out"
 }
 
-# BURST clients arriving at once (preloaded back to back): time until all are leased.
+# BURST clients booting at once: perfdhcp's avalanche scenario sends every client's DISCOVER
+# at once and retransmits until each holds a lease (as PXE firmware does), so the run ends
+# when ALL are leased. Prints one line ending in all_leased_s=SECONDS.
 run_burst() {
     local name=$1 out=$WORK/burst-$1.txt start end
     start=$(date +%s.%N)
-    timeout 60 ip netns exec "$NS_C" perfdhcp -4 -r 100000 -R "$BURST" -n "$BURST" -P "$BURST" \
+    timeout 60 ip netns exec "$NS_C" perfdhcp -4 --scenario avalanche -R "$BURST" \
         -p 30 -W 2000000 -l $CLI -b mac=00:0c:01:02:03:04 $SRV >"$out" 2>&1 || true
     end=$(date +%s.%N)
     python3 "$ROOT/bench/dhcp/summarise.py" --burst "$name" "$out" "$start" "$end"
 }
 
+# SERVERS (default all three) and SKIP_RATE=1 (burst only) narrow a run for quick checks.
+SERVERS=${SERVERS:-dnsmasq kea corral}
+echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+if [ "${SKIP_RATE:-0}" != 1 ]; then
 echo "== $CLIENTS clients, target $RATE exchanges/s for ${SECONDS_RUN}s (DORA, relayed) =="
 RESULTS=()
-for srv in dnsmasq kea corral; do
+for srv in $SERVERS; do
     pid=$(start_$srv); sleep 1.5
     cpu0=$(cpu_s "$pid")
     RESULTS+=("$(run_perf $srv)")
@@ -152,11 +158,21 @@ for srv in dnsmasq kea corral; do
         corral) echo "   corral leases on disk: $(sqlite3 "$WORK/corral.db" "select count(*) from dhcp_leases where state='bound'") bound (synchronous=FULL)" ;;
     esac
 done
+fi
 
 echo
 echo "== $BURST clients at once =="
-for srv in kea corral; do
+declare -A ALL_LEASED
+for srv in $SERVERS; do
+    [ "$srv" = dnsmasq ] && continue
     pid=$(start_$srv); sleep 1.5
-    run_burst $srv
+    line=$(run_burst $srv)
+    echo "$line"
+    ALL_LEASED[$srv]=${line##*all_leased_s=}
     stop "$pid"
 done
+if [ -n "${ALL_LEASED[kea]:-}" ] && [ -n "${ALL_LEASED[corral]:-}" ]; then
+    awk -v k="${ALL_LEASED[kea]}" -v c="${ALL_LEASED[corral]}" \
+        'BEGIN { printf "burst: all %s leased in kea %s s, corral %s s: corral/kea time ratio %.2f (< 1: corral faster)\n", ENVIRON["BURST"], k, c, (k > 0 ? c / k : -1) }'
+fi
+echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"

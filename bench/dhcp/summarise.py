@@ -3,6 +3,11 @@
 
     summarise.py NAME FILE
     summarise.py --burst NAME FILE START END     (wall-clock seconds around the run)
+
+The burst is perfdhcp's `--scenario avalanche`: every client sends its DISCOVER at once and
+retransmits (with backoff, like firmware) until it holds a lease, so the run ends when all are
+leased; its duration is clients / perfdhcp's rate. The burst line ends with `all_leased_s=X`
+(or `all_leased_s=nan` when some client never got a lease) for run.sh to compute the ratio.
 """
 import re
 import sys
@@ -46,9 +51,15 @@ def main():
     if burst:
         start, end = float(args[2]), float(args[3])
         acked = int(ra.get("received packets", 0))
-        print(f"{name:8s} burst: {acked} clients leased, perfdhcp wall time {end - start:.2f} s, "
-              f"drops {drops}, max delay DO {do.get('max delay', float('nan')):.1f} ms "
-              f"RA {ra.get('max delay', float('nan')):.1f} ms")
+        clients = int(do.get("sent packets", 0))
+        resent = {k: sum(int(x) for x in re.findall(k + r": still waiting for [0-9]+ answers, resent ([0-9]+)", text))
+                  for k in ("DISCOVER-OFFER", "REQUEST-ACK")}
+        complete = clients > 0 and acked == clients and rate > 0
+        took = clients / rate if complete else float("nan")
+        print(f"{name:8s} burst: {acked}/{clients} clients leased, all leased in {took:.2f} s "
+              f"(perfdhcp wall time {end - start:.2f} s), retransmissions DISCOVER {resent['DISCOVER-OFFER']} "
+              f"REQUEST {resent['REQUEST-ACK']}, max delay DO {do.get('max delay', float('nan')):.1f} ms "
+              f"RA {ra.get('max delay', float('nan')):.1f} ms  all_leased_s={took:.3f}")
         return
     d_do, d_ra = delays.get("DISCOVER-OFFER", []), delays.get("REQUEST-ACK", [])
     print(f"{name:8s} {rate:8.0f} exchanges/s  sent {int(do.get('sent packets', 0))}/{int(ra.get('sent packets', 0))} "
