@@ -98,7 +98,7 @@ cidr = "10.99.0.0/16"
 pool = "$POOL_START-$POOL_END"
 lease = "1h"
 TOML
-    ip netns exec "$NS_S" "$CORRAL" --site "$WORK/site" --interface s0 --server-ip $SRV \
+    RUST_LOG=${RUST_LOG:-corral_dhcp=info} ip netns exec "$NS_S" "$CORRAL" --site "$WORK/site" --interface s0 --server-ip $SRV \
         --store "$WORK/corral.db" >"$WORK/corral.out" 2>"$WORK/corral.log" &
     echo $!
 }
@@ -155,7 +155,8 @@ for srv in $SERVERS; do
     case $srv in
         dnsmasq) echo "   dnsmasq leases on disk: $(wc -l < "$WORK/dnsmasq.leases")" ;;
         kea) echo "   kea leases on disk: $(grep -c '^10\.' "$WORK/kea-leases4.csv" 2>/dev/null || echo 0) rows (memfile, appended, not fsynced)" ;;
-        corral) echo "   corral leases on disk: $(sqlite3 "$WORK/corral.db" "select count(*) from dhcp_leases where state='bound'") bound (synchronous=FULL)" ;;
+        corral) echo "   corral lease writer: $(sed 's/\x1b\[[0-9;]*m//g' "$WORK/corral.log" | grep -o 'commits=.*' | tail -1)"
+                echo "   corral leases on disk: $(sqlite3 "$WORK/corral.db" "select count(*) from dhcp_leases where state='bound'") bound (synchronous=FULL)" ;;
     esac
 done
 fi

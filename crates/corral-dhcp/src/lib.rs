@@ -9,7 +9,8 @@
 //!
 //! Persistence uses group commit: a writer thread commits all waiting lease changes in one
 //! transaction (`synchronous = FULL`, one fsync) and the ACKs of that batch go out after it;
-//! leases are reloaded on start, and expired ones reclaimed every second.
+//! WAL checkpoints run on a second connection, off the commit path; leases are reloaded on
+//! start, and expired ones reclaimed every second.
 //!
 //! The site is re-read on every packet from the [`corral_site::SiteHandle`] (an atomic
 //! pointer load): a reload of networks or `machines/` takes effect at once, leases are kept.
