@@ -6,7 +6,8 @@
 # traffic here. Figures per server: DORA exchanges/s, drops, average and p99 delay (from
 # perfdhcp's `-x t` per-exchange timers), and the time for 2000 clients arriving at once to be
 # all leased. Leases are persisted by every server: dnsmasq to its lease file, Kea to its
-# memfile CSV, corral to its SQLite store with one fsync per group commit (synchronous=FULL).
+# memfile CSV, corral to its SQLite store: group commit, each ACK sent after an fdatasync of the WAL that started
+# after its commit (several fsyncs may overlap; see crates/corral-dhcp/src/persist.rs).
 #
 # Usage: sudo bench/dhcp/run.sh [RATE] [CLIENTS]     (defaults 5000 exchanges/s, 1000 clients)
 # Needs root. Everything runs inside namespaces it creates and removes (trap on exit).
@@ -171,7 +172,7 @@ for srv in $SERVERS; do
         dnsmasq) echo "   dnsmasq leases on disk: $(wc -l < "$WORK/dnsmasq.leases")" ;;
         kea) echo "   kea leases on disk: $(grep -c '^10\.' "$WORK/kea-leases4.csv" 2>/dev/null || echo 0) rows (memfile, appended, not fsynced)" ;;
         corral) echo "   corral lease writer: $(sed 's/\x1b\[[0-9;]*m//g' "$WORK/corral.log" | grep -o 'commits=.*' | tail -1)"
-                echo "   corral leases on disk: $(sqlite3 "$WORK/corral.db" "select count(*) from dhcp_leases where state='bound'") bound (synchronous=FULL)" ;;
+                echo "   corral leases on disk: $(sqlite3 "$WORK/corral.db" "select count(*) from dhcp_leases where state='bound'") bound (ACKed after fdatasync of the WAL)" ;;
     esac
 done
 fi
