@@ -209,9 +209,10 @@ impl Drop for LeaseWriter {
 
 /// Syncing threads: while one fsyncs the WAL, the next committed batch starts its own fsync
 /// at once instead of waiting for the one in flight, so an ACK waits for about one fsync.
-/// Two measured as well as three (p99 8.5/10.6 ms vs 8.3/12.0 ms to durable at load 13, see
-/// the `ack_latency_overlapped_vs_full` measurement) with fewer flushes; one does not overlap.
-pub(crate) const SYNCERS: usize = 2;
+/// Three had the steadiest tail in the `ack_latency_overlapped_vs_full` measurement on a
+/// loaded shared disk (p99 to durable 8-33 ms, where two had 8-213 ms and one, which does not
+/// overlap, 15-244 ms; bench/dhcp/RESULTS.md, run 6).
+pub(crate) const SYNCERS: usize = 3;
 
 /// A committed (not yet durable) batch on its way to a syncer.
 struct Committed {
