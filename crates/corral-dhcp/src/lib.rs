@@ -8,8 +8,11 @@
 //! says (broadcast to clients that have no address yet: it never adds ARP entries).
 //!
 //! Persistence uses group commit: a writer thread commits all waiting lease changes in one
-//! transaction (`synchronous = FULL`, one fsync) and the ACKs of that batch go out after it;
-//! leases are reloaded on start, and expired ones reclaimed every second.
+//! transaction, syncing threads fsync the store's WAL (several fsyncs may overlap), and the
+//! ACKs of a batch go out only after an fsync that started after its commit returned; WAL
+//! checkpoints run on a second connection, off the commit path; leases are reloaded on
+//! start, and expired ones reclaimed every second. OFFERs and other replies that change no
+//! lease are sent at once, never behind a commit.
 //!
 //! The site is re-read on every packet from the [`corral_site::SiteHandle`] (an atomic
 //! pointer load): a reload of networks or `machines/` takes effect at once, leases are kept.
