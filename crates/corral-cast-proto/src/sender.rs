@@ -1529,6 +1529,102 @@ mod tests {
         assert_eq!(summary.aborted.as_deref(), Some("test over"));
     }
 
+    /// Runs the pass to block 2 of 4, then receiver 1 reports it verified none: with a TCP port
+    /// it is moved to catch-up (a CatchUp to it), its NAKs draw no repair, receiver 2's do.
+    fn lagging_receiver(tcp_port: u16) -> (Sender, MemoryImage, Vec<(Dest, u64)>, Instant) {
+        let now = t0();
+        let (m, mut img) = setup();
+        let cfg = SenderConfig {
+            tcp_port,
+            catchup_lag_blocks: 1,
+            // Small steps, so the pass stops inside block 2 rather than running to its end.
+            burst_bytes: 4096,
+            ..cfg()
+        };
+        let mut s = Sender::new(cfg, m, now).unwrap();
+        join(&mut s, now, 1, true);
+        join(&mut s, now, 2, true);
+        let mut t = now;
+        while s.pass_position() < 2 {
+            t += Duration::from_micros(10);
+            drain(&mut s, t, &mut img);
+        }
+        assert!(s.pass_position() < 4, "pass over before the Status");
+        s.handle_input(
+            t,
+            addr(1),
+            &pkt(Body::Status(Status {
+                receiver: 1,
+                ..Status::default()
+            })),
+        );
+        let mut buf = Vec::new();
+        let mut catch_ups = Vec::new();
+        while let Some(tx) = s.poll_transmit(t, &mut img, &mut buf) {
+            if let Ok(Packet {
+                body: Body::CatchUp { receiver },
+                ..
+            }) = Packet::decode(&buf[..tx.size])
+            {
+                catch_ups.push((tx.dest, receiver));
+            }
+        }
+        (s, img, catch_ups, t)
+    }
+
+    /// Repair packets sent over the next 50 ms (the small bucket lets out 32 packets a drain).
+    fn repair_over(s: &mut Sender, t: Instant, img: &mut MemoryImage) -> Vec<(u32, u16, u8)> {
+        (0..50u64)
+            .flat_map(|ms| drain(s, t + Duration::from_millis(ms), img))
+            .filter(|d| d.2 & packet::DATA_REPAIR != 0)
+            .collect()
+    }
+
+    fn nak_block_0(s: &mut Sender, t: Instant, i: u8) {
+        s.handle_input(
+            t,
+            addr(i),
+            &pkt(Body::Nak(packet::Nak {
+                receiver: u64::from(i),
+                entries: vec![NakEntry {
+                    block: 0,
+                    needed: 50,
+                    seen: 100,
+                }],
+            })),
+        );
+    }
+
+    #[test]
+    fn lagging_receiver_is_moved_to_catch_up_and_its_naks_draw_no_repair() {
+        let (mut s, mut img, catch_ups, t) = lagging_receiver(4000);
+        assert_eq!(catch_ups, vec![(Dest::Unicast(addr(1)), 1)]);
+        assert_eq!(s.stats().moved_to_unicast, 1);
+        let ev: Vec<SenderEvent> = std::iter::from_fn(|| s.poll_event()).collect();
+        assert!(ev.iter().any(|e| matches!(
+            e,
+            SenderEvent::ReceiverToUnicast { id: 1, reason, .. } if reason.contains("behind")
+        )));
+        let t = t + Duration::from_millis(100);
+        nak_block_0(&mut s, t, 1);
+        let rep = repair_over(&mut s, t, &mut img);
+        assert!(rep.is_empty(), "{rep:?}");
+        assert_eq!(s.stats().naks_ignored, 1);
+        let t = t + Duration::from_millis(100);
+        nak_block_0(&mut s, t, 2);
+        assert_eq!(repair_over(&mut s, t, &mut img).len(), 50);
+    }
+
+    #[test]
+    fn without_a_catch_up_port_a_lagging_receiver_is_still_repaired() {
+        let (mut s, mut img, catch_ups, t) = lagging_receiver(0);
+        assert!(catch_ups.is_empty());
+        assert_eq!(s.stats().moved_to_unicast, 0);
+        let t = t + Duration::from_millis(100);
+        nak_block_0(&mut s, t, 1);
+        assert_eq!(repair_over(&mut s, t, &mut img).len(), 50);
+    }
+
     #[test]
     fn naks_aggregate_as_max_and_parity_is_fresh() {
         let now = t0();
