@@ -282,7 +282,7 @@ for item in "${list[@]}"; do
     img_pk=$(( (SIZE_MB * 1048576 + 1443) / 1444 ))
     [ "$sc" = rand9k ] && img_pk=$(( (SIZE_MB * 1048576 + 8943) / 8944 ))
     printf "%-11s | corral repair packets %s (%s of the image's %s), receivers moved to TCP catch-up %s\n" \
-        "" "$c_repair" "$( [ "$c_repair" = - ] && echo - || echo "scale=3; $c_repair / $img_pk" | bc -l)" "$img_pk" "$c_moved"
+        "" "$c_repair" "$( [ "$c_repair" = - ] && echo - || echo "scale=4; $c_repair / $img_pk" | bc -l)" "$img_pk" "$c_moved"
     if [ "$sc" = rand ]; then
         BASE_U[$n]=$u_fast
         BASE_C[$n]=$c_fast
