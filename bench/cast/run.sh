@@ -7,12 +7,18 @@
 #   sudo SCENARIOS="rand:4 loss:4" bench/cast/run.sh
 #
 # Scenarios (NAME:N): rand (random image), zeros (75 % zero blocks), loss (receiver 1 drops 5 % of
-# UDP packets), slow (receiver 1 limited to 100 Mbit/s), kill (receiver 1 killed after 1 s),
-# rand9k (random image, MTU 9000). Each prints wall time from sender start until every
+# UDP packets), slow (receiver 1 limited to 100 Mbit/s), kill (receiver 1 killed after 1 s;
+# corral's is restarted RESTART_AFTER s later with its --state file and must resume; UDPcast
+# has no resume), rand9k (random image, MTU 9000). Each prints wall time from sender start until every
 # receiver that should finish has finished, for all receivers and for the unaffected ones, as
 # Mbit/s of image delivered, and the ratio corral/udpcast (>1: corral faster). Every received
 # file is hashed and compared with the image; a mismatch is printed as BAD.
 #
+# slow:N and kill:N are judged against the healthy baseline rand:N of the same invocation (run
+# first when SCENARIOS lacks it): a third line prints the unaffected receivers' time next to
+# that baseline, as a ratio (issue #3: slow <= 1.10x) and a difference (kill <= +2 s), per tool.
+#
+# KILL_TIMEOUT (default 30 s) bounds the kill scenario (UDPcast's survivors freeze until it).
 # CORRAL_RATE (default adaptive) is passed to `corral cast send --rate`. CORRAL=path runs that
 # binary instead of building one. PERF=prefix records a system-wide profile of each run
 # (`perf record -a -g`) into prefix.TOOL.SCENARIO.N.data.
@@ -25,6 +31,8 @@ SIZE_MB=${SIZE_MB:-512}
 TIMEOUT=${TIMEOUT:-120}
 CORRAL_RATE=${CORRAL_RATE:-adaptive}
 SCENARIOS=${SCENARIOS:-"rand:1 rand:2 rand:4 rand:8 rand9k:4 zeros:4 loss:4 slow:4 kill:4"}
+KILL_TIMEOUT=${KILL_TIMEOUT:-30}
+RESTART_AFTER=${RESTART_AFTER:-0.5}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 WORK=${WORK:-/dev/shm/corral-bench.$$}
 TAG=cb$$
@@ -109,18 +117,25 @@ cpu_of() { cat "$@" 2>/dev/null | awk 'NF == 2 && $1 ~ /^[0-9.]+$/ { s += $1 + $
 run_tool() {
     local tool=$1 sc=$2 n=$3 img=$4
     local dir=$WORK/$tool
+    local tmo=$TIMEOUT
+    [ "$sc" = kill ] && tmo=$KILL_TIMEOUT
     rm -rf "$dir"
     mkdir -p "$dir"
     local pids=()
+    local rcmd1=
     for i in $(seq 1 "$n"); do
         local out=$dir/out$i
         local cmd
         if [ "$tool" = udpcast ]; then
             cmd="udp-receiver --file $out --interface eth0 --nokbd --rcvbuf 4000000 --no-progress --portbase 9400"
         else
-            cmd="$CORRAL -q cast receive --output $out --interface eth0 --group $GROUP --port 9400 --name r$i --idle-timeout ${TIMEOUT}s --json"
+            cmd="$CORRAL -q cast receive --output $out --interface eth0 --group $GROUP --port 9400 --name r$i --idle-timeout ${tmo}s --json"
+            if [ "$sc" = kill ] && [ "$i" = 1 ]; then
+                cmd="$cmd --state $dir/state1"
+                rcmd1=$cmd
+            fi
         fi
-        ip netns exec "$TAG-h$i" timeout "$TIMEOUT" sh -c "$TIME -o $dir/cpu$i $cmd >$dir/log$i 2>&1; echo \$? \$(date +%s.%N) >$dir/done$i" &
+        ip netns exec "$TAG-h$i" timeout "$tmo" sh -c "$TIME -o $dir/cpu$i $cmd >$dir/log$i 2>&1; echo \$? \$(date +%s.%N) >$dir/done$i" &
         pids+=($!)
     done
     sleep 0.5
@@ -139,11 +154,17 @@ run_tool() {
         scmd="$CORRAL -q cast send $img --interface eth0 --group $GROUP --port 9400 --min-receivers $n --min-wait 0s --rate $CORRAL_RATE --json"
         [ "$sc" = rand9k ] && scmd="$scmd --mtu 9000"
     fi
-    ip netns exec "$TAG-h0" timeout "$TIMEOUT" sh -c "$TIME -o $dir/cpu0 $scmd >$dir/sender.log 2>&1; echo \$? >$dir/sender.rc" &
+    ip netns exec "$TAG-h0" timeout "$tmo" sh -c "$TIME -o $dir/cpu0 $scmd >$dir/sender.log 2>&1; echo \$? >$dir/sender.rc" &
     local spid=$!
     if [ "$sc" = kill ]; then
         sleep 1
         ip netns pids "$TAG-h1" | xargs -r kill -9 2>/dev/null || true
+        if [ -n "$rcmd1" ]; then
+            # corral: restart it with its state file; it must resume and complete.
+            sleep "$RESTART_AFTER"
+            ip netns exec "$TAG-h1" timeout "$tmo" sh -c "$rcmd1 >$dir/log1r 2>&1; echo \$? \$(date +%s.%N) >$dir/done1" &
+            pids+=($!)
+        fi
     fi
     for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
     wait "$spid" 2>/dev/null || true
@@ -154,6 +175,12 @@ run_tool() {
     local own
     own=$(grep -o '"packets_sent":[0-9]*' "$dir/sender.log" 2>/dev/null | tail -n 1 | cut -d: -f2 || true)
     [ -z "$own" ] || txp=$own
+    local repair
+    repair=$(grep -o '"repair_packets":[0-9]*' "$dir/sender.log" 2>/dev/null | tail -n 1 | cut -d: -f2 || true)
+    [ -n "$repair" ] || repair=-
+    local moved
+    moved=$(grep -o '"moved_to_unicast":[0-9]*' "$dir/sender.log" 2>/dev/null | tail -n 1 | cut -d: -f2 || true)
+    [ -n "$moved" ] || moved=-
     if [ -n "$perf_pid" ]; then
         kill -INT "$perf_pid" 2>/dev/null || true
         wait "$perf_pid" 2>/dev/null || true
@@ -162,7 +189,7 @@ run_tool() {
     want=$(sha256sum <"$img" | cut -d' ' -f1)
     local t_all=0 t_fast=0 ok=0 bad=0
     for i in $(seq 1 "$n"); do
-        if [ "$sc" = kill ] && [ "$i" = 1 ]; then continue; fi
+        if [ "$sc" = kill ] && [ "$i" = 1 ] && [ -z "$rcmd1" ]; then continue; fi
         local rc=1 t=0
         if [ -f "$dir/done$i" ]; then read -r rc t <"$dir/done$i"; fi
         local got=none
@@ -172,7 +199,7 @@ run_tool() {
             local dt
             dt=$(echo "$t - $start" | bc -l)
             t_all=$(echo "if ($dt > $t_all) $dt else $t_all" | bc -l)
-            if ! { [ "$i" = 1 ] && { [ "$sc" = loss ] || [ "$sc" = slow ]; }; }; then
+            if ! { [ "$i" = 1 ] && { [ "$sc" = loss ] || [ "$sc" = slow ] || [ "$sc" = kill ]; }; }; then
                 t_fast=$(echo "if ($dt > $t_fast) $dt else $t_fast" | bc -l)
             fi
         else
@@ -180,12 +207,13 @@ run_tool() {
             echo "  $tool $sc receiver $i: rc=$rc hash=${got:0:12} (want ${want:0:12}) BAD" >&2
             tail -n 3 "$dir/log$i" >&2 2>/dev/null || true
         fi
+        rm -f "$dir/out$i"
     done
     [ "$n" = 1 ] || [ "$t_fast" != 0 ] || t_fast=$t_all
     [ "$t_fast" != 0 ] || t_fast=$t_all
     local rcpu=()
     for i in $(seq 1 "$n"); do rcpu+=("$dir/cpu$i"); done
-    echo "$t_all $t_fast $ok $bad $txp $(cpu_of "$dir/cpu0") $(cpu_of "${rcpu[@]}")"
+    echo "$t_all $t_fast $ok $bad $txp $(cpu_of "$dir/cpu0") $(cpu_of "${rcpu[@]}") $repair $moved"
 }
 
 mbit() { # seconds -> Mbit/s of image
@@ -196,8 +224,20 @@ mbit() { # seconds -> Mbit/s of image
     fi
 }
 
-printf "%-8s %2s | %-26s | %-26s | %s\n" scenario N "udpcast  s_all s_fast Mbit ok" "corral   s_all s_fast Mbit ok" "ratio(fast)"
+# slow:N and kill:N need the healthy baseline rand:N of this run: add it first when missing.
+list=()
 for item in $SCENARIOS; do
+    sc=${item%%:*}
+    n=${item##*:}
+    if { [ "$sc" = slow ] || [ "$sc" = kill ]; } && [[ " ${list[*]} " != *" rand:$n "* ]]; then
+        list+=("rand:$n")
+    fi
+    list+=("$item")
+done
+declare -A BASE_U BASE_C
+
+printf "%-8s %2s | %-26s | %-26s | %s\n" scenario N "udpcast  s_all s_fast Mbit ok" "corral   s_all s_fast Mbit ok" "ratio(fast)"
+for item in "${list[@]}"; do
     sc=${item%%:*}
     n=${item##*:}
     mtu=1500
@@ -209,13 +249,14 @@ for item in $SCENARIOS; do
     if [ "$sc" = slow ]; then
         ip netns exec "$TAG-hub" tc qdisc replace dev vh1 root tbf rate 100mbit burst 64kb latency 20ms
     fi
-    img=$WORK/image.$sc
     kind=rand
     [ "$sc" = zeros ] && kind=zeros
+    # One random image serves every scenario but zeros (fresh bytes per run of the script).
+    img=$WORK/image.$kind
     [ -f "$img" ] || make_image "$kind" "$img"
     load=$(cut -d' ' -f1 /proc/loadavg)
-    read -r u_all u_fast u_ok u_bad u_pk u_scpu u_rcpu < <(run_tool udpcast "$sc" "$n" "$img")
-    read -r c_all c_fast c_ok c_bad c_pk c_scpu c_rcpu < <(run_tool corral "$sc" "$n" "$img")
+    read -r u_all u_fast u_ok u_bad u_pk u_scpu u_rcpu _ _ < <(run_tool udpcast "$sc" "$n" "$img")
+    read -r c_all c_fast c_ok c_bad c_pk c_scpu c_rcpu c_repair c_moved < <(run_tool corral "$sc" "$n" "$img")
     ratio=-
     if [ "$(echo "$c_fast > 0 && $u_fast > 0" | bc -l)" = 1 ]; then
         ratio=$(echo "scale=2; $u_fast / $c_fast" | bc -l)
@@ -237,8 +278,28 @@ for item in $SCENARIOS; do
     printf "%-11s | packets %8s cpu/GiB snd %5s rcv %5s | packets %8s cpu/GiB snd %5s rcv %5s | packets %s, load %s\n" \
         "" "$u_pk" "$(per_gib "$u_scpu" 1)" "$(per_gib "$u_rcpu" "$n")" \
         "$c_pk" "$(per_gib "$c_scpu" 1)" "$(per_gib "$c_rcpu" "$n")" "$pk_ratio" "$load"
-    rm -f "$img"
+    # Image packets: what a pass of the random image takes (symbols of 1444 bytes at MTU 1500).
+    img_pk=$(( (SIZE_MB * 1048576 + 1443) / 1444 ))
+    [ "$sc" = rand9k ] && img_pk=$(( (SIZE_MB * 1048576 + 8943) / 8944 ))
+    printf "%-11s | corral repair packets %s (%s of the image's %s), receivers moved to TCP catch-up %s\n" \
+        "" "$c_repair" "$( [ "$c_repair" = - ] && echo - || echo "scale=4; $c_repair / $img_pk" | bc -l)" "$img_pk" "$c_moved"
+    if [ "$sc" = rand ]; then
+        BASE_U[$n]=$u_fast
+        BASE_C[$n]=$c_fast
+    fi
+    if { [ "$sc" = slow ] || [ "$sc" = kill ]; } && [ -n "${BASE_C[$n]:-}" ]; then
+        # The unaffected receivers' time against the healthy rand:N of this run.
+        vs() { # t_fast baseline ok
+            if [ "$3" = 0 ] || [ "$(echo "$2 > 0" | bc -l)" != 1 ]; then echo "FAIL"; return; fi
+            printf "%.1f s vs %.1f s = %.2fx, %+.1f s" "$1" "$2" "$(echo "$1 / $2" | bc -l)" "$(echo "$1 - $2" | bc -l)"
+        }
+        target="<= 1.10x"
+        [ "$sc" = kill ] && target="<= +2.0 s"
+        printf "%-11s | vs rand:%s this run: udpcast %s | corral %s | target %s\n" \
+            "" "$n" "$(vs "$u_fast" "${BASE_U[$n]}" "$u_ok")" "$(vs "$c_fast" "${BASE_C[$n]}" "$c_ok")" "$target"
+    fi
 done
+rm -f "$WORK"/image.*
 echo "(second line: packets sent by the sender's interface, CPU seconds (user+sys) per GiB of image
  for the sender and per receiver, corral/udpcast packet ratio, 1-min load average before the pair)"
 echo "(size ${SIZE_MB} MiB; s_fast = until every unaffected receiver finished; ratio = udpcast s_fast / corral s_fast, >1 means corral faster)"

@@ -15,6 +15,7 @@
 //!                    | lost u64 | rejected u32
 //! 0x14 Done          receiver u64 | ok u8 | reason_len u16 | reason (UTF-8)
 //! 0x15 DoneAck       receiver u64
+//! 0x16 CatchUp       receiver u64
 //! 0x20 End           flags u8
 //! ```
 //!
@@ -86,6 +87,12 @@ pub enum Body<'a> {
     Done(Done<'a>),
     /// Sender → receiver: I recorded your Done.
     DoneAck {
+        /// The receiver's id.
+        receiver: u64,
+    },
+    /// Sender → receiver: you are too far behind the stream to be repaired by multicast; fetch
+    /// what you lack over TCP catch-up (your NAKs are no longer answered by multicast).
+    CatchUp {
         /// The receiver's id.
         receiver: u64,
     },
@@ -223,6 +230,7 @@ const T_NAK: u8 = 0x12;
 const T_STATUS: u8 = 0x13;
 const T_DONE: u8 = 0x14;
 const T_DONE_ACK: u8 = 0x15;
+const T_CATCH_UP: u8 = 0x16;
 const T_END: u8 = 0x20;
 
 impl Body<'_> {
@@ -238,6 +246,7 @@ impl Body<'_> {
             Body::Status(_) => "status",
             Body::Done(_) => "done",
             Body::DoneAck { .. } => "done-ack",
+            Body::CatchUp { .. } => "catch-up",
             Body::End { .. } => "end",
         }
     }
@@ -253,6 +262,7 @@ impl Body<'_> {
             Body::Status(_) => T_STATUS,
             Body::Done(_) => T_DONE,
             Body::DoneAck { .. } => T_DONE_ACK,
+            Body::CatchUp { .. } => T_CATCH_UP,
             Body::End { .. } => T_END,
         }
     }
@@ -269,6 +279,7 @@ fn kind_name(t: u8) -> &'static str {
         T_STATUS => "status",
         T_DONE => "done",
         T_DONE_ACK => "done-ack",
+        T_CATCH_UP => "catch-up",
         T_END => "end",
         _ => "unknown",
     }
@@ -474,6 +485,9 @@ impl<'a> Packet<'a> {
             T_DONE_ACK => Body::DoneAck {
                 receiver: r.u64("receiver")?,
             },
+            T_CATCH_UP => Body::CatchUp {
+                receiver: r.u64("receiver")?,
+            },
             T_END => Body::End {
                 flags: r.u8("flags")?,
             },
@@ -496,7 +510,7 @@ impl<'a> Packet<'a> {
                 Body::ManifestChunk(c) => 8 + c.bytes.len(),
                 Body::Data(d) => 13 + d.symbol.len(),
                 Body::Join(j) => 10 + j.name.len().min(MAX_NAME_LEN),
-                Body::JoinAck { .. } | Body::DoneAck { .. } => 8,
+                Body::JoinAck { .. } | Body::DoneAck { .. } | Body::CatchUp { .. } => 8,
                 Body::Nak(n) => 10 + 12 * n.entries.len().min(MAX_NAK_ENTRIES),
                 Body::Status(_) => 8 + 4 + 8 + 8 + 8 + 4,
                 Body::Done(d) => 11 + truncate_str(d.reason, MAX_REASON_LEN).len(),
@@ -545,7 +559,9 @@ impl<'a> Packet<'a> {
                 out.push(name.len() as u8);
                 out.extend_from_slice(name.as_bytes());
             }
-            Body::JoinAck { receiver } | Body::DoneAck { receiver } => {
+            Body::JoinAck { receiver }
+            | Body::DoneAck { receiver }
+            | Body::CatchUp { receiver } => {
                 out.extend_from_slice(&receiver.to_be_bytes());
             }
             Body::Nak(n) => {
@@ -824,6 +840,7 @@ mod tests {
     fn acks_and_end_round_trip() {
         round_trip(Body::JoinAck { receiver: 7 });
         round_trip(Body::DoneAck { receiver: 8 });
+        round_trip(Body::CatchUp { receiver: 9 });
         round_trip(Body::End { flags: END_ABORTED });
     }
 
@@ -935,7 +952,7 @@ mod tests {
 
         #[test]
         fn decode_never_panics_with_valid_header(
-            kind in prop::sample::select(vec![1u8, 2, 3, 0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x20]),
+            kind in prop::sample::select(vec![1u8, 2, 3, 0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x20]),
             body in proptest::collection::vec(any::<u8>(), 0..1600),
         ) {
             let mut v = MAGIC.to_vec();

@@ -129,6 +129,10 @@ pub enum ReceiverEvent {
         /// How long it has been silent.
         silent_for: Duration,
     },
+    /// The sender moved us to unicast catch-up: we are too far behind the stream (or lose too
+    /// much of it) for multicast repair, and it no longer answers our NAKs by multicast. NAKs
+    /// are suppressed from now on; fetch the missing blocks over TCP catch-up. Emitted once.
+    CatchUpAdvised,
     /// The sender acknowledged our Done.
     DoneAcknowledged,
     /// Done was retried `done_retries` times without acknowledgement.
@@ -299,6 +303,7 @@ pub struct Receiver {
     join_acked_with_manifest: bool,
     last_join_had_manifest: bool,
     naks_suppressed: bool,
+    catch_up_advised: bool,
     next_status: Option<Instant>,
     last_data: Option<Instant>,
     silent_reported: bool,
@@ -347,6 +352,7 @@ impl Receiver {
             join_acked_with_manifest: false,
             last_join_had_manifest: false,
             naks_suppressed: false,
+            catch_up_advised: false,
             next_status: told.then_some(now + cfg.status_interval),
             last_data: None,
             silent_reported: false,
@@ -671,6 +677,18 @@ impl Receiver {
                 if self.last_join_had_manifest {
                     self.join_acked_with_manifest = true;
                 }
+            }
+            // Only from the sender we follow: anyone else could at most make us fetch over TCP
+            // (verified like multicast), but there is no reason to let them.
+            Body::CatchUp { receiver }
+                if receiver == self.id
+                    && self.session == Some(pkt.session)
+                    && self.sender == Some(from)
+                    && !self.catch_up_advised =>
+            {
+                self.catch_up_advised = true;
+                self.naks_suppressed = true;
+                self.events.push_back(ReceiverEvent::CatchUpAdvised);
             }
             Body::DoneAck { receiver } if receiver == self.id => {
                 if matches!(self.done, DoneState::Pending { .. }) {
@@ -1586,6 +1604,42 @@ mod tests {
         r.handle_input(later, sender(), &pkt(Body::DoneAck { receiver: r.id() }));
         assert!(r.is_finished());
         assert!(events(&mut r).contains(&ReceiverEvent::DoneAcknowledged));
+    }
+
+    #[test]
+    fn catch_up_from_the_sender_stops_naks_and_is_reported_once() {
+        let now = t0();
+        let (mut r, _) = ready_receiver(now);
+        let mut buf = Vec::new();
+        while r.poll_transmit(now, &mut buf).is_some() {}
+        let _ = events(&mut r);
+        let catch_up = pkt(Body::CatchUp { receiver: r.id() });
+        // From anyone but the sender, or for another receiver: ignored.
+        let rogue = SocketAddr::from(([10, 9, 9, 9], 9000));
+        r.handle_input(now, rogue, &catch_up);
+        r.handle_input(
+            now,
+            sender(),
+            &pkt(Body::CatchUp {
+                receiver: r.id() ^ 1,
+            }),
+        );
+        assert!(events(&mut r).is_empty());
+        r.handle_input(now, sender(), &catch_up);
+        r.handle_input(now, sender(), &catch_up);
+        assert_eq!(events(&mut r), vec![ReceiverEvent::CatchUpAdvised]);
+        // The pass is over with blocks missing: no NAK goes out any more.
+        r.handle_input(now, sender(), &announce(&signed(SessionId(1)), 3));
+        for i in 0..10u64 {
+            let t = now + Duration::from_millis(100 * i);
+            r.handle_timeout(t);
+            while let Some(tx) = r.poll_transmit(t, &mut buf) {
+                let body = Packet::decode(&buf[..tx.size]).map(|p| p.body);
+                assert!(!matches!(body, Ok(Body::Nak(_))), "NAK after CatchUp");
+            }
+        }
+        assert_eq!(r.stats().naks_sent, 0);
+        assert!(!r.missing_blocks().is_empty());
     }
 
     #[test]

@@ -11,6 +11,13 @@
 //! `repair_guard` are assumed still in flight and subtracted; what remains is merged into the
 //! block's pending repair as a **maximum** over receivers, and answered with that many *fresh*
 //! parity symbols (indices never sent before for that block while any remain).
+//!
+//! Receivers far behind the stream are not repaired by multicast: when the sender has a TCP
+//! catch-up port, a receiver whose NAKs (each block counted once) ask for more than
+//! `catchup_nak_share` of the source symbols sent so far, or whose verified blocks lag the pass
+//! by more than `catchup_lag_blocks`, is sent a CatchUp packet and its NAKs are ignored from
+//! then on: it fetches what it lacks over TCP, and the multicast stream stays near the image's
+//! size for everyone else.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -65,7 +72,21 @@ pub struct SenderConfig {
     /// Most receivers tracked; Joins beyond it are ignored and counted (bounds the memory a
     /// flood of forged Joins can take).
     pub max_receivers: usize,
+    /// A receiver whose NAKs, counting each block once, ask for more than this share of the
+    /// source symbols sent so far is moved to unicast catch-up (only with a `tcp_port`;
+    /// checked once at least [`CATCHUP_MIN_SYMBOLS`] were sent; 1.0 never).
+    pub catchup_nak_share: f64,
+    /// A receiver whose last Status shows it more than this many blocks behind the pass is
+    /// moved to unicast catch-up (only with a `tcp_port`; 0: never).
+    pub catchup_lag_blocks: u32,
 }
+
+/// Source symbols the pass must have sent before a NAK share can move a receiver to unicast
+/// catch-up (so that one unlucky first block does not).
+pub const CATCHUP_MIN_SYMBOLS: u64 = 1024;
+
+/// Least time between CatchUp packets to one receiver that keeps NAKing (the first may be lost).
+const CATCHUP_RESEND: Duration = Duration::from_millis(200);
 
 impl Default for SenderConfig {
     fn default() -> Self {
@@ -88,6 +109,8 @@ impl Default for SenderConfig {
             repair_cache_blocks: 16,
             manifest_resend_interval: Duration::from_secs(1),
             max_receivers: 10_000,
+            catchup_nak_share: 0.2,
+            catchup_lag_blocks: 256,
         }
     }
 }
@@ -103,6 +126,12 @@ impl SenderConfig {
         if !(0.0..=1.0).contains(&self.repair_share) {
             return Err(ConfigError::Invalid {
                 field: "repair_share",
+                why: "must be within 0.0..=1.0",
+            });
+        }
+        if !(0.0..=1.0).contains(&self.catchup_nak_share) {
+            return Err(ConfigError::Invalid {
+                field: "catchup_nak_share",
                 why: "must be within 0.0..=1.0",
             });
         }
@@ -191,6 +220,10 @@ pub struct SenderStats {
     pub naks_received: u64,
     /// Packets that failed to decode or were for another session.
     pub rejected_packets: u64,
+    /// Receivers moved to unicast catch-up (far behind the stream).
+    pub moved_to_unicast: u64,
+    /// NAK entries ignored because their receiver was moved to unicast catch-up.
+    pub naks_ignored: u64,
 }
 
 /// The honest end of a session.
@@ -259,6 +292,16 @@ pub enum SenderEvent {
         /// Why.
         reason: String,
     },
+    /// A receiver is too far behind the stream for multicast repair: it was told to fetch
+    /// what it lacks over TCP catch-up, and its NAKs are no longer answered by multicast.
+    ReceiverToUnicast {
+        /// Its id.
+        id: u64,
+        /// Its name.
+        name: String,
+        /// Why.
+        reason: String,
+    },
     /// The pass started.
     Started {
         /// Receivers holding the manifest at the start.
@@ -314,6 +357,13 @@ struct Rx {
     last_loss: Option<f64>,
     naks: u64,
     manifest_sent_at: Option<Instant>,
+    /// Moved to unicast catch-up: NAKs ignored. When the CatchUp packet was last sent.
+    unicast: Option<Instant>,
+    /// Blocks whose NAK was counted towards `nak_symbols` (one bit per block; empty until its
+    /// first NAK).
+    nak_counted: Vec<u64>,
+    /// Symbols its NAKs asked for, each block counted once.
+    nak_symbols: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -471,6 +521,18 @@ impl Sender {
                 };
                 self.stats.naks_received += 1;
                 self.rxs[idx].naks += 1;
+                if self.rxs[idx].unicast.is_none() {
+                    self.count_nak(now, idx, &n.entries);
+                }
+                if let Some(sent) = self.rxs[idx].unicast {
+                    // It fetches over TCP: repair for it would only cost the others. It still
+                    // NAKs, so it may have missed the CatchUp: say it again (rate-limited).
+                    self.stats.naks_ignored += n.entries.len() as u64;
+                    if now.saturating_duration_since(sent) >= CATCHUP_RESEND {
+                        self.send_catch_up(now, idx);
+                    }
+                    return;
+                }
                 for e in &n.entries {
                     self.on_nak_entry(now, e);
                 }
@@ -493,6 +555,17 @@ impl Sender {
                     name: rx.name.clone(),
                     status: s,
                 });
+                let lag = self.pass_pos.saturating_sub(s.blocks_done);
+                if self.cfg.catchup_lag_blocks > 0
+                    && self.phase == Phase::Pass
+                    && lag > self.cfg.catchup_lag_blocks
+                {
+                    let reason = format!(
+                        "{lag} blocks behind the pass (more than {})",
+                        self.cfg.catchup_lag_blocks
+                    );
+                    self.move_to_unicast(now, idx, reason);
+                }
             }
             Body::Done(d) => {
                 let Some(idx) = self.touch(now, d.receiver) else {
@@ -560,6 +633,9 @@ impl Sender {
                     last_loss: None,
                     naks: 0,
                     manifest_sent_at: None,
+                    unicast: None,
+                    nak_counted: Vec::new(),
+                    nak_symbols: 0,
                 });
                 self.by_id.insert(id, self.rxs.len() - 1);
                 self.events.push_back(SenderEvent::ReceiverJoined {
@@ -592,6 +668,74 @@ impl Sender {
         }
         self.queue_control(Dest::Unicast(from), Body::JoinAck { receiver: id });
         self.check_start(now);
+    }
+
+    /// Adds the symbols `entries` ask for (blocks not counted before) to the receiver's NAK
+    /// total, and moves it to unicast catch-up when that exceeds its share of the stream.
+    fn count_nak(&mut self, now: Instant, idx: usize, entries: &[NakEntry]) {
+        let m = self.manifest.manifest();
+        let count = m.block_count();
+        let rx = &mut self.rxs[idx];
+        if rx.nak_counted.is_empty() {
+            rx.nak_counted = vec![0; count.div_ceil(64) as usize];
+        }
+        for e in entries {
+            if e.block >= self.pass_pos || e.block >= count {
+                continue;
+            }
+            let (word, bit) = ((e.block / 64) as usize, 1u64 << (e.block % 64));
+            if rx.nak_counted[word] & bit != 0 {
+                continue;
+            }
+            let Some(st) = self.repair.get(&e.block) else {
+                continue;
+            };
+            rx.nak_counted[word] |= bit;
+            let k = u32::from(st.k);
+            rx.nak_symbols += u64::from(if e.needed == NakEntry::ALL {
+                k
+            } else {
+                e.needed.min(k)
+            });
+        }
+        let sent = self.stats.source_packets;
+        let share = rx.nak_symbols as f64 / sent.max(1) as f64;
+        if sent >= CATCHUP_MIN_SYMBOLS && share > self.cfg.catchup_nak_share {
+            let reason = format!(
+                "its NAKs asked for {:.0}% of the {sent} symbols sent (more than {:.0}%)",
+                share * 100.0,
+                self.cfg.catchup_nak_share * 100.0
+            );
+            self.move_to_unicast(now, idx, reason);
+        }
+    }
+
+    /// Stops multicast repair for receiver `idx` and tells it to fetch over TCP catch-up.
+    /// Nothing happens without a catch-up port, or for a receiver already moved or finished.
+    fn move_to_unicast(&mut self, now: Instant, idx: usize, reason: String) {
+        let rx = &self.rxs[idx];
+        if self.cfg.tcp_port == 0 || rx.unicast.is_some() || rx.state != RxState::Active {
+            return;
+        }
+        tracing::info!(receiver = %rx.name, %reason, "receiver moved to unicast catch-up");
+        self.stats.moved_to_unicast += 1;
+        // Pending repair is a maximum over receivers, so this one's share cannot be taken out:
+        // drop it all. Receivers that still need some of it NAK again (one round trip), which
+        // is far cheaper than multicasting repair sized for a receiver that fetches over TCP.
+        self.pending.clear();
+        self.events.push_back(SenderEvent::ReceiverToUnicast {
+            id: rx.id,
+            name: rx.name.clone(),
+            reason,
+        });
+        self.send_catch_up(now, idx);
+    }
+
+    fn send_catch_up(&mut self, now: Instant, idx: usize) {
+        let rx = &mut self.rxs[idx];
+        rx.unicast = Some(now);
+        let (addr, receiver) = (rx.addr, rx.id);
+        self.queue_control(Dest::Unicast(addr), Body::CatchUp { receiver });
     }
 
     fn on_nak_entry(&mut self, now: Instant, e: &NakEntry) {
@@ -679,7 +823,7 @@ impl Sender {
         let mut losses: Vec<f64> = self
             .rxs
             .iter()
-            .filter(|r| r.state == RxState::Active)
+            .filter(|r| r.state == RxState::Active && r.unicast.is_none())
             .filter_map(|r| r.last_loss)
             .collect();
         if losses.is_empty() || !matches!(self.phase, Phase::Pass | Phase::Draining) {
@@ -1383,6 +1527,102 @@ mod tests {
         assert_eq!(summary.receivers.len(), 3);
         assert_eq!(summary.receivers[2].outcome, ReceiverOutcome::NeverJoined);
         assert_eq!(summary.aborted.as_deref(), Some("test over"));
+    }
+
+    /// Runs the pass to block 2 of 4, then receiver 1 reports it verified none: with a TCP port
+    /// it is moved to catch-up (a CatchUp to it), its NAKs draw no repair, receiver 2's do.
+    fn lagging_receiver(tcp_port: u16) -> (Sender, MemoryImage, Vec<(Dest, u64)>, Instant) {
+        let now = t0();
+        let (m, mut img) = setup();
+        let cfg = SenderConfig {
+            tcp_port,
+            catchup_lag_blocks: 1,
+            // Small steps, so the pass stops inside block 2 rather than running to its end.
+            burst_bytes: 4096,
+            ..cfg()
+        };
+        let mut s = Sender::new(cfg, m, now).unwrap();
+        join(&mut s, now, 1, true);
+        join(&mut s, now, 2, true);
+        let mut t = now;
+        while s.pass_position() < 2 {
+            t += Duration::from_micros(10);
+            drain(&mut s, t, &mut img);
+        }
+        assert!(s.pass_position() < 4, "pass over before the Status");
+        s.handle_input(
+            t,
+            addr(1),
+            &pkt(Body::Status(Status {
+                receiver: 1,
+                ..Status::default()
+            })),
+        );
+        let mut buf = Vec::new();
+        let mut catch_ups = Vec::new();
+        while let Some(tx) = s.poll_transmit(t, &mut img, &mut buf) {
+            if let Ok(Packet {
+                body: Body::CatchUp { receiver },
+                ..
+            }) = Packet::decode(&buf[..tx.size])
+            {
+                catch_ups.push((tx.dest, receiver));
+            }
+        }
+        (s, img, catch_ups, t)
+    }
+
+    /// Repair packets sent over the next 50 ms (the small bucket lets out 32 packets a drain).
+    fn repair_over(s: &mut Sender, t: Instant, img: &mut MemoryImage) -> Vec<(u32, u16, u8)> {
+        (0..50u64)
+            .flat_map(|ms| drain(s, t + Duration::from_millis(ms), img))
+            .filter(|d| d.2 & packet::DATA_REPAIR != 0)
+            .collect()
+    }
+
+    fn nak_block_0(s: &mut Sender, t: Instant, i: u8) {
+        s.handle_input(
+            t,
+            addr(i),
+            &pkt(Body::Nak(packet::Nak {
+                receiver: u64::from(i),
+                entries: vec![NakEntry {
+                    block: 0,
+                    needed: 50,
+                    seen: 100,
+                }],
+            })),
+        );
+    }
+
+    #[test]
+    fn lagging_receiver_is_moved_to_catch_up_and_its_naks_draw_no_repair() {
+        let (mut s, mut img, catch_ups, t) = lagging_receiver(4000);
+        assert_eq!(catch_ups, vec![(Dest::Unicast(addr(1)), 1)]);
+        assert_eq!(s.stats().moved_to_unicast, 1);
+        let ev: Vec<SenderEvent> = std::iter::from_fn(|| s.poll_event()).collect();
+        assert!(ev.iter().any(|e| matches!(
+            e,
+            SenderEvent::ReceiverToUnicast { id: 1, reason, .. } if reason.contains("behind")
+        )));
+        let t = t + Duration::from_millis(100);
+        nak_block_0(&mut s, t, 1);
+        let rep = repair_over(&mut s, t, &mut img);
+        assert!(rep.is_empty(), "{rep:?}");
+        assert_eq!(s.stats().naks_ignored, 1);
+        let t = t + Duration::from_millis(100);
+        nak_block_0(&mut s, t, 2);
+        assert_eq!(repair_over(&mut s, t, &mut img).len(), 50);
+    }
+
+    #[test]
+    fn without_a_catch_up_port_a_lagging_receiver_is_still_repaired() {
+        let (mut s, mut img, catch_ups, t) = lagging_receiver(0);
+        assert!(catch_ups.is_empty());
+        assert_eq!(s.stats().moved_to_unicast, 0);
+        let t = t + Duration::from_millis(100);
+        nak_block_0(&mut s, t, 1);
+        assert_eq!(repair_over(&mut s, t, &mut img).len(), 50);
     }
 
     #[test]

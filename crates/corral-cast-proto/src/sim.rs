@@ -4,7 +4,10 @@
 //!
 //! The simulation plays the driver's role too: it writes `BlockReady` data into a per-receiver
 //! check (comparing with the real image when `check_data` is set) and calls
-//! [`Receiver::finish`] on `AllBlocksReady`.
+//! [`Receiver::finish`] on `AllBlocksReady`. It also models the TCP catch-up path: after
+//! `CatchUpAdvised` (or `SessionEnded` with blocks missing) it fetches the receiver's missing
+//! blocks one by one over a unicast pipe of `catchup_bandwidth_bps`, counted apart from the
+//! multicast traffic.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -130,6 +133,8 @@ pub struct SimReceiver {
     pub dies_at: Option<Duration>,
     /// Compare every `BlockReady` with the real image (costs memory and time).
     pub check_data: bool,
+    /// Bandwidth of its TCP catch-up pipe (`None`: the down link's, else unlimited).
+    pub catchup_bandwidth_bps: Option<u64>,
 }
 
 impl SimReceiver {
@@ -151,6 +156,7 @@ impl SimReceiver {
             join_at: Duration::ZERO,
             dies_at: None,
             check_data: false,
+            catchup_bandwidth_bps: None,
         }
     }
 }
@@ -198,6 +204,12 @@ pub struct SimReceiverResult {
     pub naks_sent: u64,
     /// Packets the receiver rejected (malformed, conflicting duplicates, wrong parameters).
     pub rejected_packets: u64,
+    /// The sender moved it to unicast catch-up (`CatchUpAdvised`).
+    pub catchup_advised: bool,
+    /// Blocks fetched over the simulated TCP catch-up.
+    pub catchup_blocks: u32,
+    /// Bytes fetched over the simulated TCP catch-up.
+    pub catchup_bytes: u64,
 }
 
 /// What happened.
@@ -223,12 +235,23 @@ pub struct SimResult {
 
 #[derive(Debug)]
 enum What {
-    ToSender { from: usize, bytes: Rc<[u8]> },
-    ToReceiver { to: usize, bytes: Rc<[u8]> },
+    ToSender {
+        from: usize,
+        bytes: Rc<[u8]>,
+    },
+    ToReceiver {
+        to: usize,
+        bytes: Rc<[u8]>,
+    },
     SenderTimer,
     ReceiverTimer(usize),
     Spawn(usize),
     Kill(usize),
+    /// Catch-up of receiver `to`: `Some` delivers a fetched block, `None` asks for the next.
+    CatchUp {
+        to: usize,
+        block: Option<(u32, Rc<[u8]>)>,
+    },
 }
 
 struct Link {
@@ -242,6 +265,8 @@ struct Node {
     up: Link,
     timer: Option<Instant>,
     result: SimReceiverResult,
+    /// A catch-up fetch is running.
+    catching_up: bool,
 }
 
 /// Address of simulated receiver `i`.
@@ -419,6 +444,7 @@ impl Sim<'_> {
                 self.push(at, What::ToSender { from: i, bytes });
             }
         }
+        let mut want_catchup = false;
         while let Some(ev) = rx.poll_event() {
             let res = &mut self.nodes[i].result;
             match ev {
@@ -449,8 +475,17 @@ impl Sim<'_> {
                 ReceiverEvent::ManifestReady { .. } => res.manifest_ok = true,
                 ReceiverEvent::MulticastSilent { .. } => res.silent = true,
                 ReceiverEvent::DoneAcknowledged => res.done_acked = true,
+                ReceiverEvent::CatchUpAdvised => {
+                    res.catchup_advised = true;
+                    want_catchup = true;
+                }
+                ReceiverEvent::SessionEnded { .. } if !rx.is_complete() => want_catchup = true,
                 _ => {}
             }
+        }
+        if want_catchup && !self.nodes[i].catching_up {
+            self.nodes[i].catching_up = true;
+            self.push(now, What::CatchUp { to: i, block: None });
         }
         // finish() may have queued a Done.
         while let Some(t) = rx.poll_transmit(now, &mut buf) {
@@ -470,6 +505,41 @@ impl Sim<'_> {
             }
         }
         self.nodes[i].rx = Some(rx);
+    }
+
+    /// Fetches the next missing block of receiver `i` over the catch-up pipe (like the driver:
+    /// one request at a time, in order), or stops when nothing is missing.
+    fn catch_up_next(&mut self, i: usize) {
+        let node = &self.nodes[i];
+        let Some(rx) = node.rx.as_ref() else {
+            return;
+        };
+        if node.dead || rx.manifest().is_none() {
+            return;
+        }
+        let Some(&block) = rx.missing_blocks().first() else {
+            self.nodes[i].catching_up = false;
+            return;
+        };
+        let Ok(enc) = self.image.encoded_block(block) else {
+            self.nodes[i].catching_up = false;
+            return;
+        };
+        let bytes: Rc<[u8]> = Rc::from(enc.to_bytes());
+        let r = &self.cfg.receivers[i];
+        let bw = r.catchup_bandwidth_bps.or(r.down.bandwidth_bps);
+        let wire = bw.map_or(Duration::ZERO, |bw| {
+            Duration::from_secs_f64(bytes.len() as f64 * 8.0 / bw as f64)
+        });
+        // Request up, reply down: one round trip plus the bytes at the pipe's rate.
+        let at = self.now + r.up.latency + r.down.latency + wire;
+        self.push(
+            at,
+            What::CatchUp {
+                to: i,
+                block: Some((block, bytes)),
+            },
+        );
     }
 }
 
@@ -512,6 +582,7 @@ pub fn run(
                     name: r.config.name.clone(),
                     ..SimReceiverResult::default()
                 },
+                catching_up: false,
             })
             .collect(),
         sender_timer: None,
@@ -577,6 +648,23 @@ pub fn run(
             }
             What::Kill(i) => {
                 sim.nodes[i].dead = true;
+            }
+            What::CatchUp { to, block } => {
+                if sim.nodes[to].dead {
+                    continue;
+                }
+                if let Some((index, bytes)) = block {
+                    if let Some(rx) = sim.nodes[to].rx.as_mut() {
+                        // Verified by the receiver like multicast data; a failure is counted
+                        // through BlockRejected and the block is fetched again.
+                        let _ = rx.accept_encoded_block(index, &bytes);
+                    }
+                    let res = &mut sim.nodes[to].result;
+                    res.catchup_blocks += 1;
+                    res.catchup_bytes += bytes.len() as u64;
+                    sim.drive_receiver(to, started_at);
+                }
+                sim.catch_up_next(to);
             }
         }
         if started_at.is_none()

@@ -435,3 +435,78 @@ fn thousand_receivers_default_sizes() {
         tn.as_secs_f64() / t1.as_secs_f64()
     );
 }
+
+/// 8 MiB of incompressible data in 256 KiB blocks (32 blocks of 183 symbols).
+fn catchup_image() -> Setup {
+    setup(image(8 << 20, 11), 256 * 1024, 1440)
+}
+
+fn with_catchup(mut cfg: SimConfig) -> SimConfig {
+    cfg.sender.tcp_port = 9999;
+    cfg
+}
+
+#[test]
+fn slow_receiver_is_moved_to_unicast_catch_up_and_multicast_stays_near_the_image() {
+    let mut s = catchup_image();
+    let rxs: Vec<SimReceiver> = (0..4)
+        .map(|i| trusted(SimReceiver::new(&format!("r{i}"), 0.0)))
+        .collect();
+    let baseline = run(&with_catchup(base(rxs.clone(), 21)), &mut s);
+    assert_all_verified(&baseline);
+    let image_packets = baseline.stats.source_packets;
+    let mut slow = rxs;
+    // A fifth of the send rate; its TCP catch-up pipe is just as slow.
+    slow[3].down.bandwidth_bps = Some(20_000_000);
+    let r = run(&with_catchup(base(slow.clone(), 21)), &mut s);
+    report("slow link, catch-up", &r, image_packets);
+    assert_all_verified(&r);
+    assert_eq!(r.stats.moved_to_unicast, 1);
+    assert!(r.receivers[3].catchup_advised);
+    assert!(r.receivers[3].catchup_blocks > 0);
+    for i in 0..3 {
+        assert!(!r.receivers[i].catchup_advised, "r{i} moved");
+        let t = r.receivers[i].complete_after_start.unwrap();
+        let b = baseline.receivers[i].complete_after_start.unwrap();
+        assert!(
+            t.as_secs_f64() <= b.as_secs_f64() * 1.1 + 0.01,
+            "r{i}: {t:?} vs baseline {b:?}"
+        );
+    }
+    // All multicast (data, repair, control) within 5 % of the image's data packets.
+    assert!(
+        r.multicast_packets as f64 <= image_packets as f64 * 1.05,
+        "multicast {} vs image {image_packets}",
+        r.multicast_packets
+    );
+    // Moved early: the repair it drew before the move is a small part of the image.
+    assert!(
+        r.stats.repair_packets as f64 <= image_packets as f64 * 0.03,
+        "repair {}",
+        r.stats.repair_packets
+    );
+    // Without a catch-up port the same receiver is repaired by multicast, at everyone's cost.
+    let old = run(&base(slow, 21), &mut s);
+    report("slow link, no catch-up port", &old, image_packets);
+    assert_eq!(old.stats.moved_to_unicast, 0);
+    assert!(
+        old.multicast_packets as f64 > image_packets as f64 * 1.5,
+        "multicast {} vs image {image_packets}",
+        old.multicast_packets
+    );
+}
+
+#[test]
+fn five_percent_loss_stays_on_multicast_with_a_catch_up_port() {
+    let mut s = catchup_image();
+    let mut rxs: Vec<SimReceiver> = (0..4)
+        .map(|i| trusted(SimReceiver::new(&format!("r{i}"), 0.0)))
+        .collect();
+    rxs[0].down.loss = 0.05;
+    let r = run(&with_catchup(base(rxs, 22)), &mut s);
+    report("5% loss, catch-up port", &r, r.stats.source_packets);
+    assert_all_verified(&r);
+    assert_eq!(r.stats.moved_to_unicast, 0);
+    assert!(r.receivers.iter().all(|x| x.catchup_blocks == 0));
+    assert!(r.stats.repair_packets > 0);
+}

@@ -125,6 +125,12 @@ pub struct SendReport {
     pub bytes_sent: u64,
     /// Datagrams sent (data, repair and control; each segment of a GSO send counts).
     pub packets_sent: u64,
+    /// Source symbols of the in-order pass (multicast data packets).
+    pub source_packets: u64,
+    /// Repair symbols multicast (parity or repeated source).
+    pub repair_packets: u64,
+    /// Receivers moved to TCP catch-up because they were far behind the stream.
+    pub moved_to_unicast: u64,
     /// Whether UDP GSO was still in use at the end (off: the kernel refused it).
     pub gso: bool,
     /// Hex of the public key that signed the manifest.

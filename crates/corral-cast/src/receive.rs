@@ -493,6 +493,15 @@ pub async fn receive(
                     );
                     want_catchup = true;
                 }
+                ReceiverEvent::CatchUpAdvised => {
+                    info!("the sender moved us to TCP catch-up (too far behind the stream)");
+                    run.obs_event(
+                        "catch-up-advised",
+                        Outcome::Warn,
+                        "too far behind the multicast stream: fetching the rest over TCP".into(),
+                    );
+                    want_catchup = true;
+                }
                 ReceiverEvent::DoneAcknowledged | ReceiverEvent::DoneUnacknowledged => {}
                 ReceiverEvent::SessionEnded { aborted } => {
                     if result.is_none() && !run.rx.is_complete() {

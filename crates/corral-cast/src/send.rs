@@ -303,6 +303,9 @@ pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendRe
         },
         bytes_sent: batch.sent_bytes(),
         packets_sent: batch.sent_packets(),
+        source_packets: summary.stats.source_packets,
+        repair_packets: summary.stats.repair_packets,
+        moved_to_unicast: summary.stats.moved_to_unicast,
         gso: batch.gso(),
         public_key,
         ephemeral_key,
@@ -430,6 +433,18 @@ fn on_event(
                     "receiver-failed",
                     Outcome::Fail,
                     format!("receiver {name} failed: {reason}"),
+                )
+                .with_hostname(name.clone()),
+            );
+        }
+        SenderEvent::ReceiverToUnicast { name, reason, .. } => {
+            info!(name, reason, "receiver moved to TCP catch-up");
+            obs.event(
+                &event(
+                    session,
+                    "receiver-unicast",
+                    Outcome::Warn,
+                    format!("receiver {name} moved to TCP catch-up: {reason}"),
                 )
                 .with_hostname(name.clone()),
             );
