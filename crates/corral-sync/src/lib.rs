@@ -21,6 +21,7 @@ pub mod apply;
 pub mod delta;
 pub mod error;
 pub mod filter;
+pub mod journal;
 pub mod manifest;
 mod owner;
 pub mod planner;
