@@ -525,6 +525,17 @@ pub fn recover(root: &OwnedFd, sync: bool) -> Result<RecoverReport, crate::SyncE
     Ok(rep)
 }
 
+/// [`recover`] for the tree at `root`.
+pub fn recover_path(root: &std::path::Path, sync: bool) -> Result<RecoverReport, crate::SyncError> {
+    let fd = rustix::fs::open(
+        root,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| crate::SyncError::fs("open root", root, e.into()))?;
+    recover(&fd, sync)
+}
+
 /// Removes the journal directory if it is empty (a tree copied onward then carries no trace).
 pub(crate) fn remove_dir(root: &OwnedFd, sync: bool) {
     if rustix::fs::unlinkat(root, DIR, AtFlags::REMOVEDIR).is_ok() && sync {
