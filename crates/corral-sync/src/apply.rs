@@ -111,6 +111,8 @@ struct InPlace {
     changed: Vec<(u64, u64)>,
     /// Bytes kept as they are.
     kept: u64,
+    /// Size before the update.
+    old_size: u64,
 }
 
 const RETAIN_MAX: usize = 256;
@@ -567,6 +569,7 @@ impl Receiver {
         if old.size < self.in_place_min || old.size <= crate::manifest::CHUNK_THRESHOLD {
             return None;
         }
+        let old_size = old.size;
         let old_at: HashMap<u64, Hash> = old
             .chunk_list()
             .into_iter()
@@ -584,15 +587,15 @@ impl Receiver {
                 _ => changed.push((*off, u64::from(c.len))),
             }
         }
-        let cut = old.size.saturating_sub(content.size);
+        let cut = old_size.saturating_sub(content.size);
         let touched: u64 = changed.iter().map(|(_, l)| l).sum::<u64>() + cut;
-        if touched.saturating_mul(IN_PLACE_FRACTION) >= content.size.max(old.size) {
+        if touched.saturating_mul(IN_PLACE_FRACTION) >= content.size.max(old_size) {
             return None;
         }
         // A changed chunk whose bytes come from a part of this file that is overwritten (or
         // cut off) could read new bytes: such a file takes the temporary-file path.
         let overlaps = |o: u64, l: u64| {
-            o + l > content.size.min(old.size)
+            o + l > content.size.min(old_size)
                 || changed.iter().any(|(co, cl)| o < co + cl && *co < o + l)
         };
         for (off, c) in chunks {
@@ -612,7 +615,7 @@ impl Receiver {
         )
         .ok()?;
         let st = rustix::fs::fstat(&f).ok()?;
-        if st.st_mode & 0o170000 != 0o100000 || st.st_nlink != 1 || st.st_size as u64 != old.size
+        if st.st_mode & 0o170000 != 0o100000 || st.st_nlink != 1 || st.st_size as u64 != old_size
         {
             return None;
         }
@@ -628,7 +631,12 @@ impl Receiver {
         if reflink {
             return None;
         }
-        Some(InPlace { f, changed, kept })
+        Some(InPlace {
+            f,
+            changed,
+            kept,
+            old_size,
+        })
     }
 
     /// Whether the file system of `dir` can clone `f` (then the temporary-file path costs
@@ -830,11 +838,13 @@ impl Receiver {
             if first_err.is_some() {
                 continue;
             }
-            if let Err(x) = write_at(&ip.f, &bytes, *off, false) {
-                first_err = Some(errno("write", &e.path, x));
-                continue;
+            match write_changed_blocks(&ip.f, &bytes, *off, ip.old_size) {
+                Ok(n) => *written += n,
+                Err(x) => {
+                    first_err = Some(errno("write", &e.path, x));
+                    continue;
+                }
             }
-            *written += bytes.len() as u64;
             self.extents_written += 1;
             if self.crash_after == Some(self.extents_written) {
                 // Test hook: die like a killed receiver, journal and half-written file left.
@@ -1139,6 +1149,40 @@ impl Receiver {
         }
         Ok(())
     }
+}
+
+/// Writes `buf` at `off` except the 4 KiB blocks that already hold these bytes (a changed
+/// chunk is mostly unchanged: an edit of a few bytes rewrites one block, not the chunk);
+/// returns the bytes written.
+fn write_changed_blocks(f: &OwnedFd, buf: &[u8], off: u64, old_size: u64) -> Result<u64, Errno> {
+    const BLOCK: usize = 4096;
+    let mut old = vec![0u8; BLOCK];
+    let mut written = 0;
+    let mut run: Option<(usize, usize)> = None;
+    let mut i = 0;
+    while i <= buf.len() {
+        let same = i < buf.len() && {
+            let n = BLOCK.min(buf.len() - i);
+            let at = off + i as u64;
+            at + n as u64 <= old_size
+                && read_exact_at(f, &mut old[..n], at).is_ok()
+                && old[..n] == buf[i..i + n]
+        };
+        if i == buf.len() || same {
+            if let Some((s, e)) = run.take() {
+                write_at(f, &buf[s..e], off + s as u64, false)?;
+                written += (e - s) as u64;
+            }
+            if i == buf.len() {
+                break;
+            }
+        } else {
+            let e = (i + BLOCK).min(buf.len());
+            run = Some((run.map_or(i, |(s, _)| s), e));
+        }
+        i = (i + BLOCK).min(buf.len());
+    }
+    Ok(written)
 }
 
 fn read_exact_at(f: &OwnedFd, mut buf: &mut [u8], mut off: u64) -> Result<(), Errno> {
