@@ -16,6 +16,23 @@
 //! Content comes chunk by chunk from, in order of preference: the old file itself (kept by a
 //! copy-on-write clone, `FICLONE`, where the file system supports it), any file the child
 //! already holds with that chunk (by BLAKE3), or data from the master.
+//!
+//! The exception is a large file that changes a little where no clone is possible (ext4):
+//! rebuilding it in a temporary file would write all of it. Such a file (at least
+//! [`IN_PLACE_MIN`], less than `1/`[`IN_PLACE_FRACTION`] of it changed, one link, still as
+//! scanned, no `--backup-dir`, no changed chunk read back from an overwritten part of itself)
+//! is updated in place behind an undo journal ([`crate::journal`]): old bytes journaled and
+//! synced first, then only the 4 KiB blocks that differ are written, size and metadata set,
+//! the file synced and the journal removed. A failure rolls the file back from the journal
+//! at once; a crash leaves the journal for [`crate::journal::recover`], which the receiver
+//! runs before its scan. `report.bytes_written` counts the journal's bytes as well, and
+//! `report.cloned_bytes` the bytes kept in place.
+//!
+//! With `--backup-dir` the old file must survive whole, which costs a full copy on a file
+//! system without clones; such a file is replaced (temp + rename, the old inode hard-linked
+//! into the backup) as before. One limitation: a later file of the same run that reuses a
+//! chunk found only in a changed range of an in-place file reads the new bytes, fails its
+//! hash check and is reported failed (the next run sends it).
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
