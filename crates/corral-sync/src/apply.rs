@@ -684,6 +684,7 @@ impl Receiver {
         content: &Content,
         ip: &InPlace,
     ) -> Option<(OwnedFd, String, u64)> {
+        let mut created: Option<(OwnedFd, String)> = None;
         let r = (|| -> Result<(OwnedFd, String, u64), SyncError> {
             let st = rustix::fs::fstat(&ip.f).map_err(|x| errno("stat", &e.path, x))?;
             let p = format!("/proc/self/fd/{}", ip.f.as_raw_fd());
@@ -700,6 +701,10 @@ impl Receiver {
             };
             let jdir = self.mkdirs(crate::journal::DIR)?;
             self.journal_dir_used = true;
+            if self.opts.fsync {
+                // The directory's own entry must survive a crash too.
+                rustix::fs::fsync(&self.root).map_err(|x| errno("sync root", "", x))?;
+            }
             self.seq += 1;
             let jname = format!(
                 "{}-{}{}",
@@ -714,6 +719,7 @@ impl Receiver {
                 Mode::from_raw_mode(0o600),
             )
             .map_err(|x| errno("create journal", &e.path, x))?;
+            created = Some((jdir.try_clone().map_err(|x| SyncError::fs("dup", &e.path, x))?, jname.clone()));
             let jio = |x: std::io::Error| SyncError::fs("write journal", &e.path, x);
             let mut w = crate::journal::Writer::new(jf, &header).map_err(jio)?;
             let old_size = header.size;
@@ -746,6 +752,10 @@ impl Receiver {
         match r {
             Ok(x) => Some(x),
             Err(err) => {
+                // Not committed, the file untouched: the partial journal goes.
+                if let Some((d, n)) = created {
+                    let _ = rustix::fs::unlinkat(&d, n.as_str(), AtFlags::empty());
+                }
                 tracing::warn!(path = %e.path, error = %err, "no in-place update (journal failed); rewriting the file");
                 None
             }
