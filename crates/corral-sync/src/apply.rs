@@ -632,8 +632,7 @@ impl Receiver {
         )
         .ok()?;
         let st = rustix::fs::fstat(&f).ok()?;
-        if st.st_mode & 0o170000 != 0o100000 || st.st_nlink != 1 || st.st_size as u64 != old_size
-        {
+        if st.st_mode & 0o170000 != 0o100000 || st.st_nlink != 1 || st.st_size as u64 != old_size {
             return None;
         }
         let dev = st.st_dev;
@@ -719,7 +718,11 @@ impl Receiver {
                 Mode::from_raw_mode(0o600),
             )
             .map_err(|x| errno("create journal", &e.path, x))?;
-            created = Some((jdir.try_clone().map_err(|x| SyncError::fs("dup", &e.path, x))?, jname.clone()));
+            created = Some((
+                jdir.try_clone()
+                    .map_err(|x| SyncError::fs("dup", &e.path, x))?,
+                jname.clone(),
+            ));
             let jio = |x: std::io::Error| SyncError::fs("write journal", &e.path, x);
             let mut w = crate::journal::Writer::new(jf, &header).map_err(jio)?;
             let old_size = header.size;
@@ -780,7 +783,8 @@ impl Receiver {
         let mut written = 0u64;
         let r = self.fill_in_place(e, chunks, &ip, &mut written, data);
         let r = r.and_then(|()| {
-            rustix::fs::ftruncate(&ip.f, content.size).map_err(|x| errno("truncate", &e.path, x))?;
+            rustix::fs::ftruncate(&ip.f, content.size)
+                .map_err(|x| errno("truncate", &e.path, x))?;
             self.set_meta_fd(&ip.f, &e.path, &e.meta)?;
             if self.opts.fsync {
                 rustix::fs::fsync(&ip.f).map_err(|x| errno("fsync", &e.path, x))?;
@@ -825,28 +829,25 @@ impl Receiver {
     ) -> Result<(), SyncError> {
         let mut first_err = None;
         for (off, c) in chunks {
-            if !ip
-                .changed
-                .iter()
-                .any(|(o, l)| *off >= *o && *off < o + l)
-            {
+            if !ip.changed.iter().any(|(o, l)| *off >= *o && *off < o + l) {
                 continue;
             }
             let bytes = match self.index.get(&c.hash).cloned() {
-                Some((p, o, l)) => match self.read_local(&p, o, l).filter(|b| Hash::of(b) == c.hash)
-                {
-                    Some(b) => {
-                        self.report.reused_bytes += b.len() as u64;
-                        b
+                Some((p, o, l)) => {
+                    match self.read_local(&p, o, l).filter(|b| Hash::of(b) == c.hash) {
+                        Some(b) => {
+                            self.report.reused_bytes += b.len() as u64;
+                            b
+                        }
+                        None => {
+                            first_err.get_or_insert(SyncError::SourceChanged(format!(
+                                "{} (chunk source {p} on the child)",
+                                e.path
+                            )));
+                            continue;
+                        }
                     }
-                    None => {
-                        first_err.get_or_insert(SyncError::SourceChanged(format!(
-                            "{} (chunk source {p} on the child)",
-                            e.path
-                        )));
-                        continue;
-                    }
-                },
+                }
                 None => match data(&c.hash, c.len)? {
                     Incoming::Bytes(b) => {
                         self.report.literal_bytes += b.len() as u64;

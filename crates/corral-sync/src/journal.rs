@@ -93,6 +93,12 @@ pub enum JournalError {
     Io(#[from] std::io::Error),
 }
 
+/// Old bytes at an offset, as recorded in a journal.
+pub type Extent = (u64, Vec<u8>);
+
+/// Called with each extent of a journal being parsed.
+type Visit<'a> = dyn FnMut(&Header, u64, &[u8]) -> Result<(), JournalError> + 'a;
+
 fn corrupt(what: &'static str) -> JournalError {
     JournalError::Corrupt(what)
 }
@@ -107,7 +113,9 @@ pub struct Writer {
 
 impl std::fmt::Debug for Writer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Writer").field("bytes", &self.bytes).finish()
+        f.debug_struct("Writer")
+            .field("bytes", &self.bytes)
+            .finish()
     }
 }
 
@@ -215,11 +223,7 @@ fn u64_of<R: Read>(r: &mut R) -> Result<u64, JournalError> {
 
 /// Parses a verified journal body: returns the header after handing each extent to `visit`
 /// (in order; every extent lies within the recorded old size).
-fn parse<R: Read>(
-    mut r: R,
-    body: u64,
-    visit: &mut dyn FnMut(&Header, u64, &[u8]) -> Result<(), JournalError>,
-) -> Result<Header, JournalError> {
+fn parse<R: Read>(mut r: R, body: u64, visit: &mut Visit<'_>) -> Result<Header, JournalError> {
     let mut r = (&mut r).take(body);
     if take::<_, 8>(&mut r)? != *MAGIC {
         return Err(corrupt("bad magic"));
@@ -292,7 +296,7 @@ fn parse<R: Read>(
 
 /// Decodes a whole journal held in memory: the header and its extents. This is what
 /// [`replay`] checks before it touches a file (and the fuzz target's entry point).
-pub fn decode(b: &[u8]) -> Result<(Header, Vec<(u64, Vec<u8>)>), JournalError> {
+pub fn decode(b: &[u8]) -> Result<(Header, Vec<Extent>), JournalError> {
     verify(b, b.len() as u64)?;
     let mut ext = Vec::new();
     let h = parse(b, b.len() as u64 - TRAILER, &mut |_, off, x| {
@@ -416,9 +420,11 @@ pub fn replay(
     // First pass: check every record without touching the file.
     use std::io::Seek;
     f.rewind()?;
-    let h = parse(std::io::BufReader::new(&mut f), len - TRAILER, &mut |_, _, _| {
-        Ok(())
-    })?;
+    let h = parse(
+        std::io::BufReader::new(&mut f),
+        len - TRAILER,
+        &mut |_, _, _| Ok(()),
+    )?;
     let target = match rustix::fs::openat2(
         root,
         h.path.as_str(),
@@ -436,12 +442,16 @@ pub fn replay(
     };
     let tst = rustix::fs::fstat(&target).map_err(std::io::Error::from)?;
     if tst.st_mode & 0o170000 != 0o100000 {
-        return Err(corrupt("journal names something that is not a regular file"));
+        return Err(corrupt(
+            "journal names something that is not a regular file",
+        ));
     }
     f.rewind()?;
-    parse(std::io::BufReader::new(&mut f), len - TRAILER, &mut |_, off, b| {
-        pwrite_all(&target, b, off).map_err(JournalError::Io)
-    })?;
+    parse(
+        std::io::BufReader::new(&mut f),
+        len - TRAILER,
+        &mut |_, off, b| pwrite_all(&target, b, off).map_err(JournalError::Io),
+    )?;
     let io = |e: Errno| JournalError::Io(e.into());
     rustix::fs::ftruncate(&target, h.size).map_err(io)?;
     let p = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&target));

@@ -198,7 +198,11 @@ fn a_hard_linked_image_is_replaced_not_changed_in_place() {
     // The other name keeps the old content; the whole file was rewritten.
     assert_eq!(std::fs::read(t.path().join("other-link")).unwrap(), old);
     assert!(rep.bytes_written >= SIZE as u64, "{rep:?}");
-    assert!(r.write_bytes >= SIZE as u64 / 2, "write_bytes {}", r.write_bytes);
+    assert!(
+        r.write_bytes >= SIZE as u64 / 2,
+        "write_bytes {}",
+        r.write_bytes
+    );
 }
 
 #[test]
@@ -227,7 +231,11 @@ fn a_receiver_killed_mid_update_is_rolled_back_then_a_rerun_makes_it_new() {
     assert_ne!(mixed, old, "some new bytes were written before the abort");
     assert_ne!(mixed, new, "not all of them");
     let jd = c.join(journal::DIR);
-    assert_eq!(std::fs::read_dir(&jd).unwrap().count(), 1, "one journal left");
+    assert_eq!(
+        std::fs::read_dir(&jd).unwrap().count(),
+        1,
+        "one journal left"
+    );
     // Recovery alone (what `corral sync recover` runs) makes it old again, byte for byte.
     let rep = journal::recover_path(&c, true).unwrap();
     assert_eq!(rep.restored, vec!["disk.img".to_string()]);
