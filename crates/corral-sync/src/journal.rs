@@ -674,6 +674,29 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// What the fuzz target `sync_journal` checks, on random bytes, raw and sealed.
+        #[test]
+        fn random_journals_never_panic_and_stay_in_bounds(
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+            prefix in proptest::prelude::any::<bool>(),
+        ) {
+            let mut b = Vec::new();
+            if prefix {
+                b.extend_from_slice(MAGIC);
+            }
+            b.extend_from_slice(&body);
+            for data in [b.clone(), seal(&b)] {
+                if let Ok((h, ext)) = decode(&data) {
+                    proptest::prop_assert!(!h.path.is_empty());
+                    for (off, x) in ext {
+                        proptest::prop_assert!(off + x.len() as u64 <= h.size);
+                    }
+                }
+            }
+        }
+    }
+
     fn root_fd(p: &std::path::Path) -> OwnedFd {
         rustix::fs::open(p, OFlags::DIRECTORY | OFlags::RDONLY, Mode::empty()).unwrap()
     }
