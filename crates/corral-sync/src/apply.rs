@@ -16,6 +16,23 @@
 //! Content comes chunk by chunk from, in order of preference: the old file itself (kept by a
 //! copy-on-write clone, `FICLONE`, where the file system supports it), any file the child
 //! already holds with that chunk (by BLAKE3), or data from the master.
+//!
+//! The exception is a large file that changes a little where no clone is possible (ext4):
+//! rebuilding it in a temporary file would write all of it. Such a file (at least
+//! [`IN_PLACE_MIN`], less than `1/`[`IN_PLACE_FRACTION`] of it changed, one link, still as
+//! scanned, no `--backup-dir`, no changed chunk read back from an overwritten part of itself)
+//! is updated in place behind an undo journal ([`crate::journal`]): old bytes journaled and
+//! synced first, then only the 4 KiB blocks that differ are written, size and metadata set,
+//! the file synced and the journal removed. A failure rolls the file back from the journal
+//! at once; a crash leaves the journal for [`crate::journal::recover`], which the receiver
+//! runs before its scan. `report.bytes_written` counts the journal's bytes as well, and
+//! `report.cloned_bytes` the bytes kept in place.
+//!
+//! With `--backup-dir` the old file must survive whole, which costs a full copy on a file
+//! system without clones; such a file is replaced (temp + rename, the old inode hard-linked
+//! into the backup) as before. One limitation: a later file of the same run that reuses a
+//! chunk found only in a changed range of an in-place file reads the new bytes, fails its
+//! hash check and is reported failed (the next run sends it).
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -50,6 +67,13 @@ pub struct ReceiverOptions {
     /// and the renames durable at the end of the run.
     pub fsync: bool,
 }
+
+/// Files at least this large (on the child) may be updated in place behind an undo journal
+/// when the file system cannot clone them (see [`crate::journal`]). The environment variable
+/// `CORRAL_SYNC_IN_PLACE_MIN` (bytes) overrides it for the receiver.
+pub const IN_PLACE_MIN: u64 = 64 << 20;
+/// An in-place update is used only when less than `1/IN_PLACE_FRACTION` of the file changes.
+pub const IN_PLACE_FRACTION: u64 = 4;
 
 /// Files written to temporary names before a batch is synced and renamed into place.
 pub const BATCH_FILES: usize = 1024;
@@ -86,6 +110,26 @@ pub struct Receiver {
     seq: u64,
     pending: Vec<Pending>,
     pending_bytes: u64,
+    in_place_min: u64,
+    /// Test hook: abort the process after this many extent writes of in-place updates.
+    crash_after: Option<u64>,
+    extents_written: u64,
+    /// Whether FICLONE works, per device (probed once).
+    reflink: HashMap<u64, bool>,
+    /// An in-place update made the journal directory.
+    journal_dir_used: bool,
+}
+
+/// A file that will be updated in place.
+#[derive(Debug)]
+struct InPlace {
+    f: OwnedFd,
+    /// Ranges of the new file that differ from the old one: offset, length.
+    changed: Vec<(u64, u64)>,
+    /// Bytes kept as they are.
+    kept: u64,
+    /// Size before the update.
+    old_size: u64,
 }
 
 const RETAIN_MAX: usize = 256;
@@ -183,6 +227,16 @@ impl Receiver {
             seq: 0,
             pending: Vec::new(),
             pending_bytes: 0,
+            in_place_min: std::env::var("CORRAL_SYNC_IN_PLACE_MIN")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(IN_PLACE_MIN),
+            crash_after: std::env::var("CORRAL_SYNC_CRASH_AFTER_EXTENTS")
+                .ok()
+                .and_then(|v| v.parse().ok()),
+            extents_written: 0,
+            reflink: HashMap::new(),
+            journal_dir_used: false,
         })
     }
 
@@ -479,6 +533,11 @@ impl Receiver {
                 return Err(err);
             }
         };
+        if let Some(ip) = self.in_place_plan(e, &content, &chunks, &dir, &name)
+            && let Some((jdir, jname, jbytes)) = self.start_journal(e, &content, &ip)
+        {
+            return self.write_in_place(e, content, &chunks, ip, jdir, &jname, jbytes, data);
+        }
         let tmp = self.temp_name(&name);
         let f = rustix::fs::openat(
             &dir,
@@ -506,6 +565,324 @@ impl Receiver {
             self.flush()?;
         }
         Ok(())
+    }
+
+    /// Whether `e` can be updated in place (see [`crate::journal`]): a large regular file
+    /// with one link, present as scanned, no backup wanted, no copy-on-write clone possible,
+    /// and less than `1/IN_PLACE_FRACTION` of it changing, none of which the new content reads
+    /// back from the file itself.
+    fn in_place_plan(
+        &mut self,
+        e: &Entry,
+        content: &Content,
+        chunks: &[(u64, crate::manifest::Chunk)],
+        dir: &OwnedFd,
+        name: &str,
+    ) -> Option<InPlace> {
+        if self.opts.backup.is_some() {
+            return None;
+        }
+        let old = self.old.get(&e.path)?;
+        if old.size < self.in_place_min || old.size <= crate::manifest::CHUNK_THRESHOLD {
+            return None;
+        }
+        let old_size = old.size;
+        let old_at: HashMap<u64, Hash> = old
+            .chunk_list()
+            .into_iter()
+            .map(|(o, c)| (o, c.hash))
+            .collect();
+        let mut changed: Vec<(u64, u64)> = Vec::new();
+        let mut kept = 0u64;
+        for (off, c) in chunks {
+            if old_at.get(off) == Some(&c.hash) {
+                kept += u64::from(c.len);
+                continue;
+            }
+            match changed.last_mut() {
+                Some((o, l)) if *o + *l == *off => *l += u64::from(c.len),
+                _ => changed.push((*off, u64::from(c.len))),
+            }
+        }
+        let cut = old_size.saturating_sub(content.size);
+        let touched: u64 = changed.iter().map(|(_, l)| l).sum::<u64>() + cut;
+        if touched.saturating_mul(IN_PLACE_FRACTION) >= content.size.max(old_size) {
+            return None;
+        }
+        // A changed chunk whose bytes come from a part of this file that is overwritten (or
+        // cut off) could read new bytes: such a file takes the temporary-file path.
+        let overlaps = |o: u64, l: u64| {
+            o + l > content.size.min(old_size)
+                || changed.iter().any(|(co, cl)| o < co + cl && *co < o + l)
+        };
+        for (off, c) in chunks {
+            if old_at.get(off) != Some(&c.hash)
+                && let Some((p, o, l)) = self.index.get(&c.hash)
+                && *p == e.path
+                && overlaps(*o, u64::from(*l))
+            {
+                return None;
+            }
+        }
+        let f = rustix::fs::openat(
+            dir,
+            name,
+            OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+            Mode::empty(),
+        )
+        .ok()?;
+        let st = rustix::fs::fstat(&f).ok()?;
+        if st.st_mode & 0o170000 != 0o100000 || st.st_nlink != 1 || st.st_size as u64 != old_size {
+            return None;
+        }
+        let dev = st.st_dev;
+        let reflink = match self.reflink.get(&dev) {
+            Some(r) => *r,
+            None => {
+                let r = self.probe_reflink(dir, name, &f);
+                self.reflink.insert(dev, r);
+                r
+            }
+        };
+        if reflink {
+            return None;
+        }
+        Some(InPlace {
+            f,
+            changed,
+            kept,
+            old_size,
+        })
+    }
+
+    /// Whether the file system of `dir` can clone `f` (then the temporary-file path costs
+    /// no data writes and is used instead of an in-place update).
+    fn probe_reflink(&mut self, dir: &OwnedFd, name: &str, f: &OwnedFd) -> bool {
+        let tmp = self.temp_name(name);
+        let Ok(t) = rustix::fs::openat(
+            dir,
+            tmp.as_str(),
+            OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::from_raw_mode(0o600),
+        ) else {
+            return false;
+        };
+        let ok = rustix::fs::ioctl_ficlone(&t, f).is_ok();
+        drop(t);
+        let _ = rustix::fs::unlinkat(dir, tmp.as_str(), AtFlags::empty());
+        ok
+    }
+
+    /// Writes and commits the undo journal of an in-place update: the old bytes of every
+    /// range about to change and of the tail a shrink cuts off, with the old metadata.
+    /// `None` (with a warning) when it cannot: the file is untouched and takes the
+    /// temporary-file path.
+    fn start_journal(
+        &mut self,
+        e: &Entry,
+        content: &Content,
+        ip: &InPlace,
+    ) -> Option<(OwnedFd, String, u64)> {
+        let mut created: Option<(OwnedFd, String)> = None;
+        let r = (|| -> Result<(OwnedFd, String, u64), SyncError> {
+            let st = rustix::fs::fstat(&ip.f).map_err(|x| errno("stat", &e.path, x))?;
+            let p = format!("/proc/self/fd/{}", ip.f.as_raw_fd());
+            let header = crate::journal::Header {
+                path: e.path.clone(),
+                size: st.st_size as u64,
+                mode: st.st_mode & 0o7777,
+                uid: st.st_uid,
+                gid: st.st_gid,
+                mtime: st.st_mtime,
+                mtime_ns: st.st_mtime_nsec as u32,
+                xattrs: crate::journal::get_xattrs(&p)
+                    .map_err(|x| SyncError::fs("read xattrs", &e.path, x))?,
+            };
+            let jdir = self.mkdirs(crate::journal::DIR)?;
+            self.journal_dir_used = true;
+            if self.opts.fsync {
+                // The directory's own entry must survive a crash too.
+                rustix::fs::fsync(&self.root).map_err(|x| errno("sync root", "", x))?;
+            }
+            self.seq += 1;
+            let jname = format!(
+                "{}-{}{}",
+                std::process::id(),
+                self.seq,
+                crate::journal::SUFFIX
+            );
+            let jf = rustix::fs::openat(
+                &jdir,
+                jname.as_str(),
+                OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+                Mode::from_raw_mode(0o600),
+            )
+            .map_err(|x| errno("create journal", &e.path, x))?;
+            created = Some((
+                jdir.try_clone()
+                    .map_err(|x| SyncError::fs("dup", &e.path, x))?,
+                jname.clone(),
+            ));
+            let jio = |x: std::io::Error| SyncError::fs("write journal", &e.path, x);
+            let mut w = crate::journal::Writer::new(jf, &header).map_err(jio)?;
+            let old_size = header.size;
+            let mut save: Vec<(u64, u64)> = ip
+                .changed
+                .iter()
+                .filter(|(o, _)| *o < old_size)
+                .map(|(o, l)| (*o, (*l).min(old_size - o)))
+                .collect();
+            if content.size < old_size {
+                save.push((content.size, old_size - content.size));
+            }
+            let mut buf = vec![0u8; crate::journal::MAX_EXTENT as usize];
+            for (o, l) in save {
+                let mut at = o;
+                while at < o + l {
+                    let n = ((o + l - at) as usize).min(buf.len());
+                    read_exact_at(&ip.f, &mut buf[..n], at)
+                        .map_err(|x| errno("read old bytes", &e.path, x))?;
+                    w.extent(at, &buf[..n]).map_err(jio)?;
+                    at += n as u64;
+                }
+            }
+            let bytes = w.commit(self.opts.fsync).map_err(jio)?;
+            if self.opts.fsync {
+                rustix::fs::fsync(&jdir).map_err(|x| errno("sync journal", &e.path, x))?;
+            }
+            Ok((jdir, jname, bytes))
+        })();
+        match r {
+            Ok(x) => Some(x),
+            Err(err) => {
+                // Not committed, the file untouched: the partial journal goes.
+                if let Some((d, n)) = created {
+                    let _ = rustix::fs::unlinkat(&d, n.as_str(), AtFlags::empty());
+                }
+                tracing::warn!(path = %e.path, error = %err, "no in-place update (journal failed); rewriting the file");
+                None
+            }
+        }
+    }
+
+    /// Updates a file in place once its journal is durable: writes the changed ranges, sets
+    /// size and metadata, syncs the file, then removes the journal. On any failure the
+    /// journal is replayed (the file is old again) and the step fails.
+    #[allow(clippy::too_many_arguments)]
+    fn write_in_place(
+        &mut self,
+        e: &Entry,
+        content: Content,
+        chunks: &[(u64, crate::manifest::Chunk)],
+        ip: InPlace,
+        jdir: OwnedFd,
+        jname: &str,
+        jbytes: u64,
+        data: &mut DataSource<'_>,
+    ) -> Result<(), SyncError> {
+        let mut written = 0u64;
+        let r = self.fill_in_place(e, chunks, &ip, &mut written, data);
+        let r = r.and_then(|()| {
+            rustix::fs::ftruncate(&ip.f, content.size)
+                .map_err(|x| errno("truncate", &e.path, x))?;
+            self.set_meta_fd(&ip.f, &e.path, &e.meta)?;
+            if self.opts.fsync {
+                rustix::fs::fsync(&ip.f).map_err(|x| errno("fsync", &e.path, x))?;
+            }
+            Ok(())
+        });
+        // Journal bytes are bytes written on the child too.
+        self.report.bytes_written += jbytes + written;
+        if let Err(err) = r {
+            drop(ip);
+            return match crate::journal::replay(&self.root, &jdir, jname, self.opts.fsync) {
+                Ok(_) => Err(err),
+                Err(j) => Err(SyncError::fs(
+                    "roll back in-place update",
+                    &e.path,
+                    std::io::Error::other(format!(
+                        "{j} after: {err}; the next run replays the journal"
+                    )),
+                )),
+            };
+        }
+        rustix::fs::unlinkat(&jdir, jname, AtFlags::empty())
+            .map_err(|x| errno("remove journal", &e.path, x))?;
+        if self.opts.fsync {
+            rustix::fs::fsync(&jdir).map_err(|x| errno("sync journal directory", &e.path, x))?;
+        }
+        self.report.cloned_bytes += ip.kept;
+        self.report.files_written += 1;
+        self.written.push((e.path.clone(), content));
+        Ok(())
+    }
+
+    /// Writes the changed chunks of an in-place update. Every chunk is pulled from the
+    /// stream even after a failure, so the stream stays in step with the master.
+    fn fill_in_place(
+        &mut self,
+        e: &Entry,
+        chunks: &[(u64, crate::manifest::Chunk)],
+        ip: &InPlace,
+        written: &mut u64,
+        data: &mut DataSource<'_>,
+    ) -> Result<(), SyncError> {
+        let mut first_err = None;
+        for (off, c) in chunks {
+            if !ip.changed.iter().any(|(o, l)| *off >= *o && *off < o + l) {
+                continue;
+            }
+            let bytes = match self.index.get(&c.hash).cloned() {
+                Some((p, o, l)) => {
+                    match self.read_local(&p, o, l).filter(|b| Hash::of(b) == c.hash) {
+                        Some(b) => {
+                            self.report.reused_bytes += b.len() as u64;
+                            b
+                        }
+                        None => {
+                            first_err.get_or_insert(SyncError::SourceChanged(format!(
+                                "{} (chunk source {p} on the child)",
+                                e.path
+                            )));
+                            continue;
+                        }
+                    }
+                }
+                None => match data(&c.hash, c.len)? {
+                    Incoming::Bytes(b) => {
+                        self.report.literal_bytes += b.len() as u64;
+                        b
+                    }
+                    Incoming::Delta { .. } => {
+                        // Deltas are made only for one-chunk files, which are never in place.
+                        first_err.get_or_insert(SyncError::SourceChanged(format!(
+                            "{} (a delta for a chunk of a large file)",
+                            e.path
+                        )));
+                        continue;
+                    }
+                },
+            };
+            if first_err.is_some() {
+                continue;
+            }
+            match write_changed_blocks(&ip.f, &bytes, *off, ip.old_size) {
+                Ok(n) => *written += n,
+                Err(x) => {
+                    first_err = Some(errno("write", &e.path, x));
+                    continue;
+                }
+            }
+            self.extents_written += 1;
+            if self.crash_after == Some(self.extents_written) {
+                // Test hook: die like a killed receiver, journal and half-written file left.
+                std::process::abort();
+            }
+        }
+        match first_err {
+            Some(err) => Err(err),
+            None => Ok(()),
+        }
     }
 
     /// Installs the files written so far: one `syncfs` makes their data durable, then each is
@@ -791,12 +1168,61 @@ impl Receiver {
             write_at(&f, &j, 0, false).map_err(|x| errno("write journal", JOURNAL, x))?;
         }
         self.retained.clear();
+        if self.journal_dir_used {
+            crate::journal::remove_dir(&self.root, self.opts.fsync);
+        }
         if self.opts.fsync {
             // The renames (and the journal) are durable once the file system is synced.
             rustix::fs::syncfs(&self.root).map_err(|x| errno("syncfs", "", x))?;
         }
         Ok(())
     }
+}
+
+/// Writes `buf` at `off` except the 4 KiB blocks that already hold these bytes (a changed
+/// chunk is mostly unchanged: an edit of a few bytes rewrites one block, not the chunk);
+/// returns the bytes written.
+fn write_changed_blocks(f: &OwnedFd, buf: &[u8], off: u64, old_size: u64) -> Result<u64, Errno> {
+    const BLOCK: usize = 4096;
+    let mut old = vec![0u8; BLOCK];
+    let mut written = 0;
+    let mut run: Option<(usize, usize)> = None;
+    let mut i = 0;
+    while i <= buf.len() {
+        let same = i < buf.len() && {
+            let n = BLOCK.min(buf.len() - i);
+            let at = off + i as u64;
+            at + n as u64 <= old_size
+                && read_exact_at(f, &mut old[..n], at).is_ok()
+                && old[..n] == buf[i..i + n]
+        };
+        if i == buf.len() || same {
+            if let Some((s, e)) = run.take() {
+                write_at(f, &buf[s..e], off + s as u64, false)?;
+                written += (e - s) as u64;
+            }
+            if i == buf.len() {
+                break;
+            }
+        } else {
+            let e = (i + BLOCK).min(buf.len());
+            run = Some((run.map_or(i, |(s, _)| s), e));
+        }
+        i = (i + BLOCK).min(buf.len());
+    }
+    Ok(written)
+}
+
+fn read_exact_at(f: &OwnedFd, mut buf: &mut [u8], mut off: u64) -> Result<(), Errno> {
+    while !buf.is_empty() {
+        let n = rustix::io::pread(f, &mut *buf, off)?;
+        if n == 0 {
+            return Err(Errno::IO);
+        }
+        buf = &mut buf[n..];
+        off += n as u64;
+    }
+    Ok(())
 }
 
 fn write_at(

@@ -5,7 +5,8 @@
 //! a pure [`planner`] (master manifest + child manifest + filter → steps and an rsync-style
 //! change list), a receiver that applies steps confined beneath its root ([`apply`]: `openat2`
 //! with `RESOLVE_BENEATH`, temp file + rename for every file, copy-on-write clone of a large
-//! file's unchanged chunks, backup and rollback), and the wire protocol ([`proto`]) between the
+//! file's unchanged chunks, in-place updates of large files behind an undo [`journal`],
+//! backup and rollback), and the wire protocol ([`proto`]) between the
 //! master and `corral sync serve --stdio` (small changed files travel as [`delta`]s against
 //! the child's old copy), over a local socket pair or the system `ssh`
 //! ([`transport`]).
@@ -15,12 +16,13 @@
 //! [`filter::PathFilter`]).
 //!
 //! Entry points: [`scan::scan`], [`planner::plan`], [`session::push`], [`session::serve`],
-//! [`transport::connect`], [`rollback::rollback`].
+//! [`transport::connect`], [`rollback::rollback`], [`journal::recover`].
 
 pub mod apply;
 pub mod delta;
 pub mod error;
 pub mod filter;
+pub mod journal;
 pub mod manifest;
 mod owner;
 pub mod planner;

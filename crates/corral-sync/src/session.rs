@@ -80,7 +80,9 @@ fn serve_inner<R: Read, W: Write>(
         };
         match m {
             Message::Scan => {
-                let mut skip = Vec::new();
+                // Interrupted in-place updates are rolled back before anything reads the tree.
+                crate::journal::recover_path(root, !opts.no_fsync)?;
+                let mut skip = vec![crate::journal::DIR.to_string()];
                 if let Some((d, _)) = &options.backup {
                     skip.push(d.clone());
                 }

@@ -71,6 +71,28 @@ Examples:
 Examples:
   corral sync rollback 20261201T170000Z --root / --backup-dir .corral-backup")]
     Rollback(RollbackArgs),
+    /// Roll back in-place updates a killed run left half done. Run it on the child.
+    #[command(after_help = "\
+A large file that changes a little is updated in place behind an undo journal kept in
+DIR/.corral-sync-journal/ (see the sync docs). If the receiver is killed mid-update the file
+holds old and new bytes until the journal is replayed: every run of `corral sync serve` (and
+local push) does that first; this command does it alone, e.g. at boot or before reading the
+tree. Afterwards every file is as it was before the killed run (the next run makes it new).
+
+Exit status: 0 recovered (or nothing to do), 1 a journal could not be replayed.
+
+Examples:
+  corral sync recover /
+  corral sync recover /srv/tree")]
+    Recover(RecoverArgs),
+}
+
+/// Arguments of `corral sync recover`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct RecoverArgs {
+    /// The child's root (the --root its `corral sync serve` runs with).
+    #[arg(value_name = "DIR")]
+    root: PathBuf,
 }
 
 /// Filter options shared by push.
@@ -215,6 +237,23 @@ pub(crate) fn run(args: Args, global: &Global) -> anyhow::Result<Code> {
         SyncCommand::Push(a) => push(a, global),
         SyncCommand::Run(a) => run_tree(a, global),
         SyncCommand::Serve(a) => serve(a),
+        SyncCommand::Recover(a) => {
+            if !a.root.is_dir() {
+                return Err(bad_input(format!("{}: not a directory", a.root.display())));
+            }
+            let r = corral_sync::journal::recover_path(&a.root, true)?;
+            for p in &r.restored {
+                println!("rolled back interrupted in-place update: {p}");
+            }
+            println!(
+                "recovered {}: {} file(s) rolled back, {} torn journal(s) dropped, {} journal(s) of vanished files dropped",
+                a.root.display(),
+                r.restored.len(),
+                r.torn,
+                r.gone.len()
+            );
+            Ok(Code::Success)
+        }
         SyncCommand::Rollback(a) => {
             check_backup_dir(&a.backup_dir)?;
             let r = corral_sync::rollback::rollback(&a.root, &a.backup_dir, &a.run).map_err(

@@ -304,6 +304,72 @@ fn kill_9_mid_run_leaves_every_file_old_or_new() {
     );
 }
 
+#[test]
+fn an_in_place_update_killed_midway_is_undone_by_sync_recover() {
+    let t = tempfile::tempdir().unwrap();
+    let (m, c) = (t.path().join("m"), t.path().join("c"));
+    let size = 8usize << 20;
+    let mut x = 7u64;
+    let old: Vec<u8> = (0..size)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect();
+    write(&m.join("disk.img"), &old);
+    let (ms, cs) = (
+        m.to_str().unwrap().to_string(),
+        c.to_str().unwrap().to_string(),
+    );
+    let push = |crash: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_corral"));
+        cmd.args(["sync", "push", &ms, &cs, "-q"])
+            .env("CORRAL_STATE_DIR", t.path().join("state"))
+            .env("CORRAL_SYNC_IN_PLACE_MIN", (2u64 << 20).to_string())
+            .env_remove("CORRAL_SYNC_CRASH_AFTER_EXTENTS");
+        if let Some(n) = crash {
+            cmd.env("CORRAL_SYNC_CRASH_AFTER_EXTENTS", n);
+        }
+        cmd.output().unwrap()
+    };
+    let out = push(None);
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    let mut new = old.clone();
+    for i in 0..6 {
+        let off = (i * 1_300_007 + 77_777) % (size - 4096);
+        new[off..off + 4096].fill(i as u8 + 1);
+    }
+    write(&m.join("disk.img"), &new);
+    let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(c.join("disk.img")).unwrap());
+    // The receiver dies after the first changed extent is written.
+    let out = push(Some("1"));
+    assert_ne!(out.status.code(), Some(0));
+    let mixed = std::fs::read(c.join("disk.img")).unwrap();
+    assert!(mixed != old && mixed != new, "killed midway");
+    let out = corral_state(t.path(), &["sync", "recover", &cs]);
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    assert!(
+        text(&out).0.contains("1 file(s) rolled back"),
+        "{:?}",
+        text(&out)
+    );
+    assert_eq!(std::fs::read(c.join("disk.img")).unwrap(), old);
+    assert!(!c.join(".corral-sync-journal").exists());
+    let out = push(None);
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    assert_eq!(std::fs::read(c.join("disk.img")).unwrap(), new);
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(c.join("disk.img")).unwrap()),
+        ino,
+        "updated in place"
+    );
+    // Nothing to recover: still success.
+    let out = corral_state(t.path(), &["sync", "recover", &cs]);
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
