@@ -25,6 +25,7 @@ pub mod manifest;
 mod owner;
 pub mod planner;
 pub mod proto;
+pub mod ranges;
 pub mod rollback;
 pub mod scan;
 pub mod session;

@@ -333,6 +333,7 @@ fn hostile(root: &Path, msgs: Vec<Message>) -> Result<(), corral_sync::SyncError
             options: RunOptions::default(),
         },
         Message::Scan,
+        Message::RangesEnd { key: [0; 32], k: 4 },
     ]
     .into_iter()
     .chain(msgs)
@@ -675,6 +676,7 @@ fn bad_delta_fails_the_step_and_keeps_the_old_file() {
             options: RunOptions::default(),
         },
         Message::Scan,
+        Message::RangesEnd { key: [0; 32], k: 4 },
         Message::SigRequest(vec!["f".into(), "missing".into()]),
         Message::Apply(Op::Write(file_entry("f", &new))),
         Message::Delta {
