@@ -6,7 +6,8 @@
 //! change list), a receiver that applies steps confined beneath its root ([`apply`]: `openat2`
 //! with `RESOLVE_BENEATH`, temp file + rename for every file, copy-on-write clone of a large
 //! file's unchanged chunks, backup and rollback), and the wire protocol ([`proto`]) between the
-//! master and `corral sync serve --stdio` (small changed files travel as [`delta`]s against
+//! master and `corral sync serve --stdio` (the child lists only the [`ranges`] of its manifest
+//! that differ from the master's) (small changed files travel as [`delta`]s against
 //! the child's old copy), over a local socket pair or the system `ssh`
 //! ([`transport`]).
 //!

@@ -827,7 +827,7 @@ fn child_answer_must_match_the_masters_ranges() {
     assert!(e.contains("range bitmap has"), "{e}");
     // Holding every range and listing a path inside one of them.
     let mut all = vec![0xff; bits];
-    if ranges % 8 != 0 {
+    if !ranges.is_multiple_of(8) {
         all[bits - 1] = (1u8 << (ranges % 8)) - 1;
     }
     let e = msg(push_scripted(
