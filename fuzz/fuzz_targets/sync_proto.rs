@@ -1,5 +1,7 @@
 //! Fuzz the sync wire decoder: any bytes must decode to a checked message or an error, and
-//! every path in a decoded message must be a plain relative path.
+//! every path in a decoded message must be a plain relative path; the range exchange
+//! ([`corral_sync::ranges`]) round-trips a decoded listing and refuses any other answer
+//! without panicking.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -11,6 +13,28 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(m) = corral_sync::proto::decode(data) {
         if let corral_sync::proto::Message::Apply(op) = &m {
             assert!(corral_sync::manifest::check_rel_path(op.path()));
+        }
+        if let corral_sync::proto::Message::RangesEnd { k, .. } = &m {
+            assert!(*k >= 1 && *k <= corral_sync::ranges::MAX_K);
+        }
+        // A listing and any bitmap against it: the range answer is checked, never panics,
+        // and a child holding exactly the master's entries lists none of them.
+        if let corral_sync::proto::Message::Entries(es) = &m {
+            let mut master = corral_sync::manifest::Manifest {
+                entries: es.clone(),
+            };
+            master.sort();
+            let key = [0u8; 32];
+            let ds = corral_sync::ranges::digests(&key, &master.entries, 2);
+            let (bits, listed) =
+                corral_sync::ranges::answer(&key, 2, &ds, &master.entries).unwrap();
+            let unique = master.entries.windows(2).all(|w| w[0].path != w[1].path);
+            if unique {
+                assert!(listed.is_empty());
+                let back = corral_sync::ranges::rebuild(&master.entries, 2, &bits, listed).unwrap();
+                assert_eq!(back, master);
+            }
+            let _ = corral_sync::ranges::rebuild(&master.entries, 2, data, master.entries.clone());
         }
         // What decodes re-encodes.
         let f = corral_sync::proto::encode(&m).unwrap();

@@ -16,6 +16,10 @@ fuzz_target!(|data: &[u8]| {
             options: Default::default(),
         },
         corral_sync::proto::Message::Scan,
+        corral_sync::proto::Message::RangesEnd {
+            key: [0; 32],
+            k: 4,
+        },
     ] {
         input.extend(corral_sync::proto::encode(&m).unwrap());
     }

@@ -7,7 +7,8 @@
 //! with `RESOLVE_BENEATH`, temp file + rename for every file, copy-on-write clone of a large
 //! file's unchanged chunks, in-place updates of large files behind an undo [`journal`],
 //! backup and rollback), and the wire protocol ([`proto`]) between the
-//! master and `corral sync serve --stdio` (small changed files travel as [`delta`]s against
+//! master and `corral sync serve --stdio` (the child lists only the [`ranges`] of its manifest
+//! that differ from the master's; small changed files travel as [`delta`]s against
 //! the child's old copy), over a local socket pair or the system `ssh`
 //! ([`transport`]).
 //!
@@ -27,6 +28,7 @@ pub mod manifest;
 mod owner;
 pub mod planner;
 pub mod proto;
+pub mod ranges;
 pub mod rollback;
 pub mod scan;
 pub mod session;

@@ -9,7 +9,10 @@
 //!
 //! Conversation (client → server unless noted):
 //! 1. `Hello` / server `Hello`.
-//! 2. `Scan` / server `Entries`… `EntriesEnd` (the child's manifest, from its hash cache).
+//! 2. `Scan` (the server starts its scan, from its hash cache), then, once the client has
+//!    scanned, `RangeDigests`… `RangesEnd` (one digest per range of the client's manifest,
+//!    see [`crate::ranges`]) / server `Held` (a bitmap of the ranges it holds exactly),
+//!    `Entries`… `EntriesEnd` (its entries in every other range).
 //! 3. `SigRequest(paths)` / server `Sigs` (one [`Signature`] per path, same order), in
 //!    batches, for the changed small files the child holds an old copy of.
 //! 4. `Apply(op)` for each planned step; an `Apply(Write)` whose chunks the child does not
@@ -27,7 +30,7 @@ use crate::manifest::{Entry, Hash, check_rel_path};
 use crate::planner::Op;
 
 /// Protocol version spoken by this build.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// Largest frame accepted (a chunk is at most 256 KiB; manifests come in batches).
 pub const MAX_FRAME: usize = 64 * 1024 * 1024;
 
@@ -113,6 +116,18 @@ pub enum Message {
     Error(String),
     /// End of a conversation without changes.
     Bye,
+    /// A batch of the master's range digests, in manifest order (see [`crate::ranges`]).
+    RangeDigests(Vec<crate::ranges::Digest>),
+    /// End of the master's range digests: the run's digest key and the range parameter.
+    RangesEnd {
+        /// Key of the keyed BLAKE3 digests, random per run.
+        key: [u8; 32],
+        /// Expected entries per range (a range starts where a path hashes to 0 mod `k`).
+        k: u32,
+    },
+    /// The child's answer to the range digests: bit `i % 8` of byte `i / 8` is set when it
+    /// holds master range `i` exactly; its other entries follow as `Entries`… `EntriesEnd`.
+    Held(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 /// Flag in a frame's length word: the body is zstd-compressed.
@@ -246,6 +261,9 @@ fn validate(msg: &Message) -> Result<(), ProtoError> {
                 }
             }
             Ok(())
+        }
+        Message::RangesEnd { k, .. } if *k == 0 || *k > crate::ranges::MAX_K => {
+            Err(ProtoError::Decode(format!("range parameter k = {k}")))
         }
         Message::Delta { block, .. } if *block == 0 || *block > BLOCK_MAX => {
             Err(ProtoError::Decode(format!("delta block size {block}")))

@@ -94,11 +94,9 @@ fn serve_inner<R: Read, W: Write>(
                         clean_temps: true,
                     },
                 )?;
-                for b in child.entries.chunks(BATCH) {
-                    framed.send(&Message::Entries(b.to_vec()))?;
-                }
-                framed.send(&Message::EntriesEnd)?;
-                framed.flush()?;
+                let mut child = child;
+                child.sort();
+                answer_ranges(framed, &child)?;
                 recv = Some(Receiver::new(
                     root,
                     &child,
@@ -228,21 +226,96 @@ pub enum Progress {
     },
 }
 
-/// Receives the child's manifest.
-pub fn fetch_manifest<R: Read, W: Write>(framed: &mut Framed<R, W>) -> Result<Manifest, SyncError> {
-    framed.send(&Message::Scan)?;
+/// The child's side of the range exchange (see [`crate::ranges`]): reads the master's
+/// range digests (at most [`crate::ranges::MAX_RANGES`]), sends the bitmap of the ranges it
+/// holds and its entries of the others. `child` is sorted.
+fn answer_ranges<R: Read, W: Write>(
+    framed: &mut Framed<R, W>,
+    child: &Manifest,
+) -> Result<(), SyncError> {
+    let mut digests = Vec::new();
+    let (key, k) = loop {
+        match framed.recv()? {
+            Message::RangeDigests(d) => {
+                if digests.len() + d.len() > crate::ranges::MAX_RANGES {
+                    return Err(ProtoError::Decode(format!(
+                        "more than {} range digests",
+                        crate::ranges::MAX_RANGES
+                    ))
+                    .into());
+                }
+                digests.extend(d);
+            }
+            Message::RangesEnd { key, k } => break (key, k),
+            m => return Err(unexpected(&m)),
+        }
+    };
+    let (held, listed) = crate::ranges::answer(&key, k, &digests, &child.entries)
+        .map_err(|e| ProtoError::Decode(e.to_string()))?;
+    framed.send(&Message::Held(held))?;
+    for b in listed.chunks(BATCH) {
+        framed.send(&Message::Entries(b.to_vec()))?;
+    }
+    framed.send(&Message::EntriesEnd)?;
     framed.flush()?;
-    let mut child = Manifest::default();
+    Ok(())
+}
+
+/// Digests sent in one `RangeDigests` frame.
+const DIGEST_BATCH: usize = 1 << 20;
+
+/// A random key for one run's range digests.
+fn digest_key() -> Result<[u8; 32], SyncError> {
+    let mut key = [0u8; 32];
+    let mut f =
+        fs_err::File::open("/dev/urandom").map_err(|e| SyncError::fs("open", "/dev/urandom", e))?;
+    f.read_exact(&mut key)
+        .map_err(|e| SyncError::fs("read", "/dev/urandom", e))?;
+    Ok(key)
+}
+
+/// Receives the child's manifest after a `Scan`: sends the digests of the ranges of
+/// `master` (sorted), then rebuilds the child's manifest from the ranges it holds and the
+/// entries it lists (at most [`crate::ranges::MAX_LISTED`]); an answer that does not match
+/// the master's ranges is refused.
+pub fn fetch_manifest<R: Read, W: Write>(
+    framed: &mut Framed<R, W>,
+    master: &Manifest,
+) -> Result<Manifest, SyncError> {
+    let key = digest_key()?;
+    let k = crate::ranges::RANGE_K;
+    let digests = crate::ranges::digests(&key, &master.entries, k);
+    for b in digests.chunks(DIGEST_BATCH) {
+        framed.send(&Message::RangeDigests(b.to_vec()))?;
+    }
+    framed.send(&Message::RangesEnd { key, k })?;
+    framed.flush()?;
+    let held = match framed.recv()? {
+        Message::Held(h) => h,
+        Message::Error(e) => return Err(SyncError::Remote(e)),
+        m => return Err(unexpected(&m)),
+    };
+    let mut listed = Vec::new();
     loop {
         match framed.recv()? {
-            Message::Entries(es) => child.entries.extend(es),
+            Message::Entries(es) => {
+                if listed.len() + es.len() > crate::ranges::MAX_LISTED {
+                    return Err(bad_answer(crate::ranges::RangeError::TooMany(
+                        crate::ranges::MAX_LISTED,
+                    )));
+                }
+                listed.extend(es);
+            }
             Message::EntriesEnd => break,
             Message::Error(e) => return Err(SyncError::Remote(e)),
             m => return Err(unexpected(&m)),
         }
     }
-    child.sort();
-    Ok(child)
+    crate::ranges::rebuild(&master.entries, k, &held, listed).map_err(bad_answer)
+}
+
+fn bad_answer(e: crate::ranges::RangeError) -> SyncError {
+    SyncError::Proto(ProtoError::Decode(format!("child's manifest: {e}")))
 }
 
 /// Says hello.
@@ -276,26 +349,19 @@ pub fn push<R: Read, W: Write>(
     if let Some((d, _)) = &opts.run.backup {
         skip.push(d.clone());
     }
-    let (master, child) = std::thread::scope(|s| {
-        let h = s.spawn(|| {
-            scan(
-                src,
-                &ScanOptions {
-                    cache: opts.cache.clone(),
-                    skip,
-                    clean_temps: false,
-                },
-            )
-        });
-        let child = fetch_manifest(framed);
-        (
-            h.join()
-                .unwrap_or_else(|_| Err(SyncError::Remote("scan panicked".into()))),
-            child,
-        )
-    });
-    let (master, master_scan) = master?;
-    let child = child?;
+    // The child scans while the master does; the range exchange needs the master's manifest.
+    framed.send(&Message::Scan)?;
+    framed.flush()?;
+    let (mut master, master_scan) = scan(
+        src,
+        &ScanOptions {
+            cache: opts.cache.clone(),
+            skip,
+            clean_temps: false,
+        },
+    )?;
+    master.sort();
+    let child = fetch_manifest(framed, &master)?;
     let p = plan(&master, &child, filter, &opts.plan);
     let mut result = PushResult {
         master_scan,

@@ -333,6 +333,7 @@ fn hostile(root: &Path, msgs: Vec<Message>) -> Result<(), corral_sync::SyncError
             options: RunOptions::default(),
         },
         Message::Scan,
+        Message::RangesEnd { key: [0; 32], k: 4 },
     ]
     .into_iter()
     .chain(msgs)
@@ -640,6 +641,25 @@ fn batched_install_and_small_edits_as_deltas() {
         changed_bytes += b.len();
         write(&p, &b);
     }
+    // The child lists only the ranges around the 15 edited files, not its 1,300 entries
+    // (about 70 KB as a full listing): a dry run receives little more than that.
+    let dry = push(
+        &m,
+        &c,
+        &PushOptions {
+            dry_run: true,
+            ..PushOptions::default()
+        },
+    );
+    assert_eq!(
+        dry.plan
+            .ops
+            .iter()
+            .filter(|o| matches!(o, Op::Write(_)))
+            .count(),
+        15
+    );
+    assert!(dry.bytes_in < 8_000, "{} bytes received", dry.bytes_in);
     let r = push_durable(&m, &c);
     assert!(r.report.failed.is_empty(), "{:?}", r.report.failed);
     assert_eq!(r.report.files_written, 15);
@@ -651,6 +671,7 @@ fn batched_install_and_small_edits_as_deltas() {
     // Whole files would be about `changed_bytes` (half of them random); deltas cost a few
     // blocks each (the Apply frames with their entries included).
     assert!(r.bytes_out < 15 * 4096, "{} bytes sent", r.bytes_out);
+
     assert!(r.report.literal_bytes < 15 * 2 * 2048, "{:?}", r.report);
     assert_eq!(
         r.report.literal_bytes + r.report.reused_bytes,
@@ -675,6 +696,7 @@ fn bad_delta_fails_the_step_and_keeps_the_old_file() {
             options: RunOptions::default(),
         },
         Message::Scan,
+        Message::RangesEnd { key: [0; 32], k: 4 },
         Message::SigRequest(vec!["f".into(), "missing".into()]),
         Message::Apply(Op::Write(file_entry("f", &new))),
         Message::Delta {
@@ -714,4 +736,115 @@ fn bad_delta_fails_the_step_and_keeps_the_old_file() {
     assert_eq!(std::fs::read(root.join("f")).unwrap(), old);
     // No temporary file left behind.
     assert_eq!(std::fs::read_dir(&root).unwrap().count(), 1);
+}
+
+/// Protocol versions: a master or child of another version gets a clear error, not a
+/// misread stream.
+#[test]
+fn other_protocol_version_is_refused_clearly() {
+    let t = tempfile::tempdir().unwrap();
+    let input = corral_sync::proto::encode(&Message::Hello {
+        version: VERSION - 1,
+        options: RunOptions::default(),
+    })
+    .unwrap();
+    let mut out = Vec::new();
+    let mut f = Framed::new(&input[..], &mut out);
+    let e = corral_sync::session::serve(t.path(), &mut f, &ServeOptions::default()).unwrap_err();
+    assert!(e.to_string().contains("version"), "{e}");
+    let mut back = Framed::new(&out[..], Vec::new());
+    match back.recv().unwrap() {
+        Message::Error(m) => assert!(
+            m.contains(&format!("protocol version {} not supported", VERSION - 1)),
+            "{m}"
+        ),
+        m => panic!("{m:?}"),
+    }
+    // The master's side.
+    let input = corral_sync::proto::encode(&Message::Hello {
+        version: VERSION - 1,
+        options: RunOptions::default(),
+    })
+    .unwrap();
+    let mut f = Framed::new(&input[..], Vec::new());
+    let e = corral_sync::session::hello(&mut f, &RunOptions::default()).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            corral_sync::SyncError::Proto(corral_sync::ProtoError::Version(v, w)) if v == VERSION - 1 && w == VERSION
+        ),
+        "{e}"
+    );
+}
+
+/// Runs the master against a scripted child: its answers after `Hello`.
+fn push_scripted(src: &Path, answers: Vec<Message>) -> Result<PushResult, corral_sync::SyncError> {
+    let mut input = corral_sync::proto::encode(&Message::Hello {
+        version: VERSION,
+        options: RunOptions::default(),
+    })
+    .unwrap();
+    for m in answers {
+        input.extend(corral_sync::proto::encode(&m).unwrap());
+    }
+    let mut f = Framed::new(&input[..], Vec::new());
+    corral_sync::session::push(
+        src,
+        &mut f,
+        &IncludeAll,
+        &PushOptions {
+            dry_run: true,
+            ..PushOptions::default()
+        },
+        &mut |_| {},
+    )
+}
+
+/// A child whose answer to the range digests does not fit the master's ranges is refused
+/// with a clear error; an honest "I hold nothing" listing plans as usual.
+#[test]
+fn child_answer_must_match_the_masters_ranges() {
+    let t = tempfile::tempdir().unwrap();
+    let m = t.path().join("m");
+    for i in 0..200 {
+        write(
+            &m.join(format!("d{}/f{i}", i % 5)),
+            format!("{i}").as_bytes(),
+        );
+    }
+    let master = manifest(&m);
+    let ranges = corral_sync::ranges::cut(&master.entries, corral_sync::ranges::RANGE_K).len();
+    let bits = ranges.div_ceil(8);
+    let msg = |r: Result<PushResult, corral_sync::SyncError>| match r {
+        Ok(_) => panic!("accepted"),
+        Err(e) => e.to_string(),
+    };
+    // A bitmap of the wrong length.
+    let e = msg(push_scripted(
+        &m,
+        vec![Message::Held(vec![0; bits + 1]), Message::EntriesEnd],
+    ));
+    assert!(e.contains("range bitmap has"), "{e}");
+    // Holding every range and listing a path inside one of them.
+    let mut all = vec![0xff; bits];
+    if !ranges.is_multiple_of(8) {
+        all[bits - 1] = (1u8 << (ranges % 8)) - 1;
+    }
+    let e = msg(push_scripted(
+        &m,
+        vec![
+            Message::Held(all.clone()),
+            Message::Entries(vec![master.entries[10].clone()]),
+            Message::EntriesEnd,
+        ],
+    ));
+    assert!(e.contains("does not match the ranges"), "{e}");
+    // Something else than the answer.
+    let e = msg(push_scripted(&m, vec![Message::EntriesEnd]));
+    assert!(e.contains("unexpected message"), "{e}");
+    // Holding everything: nothing to do. Holding nothing and listing nothing: an empty child.
+    let r = push_scripted(&m, vec![Message::Held(all), Message::EntriesEnd]).unwrap();
+    assert!(r.plan.is_empty(), "{:?}", r.plan.items);
+    let r = push_scripted(&m, vec![Message::Held(vec![0; bits]), Message::EntriesEnd]).unwrap();
+    assert_eq!(r.plan.items.len(), master.entries.len());
 }
