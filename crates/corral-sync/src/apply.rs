@@ -1035,7 +1035,7 @@ impl Receiver {
     /// The signature of the child's old copy of `path` (`block == 0` when there is none).
     pub fn signature(&mut self, path: &str) -> crate::delta::Signature {
         self.old_copy(path)
-            .map(|b| crate::delta::signature(&b))
+            .map(|b| crate::delta::signature_seeded(&b, random_seed()))
             .unwrap_or_default()
     }
 
@@ -1276,4 +1276,18 @@ pub(crate) fn rm_rf<P: rustix::path::Arg + Copy>(dir: &OwnedFd, name: P) -> Resu
         rm_rf(&sub, n.as_c_str())?;
     }
     rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR)
+}
+
+/// A random seed for a signature's strong sums: the standard library's per-process random
+/// hasher keys (from the OS), not a security boundary, only so that two runs never meet the
+/// same sum collision.
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64),
+    );
+    h.finish()
 }
