@@ -37,6 +37,9 @@ pub struct SenderConfig {
     pub rate_bps: u64,
     /// Lowest rate adaptive control may choose.
     pub min_rate_bps: u64,
+    /// Highest rate adaptive control may climb to while the median receiver loses nothing
+    /// (below `rate_bps`: `rate_bps`, which is also where it starts).
+    pub max_rate_bps: u64,
     /// AIMD on the loss the *median* receiver reports (never on the slowest alone).
     pub adaptive: bool,
     /// Start once this many receivers hold the manifest (and `min_wait` has passed).
@@ -93,6 +96,7 @@ impl Default for SenderConfig {
         SenderConfig {
             rate_bps: 500_000_000,
             min_rate_bps: 10_000_000,
+            max_rate_bps: 0,
             adaptive: false,
             min_receivers: 1,
             expected_receivers: Vec::new(),
@@ -837,7 +841,11 @@ impl Sender {
             let factor = (1.0 - median).clamp(0.5, 0.9);
             self.rate_bps = ((self.rate_bps as f64 * factor) as u64).max(self.cfg.min_rate_bps);
         } else if median < 0.01 {
-            self.rate_bps = (self.rate_bps + self.cfg.rate_bps / 20).min(self.cfg.rate_bps);
+            // Additive steps of 5 % of the start rate, or 10 % of the current one once above
+            // it, up to the ceiling: on a fast path the start rate is not a limit.
+            let step = (self.cfg.rate_bps / 20).max(self.rate_bps / 10);
+            let ceiling = self.cfg.max_rate_bps.max(self.cfg.rate_bps);
+            self.rate_bps = (self.rate_bps + step).min(ceiling);
         }
         if self.rate_bps != old {
             self.events.push_back(SenderEvent::RateChanged {

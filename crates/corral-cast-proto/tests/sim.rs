@@ -404,6 +404,41 @@ fn adaptive_rate_backs_off_when_most_receivers_lose() {
     assert_all_verified(&r);
 }
 
+#[test]
+fn adaptive_rate_climbs_past_its_start_on_a_clean_path_up_to_the_ceiling() {
+    let rxs: Vec<SimReceiver> = (0..3)
+        .map(|i| trusted(SimReceiver::new(&format!("r{i}"), 0.0)))
+        .collect();
+    let mut cfg = base(rxs, 17);
+    cfg.sender.adaptive = true;
+    cfg.sender.rate_bps = 100_000_000;
+    cfg.sender.max_rate_bps = 300_000_000;
+    cfg.sender.announce_interval = Duration::from_millis(20);
+    cfg.receivers
+        .iter_mut()
+        .for_each(|r| r.config.status_interval = Duration::from_millis(20));
+    let mut s8 = setup(image(8 << 20, 18), 1 << 20, 1440);
+    let r = run(&cfg, &mut s8);
+    let rates: Vec<u64> = r
+        .sender_events
+        .iter()
+        .filter_map(|e| match e {
+            corral_cast_proto::SenderEvent::RateChanged { rate_bps, .. } => Some(*rate_bps),
+            _ => None,
+        })
+        .collect();
+    eprintln!("rate changes: {rates:?}");
+    assert!(
+        rates.iter().any(|&x| x > 100_000_000),
+        "nobody loses: the rate climbs above its start ({rates:?})"
+    );
+    assert!(
+        rates.iter().all(|&x| x <= 300_000_000),
+        "and never above the ceiling ({rates:?})"
+    );
+    assert_all_verified(&r);
+}
+
 /// The same figure at the default sizes (1 MiB blocks, 1440-byte symbols, k = 729), which is
 /// what a real cast uses. Slower (hashes 1000 x 4 MiB), so `--ignored`.
 #[test]

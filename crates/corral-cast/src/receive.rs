@@ -74,11 +74,8 @@ fn start_catchup(
             }
             let _ = results.send(FromTcp::Idle(None)).await;
             while let Some(batch) = req_rx.recv().await {
-                for index in batch {
-                    let b = client.block(index).await?;
-                    if results.send(FromTcp::Block(index, b)).await.is_err() {
-                        return Ok(());
-                    }
+                if !client.blocks(&batch, &results, FromTcp::Block).await? {
+                    return Ok(());
                 }
                 let _ = results.send(FromTcp::Idle(None)).await;
             }

@@ -136,12 +136,15 @@ pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendRe
         server_cancel.clone(),
     ));
 
-    let (rate_bps, adaptive) = match opts.rate {
-        Rate::Fixed(b) => (b, false),
-        Rate::Adaptive => (800_000_000, true),
+    // Adaptive: start at 800 Mbit/s and climb while the median receiver loses nothing (up to
+    // 10 Gbit/s; the socket's send buffer paces a slower NIC before that).
+    let (rate_bps, max_rate_bps, adaptive) = match opts.rate {
+        Rate::Fixed(b) => (b, b, false),
+        Rate::Adaptive => (800_000_000, 10_000_000_000, true),
     };
     let cfg = SenderConfig {
         rate_bps,
+        max_rate_bps,
         adaptive,
         min_receivers: opts.min_receivers,
         expected_receivers: opts.expect.clone(),
