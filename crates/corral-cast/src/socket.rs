@@ -107,13 +107,15 @@ fn set_buffers(sock: &Socket, want: usize) {
     for (name, force, set, get) in [
         (
             "SO_RCVBUF",
-            libc::SO_RCVBUFFORCE,
+            (|s: &Socket, v: usize| rustix::net::sockopt::set_socket_recv_buffer_size_force(s, v))
+                as Force,
             Socket::set_recv_buffer_size as fn(&Socket, usize) -> io::Result<()>,
             Socket::recv_buffer_size as fn(&Socket) -> io::Result<usize>,
         ),
         (
             "SO_SNDBUF",
-            libc::SO_SNDBUFFORCE,
+            (|s: &Socket, v: usize| rustix::net::sockopt::set_socket_send_buffer_size_force(s, v))
+                as Force,
             Socket::set_send_buffer_size,
             Socket::send_buffer_size,
         ),
@@ -125,7 +127,7 @@ fn set_buffers(sock: &Socket, want: usize) {
         // Linux doubles the value it stores (bookkeeping overhead), so compare against half.
         let capped = |sock: &Socket| get(sock).map(|got| (got / 2 < want, got / 2));
         if let Ok((true, _)) = capped(sock) {
-            let _ = set_force(sock, force, want);
+            let _ = force(sock, want);
         }
         match capped(sock) {
             Ok((true, got)) => warn!(
@@ -141,26 +143,8 @@ fn set_buffers(sock: &Socket, want: usize) {
     }
 }
 
-/// `setsockopt(SOL_SOCKET, opt, want)` for the `*BUFFORCE` options socket2 does not wrap.
-fn set_force(sock: &Socket, opt: libc::c_int, want: usize) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let v = libc::c_int::try_from(want).unwrap_or(libc::c_int::MAX);
-    // SAFETY: `v` is a live c_int and we pass its exact size; the fd is open (owned by `sock`).
-    let r = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            opt,
-            (&v as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
+/// `SO_RCVBUFFORCE`/`SO_SNDBUFFORCE` (socket2 does not wrap them; rustix does).
+type Force = fn(&Socket, usize) -> rustix::io::Result<()>;
 
 /// A non-blocking UDP socket for sending to the group and receiving receivers' unicast
 /// reports, bound to the interface address and the group's port.

@@ -1,9 +1,5 @@
 //! The server's UDP sockets: bound to one interface only (`SO_BINDTODEVICE`), able to
 //! broadcast, and sharing the port with servers on other interfaces (`SO_REUSEADDR`).
-//!
-//! One `unsafe` call: `setsockopt` for `SO_RCVBUFFORCE`/`SO_SNDBUFFORCE`, which socket2 does
-//! not wrap.
-#![allow(unsafe_code)]
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -60,14 +56,16 @@ pub(crate) fn set_buffers(sock: &Socket, want: usize) -> Buffers {
         (
             "SO_RCVBUF",
             "net.core.rmem_max",
-            libc::SO_RCVBUFFORCE,
+            (|s: &Socket, v: usize| rustix::net::sockopt::set_socket_recv_buffer_size_force(s, v))
+                as Force,
             Socket::set_recv_buffer_size as Set,
             Socket::recv_buffer_size as Get,
         ),
         (
             "SO_SNDBUF",
             "net.core.wmem_max",
-            libc::SO_SNDBUFFORCE,
+            (|s: &Socket, v: usize| rustix::net::sockopt::set_socket_send_buffer_size_force(s, v))
+                as Force,
             Socket::set_send_buffer_size as Set,
             Socket::send_buffer_size as Get,
         ),
@@ -81,7 +79,7 @@ pub(crate) fn set_buffers(sock: &Socket, want: usize) -> Buffers {
         // Linux doubles the value it stores (bookkeeping overhead): usable is half.
         let usable = |s: &Socket| get(s).map(|g| g / 2).unwrap_or(0);
         if usable(sock) < want
-            && let Err(e) = set_force(sock, force, want)
+            && let Err(e) = force(sock, want)
         {
             tracing::debug!(option = name, error = %e, "forcing the socket buffer size refused");
         }
@@ -102,26 +100,8 @@ pub(crate) fn set_buffers(sock: &Socket, want: usize) -> Buffers {
     }
 }
 
-/// `setsockopt(SOL_SOCKET, opt, want)` for the `*BUFFORCE` options socket2 does not wrap.
-fn set_force(sock: &Socket, opt: libc::c_int, want: usize) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let v = libc::c_int::try_from(want).unwrap_or(libc::c_int::MAX);
-    // SAFETY: `v` is a live c_int and we pass its exact size; the fd is open (owned by `sock`).
-    let r = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            opt,
-            (&v as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
+/// `SO_RCVBUFFORCE`/`SO_SNDBUFFORCE` (socket2 does not wrap them; rustix does).
+type Force = fn(&Socket, usize) -> rustix::io::Result<()>;
 
 #[cfg(test)]
 mod tests {
