@@ -3,8 +3,8 @@
 //! Phases: **announcing** (Announce + manifest chunks every `announce_interval` until the start
 //! condition holds), **pass** (one in-order pass over the data blocks, paced by a token bucket,
 //! with repair interleaved but capped at `repair_share` of the bytes sent), **draining** (only
-//! repair and periodic Announce, until every live receiver is Done or failed, or `linger`
-//! expires), **finished** (End sent, [`SenderEvent::Finished`] emitted).
+//! repair and periodic Announce, until every live receiver is Done or failed; a receiver that
+//! made no progress for `linger` (its Status shows no new verified block) is failed), **finished** (End sent, [`SenderEvent::Finished`] emitted).
 //!
 //! Repair policy: each NAK line says how many more symbols a receiver needs for a block and the
 //! highest symbol index it has seen. Symbols the sender sent after that index within the last
@@ -53,7 +53,8 @@ pub struct SenderConfig {
     pub max_wait: Option<Duration>,
     /// A receiver silent this long is declared failed and never waited for again.
     pub dead_after: Duration,
-    /// After the pass, wait at most this long for receivers to finish.
+    /// After the pass, a receiver that has verified no new block for this long is failed. A
+    /// receiver still making progress (repair, TCP catch-up at its link's rate) is waited for.
     pub linger: Duration,
     /// How often Announce is multicast (and the manifest, before the start).
     pub announce_interval: Duration,
@@ -355,6 +356,8 @@ struct Rx {
     name: String,
     addr: SocketAddr,
     last_heard: Instant,
+    /// When its Status last showed more verified blocks than before.
+    last_progress: Instant,
     has_manifest: bool,
     state: RxState,
     status: Status,
@@ -553,6 +556,9 @@ impl Sender {
                 if dr + dl >= 16 {
                     rx.last_loss = Some(dl as f64 / (dr + dl) as f64);
                 }
+                if s.blocks_done > rx.status.blocks_done {
+                    rx.last_progress = now;
+                }
                 rx.status = s;
                 self.events.push_back(SenderEvent::ReceiverProgress {
                     id: rx.id,
@@ -628,6 +634,7 @@ impl Sender {
                     name: name.to_owned(),
                     addr: from,
                     last_heard: now,
+                    last_progress: now,
                     has_manifest: false,
                     state: RxState::Active,
                     status: Status {
@@ -933,12 +940,31 @@ impl Sender {
         let Some(done_at) = self.pass_done_at else {
             return;
         };
-        if now.saturating_duration_since(done_at) >= self.cfg.linger {
-            let reason = format!(
-                "did not finish within linger {:.1}s after the pass",
-                self.cfg.linger.as_secs_f64()
-            );
-            self.fail_active(&reason);
+        let linger = self.cfg.linger;
+        let total = self.manifest.manifest().block_count();
+        for rx in &mut self.rxs {
+            if rx.state != RxState::Active {
+                continue;
+            }
+            // Idle since the later of the pass's end and its last new verified block: a slow
+            // receiver fetching over TCP catch-up keeps the session (and the catch-up server).
+            let idle_since = rx.last_progress.max(done_at);
+            if now.saturating_duration_since(idle_since) >= linger {
+                let reason = format!(
+                    "no progress for {:.1}s after the pass (linger), {} of {} blocks verified",
+                    linger.as_secs_f64(),
+                    rx.status.blocks_done,
+                    total
+                );
+                rx.state = RxState::Failed {
+                    reason: reason.clone(),
+                };
+                self.events.push_back(SenderEvent::ReceiverFailed {
+                    id: rx.id,
+                    name: rx.name.clone(),
+                    reason,
+                });
+            }
         }
         if self.rxs.iter().all(|r| r.state != RxState::Active) {
             self.begin_end(now);

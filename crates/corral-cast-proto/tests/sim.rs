@@ -545,3 +545,55 @@ fn five_percent_loss_stays_on_multicast_with_a_catch_up_port() {
     assert!(r.receivers.iter().all(|x| x.catchup_blocks == 0));
     assert!(r.stats.repair_packets > 0);
 }
+
+/// A receiver that fetches over TCP catch-up for much longer than `linger` after the pass is
+/// waited for while it makes progress (linger counts time without progress, not time since
+/// the pass); one whose catch-up makes no progress is failed `linger` after the pass.
+#[test]
+fn linger_counts_time_without_progress_not_time_since_the_pass() {
+    let mut s = catchup_image();
+    let rxs = |catchup_bps: u64| -> Vec<SimReceiver> {
+        let mut v: Vec<SimReceiver> = (0..3)
+            .map(|i| trusted(SimReceiver::new(&format!("r{i}"), 0.0)))
+            .collect();
+        v[2].down.bandwidth_bps = Some(20_000_000);
+        v[2].catchup_bandwidth_bps = Some(catchup_bps);
+        v
+    };
+    let linger = Duration::from_secs(3);
+    // 8 MiB at 2 Mbit/s: about 34 s of catch-up, ten times the linger.
+    let mut cfg = with_catchup(base(rxs(2_000_000), 31));
+    cfg.sender.linger = linger;
+    cfg.time_limit = Duration::from_secs(120);
+    let r = run(&cfg, &mut s);
+    report("slow catch-up, short linger", &r, r.stats.source_packets);
+    assert_all_verified(&r);
+    assert_eq!(r.stats.moved_to_unicast, 1);
+    let slow = r.receivers[2].complete_after_start.unwrap();
+    let fast = r.receivers[0].complete_after_start.unwrap();
+    assert!(
+        slow > fast + linger * 5,
+        "the slow receiver should have needed far longer than the linger: {slow:?} vs {fast:?}"
+    );
+
+    // A catch-up pipe that delivers nothing: failed once linger passes without progress.
+    let mut cfg = with_catchup(base(rxs(1), 31));
+    cfg.sender.linger = linger;
+    cfg.time_limit = Duration::from_secs(120);
+    let r = run(&cfg, &mut s);
+    let summary = r.summary.as_ref().expect("sender finished");
+    assert_eq!(summary.receivers[0].outcome, ReceiverOutcome::Verified);
+    assert_eq!(summary.receivers[1].outcome, ReceiverOutcome::Verified);
+    match &summary.receivers[2].outcome {
+        ReceiverOutcome::Failed { reason } => {
+            assert!(reason.contains("no progress"), "{reason}")
+        }
+        o => panic!("stalled receiver: {o:?}"),
+    }
+    let ended = r.ended_at;
+    let started = r_start(&r);
+    assert!(
+        ended < started + Duration::from_secs(20),
+        "the sender should give up on the stalled receiver: ended {ended:?}, started {started:?}"
+    );
+}
