@@ -155,6 +155,22 @@ run_burst() {
 # SERVERS (default all three) and SKIP_RATE=1 (burst only) narrow a run for quick checks.
 SERVERS=${SERVERS:-dnsmasq kea corral}
 echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+# The floor for a durable ACK: this disk's own fdatasync latency (4 KiB overwrite + fdatasync,
+# 2000 times, in the directory that holds the lease store), measured before any server runs.
+python3 - "$WORK" <<'PY'
+import os, sys, time
+path = os.path.join(sys.argv[1], "fsync-probe")
+fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+os.pwrite(fd, b"\0" * (1 << 20), 0); os.fsync(fd)
+ts = []
+for i in range(2000):
+    os.pwrite(fd, os.urandom(4096), (i % 256) * 4096)
+    t = time.perf_counter(); os.fdatasync(fd); ts.append((time.perf_counter() - t) * 1000)
+os.close(fd); os.unlink(path)
+ts.sort()
+q = lambda p: ts[(len(ts) - 1) * p // 100]
+print("disk fdatasync of 4 KiB, no server running: p50 %.2f ms, p99 %.2f ms, max %.2f ms" % (q(50), q(99), ts[-1]))
+PY
 if [ "${SKIP_RATE:-0}" != 1 ]; then
 echo "== $CLIENTS clients, target $RATE exchanges/s for ${SECONDS_RUN}s (DORA, relayed, $PERF_INSTANCES perfdhcp instances) =="
 RESULTS=()
@@ -172,6 +188,7 @@ for srv in $SERVERS; do
         dnsmasq) echo "   dnsmasq leases on disk: $(wc -l < "$WORK/dnsmasq.leases")" ;;
         kea) echo "   kea leases on disk: $(grep -c '^10\.' "$WORK/kea-leases4.csv" 2>/dev/null || echo 0) rows (memfile, appended, not fsynced)" ;;
         corral) echo "   corral lease writer: $(sed 's/\x1b\[[0-9;]*m//g' "$WORK/corral.log" | grep -o 'commits=.*' | tail -1)"
+                echo "   corral answer times (receive to send, in the server): $(sed 's/\x1b\[[0-9;]*m//g' "$WORK/corral.log" | grep -o 'received=.*' | tail -1)"
                 echo "   corral leases on disk: $(sqlite3 "$WORK/corral.db" "select count(*) from dhcp_leases where state='bound'") bound (ACKed after fdatasync of the WAL)" ;;
     esac
 done

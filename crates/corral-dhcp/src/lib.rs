@@ -27,13 +27,14 @@
 //!   [`corral_dhcp_proto::ServerConfig`] (used by `serve`, public for tests and tools).
 
 mod error;
+mod latency;
 mod persist;
 mod socket;
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use corral_dhcp_proto::{Datagram, Port, Reply, Reservation, Server, ServerConfig, Step};
 use corral_model::UnixMillis;
@@ -112,6 +113,49 @@ pub fn server_config(
     c
 }
 
+/// The service's own answer times, from the moment a request left the socket's queue to the
+/// moment its reply was handed to the kernel (so without the client's scheduling), logged when
+/// the service stops: replies that changed no lease (OFFER, proxy answers, INFORM) apart from
+/// those that waited for a durable lease (ACK of a new or renewed lease).
+#[derive(Default)]
+struct Answers {
+    received: u64,
+    immediate: latency::Histogram,
+    durable: latency::Histogram,
+    /// Requests that need no reply (RELEASE, DECLINE) or were ignored (not for us, malformed).
+    no_reply: u64,
+    /// Replies withheld because their lease could not be stored durably.
+    unstored: u64,
+}
+
+impl Answers {
+    fn log(&self, interface: &str) {
+        tracing::info!(
+            interface,
+            received = self.received,
+            no_reply = self.no_reply,
+            unstored = self.unstored,
+            immediate = self.immediate.count(),
+            immediate_ms_p50 = self.immediate.percentile_ms(50),
+            immediate_ms_p99 = self.immediate.percentile_ms(99),
+            immediate_ms_max = self.immediate.percentile_ms(100),
+            after_durable = self.durable.count(),
+            after_durable_ms_p50 = self.durable.percentile_ms(50),
+            after_durable_ms_p99 = self.durable.percentile_ms(99),
+            after_durable_ms_max = self.durable.percentile_ms(100),
+            "DHCP answer times"
+        );
+    }
+}
+
+type SharedAnswers = Arc<Mutex<Answers>>;
+
+fn note(answers: &SharedAnswers, f: impl FnOnce(&mut Answers)) {
+    if let Ok(mut a) = answers.lock() {
+        f(&mut a);
+    }
+}
+
 fn now() -> UnixMillis {
     UnixMillis::from_system_time(SystemTime::now())
 }
@@ -165,6 +209,7 @@ pub async fn serve(
     );
     let mut buf = vec![0u8; 65536];
     let mut buf2 = vec![0u8; 65536];
+    let answers = SharedAnswers::default();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -192,6 +237,8 @@ pub async fn serve(
                 continue;
             }
         };
+        let received_at = Instant::now();
+        note(&answers, |a| a.received += 1);
         let SocketAddr::V4(src) = src else { continue };
         // Hot reload: the handle's current site is one atomic load.
         let current = config.site.current();
@@ -215,13 +262,22 @@ pub async fn serve(
         let step = server.handle(t, Datagram { data, src, port }, &mut |q: &BootQuery| {
             policy.decide(q)
         });
-        dispatch(step, t, &sock, pxe.as_ref(), writer.as_ref(), &policy);
+        let out = Out {
+            sock: &sock,
+            pxe: pxe.as_ref(),
+            answers: &answers,
+            received_at,
+        };
+        dispatch(step, t, out, writer.as_ref(), &policy);
     }
-    tracing::info!(interface = %config.interface, "DHCP service stopped");
     // Dropping the writer drains its queue and joins the thread; do it off the runtime.
     if let Some(w) = writer {
         let _ = tokio::task::spawn_blocking(move || drop(w)).await;
     }
+    if let Ok(a) = answers.lock() {
+        a.log(&config.interface);
+    }
+    tracing::info!(interface = %config.interface, "DHCP service stopped");
     Ok(())
 }
 
@@ -246,18 +302,26 @@ fn transient(e: &std::io::Error) -> bool {
     )
 }
 
+/// Where replies go, and where their timing is recorded.
+struct Out<'a> {
+    sock: &'a Arc<UdpSocket>,
+    pxe: Option<&'a Arc<UdpSocket>>,
+    answers: &'a SharedAnswers,
+    received_at: Instant,
+}
+
 fn dispatch(
     step: Step,
     t: UnixMillis,
-    sock: &Arc<UdpSocket>,
-    pxe: Option<&Arc<UdpSocket>>,
+    o: Out<'_>,
     writer: Option<&persist::LeaseWriter>,
     policy: &Arc<dyn BootPolicy>,
 ) {
     let out = match step.reply.as_ref().map(|r| r.via) {
-        Some(Port::Pxe) => pxe.unwrap_or(sock).clone(),
-        _ => sock.clone(),
+        Some(Port::Pxe) => o.pxe.unwrap_or(o.sock).clone(),
+        _ => o.sock.clone(),
     };
+    let (answers, received_at) = (o.answers.clone(), o.received_at);
     match (writer, step.persist.is_empty()) {
         (Some(w), false) => {
             let (tx, rx) = tokio::sync::oneshot::channel();
@@ -266,8 +330,12 @@ fn dispatch(
             tokio::spawn(async move {
                 match rx.await {
                     Ok(Ok(())) => {
-                        if let Some(r) = &step.reply {
-                            send(&out, r).await;
+                        match &step.reply {
+                            Some(r) => {
+                                send(&out, r).await;
+                                note(&answers, |a| a.durable.record(received_at.elapsed()));
+                            }
+                            None => note(&answers, |a| a.no_reply += 1),
                         }
                         for e in step.events {
                             policy.on_event(e);
@@ -278,6 +346,7 @@ fn dispatch(
                             Ok(Err(msg)) => msg,
                             _ => "lease writer stopped".into(),
                         };
+                        note(&answers, |a| a.unstored += 1);
                         // No durable lease, no ACK: the client retries, and nobody is told
                         // an address we could lose on a crash.
                         for mut e in step.events {
@@ -293,18 +362,23 @@ fn dispatch(
             });
         }
         _ => {
-            if let Some(r) = step.reply {
-                let out2 = out.clone();
-                // The socket is non-blocking with a large send buffer: try inline first.
-                match out.try_send_to(&r.bytes, r.dest.into()) {
-                    Ok(_) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        tokio::spawn(async move { send(&out2, &r).await });
-                    }
-                    Err(e) => {
-                        tracing::warn!(dest = %r.dest, error = %e, "sending DHCP reply failed")
+            match step.reply {
+                Some(r) => {
+                    // The socket is non-blocking with a large send buffer: try inline first.
+                    match out.try_send_to(&r.bytes, r.dest.into()) {
+                        Ok(_) => note(&answers, |a| a.immediate.record(received_at.elapsed())),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            tokio::spawn(async move {
+                                send(&out, &r).await;
+                                note(&answers, |a| a.immediate.record(received_at.elapsed()));
+                            });
+                        }
+                        Err(e) => {
+                            tracing::warn!(dest = %r.dest, error = %e, "sending DHCP reply failed")
+                        }
                     }
                 }
+                None => note(&answers, |a| a.no_reply += 1),
             }
             for e in step.events {
                 policy.on_event(e);

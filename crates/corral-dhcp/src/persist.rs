@@ -27,6 +27,7 @@ use corral_store::{LeaseStatus, LeaseWrite, Store, StoredLease};
 use tokio::sync::oneshot;
 
 use crate::error::DhcpError;
+use crate::latency::Histogram;
 
 /// The most lease changes committed in one transaction.
 pub const MAX_BATCH: usize = 1024;
@@ -41,52 +42,46 @@ struct Job {
 }
 
 /// Timings of the writer, summarised in one log line when it stops: the figures that say
-/// where an ACK's latency goes (waiting for the commit before, the commit itself).
+/// where an ACK's latency goes (waiting for the commit before, the commit itself). Fixed-size
+/// histograms, so a service that runs for months holds no growing sample list.
 #[derive(Default)]
 struct Stats {
-    /// Microseconds each commit (the transaction and its fsync) took.
-    commit_us: Vec<u32>,
-    /// Microseconds the oldest job of each batch waited before its commit started.
-    wait_us: Vec<u32>,
-    /// Lease changes per commit.
-    writes: Vec<u32>,
-    /// Microseconds each fsync of the WAL took.
-    sync_us: Vec<u32>,
-    /// Microseconds from a job's submission until it was durable (what an ACK waits for).
-    durable_us: Vec<u32>,
+    /// Each commit (the transaction).
+    commit: Histogram,
+    /// How long the oldest job of each batch waited before its commit started.
+    wait: Histogram,
+    /// Lease changes committed, and the most in one commit.
+    writes: u64,
+    max_writes: u32,
+    /// Each fsync of the WAL.
+    sync: Histogram,
+    /// From a job's submission until it was durable (what an ACK waits for).
+    durable: Histogram,
 }
 
 impl Stats {
     fn log(&mut self, path: &Path) {
-        if self.commit_us.is_empty() {
+        let commits = self.commit.count();
+        if commits == 0 {
             return;
         }
-        let pct = |v: &mut Vec<u32>, p: usize| {
-            if v.is_empty() {
-                return f64::NAN;
-            }
-            v.sort_unstable();
-            let i = (v.len() - 1) * p / 100;
-            f64::from(v[i]) / 1000.0
-        };
-        let total: u64 = self.writes.iter().map(|&w| u64::from(w)).sum();
-        let commits = self.commit_us.len();
         tracing::info!(
             path = %path.display(),
             commits,
-            writes_per_commit = format!("{:.1}", total as f64 / commits as f64),
-            max_writes = self.writes.iter().max().copied().unwrap_or(0),
-            commit_ms_p50 = pct(&mut self.commit_us, 50),
-            commit_ms_p99 = pct(&mut self.commit_us, 99),
-            commit_ms_max = pct(&mut self.commit_us, 100),
-            wait_ms_p50 = pct(&mut self.wait_us, 50),
-            wait_ms_p99 = pct(&mut self.wait_us, 99),
-            fsyncs = self.sync_us.len(),
-            fsync_ms_p50 = pct(&mut self.sync_us, 50),
-            fsync_ms_p99 = pct(&mut self.sync_us, 99),
-            durable_ms_p50 = pct(&mut self.durable_us, 50),
-            durable_ms_p99 = pct(&mut self.durable_us, 99),
-            durable_ms_max = pct(&mut self.durable_us, 100),
+            writes_per_commit = format!("{:.1}", self.writes as f64 / commits as f64),
+            max_writes = self.max_writes,
+            commit_ms_p50 = self.commit.percentile_ms(50),
+            commit_ms_p99 = self.commit.percentile_ms(99),
+            commit_ms_max = self.commit.percentile_ms(100),
+            wait_ms_p50 = self.wait.percentile_ms(50),
+            wait_ms_p99 = self.wait.percentile_ms(99),
+            fsyncs = self.sync.count(),
+            fsync_ms_p50 = self.sync.percentile_ms(50),
+            fsync_ms_p99 = self.sync.percentile_ms(99),
+            fsync_ms_max = self.sync.percentile_ms(100),
+            durable_ms_p50 = self.durable.percentile_ms(50),
+            durable_ms_p99 = self.durable.percentile_ms(99),
+            durable_ms_max = self.durable.percentile_ms(100),
             "DHCP lease writer stopped"
         );
     }
@@ -247,7 +242,6 @@ fn run(
             }
         }
     }
-    let us = |d: Duration| u32::try_from(d.as_micros()).unwrap_or(u32::MAX);
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         let mut n = jobs[0].writes.len();
@@ -267,10 +261,12 @@ fn run(
             e.to_string()
         });
         if let Ok(mut st) = stats.lock() {
-            st.wait_us.push(us(started - jobs[0].queued));
-            st.commit_us.push(us(started.elapsed()));
-            st.writes
-                .push(u32::try_from(writes.len()).unwrap_or(u32::MAX));
+            st.wait.record(started - jobs[0].queued);
+            st.commit.record(started.elapsed());
+            st.writes += writes.len() as u64;
+            st.max_writes = st
+                .max_writes
+                .max(u32::try_from(writes.len()).unwrap_or(u32::MAX));
         }
         tracing::trace!(
             jobs = jobs.len(),
@@ -302,8 +298,7 @@ fn complete(jobs: Vec<Job>, result: &Result<(), String>, stats: &Mutex<Stats>) {
     let now = Instant::now();
     if let Ok(mut st) = stats.lock() {
         for j in &jobs {
-            st.durable_us
-                .push(u32::try_from((now - j.queued).as_micros()).unwrap_or(u32::MAX));
+            st.durable.record(now - j.queued);
         }
     }
     for j in jobs {
@@ -330,8 +325,7 @@ fn syncer(wal: &Wal, rx: &Mutex<mpsc::Receiver<Committed>>, stats: &Mutex<Stats>
             e
         });
         if let Ok(mut st) = stats.lock() {
-            st.sync_us
-                .push(u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX));
+            st.sync.record(started.elapsed());
         }
         for c in batches {
             complete(c.jobs, &result, stats);
