@@ -38,6 +38,8 @@ struct Queue {
     /// inclusive) and why they failed.
     failures: std::collections::VecDeque<(u64, u64, String)>,
     stop: bool,
+    /// The writer thread has ended (stopped or panicked): nothing queued will be written.
+    dead: bool,
 }
 
 #[derive(Debug, Default)]
@@ -48,6 +50,25 @@ struct Shared {
 
 fn lock(m: &Mutex<Queue>) -> MutexGuard<'_, Queue> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Held by the writer thread: when it ends, however it ends (a panic included), waiters are
+/// woken and told, and later updates are refused instead of piling up unread.
+struct Alive<'a>(&'a Shared);
+
+impl Drop for Alive<'_> {
+    fn drop(&mut self) {
+        let mut q = lock(&self.0.queue);
+        q.dead = true;
+        if !q.stop {
+            tracing::error!(
+                lost = q.pending.len() + q.in_flight.len(),
+                "the machine state writer stopped unexpectedly; machine state is no longer stored"
+            );
+        }
+        drop(q);
+        self.0.cond.notify_all();
+    }
 }
 
 /// The machine-state writer thread and its queue. Dropping it writes what is pending and
@@ -83,6 +104,10 @@ impl StateWriter {
         let mut q = lock(&self.shared.queue);
         q.queued += 1;
         let seq = q.queued;
+        if q.dead {
+            // Nobody would ever write it; `flush(seq)` reports the writer's death.
+            return seq;
+        }
         match q.pending.get_mut(&update.mac) {
             Some(u) => u.merge(update),
             None => {
@@ -109,7 +134,7 @@ impl StateWriter {
     pub fn flush(&self, seq: u64) -> Result<(), String> {
         let mut q = lock(&self.shared.queue);
         while q.done < seq {
-            if self.thread.as_ref().is_none_or(|t| t.is_finished()) {
+            if q.dead || self.thread.as_ref().is_none_or(|t| t.is_finished()) {
                 return Err("the machine state writer has stopped".into());
             }
             q = self
@@ -140,6 +165,7 @@ impl Drop for StateWriter {
 }
 
 fn run(mut store: Store, shared: &Shared) {
+    let _alive = Alive(shared);
     loop {
         let mut q = lock(&shared.queue);
         while q.pending.is_empty() && !q.stop {
@@ -271,6 +297,40 @@ mod tests {
         assert!(
             all.iter()
                 .all(|m| m.next_action.as_deref() == Some("boot from local disk"))
+        );
+    }
+
+    #[test]
+    fn a_dead_writer_fails_flush_at_once_and_queues_nothing() {
+        let shared = Arc::new(Shared::default());
+        let s = shared.clone();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let _alive = Alive(&s);
+            // Dies (as a panic in the store would) while a flush is already waiting.
+            go_rx.recv().unwrap();
+            panic!("simulated writer death");
+        });
+        let w = StateWriter {
+            shared,
+            thread: Some(thread),
+        };
+        let seq = w.update(MachineUpdate::new(mac(1), UnixMillis(1)));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|sc| {
+            sc.spawn(|| tx.send(w.flush(seq)).unwrap());
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            go_tx.send(()).unwrap();
+            let r = rx
+                .recv_timeout(std::time::Duration::from_secs(10))
+                .expect("flush must not hang when the writer dies");
+            assert!(r.unwrap_err().contains("stopped"));
+        });
+        let later = w.update(MachineUpdate::new(mac(2), UnixMillis(1)));
+        assert!(w.flush(later).is_err());
+        assert!(
+            !lock(&w.shared.queue).pending.contains_key(&mac(2)),
+            "nothing is queued after the writer died"
         );
     }
 }
