@@ -373,6 +373,20 @@ struct Rx {
     nak_symbols: u64,
 }
 
+impl Rx {
+    /// Marks it failed (never waited for again) and reports why.
+    fn fail(&mut self, reason: String, events: &mut VecDeque<SenderEvent>) {
+        self.state = RxState::Failed {
+            reason: reason.clone(),
+        };
+        events.push_back(SenderEvent::ReceiverFailed {
+            id: self.id,
+            name: self.name.clone(),
+            reason,
+        });
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct BlockRepair {
     k: u16,
@@ -818,14 +832,7 @@ impl Sender {
                     now.saturating_duration_since(rx.last_heard).as_secs_f64(),
                     dead_after.as_secs_f64()
                 );
-                rx.state = RxState::Failed {
-                    reason: reason.clone(),
-                };
-                self.events.push_back(SenderEvent::ReceiverFailed {
-                    id: rx.id,
-                    name: rx.name.clone(),
-                    reason,
-                });
+                rx.fail(reason, &mut self.events);
             }
         }
     }
@@ -921,14 +928,7 @@ impl Sender {
     fn fail_active(&mut self, reason: &str) {
         for rx in &mut self.rxs {
             if rx.state == RxState::Active {
-                rx.state = RxState::Failed {
-                    reason: reason.to_owned(),
-                };
-                self.events.push_back(SenderEvent::ReceiverFailed {
-                    id: rx.id,
-                    name: rx.name.clone(),
-                    reason: reason.to_owned(),
-                });
+                rx.fail(reason.to_owned(), &mut self.events);
             }
         }
     }
@@ -956,14 +956,7 @@ impl Sender {
                     rx.status.blocks_done,
                     total
                 );
-                rx.state = RxState::Failed {
-                    reason: reason.clone(),
-                };
-                self.events.push_back(SenderEvent::ReceiverFailed {
-                    id: rx.id,
-                    name: rx.name.clone(),
-                    reason,
-                });
+                rx.fail(reason, &mut self.events);
             }
         }
         if self.rxs.iter().all(|r| r.state != RxState::Active) {
