@@ -262,7 +262,11 @@ impl Run {
     /// block was already checked against its own hash before it was written). Only when the
     /// image hash does not match is the output read a second time, block by block, to name
     /// the first bad block.
-    fn verify_readback(&self) -> Result<(), CastError> {
+    ///
+    /// `alive` is called between blocks: reading back a large image takes seconds, during
+    /// which the event loop answers nothing, so the caller uses it to keep telling the sender
+    /// that we are still here.
+    fn verify_readback(&self, alive: &mut dyn FnMut()) -> Result<(), CastError> {
         let (Some(Sink::Random { sink, .. }), Some(signed)) = (&self.sink, self.rx.manifest())
         else {
             return Ok(());
@@ -274,6 +278,7 @@ impl Run {
             buf.resize(m.block_len(i) as usize, 0);
             sink.read_at(m.block_offset(i), &mut buf)?;
             image.update(&buf);
+            alive();
         }
         if image.finalize().as_bytes() == &m.image_hash {
             return Ok(());
@@ -281,6 +286,7 @@ impl Run {
         for i in 0..m.block_count() {
             buf.resize(m.block_len(i) as usize, 0);
             sink.read_at(m.block_offset(i), &mut buf)?;
+            alive();
             if blake3::hash(&buf).as_bytes() != &m.blocks[i as usize].hash {
                 return Err(CastError::Verify {
                     path: sink.path().to_owned(),
@@ -467,7 +473,7 @@ pub async fn receive(
                     debug!(%error, "block rejected");
                 }
                 ReceiverEvent::AllBlocksReady => {
-                    let r = finish_output(&mut run).await;
+                    let r = finish_output(&mut run, &usock).await;
                     match &r {
                         Ok(()) => run.rx.finish(true, "verified"),
                         Err(e) => run.rx.finish(false, &e.to_string()),
@@ -714,14 +720,41 @@ fn keepalive(run: &Run, data_packets: u64) -> Vec<Vec<u8>> {
     out
 }
 
-/// Flushes, verifies by reading back, and commits the output.
-async fn finish_output(run: &mut Run) -> Result<(), CastError> {
+/// How often a receiver busy flushing and reading back its output tells the sender it is alive
+/// (the sender gives up on a receiver silent for 2 s by default).
+const ALIVE_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Flushes, verifies by reading back, and commits the output. While it works (seconds for a
+/// large image on a busy machine, with the event loop blocked) it sends the sender a Status
+/// every [`ALIVE_INTERVAL`], so that the sender does not declare it dead just before its Done.
+async fn finish_output(run: &mut Run, usock: &tokio::net::UdpSocket) -> Result<(), CastError> {
+    use corral_cast_proto::packet::{Body, Packet};
+    let status = match (run.rx.session(), run.rx.sender()) {
+        (Some(session), Some(to)) => {
+            let mut pkt = Vec::with_capacity(64);
+            Packet::new(session, Body::Status(run.rx.status())).encode(&mut pkt);
+            Some((pkt, to))
+        }
+        _ => None,
+    };
+    let mut last = Instant::now();
+    let mut alive = || {
+        if let Some((pkt, to)) = &status
+            && last.elapsed() >= ALIVE_INTERVAL
+        {
+            // Best effort and never blocking: a full socket buffer only skips one report.
+            let _ = usock.try_send_to(pkt, *to);
+            last = Instant::now();
+        }
+    };
     run.save_state()?;
     match run.sink.take() {
         Some(Sink::Random { sink, fresh }) => {
+            alive();
             sink.sync()?;
+            alive();
             run.sink = Some(Sink::Random { sink, fresh });
-            run.verify_readback()?;
+            run.verify_readback(&mut alive)?;
             if let Some(Sink::Random { sink, .. }) = run.sink.take() {
                 let path = sink.commit()?;
                 debug!(path = %path.display(), "output committed");
