@@ -262,11 +262,7 @@ impl Run {
     /// block was already checked against its own hash before it was written). Only when the
     /// image hash does not match is the output read a second time, block by block, to name
     /// the first bad block.
-    ///
-    /// `alive` is called between blocks: reading back a large image takes seconds, during
-    /// which the event loop answers nothing, so the caller uses it to keep telling the sender
-    /// that we are still here.
-    fn verify_readback(&self, alive: &mut dyn FnMut()) -> Result<(), CastError> {
+    fn verify_readback(&self) -> Result<(), CastError> {
         let (Some(Sink::Random { sink, .. }), Some(signed)) = (&self.sink, self.rx.manifest())
         else {
             return Ok(());
@@ -278,7 +274,6 @@ impl Run {
             buf.resize(m.block_len(i) as usize, 0);
             sink.read_at(m.block_offset(i), &mut buf)?;
             image.update(&buf);
-            alive();
         }
         if image.finalize().as_bytes() == &m.image_hash {
             return Ok(());
@@ -286,7 +281,6 @@ impl Run {
         for i in 0..m.block_count() {
             buf.resize(m.block_len(i) as usize, 0);
             sink.read_at(m.block_offset(i), &mut buf)?;
-            alive();
             if blake3::hash(&buf).as_bytes() != &m.blocks[i as usize].hash {
                 return Err(CastError::Verify {
                     path: sink.path().to_owned(),
@@ -724,37 +718,68 @@ fn keepalive(run: &Run, data_packets: u64) -> Vec<Vec<u8>> {
 /// (the sender gives up on a receiver silent for 2 s by default).
 const ALIVE_INTERVAL: Duration = Duration::from_millis(250);
 
-/// Flushes, verifies by reading back, and commits the output. While it works (seconds for a
-/// large image on a busy machine, with the event loop blocked) it sends the sender a Status
-/// every [`ALIVE_INTERVAL`], so that the sender does not declare it dead just before its Done.
+/// Sends one Status packet to the sender every [`ALIVE_INTERVAL`] from a thread of its own,
+/// until dropped. The final fsync and read-back block this single-threaded receiver for
+/// seconds on a large image (longer than the sender's `dead_after` on a slow disk or a busy
+/// machine), and no report may go missing for that long just before the Done.
+struct KeepAlive {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl KeepAlive {
+    fn start(usock: &tokio::net::UdpSocket, pkt: Vec<u8>, to: SocketAddr) -> Option<KeepAlive> {
+        use std::os::fd::AsFd;
+        // A second handle on the same socket: same source address and port, so the sender
+        // recognises the reports. It shares the non-blocking flag; a full buffer only skips
+        // one report.
+        let fd = usock.as_fd().try_clone_to_owned().ok()?;
+        let sock = std::net::UdpSocket::from(fd);
+        let (stop, rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("cast-keepalive".into())
+            .spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    rx.recv_timeout(ALIVE_INTERVAL)
+                {
+                    let _ = sock.send_to(&pkt, to);
+                }
+            })
+            .ok()?;
+        Some(KeepAlive {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for KeepAlive {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Flushes, verifies by reading back, and commits the output, with a [`KeepAlive`] running
+/// meanwhile so that the sender does not declare it dead just before its Done.
 async fn finish_output(run: &mut Run, usock: &tokio::net::UdpSocket) -> Result<(), CastError> {
     use corral_cast_proto::packet::{Body, Packet};
-    let status = match (run.rx.session(), run.rx.sender()) {
+    let _alive = match (run.rx.session(), run.rx.sender()) {
         (Some(session), Some(to)) => {
             let mut pkt = Vec::with_capacity(64);
             Packet::new(session, Body::Status(run.rx.status())).encode(&mut pkt);
-            Some((pkt, to))
+            KeepAlive::start(usock, pkt, to)
         }
         _ => None,
-    };
-    let mut last = Instant::now();
-    let mut alive = || {
-        if let Some((pkt, to)) = &status
-            && last.elapsed() >= ALIVE_INTERVAL
-        {
-            // Best effort and never blocking: a full socket buffer only skips one report.
-            let _ = usock.try_send_to(pkt, *to);
-            last = Instant::now();
-        }
     };
     run.save_state()?;
     match run.sink.take() {
         Some(Sink::Random { sink, fresh }) => {
-            alive();
             sink.sync()?;
-            alive();
             run.sink = Some(Sink::Random { sink, fresh });
-            run.verify_readback(&mut alive)?;
+            run.verify_readback()?;
             if let Some(Sink::Random { sink, .. }) = run.sink.take() {
                 let path = sink.commit()?;
                 debug!(path = %path.display(), "output committed");
@@ -822,5 +847,47 @@ fn conclude(run: Run, r: Result<(), CastError>, t0: Instant) -> Result<ReceiveRe
             run.obs_event("failed", Outcome::Fail, format!("receive failed: {e}"));
             Err(e)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keepalive_reports_from_the_receivers_socket_until_dropped() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        sender
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let usock = rt
+            .block_on(tokio::net::UdpSocket::bind("127.0.0.1:0"))
+            .unwrap();
+        let ours = usock.local_addr().unwrap();
+        let ka = KeepAlive::start(&usock, b"status".to_vec(), sender.local_addr().unwrap())
+            .expect("keepalive thread");
+        // The caller is blocked (as in a long fsync); the reports still go out, from the
+        // receiver's own address.
+        std::thread::sleep(ALIVE_INTERVAL * 3);
+        let mut buf = [0u8; 16];
+        for _ in 0..2 {
+            let (n, from) = sender.recv_from(&mut buf).unwrap();
+            assert_eq!(&buf[..n], b"status");
+            assert_eq!(from, ours);
+        }
+        drop(ka);
+        // Drain what was sent before the drop, then nothing more arrives.
+        sender.set_read_timeout(Some(ALIVE_INTERVAL * 3)).unwrap();
+        while sender.recv_from(&mut buf).is_ok() {}
+        std::thread::sleep(ALIVE_INTERVAL * 2);
+        sender.set_nonblocking(true).unwrap();
+        assert!(
+            sender.recv_from(&mut buf).is_err(),
+            "a report after the drop"
+        );
     }
 }
