@@ -396,6 +396,17 @@ pub fn scan(root: &Path, opts: &ScanOptions) -> Result<(Manifest, ScanStats), Sy
         meta: meta_of(&rmd, read_xattrs(root)),
         content: None,
     });
+    // The cache is unchanged when every file came from it and every entry of it was used:
+    // then it is neither rebuilt nor rewritten (a no-change run writes nothing).
+    let hits = results
+        .iter()
+        .filter(|r| matches!(r, Ok(Some((_, false)))))
+        .count();
+    let unchanged = hits == cache.len()
+        && results
+            .iter()
+            .all(|r| matches!(r, Ok(None) | Ok(Some((_, false)))));
+    let rewrite = opts.cache.is_some() && !unchanged;
     let mut new_cache = HashMap::new();
     let mut st = stats.into_inner().unwrap();
     for (r, c) in raws.into_iter().zip(results) {
@@ -407,16 +418,18 @@ pub fn scan(root: &Path, opts: &ScanOptions) -> Result<(Manifest, ScanStats), Sy
                 } else {
                     st.cached += 1;
                 }
-                new_cache.insert(
-                    r.path.clone(),
-                    CacheEntry {
-                        ino: r.md.ino(),
-                        size: r.md.size(),
-                        mtime: (r.md.mtime(), r.md.mtime_nsec()),
-                        ctime: (r.md.ctime(), r.md.ctime_nsec()),
-                        content: c.clone(),
-                    },
-                );
+                if rewrite {
+                    new_cache.insert(
+                        r.path.clone(),
+                        CacheEntry {
+                            ino: r.md.ino(),
+                            size: r.md.size(),
+                            mtime: (r.md.mtime(), r.md.mtime_nsec()),
+                            ctime: (r.md.ctime(), r.md.ctime_nsec()),
+                            content: c.clone(),
+                        },
+                    );
+                }
                 Some(c)
             }
             Ok(None) => None,
@@ -433,9 +446,8 @@ pub fn scan(root: &Path, opts: &ScanOptions) -> Result<(Manifest, ScanStats), Sy
         });
     }
     // Rewrite the cache only when it changed (a no-change run writes nothing).
-    let cache_len = cache.len();
     if let Some(p) = &opts.cache
-        && (st.hashed > 0 || new_cache.len() != cache_len || !p.exists())
+        && rewrite
         && let Err(e) = save_cache(p, new_cache)
     {
         // A missing cache costs time, not correctness.
