@@ -108,6 +108,8 @@ median3() {
 }
 
 rsync_push() { rsync -a --delete -e "$SSH" "$@"; }
+# The floor under every figure over ssh: connection, key exchange, authentication, a command.
+median3 $SSH root@127.0.0.1 true; SSH_START=$TIMED
 
 HAVE_CORRAL=0
 if [ "${SKIP_CORRAL:-0}" != 1 ]; then
@@ -218,6 +220,7 @@ echo
 echo "corral sync benchmark: SCALE=$SCALE seed=$SEED: $NFILES files, $NBYTES bytes, image $IMGBYTES bytes"
 echo "rsync $(rsync --version | head -1 | awk '{print $3}'), ssh to 127.0.0.1:$PORT, $(nproc) cores, $(date -u +%Y-%m-%dT%H:%MZ)"
 echo "load average at start: $LOAD_START; at end: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "ssh start (ssh HOST true, median of 3): $SSH_START s"
 printf '%-32s %14s %14s %8s  %s\n' "figure" "rsync" "corral" "ratio" "target"
 row() { # key label unit target
     local r="${R[$1]:-}" c="${C[$1]:-}" ratio="-"
