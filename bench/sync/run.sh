@@ -11,7 +11,8 @@
 #
 # What is measured:
 #   full copy            empty destination, caches dropped first
-#   no-change warm/cold  second sync with nothing changed; cold = caches dropped first
+#   no-change warm/cold  second sync with nothing changed; cold = caches dropped first;
+#                        warm figures are the median of three runs
 #   content check        rsync -a -c -n vs corral's content-verified check (drift), warm/cold
 #   1% changed           64 bytes edited in 1% of the files: time and bytes on the wire
 #                        (iptables byte counters on the sshd port, both directions)
@@ -29,6 +30,7 @@ CHAIN="CORRAL_BENCH_$PORT"
 
 [ "$(id -u)" -eq 0 ] || { echo "run.sh: needs root (drop_caches, sshd, iptables)" >&2; exit 2; }
 mkdir -p "$WORK"
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 SRC="$WORK/src-$SCALE"
 IMG="$WORK/img-$SCALE"
 
@@ -98,8 +100,16 @@ elapsed() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv
 declare -A R C
 # timed NAME CMD...: run, store seconds in TIMED
 timed() { local t0 t1; t0=$(now); "$@"; t1=$(now); TIMED=$(elapsed "$t0" "$t1"); }
+# median3 CMD...: three runs, the median seconds in TIMED (warm figures on a loaded machine)
+median3() {
+    local a b c
+    timed "$@"; a=$TIMED; timed "$@"; b=$TIMED; timed "$@"; c=$TIMED
+    TIMED=$(printf '%s\n' "$a" "$b" "$c" | sort -n | sed -n 2p)
+}
 
 rsync_push() { rsync -a --delete -e "$SSH" "$@"; }
+# The floor under every figure over ssh: connection, key exchange, authentication, a command.
+median3 $SSH root@127.0.0.1 true; SSH_START=$TIMED
 
 HAVE_CORRAL=0
 if [ "${SKIP_CORRAL:-0}" != 1 ]; then
@@ -142,12 +152,12 @@ log "rsync: full copy"
 rm -rf "$DR"; mkdir -p "$DR"; drop_caches
 timed rsync_push "$SRC/" "root@127.0.0.1:$DR/"; R[full]=$TIMED
 timed rsync_push "$SRC/" "root@127.0.0.1:$DR/"
-timed rsync_push "$SRC/" "root@127.0.0.1:$DR/"; R[nochange_warm]=$TIMED
+median3 rsync_push "$SRC/" "root@127.0.0.1:$DR/"; R[nochange_warm]=$TIMED
 drop_caches
 timed rsync_push "$SRC/" "root@127.0.0.1:$DR/"; R[nochange_cold]=$TIMED
 log "rsync: content check"
 timed rsync_push -c -n "$SRC/" "root@127.0.0.1:$DR/"
-timed rsync_push -c -n "$SRC/" "root@127.0.0.1:$DR/"; R[check_warm]=$TIMED
+median3 rsync_push -c -n "$SRC/" "root@127.0.0.1:$DR/"; R[check_warm]=$TIMED
 drop_caches
 timed rsync_push -c -n "$SRC/" "root@127.0.0.1:$DR/"; R[check_cold]=$TIMED
 
@@ -157,12 +167,12 @@ if [ "$HAVE_C" = 1 ]; then
     rm -rf "$DC"; mkdir -p "$DC"; drop_caches
     timed corral_push "$SRC/" "root@127.0.0.1:$DC/"; C[full]=$TIMED
     timed corral_push "$SRC/" "root@127.0.0.1:$DC/"
-    timed corral_push "$SRC/" "root@127.0.0.1:$DC/"; C[nochange_warm]=$TIMED
+    median3 corral_push "$SRC/" "root@127.0.0.1:$DC/"; C[nochange_warm]=$TIMED
     drop_caches
     timed corral_push "$SRC/" "root@127.0.0.1:$DC/"; C[nochange_cold]=$TIMED
     log "corral: content check"
     timed corral_drift
-    timed corral_drift; C[check_warm]=$TIMED
+    median3 corral_drift; C[check_warm]=$TIMED
     drop_caches
     timed corral_drift; C[check_cold]=$TIMED
 fi
@@ -209,6 +219,8 @@ fi
 echo
 echo "corral sync benchmark: SCALE=$SCALE seed=$SEED: $NFILES files, $NBYTES bytes, image $IMGBYTES bytes"
 echo "rsync $(rsync --version | head -1 | awk '{print $3}'), ssh to 127.0.0.1:$PORT, $(nproc) cores, $(date -u +%Y-%m-%dT%H:%MZ)"
+echo "load average at start: $LOAD_START; at end: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "ssh start (ssh HOST true, median of 3): $SSH_START s"
 printf '%-32s %14s %14s %8s  %s\n' "figure" "rsync" "corral" "ratio" "target"
 row() { # key label unit target
     local r="${R[$1]:-}" c="${C[$1]:-}" ratio="-"

@@ -1171,7 +1171,9 @@ impl Receiver {
         if self.journal_dir_used {
             crate::journal::remove_dir(&self.root, self.opts.fsync);
         }
-        if self.opts.fsync {
+        // A run that changed nothing wrote nothing: no syncfs (it would flush every other
+        // writer's dirty pages on the file system).
+        if self.opts.fsync && (self.report.ops > 0 || self.opts.backup.is_some()) {
             // The renames (and the journal) are durable once the file system is synced.
             rustix::fs::syncfs(&self.root).map_err(|x| errno("syncfs", "", x))?;
         }

@@ -159,8 +159,15 @@ pub struct Manifest {
 
 /// The order of paths in a manifest: component by component, so that a directory's entries
 /// follow it directly (`a`, `a/b`, `a.b` and not `a`, `a.b`, `a/b`).
+///
+/// This is the byte order of the paths with `/` taken as lower than every other byte (the
+/// same order as comparing the components one by one, without splitting).
 pub fn path_order(a: &str, b: &str) -> std::cmp::Ordering {
-    a.split('/').cmp(b.split('/'))
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let same = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    // The end of a path sorts first, then `/`, then every other byte in byte order.
+    let key = |c: Option<&u8>| c.map(|&c| if c == b'/' { 0u16 } else { u16::from(c) + 1 });
+    key(a.get(same)).cmp(&key(b.get(same)))
 }
 
 impl Manifest {
@@ -205,6 +212,30 @@ mod tests {
         let mut v = vec!["a.b", "a/b", "a", "", "a/b/c", "b"];
         v.sort_by(|a, b| path_order(a, b));
         assert_eq!(v, vec!["", "a", "a/b", "a/b/c", "a.b", "b"]);
+    }
+
+    /// The byte-wise order is the component-wise one, on paths made of separators and bytes
+    /// on both sides of `/` in ASCII (`-`, `.`, `0`, `a`) and beyond it.
+    #[test]
+    fn order_matches_component_order() {
+        let alphabet = ["", "/", "-", ".", "0", "a", "é", "a/b", "a.b", "a-b"];
+        let mut paths = Vec::new();
+        for x in alphabet {
+            for y in alphabet {
+                for z in alphabet {
+                    paths.push(format!("{x}{y}{z}"));
+                }
+            }
+        }
+        for a in &paths {
+            for b in &paths {
+                assert_eq!(
+                    path_order(a, b),
+                    a.split('/').cmp(b.split('/')),
+                    "{a:?} {b:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -336,6 +336,26 @@ pub fn hello<R: Read, W: Write>(
     }
 }
 
+/// Says hello and asks the child to scan without waiting for its answer in between (one
+/// round trip instead of two), then waits for the child's hello.
+fn hello_and_scan<R: Read, W: Write>(
+    framed: &mut Framed<R, W>,
+    run: &RunOptions,
+) -> Result<(), SyncError> {
+    framed.send(&Message::Hello {
+        version: VERSION,
+        options: run.clone(),
+    })?;
+    framed.send(&Message::Scan)?;
+    framed.flush()?;
+    match framed.recv()? {
+        Message::Hello { version, .. } if version == VERSION => Ok(()),
+        Message::Hello { version, .. } => Err(ProtoError::Version(version, VERSION).into()),
+        Message::Error(e) => Err(SyncError::Remote(e)),
+        m => Err(unexpected(&m)),
+    }
+}
+
 /// Runs the master end: scans `src`, fetches the child's manifest, plans, sends the steps.
 pub fn push<R: Read, W: Write>(
     src: &Path,
@@ -344,22 +364,28 @@ pub fn push<R: Read, W: Write>(
     opts: &PushOptions,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<PushResult, SyncError> {
-    hello(framed, &opts.run)?;
     let mut skip = Vec::new();
     if let Some((d, _)) = &opts.run.backup {
         skip.push(d.clone());
     }
-    // The child scans while the master does; the range exchange needs the master's manifest.
-    framed.send(&Message::Scan)?;
-    framed.flush()?;
-    let (mut master, master_scan) = scan(
-        src,
-        &ScanOptions {
-            cache: opts.cache.clone(),
-            skip,
-            clean_temps: false,
-        },
-    )?;
+    let scan_opts = ScanOptions {
+        cache: opts.cache.clone(),
+        skip,
+        clean_temps: false,
+    };
+    // The master's scan runs while the transport starts (ssh: connection, authentication,
+    // the remote process) and while the child scans: `Hello` and `Scan` leave together, and
+    // only the range exchange waits for the master's manifest.
+    let (started, scanned) = std::thread::scope(|s| {
+        let scanner = s.spawn(|| scan(src, &scan_opts));
+        let started = hello_and_scan(framed, &opts.run);
+        let scanned = scanner
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        (started, scanned)
+    });
+    started?;
+    let (mut master, master_scan) = scanned?;
     master.sort();
     let child = fetch_manifest(framed, &master)?;
     let p = plan(&master, &child, filter, &opts.plan);
@@ -375,9 +401,12 @@ pub fn push<R: Read, W: Write>(
         result.bytes_out = framed.bytes_out;
         return Ok(result);
     }
+    // The chunks the child holds (only needed when something is written).
+    let writes = p.ops.iter().any(|o| matches!(o, Op::Write(_)));
     let have: HashSet<Hash> = child
         .entries
         .iter()
+        .filter(|_| writes)
         .filter(|e| e.kind == crate::manifest::Kind::File)
         .filter_map(|e| e.content.as_ref())
         .flat_map(|c| c.chunk_list().into_iter().map(|(_, c)| c.hash))
