@@ -14,7 +14,7 @@ use crate::error::{ProtoError, SyncError};
 use crate::filter::PathFilter;
 use crate::manifest::{Entry, Hash, Manifest};
 use crate::planner::{Op, Plan, PlanOptions, plan};
-use crate::proto::{Framed, Message, Report, RunOptions, VERSION, compress, decompress};
+use crate::proto::{Frame, Framed, Message, Report, RunOptions, VERSION, compress, decompress};
 use crate::scan::{ScanOptions, ScanStats, scan};
 
 const BATCH: usize = 2000;
@@ -115,25 +115,27 @@ fn serve_inner<R: Read, W: Write>(
                 let res = match &op {
                     Op::Write(e) => {
                         let mut data = |h: &Hash, len: u32| -> Result<Incoming, SyncError> {
-                            match framed.recv()? {
-                                Message::Data { hash, payload } if hash == *h => {
-                                    let b = decompress(&payload, len as usize)?;
-                                    if b.len() != len as usize || Hash::of(&b) != *h {
+                            match framed.recv_data(len as usize)? {
+                                Frame::Data { hash, bytes } if hash == *h => {
+                                    if bytes.len() != len as usize || Hash::of(&bytes) != *h {
                                         return Err(SyncError::BadData(e.path.clone()));
                                     }
-                                    Ok(Incoming::Bytes(b))
+                                    Ok(Incoming::Bytes(bytes))
                                 }
-                                Message::Delta {
+                                Frame::Other(Message::Delta {
                                     hash,
                                     block,
                                     ops,
                                     literals,
-                                } if hash == *h => Ok(Incoming::Delta {
+                                }) if hash == *h => Ok(Incoming::Delta {
                                     block,
                                     ops,
                                     literals: decompress(&literals, len as usize)?,
                                 }),
-                                m => Err(unexpected(&m)),
+                                Frame::Data { hash, .. } => Err(SyncError::Proto(
+                                    ProtoError::Unexpected(format!("data of chunk {hash:?}")),
+                                )),
+                                Frame::Other(m) => Err(unexpected(&m)),
                             }
                         };
                         r.report.ops += 1;
@@ -416,7 +418,10 @@ pub fn push<R: Read, W: Write>(
                 .recv()
                 .map_err(|_| SyncError::Remote("data reader stopped".into()))??;
             for f in &frames {
-                framed.send(f)?;
+                match f {
+                    Message::Data { hash, payload } => framed.send_data(hash, payload)?,
+                    f => framed.send(f)?,
+                }
             }
             progress(Progress::Step {
                 path: op.path().to_string(),
