@@ -554,6 +554,24 @@ pub fn compress(data: &[u8]) -> Vec<u8> {
     out
 }
 
+/// [`compress`] for a chunk read into `buf[1..]` (`buf[0]` is reserved for the tag): when
+/// the chunk is sent raw, `buf` itself becomes the payload, without a copy.
+pub fn compress_read(mut buf: Vec<u8>) -> Vec<u8> {
+    let Some(tag) = buf.first_mut() else {
+        return vec![RAW];
+    };
+    *tag = RAW;
+    let data = &buf[1..];
+    if data.len() >= 64
+        && compressible(data)
+        && let Some(z) = zstd_tagged(data)
+        && z.len() <= data.len()
+    {
+        return z;
+    }
+    buf
+}
+
 /// Decodes a `Data` frame's payload, refusing more than `max` bytes.
 pub fn decompress(z: &[u8], max: usize) -> Result<Vec<u8>, ProtoError> {
     match z.split_first() {
@@ -840,6 +858,9 @@ mod tests {
     proptest! {
         #[test]
         fn compress_round_trips(b in proptest::collection::vec(any::<u8>(), 0..20_000)) {
+            let mut read = vec![0xff];
+            read.extend_from_slice(&b);
+            prop_assert_eq!(compress_read(read), compress(&b));
             prop_assert_eq!(decompress(&compress(&b), b.len()).unwrap(), b);
         }
 

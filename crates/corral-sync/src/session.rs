@@ -14,7 +14,9 @@ use crate::error::{ProtoError, SyncError};
 use crate::filter::PathFilter;
 use crate::manifest::{Entry, Hash, Manifest};
 use crate::planner::{Op, Plan, PlanOptions, plan};
-use crate::proto::{Frame, Framed, Message, Report, RunOptions, VERSION, compress, decompress};
+use crate::proto::{
+    Frame, Framed, Message, Report, RunOptions, VERSION, compress, compress_read, decompress,
+};
 use crate::scan::{ScanOptions, ScanStats, scan};
 
 const BATCH: usize = 2000;
@@ -516,7 +518,6 @@ fn data_frames(
     let path = src.join(&e.path);
     let mut f = fs_err::File::open(&path).map_err(|x| SyncError::fs("open", &path, x))?;
     let mut pos = 0u64;
-    let mut buf = Vec::new();
     for (off, ch) in chunks {
         if have.contains(&ch.hash) {
             continue;
@@ -525,18 +526,27 @@ fn data_frames(
             f.seek(SeekFrom::Start(off))
                 .map_err(|x| SyncError::fs("seek", &path, x))?;
         }
-        buf.resize(ch.len as usize, 0);
-        f.read_exact(&mut buf)
-            .map_err(|_| SyncError::SourceChanged(e.path.clone()))?;
+        // Read after a byte reserved for the payload's tag: sent raw, the buffer is the
+        // payload (no zeroing, no copy).
+        let mut buf = Vec::with_capacity(1 + ch.len as usize);
+        buf.push(0);
+        (&mut f)
+            .take(u64::from(ch.len))
+            .read_to_end(&mut buf)
+            .map_err(|x| SyncError::fs("read", &path, x))?;
+        if buf.len() != 1 + ch.len as usize {
+            return Err(SyncError::SourceChanged(e.path.clone()));
+        }
         pos = off + u64::from(ch.len);
-        if Hash::of(&buf) != ch.hash {
+        let data = &buf[1..];
+        if Hash::of(data) != ch.hash {
             return Err(SyncError::SourceChanged(e.path.clone()));
         }
         if let Some(sig) = sig {
             // A small file is one chunk: the delta against the child's old copy replaces it
             // when that is clearly smaller.
-            let d = crate::delta::delta(sig, &buf);
-            if crate::delta::wire_size(&d) * 4 < buf.len() * 3 {
+            let d = crate::delta::delta(sig, data);
+            if crate::delta::wire_size(&d) * 4 < data.len() * 3 {
                 frames.push(Message::Delta {
                     hash: ch.hash,
                     block: sig.block,
@@ -548,7 +558,7 @@ fn data_frames(
         }
         frames.push(Message::Data {
             hash: ch.hash,
-            payload: compress(&buf),
+            payload: compress_read(buf),
         });
     }
     Ok(())
