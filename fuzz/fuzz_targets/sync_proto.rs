@@ -1,7 +1,7 @@
 //! Fuzz the sync wire decoder: any bytes must decode to a checked message or an error, and
 //! every path in a decoded message must be a plain relative path; the range exchange
 //! ([`corral_sync::ranges`]) round-trips a decoded listing and refuses any other answer
-//! without panicking.
+//! without panicking; the receiver's direct read of `Data` frames agrees with the decoder.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -42,5 +42,27 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(b) = corral_sync::proto::decompress(data, 1 << 20) {
         assert!(b.len() <= 1 << 20);
+    }
+    // The receiver's direct read of Data frames: any stream of frames yields checked frames
+    // or an error; a chunk never exceeds its bound, and a Data frame read directly carries
+    // what the same frame decoded as a message carries.
+    let mut framed = corral_sync::proto::Framed::new(data, Vec::new());
+    while let Ok(f) = framed.recv_data(4096) {
+        if let corral_sync::proto::Frame::Data { bytes, .. } = f {
+            assert!(bytes.len() <= 4096);
+        }
+    }
+    if data.len() >= 4 {
+        let whole = corral_sync::proto::Framed::new(data, Vec::new()).recv();
+        let direct = corral_sync::proto::Framed::new(data, Vec::new()).recv_data(1 << 20);
+        if let (Ok(corral_sync::proto::Message::Data { hash, payload }), Ok(f)) = (whole, direct) {
+            match f {
+                corral_sync::proto::Frame::Data { hash: h, bytes } => {
+                    assert_eq!(h, hash);
+                    assert_eq!(corral_sync::proto::decompress(&payload, 1 << 20).ok(), Some(bytes));
+                }
+                f => panic!("a Data frame read as {f:?}"),
+            }
+        }
     }
 });

@@ -130,6 +130,9 @@ pub enum Message {
     Held(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
+/// Index of `Message::Data` among the variants (its first byte in postcard).
+const DATA_VARIANT: u8 = 5;
+
 /// Flag in a frame's length word: the body is zstd-compressed.
 pub const FRAME_ZSTD: u32 = 1 << 31;
 /// Bodies this large (other than file data, compressed on its own) are compressed.
@@ -303,6 +306,20 @@ fn check_entry(e: &Entry) -> Result<(), ProtoError> {
     Ok(())
 }
 
+/// What [`Framed::recv_data`] read.
+#[derive(Debug)]
+pub enum Frame {
+    /// A `Data` frame, its payload decoded (not yet checked against `hash`).
+    Data {
+        /// The hash the frame names.
+        hash: Hash,
+        /// The chunk's bytes.
+        bytes: Vec<u8>,
+    },
+    /// Any other message.
+    Other(Message),
+}
+
 /// Reads and writes frames on a byte stream (blocking).
 pub struct Framed<R, W> {
     r: R,
@@ -338,10 +355,124 @@ impl<R: std::io::Read, W: std::io::Write> Framed<R, W> {
         self.bytes_out += f.len() as u64;
         self.w.write_all(&f).map_err(ProtoError::Io)
     }
+    /// Sends a `Data` frame: the same bytes as `send(&Message::Data { hash, payload })`
+    /// (uncompressed frame, postcard body), written from `payload` without building the
+    /// message or the frame in memory first.
+    pub fn send_data(&mut self, hash: &Hash, payload: &[u8]) -> Result<(), ProtoError> {
+        let mut head = [0u8; 4 + 1 + 32 + 10];
+        head[4] = DATA_VARIANT;
+        head[5..37].copy_from_slice(&hash.0);
+        let mut n = 37;
+        let mut len = payload.len();
+        loop {
+            let b = (len & 0x7f) as u8;
+            len >>= 7;
+            if len == 0 {
+                head[n] = b;
+                n += 1;
+                break;
+            }
+            head[n] = b | 0x80;
+            n += 1;
+        }
+        let body = n - 4 + payload.len();
+        if body > MAX_FRAME {
+            return Err(ProtoError::TooLarge(body));
+        }
+        head[..4].copy_from_slice(&u32::try_from(body).unwrap_or(u32::MAX).to_be_bytes());
+        self.w.write_all(&head[..n]).map_err(ProtoError::Io)?;
+        self.w.write_all(payload).map_err(ProtoError::Io)?;
+        self.bytes_out += (n + payload.len()) as u64;
+        Ok(())
+    }
     /// Flushes the writer.
     pub fn flush(&mut self) -> Result<(), ProtoError> {
         self.w.flush().map_err(ProtoError::Io)
     }
+    /// Receives the next frame where a chunk's data is expected: a `Data` frame is read
+    /// straight into the chunk's buffer (decompressed, at most `max` bytes) instead of
+    /// through a [`Message`]; any other frame is decoded as by [`Framed::recv`].
+    pub fn recv_data(&mut self, max: usize) -> Result<Frame, ProtoError> {
+        use std::io::Read;
+        let mut h = [0u8; 4];
+        self.r.read_exact(&mut h).map_err(ProtoError::Io)?;
+        let n = frame_len(h)?;
+        let mut first = [0u8; 1];
+        if frame_compressed(h) || n == 0 {
+            return self.recv_body(h, n, &[]).and_then(|m| data_frame(m, max));
+        }
+        self.r.read_exact(&mut first).map_err(ProtoError::Io)?;
+        if first[0] != DATA_VARIANT || n < 1 + 32 + 1 + 1 {
+            return self
+                .recv_body(h, n, &first)
+                .and_then(|m| data_frame(m, max));
+        }
+        let bad = |what: &str| ProtoError::Decode(format!("data frame: {what}"));
+        let mut hash = [0u8; 32];
+        self.r.read_exact(&mut hash).map_err(|_| bad("truncated"))?;
+        // The payload's length: a postcard varint (at most 10 bytes).
+        let (mut len, mut shift, mut used) = (0u64, 0u32, 1 + 32);
+        loop {
+            let mut b = [0u8; 1];
+            self.r.read_exact(&mut b).map_err(ProtoError::Io)?;
+            used += 1;
+            if shift > 63 || used > n {
+                return Err(bad("bad length"));
+            }
+            len |= u64::from(b[0] & 0x7f) << shift;
+            if b[0] & 0x80 == 0 {
+                break;
+            }
+            shift += 7;
+        }
+        if len == 0 || len.checked_add(used as u64) != Some(n as u64) {
+            return Err(bad("length does not match the frame"));
+        }
+        let mut tag = [0u8; 1];
+        self.r.read_exact(&mut tag).map_err(ProtoError::Io)?;
+        let rest = len as usize - 1;
+        let bytes = match tag[0] {
+            RAW if rest > max => {
+                return Err(ProtoError::Decode(format!(
+                    "data: {rest} bytes where at most {max} were expected"
+                )));
+            }
+            RAW | ZSTD => {
+                let mut v = Vec::with_capacity(rest);
+                (&mut self.r)
+                    .take(rest as u64)
+                    .read_to_end(&mut v)
+                    .map_err(ProtoError::Io)?;
+                if v.len() != rest {
+                    return Err(ProtoError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+                }
+                if tag[0] == ZSTD { unzstd(&v, max)? } else { v }
+            }
+            t => return Err(ProtoError::Decode(format!("data: unknown encoding {t}"))),
+        };
+        self.bytes_in += 4 + n as u64;
+        Ok(Frame::Data {
+            hash: Hash(hash),
+            bytes,
+        })
+    }
+
+    /// Reads the rest of a frame body of `n` bytes whose first bytes `got` were read
+    /// already, and decodes it.
+    fn recv_body(&mut self, h: [u8; 4], n: usize, got: &[u8]) -> Result<Message, ProtoError> {
+        let mut body = vec![0u8; n];
+        body[..got.len()].copy_from_slice(got);
+        self.r
+            .read_exact(&mut body[got.len()..])
+            .map_err(ProtoError::Io)?;
+        self.bytes_in += 4 + n as u64;
+        if frame_compressed(h) {
+            decode_compressed(&body)
+        } else {
+            decode(&body)
+        }
+    }
+
     /// Receives one message.
     pub fn recv(&mut self) -> Result<Message, ProtoError> {
         let mut h = [0u8; 4];
@@ -363,6 +494,37 @@ const ZSTD: u8 = 1;
 /// Chunks up to this size are compressed whole to see whether it pays.
 const SAMPLE: usize = 8 * 1024;
 
+/// zstd level of file data: the fastest of the regular levels (the data is sent once).
+const DATA_LEVEL: i32 = 1;
+
+thread_local! {
+    /// One compression context per thread, reused for every chunk: a context costs more to
+    /// set up than a small file costs to compress.
+    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+    /// One decompression context per thread, reused likewise.
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// `data` compressed at [`DATA_LEVEL`] after a tag byte, with this thread's context.
+fn zstd_tagged(data: &[u8]) -> Option<Vec<u8>> {
+    COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.is_none() {
+            *c = zstd::bulk::Compressor::new(DATA_LEVEL).ok();
+        }
+        let c = c.as_mut()?;
+        let mut out = std::io::Cursor::new(Vec::with_capacity(
+            1 + zstd::zstd_safe::compress_bound(data.len()),
+        ));
+        out.get_mut().push(ZSTD);
+        out.set_position(1);
+        c.compress_to_buffer(data, &mut out).ok()?;
+        Some(out.into_inner())
+    })
+}
+
 /// Whether `data` is worth compressing: small data is tried whole by the caller; for larger
 /// data a sample from its middle must shrink by at least 10% at zstd level 1. Random or
 /// already-compressed content (half of a typical system tree by bytes) then costs a copy, not
@@ -373,7 +535,7 @@ fn compressible(data: &[u8]) -> bool {
     }
     let mid = data.len() / 2 - SAMPLE / 2;
     let sample = &data[mid..mid + SAMPLE];
-    zstd::bulk::compress(sample, 1).is_ok_and(|z| z.len() * 10 < sample.len() * 9)
+    zstd_tagged(sample).is_some_and(|z| (z.len() - 1) * 10 < sample.len() * 9)
 }
 
 /// Encodes a chunk for a `Data` frame: a tag byte, then a zstd frame if that is smaller,
@@ -381,18 +543,33 @@ fn compressible(data: &[u8]) -> bool {
 pub fn compress(data: &[u8]) -> Vec<u8> {
     if data.len() >= 64
         && compressible(data)
-        && let Ok(z) = zstd::bulk::compress(data, 1)
-        && z.len() < data.len()
+        && let Some(z) = zstd_tagged(data)
+        && z.len() <= data.len()
     {
-        let mut out = Vec::with_capacity(1 + z.len());
-        out.push(ZSTD);
-        out.extend_from_slice(&z);
-        return out;
+        return z;
     }
     let mut out = Vec::with_capacity(1 + data.len());
     out.push(RAW);
     out.extend_from_slice(data);
     out
+}
+
+/// [`compress`] for a chunk read into `buf[1..]` (`buf[0]` is reserved for the tag): when
+/// the chunk is sent raw, `buf` itself becomes the payload, without a copy.
+pub fn compress_read(mut buf: Vec<u8>) -> Vec<u8> {
+    let Some(tag) = buf.first_mut() else {
+        return vec![RAW];
+    };
+    *tag = RAW;
+    let data = &buf[1..];
+    if data.len() >= 64
+        && compressible(data)
+        && let Some(z) = zstd_tagged(data)
+        && z.len() <= data.len()
+    {
+        return z;
+    }
+    buf
 }
 
 /// Decodes a `Data` frame's payload, refusing more than `max` bytes.
@@ -403,12 +580,37 @@ pub fn decompress(z: &[u8], max: usize) -> Result<Vec<u8>, ProtoError> {
             "data: {} bytes where at most {max} were expected",
             b.len()
         ))),
-        Some((&ZSTD, b)) => {
-            zstd::bulk::decompress(b, max).map_err(|e| ProtoError::Decode(format!("zstd: {e}")))
-        }
+        Some((&ZSTD, b)) => unzstd(b, max),
         Some((t, _)) => Err(ProtoError::Decode(format!("data: unknown encoding {t}"))),
         None => Err(ProtoError::Decode("data: empty payload".into())),
     }
+}
+
+/// A `Data` message (sent in a compressed frame, or decoded whole) as a [`Frame`].
+fn data_frame(m: Message, max: usize) -> Result<Frame, ProtoError> {
+    match m {
+        Message::Data { hash, payload } => Ok(Frame::Data {
+            hash,
+            bytes: decompress(&payload, max)?,
+        }),
+        m => Ok(Frame::Other(m)),
+    }
+}
+
+/// Decompresses one zstd frame of at most `max` bytes with this thread's context.
+fn unzstd(b: &[u8], max: usize) -> Result<Vec<u8>, ProtoError> {
+    DECOMPRESSOR
+        .with(|d| {
+            let mut d = d.borrow_mut();
+            if d.is_none() {
+                *d = Some(zstd::bulk::Decompressor::new()?);
+            }
+            match d.as_mut() {
+                Some(d) => d.decompress(b, max),
+                None => Err(std::io::Error::other("no zstd context")),
+            }
+        })
+        .map_err(|e| ProtoError::Decode(format!("zstd: {e}")))
 }
 
 #[cfg(test)]
@@ -542,10 +744,130 @@ mod tests {
         assert!(decompress(&[7, 1, 2], 10).is_err());
     }
 
+    fn frame_of_data(hash: Hash, payload: Vec<u8>) -> Vec<u8> {
+        encode_wire(&Message::Data { hash, payload }).unwrap()
+    }
+
+    /// `send_data` writes exactly the frame `send` would (lengths whose varint takes 1, 2
+    /// and 3 bytes), and `recv_data` reads it back into the chunk's bytes, raw or zstd.
+    #[test]
+    fn data_frames_are_written_and_read_without_a_message() {
+        for n in [0usize, 1, 126, 127, 128, 300, 16_383, 16_384, 200_000] {
+            let text: Vec<u8> = b"server cluster child\n"
+                .iter()
+                .copied()
+                .cycle()
+                .take(n)
+                .collect();
+            for data in [
+                text.clone(),
+                (0..n).map(|i| (i * 7919 % 251) as u8).collect(),
+            ] {
+                let hash = Hash::of(&data);
+                let payload = compress(&data);
+                let mut framed = Framed::new(&b""[..], Vec::new());
+                framed.send_data(&hash, &payload).unwrap();
+                let wire = framed.w.clone();
+                assert_eq!(wire, frame_of_data(hash, payload.clone()), "{n} bytes");
+                assert_eq!(framed.bytes_out, wire.len() as u64);
+                // Followed by another message, which is read as one.
+                let mut both = wire.clone();
+                both.extend(encode_wire(&Message::Finish).unwrap());
+                let mut rx = Framed::new(&both[..], Vec::new());
+                match rx.recv_data(n).unwrap() {
+                    Frame::Data { hash: h, bytes } => {
+                        assert_eq!(h, hash);
+                        assert_eq!(bytes, data);
+                    }
+                    f => panic!("{f:?}"),
+                }
+                assert_eq!(rx.bytes_in, wire.len() as u64);
+                assert!(matches!(
+                    rx.recv_data(n).unwrap(),
+                    Frame::Other(Message::Finish)
+                ));
+                // More bytes than the chunk may hold are refused, raw or compressed.
+                if n > 0 {
+                    assert!(Framed::new(&wire[..], Vec::new()).recv_data(n - 1).is_err());
+                }
+            }
+        }
+    }
+
+    /// Hostile data frames are errors, never panics or allocations beyond the bounds: a
+    /// length that does not match the frame, an unknown encoding, an empty payload, a
+    /// truncated stream; a `Data` message in a compressed frame is still decoded.
+    #[test]
+    fn hostile_data_frames_are_refused() {
+        let data = vec![7u8; 1000];
+        let hash = Hash::of(&data);
+        let good = frame_of_data(hash, compress(&data));
+        let recv = |b: &[u8]| Framed::new(b, Vec::new()).recv_data(1000);
+        assert!(recv(&good).is_ok());
+        // The payload length says one byte more, or one less, than the frame holds.
+        let by_hand = |claimed: usize, payload: &[u8]| {
+            let mut body = vec![DATA_VARIANT];
+            body.extend_from_slice(&hash.0);
+            let mut n = claimed;
+            while n >= 0x80 {
+                body.push((n as u8 & 0x7f) | 0x80);
+                n >>= 7;
+            }
+            body.push(n as u8);
+            body.extend_from_slice(payload);
+            let mut f = (body.len() as u32).to_be_bytes().to_vec();
+            f.extend(body);
+            f
+        };
+        let payload = compress(&data);
+        assert_eq!(by_hand(payload.len(), &payload), good);
+        assert!(recv(&by_hand(payload.len() + 1, &payload)).is_err());
+        assert!(recv(&by_hand(payload.len() - 1, &payload)).is_err());
+        assert!(recv(&by_hand(usize::MAX, &payload)).is_err());
+        let at = 4 + 1 + 32;
+        assert!(good[at] < 0x80, "a one-byte length");
+        // Unknown encoding tag.
+        let mut tag = good.clone();
+        tag[at + 1] = 9;
+        assert!(recv(&tag).is_err());
+        // Empty payload.
+        let empty = frame_of_data(hash, vec![]);
+        assert!(recv(&empty).is_err());
+        // Truncated anywhere.
+        for cut in [3, 4, 5, 20, at + 1, good.len() - 1] {
+            assert!(recv(&good[..cut]).is_err(), "cut at {cut}");
+        }
+        // A raw payload larger than the chunk.
+        let big = frame_of_data(hash, compress(&vec![1u8; 2000]));
+        assert!(recv(&big).is_err());
+        // A Data message in a compressed frame (this build never sends one).
+        let body = postcard::to_stdvec(&Message::Data {
+            hash,
+            payload: compress(&data),
+        })
+        .unwrap();
+        let z = zstd::bulk::compress(&body, 3).unwrap();
+        let mut f = ((z.len() as u32) | FRAME_ZSTD).to_be_bytes().to_vec();
+        f.extend(z);
+        match recv(&f).unwrap() {
+            Frame::Data { hash: h, bytes } => assert_eq!((h, bytes), (hash, data)),
+            f => panic!("{f:?}"),
+        }
+    }
+
     proptest! {
         #[test]
         fn compress_round_trips(b in proptest::collection::vec(any::<u8>(), 0..20_000)) {
+            let mut read = vec![0xff];
+            read.extend_from_slice(&b);
+            prop_assert_eq!(compress_read(read), compress(&b));
             prop_assert_eq!(decompress(&compress(&b), b.len()).unwrap(), b);
+        }
+
+        #[test]
+        fn random_frames_never_panic_recv_data(b in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut f = Framed::new(&b[..], Vec::new());
+            while f.recv_data(256).is_ok() {}
         }
 
         #[test]

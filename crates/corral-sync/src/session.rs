@@ -14,7 +14,9 @@ use crate::error::{ProtoError, SyncError};
 use crate::filter::PathFilter;
 use crate::manifest::{Entry, Hash, Manifest};
 use crate::planner::{Op, Plan, PlanOptions, plan};
-use crate::proto::{Framed, Message, Report, RunOptions, VERSION, compress, decompress};
+use crate::proto::{
+    Frame, Framed, Message, Report, RunOptions, VERSION, compress, compress_read, decompress,
+};
 use crate::scan::{ScanOptions, ScanStats, scan};
 
 const BATCH: usize = 2000;
@@ -115,25 +117,27 @@ fn serve_inner<R: Read, W: Write>(
                 let res = match &op {
                     Op::Write(e) => {
                         let mut data = |h: &Hash, len: u32| -> Result<Incoming, SyncError> {
-                            match framed.recv()? {
-                                Message::Data { hash, payload } if hash == *h => {
-                                    let b = decompress(&payload, len as usize)?;
-                                    if b.len() != len as usize || Hash::of(&b) != *h {
+                            match framed.recv_data(len as usize)? {
+                                Frame::Data { hash, bytes } if hash == *h => {
+                                    if bytes.len() != len as usize || Hash::of(&bytes) != *h {
                                         return Err(SyncError::BadData(e.path.clone()));
                                     }
-                                    Ok(Incoming::Bytes(b))
+                                    Ok(Incoming::Bytes(bytes))
                                 }
-                                Message::Delta {
+                                Frame::Other(Message::Delta {
                                     hash,
                                     block,
                                     ops,
                                     literals,
-                                } if hash == *h => Ok(Incoming::Delta {
+                                }) if hash == *h => Ok(Incoming::Delta {
                                     block,
                                     ops,
                                     literals: decompress(&literals, len as usize)?,
                                 }),
-                                m => Err(unexpected(&m)),
+                                Frame::Data { hash, .. } => Err(SyncError::Proto(
+                                    ProtoError::Unexpected(format!("data of chunk {hash:?}")),
+                                )),
+                                Frame::Other(m) => Err(unexpected(&m)),
                             }
                         };
                         r.report.ops += 1;
@@ -445,7 +449,10 @@ pub fn push<R: Read, W: Write>(
                 .recv()
                 .map_err(|_| SyncError::Remote("data reader stopped".into()))??;
             for f in &frames {
-                framed.send(f)?;
+                match f {
+                    Message::Data { hash, payload } => framed.send_data(hash, payload)?,
+                    f => framed.send(f)?,
+                }
             }
             progress(Progress::Step {
                 path: op.path().to_string(),
@@ -540,7 +547,6 @@ fn data_frames(
     let path = src.join(&e.path);
     let mut f = fs_err::File::open(&path).map_err(|x| SyncError::fs("open", &path, x))?;
     let mut pos = 0u64;
-    let mut buf = Vec::new();
     for (off, ch) in chunks {
         if have.contains(&ch.hash) {
             continue;
@@ -549,18 +555,27 @@ fn data_frames(
             f.seek(SeekFrom::Start(off))
                 .map_err(|x| SyncError::fs("seek", &path, x))?;
         }
-        buf.resize(ch.len as usize, 0);
-        f.read_exact(&mut buf)
-            .map_err(|_| SyncError::SourceChanged(e.path.clone()))?;
+        // Read after a byte reserved for the payload's tag: sent raw, the buffer is the
+        // payload (no zeroing, no copy).
+        let mut buf = Vec::with_capacity(1 + ch.len as usize);
+        buf.push(0);
+        (&mut f)
+            .take(u64::from(ch.len))
+            .read_to_end(&mut buf)
+            .map_err(|x| SyncError::fs("read", &path, x))?;
+        if buf.len() != 1 + ch.len as usize {
+            return Err(SyncError::SourceChanged(e.path.clone()));
+        }
         pos = off + u64::from(ch.len);
-        if Hash::of(&buf) != ch.hash {
+        let data = &buf[1..];
+        if Hash::of(data) != ch.hash {
             return Err(SyncError::SourceChanged(e.path.clone()));
         }
         if let Some(sig) = sig {
             // A small file is one chunk: the delta against the child's old copy replaces it
             // when that is clearly smaller.
-            let d = crate::delta::delta(sig, &buf);
-            if crate::delta::wire_size(&d) * 4 < buf.len() * 3 {
+            let d = crate::delta::delta(sig, data);
+            if crate::delta::wire_size(&d) * 4 < data.len() * 3 {
                 frames.push(Message::Delta {
                     hash: ch.hash,
                     block: sig.block,
@@ -572,7 +587,7 @@ fn data_frames(
         }
         frames.push(Message::Data {
             hash: ch.hash,
-            payload: compress(&buf),
+            payload: compress_read(buf),
         });
     }
     Ok(())
