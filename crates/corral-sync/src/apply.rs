@@ -1249,7 +1249,12 @@ impl Receiver {
         }
         // A run that changed nothing wrote nothing: no syncfs (it would flush every other
         // writer's dirty pages on the file system).
-        if self.opts.fsync && (self.report.ops > 0 || self.opts.backup.is_some()) {
+        let changed = self.report.ops > 0
+            || self.report.files_written > 0
+            || !self.report.failed.is_empty()
+            || self.journal_dir_used
+            || self.opts.backup.is_some();
+        if self.opts.fsync && changed {
             // The renames (and the journal) are durable once the file system is synced.
             rustix::fs::syncfs(&self.root).map_err(|x| errno("syncfs", "", x))?;
         }
