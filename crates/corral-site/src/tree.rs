@@ -9,6 +9,7 @@
 //! program = "ssh"
 //! args = ["-i", "/etc/corral/sync_key"]
 //! remote_corral = "corral"           # the program run on the child
+//! persist = "60s"                    # keep the connection for the next run ("0s": never)
 //! [[child]]
 //! name = "web01"                     # optional label (default: host, else dest)
 //! host = "web01.example.net"         # ssh host; absent: a directory on this machine
@@ -46,6 +47,7 @@ struct RawSsh {
     #[serde(default)]
     args: Vec<String>,
     remote_corral: Option<String>,
+    persist: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -80,6 +82,9 @@ pub struct Tree {
     pub ssh_args: Vec<String>,
     /// Program run on the child.
     pub remote_corral: Option<String>,
+    /// How long the ssh connection is kept for the next run (`None`: the default, 60 s;
+    /// zero: never).
+    pub ssh_persist: Option<std::time::Duration>,
     /// The children.
     pub children: Vec<TreeChild>,
 }
@@ -204,9 +209,23 @@ fn convert(dir: &Path, name: &str, src: &Source, raw: RawTree, r: &mut Report) -
             tree: c.tree.unwrap_or_else(|| name.to_string()),
         });
     }
-    let (ssh_program, ssh_args, remote_corral) = match raw.ssh {
-        Some(s) => (s.program, s.args, s.remote_corral),
-        None => (None, Vec::new(), None),
+    let (ssh_program, ssh_args, remote_corral, persist) = match raw.ssh {
+        Some(s) => (s.program, s.args, s.remote_corral, s.persist),
+        None => (None, Vec::new(), None, None),
+    };
+    let ssh_persist = match persist.as_deref().map(humantime::parse_duration) {
+        None => None,
+        Some(Ok(d)) => Some(d),
+        Some(Err(e)) => {
+            bad(
+                r,
+                format!(
+                    "[ssh] persist = {:?}: {e}; give a duration like \"60s\" (\"0s\": never keep the connection)",
+                    persist.unwrap_or_default()
+                ),
+            );
+            None
+        }
     };
     Some(Tree {
         name: name.to_string(),
@@ -217,6 +236,7 @@ fn convert(dir: &Path, name: &str, src: &Source, raw: RawTree, r: &mut Report) -
         ssh_program,
         ssh_args,
         remote_corral,
+        ssh_persist,
         children,
     })
 }

@@ -127,6 +127,11 @@ pub(crate) struct SshArgs {
     /// The corral program on the child.
     #[arg(long, value_name = "PROG")]
     remote_corral: Option<String>,
+    /// Keep the ssh connection open this long after the run, so the next run to the same
+    /// host skips connecting and authenticating (OpenSSH ControlPersist, control socket in
+    /// $CORRAL_STATE_DIR/ssh); 0 for a new connection every run.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+    ssh_persist: std::time::Duration,
 }
 
 /// Arguments of `corral sync push`.
@@ -444,6 +449,7 @@ fn ssh_options(a: &SshArgs) -> SshOptions {
         program: a.ssh.clone(),
         args: a.ssh_args.clone(),
         remote_corral: a.remote_corral.clone(),
+        persist: Some(a.ssh_persist),
     }
 }
 
@@ -664,6 +670,10 @@ pub(crate) fn tree_ssh(t: &corral_site::Tree) -> SshOptions {
         program: t.ssh_program.clone(),
         args: t.ssh_args.clone(),
         remote_corral: t.remote_corral.clone(),
+        persist: Some(
+            t.ssh_persist
+                .unwrap_or(corral_sync::transport::DEFAULT_SSH_PERSIST),
+        ),
     }
 }
 
@@ -942,13 +952,7 @@ fn recurse(
                 .chain(args.iter().map(|s| quote(s)))
                 .collect::<Vec<_>>()
                 .join(" ");
-            std::process::Command::new(tree.ssh_program.as_deref().unwrap_or("ssh"))
-                .args(&tree.ssh_args)
-                .arg("-oBatchMode=yes")
-                .arg("--")
-                .arg(&host)
-                .arg(line)
-                .output()?
+            corral_sync::transport::ssh_command(&tree_ssh(tree), &host, &line).output()?
         }
     };
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {

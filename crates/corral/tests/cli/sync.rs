@@ -460,7 +460,30 @@ fn sync_over_real_sshd_with_forced_command_key() {
     assert_eq!(out.status.code(), Some(0), "{so}{se}");
     assert_eq!(files(&c, ""), files(&m, ""));
     assert!(files(&decoy, "").is_empty());
-    // Second run over ssh: nothing to send but the manifests.
+    // The connection is kept for the next run (ControlPersist), its socket in the private
+    // control directory beneath the state directory.
+    let ctl = d.join("state").join("ssh");
+    let ssh_ctl = |op: &str| {
+        Command::new("ssh")
+            .args(["-p", &port.to_string(), "-i"])
+            .arg(d.join("client_key"))
+            .args([
+                "-oStrictHostKeyChecking=no",
+                "-oUserKnownHostsFile=/dev/null",
+                "-oLogLevel=ERROR",
+            ])
+            .arg(format!("-oControlPath={}/%C", ctl.display()))
+            .args(["-O", op, "root@127.0.0.1"])
+            .output()
+            .unwrap()
+    };
+    let check = ssh_ctl("check");
+    assert!(
+        check.status.success(),
+        "no kept ssh connection after the first run: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    // Second run over ssh (through the kept connection): nothing to send but the manifests.
     let out = corral_state(d, &args);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
@@ -469,4 +492,11 @@ fn sync_over_real_sshd_with_forced_command_key() {
         "{v}\nfirst run: {so}"
     );
     assert_eq!(v["report"]["literal_bytes"], 0);
+    // Close the kept connection rather than leave it to its 60 s timer.
+    assert!(ssh_ctl("exit").status.success());
+    // Without sharing (--ssh-persist 0) a run still works, over a connection of its own.
+    args.push("--ssh-persist=0");
+    let out = corral_state(d, &args);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out).1);
+    assert!(!ssh_ctl("check").status.success(), "a connection was kept");
 }
