@@ -74,6 +74,8 @@ CFG
 /usr/sbin/sshd -f "$SSHDIR/sshd_config" -D -e 2>"$SSHDIR/sshd.log" &
 SSHD_PID=$!
 cleanup() {
+    # corral's kept ssh connection to this sshd (ControlPersist), closed with the sshd.
+    $SSH -oControlPath="${CORRAL_STATE_DIR:-/var/lib/corral}/ssh/%C" -O exit root@127.0.0.1 2>/dev/null || true
     kill "$SSHD_PID" 2>/dev/null || true
     iptables -D INPUT -i lo -p tcp -j "$CHAIN" 2>/dev/null || true
     iptables -F "$CHAIN" 2>/dev/null || true
@@ -161,6 +163,14 @@ median3 rsync_push -c -n "$SRC/" "root@127.0.0.1:$DR/"; R[check_warm]=$TIMED
 drop_caches
 timed rsync_push -c -n "$SRC/" "root@127.0.0.1:$DR/"; R[check_cold]=$TIMED
 
+# For reference: rsync with the ssh connection kept between runs, as corral does by default
+# (corral: ControlMaster/ControlPersist 60 s; rsync: the same options passed in -e).
+log "rsync with a kept ssh connection: no-change sync"
+RSSH_MUX="$SSH -oControlMaster=auto -oControlPath=$SSHDIR/rsync-ctl-%C -oControlPersist=60s"
+rsync -a --delete -e "$RSSH_MUX" "$SRC/" "root@127.0.0.1:$DR/"
+median3 rsync -a --delete -e "$RSSH_MUX" "$SRC/" "root@127.0.0.1:$DR/"; R[nochange_warm_mux]=$TIMED
+$SSH -oControlPath="$SSHDIR/rsync-ctl-%C" -O exit root@127.0.0.1 2>/dev/null || true
+
 HAVE_C=$HAVE_CORRAL
 if [ "$HAVE_C" = 1 ]; then
     log "corral: full copy"
@@ -232,6 +242,8 @@ row() { # key label unit target
 row full "full copy" s "<= 0.6"
 row nochange_warm "no-change sync, warm" s "<= 0.4"
 row nochange_cold "no-change sync, cold" s "<= 0.4"
+R[nochange_warm_ref]=${R[nochange_warm_mux]:-}; C[nochange_warm_ref]=${C[nochange_warm]:-}
+row nochange_warm_ref "  same, rsync -e with ControlPersist" s "(reference)"
 row check_warm "content check, warm" s "<= 0.15"
 row check_cold "content check, cold" s "<= 0.15"
 row change_time "1% changed" s "<= 0.5"
