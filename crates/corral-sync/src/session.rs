@@ -327,17 +327,7 @@ pub fn hello<R: Read, W: Write>(
     framed: &mut Framed<R, W>,
     run: &RunOptions,
 ) -> Result<(), SyncError> {
-    framed.send(&Message::Hello {
-        version: VERSION,
-        options: run.clone(),
-    })?;
-    framed.flush()?;
-    match framed.recv()? {
-        Message::Hello { version, .. } if version == VERSION => Ok(()),
-        Message::Hello { version, .. } => Err(ProtoError::Version(version, VERSION).into()),
-        Message::Error(e) => Err(SyncError::Remote(e)),
-        m => Err(unexpected(&m)),
-    }
+    greet(framed, run, false)
 }
 
 /// Says hello and asks the child to scan without waiting for its answer in between (one
@@ -346,11 +336,22 @@ fn hello_and_scan<R: Read, W: Write>(
     framed: &mut Framed<R, W>,
     run: &RunOptions,
 ) -> Result<(), SyncError> {
+    greet(framed, run, true)
+}
+
+/// Sends Hello (and Scan right behind it when `scan`), then checks the child's Hello.
+fn greet<R: Read, W: Write>(
+    framed: &mut Framed<R, W>,
+    run: &RunOptions,
+    scan: bool,
+) -> Result<(), SyncError> {
     framed.send(&Message::Hello {
         version: VERSION,
         options: run.clone(),
     })?;
-    framed.send(&Message::Scan)?;
+    if scan {
+        framed.send(&Message::Scan)?;
+    }
     framed.flush()?;
     match framed.recv()? {
         Message::Hello { version, .. } if version == VERSION => Ok(()),
