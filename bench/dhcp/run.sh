@@ -60,7 +60,7 @@ POOL_END=10.99.40.255
 # --- server launchers: each starts in the server namespace and prints its pid ---
 start_dnsmasq() {
     : > "$WORK/dnsmasq.leases"
-    ip netns exec "$NS_S" dnsmasq --keep-in-foreground --no-ping --port=0 --bind-interfaces \
+    $PIN_S ip netns exec "$NS_S" dnsmasq --keep-in-foreground --no-ping --port=0 --bind-interfaces \
         --interface=s0 --dhcp-range=$POOL_START,$POOL_END,255.255.0.0,1h \
         --dhcp-leasefile="$WORK/dnsmasq.leases" --dhcp-authoritative --dhcp-lease-max=100000 --quiet-dhcp \
         --log-facility="$WORK/dnsmasq.log" --pid-file="$WORK/dnsmasq.pid" >/dev/null 2>&1 &
@@ -81,7 +81,7 @@ start_kea() {
 } }
 JSON
     mkdir -p /run/kea
-    KEA_PIDFILE_DIR=$WORK KEA_LOCKFILE_DIR=$WORK ip netns exec "$NS_S" kea-dhcp4 -c "$WORK/kea.json" >"$WORK/kea.out" 2>&1 &
+    KEA_PIDFILE_DIR=$WORK KEA_LOCKFILE_DIR=$WORK $PIN_S ip netns exec "$NS_S" kea-dhcp4 -c "$WORK/kea.json" >"$WORK/kea.out" 2>&1 &
     echo $!
 }
 
@@ -99,7 +99,7 @@ cidr = "10.99.0.0/16"
 pool = "$POOL_START-$POOL_END"
 lease = "1h"
 TOML
-    RUST_LOG=${RUST_LOG:-corral_dhcp=info} ip netns exec "$NS_S" "$CORRAL" --site "$WORK/site" --interface s0 --server-ip $SRV \
+    RUST_LOG=${RUST_LOG:-corral_dhcp=info} $PIN_S ip netns exec "$NS_S" "$CORRAL" --site "$WORK/site" --interface s0 --server-ip $SRV \
         --store "$WORK/corral.db" >"$WORK/corral.out" 2>"$WORK/corral.log" &
     echo $!
 }
@@ -131,7 +131,7 @@ run_perf() {
     for i in $(seq 1 "$PERF_INSTANCES"); do
         local out=$WORK/perf-$name-$i.txt
         files+=("$out")
-        timeout $((SECONDS_RUN + 30)) ip netns exec "$NS_C" perfdhcp -4 -r "$((RATE / PERF_INSTANCES))" \
+        timeout $((SECONDS_RUN + 30)) $PIN_C ip netns exec "$NS_C" perfdhcp -4 -r "$((RATE / PERF_INSTANCES))" \
             -R "$((CLIENTS / PERF_INSTANCES))" -n "$n" -p "$((SECONDS_RUN + 5))" -W 2000000 \
             -l 10.99.0.$((i + 1)) -b "mac=00:0c:0$i:00:00:00" -x t $SRV >"$out" 2>&1 &
         pids+=($!)
@@ -146,11 +146,16 @@ run_perf() {
 run_burst() {
     local name=$1 out=$WORK/burst-$1.txt start end
     start=$(date +%s.%N)
-    timeout 60 ip netns exec "$NS_C" perfdhcp -4 --scenario avalanche -R "$BURST" \
+    timeout 60 $PIN_C ip netns exec "$NS_C" perfdhcp -4 --scenario avalanche -R "$BURST" \
         -p 30 -W 2000000 -l $CLI -b mac=00:0c:01:02:03:04 $SRV >"$out" 2>&1 || true
     end=$(date +%s.%N)
     python3 "$ROOT/bench/dhcp/summarise.py" --burst "$name" "$out" "$start" "$end"
 }
+
+# SERVER_CPUS / CLIENT_CPUS (e.g. 0 and 1): pin the servers and perfdhcp to those CPUs
+# (taskset -c), so that the load generator does not take the server's core.
+PIN_S=${SERVER_CPUS:+taskset -c $SERVER_CPUS}
+PIN_C=${CLIENT_CPUS:+taskset -c $CLIENT_CPUS}
 
 # SERVERS (default all three) and SKIP_RATE=1 (burst only) narrow a run for quick checks.
 SERVERS=${SERVERS:-dnsmasq kea corral}
