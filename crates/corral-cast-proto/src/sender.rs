@@ -565,6 +565,13 @@ impl Sender {
                 }
             }
             Body::Status(s) => {
+                // Receivers are not authenticated: a Status claiming more verified blocks than
+                // the image has is forged or corrupt. Taken as progress it would keep the
+                // session lingering; each real one moves `blocks_done` up to the count at most.
+                if s.blocks_done > self.manifest.manifest().block_count() {
+                    self.stats.rejected_packets += 1;
+                    return;
+                }
                 let Some(idx) = self.touch(now, s.receiver) else {
                     return;
                 };
@@ -1731,6 +1738,39 @@ mod tests {
                 }],
             })),
         );
+    }
+
+    #[test]
+    fn a_status_claiming_more_blocks_than_the_image_has_is_not_progress() {
+        let now = t0();
+        let (m, _img) = setup();
+        let count = m.manifest().block_count();
+        let mut s = Sender::new(cfg(), m, now).unwrap();
+        join(&mut s, now, 1, true);
+        while s.poll_event().is_some() {}
+        let status = |blocks_done| {
+            pkt(Body::Status(Status {
+                receiver: 1,
+                blocks_done,
+                ..Status::default()
+            }))
+        };
+        // A forger (receivers are not authenticated) claims far more than the image holds.
+        s.handle_input(now, addr(1), &status(u32::MAX));
+        s.handle_input(now, addr(1), &status(count + 1));
+        assert_eq!(s.stats().rejected_packets, 2);
+        assert!(
+            std::iter::from_fn(|| s.poll_event())
+                .all(|e| !matches!(e, SenderEvent::ReceiverProgress { .. })),
+            "an impossible Status must not count as progress"
+        );
+        // The real receiver's own report at the image's end is taken.
+        s.handle_input(now, addr(1), &status(count));
+        assert_eq!(s.stats().rejected_packets, 2);
+        assert!(std::iter::from_fn(|| s.poll_event()).any(|e| matches!(
+            e,
+            SenderEvent::ReceiverProgress { status, .. } if status.blocks_done == count
+        )));
     }
 
     #[test]
