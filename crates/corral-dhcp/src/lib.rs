@@ -27,6 +27,7 @@
 //!   [`corral_dhcp_proto::ServerConfig`] (used by `serve`, public for tests and tools).
 
 mod error;
+mod journal;
 mod latency;
 mod persist;
 mod socket;
