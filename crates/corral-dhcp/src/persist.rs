@@ -108,6 +108,7 @@ impl LeaseWriter {
             path,
             Durability::Journal {
                 blocks: journal::BLOCKS,
+                writers: JOURNAL_WRITERS,
             },
         )
     }
@@ -147,9 +148,9 @@ impl LeaseWriter {
             .filter_map(from_stored)
             .collect();
         let syncers = match durability {
-            Durability::Journal { blocks } => {
+            Durability::Journal { blocks, writers } => {
                 let journal = journal::Journal::open(&jpath, blocks).map_err(jerr)?;
-                let writer = start_journal(store, journal, replayed.last_seq, path)?;
+                let writer = start_journal(store, journal, writers, replayed.last_seq, path)?;
                 return Ok((writer, leases));
             }
             Durability::Wal(n) => n,
@@ -242,7 +243,7 @@ impl Drop for LeaseWriter {
 enum Durability {
     /// One in-place `O_DSYNC` write to the lease journal (`journal.rs`) of this many blocks;
     /// the store is brought up to date behind it. The default.
-    Journal { blocks: u64 },
+    Journal { blocks: u64, writers: usize },
     /// Group commit into the store's WAL with `synchronous = NORMAL`, then an `fdatasync` of
     /// the WAL by one of this many overlapping syncer threads (what ran until bench run 10).
     #[cfg_attr(not(test), allow(dead_code))]
@@ -343,11 +344,12 @@ impl JournalStats {
     }
 }
 
-/// Starts the journal mode: [`JOURNAL_WRITERS`] threads write records, an applier thread
+/// Starts the journal mode: `n_writers` threads write records, an applier thread
 /// brings the store up to date.
 fn start_journal(
     store: Store,
     journal: journal::Journal,
+    n_writers: usize,
     last_seq: u64,
     path: &Path,
 ) -> Result<LeaseWriter, DhcpError> {
@@ -388,7 +390,7 @@ fn start_journal(
         stats: Mutex::new(JournalStats::default()),
     });
     let mut writers = Vec::new();
-    for i in 0..JOURNAL_WRITERS {
+    for i in 0..n_writers.max(1) {
         let (sh, p) = (shared.clone(), path.to_path_buf());
         writers.push(
             std::thread::Builder::new()
@@ -1004,6 +1006,7 @@ mod tests {
         for mode in [
             Durability::Journal {
                 blocks: journal::MIN_BLOCKS,
+                writers: JOURNAL_WRITERS,
             },
             Durability::Wal(SYNCERS),
             Durability::Full,
@@ -1075,6 +1078,7 @@ mod tests {
         let db = dir.path().join("leases.db");
         let mode = Durability::Journal {
             blocks: journal::MIN_BLOCKS,
+            writers: JOURNAL_WRITERS,
         };
         let (w, _) = LeaseWriter::open_with(&db, mode).unwrap();
         let n = journal::MIN_BLOCKS as u32 * 3;
@@ -1158,6 +1162,7 @@ mod tests {
             &db,
             Durability::Journal {
                 blocks: journal::MIN_BLOCKS,
+                writers: JOURNAL_WRITERS,
             },
         )
         .unwrap();
@@ -1186,6 +1191,7 @@ mod tests {
             Path::new(&db),
             Durability::Journal {
                 blocks: journal::MIN_BLOCKS,
+                writers: JOURNAL_WRITERS,
             },
         )
         .unwrap();
@@ -1216,6 +1222,7 @@ mod tests {
         for mode in [
             Durability::Journal {
                 blocks: journal::MIN_BLOCKS,
+                writers: JOURNAL_WRITERS,
             },
             Durability::Wal(SYNCERS),
         ] {
@@ -1238,19 +1245,23 @@ mod tests {
 
     /// A/B of the commit path on this machine's disk (run by hand, it takes 10 s):
     /// `cargo test -p corral-dhcp --release --lib -- --ignored --nocapture ack_latency`.
-    /// Submits 2500 one-lease batches per second for 4 s and prints how long each took to
+    /// Submits 5000 one-lease batches per second for 4 s and prints how long each took to
     /// become durable, with the journal, overlapping WAL fsyncs and `synchronous = FULL`.
     #[test]
     #[ignore = "measurement, prints figures; run by hand"]
     fn ack_latency_overlapped_vs_full() {
-        let journal = Durability::Journal {
+        let journal = |writers| Durability::Journal {
             blocks: journal::BLOCKS,
+            writers,
         };
         for mode in [
-            journal,
+            journal(1),
+            journal(3),
+            journal(6),
             Durability::Wal(3),
-            Durability::Full,
-            journal,
+            journal(1),
+            journal(3),
+            journal(6),
             Durability::Wal(3),
         ] {
             let dir = tempfile::tempdir().unwrap();
@@ -1263,8 +1274,8 @@ mod tests {
             let mut lat: Vec<f64> = rt.block_on(async {
                 let mut waits = Vec::new();
                 let start = Instant::now();
-                for i in 0..10_000u32 {
-                    let due = start + Duration::from_micros(u64::from(i) * 400);
+                for i in 0..20_000u32 {
+                    let due = start + Duration::from_micros(u64::from(i) * 200);
                     tokio::time::sleep_until(due.into()).await;
                     let (tx, rx) = oneshot::channel();
                     let t = Instant::now();
