@@ -1,21 +1,33 @@
-//! Durable lease persistence: group commit with overlapping fsyncs.
+//! Durable lease persistence: an ACK waits for one in-place write to the lease journal.
 //!
-//! A dedicated thread owns the store connection. The packet loop hands it batches of lease
-//! changes with a completion channel; the thread takes every batch waiting (up to
-//! [`MAX_BATCH`] changes) and commits them in one transaction with `synchronous = NORMAL`
-//! (the WAL pages are written, not yet fsynced), hands the committed batch to one of
-//! [`SYNCERS`] syncing threads and goes on with the next batch. A syncer takes every committed
-//! batch waiting, `fdatasync`s the WAL ([`Wal`]) and only then completes them, so each ACK
-//! leaves after its lease is on disk. Because the next syncer starts its fsync while the
-//! previous one is still in flight, an ACK waits for about one fsync instead of the rest of
-//! the one in flight plus its own (what one `synchronous = FULL` commit after another costs).
-//! If the WAL cannot be opened the writer falls back to `synchronous = FULL` commits.
+//! **Journal mode (the default).** The packet loop hands a writer its lease changes with a
+//! completion channel. [`JOURNAL_WRITERS`] threads take every job waiting (up to
+//! [`MAX_BATCH`] changes), give the batch the next sequence number and free blocks of the
+//! journal (`journal.rs`: a preallocated, zero-filled ring beside the store, opened with
+//! `O_DSYNC`, and `O_DIRECT` where the file system has it), hand its changes to the applier and
+//! write the record; the jobs complete when that one write returns, so each ACK leaves after
+//! its lease is on disk. While one record's write is in flight the next batch is written by
+//! another thread, so an ACK waits for about one write. The applier thread brings the store
+//! (`dhcp_leases`, which `corral machine` and the lease views read) up to date behind the
+//! journal: it commits each batch as it arrives with `synchronous = NORMAL`, fsyncs the WAL
+//! every [`STORE_SYNC_EVERY`] (only then are the journal blocks of what it covered free to be
+//! written over: a writer that finds no free blocks waits, at most [`SPACE_TIMEOUT`]), and
+//! checkpoints every [`STORE_CHECKPOINT_EVERY`] so the WAL file is reused instead of
+//! growing. None of that is on an ACK's path. On start the journal is replayed into the store
+//! (checksummed records from the newest record's base on, a torn tail ignored) and made
+//! durable before the leases are loaded and served.
 //!
-//! The writer's connection never checkpoints the WAL itself (a checkpoint inside a commit
-//! would hold up every ACK of that batch and of the batches queued behind it): a second
-//! connection on its own thread checkpoints passively every [`CHECKPOINT_EVERY`], so the WAL
-//! restarts from its beginning and stays small. When the writer stops it logs a summary
-//! (batch size, commit and fsync times, time to durable, p50/p99).
+//! Why: under write load the WAL's `fdatasync` had a tail many times a bare fsync's (bench
+//! run 10: WAL fdatasync p99 6.7 ms against 0.50 ms for a lone 4 KiB fdatasync) and an ACK
+//! waited for it plus the commit before it; a journal write is one write of the record's own
+//! blocks, with no file size or allocation change and nothing else queued in front of it by
+//! us (bench/dhcp/RESULTS.md, run 11, has the A/B).
+//!
+//! **WAL mode** (kept for comparisons, [`Durability::Wal`]): a thread commits each batch with
+//! `synchronous = NORMAL` and hands it to one of several syncer threads that `fdatasync` the
+//! WAL ([`Wal`]) and then complete it; checkpoints run on a second connection. **Full mode**:
+//! `synchronous = FULL` commits. When the writer stops it logs a summary (batch size, write and
+//! fsync times, time to durable, p50/p99).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
