@@ -290,6 +290,9 @@ struct Ring {
     block_seq: Vec<u64>,
 }
 
+/// A journaled batch on its way to the applier: its sequence number and its changes.
+type Journaled = (u64, Vec<LeaseWrite>);
+
 /// State shared by the journal writers and the applier.
 struct Shared {
     journal: journal::Journal,
@@ -298,7 +301,7 @@ struct Shared {
     freed: Condvar,
     /// To the applier, in sequence order (sent while holding `ring`).
     /// Taken (closed) when the writers have stopped, which ends the applier.
-    apply: Mutex<Option<mpsc::Sender<(u64, Vec<LeaseWrite>)>>>,
+    apply: Mutex<Option<mpsc::Sender<Journaled>>>,
     poisoned: Arc<AtomicBool>,
     stats: Mutex<JournalStats>,
 }
@@ -577,7 +580,7 @@ fn finish(jobs: Vec<Job>, result: &Result<(), String>, stats: &Mutex<JournalStat
 fn applier(
     store: Store,
     wal: Option<Wal>,
-    rx: mpsc::Receiver<(u64, Vec<LeaseWrite>)>,
+    rx: mpsc::Receiver<Journaled>,
     sh: &Shared,
     path: &Path,
 ) {
