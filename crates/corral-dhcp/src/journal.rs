@@ -8,6 +8,12 @@
 //! The lease table in the store is brought up to date behind the journal (see
 //! `persist.rs`); a block is written over only after the records in it are durable there.
 //!
+//! Blocks 0 and 1 hold the *base* (written alternately, each with its checksum): every record
+//! below that sequence number is durable in the store. The applier writes it after each fsync
+//! of the store, and only then may the blocks of those records be written over, so every
+//! record at or above the highest valid base is still intact unless its own write was torn.
+//! Records start at block [`FIRST_RECORD_BLOCK`].
+//!
 //! Record layout (little endian), starting at a block boundary and padded to whole blocks:
 //!
 //! | bytes | field |
@@ -15,15 +21,16 @@
 //! | 0..4  | magic `CLJ1` |
 //! | 4..8  | CRC-32 (IEEE) of bytes 8..32+len |
 //! | 8..16 | sequence number (from 1, one more for each record) |
-//! | 16..24| base: every record below this sequence number is durable in the store |
+//! | 16..24| the base when the record was placed (informational) |
 //! | 24..28| len: payload bytes |
 //! | 28..32| number of lease changes in the payload |
 //! | 32..  | the changes: tag 1 upsert (ip 4, mac 6, state 1, expires i64, updated i64, hostname u16 length, 0xFFFF for none, and its bytes), tag 2 remove (ip 4) |
 //!
-//! Replay ([`replay`]) scans every block, keeps the records whose checksum holds, and applies,
-//! in sequence order, those from the newest record's base on: older records, whatever is left
-//! of a previous lap or run, are in the store already. A record torn by a crash fails its
-//! checksum and is ignored; its write had not returned, so no ACK had left for it.
+//! Replay ([`replay`]) reads the base, scans every record block, keeps the records whose
+//! checksum holds, and applies, in sequence order, those at or above the base: older records,
+//! whatever is left of a previous lap or run, are in the store already. A record torn by a
+//! crash fails its checksum and is ignored; its write had not returned, so no ACK had left for
+//! it.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -44,6 +51,9 @@ pub(crate) const BLOCKS: u64 = 4096;
 pub(crate) const MIN_BLOCKS: u64 = 256;
 
 const MAGIC: &[u8; 4] = b"CLJ1";
+const BASE_MAGIC: &[u8; 4] = b"CLJB";
+/// Blocks 0 and 1 hold the base; records start here.
+pub(crate) const FIRST_RECORD_BLOCK: u64 = 2;
 const HEADER: usize = 32;
 
 /// The journal's path for the store at `db`.
@@ -105,10 +115,25 @@ impl Journal {
         self.direct
     }
 
+    /// Writes `base` (every record below it is durable in the store) into header slot
+    /// `slot % 2`; durable when it returns `Ok`. Alternate the slots, so that a torn write
+    /// leaves the previous base readable.
+    pub(crate) fn write_base(&self, slot: u64, base: u64) -> std::io::Result<()> {
+        let mut buf = vec![0u8; 2 * BLOCK];
+        let off = buf.as_ptr().align_offset(BLOCK).min(BLOCK);
+        let b = &mut buf[off..off + BLOCK];
+        b[0..4].copy_from_slice(BASE_MAGIC);
+        b[8..16].copy_from_slice(&base.to_le_bytes());
+        let crc = crc32(&b[8..16]);
+        b[4..8].copy_from_slice(&crc.to_le_bytes());
+        self.file
+            .write_all_at(&buf[off..off + BLOCK], (slot % 2) * BLOCK as u64)
+    }
+
     /// Writes `record` at block `block`; durable when it returns `Ok` (`O_DSYNC`).
     pub(crate) fn write_at(&self, block: u64, record: &Record) -> std::io::Result<()> {
         let end = block + record.blocks();
-        if end > self.blocks {
+        if block < FIRST_RECORD_BLOCK || end > self.blocks {
             return Err(std::io::Error::other(format!(
                 "{}: record of {} blocks at block {block} runs past the end ({} blocks)",
                 self.path.display(),
@@ -187,7 +212,8 @@ impl Record {
 /// What a journal held: the changes to apply to the store, in order.
 #[derive(Debug, Default)]
 pub(crate) struct Replayed {
-    /// The highest sequence number found (0 for an empty or missing journal).
+    /// The highest sequence number found, or the base less one if that is higher (0 for an
+    /// empty or missing journal).
     pub(crate) last_seq: u64,
     /// Records applied (from the newest record's base on).
     pub(crate) records: usize,
@@ -205,9 +231,23 @@ pub(crate) fn replay(path: &Path) -> std::io::Result<Replayed> {
     Ok(replay_bytes(&data))
 }
 
+/// The base in a header slot, if its checksum holds.
+fn parse_base(b: &[u8]) -> Option<u64> {
+    if b.get(0..4)? != BASE_MAGIC {
+        return None;
+    }
+    let crc = u32::from_le_bytes(b.get(4..8)?.try_into().ok()?);
+    let v = b.get(8..16)?;
+    (crc32(v) == crc).then(|| u64::from_le_bytes(v.try_into().unwrap_or([0; 8])))
+}
+
 fn replay_bytes(data: &[u8]) -> Replayed {
+    let base = (0..FIRST_RECORD_BLOCK as usize)
+        .filter_map(|i| parse_base(data.get(i * BLOCK..)?))
+        .max()
+        .unwrap_or(0);
     let mut records: Vec<(u64, u64, Vec<LeaseWrite>)> = Vec::new();
-    let mut at = 0;
+    let mut at = FIRST_RECORD_BLOCK as usize * BLOCK;
     while at + HEADER <= data.len() {
         match parse(&data[at..]) {
             Some((seq, base, writes, len)) => {
@@ -217,9 +257,12 @@ fn replay_bytes(data: &[u8]) -> Replayed {
             None => at += BLOCK,
         }
     }
-    let Some(&(last_seq, base, _)) = records.iter().max_by_key(|r| r.0) else {
-        return Replayed::default();
-    };
+    let last_seq = records
+        .iter()
+        .map(|r| r.0)
+        .max()
+        .unwrap_or(0)
+        .max(base.saturating_sub(1));
     records.retain(|r| r.0 >= base);
     records.sort_by_key(|r| r.0);
     Replayed {
@@ -392,10 +435,23 @@ mod tests {
         })
     }
 
-    /// Place records in an in-memory journal image as the writer would.
+    /// Place records in an in-memory journal image as the writer would (`block` counts from
+    /// the first record block).
     fn put(img: &mut [u8], block: usize, r: &Record) {
-        let at = block * BLOCK;
+        let at = (FIRST_RECORD_BLOCK as usize + block) * BLOCK;
         img[at..at + r.bytes().len()].copy_from_slice(r.bytes());
+    }
+
+    /// An image of `blocks` record blocks with `base` in header slot `slot`, through a real
+    /// journal file (so the header is what `write_base` writes).
+    fn image_with_base(blocks: usize, slot: u64, base: u64) -> Vec<u8> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("j");
+        let j = Journal::open(&p, MIN_BLOCKS).unwrap();
+        j.write_base(slot, base).unwrap();
+        let mut img = std::fs::read(&p).unwrap();
+        img.truncate((FIRST_RECORD_BLOCK as usize + blocks) * BLOCK);
+        img
     }
 
     #[test]
@@ -405,7 +461,7 @@ mod tests {
 
     #[test]
     fn records_round_trip_in_sequence_order() {
-        let mut img = vec![0u8; 16 * BLOCK];
+        let mut img = vec![0u8; 18 * BLOCK];
         let a = vec![
             up(1, Some("host-1")),
             LeaseWrite::Remove(Ipv4Addr::new(10, 0, 0, 9)),
@@ -421,16 +477,28 @@ mod tests {
         assert_eq!(r.writes, want);
     }
 
-    /// Records below the newest record's base are in the store already: not replayed.
+    /// Records below the durable base are in the store already: not replayed, whichever
+    /// header slot holds the higher base; a torn header slot leaves the other one in force.
     #[test]
     fn records_below_the_base_are_skipped() {
-        let mut img = vec![0u8; 8 * BLOCK];
-        put(&mut img, 0, &Record::new(5, 1, &[up(5, None)]));
-        put(&mut img, 1, &Record::new(6, 6, &[up(6, None)]));
-        put(&mut img, 2, &Record::new(7, 6, &[up(7, None)]));
+        for slot in [0, 1] {
+            let mut img = image_with_base(8, slot, 6);
+            put(&mut img, 0, &Record::new(5, 1, &[up(5, None)]));
+            put(&mut img, 1, &Record::new(6, 6, &[up(6, None)]));
+            put(&mut img, 2, &Record::new(7, 6, &[up(7, None)]));
+            let r = replay_bytes(&img);
+            assert_eq!(r.last_seq, 7);
+            assert_eq!(r.writes, vec![up(6, None), up(7, None)], "slot {slot}");
+            // The slot torn: no base, everything replayed in order.
+            img[slot as usize * BLOCK + 9] ^= 0xFF;
+            let r = replay_bytes(&img);
+            assert_eq!(r.records, 3, "slot {slot} torn");
+        }
+        // A base above every record (all of them in the store): nothing to replay, and new
+        // records must be numbered from the base on.
+        let img = image_with_base(8, 0, 40);
         let r = replay_bytes(&img);
-        assert_eq!(r.last_seq, 7);
-        assert_eq!(r.writes, vec![up(6, None), up(7, None)]);
+        assert_eq!((r.records, r.last_seq), (0, 39));
     }
 
     /// A torn record (a crash in the middle of its write) fails its checksum and is ignored,
@@ -443,11 +511,11 @@ mod tests {
         let rec = Record::new(2, 1, &long);
         assert!(rec.blocks() > 1);
         for tear in [10, BLOCK + 100] {
-            let mut img = vec![0u8; 8 * BLOCK];
+            let mut img = vec![0u8; 10 * BLOCK];
             put(&mut img, 0, &Record::new(1, 1, &[up(1, None)]));
             put(&mut img, 1, &rec);
             // The second block never reached the disk (or the header got garbage).
-            img[BLOCK + tear] ^= 0xFF;
+            img[(FIRST_RECORD_BLOCK as usize + 1) * BLOCK + tear] ^= 0xFF;
             let r = replay_bytes(&img);
             assert_eq!(r.last_seq, 1, "tear at {tear}");
             assert_eq!(r.writes, vec![up(1, None)]);
@@ -465,11 +533,14 @@ mod tests {
             x ^= x << 5;
             *b = x as u8;
         }
-        img[BLOCK..BLOCK + 4].copy_from_slice(MAGIC);
-        img[BLOCK + 24..BLOCK + 28].copy_from_slice(&u32::MAX.to_le_bytes());
+        img[..4].copy_from_slice(BASE_MAGIC);
+        let at = FIRST_RECORD_BLOCK as usize * BLOCK;
+        img[at..at + 4].copy_from_slice(MAGIC);
+        img[at + 24..at + 28].copy_from_slice(&u32::MAX.to_le_bytes());
         let r = replay_bytes(&img);
-        assert_eq!(r.records, 0);
+        assert_eq!((r.records, r.last_seq), (0, 0));
         assert!(parse(MAGIC).is_none());
+        assert!(parse_base(BASE_MAGIC).is_none());
     }
 
     #[test]
@@ -482,6 +553,10 @@ mod tests {
         j.write_at(3, &Record::new(1, 1, &[up(3, None)])).unwrap();
         j.write_at(MIN_BLOCKS - 1, &Record::new(2, 1, &[up(4, None)]))
             .unwrap();
+        assert!(
+            j.write_at(1, &Record::new(3, 1, &[up(5, None)])).is_err(),
+            "over the header"
+        );
         let past = Record::new(
             3,
             1,

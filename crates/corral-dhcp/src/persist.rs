@@ -10,8 +10,9 @@
 //! another thread, so an ACK waits for about one write. The applier thread brings the store
 //! (`dhcp_leases`, which `corral machine` and the lease views read) up to date behind the
 //! journal: it commits each batch as it arrives with `synchronous = NORMAL`, fsyncs the WAL
-//! every [`STORE_SYNC_EVERY`] (only then are the journal blocks of what it covered free to be
-//! written over: a writer that finds no free blocks waits, at most [`SPACE_TIMEOUT`]), and
+//! every [`STORE_SYNC_EVERY`] and then writes the journal's base (every record below it is in
+//! the store); only then are the journal blocks of those records free to be written over (a
+//! writer that finds no free blocks waits, at most [`SPACE_TIMEOUT`]), and
 //! checkpoints every [`STORE_CHECKPOINT_EVERY`] so the WAL file is reused instead of
 //! growing. None of that is on an ACK's path. On start the journal is replayed into the store
 //! (checksummed records from the newest record's base on, a torn tail ignored) and made
@@ -296,8 +297,14 @@ const SPACE_TIMEOUT: Duration = Duration::from_secs(5);
 struct Ring {
     next_block: u64,
     next_seq: u64,
-    /// Every record below this sequence number is durable in the store: its blocks are free.
+    /// Every record below this sequence number is durable in the store.
     durable_below: u64,
+    /// The base written to the journal's header (every record below it durable in the
+    /// store): the blocks of records below it are free. Lags `durable_below` by one header
+    /// write, so that a replay never misses a record whose blocks were reused.
+    freed_below: u64,
+    /// Header slot for the next base write (alternating).
+    base_slot: u64,
     /// Sequence number of the record occupying each block (0: none).
     block_seq: Vec<u64>,
 }
@@ -399,6 +406,16 @@ fn start_journal(
             None
         }
     };
+    // Everything replayed is durable in the store now: say so in both header slots before
+    // the first record, so that no record of an earlier run is ever replayed over newer ones.
+    for slot in 0..2 {
+        journal
+            .write_base(slot, last_seq + 1)
+            .map_err(|source| DhcpError::Journal {
+                path: journal::path_for(path),
+                source,
+            })?;
+    }
     let (tx, rx) = mpsc::channel::<Job>();
     let (apply_tx, apply_rx) = mpsc::channel();
     let blocks = journal.blocks();
@@ -406,10 +423,12 @@ fn start_journal(
         journal,
         jobs: Mutex::new(rx),
         ring: Mutex::new(Ring {
-            next_block: 0,
+            next_block: journal::FIRST_RECORD_BLOCK,
             next_seq: last_seq + 1,
             // Everything replayed is durable in the store.
             durable_below: last_seq + 1,
+            freed_below: last_seq + 1,
+            base_slot: 0,
             block_seq: vec![0; usize::try_from(blocks).unwrap_or(usize::MAX)],
         }),
         freed: Condvar::new(),
@@ -519,13 +538,14 @@ fn place(
     // Encoded with a provisional header to know its size; re-encoded below with its numbers.
     let nblocks = journal::Record::new(0, 0, writes).blocks();
     let total = ring.block_seq.len() as u64;
-    if nblocks > total / 2 {
+    let first_block = journal::FIRST_RECORD_BLOCK;
+    if nblocks > (total - first_block) / 2 {
         return Err(format!(
             "a record of {nblocks} blocks does not fit the lease journal"
         ));
     }
     let start = if ring.next_block + nblocks > total {
-        0
+        first_block
     } else {
         ring.next_block
     };
@@ -534,7 +554,7 @@ fn place(
     let mut waited = false;
     while ring.block_seq[range.clone()]
         .iter()
-        .any(|&s| s >= ring.durable_below)
+        .any(|&s| s >= ring.freed_below)
     {
         waited = true;
         let left = deadline.saturating_duration_since(Instant::now());
@@ -657,10 +677,25 @@ fn applier(
             }
             if ok.is_ok() {
                 synced = committed;
-                if let Ok(mut ring) = sh.ring.lock() {
-                    ring.durable_below = synced + 1;
+                let slot = match sh.ring.lock() {
+                    Ok(mut ring) => {
+                        ring.durable_below = synced + 1;
+                        ring.base_slot += 1;
+                        ring.base_slot
+                    }
+                    Err(_) => continue,
+                };
+                // Only once the header says so may the blocks of these records be reused.
+                match sh.journal.write_base(slot, synced + 1) {
+                    Ok(()) => {
+                        if let Ok(mut ring) = sh.ring.lock() {
+                            ring.freed_below = ring.freed_below.max(synced + 1);
+                        }
+                        sh.freed.notify_all();
+                    }
+                    Err(e) => tracing::error!(path = %path.display(), error = %e,
+                        "writing the lease journal's base failed; journal blocks stay taken"),
                 }
-                sh.freed.notify_all();
             }
         }
         if !open || last_checkpoint.elapsed() >= STORE_CHECKPOINT_EVERY {
