@@ -6,8 +6,9 @@
 # traffic here. Figures per server: DORA exchanges/s, drops, average and p99 delay (from
 # perfdhcp's `-x t` per-exchange timers), and the time for 2000 clients arriving at once to be
 # all leased. Leases are persisted by every server: dnsmasq to its lease file, Kea to its
-# memfile CSV, corral to its SQLite store: group commit, each ACK sent after an fdatasync of the WAL that started
-# after its commit (several fsyncs may overlap; see crates/corral-dhcp/src/persist.rs).
+# memfile CSV, corral to its lease journal (each ACK sent after one O_DSYNC write of its batch to a preallocated
+# file; several may overlap) with its SQLite store brought up to date behind it (crates/corral-dhcp/src/persist.rs).
+# SECONDS_RUN (default 10) sets the rate test's length: 30 puts store checkpoints and journal reuse inside it.
 #
 # Usage: sudo bench/dhcp/run.sh [RATE] [CLIENTS]     (defaults 5000 exchanges/s, 1000 clients)
 # Needs root. Everything runs inside namespaces it creates and removes (trap on exit).
@@ -194,7 +195,7 @@ for srv in $SERVERS; do
         kea) echo "   kea leases on disk: $(grep -c '^10\.' "$WORK/kea-leases4.csv" 2>/dev/null || echo 0) rows (memfile, appended, not fsynced)" ;;
         corral) echo "   corral lease writer: $(sed 's/\x1b\[[0-9;]*m//g' "$WORK/corral.log" | grep -o 'commits=.*' | tail -1)"
                 echo "   corral answer times (receive to send, in the server): $(sed 's/\x1b\[[0-9;]*m//g' "$WORK/corral.log" | grep -o 'received=.*' | tail -1)"
-                echo "   corral leases on disk: $(sqlite3 "$WORK/corral.db" "select count(*) from dhcp_leases where state='bound'") bound (ACKed after fdatasync of the WAL)" ;;
+                echo "   corral leases on disk: $(sqlite3 "$WORK/corral.db" "select count(*) from dhcp_leases where state='bound'") bound in the store (each ACKed after its lease journal write)" ;;
     esac
 done
 fi

@@ -40,6 +40,18 @@ pub enum DhcpError {
         #[source]
         source: Box<corral_store::StoreError>,
     },
+    /// The lease journal (beside the store) could not be read, created or opened.
+    #[error(
+        "lease journal {path}: {source}; it holds acknowledged leases not yet in the store: \
+         fix the file's permissions or the disk rather than deleting it"
+    )]
+    Journal {
+        /// The journal file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The lease writer thread could not be started.
     #[error("starting the lease writer thread: {0}")]
     Thread(#[source] std::io::Error),

@@ -7,11 +7,13 @@
 //! the ACK that grants them leaves, and sends replies by broadcast or unicast as RFC 2131 §4.1
 //! says (broadcast to clients that have no address yet: it never adds ARP entries).
 //!
-//! Persistence uses group commit: a writer thread commits all waiting lease changes in one
-//! transaction, syncing threads fsync the store's WAL (several fsyncs may overlap), and the
-//! ACKs of a batch go out only after an fsync that started after its commit returned; WAL
-//! checkpoints run on a second connection, off the commit path; leases are reloaded on
-//! start, and expired ones reclaimed every second. OFFERs and other replies that change no
+//! Persistence goes through a lease journal beside the store (`<store>-leasejournal`): writer
+//! threads append all waiting lease changes as one checksummed record, written in place with
+//! `O_DSYNC` into a preallocated file (several writes may overlap), and the ACKs of a batch go
+//! out only after that write returned; an applier thread brings the store's `dhcp_leases`
+//! table up to date behind it (fsync and checkpoint off every ACK's path). On start the
+//! journal is replayed into the store, then leases are reloaded; expired ones are reclaimed
+//! every second. OFFERs and other replies that change no
 //! lease are sent at once, never behind a commit.
 //!
 //! The site is re-read on every packet from the [`corral_site::SiteHandle`] (an atomic
@@ -27,6 +29,7 @@
 //!   [`corral_dhcp_proto::ServerConfig`] (used by `serve`, public for tests and tools).
 
 mod error;
+mod journal;
 mod latency;
 mod persist;
 mod socket;

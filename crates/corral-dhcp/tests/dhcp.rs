@@ -326,8 +326,11 @@ fn udhcpc_lease_renew_release_and_reservation() {
     assert_eq!(field(&bound, "domain"), "lab.test");
     assert_eq!(field(&bound, "lease"), "3600");
     assert_eq!(field(&bound, "server"), server.ip.to_string());
-    // Durable before the ACK left.
-    assert_eq!(stored(&db, ip), Some(LeaseStatus::Bound));
+    // Durable (in the lease journal) before the ACK left; the store's table follows within
+    // moments (what `corral machine` reads).
+    wait_for("bound in store", Duration::from_secs(2), || {
+        stored(&db, ip) == Some(LeaseStatus::Bound)
+    });
     let acks = policy.count(DhcpEventKind::Ack, dyn_mac);
     assert_eq!(acks, 1);
 
@@ -434,7 +437,9 @@ fn dhclient_lease_survives_server_restart_then_release() {
     let ip: Ipv4Addr = field(bound, "ip").parse().unwrap();
     assert_eq!(field(bound, "lease"), "3600");
     assert_eq!(field(bound, "server"), server.ip.to_string());
-    assert_eq!(stored(&db, ip), Some(LeaseStatus::Bound));
+    wait_for("bound in store", Duration::from_secs(2), || {
+        stored(&db, ip) == Some(LeaseStatus::Bound)
+    });
 
     // Restart the server on the same store: the client's INIT-REBOOT request for its address
     // is acknowledged with the same address (the lease was reloaded), not NAKed or ignored.

@@ -2,9 +2,10 @@
 //! restarts.
 //!
 //! One row per address. The DHCP driver writes batches of changes in one transaction
-//! ([`Store::write_leases`]) and, for durability, switches its connection to
-//! `synchronous = FULL` ([`Store::set_durable`]) so that a committed batch survives a power
-//! loss, not only a crash of the process: a client told "ACK" must find its lease again.
+//! ([`Store::write_leases`]). A client told "ACK" must find its lease again after a power
+//! loss: the driver makes each change durable in its own lease journal before the ACK and
+//! brings this table up to date behind it (fsyncing the WAL itself, or with
+//! `synchronous = FULL`, [`Store::set_durable`]), replaying the journal here on start.
 
 use std::net::Ipv4Addr;
 
