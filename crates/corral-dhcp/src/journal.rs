@@ -19,7 +19,7 @@
 //! | bytes | field |
 //! |-------|-------|
 //! | 0..4  | magic `CLJ1` |
-//! | 4..8  | CRC-32 (IEEE) of bytes 8..32+len |
+//! | 4..8  | checksum: the first 4 bytes of BLAKE3 of bytes 8..32+len |
 //! | 8..16 | sequence number (from 1, one more for each record) |
 //! | 16..24| the base when the record was placed (informational) |
 //! | 24..28| len: payload bytes |
@@ -124,8 +124,8 @@ impl Journal {
         let b = &mut buf[off..off + BLOCK];
         b[0..4].copy_from_slice(BASE_MAGIC);
         b[8..16].copy_from_slice(&base.to_le_bytes());
-        let crc = crc32(&b[8..16]);
-        b[4..8].copy_from_slice(&crc.to_le_bytes());
+        let sum = checksum(&b[8..16]);
+        b[4..8].copy_from_slice(&sum.to_le_bytes());
         self.file
             .write_all_at(&buf[off..off + BLOCK], (slot % 2) * BLOCK as u64)
     }
@@ -194,8 +194,8 @@ impl Record {
         r[24..28].copy_from_slice(&(payload.len() as u32).to_le_bytes());
         r[28..32].copy_from_slice(&(writes.len() as u32).to_le_bytes());
         r[HEADER..HEADER + payload.len()].copy_from_slice(&payload);
-        let crc = crc32(&r[8..HEADER + payload.len()]);
-        r[4..8].copy_from_slice(&crc.to_le_bytes());
+        let sum = checksum(&r[8..HEADER + payload.len()]);
+        r[4..8].copy_from_slice(&sum.to_le_bytes());
         Record { buf, off, len }
     }
 
@@ -236,9 +236,9 @@ fn parse_base(b: &[u8]) -> Option<u64> {
     if b.get(0..4)? != BASE_MAGIC {
         return None;
     }
-    let crc = u32::from_le_bytes(b.get(4..8)?.try_into().ok()?);
+    let sum = u32::from_le_bytes(b.get(4..8)?.try_into().ok()?);
     let v = b.get(8..16)?;
-    (crc32(v) == crc).then(|| u64::from_le_bytes(v.try_into().unwrap_or([0; 8])))
+    (checksum(v) == sum).then(|| u64::from_le_bytes(v.try_into().unwrap_or([0; 8])))
 }
 
 fn replay_bytes(data: &[u8]) -> Replayed {
@@ -281,13 +281,13 @@ fn parse(b: &[u8]) -> Option<(u64, u64, Vec<LeaseWrite>, usize)> {
         |i: usize| -> Option<u32> { Some(u32::from_le_bytes(b.get(i..i + 4)?.try_into().ok()?)) };
     let u64_at =
         |i: usize| -> Option<u64> { Some(u64::from_le_bytes(b.get(i..i + 8)?.try_into().ok()?)) };
-    let crc = u32_at(4)?;
+    let sum = u32_at(4)?;
     let seq = u64_at(8)?;
     let base = u64_at(16)?;
     let len = usize::try_from(u32_at(24)?).ok()?;
     let count = u32_at(28)?;
     let end = HEADER.checked_add(len)?;
-    if crc32(b.get(8..end)?) != crc || seq == 0 {
+    if checksum(b.get(8..end)?) != sum || seq == 0 {
         return None;
     }
     let writes = decode_writes(&b[HEADER..end], count)?;
@@ -392,32 +392,12 @@ fn decode_writes(mut b: &[u8], count: u32) -> Option<Vec<LeaseWrite>> {
     b.is_empty().then_some(out)
 }
 
-/// CRC-32 (IEEE 802.3, reflected, as zlib's).
-fn crc32(data: &[u8]) -> u32 {
-    const TABLE: [u32; 256] = {
-        let mut t = [0u32; 256];
-        let mut i = 0;
-        while i < 256 {
-            let mut c = i as u32;
-            let mut k = 0;
-            while k < 8 {
-                c = if c & 1 != 0 {
-                    0xEDB8_8320 ^ (c >> 1)
-                } else {
-                    c >> 1
-                };
-                k += 1;
-            }
-            t[i] = c;
-            i += 1;
-        }
-        t
-    };
-    let mut c = !0u32;
-    for &b in data {
-        c = TABLE[((c ^ u32::from(b)) & 0xFF) as usize] ^ (c >> 8);
-    }
-    !c
+/// The record and header checksum: the first four bytes of the data's BLAKE3 hash (the
+/// workspace's hash; a torn or stale block fails it, and no table of our own to get wrong).
+fn checksum(data: &[u8]) -> u32 {
+    let h = blake3::hash(data);
+    let b = h.as_bytes();
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
 }
 
 #[cfg(test)]
@@ -455,8 +435,13 @@ mod tests {
     }
 
     #[test]
-    fn crc32_matches_the_standard_check_value() {
-        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+    fn checksum_is_blake3s_first_four_bytes() {
+        // BLAKE3("abc") starts 6437b3ac.
+        assert_eq!(
+            checksum(b"abc"),
+            u32::from_le_bytes([0x64, 0x37, 0xb3, 0xac])
+        );
+        assert_ne!(checksum(b"abc"), checksum(b"abd"));
     }
 
     #[test]
