@@ -10,6 +10,7 @@
 use std::sync::Arc;
 
 use crate::error::BlockError;
+use crate::manifest::{BlockPos, block_hash};
 
 /// Largest number of source symbols per block (reed-solomon-simd supports up to 32768
 /// original shards).
@@ -227,6 +228,7 @@ impl EncodedBlock {
         block: u32,
         expected_len: usize,
         expected_hash: &[u8; 32],
+        pos: BlockPos,
     ) -> Result<Vec<u8>, BlockError> {
         decode_payload(
             block,
@@ -234,6 +236,7 @@ impl EncodedBlock {
             self.payload().to_vec(),
             expected_len,
             expected_hash,
+            pos,
         )
     }
 
@@ -404,7 +407,8 @@ pub fn rebuild_payload<'a>(
 }
 
 /// Turns a rebuilt payload into the block's bytes (decompressing if `compressed`, else reusing
-/// the buffer) and checks length and BLAKE3 hash against the manifest's entry.
+/// the buffer) and checks length and hash (at `pos`, see [`block_hash`]) against the manifest's
+/// entry.
 ///
 /// Nothing that fails here may reach the disk.
 pub fn decode_payload(
@@ -413,6 +417,7 @@ pub fn decode_payload(
     payload: Vec<u8>,
     expected_len: usize,
     expected_hash: &[u8; 32],
+    pos: BlockPos,
 ) -> Result<Vec<u8>, BlockError> {
     let data = if compressed {
         // Capacity bounds the output: a decompression bomb fails instead of allocating.
@@ -424,16 +429,17 @@ pub fn decode_payload(
     } else {
         payload
     };
-    verify(block, &data, expected_len, expected_hash)?;
+    verify(block, &data, expected_len, expected_hash, pos)?;
     Ok(data)
 }
 
-/// Checks a decoded block's length and BLAKE3 hash.
+/// Checks a decoded block's length and its hash at `pos` (see [`block_hash`]).
 pub fn verify(
     block: u32,
     data: &[u8],
     expected_len: usize,
     expected_hash: &[u8; 32],
+    pos: BlockPos,
 ) -> Result<(), BlockError> {
     if data.len() != expected_len {
         return Err(BlockError::Length {
@@ -442,7 +448,7 @@ pub fn verify(
             expected: expected_len,
         });
     }
-    let got = blake3::hash(data);
+    let got = blake3::Hash::from_bytes(block_hash(data, pos));
     if got.as_bytes() != expected_hash {
         return Err(BlockError::HashMismatch {
             block,
@@ -518,7 +524,11 @@ mod tests {
         assert!(enc.compressed());
         assert!((enc.payload_len() as usize) < data.len() / 10);
         let hash = *blake3::hash(&data).as_bytes();
-        assert_eq!(enc.decode_verified(0, data.len(), &hash).unwrap(), data);
+        assert_eq!(
+            enc.decode_verified(0, data.len(), &hash, BlockPos::WHOLE)
+                .unwrap(),
+            data
+        );
     }
 
     #[test]
@@ -549,7 +559,12 @@ mod tests {
         }
         let rebuilt =
             EncodedBlock::from_symbols(1, enc.compressed(), enc.payload_len(), 1000, syms).unwrap();
-        assert_eq!(rebuilt.decode_verified(1, data.len(), &hash).unwrap(), data);
+        assert_eq!(
+            rebuilt
+                .decode_verified(1, data.len(), &hash, BlockPos::WHOLE)
+                .unwrap(),
+            data
+        );
     }
 
     #[test]
@@ -570,7 +585,9 @@ mod tests {
             .to_bytes();
         bytes[100] ^= 1;
         let enc = EncodedBlock::from_bytes(0, &bytes).unwrap();
-        let err = enc.decode_verified(0, data.len(), &hash).unwrap_err();
+        let err = enc
+            .decode_verified(0, data.len(), &hash, BlockPos::WHOLE)
+            .unwrap_err();
         assert!(matches!(err, BlockError::HashMismatch { block: 0, .. }));
     }
 

@@ -131,6 +131,9 @@ pub enum ManifestError {
         /// Block size.
         block_size: u32,
     },
+    /// The block hashes do not merge into the image hash.
+    #[error("manifest block hashes do not make up its image hash")]
+    ImageHash,
     /// The signing key bytes are not a valid Ed25519 public key.
     #[error("manifest public key is not a valid Ed25519 key")]
     BadPublicKey,

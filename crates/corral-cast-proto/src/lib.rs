@@ -12,8 +12,9 @@
 //!   flagged in the manifest and never sent. A data block is zstd-compressed on its own (sent raw
 //!   if that does not help) and cut into `k` source symbols ([`encode_block`]); parity symbols
 //!   are Reed–Solomon recovery shards. Any `k` distinct symbols rebuild the block.
-//! * The [`SignedManifest`] lists each block's BLAKE3 hash (of the uncompressed bytes), signed
-//!   with Ed25519. Receivers verify every block against it before emitting
+//! * The [`SignedManifest`] lists each block's BLAKE3 hash (of the uncompressed bytes, as the
+//!   BLAKE3 subtree the block forms at its offset, so that the block hashes merge into the
+//!   plain BLAKE3 hash of the image), signed with Ed25519. Receivers verify every block against it before emitting
 //!   [`ReceiverEvent::BlockReady`]; nothing unverified reaches the disk.
 //! * The [`Sender`] announces the session and multicasts the manifest until its start condition
 //!   holds, then makes **one in-order pass** over the blocks, paced by a token bucket. Receivers
@@ -78,8 +79,9 @@
 //! The receiver is driven the same way ([`Receiver::handle_input`], [`Receiver::poll_transmit`]
 //! with every datagram going to the sender, [`Receiver::poll_event`]); on
 //! [`ReceiverEvent::BlockReady`] the driver writes the block, on
-//! [`ReceiverEvent::AllBlocksReady`] it reads the image back, checks
-//! [`Manifest::image_hash`] and calls [`Receiver::finish`].
+//! [`ReceiverEvent::AllBlocksReady`] it checks that every block was verified and that
+//! [`Manifest::merged_image_hash`] is [`Manifest::image_hash`] (no second pass over the
+//! data), makes the output durable, and calls [`Receiver::finish`].
 //!
 //! # Design notes and measured figures
 //! * Parity count per block is `r = max(k, 64)` (≤ 32768), derived from `k` on both sides so
@@ -114,7 +116,7 @@ pub use block::{
 };
 pub use corral_model::SessionId;
 pub use error::{BlockError, ConfigError, ManifestError, PacketError};
-pub use manifest::{BlockEntry, Manifest, ManifestBuilder, SignedManifest};
+pub use manifest::{BlockEntry, BlockPos, Manifest, ManifestBuilder, SignedManifest, block_hash};
 pub use receiver::{Receiver, ReceiverConfig, ReceiverEvent, ReceiverStats};
 pub use sender::Sender;
 pub use sender::{

@@ -607,8 +607,14 @@ impl Receiver {
         let entry = man.blocks[index as usize];
         let len = man.block_len(index);
         // Zero blocks too: their hash is the hash of zeros, so only zeros are accepted.
-        let res =
-            crate::block::decode_payload(index, compressed, payload, len as usize, &entry.hash);
+        let res = crate::block::decode_payload(
+            index,
+            compressed,
+            payload,
+            len as usize,
+            &entry.hash,
+            man.block_pos(index),
+        );
         match res {
             Ok(data) => {
                 if self.mark_done(index) {
@@ -1248,7 +1254,7 @@ mod tests {
 
     fn data() -> Vec<u8> {
         let mut x = 99u64;
-        let mut v: Vec<u8> = (0..3000)
+        let mut v: Vec<u8> = (0..3072)
             .map(|_| {
                 x = x
                     .wrapping_mul(6364136223846793005)
@@ -1256,13 +1262,13 @@ mod tests {
                 (x >> 33) as u8
             })
             .collect();
-        v[1000..2000].fill(0); // block 1 is zero
+        v[1024..2048].fill(0); // block 1 is zero
         v
     }
 
     fn signed(session: SessionId) -> SignedManifest {
-        let mut b = ManifestBuilder::new(session, 1000, 100, Compression::None);
-        for c in data().chunks(1000) {
+        let mut b = ManifestBuilder::new(session, 1024, 104, Compression::None);
+        for c in data().chunks(1024) {
             b.push_block(c);
         }
         SignedManifest::sign(b.finish().unwrap(), &KEY)
@@ -1280,10 +1286,10 @@ mod tests {
             manifest_len: m.as_bytes().len() as u32,
             manifest_hash: m.hash(),
             tcp_port: 0,
-            symbol_size: 100,
-            block_size: 1000,
+            symbol_size: 104,
+            block_size: 1024,
             block_count: 3,
-            image_size: 3000,
+            image_size: 3072,
             pass_pos,
             rate_bps: 1,
         }))
@@ -1342,7 +1348,7 @@ mod tests {
         let d = data();
         for b in [0u32, 2] {
             let enc =
-                encode_block(b, &d[b as usize * 1000..][..1000], Compression::None, 100).unwrap();
+                encode_block(b, &d[b as usize * 1024..][..1024], Compression::None, 104).unwrap();
             let par = enc.parity(b).unwrap();
             // Lose source symbols 0 and 5, replace with parity 3 and 9.
             for esi in (0..enc.k()).filter(|e| *e != 0 && *e != 5) {
@@ -1375,8 +1381,8 @@ mod tests {
             })
             .collect();
         assert_eq!(ready.len(), 2);
-        assert_eq!(ready[0].1.as_deref(), Some(&d[0..1000]));
-        assert_eq!(ready[1].1.as_deref(), Some(&d[2000..3000]));
+        assert_eq!(ready[0].1.as_deref(), Some(&d[0..1024]));
+        assert_eq!(ready[1].1.as_deref(), Some(&d[2048..3072]));
         assert!(ev.contains(&ReceiverEvent::AllBlocksReady));
         assert!(r.missing_blocks().is_empty());
     }
@@ -1398,7 +1404,7 @@ mod tests {
         let (mut r, _) = ready_receiver(now);
         events(&mut r);
         let d = data();
-        let enc = encode_block(0, &d[..1000], Compression::None, 100).unwrap();
+        let enc = encode_block(0, &d[..1024], Compression::None, 104).unwrap();
         let par = enc.parity(0).unwrap();
         let mut bad = enc.source_symbol(4).unwrap().to_vec();
         bad[0] ^= 1;
@@ -1462,7 +1468,7 @@ mod tests {
         // A recycled buffer full of garbage: none of it may leak into a block.
         r.recycle(vec![0xAA; 4096]);
         let d = data();
-        let enc = encode_block(0, &d[..1000], Compression::None, 100).unwrap();
+        let enc = encode_block(0, &d[..1024], Compression::None, 104).unwrap();
         let par = enc.parity(0).unwrap();
         let send = |r: &mut Receiver, esi: u16, sym: &[u8]| {
             r.handle_input(now, sender(), &pkt(Body::Data(data_pkt(&enc, 0, esi, sym))));
@@ -1484,14 +1490,14 @@ mod tests {
         send(&mut r, enc.k() + 2, par.symbol(2).unwrap());
         assert!(ready_blocks(&events(&mut r)).is_empty(), "9 of 10 symbols");
         send(&mut r, enc.k() + 5, par.symbol(5).unwrap());
-        assert_eq!(ready_blocks(&events(&mut r)), vec![(0, d[..1000].to_vec())]);
+        assert_eq!(ready_blocks(&events(&mut r)), vec![(0, d[..1024].to_vec())]);
 
         // A block that lost nothing is handed over in the buffer it was assembled in: the
         // recycled one, without a copy.
-        let spare = vec![0x55u8; 2000];
+        let spare = vec![0x55u8; 2048];
         let spare_ptr = spare.as_ptr();
         r.recycle(spare);
-        let enc2 = encode_block(2, &d[2000..], Compression::None, 100).unwrap();
+        let enc2 = encode_block(2, &d[2048..], Compression::None, 104).unwrap();
         for esi in 0..enc2.k() {
             r.handle_input(
                 now,
@@ -1506,7 +1512,7 @@ mod tests {
         }
         let ev = events(&mut r);
         let ready = ready_blocks(&ev);
-        assert_eq!(ready, vec![(2, d[2000..].to_vec())]);
+        assert_eq!(ready, vec![(2, d[2048..].to_vec())]);
         let handed = ev.iter().find_map(|e| match e {
             ReceiverEvent::BlockReady { data: Some(d), .. } => Some(d.as_ptr()),
             _ => None,
@@ -1546,7 +1552,7 @@ mod tests {
         let (mut r, _) = ready_receiver(now);
         events(&mut r);
         let d = data();
-        let enc = encode_block(2, &d[2000..], Compression::Zstd { level: 1 }, 100).unwrap();
+        let enc = encode_block(2, &d[2048..], Compression::Zstd { level: 1 }, 104).unwrap();
         let mut bytes = enc.to_bytes();
         let last = bytes.len() - 1;
         bytes[last] ^= 0x10;

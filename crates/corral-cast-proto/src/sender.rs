@@ -1490,13 +1490,13 @@ mod tests {
 
     fn setup() -> (SignedManifest, MemoryImage) {
         let mut x = 5u64;
-        let data: Vec<u8> = (0..40_000)
+        let data: Vec<u8> = (0..32_768)
             .map(|_| {
                 x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
                 (x >> 33) as u8
             })
             .collect();
-        MemoryImage::build(data, SessionId(9), 10_000, 100, Compression::None, &[1; 32]).unwrap()
+        MemoryImage::build(data, SessionId(9), 8192, 82, Compression::None, &[1; 32]).unwrap()
     }
 
     fn pkt(body: Body<'_>) -> Vec<u8> {

@@ -50,13 +50,14 @@ pub enum CastError {
         /// The image size.
         image: u64,
     },
-    /// A block read back from the output does not match the manifest.
-    #[error("{path}: block {block} read back does not match the signed manifest")]
+    /// The output cannot be shown to hold the signed image: a block was never verified by
+    /// this process, or the block hashes do not make up the image hash.
+    #[error("{path}: {why}")]
     Verify {
         /// The output.
         path: PathBuf,
-        /// The first bad block.
-        block: u64,
+        /// What failed.
+        why: String,
     },
     /// The state file belongs to another image or is corrupt.
     #[error("state file {path}: {reason}")]

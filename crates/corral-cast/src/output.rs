@@ -1,7 +1,7 @@
 //! Where a receiver writes the image.
 //!
-//! - A regular file is written at block offsets into `PATH.corral-part`, fsynced, read back and
-//!   verified, then renamed over `PATH`: a failed transfer never leaves a half-written file
+//! - A regular file is written at block offsets into `PATH.corral-part` (every block verified
+//!   before it is written), checked against the image hash, fsynced, then renamed over `PATH`: a failed transfer never leaves a half-written file
 //!   under the final name (UDPcast's FEC mode left a 0-byte file and reported success).
 //! - A block device is written in place, never truncated, and refused if smaller than the image.
 //! - stdout (`-`) and `--pipe CMD` get the blocks strictly in order; blocks that arrive early

@@ -1,5 +1,12 @@
 //! The receiver driver: group socket + unicast socket → protocol `Receiver`; verified blocks →
-//! file, device, stdout or pipe; resume state; TCP catch-up; read-back verification.
+//! file, device, stdout or pipe; resume state; TCP catch-up; the final check.
+//!
+//! The final check does not read the output again: every block is hashed once, before it is
+//! written (by the protocol receiver), or, for a block a state file says an earlier process
+//! wrote, re-read and hashed when the output is opened. The image is good when every block was
+//! verified in this process and the manifest's block hashes merge into its image hash (plain
+//! BLAKE3 of the image, see `corral_cast_proto::manifest`); only then, after an fsync, does the
+//! receiver report success.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -109,7 +116,58 @@ struct Run {
     bytes_done: u64,
     /// Blocks just handed over from TCP (their BlockReady counts as TCP).
     tcp_blocks: std::collections::HashSet<u32>,
+    /// Per block: its bytes in the output were verified by this process (hashed before the
+    /// write, written as zeros, or re-read from a resumed output and hashed).
+    verified: Vec<bool>,
     last_progress: Instant,
+}
+
+/// Re-reads the blocks a state file lists from the output and returns those whose bytes still
+/// hash to the manifest's entry. An earlier process wrote them; nothing about them is trusted
+/// without reading them back (zero blocks are skipped: they are written again).
+fn verify_resumed(
+    sink: &RandomSink,
+    m: &corral_cast_proto::Manifest,
+    prior: &ResumeState,
+) -> Vec<u32> {
+    let mut have = Vec::new();
+    let mut buf = Vec::new();
+    for i in 0..m.block_count() {
+        if !prior.has(u64::from(i)) || m.blocks[i as usize].zero {
+            continue;
+        }
+        buf.resize(m.block_len(i) as usize, 0);
+        if sink.read_at(m.block_offset(i), &mut buf).is_ok()
+            && m.hash_block(i, &buf) == m.blocks[i as usize].hash
+        {
+            have.push(i);
+        }
+    }
+    have
+}
+
+/// The final check: every block verified by this process, and the verified block hashes
+/// merging into the manifest's image hash. Reads nothing.
+fn final_check(
+    m: &corral_cast_proto::Manifest,
+    verified: &[bool],
+    path: &std::path::Path,
+) -> Result<(), CastError> {
+    let missing =
+        (0..m.block_count()).find(|&i| !verified.get(i as usize).copied().unwrap_or(false));
+    if let Some(i) = missing {
+        return Err(CastError::Verify {
+            path: path.to_owned(),
+            why: format!("block {i} was never verified"),
+        });
+    }
+    if m.merged_image_hash() != m.image_hash {
+        return Err(CastError::Verify {
+            path: path.to_owned(),
+            why: "the block hashes do not make up the signed image hash".into(),
+        });
+    }
+    Ok(())
 }
 
 impl Run {
@@ -156,18 +214,7 @@ impl Run {
                 let mut have = Vec::new();
                 if let Some(prior) = &prior {
                     // Trust nothing: re-read and verify every block the state file lists.
-                    let mut buf = Vec::new();
-                    for i in 0..m.block_count() {
-                        if !prior.has(u64::from(i)) || m.blocks[i as usize].zero {
-                            continue;
-                        }
-                        buf.resize(m.block_len(i) as usize, 0);
-                        if sink.read_at(m.block_offset(i), &mut buf).is_ok()
-                            && blake3::hash(&buf).as_bytes() == &m.blocks[i as usize].hash
-                        {
-                            have.push(i);
-                        }
-                    }
+                    have = verify_resumed(&sink, m, prior);
                     info!(
                         listed = prior.count(),
                         verified = have.len(),
@@ -185,8 +232,10 @@ impl Run {
                     fresh = false;
                 }
                 let mut st = ResumeState::new(key, u64::from(m.block_count()));
+                self.verified = vec![false; m.block_count() as usize];
                 for &i in &have {
                     st.set(u64::from(i));
+                    self.verified[i as usize] = true;
                     self.bytes_done += u64::from(m.block_len(i));
                 }
                 self.blocks_resumed = have.len() as u64;
@@ -202,6 +251,7 @@ impl Run {
             OutputSpec::Stdout => self.sink = Some(Sink::Stream(StreamSink::stdout())),
             OutputSpec::Pipe(cmd) => self.sink = Some(Sink::Stream(StreamSink::pipe(cmd)?)),
         }
+        self.verified.resize(m.block_count() as usize, false);
         Ok(())
     }
 
@@ -233,6 +283,11 @@ impl Run {
             }
             None => {}
         }
+        // The protocol receiver hashed these bytes against the manifest before handing them
+        // over (zero blocks: zeros written now, or a part file this process just created).
+        if let Some(v) = self.verified.get_mut(index as usize) {
+            *v = true;
+        }
         self.bytes_done += u64::from(len);
         if !is_zero {
             self.last_progress = Instant::now();
@@ -258,40 +313,18 @@ impl Run {
         Ok(())
     }
 
-    /// Reads the whole output back and checks it against the manifest's image hash (every
-    /// block was already checked against its own hash before it was written). Only when the
-    /// image hash does not match is the output read a second time, block by block, to name
-    /// the first bad block.
-    fn verify_readback(&self) -> Result<(), CastError> {
-        let (Some(Sink::Random { sink, .. }), Some(signed)) = (&self.sink, self.rx.manifest())
-        else {
+    /// The final check (see [`final_check`]) for whatever the output is.
+    fn check_image(&self) -> Result<(), CastError> {
+        let Some(signed) = self.rx.manifest() else {
             return Ok(());
         };
-        let m = signed.manifest();
-        let mut image = blake3::Hasher::new();
-        let mut buf = Vec::new();
-        for i in 0..m.block_count() {
-            buf.resize(m.block_len(i) as usize, 0);
-            sink.read_at(m.block_offset(i), &mut buf)?;
-            image.update(&buf);
-        }
-        if image.finalize().as_bytes() == &m.image_hash {
-            return Ok(());
-        }
-        for i in 0..m.block_count() {
-            buf.resize(m.block_len(i) as usize, 0);
-            sink.read_at(m.block_offset(i), &mut buf)?;
-            if blake3::hash(&buf).as_bytes() != &m.blocks[i as usize].hash {
-                return Err(CastError::Verify {
-                    path: sink.path().to_owned(),
-                    block: u64::from(i),
-                });
-            }
-        }
-        Err(CastError::Verify {
-            path: sink.path().to_owned(),
-            block: u64::from(m.block_count()),
-        })
+        let path = match (&self.sink, &self.opts.output) {
+            (Some(Sink::Random { sink, .. }), _) => sink.path().to_owned(),
+            (_, OutputSpec::Path(p)) => p.clone(),
+            (_, OutputSpec::Stdout) => "-".into(),
+            (_, OutputSpec::Pipe(c)) => format!("| {c}").into(),
+        };
+        final_check(signed.manifest(), &self.verified, &path)
     }
 
     fn progress(&self, t0: Instant) {
@@ -362,6 +395,7 @@ pub async fn receive(
         blocks_resumed: 0,
         bytes_done: 0,
         tcp_blocks: std::collections::HashSet::new(),
+        verified: Vec::new(),
         last_progress: Instant::now(),
     };
     let task_cancel = cancel.child_token();
@@ -714,12 +748,12 @@ fn keepalive(run: &Run, data_packets: u64) -> Vec<Vec<u8>> {
     out
 }
 
-/// How often a receiver busy flushing and reading back its output tells the sender it is alive
+/// How often a receiver busy flushing its output tells the sender it is alive
 /// (the sender gives up on a receiver silent for 2 s by default).
 const ALIVE_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Sends one Status packet to the sender every [`ALIVE_INTERVAL`] from a thread of its own,
-/// until dropped. The final fsync and read-back block this single-threaded receiver for
+/// until dropped. The final fsync blocks this single-threaded receiver for
 /// seconds on a large image (longer than the sender's `dead_after` on a slow disk or a busy
 /// machine), and no report may go missing for that long just before the Done.
 struct KeepAlive {
@@ -762,7 +796,7 @@ impl Drop for KeepAlive {
     }
 }
 
-/// Flushes, verifies by reading back, and commits the output, with a [`KeepAlive`] running
+/// Runs the final check, then flushes and commits the output, with a [`KeepAlive`] running
 /// meanwhile so that the sender does not declare it dead just before its Done.
 async fn finish_output(run: &mut Run, usock: &tokio::net::UdpSocket) -> Result<(), CastError> {
     use corral_cast_proto::packet::{Body, Packet};
@@ -777,16 +811,19 @@ async fn finish_output(run: &mut Run, usock: &tokio::net::UdpSocket) -> Result<(
     run.save_state()?;
     match run.sink.take() {
         Some(Sink::Random { sink, fresh }) => {
-            sink.sync()?;
             run.sink = Some(Sink::Random { sink, fresh });
-            run.verify_readback()?;
+            run.check_image()?;
             if let Some(Sink::Random { sink, .. }) = run.sink.take() {
+                // Durable before success: the data (a device) or the data, the file and its
+                // new name (a regular file).
+                sink.sync()?;
                 let path = sink.commit()?;
                 debug!(path = %path.display(), "output committed");
             }
             Ok(())
         }
         Some(Sink::Stream(s)) => {
+            run.check_image()?;
             s.finish().await?;
             Ok(())
         }
@@ -853,6 +890,66 @@ fn conclude(run: Run, r: Result<(), CastError>, t0: Instant) -> Result<ReceiveRe
 #[cfg(test)]
 mod tests {
     use super::*;
+    use corral_cast_proto::{Compression, Manifest, ManifestBuilder};
+
+    fn image(blocks: usize) -> (Vec<u8>, Manifest) {
+        let mut x = 7u64;
+        let data: Vec<u8> = (0..blocks * 4096 - 100)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let mut b = ManifestBuilder::new(SessionId(1), 4096, 512, Compression::None);
+        for c in data.chunks(4096) {
+            b.push_block(c);
+        }
+        (data, b.finish().unwrap())
+    }
+
+    #[test]
+    fn resumed_blocks_whose_bytes_changed_are_not_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let (data, m) = image(5);
+        std::fs::write(crate::output::part_path(&out), &data).unwrap();
+        let mut prior = ResumeState::new([0; 32], 5);
+        for i in [0, 1, 2, 4] {
+            prior.set(i);
+        }
+        let sink = RandomSink::open(&out, data.len() as u64, true).unwrap();
+        assert_eq!(verify_resumed(&sink, &m, &prior), vec![0, 1, 2, 4]);
+        // One bit flips in block 1 and one in the short last block: both are dropped.
+        let mut bad = data.clone();
+        bad[4096 + 17] ^= 1;
+        bad[4 * 4096 + 3] ^= 0x80;
+        sink.write_at(0, &bad).unwrap();
+        assert_eq!(verify_resumed(&sink, &m, &prior), vec![0, 2]);
+        // Blocks swapped on disk: same bytes, wrong place.
+        let mut swapped = data.clone();
+        swapped.copy_within(0..4096, 2 * 4096);
+        sink.write_at(0, &swapped).unwrap();
+        assert_eq!(verify_resumed(&sink, &m, &prior), vec![0, 1, 4]);
+    }
+
+    #[test]
+    fn final_check_needs_every_block_verified_and_the_image_hash() {
+        let (_, m) = image(3);
+        let path = std::path::Path::new("out");
+        final_check(&m, &[true, true, true], path).unwrap();
+        let err = final_check(&m, &[true, false, true], path).unwrap_err();
+        assert!(
+            err.to_string().contains("block 1 was never verified"),
+            "{err}"
+        );
+        assert!(final_check(&m, &[true, true], path).is_err());
+        let mut lying = m.clone();
+        lying.image_hash[0] ^= 1;
+        let err = final_check(&lying, &[true; 3], path).unwrap_err();
+        assert!(err.to_string().contains("image hash"), "{err}");
+    }
 
     #[test]
     fn keepalive_reports_from_the_receivers_socket_until_dropped() {
