@@ -11,7 +11,9 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::SyncError;
-use crate::manifest::{CHUNK_THRESHOLD, Chunk, Content, Entry, Hash, Kind, Manifest, Meta};
+use crate::manifest::{
+    CHUNK_THRESHOLD, Chunk, Content, Entry, Hash, Kind, Manifest, Meta, path_order,
+};
 use crate::owner;
 
 /// FastCDC sizes: min, average, max.
@@ -53,10 +55,45 @@ pub struct ScanStats {
     pub skipped: u64,
 }
 
-/// One file's cached hash, valid while inode, size, mtime and ctime are unchanged. ctime
-/// cannot be set by users, so an edit whose mtime was restored (`touch -d`) still misses.
+/// One file's cached hash and extended attributes, valid while inode, size, mtime and ctime
+/// are unchanged. ctime cannot be set by users, so an edit whose mtime was restored
+/// (`touch -d`) still misses; `setxattr`/`removexattr` (ACLs included) change ctime too, so a
+/// hit's attributes are the file's own and its `llistxattr` is skipped. The attributes are
+/// read after the stat that keyed them: a change racing the scan leaves a newer ctime.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct CacheEntry {
+    path: String,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+    content: Content,
+    /// `None`: not known (an entry of a version-1 cache); read them and rewrite the cache.
+    xattrs: Option<Vec<(Vec<u8>, Vec<u8>)>>,
+}
+
+impl CacheEntry {
+    fn matches(&self, st: &Stat) -> bool {
+        self.ino == st.ino
+            && self.size == st.size
+            && self.mtime == (st.mtime, st.mtime_ns)
+            && self.ctime == (st.ctime, st.ctime_ns)
+    }
+}
+
+/// Version of the cache file: 2 is a vector of [`CacheEntry`] in manifest order (looked up
+/// by binary search, no hashing of every path), with each file's extended attributes.
+const CACHE_VERSION: u32 = 2;
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct CacheFile {
+    version: u32,
+    files: Vec<CacheEntry>,
+}
+
+/// Version 1: a map without the attributes (still read, then rewritten as version 2).
+#[derive(Debug, Serialize, Deserialize)]
+struct CacheEntryV1 {
     ino: u64,
     size: u64,
     mtime: (i64, i64),
@@ -64,38 +101,110 @@ struct CacheEntry {
     content: Content,
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct CacheFile {
-    version: u32,
-    files: HashMap<String, CacheEntry>,
+/// What a scan needs of a stat (a `std::fs::Metadata` is four times as large, and the walk's
+/// entries are moved by the sort).
+#[derive(Debug, Clone, Copy)]
+struct Stat {
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: i64,
+    mtime_ns: i64,
+    ctime: i64,
+    ctime_ns: i64,
+    ino: u64,
+    dev: u64,
+    size: u64,
+    nlink: u64,
+    blocks: u64,
+}
+
+impl Stat {
+    fn of(md: &std::fs::Metadata) -> Stat {
+        Stat {
+            mode: md.mode(),
+            uid: md.uid(),
+            gid: md.gid(),
+            mtime: md.mtime(),
+            mtime_ns: md.mtime_nsec(),
+            ctime: md.ctime(),
+            ctime_ns: md.ctime_nsec(),
+            ino: md.ino(),
+            dev: md.dev(),
+            size: md.size(),
+            nlink: md.nlink(),
+            blocks: md.blocks(),
+        }
+    }
 }
 
 struct Raw {
     path: String,
     kind: Kind,
-    md: std::fs::Metadata,
+    st: Stat,
     xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Index of the matching cache entry (same inode, size, mtime, ctime).
+    hit: Option<usize>,
 }
 
-fn load_cache(p: &Path) -> HashMap<String, CacheEntry> {
+/// Reads the cache file: its entries in manifest order, and whether it must be rewritten
+/// even when every file hits (an older version).
+fn load_cache(p: &Path) -> (Vec<CacheEntry>, bool) {
     let Ok(z) = std::fs::read(p) else {
-        return HashMap::new();
+        return (Vec::new(), false);
     };
     let Ok(b) = zstd::decode_all(&z[..]) else {
-        return HashMap::new();
+        return (Vec::new(), false);
     };
-    match postcard::from_bytes::<CacheFile>(&b) {
-        Ok(c) if c.version == 1 => c.files,
-        _ => {
+    let files = match postcard::take_from_bytes::<u32>(&b) {
+        Ok((CACHE_VERSION, _)) => postcard::from_bytes::<CacheFile>(&b).map(|c| (c.files, false)),
+        Ok((1, rest)) => postcard::from_bytes::<HashMap<String, CacheEntryV1>>(rest).map(|m| {
+            let v = m
+                .into_iter()
+                .map(|(path, e)| CacheEntry {
+                    path,
+                    ino: e.ino,
+                    size: e.size,
+                    mtime: e.mtime,
+                    ctime: e.ctime,
+                    content: e.content,
+                    xattrs: None,
+                })
+                .collect();
+            (v, true)
+        }),
+        Ok((v, _)) => Err(postcard::Error::DeserializeBadEncoding).inspect_err(|_| {
+            tracing::warn!(path = %p.display(), version = v, "hash cache of an unknown version");
+        }),
+        Err(e) => Err(e),
+    };
+    match files {
+        Ok((mut files, stale)) => {
+            if !files.is_sorted_by(|a, b| path_order(&a.path, &b.path).is_lt()) {
+                files.sort_by(|a, b| path_order(&a.path, &b.path));
+                files.dedup_by(|a, b| a.path == b.path);
+                return (files, true);
+            }
+            (files, stale)
+        }
+        Err(_) => {
             tracing::warn!(path = %p.display(), "hash cache unreadable, rehashing");
-            HashMap::new()
+            (Vec::new(), false)
         }
     }
 }
 
-fn save_cache(p: &Path, files: HashMap<String, CacheEntry>) -> Result<(), SyncError> {
-    let b = postcard::to_stdvec(&CacheFile { version: 1, files })
-        .map_err(|e| SyncError::fs("encode cache", p, std::io::Error::other(e)))?;
+fn cache_find<'c>(cache: &'c [CacheEntry], path: &str) -> Option<(usize, &'c CacheEntry)> {
+    let i = cache.binary_search_by(|e| path_order(&e.path, path)).ok()?;
+    Some((i, &cache[i]))
+}
+
+fn save_cache(p: &Path, files: Vec<CacheEntry>) -> Result<(), SyncError> {
+    let b = postcard::to_stdvec(&CacheFile {
+        version: CACHE_VERSION,
+        files,
+    })
+    .map_err(|e| SyncError::fs("encode cache", p, std::io::Error::other(e)))?;
     let z = zstd::encode_all(&b[..], 1).map_err(|e| SyncError::fs("compress cache", p, e))?;
     if let Some(d) = p.parent() {
         fs_err::create_dir_all(d).map_err(|e| SyncError::fs("create", d, e))?;
@@ -200,15 +309,15 @@ pub fn hash_file(path: &Path, sparse: bool) -> Result<Content, SyncError> {
     })
 }
 
-fn meta_of(md: &std::fs::Metadata, xattrs: Vec<(Vec<u8>, Vec<u8>)>) -> Meta {
+fn meta_of(st: &Stat, xattrs: Vec<(Vec<u8>, Vec<u8>)>) -> Meta {
     Meta {
-        mode: md.mode() & 0o7777,
-        uid: md.uid(),
-        gid: md.gid(),
-        user: owner::user_name(md.uid()),
-        group: owner::group_name(md.gid()),
-        mtime: md.mtime(),
-        mtime_ns: md.mtime_nsec() as u32,
+        mode: st.mode & 0o7777,
+        uid: st.uid,
+        gid: st.gid,
+        user: owner::user_name(st.uid),
+        group: owner::group_name(st.gid),
+        mtime: st.mtime,
+        mtime_ns: st.mtime_ns as u32,
         xattrs,
     }
 }
@@ -227,6 +336,7 @@ fn join(rel: &str, name: &str) -> String {
 struct Walk<'a> {
     root: &'a Path,
     opts: &'a ScanOptions,
+    cache: &'a [CacheEntry],
     out: Mutex<Vec<Raw>>,
     errors: Mutex<Vec<SyncError>>,
     skipped: std::sync::atomic::AtomicU64,
@@ -262,10 +372,9 @@ impl Walk<'_> {
             if self.opts.skip.contains(&path) {
                 continue;
             }
-            let p = de.path();
             if name.ends_with(TEMP_SUFFIX) && name.starts_with('.') {
                 if self.opts.clean_temps {
-                    let _ = std::fs::remove_file(&p);
+                    let _ = std::fs::remove_file(de.path());
                 }
                 continue;
             }
@@ -280,7 +389,7 @@ impl Walk<'_> {
             } else if ft.is_file() {
                 Kind::File
             } else if ft.is_symlink() {
-                match std::fs::read_link(&p) {
+                match std::fs::read_link(de.path()) {
                     Ok(t) => Kind::Symlink(t.into_os_string().into_encoded_bytes()),
                     Err(_) => continue,
                 }
@@ -298,12 +407,27 @@ impl Walk<'_> {
                 let r = path.clone();
                 scope.spawn(move |s| self.dir(s, r));
             }
-            let xattrs = read_xattrs(&p);
+            let st = Stat::of(&md);
+            // A file the cache knows unchanged (ctime included) has the attributes cached.
+            let hit = match kind {
+                Kind::File => cache_find(self.cache, &path).filter(|(_, c)| c.matches(&st)),
+                _ => None,
+            };
+            let (xattrs, hit) = match hit {
+                Some((
+                    i,
+                    CacheEntry {
+                        xattrs: Some(x), ..
+                    },
+                )) => (x.clone(), Some(i)),
+                h => (read_xattrs(&de.path()), h.map(|(i, _)| i)),
+            };
             batch.push(Raw {
                 path,
                 kind,
-                md,
+                st,
                 xattrs,
+                hit,
             });
         }
         self.out.lock().unwrap().extend(batch);
@@ -320,9 +444,11 @@ pub fn scan(root: &Path, opts: &ScanOptions) -> Result<(Manifest, ScanStats), Sy
             std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory"),
         ));
     }
+    let (cache, stale) = opts.cache.as_deref().map(load_cache).unwrap_or_default();
     let walk = Walk {
         root,
         opts,
+        cache: &cache,
         out: Mutex::new(Vec::new()),
         errors: Mutex::new(Vec::new()),
         skipped: 0.into(),
@@ -345,14 +471,15 @@ pub fn scan(root: &Path, opts: &ScanOptions) -> Result<(Manifest, ScanStats), Sy
         return Err(e);
     }
     let mut raws = walk.out.into_inner().unwrap();
-    raws.sort_by(|a, b| crate::manifest::path_order(&a.path, &b.path));
+    // Paths are unique: an unstable sort moves less.
+    raws.sort_unstable_by(|a, b| path_order(&a.path, &b.path));
 
     // Hard links: the first path (in manifest order) of an inode is the file, the others
     // name it.
     let mut leaders: HashMap<(u64, u64), String> = HashMap::new();
     for r in &mut raws {
-        if r.kind == Kind::File && r.md.nlink() > 1 {
-            let key = (r.md.dev(), r.md.ino());
+        if r.kind == Kind::File && r.st.nlink > 1 {
+            let key = (r.st.dev, r.st.ino);
             match leaders.get(&key) {
                 Some(l) => r.kind = Kind::Hardlink(l.clone()),
                 None => {
@@ -362,7 +489,6 @@ pub fn scan(root: &Path, opts: &ScanOptions) -> Result<(Manifest, ScanStats), Sy
         }
     }
 
-    let cache = opts.cache.as_deref().map(load_cache).unwrap_or_default();
     let stats = Mutex::new(ScanStats {
         entries: raws.len() as u64 + 1,
         skipped: walk.skipped.into_inner(),
@@ -374,16 +500,10 @@ pub fn scan(root: &Path, opts: &ScanOptions) -> Result<(Manifest, ScanStats), Sy
             if r.kind != Kind::File {
                 return Ok(None);
             }
-            let md = &r.md;
-            if let Some(c) = cache.get(&r.path)
-                && c.ino == md.ino()
-                && c.size == md.size()
-                && c.mtime == (md.mtime(), md.mtime_nsec())
-                && c.ctime == (md.ctime(), md.ctime_nsec())
-            {
-                return Ok(Some((c.content.clone(), false)));
+            if let Some(i) = r.hit {
+                return Ok(Some((cache[i].content.clone(), false)));
             }
-            let sparse = md.blocks() * 512 < md.size();
+            let sparse = r.st.blocks * 512 < r.st.size;
             let c = hash_file(&root.join(&r.path), sparse)?;
             Ok(Some((c, true)))
         })
@@ -393,21 +513,26 @@ pub fn scan(root: &Path, opts: &ScanOptions) -> Result<(Manifest, ScanStats), Sy
     entries.push(Entry {
         path: String::new(),
         kind: Kind::Dir,
-        meta: meta_of(&rmd, read_xattrs(root)),
+        meta: meta_of(&Stat::of(&rmd), read_xattrs(root)),
         content: None,
     });
-    // The cache is unchanged when every file came from it and every entry of it was used:
-    // then it is neither rebuilt nor rewritten (a no-change run writes nothing).
+    // The cache is unchanged when every file came from it with its attributes and every entry
+    // of it was used: then it is neither rebuilt nor rewritten (a no-change run writes
+    // nothing).
     let hits = results
         .iter()
         .filter(|r| matches!(r, Ok(Some((_, false)))))
         .count();
-    let unchanged = hits == cache.len()
+    let unchanged = !stale
+        && hits == cache.len()
+        && raws
+            .iter()
+            .all(|r| r.hit.is_none_or(|i| cache[i].xattrs.is_some()))
         && results
             .iter()
             .all(|r| matches!(r, Ok(None) | Ok(Some((_, false)))));
     let rewrite = opts.cache.is_some() && !unchanged;
-    let mut new_cache = HashMap::new();
+    let mut new_cache = Vec::new();
     let mut st = stats.into_inner().unwrap();
     for (r, c) in raws.into_iter().zip(results) {
         let content = match c {
@@ -419,16 +544,15 @@ pub fn scan(root: &Path, opts: &ScanOptions) -> Result<(Manifest, ScanStats), Sy
                     st.cached += 1;
                 }
                 if rewrite {
-                    new_cache.insert(
-                        r.path.clone(),
-                        CacheEntry {
-                            ino: r.md.ino(),
-                            size: r.md.size(),
-                            mtime: (r.md.mtime(), r.md.mtime_nsec()),
-                            ctime: (r.md.ctime(), r.md.ctime_nsec()),
-                            content: c.clone(),
-                        },
-                    );
+                    new_cache.push(CacheEntry {
+                        path: r.path.clone(),
+                        ino: r.st.ino,
+                        size: r.st.size,
+                        mtime: (r.st.mtime, r.st.mtime_ns),
+                        ctime: (r.st.ctime, r.st.ctime_ns),
+                        content: c.clone(),
+                        xattrs: Some(r.xattrs.clone()),
+                    });
                 }
                 Some(c)
             }
@@ -439,7 +563,7 @@ pub fn scan(root: &Path, opts: &ScanOptions) -> Result<(Manifest, ScanStats), Sy
             Err(e) => return Err(e),
         };
         entries.push(Entry {
-            meta: meta_of(&r.md, r.xattrs),
+            meta: meta_of(&r.st, r.xattrs),
             path: r.path,
             kind: r.kind,
             content,
@@ -465,21 +589,30 @@ pub fn cache_add(
     if written.is_empty() {
         return Ok(());
     }
-    let mut files = load_cache(cache);
+    let (files, _) = load_cache(cache);
+    let mut files: HashMap<String, CacheEntry> =
+        files.into_iter().map(|e| (e.path.clone(), e)).collect();
     for (path, content) in written {
-        if let Ok(md) = std::fs::symlink_metadata(root.join(path)) {
+        let p = root.join(path);
+        if let Ok(md) = std::fs::symlink_metadata(&p) {
+            // Attributes read after the stat (see CacheEntry).
+            let xattrs = Some(read_xattrs(&p));
             files.insert(
                 path.clone(),
                 CacheEntry {
+                    path: path.clone(),
                     ino: md.ino(),
                     size: md.size(),
                     mtime: (md.mtime(), md.mtime_nsec()),
                     ctime: (md.ctime(), md.ctime_nsec()),
                     content: content.clone(),
+                    xattrs,
                 },
             );
         }
     }
+    let mut files: Vec<CacheEntry> = files.into_values().collect();
+    files.sort_unstable_by(|a, b| path_order(&a.path, &b.path));
     if let Err(e) = save_cache(cache, files) {
         tracing::warn!(error = %e, "hash cache not saved; the next run hashes again");
     }
@@ -496,4 +629,133 @@ pub fn default_cache(root: &Path) -> PathBuf {
     let h = Hash::of(canon.as_os_str().as_encoded_bytes());
     base.join("sync")
         .join(format!("{}.cache", &h.to_hex()[..32]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setfattr(p: &Path, name: &str, value: &str) {
+        let ok = std::process::Command::new("setfattr")
+            .args(["-n", name, "-v", value])
+            .arg(p)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "setfattr {name} on {}", p.display());
+    }
+
+    fn xattrs_of<'m>(m: &'m Manifest, path: &str) -> &'m [(Vec<u8>, Vec<u8>)] {
+        &m.get(path).unwrap().meta.xattrs
+    }
+
+    #[test]
+    fn cached_files_keep_their_attributes_and_changes_are_seen() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("root");
+        std::fs::create_dir_all(root.join("d")).unwrap();
+        for f in ["a", "b", "d/c"] {
+            std::fs::write(root.join(f), f).unwrap();
+        }
+        setfattr(&root.join("a"), "user.one", "1");
+        let opts = ScanOptions {
+            cache: Some(t.path().join("scan.cache")),
+            ..ScanOptions::default()
+        };
+        let (m1, s1) = scan(&root, &opts).unwrap();
+        assert_eq!(s1.hashed, 3);
+        let one = vec![(b"user.one".to_vec(), b"1".to_vec())];
+        assert_eq!(xattrs_of(&m1, "a"), one);
+        // Every file hits: the attributes come from the cache, the same as read.
+        let (m2, s2) = scan(&root, &opts).unwrap();
+        assert_eq!((s2.hashed, s2.cached), (0, 3));
+        assert_eq!(m1, m2);
+        // An attribute added or removed changes ctime: the file misses and is read again.
+        setfattr(&root.join("b"), "user.two", "2");
+        let rm = std::process::Command::new("setfattr")
+            .args(["-x", "user.one"])
+            .arg(root.join("a"))
+            .status()
+            .unwrap();
+        assert!(rm.success());
+        let (m3, s3) = scan(&root, &opts).unwrap();
+        assert_eq!((s3.hashed, s3.cached), (2, 1), "{s3:?}");
+        assert!(xattrs_of(&m3, "a").is_empty());
+        assert_eq!(xattrs_of(&m3, "b"), [(b"user.two".to_vec(), b"2".to_vec())]);
+        // And the rewritten cache holds the new attributes.
+        let (m4, s4) = scan(&root, &opts).unwrap();
+        assert_eq!((s4.hashed, s4.cached), (0, 3));
+        assert_eq!(m3, m4);
+    }
+
+    #[test]
+    fn a_version_1_cache_is_used_and_rewritten_with_attributes() {
+        #[derive(Serialize)]
+        struct V1 {
+            version: u32,
+            files: HashMap<String, CacheEntryV1>,
+        }
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("root");
+        std::fs::create_dir_all(&root).unwrap();
+        for f in ["a", "b"] {
+            std::fs::write(root.join(f), f).unwrap();
+        }
+        setfattr(&root.join("b"), "user.x", "y");
+        let (plain, _) = scan(&root, &ScanOptions::default()).unwrap();
+        let mut files = HashMap::new();
+        for f in ["a", "b"] {
+            let md = std::fs::symlink_metadata(root.join(f)).unwrap();
+            files.insert(
+                f.to_string(),
+                CacheEntryV1 {
+                    ino: md.ino(),
+                    size: md.size(),
+                    mtime: (md.mtime(), md.mtime_nsec()),
+                    ctime: (md.ctime(), md.ctime_nsec()),
+                    content: plain.get(f).unwrap().content.clone().unwrap(),
+                },
+            );
+        }
+        let cache = t.path().join("v1.cache");
+        let b = postcard::to_stdvec(&V1 { version: 1, files }).unwrap();
+        std::fs::write(&cache, zstd::encode_all(&b[..], 1).unwrap()).unwrap();
+        let opts = ScanOptions {
+            cache: Some(cache.clone()),
+            ..ScanOptions::default()
+        };
+        let (m, s) = scan(&root, &opts).unwrap();
+        assert_eq!((s.hashed, s.cached), (0, 2), "the old hashes are used");
+        assert_eq!(m, plain);
+        let (files, stale) = load_cache(&cache);
+        assert!(!stale, "rewritten as version {CACHE_VERSION}");
+        assert_eq!(files.len(), 2);
+        assert_eq!(
+            files[1].xattrs,
+            Some(vec![(b"user.x".to_vec(), b"y".to_vec())])
+        );
+    }
+
+    #[test]
+    fn an_unreadable_cache_means_rehashing() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("root");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join("a"), "a").unwrap();
+        let cache = t.path().join("bad.cache");
+        for junk in [
+            &b"not zstd"[..],
+            &zstd::encode_all(&[7u8, 1, 2, 3][..], 1).unwrap(),
+        ] {
+            std::fs::write(&cache, junk).unwrap();
+            let opts = ScanOptions {
+                cache: Some(cache.clone()),
+                ..ScanOptions::default()
+            };
+            let (_, s) = scan(&root, &opts).unwrap();
+            assert_eq!((s.hashed, s.cached), (1, 0));
+            let (_, s) = scan(&root, &opts).unwrap();
+            assert_eq!((s.hashed, s.cached), (0, 1), "the cache was rewritten");
+        }
+    }
 }
