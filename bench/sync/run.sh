@@ -7,7 +7,8 @@
 #
 # Environment: SCALE (default 0.1), WORK (default /var/tmp/corral-bench-sync), PORT (sshd port,
 # default 22987), CORRAL (the corral binary; default target/release/corral, built if missing),
-# SEED (default 1), SKIP_CORRAL=1 (rsync only). Needs root (drop_caches, sshd, iptables).
+# SEED (default 1), SKIP_CORRAL=1 (rsync only), SERVER_BASHRC (stock: the sshd sees Debian's
+# stock root .bashrc, the default; host: this machine's). Needs root (drop_caches, sshd, iptables).
 #
 # What is measured:
 #   full copy            empty destination, caches dropped first
@@ -71,7 +72,22 @@ UsePAM no
 StrictModes no
 PidFile $SSHDIR/sshd.pid
 CFG
-/usr/sbin/sshd -f "$SSHDIR/sshd_config" -D -e 2>"$SSHDIR/sshd.log" &
+# sshd runs every command through root's login shell, and bash reads ~/.bashrc even for the
+# non-interactive commands sshd runs. This machine's /root/.bashrc runs `pyenv init` (about
+# 100 processes, 0.15-0.2 s per session), which no server being synced would: by default the
+# bench's sshd sees Debian's stock root .bashrc (/usr/share/base-files/dot.bashrc, comments
+# only) bind-mounted in a mount namespace of its own. Both tools go through this same sshd.
+# SERVER_BASHRC=host keeps the host's file.
+SERVER_BASHRC="${SERVER_BASHRC:-stock}"
+STOCK_BASHRC=/usr/share/base-files/dot.bashrc
+if [ "$SERVER_BASHRC" = stock ] && [ -e "$STOCK_BASHRC" ] && [ -e /root/.bashrc ]; then
+    unshare -m --propagation private sh -c \
+        "mount --bind $STOCK_BASHRC /root/.bashrc && exec /usr/sbin/sshd -f $SSHDIR/sshd_config -D -e" \
+        2>"$SSHDIR/sshd.log" &
+else
+    SERVER_BASHRC=host
+    /usr/sbin/sshd -f "$SSHDIR/sshd_config" -D -e 2>"$SSHDIR/sshd.log" &
+fi
 SSHD_PID=$!
 cleanup() {
     # corral's kept ssh connection to this sshd (ControlPersist), closed with the sshd.
@@ -230,7 +246,7 @@ echo
 echo "corral sync benchmark: SCALE=$SCALE seed=$SEED: $NFILES files, $NBYTES bytes, image $IMGBYTES bytes"
 echo "rsync $(rsync --version | head -1 | awk '{print $3}'), ssh to 127.0.0.1:$PORT, $(nproc) cores, $(date -u +%Y-%m-%dT%H:%MZ)"
 echo "load average at start: $LOAD_START; at end: $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "ssh start (ssh HOST true, median of 3): $SSH_START s"
+echo "ssh start (ssh HOST true, median of 3): $SSH_START s (server .bashrc: $SERVER_BASHRC)"
 printf '%-32s %14s %14s %8s  %s\n' "figure" "rsync" "corral" "ratio" "target"
 row() { # key label unit target
     local r="${R[$1]:-}" c="${C[$1]:-}" ratio="-"
