@@ -1,6 +1,8 @@
 //! The two ends of a run over a byte stream: [`serve`] (the receiver, `corral sync serve`)
 //! and [`push`] (the master). Blocking I/O on purpose: a run is one sequential conversation
-//! and the parallel parts (walking, hashing) use rayon inside the scan.
+//! and the parallel parts (walking, hashing) use rayon inside the scan; each end has one
+//! helper thread beside the stream (the master's reads, checks and compresses the data of the
+//! next steps; the receiver's reads frames ahead, decompresses and checks their BLAKE3).
 
 use std::collections::HashSet;
 use std::io::{Read, Seek, SeekFrom, Write};
