@@ -349,6 +349,20 @@ impl<R: std::io::Read, W: std::io::Write> Framed<R, W> {
             bytes_out: 0,
         }
     }
+    /// The receiving half and the sending half of this stream, each a `Framed` of its own
+    /// (for a reader thread beside a writer; their byte counts are their own).
+    #[allow(clippy::type_complexity)]
+    pub fn halves(
+        &mut self,
+    ) -> (
+        Framed<&mut R, std::io::Sink>,
+        Framed<std::io::Empty, &mut W>,
+    ) {
+        (
+            Framed::new(&mut self.r, std::io::sink()),
+            Framed::new(std::io::empty(), &mut self.w),
+        )
+    }
     /// Sends one message (buffered; see [`Framed::flush`]).
     pub fn send(&mut self, msg: &Message) -> Result<(), ProtoError> {
         let f = encode_wire(msg)?;

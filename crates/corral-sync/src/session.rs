@@ -1,6 +1,8 @@
 //! The two ends of a run over a byte stream: [`serve`] (the receiver, `corral sync serve`)
 //! and [`push`] (the master). Blocking I/O on purpose: a run is one sequential conversation
-//! and the parallel parts (walking, hashing) use rayon inside the scan.
+//! and the parallel parts (walking, hashing) use rayon inside the scan; each end has one
+//! helper thread beside the stream (the master's reads, checks and compresses the data of the
+//! next steps; the receiver's reads frames ahead, decompresses and checks their BLAKE3).
 
 use std::collections::HashSet;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -36,7 +38,7 @@ fn unexpected(m: &Message) -> SyncError {
 }
 
 /// Runs the receiving end of a conversation beneath `root` until the master is done.
-pub fn serve<R: Read, W: Write>(
+pub fn serve<R: Read + Send, W: Write>(
     root: &Path,
     framed: &mut Framed<R, W>,
     opts: &ServeOptions,
@@ -57,23 +59,117 @@ pub fn serve<R: Read, W: Write>(
         options: RunOptions::default(),
     })?;
     framed.flush()?;
-    let r = serve_inner(root, framed, opts, &options);
-    if let Err(e) = &r {
-        let _ = framed.send(&Message::Error(e.to_string()));
-        let _ = framed.flush();
-    }
-    r
+    // A reader thread reads the stream ahead, decompresses file data and checks its BLAKE3
+    // while this thread does the file system calls.
+    std::thread::scope(|s| {
+        let (reader, mut out) = framed.halves();
+        let (tx, rx) = std::sync::mpsc::sync_channel(READ_AHEAD);
+        s.spawn(move || read_ahead(reader, tx));
+        let mut inbox = Inbox { rx };
+        let r = serve_inner(root, &mut inbox, &mut out, opts, &options);
+        if let Err(e) = &r {
+            let _ = out.send(&Message::Error(e.to_string()));
+            let _ = out.flush();
+        }
+        // The reader stops at its next frame, or at the end of the stream.
+        drop(inbox);
+        r
+    })
 }
 
-fn serve_inner<R: Read, W: Write>(
+/// Frames the receiver's reader thread holds ready ahead of the file system work: at most
+/// this many chunks of at most 1 MiB each (entries with larger chunks are refused when
+/// decoded).
+const READ_AHEAD: usize = 16;
+
+/// A frame as the receiver's reader thread hands it on.
+enum Inbound {
+    /// Any message but `Data`.
+    Msg(Message),
+    /// A chunk, decompressed; `ok` when its length and BLAKE3 are those of a chunk of that
+    /// hash in the write it follows.
+    Data {
+        hash: Hash,
+        bytes: Vec<u8>,
+        ok: bool,
+    },
+}
+
+/// The receiver's reader thread: reads frames and passes them on until the stream ends, a
+/// frame is bad, `Bye` comes or the receiver has gone. The data of a `Write` is decompressed
+/// at most to the size of that write's largest chunk, as the receiver would.
+fn read_ahead<R: Read, W: Write>(
+    mut f: Framed<R, W>,
+    tx: std::sync::mpsc::SyncSender<Result<Inbound, ProtoError>>,
+) {
+    let mut expect: std::collections::HashMap<Hash, u32> = std::collections::HashMap::new();
+    let mut max = 0usize;
+    loop {
+        let item = match f.recv_data(max) {
+            Ok(Frame::Data { hash, bytes }) => {
+                let ok = expect.get(&hash) == Some(&(bytes.len() as u32))
+                    && u32::try_from(bytes.len()).is_ok()
+                    && Hash::of(&bytes) == hash;
+                Ok(Inbound::Data { hash, bytes, ok })
+            }
+            Ok(Frame::Other(m)) => {
+                if let Message::Apply(op) = &m {
+                    expect.clear();
+                    if let Op::Write(e) = op
+                        && let Some(c) = &e.content
+                    {
+                        expect.extend(c.chunk_list().into_iter().map(|(_, c)| (c.hash, c.len)));
+                    }
+                    max = expect.values().copied().max().unwrap_or(0) as usize;
+                }
+                Ok(Inbound::Msg(m))
+            }
+            Err(e) => Err(e),
+        };
+        let last = matches!(item, Err(_) | Ok(Inbound::Msg(Message::Bye)));
+        if tx.send(item).is_err() || last {
+            return;
+        }
+    }
+}
+
+/// The receiving end of the reader thread's channel.
+struct Inbox {
+    rx: std::sync::mpsc::Receiver<Result<Inbound, ProtoError>>,
+}
+
+impl Inbox {
+    /// The next frame.
+    fn next(&mut self) -> Result<Inbound, ProtoError> {
+        self.rx.recv().unwrap_or_else(|_| {
+            Err(ProtoError::Io(std::io::Error::other(
+                "stream reader stopped",
+            )))
+        })
+    }
+    /// The next frame, which must not be `Data`.
+    fn recv(&mut self) -> Result<Message, ProtoError> {
+        match self.next()? {
+            Inbound::Msg(m) => Ok(m),
+            Inbound::Data { hash, .. } => Err(data_out_of_place(&hash)),
+        }
+    }
+}
+
+fn data_out_of_place(hash: &Hash) -> ProtoError {
+    ProtoError::Unexpected(format!("data of chunk {hash:?}"))
+}
+
+fn serve_inner<W: Write>(
     root: &Path,
-    framed: &mut Framed<R, W>,
+    inbox: &mut Inbox,
+    framed: &mut Framed<std::io::Empty, W>,
     opts: &ServeOptions,
     options: &RunOptions,
 ) -> Result<(), SyncError> {
     let mut recv: Option<Receiver> = None;
     loop {
-        let m = match framed.recv() {
+        let m = match inbox.recv() {
             Ok(m) => m,
             Err(ProtoError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                 return Ok(());
@@ -98,7 +194,7 @@ fn serve_inner<R: Read, W: Write>(
                 )?;
                 let mut child = child;
                 child.sort();
-                answer_ranges(framed, &child)?;
+                answer_ranges(inbox, framed, &child)?;
                 recv = Some(Receiver::new(
                     root,
                     &child,
@@ -117,14 +213,14 @@ fn serve_inner<R: Read, W: Write>(
                 let res = match &op {
                     Op::Write(e) => {
                         let mut data = |h: &Hash, len: u32| -> Result<Incoming, SyncError> {
-                            match framed.recv_data(len as usize)? {
-                                Frame::Data { hash, bytes } if hash == *h => {
-                                    if bytes.len() != len as usize || Hash::of(&bytes) != *h {
+                            match inbox.next()? {
+                                Inbound::Data { hash, bytes, ok } if hash == *h => {
+                                    if !ok || bytes.len() != len as usize {
                                         return Err(SyncError::BadData(e.path.clone()));
                                     }
                                     Ok(Incoming::Bytes(bytes))
                                 }
-                                Frame::Other(Message::Delta {
+                                Inbound::Msg(Message::Delta {
                                     hash,
                                     block,
                                     ops,
@@ -134,10 +230,10 @@ fn serve_inner<R: Read, W: Write>(
                                     ops,
                                     literals: decompress(&literals, len as usize)?,
                                 }),
-                                Frame::Data { hash, .. } => Err(SyncError::Proto(
-                                    ProtoError::Unexpected(format!("data of chunk {hash:?}")),
-                                )),
-                                Frame::Other(m) => Err(unexpected(&m)),
+                                Inbound::Data { hash, .. } => {
+                                    Err(SyncError::Proto(data_out_of_place(&hash)))
+                                }
+                                Inbound::Msg(m) => Err(unexpected(&m)),
                             }
                         };
                         r.report.ops += 1;
@@ -233,13 +329,14 @@ pub enum Progress {
 /// The child's side of the range exchange (see [`crate::ranges`]): reads the master's
 /// range digests (at most [`crate::ranges::MAX_RANGES`]), sends the bitmap of the ranges it
 /// holds and its entries of the others. `child` is sorted.
-fn answer_ranges<R: Read, W: Write>(
-    framed: &mut Framed<R, W>,
+fn answer_ranges<W: Write>(
+    inbox: &mut Inbox,
+    framed: &mut Framed<std::io::Empty, W>,
     child: &Manifest,
 ) -> Result<(), SyncError> {
     let mut digests = Vec::new();
     let (key, k) = loop {
-        match framed.recv()? {
+        match inbox.recv()? {
             Message::RangeDigests(d) => {
                 if digests.len() + d.len() > crate::ranges::MAX_RANGES {
                     return Err(ProtoError::Decode(format!(

@@ -961,3 +961,62 @@ fn push_to_a_child_of_another_version_fails_clearly() {
     assert!(matches!(sent.recv().unwrap(), Message::Hello { version, .. } if version == VERSION));
     assert!(matches!(sent.recv().unwrap(), Message::Scan));
 }
+
+/// The receiver's reader thread checks data before the file system sees it: a chunk whose
+/// bytes do not match its hash, or a `Data` frame where no write expects one, ends the run
+/// with an error and leaves no file behind.
+#[test]
+fn forged_or_stray_data_is_refused_by_the_receiver() {
+    let good = b"the real content of the file\n".to_vec();
+    let hash = corral_sync::manifest::Hash::of(&good);
+    let forged = corral_sync::proto::compress(b"something else entirely\n");
+    let t = tempfile::tempdir().unwrap();
+    let e = hostile(
+        t.path(),
+        vec![
+            Message::Apply(Op::Write(file_entry("f", &good))),
+            Message::Data {
+                hash,
+                payload: forged.clone(),
+            },
+            Message::Finish,
+        ],
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e, corral_sync::SyncError::BadData(ref p) if p == "f"),
+        "{e}"
+    );
+    assert!(!t.path().join("f").exists());
+
+    let t = tempfile::tempdir().unwrap();
+    let e = hostile(
+        t.path(),
+        vec![
+            Message::Data {
+                hash,
+                payload: corral_sync::proto::compress(&good),
+            },
+            Message::Finish,
+        ],
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("data"), "{e}");
+    assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 0);
+
+    // The same frames with the right bytes write the file.
+    let t = tempfile::tempdir().unwrap();
+    hostile(
+        t.path(),
+        vec![
+            Message::Apply(Op::Write(file_entry("f", &good))),
+            Message::Data {
+                hash,
+                payload: corral_sync::proto::compress(&good),
+            },
+            Message::Finish,
+        ],
+    )
+    .unwrap();
+    assert_eq!(std::fs::read(t.path().join("f")).unwrap(), good);
+}

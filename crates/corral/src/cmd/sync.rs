@@ -294,7 +294,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<Code> {
         )));
     }
     let mut f = Framed::new(
-        std::io::BufReader::with_capacity(1 << 20, std::io::stdin().lock()),
+        std::io::BufReader::with_capacity(1 << 20, std::io::stdin()),
         std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock()),
     );
     let opts = ServeOptions {
