@@ -600,19 +600,9 @@ fn place(
     Ok((record, start))
 }
 
-/// Tells each job's waiter the outcome; records how long it took to become durable.
+/// Tells each job's waiter the outcome (journal mode); see [`complete_jobs`].
 fn finish(jobs: Vec<Job>, result: &Result<(), String>, stats: &Mutex<JournalStats>) {
-    let now = Instant::now();
-    if let Ok(mut st) = stats.lock() {
-        for j in &jobs {
-            st.durable.record(now - j.queued);
-        }
-    }
-    for j in jobs {
-        if let Some(d) = j.done {
-            let _ = d.send(result.clone());
-        }
-    }
+    complete_jobs(jobs, result, stats, |st| &mut st.durable);
 }
 
 /// Brings the store up to date behind the journal: commits the journaled changes in sequence
@@ -816,12 +806,24 @@ fn run(
     }
 }
 
-/// Tells each job's waiter the outcome; records how long its changes took to become durable.
+/// Tells each job's waiter the outcome (WAL and full modes); see [`complete_jobs`].
 fn complete(jobs: Vec<Job>, result: &Result<(), String>, stats: &Mutex<Stats>) {
+    complete_jobs(jobs, result, stats, |st| &mut st.durable);
+}
+
+/// Records in `durable(stats)` how long each job took to become durable, then tells each
+/// job's waiter the outcome (the lock is not held while they are told).
+fn complete_jobs<S>(
+    jobs: Vec<Job>,
+    result: &Result<(), String>,
+    stats: &Mutex<S>,
+    durable: impl Fn(&mut S) -> &mut Histogram,
+) {
     let now = Instant::now();
     if let Ok(mut st) = stats.lock() {
+        let h = durable(&mut st);
         for j in &jobs {
-            st.durable.record(now - j.queued);
+            h.record(now - j.queued);
         }
     }
     for j in jobs {
