@@ -134,6 +134,12 @@ pub enum ManifestError {
     /// The block hashes do not merge into the image hash.
     #[error("manifest block hashes do not make up its image hash")]
     ImageHash,
+    /// A block flagged as all zero does not have the hash of zeros.
+    #[error("manifest flags block {index} as all zero but its hash is not the hash of zeros")]
+    ZeroBlockHash {
+        /// The block's index.
+        index: u32,
+    },
     /// The signing key bytes are not a valid Ed25519 public key.
     #[error("manifest public key is not a valid Ed25519 key")]
     BadPublicKey,

@@ -168,6 +168,7 @@ impl Manifest {
             image_hash,
         };
         m.validate()?;
+        m.check_zero_blocks()?;
         Ok(m)
     }
 
@@ -175,6 +176,35 @@ impl Manifest {
         self.validate_shape()?;
         if self.merged_image_hash() != self.image_hash {
             return Err(ManifestError::ImageHash);
+        }
+        Ok(())
+    }
+
+    /// Checks that every block flagged as all zero has the hash of zeros at its place. A
+    /// receiver writes zeros for such a block without receiving it and counts its hash from
+    /// the manifest into the final check, so without this a wrong flag (a buggy sender) would
+    /// put zeros on the disk where data belongs and still pass.
+    ///
+    /// Costs one hash pass over the zero bytes (no I/O), which can be large for a mostly empty
+    /// disk, so [`Manifest::decode`] does not do it: a receiver calls it once, after it has
+    /// authenticated the manifest (so a forger cannot make it hash terabytes of zeros).
+    /// [`Manifest::build`] calls it.
+    pub fn check_zero_blocks(&self) -> Result<(), ManifestError> {
+        let Some(first) = self.blocks.iter().position(|b| b.zero) else {
+            return Ok(());
+        };
+        // At most one block size of zeros (64 MiB at most; calloc'd, so untouched pages
+        // cost nothing).
+        let zeros = vec![0u8; self.block_size as usize];
+        for i in first..self.blocks.len() {
+            if !self.blocks[i].zero {
+                continue;
+            }
+            let index = i as u32;
+            let len = self.block_len(index) as usize;
+            if self.hash_block(index, &zeros[..len]) != self.blocks[i].hash {
+                return Err(ManifestError::ZeroBlockHash { index });
+            }
         }
         Ok(())
     }
@@ -788,6 +818,52 @@ mod tests {
             Manifest::decode(&m.encode()),
             Err(ManifestError::ImageHash)
         ));
+    }
+
+    #[test]
+    fn zero_flag_on_a_block_that_is_not_zero_is_rejected() {
+        // A sender that flags a data block as zero, with the data's true hash: the hashes
+        // still merge into the image hash, so only the zero check catches it.
+        let mut m = sample();
+        m.blocks[0].zero = true;
+        assert_eq!(m.merged_image_hash(), m.image_hash);
+        let decoded = Manifest::decode(&m.encode()).unwrap();
+        assert!(matches!(
+            decoded.check_zero_blocks(),
+            Err(ManifestError::ZeroBlockHash { index: 0 })
+        ));
+        assert!(matches!(
+            Manifest::build(
+                m.session,
+                m.image_size,
+                m.block_size,
+                m.symbol_size,
+                m.compression,
+                m.blocks.clone(),
+                m.image_hash
+            ),
+            Err(ManifestError::ZeroBlockHash { index: 0 })
+        ));
+        // The short last block too.
+        let mut m = sample();
+        m.blocks[2].zero = true;
+        assert!(matches!(
+            m.check_zero_blocks(),
+            Err(ManifestError::ZeroBlockHash { index: 2 })
+        ));
+        // A true zero block at any place, including a short last one, is accepted.
+        let mut b = ManifestBuilder::new(SessionId(1), 2048, 1024, Compression::default());
+        b.push_block(&[3u8; 2048]);
+        b.push_block(&[0u8; 2048]);
+        b.push_block(&[0u8; 1500]);
+        let m = b.finish().unwrap();
+        assert!(m.blocks[1].zero && m.blocks[2].zero);
+        m.check_zero_blocks().unwrap();
+        let mut b = ManifestBuilder::new(SessionId(1), 2048, 1024, Compression::default());
+        b.push_block(&[0u8; 2000]);
+        let only = b.finish().unwrap();
+        assert!(only.blocks[0].zero);
+        only.check_zero_blocks().unwrap();
     }
 
     #[test]

@@ -514,6 +514,9 @@ impl Receiver {
                     expected: sess,
                 });
             }
+            // Only now (authenticated, our session): zero blocks are never sent, so their
+            // flags must be right before they count as verified.
+            s.manifest().check_zero_blocks()?;
             Ok(s)
         });
         match res {
@@ -1385,6 +1388,42 @@ mod tests {
         assert_eq!(ready[1].1.as_deref(), Some(&d[2048..3072]));
         assert!(ev.contains(&ReceiverEvent::AllBlocksReady));
         assert!(r.missing_blocks().is_empty());
+    }
+
+    #[test]
+    fn signed_manifest_flagging_a_data_block_as_zero_is_rejected() {
+        // A trusted but buggy sender flags data block 0 as zero (with its true hash, so the
+        // hashes still merge into the image hash): the receiver must not take zeros for it.
+        let mut b = ManifestBuilder::new(SessionId(1), 1024, 104, Compression::None);
+        for c in data().chunks(1024) {
+            b.push_block(c);
+        }
+        let mut m = b.finish().unwrap();
+        m.blocks[0].zero = true;
+        let bad = SignedManifest::sign(m, &KEY);
+        let now = t0();
+        let mut r = Receiver::new(
+            ReceiverConfig {
+                name: "t".into(),
+                trusted_key: Some(SignedManifest::public_key_for(&KEY)),
+                ..ReceiverConfig::default()
+            },
+            now,
+        );
+        assert!(matches!(
+            r.accept_manifest_bytes(bad.as_bytes()),
+            Err(ManifestError::ZeroBlockHash { index: 0 })
+        ));
+        assert!(r.manifest().is_none());
+        assert!(
+            !events(&mut r)
+                .iter()
+                .any(|e| matches!(e, ReceiverEvent::BlockReady { .. }))
+        );
+        // The honest manifest is then accepted.
+        r.accept_manifest_bytes(signed(SessionId(1)).as_bytes())
+            .unwrap();
+        assert!(r.manifest().is_some());
     }
 
     fn data_pkt<'a>(enc: &EncodedBlock, block: u32, esi: u16, sym: &'a [u8]) -> Data<'a> {
