@@ -31,12 +31,14 @@
 mod error;
 mod journal;
 mod latency;
+pub mod metrics;
 mod persist;
 mod socket;
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use corral_dhcp_proto::{Datagram, Port, Reply, Reservation, Server, ServerConfig, Step};
@@ -116,49 +118,6 @@ pub fn server_config(
     c
 }
 
-/// The service's own answer times, from the moment a request left the socket's queue to the
-/// moment its reply was handed to the kernel (so without the client's scheduling), logged when
-/// the service stops: replies that changed no lease (OFFER, proxy answers, INFORM) apart from
-/// those that waited for a durable lease (ACK of a new or renewed lease).
-#[derive(Default)]
-struct Answers {
-    received: u64,
-    immediate: latency::Histogram,
-    durable: latency::Histogram,
-    /// Requests that need no reply (RELEASE, DECLINE) or were ignored (not for us, malformed).
-    no_reply: u64,
-    /// Replies withheld because their lease could not be stored durably.
-    unstored: u64,
-}
-
-impl Answers {
-    fn log(&self, interface: &str) {
-        tracing::info!(
-            interface,
-            received = self.received,
-            no_reply = self.no_reply,
-            unstored = self.unstored,
-            immediate = self.immediate.count(),
-            immediate_ms_p50 = self.immediate.percentile_ms(50),
-            immediate_ms_p99 = self.immediate.percentile_ms(99),
-            immediate_ms_max = self.immediate.percentile_ms(100),
-            after_durable = self.durable.count(),
-            after_durable_ms_p50 = self.durable.percentile_ms(50),
-            after_durable_ms_p99 = self.durable.percentile_ms(99),
-            after_durable_ms_max = self.durable.percentile_ms(100),
-            "DHCP answer times"
-        );
-    }
-}
-
-type SharedAnswers = Arc<Mutex<Answers>>;
-
-fn note(answers: &SharedAnswers, f: impl FnOnce(&mut Answers)) {
-    if let Ok(mut a) = answers.lock() {
-        f(&mut a);
-    }
-}
-
 fn now() -> UnixMillis {
     UnixMillis::from_system_time(SystemTime::now())
 }
@@ -194,9 +153,10 @@ pub async fn serve(
         &config.interface,
         config.port,
     ));
+    let metrics = metrics::register(&config.interface);
     let writer = match &config.store {
         Some(path) => {
-            let (w, leases) = persist::LeaseWriter::open(path)?;
+            let (w, leases) = persist::LeaseWriter::open(path, metrics.clone())?;
             tracing::info!(path = %path.display(), leases = leases.len(), "DHCP leases loaded");
             server.load_leases(leases);
             Some(w)
@@ -212,7 +172,6 @@ pub async fn serve(
     );
     let mut buf = vec![0u8; 65536];
     let mut buf2 = vec![0u8; 65536];
-    let answers = SharedAnswers::default();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -241,7 +200,7 @@ pub async fn serve(
             }
         };
         let received_at = Instant::now();
-        note(&answers, |a| a.received += 1);
+        metrics.received.fetch_add(1, Ordering::Relaxed);
         let SocketAddr::V4(src) = src else { continue };
         // Hot reload: the handle's current site is one atomic load.
         let current = config.site.current();
@@ -268,7 +227,7 @@ pub async fn serve(
         let out = Out {
             sock: &sock,
             pxe: pxe.as_ref(),
-            answers: &answers,
+            metrics: &metrics,
             received_at,
         };
         dispatch(step, t, out, writer.as_ref(), &policy);
@@ -277,9 +236,7 @@ pub async fn serve(
     if let Some(w) = writer {
         let _ = tokio::task::spawn_blocking(move || drop(w)).await;
     }
-    if let Ok(a) = answers.lock() {
-        a.log(&config.interface);
-    }
+    metrics.log();
     tracing::info!(interface = %config.interface, "DHCP service stopped");
     Ok(())
 }
@@ -309,7 +266,7 @@ fn transient(e: &std::io::Error) -> bool {
 struct Out<'a> {
     sock: &'a Arc<UdpSocket>,
     pxe: Option<&'a Arc<UdpSocket>>,
-    answers: &'a SharedAnswers,
+    metrics: &'a Arc<metrics::DhcpMetrics>,
     received_at: Instant,
 }
 
@@ -324,7 +281,7 @@ fn dispatch(
         Some(Port::Pxe) => o.pxe.unwrap_or(o.sock).clone(),
         _ => o.sock.clone(),
     };
-    let (answers, received_at) = (o.answers.clone(), o.received_at);
+    let (m, received_at) = (o.metrics.clone(), o.received_at);
     match (writer, step.persist.is_empty()) {
         (Some(w), false) => {
             let (tx, rx) = tokio::sync::oneshot::channel();
@@ -332,13 +289,16 @@ fn dispatch(
             let policy = policy.clone();
             tokio::spawn(async move {
                 match rx.await {
-                    Ok(Ok(())) => {
+                    Ok(Ok(stamps)) => {
+                        let resumed = Instant::now();
                         match &step.reply {
                             Some(r) => {
                                 send(&out, r).await;
-                                note(&answers, |a| a.durable.record(received_at.elapsed()));
+                                m.record_ack(received_at, &stamps, resumed, Instant::now());
                             }
-                            None => note(&answers, |a| a.no_reply += 1),
+                            None => {
+                                m.no_reply.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
                         for e in step.events {
                             policy.on_event(e);
@@ -349,7 +309,7 @@ fn dispatch(
                             Ok(Err(msg)) => msg,
                             _ => "lease writer stopped".into(),
                         };
-                        note(&answers, |a| a.unstored += 1);
+                        m.unstored.fetch_add(1, Ordering::Relaxed);
                         // No durable lease, no ACK: the client retries, and nobody is told
                         // an address we could lose on a crash.
                         for mut e in step.events {
@@ -369,11 +329,11 @@ fn dispatch(
                 Some(r) => {
                     // The socket is non-blocking with a large send buffer: try inline first.
                     match out.try_send_to(&r.bytes, r.dest.into()) {
-                        Ok(_) => note(&answers, |a| a.immediate.record(received_at.elapsed())),
+                        Ok(_) => m.immediate.record(received_at.elapsed()),
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                             tokio::spawn(async move {
                                 send(&out, &r).await;
-                                note(&answers, |a| a.immediate.record(received_at.elapsed()));
+                                m.immediate.record(received_at.elapsed());
                             });
                         }
                         Err(e) => {
@@ -381,7 +341,9 @@ fn dispatch(
                         }
                     }
                 }
-                None => note(&answers, |a| a.no_reply += 1),
+                None => {
+                    m.no_reply.fetch_add(1, Ordering::Relaxed);
+                }
             }
             for e in step.events {
                 policy.on_event(e);
