@@ -131,6 +131,30 @@ sched_diff() {
            if (dc + dw > 1) printf " %s %.0f/%.0f/%d", $2, dc, dw, dn }' "$1" "$2"
 }
 
+# Samples the UDP receive queues of a namespace (/proc/net/udp: bytes of buffers queued, as
+# the kernel accounts them, and drops) every 10 ms for SECS seconds, then prints one summary:
+# whether requests wait in the server's socket before it reads them, or replies in perfdhcp's.
+queue_sampler() { # NS SECS LABEL PORT_HEX (empty: every socket)
+    timeout $(($2 + 10)) ip netns exec "$1" python3 - "$2" "$3" "$4" <<'PY' &
+import sys, time
+secs, label, port = float(sys.argv[1]), sys.argv[2], sys.argv[3]
+qs, drops0, drops1, end = [], None, 0, time.time() + secs
+while time.time() < end:
+    q = d = 0
+    for line in open("/proc/net/udp").readlines()[1:]:
+        f = line.split()
+        p = f[1].split(":")[1]
+        if not port or p == port:
+            q += int(f[4].split(":")[1], 16); d += int(f[12])
+    qs.append(q); drops0 = d if drops0 is None else drops0; drops1 = d
+    time.sleep(0.01)
+qs.sort()
+k = lambda p: qs[(len(qs) - 1) * p // 100] / 1024
+print("   %s receive queue: p50 %.0f KiB, p99 %.0f KiB, max %.0f KiB (%d samples), drops %d" % (
+    label, k(50), k(99), qs[-1] / 1024, len(qs), drops1 - (drops0 or 0)))
+PY
+}
+
 # perfdhcp DORA at RATE over CLIENTS clients for SECONDS_RUN seconds; prints a result line.
 # One perfdhcp alone on the shared cores delivered only about 4200 of 5000 exchanges/s asked
 # (run 4), so PERF_INSTANCES (default 2) instances share the rate and the clients, each as its
@@ -204,11 +228,15 @@ for srv in $SERVERS; do
     pid=$(start_$srv); sleep 1.5
     cpu0=$(cpu_s "$pid")
     thread_sched "$pid" > "$WORK/sched0"
+    queue_sampler "$NS_S" "$SECONDS_RUN" "server socket (port 67)" 0043 > "$WORK/q-server"
+    queue_sampler "$NS_C" "$SECONDS_RUN" "perfdhcp sockets" "" > "$WORK/q-client"
     RESULTS+=("$(run_perf $srv)")
+    wait
     cpu1=$(cpu_s "$pid")
     thread_sched "$pid" > "$WORK/sched1"
     echo "${RESULTS[-1]}"
     echo "   server threads (CPU ms/run-queue wait ms/slices):$(sched_diff "$WORK/sched0" "$WORK/sched1")"
+    cat "$WORK/q-server" "$WORK/q-client"
     # Server CPU per exchange: less sensitive to other load on the machine than the rate.
     awk -v a="$cpu0" -v b="$cpu1" -v r="$(awk '{ print $2 }' <<<"${RESULTS[-1]}")" -v t="$SECONDS_RUN" \
         'BEGIN { c = b - a; n = r * t; printf "   server CPU %.2f s = %.1f us per exchange\n", c, (n > 0 ? c / n * 1e6 : 0) }'

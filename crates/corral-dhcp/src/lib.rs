@@ -154,6 +154,11 @@ pub async fn serve(
         config.port,
     ));
     let metrics = metrics::register(&config.interface);
+    // The lease writer's threads send ACKs themselves, through duplicates of the sockets
+    // (the same open files: non-blocking, bound to the interface, broadcast allowed).
+    let dup = |s: &UdpSocket| socket2::SockRef::from(s).try_clone().ok().map(Arc::new);
+    let direct = dup(&sock);
+    let pxe_direct = pxe.as_deref().and_then(dup);
     let writer = match &config.store {
         Some(path) => {
             let (w, leases) = persist::LeaseWriter::open(path, metrics.clone())?;
@@ -227,6 +232,8 @@ pub async fn serve(
         let out = Out {
             sock: &sock,
             pxe: pxe.as_ref(),
+            direct: direct.as_ref(),
+            pxe_direct: pxe_direct.as_ref(),
             metrics: &metrics,
             received_at,
         };
@@ -266,6 +273,10 @@ fn transient(e: &std::io::Error) -> bool {
 struct Out<'a> {
     sock: &'a Arc<UdpSocket>,
     pxe: Option<&'a Arc<UdpSocket>>,
+    /// Duplicates of `sock` and `pxe` for the lease writer's threads (see
+    /// [`persist::DirectReply`]); `None` where the duplicate could not be made.
+    direct: Option<&'a Arc<socket2::Socket>>,
+    pxe_direct: Option<&'a Arc<socket2::Socket>>,
     metrics: &'a Arc<metrics::DhcpMetrics>,
     received_at: Instant,
 }
@@ -285,16 +296,34 @@ fn dispatch(
     match (writer, step.persist.is_empty()) {
         (Some(w), false) => {
             let (tx, rx) = tokio::sync::oneshot::channel();
-            w.submit(&step.persist, t, Some(tx));
+            let direct = step.reply.as_ref().and_then(|r| {
+                let sock = match r.via {
+                    Port::Pxe => o.pxe_direct,
+                    Port::Dhcp => o.direct,
+                }?;
+                Some(persist::DirectReply {
+                    sock: sock.clone(),
+                    bytes: r.bytes.clone(),
+                    dest: r.dest,
+                })
+            });
+            w.submit_with_reply(&step.persist, t, Some(tx), direct);
             let policy = policy.clone();
             tokio::spawn(async move {
                 match rx.await {
                     Ok(Ok(stamps)) => {
-                        let resumed = Instant::now();
                         match &step.reply {
                             Some(r) => {
-                                send(&out, r).await;
-                                m.record_ack(received_at, &stamps, resumed, Instant::now());
+                                let (started, sent) = match stamps.sent {
+                                    // The writer thread sent it the moment it was durable.
+                                    Some(s) => s,
+                                    None => {
+                                        let started = Instant::now();
+                                        send(&out, r).await;
+                                        (started, Instant::now())
+                                    }
+                                };
+                                m.record_ack(received_at, &stamps, started, sent);
                             }
                             None => {
                                 m.no_reply.fetch_add(1, Ordering::Relaxed);

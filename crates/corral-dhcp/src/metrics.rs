@@ -11,7 +11,7 @@
 //! | `requests_received_total` | counter | datagrams read from the DHCP and PXE sockets |
 //! | `requests_unanswered_total{reason}` | counter | `no_reply`: nothing to answer (RELEASE, DECLINE, not for us, malformed); `unstored`: the lease could not be made durable, so no ACK |
 //! | `reply_seconds{path}` | histogram | receive to send, in the server: `immediate` (OFFER, NAK, INFORM, proxy answers: no lease written) and `durable` (an ACK, sent after its lease is in the journal) |
-//! | `ack_stage_seconds{stage}` | histogram | each durable reply's time by stage: `decide` (receive to the lease change handed to the writer), `queue` (until a journal writer took it), `batch` (until its record's write started: batching, encoding, waiting for journal space), `journal_write` (its record's `O_DSYNC` write), `complete` (write returned to the answering task running again), `send` (to the reply handed to the kernel) |
+//! | `ack_stage_seconds{stage}` | histogram | each durable reply's time by stage: `decide` (receive to the lease change handed to the writer), `queue` (until a journal writer took it), `batch` (until its record's write started: batching, encoding, waiting for journal space), `journal_write` (its record's `O_DSYNC` write), `complete` (write returned to the reply's send starting: the other replies of its batch, sent first, or the wake-up of the packet loop when the writer could not send it), `send` (the send itself) |
 //! | `journal_write_seconds` | histogram | each journal record's `O_DSYNC` write (one per batch of ACKs) |
 //! | `journal_records_total`, `journal_lease_changes_total`, `journal_space_waits_total` | counter | records written, lease changes in them, and records that waited for the store to free journal blocks |
 //! | `store_seconds{op}` | histogram | the applier's work behind the journal, off every ACK's path: `commit` into SQLite, `sync` (WAL fdatasync), `checkpoint` |
@@ -83,6 +83,8 @@ pub(crate) struct Stamps {
     pub(crate) write_start: Instant,
     /// Durable.
     pub(crate) write_end: Instant,
+    /// When the writer thread started and finished sending the reply itself, if it did.
+    pub(crate) sent: Option<(Instant, Instant)>,
 }
 
 impl DhcpMetrics {
@@ -95,7 +97,7 @@ impl DhcpMetrics {
     }
 
     /// One durable reply sent at `sent`: its stages, from the writer's `stamps` and the
-    /// answering task's `received`, `resumed` and `sent`.
+    /// answering task's `received`, `resumed` (its send started) and `sent`.
     pub(crate) fn record_ack(
         &self,
         received: Instant,
@@ -330,6 +332,7 @@ mod tests {
             taken: t0 + Duration::from_micros(150),
             write_start: t0 + Duration::from_micros(200),
             write_end: t0 + Duration::from_micros(1200),
+            sent: None,
         };
         m.record_ack(
             t0,
