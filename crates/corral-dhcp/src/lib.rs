@@ -122,11 +122,55 @@ fn now() -> UnixMillis {
     UnixMillis::from_system_time(SystemTime::now())
 }
 
-/// Runs the DHCP service until `cancel` fires.
+/// Runs the DHCP service until `cancel` fires (or this future is dropped).
+///
+/// The packets are read, decided and answered on a thread of the service's own (a
+/// single-threaded runtime), not on the caller's runtime: a request never waits behind other
+/// tasks, and where the process may raise priorities (root or `CAP_SYS_NICE`, as a server
+/// on port 67 usually runs) that thread and the lease journal's writers run at nice
+/// [`PACKET_NICE`], ahead of the store's background work (nice 10) and of other programs on
+/// the machine (bench/dhcp run 13: under load most of an answer's time was requests waiting
+/// in the socket for the packet loop to get a CPU).
 ///
 /// Fails at start when a socket cannot be bound (missing interface, port in use, no
 /// privilege) or the lease store cannot be opened; afterwards only on a receive error.
 pub async fn serve(
+    config: DhcpConfig,
+    policy: Arc<dyn BootPolicy>,
+    cancel: CancellationToken,
+) -> Result<(), DhcpError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    // Dropping this future stops the service too.
+    let stop = cancel.clone().drop_guard();
+    std::thread::Builder::new()
+        .name("dhcp-packets".into())
+        .spawn(move || {
+            if !persist::set_thread_nice(PACKET_NICE) {
+                tracing::debug!("the DHCP packet loop stays at the default priority");
+            }
+            let r = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(DhcpError::PacketThread)
+                .and_then(|rt| rt.block_on(run(config, policy, cancel)));
+            let _ = tx.send(r);
+        })
+        .map_err(DhcpError::PacketThread)?;
+    let r = rx.await.unwrap_or_else(|_| {
+        Err(DhcpError::PacketThread(std::io::Error::other(
+            "the DHCP packet thread stopped unexpectedly",
+        )))
+    });
+    stop.disarm();
+    r
+}
+
+/// The nice value of the packet loop's thread and the journal writers, where the process may
+/// raise priorities: they are what an answer waits for, mostly blocked, and little CPU.
+pub const PACKET_NICE: i32 = -5;
+
+/// The service itself, on its own thread (see [`serve`]).
+async fn run(
     config: DhcpConfig,
     policy: Arc<dyn BootPolicy>,
     cancel: CancellationToken,

@@ -342,10 +342,11 @@ const APPLIER_NICE: i32 = 10;
 /// mostly blocked in its write, so a higher priority costs other work little and lets a
 /// writer run the moment a job or its write's completion arrives. Left at the default
 /// otherwise.
-const WRITER_NICE: i32 = -5;
+const WRITER_NICE: i32 = crate::PACKET_NICE;
 
-/// Sets the calling thread's nice value (Linux: `setpriority(PRIO_PROCESS, 0)` is per thread).
-fn set_thread_nice(nice: i32) -> bool {
+/// Sets the calling thread's nice value (Linux: `setpriority(PRIO_PROCESS, 0)` is per thread);
+/// false when not permitted.
+pub(crate) fn set_thread_nice(nice: i32) -> bool {
     rustix::process::setpriority_process(None, nice).is_ok()
 }
 
