@@ -10,7 +10,8 @@
 //! Persistence goes through a lease journal beside the store (`<store>-leasejournal`): writer
 //! threads append all waiting lease changes as one checksummed record, written in place with
 //! `O_DSYNC` into a preallocated file (several writes may overlap), and the ACKs of a batch go
-//! out only after that write returned; an applier thread brings the store's `dhcp_leases`
+//! out only after that write returned, sent by that writer thread itself; an applier thread
+//! (at a lower priority) brings the store's `dhcp_leases`
 //! table up to date behind it (fsync and checkpoint off every ACK's path). On start the
 //! journal is replayed into the store, then leases are reloaded; expired ones are reclaimed
 //! every second. OFFERs and other replies that change no
@@ -27,6 +28,9 @@
 //!   `CancellationToken`.
 //! - [`server_config`]: the site's `[[dhcp.network]]` and `machines/` as a
 //!   [`corral_dhcp_proto::ServerConfig`] (used by `serve`, public for tests and tools).
+//! - [`metrics::prometheus_text`]: every running service's timings and counters (where an
+//!   answer's time goes, stage by stage) for a `/metrics` endpoint; the table of metrics is in
+//!   [`metrics`].
 
 mod error;
 mod journal;
