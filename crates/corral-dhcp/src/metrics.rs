@@ -172,7 +172,8 @@ pub fn prometheus_text() -> String {
         .map(|r| r.iter().filter_map(Weak::upgrade).collect())
         .unwrap_or_default();
     let mut out = String::new();
-    let counters: [(&str, &str, fn(&DhcpMetrics) -> Vec<(String, u64)>); 5] = [
+    type Counters = fn(&DhcpMetrics) -> Vec<(String, u64)>;
+    let counters: [(&str, &str, Counters); 5] = [
         (
             "requests_received_total",
             "DHCP and PXE datagrams read.",
