@@ -2,8 +2,8 @@
 //! inside the server, readable while it runs as Prometheus text ([`prometheus_text`]) and
 //! logged when it stops.
 //!
-//! Every [`serve`](crate::serve) registers one [`DhcpMetrics`] labelled with its interface;
-//! the histograms are lock-free ([`crate::latency::Histogram`]), so recording costs a few
+//! Every [`serve`](crate::serve) registers its metrics, labelled with its interface;
+//! the histograms are lock-free (fixed log-linear buckets of atomics), so recording costs a few
 //! atomic additions on the packet path. The names, all prefixed `corral_dhcp_`:
 //!
 //! | metric | type | what |
