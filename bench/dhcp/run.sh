@@ -117,6 +117,44 @@ cpu_s() {
     awk -v hz="$(getconf CLK_TCK)" '{ printf "%.3f", ($14 + $15) / hz }' "/proc/$1/stat" 2>/dev/null || echo 0
 }
 
+# Per-thread scheduling of a server (tid, name, then /proc/PID/task/TID/schedstat: ns on CPU,
+# ns waiting on a run queue, timeslices), to tell a slow disk from threads that wait for a core.
+thread_sched() {
+    for t in /proc/"$1"/task/*; do
+        printf '%s %s %s\n' "${t##*/}" "$(tr ' ' '_' < "$t/comm")" "$(cat "$t/schedstat")"
+    done 2>/dev/null
+}
+# Differences of two thread_sched snapshots, per thread: CPU ms, run-queue wait ms, slices.
+sched_diff() {
+    awk 'NR == FNR { c[$1] = $3; w[$1] = $4; n[$1] = $5; next }
+         { dc = ($3 - c[$1]) / 1e6; dw = ($4 - w[$1]) / 1e6; dn = $5 - n[$1]
+           if (dc + dw > 1) printf " %s %.0f/%.0f/%d", $2, dc, dw, dn }' "$1" "$2"
+}
+
+# Samples the UDP receive queues of a namespace (/proc/net/udp: bytes of buffers queued, as
+# the kernel accounts them, and drops) every 10 ms for SECS seconds, then prints one summary:
+# whether requests wait in the server's socket before it reads them, or replies in perfdhcp's.
+queue_sampler() { # NS SECS LABEL PORT_HEX (empty: every socket)
+    timeout $(($2 + 10)) ip netns exec "$1" python3 - "$2" "$3" "$4" <<'PY' &
+import sys, time
+secs, label, port = float(sys.argv[1]), sys.argv[2], sys.argv[3]
+qs, drops0, drops1, end = [], None, 0, time.time() + secs
+while time.time() < end:
+    q = d = 0
+    for line in open("/proc/net/udp").readlines()[1:]:
+        f = line.split()
+        p = f[1].split(":")[1]
+        if not port or p == port:
+            q += int(f[4].split(":")[1], 16); d += int(f[12])
+    qs.append(q); drops0 = d if drops0 is None else drops0; drops1 = d
+    time.sleep(0.01)
+qs.sort()
+k = lambda p: qs[(len(qs) - 1) * p // 100] / 1024
+print("   %s receive queue: p50 %.0f KiB, p99 %.0f KiB, max %.0f KiB (%d samples), drops %d" % (
+    label, k(50), k(99), qs[-1] / 1024, len(qs), drops1 - (drops0 or 0)))
+PY
+}
+
 # perfdhcp DORA at RATE over CLIENTS clients for SECONDS_RUN seconds; prints a result line.
 # One perfdhcp alone on the shared cores delivered only about 4200 of 5000 exchanges/s asked
 # (run 4), so PERF_INSTANCES (default 2) instances share the rate and the clients, each as its
@@ -189,9 +227,16 @@ for srv in $SERVERS; do
     sync
     pid=$(start_$srv); sleep 1.5
     cpu0=$(cpu_s "$pid")
+    thread_sched "$pid" > "$WORK/sched0"
+    queue_sampler "$NS_S" "$SECONDS_RUN" "server socket (port 67)" 0043 > "$WORK/q-server"
+    queue_sampler "$NS_C" "$SECONDS_RUN" "perfdhcp sockets" "" > "$WORK/q-client"
     RESULTS+=("$(run_perf $srv)")
+    wait
     cpu1=$(cpu_s "$pid")
+    thread_sched "$pid" > "$WORK/sched1"
     echo "${RESULTS[-1]}"
+    echo "   server threads (CPU ms/run-queue wait ms/slices):$(sched_diff "$WORK/sched0" "$WORK/sched1")"
+    cat "$WORK/q-server" "$WORK/q-client"
     # Server CPU per exchange: less sensitive to other load on the machine than the rate.
     awk -v a="$cpu0" -v b="$cpu1" -v r="$(awk '{ print $2 }' <<<"${RESULTS[-1]}")" -v t="$SECONDS_RUN" \
         'BEGIN { c = b - a; n = r * t; printf "   server CPU %.2f s = %.1f us per exchange\n", c, (n > 0 ? c / n * 1e6 : 0) }'

@@ -55,4 +55,7 @@ pub enum DhcpError {
     /// The lease writer thread could not be started.
     #[error("starting the lease writer thread: {0}")]
     Thread(#[source] std::io::Error),
+    /// The service's packet thread or its runtime could not be started, or it died.
+    #[error("the DHCP packet thread: {0}")]
+    PacketThread(#[source] std::io::Error),
 }

@@ -10,7 +10,8 @@
 //! Persistence goes through a lease journal beside the store (`<store>-leasejournal`): writer
 //! threads append all waiting lease changes as one checksummed record, written in place with
 //! `O_DSYNC` into a preallocated file (several writes may overlap), and the ACKs of a batch go
-//! out only after that write returned; an applier thread brings the store's `dhcp_leases`
+//! out only after that write returned, sent by that writer thread itself; an applier thread
+//! (at a lower priority) brings the store's `dhcp_leases`
 //! table up to date behind it (fsync and checkpoint off every ACK's path). On start the
 //! journal is replayed into the store, then leases are reloaded; expired ones are reclaimed
 //! every second. OFFERs and other replies that change no
@@ -27,16 +28,21 @@
 //!   `CancellationToken`.
 //! - [`server_config`]: the site's `[[dhcp.network]]` and `machines/` as a
 //!   [`corral_dhcp_proto::ServerConfig`] (used by `serve`, public for tests and tools).
+//! - [`metrics::prometheus_text`]: every running service's timings and counters (where an
+//!   answer's time goes, stage by stage) for a `/metrics` endpoint; the table of metrics is in
+//!   [`metrics`].
 
 mod error;
 mod journal;
 mod latency;
+pub mod metrics;
 mod persist;
 mod socket;
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use corral_dhcp_proto::{Datagram, Port, Reply, Reservation, Server, ServerConfig, Step};
@@ -116,58 +122,59 @@ pub fn server_config(
     c
 }
 
-/// The service's own answer times, from the moment a request left the socket's queue to the
-/// moment its reply was handed to the kernel (so without the client's scheduling), logged when
-/// the service stops: replies that changed no lease (OFFER, proxy answers, INFORM) apart from
-/// those that waited for a durable lease (ACK of a new or renewed lease).
-#[derive(Default)]
-struct Answers {
-    received: u64,
-    immediate: latency::Histogram,
-    durable: latency::Histogram,
-    /// Requests that need no reply (RELEASE, DECLINE) or were ignored (not for us, malformed).
-    no_reply: u64,
-    /// Replies withheld because their lease could not be stored durably.
-    unstored: u64,
-}
-
-impl Answers {
-    fn log(&self, interface: &str) {
-        tracing::info!(
-            interface,
-            received = self.received,
-            no_reply = self.no_reply,
-            unstored = self.unstored,
-            immediate = self.immediate.count(),
-            immediate_ms_p50 = self.immediate.percentile_ms(50),
-            immediate_ms_p99 = self.immediate.percentile_ms(99),
-            immediate_ms_max = self.immediate.percentile_ms(100),
-            after_durable = self.durable.count(),
-            after_durable_ms_p50 = self.durable.percentile_ms(50),
-            after_durable_ms_p99 = self.durable.percentile_ms(99),
-            after_durable_ms_max = self.durable.percentile_ms(100),
-            "DHCP answer times"
-        );
-    }
-}
-
-type SharedAnswers = Arc<Mutex<Answers>>;
-
-fn note(answers: &SharedAnswers, f: impl FnOnce(&mut Answers)) {
-    if let Ok(mut a) = answers.lock() {
-        f(&mut a);
-    }
-}
-
 fn now() -> UnixMillis {
     UnixMillis::from_system_time(SystemTime::now())
 }
 
-/// Runs the DHCP service until `cancel` fires.
+/// Runs the DHCP service until `cancel` fires (or this future is dropped).
+///
+/// The packets are read, decided and answered on a thread of the service's own (a
+/// single-threaded runtime), not on the caller's runtime: a request never waits behind other
+/// tasks, and where the process may raise priorities (root or `CAP_SYS_NICE`, as a server
+/// on port 67 usually runs) that thread and the lease journal's writers run at nice
+/// [`PACKET_NICE`], ahead of the store's background work (nice 10) and of other programs on
+/// the machine (bench/dhcp run 13: under load most of an answer's time was requests waiting
+/// in the socket for the packet loop to get a CPU).
 ///
 /// Fails at start when a socket cannot be bound (missing interface, port in use, no
 /// privilege) or the lease store cannot be opened; afterwards only on a receive error.
 pub async fn serve(
+    config: DhcpConfig,
+    policy: Arc<dyn BootPolicy>,
+    cancel: CancellationToken,
+) -> Result<(), DhcpError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    // Dropping this future stops the service too.
+    let stop = cancel.clone().drop_guard();
+    std::thread::Builder::new()
+        .name("dhcp-packets".into())
+        .spawn(move || {
+            if !persist::set_thread_nice(PACKET_NICE) {
+                tracing::debug!("the DHCP packet loop stays at the default priority");
+            }
+            let r = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(DhcpError::PacketThread)
+                .and_then(|rt| rt.block_on(run(config, policy, cancel)));
+            let _ = tx.send(r);
+        })
+        .map_err(DhcpError::PacketThread)?;
+    let r = rx.await.unwrap_or_else(|_| {
+        Err(DhcpError::PacketThread(std::io::Error::other(
+            "the DHCP packet thread stopped unexpectedly",
+        )))
+    });
+    stop.disarm();
+    r
+}
+
+/// The nice value of the packet loop's thread and the journal writers, where the process may
+/// raise priorities: they are what an answer waits for, mostly blocked, and little CPU.
+pub const PACKET_NICE: i32 = -5;
+
+/// The service itself, on its own thread (see [`serve`]).
+async fn run(
     config: DhcpConfig,
     policy: Arc<dyn BootPolicy>,
     cancel: CancellationToken,
@@ -194,9 +201,15 @@ pub async fn serve(
         &config.interface,
         config.port,
     ));
+    let metrics = metrics::register(&config.interface);
+    // The lease writer's threads send ACKs themselves, through duplicates of the sockets
+    // (the same open files: non-blocking, bound to the interface, broadcast allowed).
+    let dup = |s: &UdpSocket| socket2::SockRef::from(s).try_clone().ok().map(Arc::new);
+    let direct = dup(&sock);
+    let pxe_direct = pxe.as_deref().and_then(dup);
     let writer = match &config.store {
         Some(path) => {
-            let (w, leases) = persist::LeaseWriter::open(path)?;
+            let (w, leases) = persist::LeaseWriter::open(path, metrics.clone())?;
             tracing::info!(path = %path.display(), leases = leases.len(), "DHCP leases loaded");
             server.load_leases(leases);
             Some(w)
@@ -212,7 +225,6 @@ pub async fn serve(
     );
     let mut buf = vec![0u8; 65536];
     let mut buf2 = vec![0u8; 65536];
-    let answers = SharedAnswers::default();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -241,7 +253,7 @@ pub async fn serve(
             }
         };
         let received_at = Instant::now();
-        note(&answers, |a| a.received += 1);
+        metrics.received.fetch_add(1, Ordering::Relaxed);
         let SocketAddr::V4(src) = src else { continue };
         // Hot reload: the handle's current site is one atomic load.
         let current = config.site.current();
@@ -268,7 +280,9 @@ pub async fn serve(
         let out = Out {
             sock: &sock,
             pxe: pxe.as_ref(),
-            answers: &answers,
+            direct: direct.as_ref(),
+            pxe_direct: pxe_direct.as_ref(),
+            metrics: &metrics,
             received_at,
         };
         dispatch(step, t, out, writer.as_ref(), &policy);
@@ -277,9 +291,7 @@ pub async fn serve(
     if let Some(w) = writer {
         let _ = tokio::task::spawn_blocking(move || drop(w)).await;
     }
-    if let Ok(a) = answers.lock() {
-        a.log(&config.interface);
-    }
+    metrics.log();
     tracing::info!(interface = %config.interface, "DHCP service stopped");
     Ok(())
 }
@@ -309,7 +321,11 @@ fn transient(e: &std::io::Error) -> bool {
 struct Out<'a> {
     sock: &'a Arc<UdpSocket>,
     pxe: Option<&'a Arc<UdpSocket>>,
-    answers: &'a SharedAnswers,
+    /// Duplicates of `sock` and `pxe` for the lease writer's threads (see
+    /// [`persist::DirectReply`]); `None` where the duplicate could not be made.
+    direct: Option<&'a Arc<socket2::Socket>>,
+    pxe_direct: Option<&'a Arc<socket2::Socket>>,
+    metrics: &'a Arc<metrics::DhcpMetrics>,
     received_at: Instant,
 }
 
@@ -324,21 +340,42 @@ fn dispatch(
         Some(Port::Pxe) => o.pxe.unwrap_or(o.sock).clone(),
         _ => o.sock.clone(),
     };
-    let (answers, received_at) = (o.answers.clone(), o.received_at);
+    let (m, received_at) = (o.metrics.clone(), o.received_at);
     match (writer, step.persist.is_empty()) {
         (Some(w), false) => {
             let (tx, rx) = tokio::sync::oneshot::channel();
-            w.submit(&step.persist, t, Some(tx));
+            let direct = step.reply.as_ref().and_then(|r| {
+                let sock = match r.via {
+                    Port::Pxe => o.pxe_direct,
+                    Port::Dhcp => o.direct,
+                }?;
+                Some(persist::DirectReply {
+                    sock: sock.clone(),
+                    bytes: r.bytes.clone(),
+                    dest: r.dest,
+                })
+            });
+            w.submit_with_reply(&step.persist, t, Some(tx), direct);
             let policy = policy.clone();
             tokio::spawn(async move {
                 match rx.await {
-                    Ok(Ok(())) => {
+                    Ok(Ok(stamps)) => {
                         match &step.reply {
                             Some(r) => {
-                                send(&out, r).await;
-                                note(&answers, |a| a.durable.record(received_at.elapsed()));
+                                let (started, sent) = match stamps.sent {
+                                    // The writer thread sent it the moment it was durable.
+                                    Some(s) => s,
+                                    None => {
+                                        let started = Instant::now();
+                                        send(&out, r).await;
+                                        (started, Instant::now())
+                                    }
+                                };
+                                m.record_ack(received_at, &stamps, started, sent);
                             }
-                            None => note(&answers, |a| a.no_reply += 1),
+                            None => {
+                                m.no_reply.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
                         for e in step.events {
                             policy.on_event(e);
@@ -349,7 +386,7 @@ fn dispatch(
                             Ok(Err(msg)) => msg,
                             _ => "lease writer stopped".into(),
                         };
-                        note(&answers, |a| a.unstored += 1);
+                        m.unstored.fetch_add(1, Ordering::Relaxed);
                         // No durable lease, no ACK: the client retries, and nobody is told
                         // an address we could lose on a crash.
                         for mut e in step.events {
@@ -369,11 +406,11 @@ fn dispatch(
                 Some(r) => {
                     // The socket is non-blocking with a large send buffer: try inline first.
                     match out.try_send_to(&r.bytes, r.dest.into()) {
-                        Ok(_) => note(&answers, |a| a.immediate.record(received_at.elapsed())),
+                        Ok(_) => m.immediate.record(received_at.elapsed()),
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                             tokio::spawn(async move {
                                 send(&out, &r).await;
-                                note(&answers, |a| a.immediate.record(received_at.elapsed()));
+                                m.immediate.record(received_at.elapsed());
                             });
                         }
                         Err(e) => {
@@ -381,7 +418,9 @@ fn dispatch(
                         }
                     }
                 }
-                None => note(&answers, |a| a.no_reply += 1),
+                None => {
+                    m.no_reply.fetch_add(1, Ordering::Relaxed);
+                }
             }
             for e in step.events {
                 policy.on_event(e);

@@ -986,3 +986,68 @@ fn full_mode_pxe_offer_carries_boot_file() {
     assert!(!q[0].proxy);
     running.stop();
 }
+
+/// `serve` runs its packet loop on a thread of its own; dropping the `serve` future (here by
+/// a timeout, as a caller's `select!` would) stops that thread too. Seen through the metrics
+/// registry: a service is listed while it runs (`corral_dhcp::metrics::prometheus_text`,
+/// labelled with its interface) and falls out once its loop has ended.
+#[test]
+fn dropping_serve_stops_its_packet_thread() {
+    if skip("dropping_serve_stops_its_packet_thread") {
+        return;
+    }
+    let net = TwoSegments::new("dr");
+    // An interface name no other test uses, so that the registry shows this service alone.
+    let st = Command::new("ip")
+        .args(["-n", &net.names[0], "link", "set", "ifa", "name", "ifdrop"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let label = "interface=\"ifdrop\"";
+    let dir = tempfile::tempdir().unwrap();
+    let site_dir = dir.path().join("site");
+    std::fs::create_dir_all(site_dir.join("machines")).unwrap();
+    std::fs::write(
+        site_dir.join("site.toml"),
+        "[server]\ninterfaces = [\"ifdrop\"]\n[dhcp]\nmode = \"full\"\n\
+         [[dhcp.network]]\ncidr = \"10.251.1.0/24\"\npool = \"10.251.1.100-10.251.1.110\"\n",
+    )
+    .unwrap();
+    let config = DhcpConfig {
+        mode: Mode::Full,
+        interface: "ifdrop".into(),
+        server_ip: Ipv4Addr::new(10, 251, 1, 1),
+        site: corral_site::SiteHandle::open(&site_dir, Default::default()).unwrap(),
+        store: Some(dir.path().join("leases.db")),
+        port: 67,
+    };
+    let policy = TestPolicy::new(Boot::NoBootFile);
+    let ns = net.names[0].clone();
+    let listed_while_running = std::thread::spawn(move || {
+        enter_netns(&ns);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let serve = corral_dhcp::serve(config, policy, CancellationToken::new());
+            let watch = async {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                corral_dhcp::metrics::prometheus_text().contains(label)
+            };
+            tokio::select! {
+                r = serve => panic!("serve returned on its own: {r:?}"),
+                listed = watch => listed,
+            }
+            // `serve` is dropped here, its token never cancelled.
+        })
+    })
+    .join()
+    .unwrap();
+    assert!(listed_while_running, "the running service is listed");
+    wait_for(
+        "the dropped service to stop",
+        Duration::from_secs(5),
+        || !corral_dhcp::metrics::prometheus_text().contains(label),
+    );
+}
