@@ -1,5 +1,6 @@
 //! The HTTP boot server (axum): iPXE scripts, iPXE binaries, `/boot/*` and `/images/*` with
-//! HEAD and Range, the installer's done callback and `/healthz`. Every request is an event
+//! HEAD and Range, the installer's done callback, `/healthz` and `/metrics` (Prometheus text of
+//! the DHCP services, `corral_dhcp::metrics`). Every request is an event
 //! (source `http`) with the machine's boot session.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -48,6 +49,7 @@ impl Connected<IncomingStream<'_, TcpListener>> for Conn {
 pub fn router(engine: Arc<Netboot>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
         .route("/ipxe/{mac}", get(script))
         .route("/ipxe-bin/{file}", files(Root::Ipxe))
         .route("/boot/{*path}", files(Root::Boot))
@@ -99,6 +101,18 @@ fn text(status: StatusCode, body: String) -> Response {
         status,
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
         body,
+    )
+        .into_response()
+}
+
+/// Prometheus text: the DHCP services' timings and counters (see `corral_dhcp::metrics`).
+async fn metrics() -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        corral_dhcp::metrics::prometheus_text(),
     )
         .into_response()
 }

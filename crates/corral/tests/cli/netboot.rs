@@ -291,6 +291,21 @@ fn serve_http_scripts_files_done_and_reload() {
 
     let (code, body, _) = curl(&[&s.url("/healthz")]);
     assert_eq!((code, body.as_slice()), (200, &b"ok\n"[..]));
+    // Prometheus text (no DHCP service in "off" mode: the families, no series).
+    let (code, body, headers) = curl(&[&s.url("/metrics")]);
+    let prom = String::from_utf8(body).unwrap();
+    assert_eq!(code, 200, "{prom}");
+    assert!(
+        headers
+            .to_ascii_lowercase()
+            .contains("text/plain; version=0.0.4"),
+        "{headers}"
+    );
+    assert!(
+        prom.contains("# TYPE corral_dhcp_requests_received_total counter")
+            && !prom.contains("corral_dhcp_requests_received_total{"),
+        "{prom}"
+    );
     // web01 is declared, never seen: it installs; the script carries its variables.
     let (code, body, _) = curl(&[&s.url("/ipxe/52-54-00-AA-00-01")]);
     let script = String::from_utf8(body).unwrap();

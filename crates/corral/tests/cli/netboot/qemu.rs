@@ -485,6 +485,37 @@ fn run_lab(tag: &str, mode: &str, clients: &[(&str, &str, Fw)]) {
             }
         }
     }
+    // The DHCP service's metrics on the HTTP server: full mode counted the clients' requests
+    // and timed their durable ACKs.
+    let out = lab
+        .host(0)
+        .command("curl")
+        .args(["-sf", "http://127.0.0.1:8080/metrics"])
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&out.stdout);
+    let series = |prefix: &str| -> u64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    assert!(
+        metrics.contains("# TYPE corral_dhcp_reply_seconds histogram"),
+        "{metrics}"
+    );
+    if mode == "full" {
+        assert!(
+            series("corral_dhcp_requests_received_total{") >= machines.len() as u64 * 2,
+            "{metrics}"
+        );
+        assert!(
+            series("corral_dhcp_reply_seconds_count{interface=\"eth0\",path=\"durable\"}")
+                >= machines.len() as u64,
+            "{metrics}"
+        );
+    }
     for (_, mac) in &machines {
         let acked = ev.iter().any(|e| {
             e.event.kind.as_str() == "ack"
