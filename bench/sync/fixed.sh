@@ -19,7 +19,7 @@ CORRAL="${CORRAL:-$REPO/target/release/corral}"
 CORRAL_B="${CORRAL_B:-}"
 SRC="$WORK/src-$SCALE"
 SSHDIR="$WORK/ssh"
-[ -e "$SRC.complete" ] && [ -e "$SSHDIR/sshd_config" ] && [ -d "$WORK/dst-corral" ] ||
+[ -d "$SRC" ] && [ -e "$SSHDIR/sshd_config" ] && [ -d "$WORK/dst-corral" ] ||
     { echo "fixed.sh: run bench/sync/run.sh with this WORK first" >&2; exit 2; }
 mkdir -p /run/sshd
 STOCK_BASHRC=/usr/share/base-files/dot.bashrc
@@ -44,12 +44,30 @@ t() { local t0 t1; t0=$(date +%s%N); "$@" >/dev/null 2>>"$WORK/corral.log" || tr
 push() { "$1" sync push --delete --ssh-arg=-p "--ssh-arg=$PORT" --ssh-arg=-i "--ssh-arg=$SSHDIR/client_key" \
     --ssh-arg=-o --ssh-arg=StrictHostKeyChecking=no --ssh-arg=-o --ssh-arg=UserKnownHostsFile=/dev/null \
     --ssh-arg=-o --ssh-arg=LogLevel=ERROR --remote-corral "$1" "$SRC/" "root@127.0.0.1:$WORK/dst-corral/"; }
-drift() { "$1" drift bench --all --site "$WORK/site"; }
+# One site per binary, so that the far end runs the same binary as the master.
+site_for() {
+    local d="$WORK/site-fixed-$(echo "$1" | md5sum | cut -c1-8)"
+    mkdir -p "$d/trees"
+    cat > "$d/trees/bench.toml" <<TOML
+source = "$SRC"
+[ssh]
+args = ["-p", "$PORT", "-i", "$SSHDIR/client_key", "-o", "StrictHostKeyChecking=no",
+        "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
+remote_corral = "$1"
+[[child]]
+name = "copy"
+host = "root@127.0.0.1"
+dest = "$WORK/dst-corral"
+TOML
+    echo "$d"
+}
+declare -A SITE
+drift() { "$1" drift bench --all --site "${SITE[$1]}"; }
 rs() { rsync -a --delete -e "$SSH" "$@" "$SRC/" "root@127.0.0.1:$WORK/dst-rsync/"; }
 
 echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 BINS=("$CORRAL"); [ -n "$CORRAL_B" ] && BINS+=("$CORRAL_B")
-for b in "${BINS[@]}"; do push "$b" >/dev/null 2>&1 || true; drift "$b" >/dev/null 2>&1 || true; done
+for b in "${BINS[@]}"; do SITE[$b]=$(site_for "$b"); push "$b" >/dev/null 2>&1 || true; drift "$b" >/dev/null 2>&1 || true; done
 printf '%-6s %12s' round "rsync cold"; for i in "${!BINS[@]}"; do printf ' %12s' "corral$i cold"; done
 printf ' %12s' "rsync -c"; for i in "${!BINS[@]}"; do printf ' %12s' "drift$i warm"; done; echo "   (ms)"
 for r in $(seq "$N"); do
