@@ -1,4 +1,4 @@
-//! Walking a tree into a [`Manifest`]: a parallel walk (rayon), BLAKE3 hashes, FastCDC chunks
+//! Walking a tree into a [`Manifest`]: a parallel walk, BLAKE3 hashes (rayon), FastCDC chunks
 //! for large files, and a hash cache so unchanged files are not read again.
 
 use std::collections::HashMap;
@@ -81,8 +81,9 @@ impl CacheEntry {
     }
 }
 
-/// Version of the cache file: 2 is a vector of [`CacheEntry`] in manifest order (looked up
-/// by binary search, no hashing of every path), with each file's extended attributes.
+/// Version of the cache file: 2 is a vector of [`CacheEntry`] in manifest order (matched with
+/// the sorted walk in one pass, no hashing of every path), with each file's extended
+/// attributes.
 const CACHE_VERSION: u32 = 2;
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -142,7 +143,9 @@ struct Raw {
     path: String,
     kind: Kind,
     st: Stat,
-    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Read by the walk for everything but regular files; a file's come from the cache on a
+    /// hit, else are read after the walk (still after the stat that keys the cache entry).
+    xattrs: Option<Vec<(Vec<u8>, Vec<u8>)>>,
     /// Index of the matching cache entry (same inode, size, mtime, ctime).
     hit: Option<usize>,
 }
@@ -192,11 +195,6 @@ fn load_cache(p: &Path) -> (Vec<CacheEntry>, bool) {
             (Vec::new(), false)
         }
     }
-}
-
-fn cache_find<'c>(cache: &'c [CacheEntry], path: &str) -> Option<(usize, &'c CacheEntry)> {
-    let i = cache.binary_search_by(|e| path_order(&e.path, path)).ok()?;
-    Some((i, &cache[i]))
 }
 
 fn save_cache(p: &Path, files: Vec<CacheEntry>) -> Result<(), SyncError> {
@@ -336,14 +334,67 @@ fn join(rel: &str, name: &str) -> String {
 struct Walk<'a> {
     root: &'a Path,
     opts: &'a ScanOptions,
-    cache: &'a [CacheEntry],
     out: Mutex<Vec<Raw>>,
     errors: Mutex<Vec<SyncError>>,
     skipped: std::sync::atomic::AtomicU64,
+    queue: Mutex<Queue>,
+    ready: std::sync::Condvar,
+}
+
+/// The directories still to read and how many are being read: the walk is over when both
+/// are none.
+#[derive(Default)]
+struct Queue {
+    dirs: Vec<String>,
+    busy: usize,
 }
 
 impl Walk<'_> {
-    fn dir<'s>(&'s self, scope: &rayon::Scope<'s>, rel: String) {
+    /// One walk thread: reads directories from the queue until none is left and none is being
+    /// read (a thread that finds the queue empty sleeps on the condition variable; it does not
+    /// spin).
+    fn worker(&self) {
+        loop {
+            let rel = {
+                let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+                loop {
+                    if let Some(d) = q.dirs.pop() {
+                        q.busy += 1;
+                        break d;
+                    }
+                    if q.busy == 0 {
+                        return;
+                    }
+                    q = self.ready.wait(q).unwrap_or_else(|e| e.into_inner());
+                }
+            };
+            let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.dir(rel)));
+            let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            let subdirs = match read {
+                Ok(s) => s,
+                Err(p) => {
+                    // The others must not wait for this directory's subdirectories forever.
+                    q.busy -= 1;
+                    q.dirs.clear();
+                    self.ready.notify_all();
+                    drop(q);
+                    std::panic::resume_unwind(p);
+                }
+            };
+            q.busy -= 1;
+            let n = subdirs.len();
+            q.dirs.extend(subdirs);
+            if n > 1 || (q.busy == 0 && q.dirs.is_empty()) {
+                self.ready.notify_all();
+            } else if n == 1 {
+                self.ready.notify_one();
+            }
+        }
+    }
+
+    /// Reads one directory into `out` and returns its subdirectories.
+    fn dir(&self, rel: String) -> Vec<String> {
+        let mut subdirs = Vec::new();
         let abs = self.root.join(&rel);
         let rd = match std::fs::read_dir(&abs) {
             Ok(r) => r,
@@ -352,7 +403,7 @@ impl Walk<'_> {
                     .lock()
                     .unwrap()
                     .push(SyncError::fs("read dir", &abs, e));
-                return;
+                return subdirs;
             }
         };
         let mut batch = Vec::new();
@@ -404,33 +455,24 @@ impl Walk<'_> {
                 continue;
             };
             if kind == Kind::Dir {
-                let r = path.clone();
-                scope.spawn(move |s| self.dir(s, r));
+                subdirs.push(path.clone());
             }
             let st = Stat::of(&md);
-            // A file the cache knows unchanged (ctime included) has the attributes cached.
-            let hit = match kind {
-                Kind::File => cache_find(self.cache, &path).filter(|(_, c)| c.matches(&st)),
-                _ => None,
-            };
-            let (xattrs, hit) = match hit {
-                Some((
-                    i,
-                    CacheEntry {
-                        xattrs: Some(x), ..
-                    },
-                )) => (x.clone(), Some(i)),
-                h => (read_xattrs(&de.path()), h.map(|(i, _)| i)),
+            // A file's attributes wait for the cache (loaded while the walk runs).
+            let xattrs = match kind {
+                Kind::File => None,
+                _ => Some(read_xattrs(&de.path())),
             };
             batch.push(Raw {
                 path,
                 kind,
                 st,
                 xattrs,
-                hit,
+                hit: None,
             });
         }
         self.out.lock().unwrap().extend(batch);
+        subdirs
     }
 }
 
@@ -444,35 +486,71 @@ pub fn scan(root: &Path, opts: &ScanOptions) -> Result<(Manifest, ScanStats), Sy
             std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory"),
         ));
     }
-    let (cache, stale) = opts.cache.as_deref().map(load_cache).unwrap_or_default();
     let walk = Walk {
         root,
         opts,
-        cache: &cache,
         out: Mutex::new(Vec::new()),
         errors: Mutex::new(Vec::new()),
         skipped: 0.into(),
+        queue: Mutex::new(Queue {
+            dirs: vec![String::new()],
+            busy: 0,
+        }),
+        ready: std::sync::Condvar::new(),
     };
     // The walk waits on the disk when the inodes are not cached (a cold scan): more threads
-    // than cores keep several reads in flight; on a cached tree they cost next to nothing.
+    // than cores keep several directories' reads in flight. They block (on the disk, or on
+    // the queue when it is empty) rather than spin, so on a cached tree the extra threads cost
+    // only their start.
     let threads = std::env::var("CORRAL_SYNC_WALK_THREADS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(WALK_THREADS);
-    match rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .thread_name(|i| format!("corral-walk-{i}"))
-        .build()
-    {
-        Ok(pool) => pool.scope(|s| walk.dir(s, String::new())),
-        Err(_) => rayon::scope(|s| walk.dir(s, String::new())),
-    }
+        .unwrap_or(WALK_THREADS)
+        .max(1);
+    // The cache file is read and decoded while the walk runs (on a cold cache both wait for
+    // the disk).
+    let (cache, stale) = std::thread::scope(|s| {
+        let loader = opts.cache.as_deref().map(|p| {
+            std::thread::Builder::new()
+                .name("corral-cache".into())
+                .spawn_scoped(s, move || load_cache(p))
+        });
+        for i in 1..threads {
+            let w = &walk;
+            let spawned = std::thread::Builder::new()
+                .name(format!("corral-walk-{i}"))
+                .spawn_scoped(s, move || w.worker());
+            if spawned.is_err() {
+                break; // the threads that started (and this one) do the walk
+            }
+        }
+        walk.worker();
+        match (loader, opts.cache.as_deref()) {
+            (Some(Ok(h)), _) => h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
+            (Some(Err(_)), Some(p)) => load_cache(p), // no thread: read it here
+            _ => (Vec::new(), false),
+        }
+    });
     if let Some(e) = walk.errors.into_inner().unwrap().into_iter().next() {
         return Err(e);
     }
     let mut raws = walk.out.into_inner().unwrap();
     // Paths are unique: an unstable sort moves less.
     raws.sort_unstable_by(|a, b| path_order(&a.path, &b.path));
+    // A file the cache knows unchanged (ctime included) has its hash and attributes cached.
+    // Both lists are in manifest order: one merge pass, no search.
+    {
+        let mut ci = 0;
+        for r in raws.iter_mut().filter(|r| r.kind == Kind::File) {
+            while ci < cache.len() && path_order(&cache[ci].path, &r.path).is_lt() {
+                ci += 1;
+            }
+            if ci < cache.len() && cache[ci].path == r.path && cache[ci].matches(&r.st) {
+                r.hit = Some(ci);
+                r.xattrs.clone_from(&cache[ci].xattrs);
+            }
+        }
+    }
 
     // Hard links: the first path (in manifest order) of an inode is the file, the others
     // name it.
@@ -494,20 +572,31 @@ pub fn scan(root: &Path, opts: &ScanOptions) -> Result<(Manifest, ScanStats), Sy
         skipped: walk.skipped.into_inner(),
         ..ScanStats::default()
     });
-    let results: Vec<Result<Option<(Content, bool)>, SyncError>> = raws
-        .par_iter()
-        .map(|r| {
-            if r.kind != Kind::File {
-                return Ok(None);
-            }
-            if let Some(i) = r.hit {
-                return Ok(Some((cache[i].content.clone(), false)));
-            }
-            let sparse = r.st.blocks * 512 < r.st.size;
-            let c = hash_file(&root.join(&r.path), sparse)?;
-            Ok(Some((c, true)))
-        })
-        .collect();
+    let content = |r: &mut Raw| {
+        if r.xattrs.is_none() {
+            // A file the cache did not know, or a version-1 entry (no attributes).
+            r.xattrs = Some(read_xattrs(&root.join(&r.path)));
+        }
+        if r.kind != Kind::File {
+            return Ok(None);
+        }
+        if let Some(i) = r.hit {
+            return Ok(Some((cache[i].content.clone(), false)));
+        }
+        let sparse = r.st.blocks * 512 < r.st.size;
+        let c = hash_file(&root.join(&r.path), sparse)?;
+        Ok(Some((c, true)))
+    };
+    // Files are read on rayon's pool; when the cache has every one with its attributes, this
+    // thread copies them (no pool to start, no workers left spinning afterwards).
+    let misses = raws
+        .iter()
+        .any(|r| r.xattrs.is_none() || (r.kind == Kind::File && r.hit.is_none()));
+    let results: Vec<Result<Option<(Content, bool)>, SyncError>> = if misses {
+        raws.par_iter_mut().map(content).collect()
+    } else {
+        raws.iter_mut().map(content).collect()
+    };
 
     let mut entries = Vec::with_capacity(raws.len() + 1);
     entries.push(Entry {
@@ -551,7 +640,7 @@ pub fn scan(root: &Path, opts: &ScanOptions) -> Result<(Manifest, ScanStats), Sy
                         mtime: (r.st.mtime, r.st.mtime_ns),
                         ctime: (r.st.ctime, r.st.ctime_ns),
                         content: c.clone(),
-                        xattrs: Some(r.xattrs.clone()),
+                        xattrs: r.xattrs.clone(),
                     });
                 }
                 Some(c)
@@ -563,7 +652,7 @@ pub fn scan(root: &Path, opts: &ScanOptions) -> Result<(Manifest, ScanStats), Sy
             Err(e) => return Err(e),
         };
         entries.push(Entry {
-            meta: meta_of(&r.st, r.xattrs),
+            meta: meta_of(&r.st, r.xattrs.unwrap_or_default()),
             path: r.path,
             kind: r.kind,
             content,

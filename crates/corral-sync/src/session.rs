@@ -167,7 +167,29 @@ fn serve_inner<W: Write>(
     opts: &ServeOptions,
     options: &RunOptions,
 ) -> Result<(), SyncError> {
+    // The receiver (its index of the child's chunks) is built from the child's manifest when
+    // the first step, signature request or `Finish` needs it: a dry run (`corral drift`)
+    // ends with `Bye` and never builds it.
+    let mut scanned: Option<Manifest> = None;
     let mut recv: Option<Receiver> = None;
+    let receiver =
+        |recv: &mut Option<Receiver>, scanned: &Option<Manifest>| -> Result<(), SyncError> {
+            if recv.is_none()
+                && let Some(child) = scanned
+            {
+                *recv = Some(Receiver::new(
+                    root,
+                    child,
+                    ReceiverOptions {
+                        backup: options.backup.clone(),
+                        ignore_owner: options.ignore_owner || !rustix::process::geteuid().is_root(),
+                        numeric_ids: options.numeric_ids,
+                        fsync: !opts.no_fsync,
+                    },
+                )?);
+            }
+            Ok(())
+        };
     loop {
         let m = match inbox.recv() {
             Ok(m) => m,
@@ -195,18 +217,11 @@ fn serve_inner<W: Write>(
                 let mut child = child;
                 child.sort();
                 answer_ranges(inbox, framed, &child)?;
-                recv = Some(Receiver::new(
-                    root,
-                    &child,
-                    ReceiverOptions {
-                        backup: options.backup.clone(),
-                        ignore_owner: options.ignore_owner || !rustix::process::geteuid().is_root(),
-                        numeric_ids: options.numeric_ids,
-                        fsync: !opts.no_fsync,
-                    },
-                )?);
+                recv = None;
+                scanned = Some(child);
             }
             Message::Apply(op) => {
+                receiver(&mut recv, &scanned)?;
                 let Some(r) = recv.as_mut() else {
                     return Err(unexpected(&Message::Apply(op)));
                 };
@@ -252,6 +267,7 @@ fn serve_inner<W: Write>(
                 }
             }
             Message::SigRequest(paths) => {
+                receiver(&mut recv, &scanned)?;
                 let Some(r) = recv.as_mut() else {
                     return Err(unexpected(&Message::SigRequest(paths)));
                 };
@@ -260,6 +276,7 @@ fn serve_inner<W: Write>(
                 framed.flush()?;
             }
             Message::Finish => {
+                receiver(&mut recv, &scanned)?;
                 let report = match recv.as_mut() {
                     Some(r) => {
                         r.finish()?;

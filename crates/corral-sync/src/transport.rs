@@ -300,6 +300,18 @@ impl Connection {
             };
         }
         if let Some(mut child) = child {
+            if r.is_ok() {
+                // The run succeeded, so the receiver has answered the last request (its
+                // `Report` comes after its writes are durable and its cache saved; a dry run
+                // writes nothing): nothing is left for ssh to tell. Its exit (the remote
+                // process's teardown, the exit status relayed through the connection, ~20 ms)
+                // is not waited for; a thread reaps it, or it is reparented if this process
+                // ends first.
+                let _ = std::thread::Builder::new()
+                    .name("corral-ssh-reap".into())
+                    .spawn(move || child.wait());
+                return r;
+            }
             let status = child.wait();
             return match (r, status) {
                 (Err(e), Ok(st)) if !st.success() => {
@@ -395,6 +407,43 @@ mod tests {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         let a = with(&ssh);
         assert!(!a.iter().any(|x| x.contains("ControlPersist")), "{a:?}");
+    }
+
+    /// A connection to a stand-in for ssh that lingers 3 s after its input closes (a remote
+    /// process slow to exit).
+    fn lingering_child() -> Connection {
+        let mut child = Command::new("sh")
+            .args(["-c", "cat >/dev/null; sleep 3; exit 7"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (out, inp) = (child.stdout.take().unwrap(), child.stdin.take().unwrap());
+        Connection {
+            framed: Framed::new(Box::new(out), Box::new(inp)),
+            local: None,
+            child: Some(child),
+        }
+    }
+
+    #[test]
+    fn a_successful_run_does_not_wait_for_ssh_to_exit_but_a_failed_one_does() {
+        let t0 = std::time::Instant::now();
+        let r: Result<u32, SyncError> = lingering_child().close(Ok(1));
+        assert_eq!(r.unwrap(), 1);
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(2),
+            "waited {:?} for ssh",
+            t0.elapsed()
+        );
+        // A failure waits for ssh, whose exit status goes into the error.
+        let t0 = std::time::Instant::now();
+        let e = lingering_child()
+            .close::<()>(Err(SyncError::Remote("boom".into())))
+            .unwrap_err()
+            .to_string();
+        assert!(t0.elapsed() >= std::time::Duration::from_secs(3));
+        assert!(e.contains("boom") && e.contains("7"), "{e}");
     }
 
     #[test]
