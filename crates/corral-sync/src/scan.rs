@@ -456,7 +456,8 @@ pub struct Walked {
     skipped: u64,
 }
 
-/// What keys a file's hash in the cache: inode, size, mtime and ctime (see [`CacheEntry`]).
+/// What keys a file's hash in the cache: inode, size, mtime and ctime (ctime cannot be set
+/// by users, so an edit whose mtime was restored still changes it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheKey {
     ino: u64,
