@@ -5,7 +5,9 @@
 #
 #   ROUNDS=3 SCALE=0.2 PORT=22991 WORK=/var/tmp/corral-bench-x bash bench/sync/fullcopy.sh BIN...
 #
-# Each BIN is a corral binary; the data is run.sh's (generated here when missing). Needs root.
+# Each BIN is a corral binary; the data is run.sh's (generated here when missing). Each corral
+# run gets an empty state directory (no master hash cache: a fresh tree, as in run.sh, whose
+# tree is regenerated every run). Needs root.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 SCALE="${SCALE:-0.2}"; SEED="${SEED:-1}"; ROUNDS="${ROUNDS:-3}"
@@ -53,6 +55,7 @@ for r in $(seq "$ROUNDS"); do
     printf 'round %s rsync            %6.2f s  load %s\n' "$r" "$(echo "$t1 - $t0" | bc)" "$(cut -d' ' -f1 /proc/loadavg)"
     for bin in "$@"; do
         rm -rf "$DST"; mkdir -p "$DST"; drop_caches
+        export CORRAL_STATE_DIR="$WORK/state-fullcopy"; rm -rf "$CORRAL_STATE_DIR"
         t0=$(now)
         /usr/bin/time -f '%U %S' -o "$WORK/time-master" "$bin" sync push --delete --ssh-persist 0 "${CSSH[@]}" \
             --remote-corral "/usr/bin/time -f '%U %S' -o $WORK/time-serve $bin" \
@@ -64,4 +67,4 @@ for r in $(seq "$ROUNDS"); do
         [ "$left" -eq 0 ] || echo "  !! copy differs from the source in $left entries"
     done
 done
-rm -rf "$DST"
+rm -rf "$DST" "$WORK/state-fullcopy"
