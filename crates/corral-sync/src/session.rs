@@ -743,7 +743,8 @@ fn prepare(
 
 /// Runs `work(i)` for `i` in `0..n` on [`READERS`] threads, at most [`PIPELINE`] steps ahead
 /// of `consume`, which gets the results in order on the calling thread. Stops at the first
-/// error of `consume` (the threads finish the step they are on).
+/// error of `consume` (the threads finish the step they are on), or with an error when a
+/// `work` panicked.
 fn ordered_pipeline<T: Send>(
     n: usize,
     work: impl Fn(usize) -> T + Sync,
@@ -754,12 +755,15 @@ fn ordered_pipeline<T: Send>(
         consumed: usize,
         done: std::collections::BTreeMap<usize, T>,
         stop: bool,
+        /// A reader thread panicked: its step never comes.
+        lost: bool,
     }
     let state = std::sync::Mutex::new(State {
         next: 0,
         consumed: 0,
         done: std::collections::BTreeMap::new(),
         stop: false,
+        lost: false,
     });
     let ready = std::sync::Condvar::new();
     let room = std::sync::Condvar::new();
@@ -779,9 +783,20 @@ fn ordered_pipeline<T: Send>(
                         st.next += 1;
                         st.next - 1
                     };
-                    let t = work(i);
-                    lock().done.insert(i, t);
+                    let t = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(i)));
+                    let mut st = lock();
+                    match t {
+                        Ok(t) => {
+                            st.done.insert(i, t);
+                        }
+                        Err(_) => {
+                            st.lost = true;
+                            st.stop = true;
+                        }
+                    }
+                    drop(st);
                     ready.notify_all();
+                    room.notify_all();
                 }
             });
         }
@@ -791,6 +806,9 @@ fn ordered_pipeline<T: Send>(
                 loop {
                     if let Some(t) = st.done.remove(&i) {
                         break t;
+                    }
+                    if st.lost {
+                        return Err(SyncError::Remote("data reader stopped".into()));
                     }
                     st = ready.wait(st).unwrap_or_else(|p| p.into_inner());
                 }
@@ -923,4 +941,58 @@ fn data_frames(
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod pipeline_tests {
+    use super::*;
+
+    #[test]
+    fn results_come_in_order_and_an_error_or_a_panic_stops_the_pipeline() {
+        // Later steps finish first; the consumer still sees 0, 1, 2, ...
+        let mut seen = Vec::new();
+        ordered_pipeline(
+            200,
+            |i| {
+                std::thread::sleep(std::time::Duration::from_micros(
+                    ((200 - i) % 7) as u64 * 50,
+                ));
+                i * 3
+            },
+            |i, t| {
+                seen.push((i, t));
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(seen, (0..200).map(|i| (i, i * 3)).collect::<Vec<_>>());
+        // The consumer's error ends it; no step past it is consumed.
+        let mut last = 0;
+        let e = ordered_pipeline(
+            1000,
+            |i| i,
+            |i, _| {
+                last = i;
+                if i == 10 {
+                    Err(SyncError::Remote("stop".into()))
+                } else {
+                    Ok(())
+                }
+            },
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("stop"), "{e}");
+        assert_eq!(last, 10);
+        // A step whose work panics is an error, not a hang.
+        let e = ordered_pipeline(
+            50,
+            |i| {
+                assert!(i != 20, "reader failure");
+                i
+            },
+            |_, _| Ok(()),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("data reader stopped"), "{e}");
+    }
 }
