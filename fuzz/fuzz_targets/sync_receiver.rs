@@ -8,7 +8,8 @@ fuzz_target!(|data: &[u8]| {
     let Ok(t) = tempfile::tempdir() else { return };
     let root = t.path().join("root");
     let _ = std::fs::create_dir(&root);
-    // A valid hello and scan first, then the fuzzer's frames.
+    // A valid hello and scan first, then the fuzzer's frames (the root is empty: the
+    // receiver sends its whole manifest and waits for steps, no range exchange).
     let mut input = Vec::new();
     for m in [
         corral_sync::proto::Message::Hello {
@@ -16,10 +17,6 @@ fuzz_target!(|data: &[u8]| {
             options: Default::default(),
         },
         corral_sync::proto::Message::Scan,
-        corral_sync::proto::Message::RangesEnd {
-            key: [0; 32],
-            k: 4,
-        },
     ] {
         input.extend(corral_sync::proto::encode(&m).unwrap());
     }

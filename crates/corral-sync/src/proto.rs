@@ -9,10 +9,14 @@
 //!
 //! Conversation (client → server unless noted):
 //! 1. `Hello` / server `Hello`.
-//! 2. `Scan` (the server starts its scan, from its hash cache), then, once the client has
-//!    scanned, `RangeDigests`… `RangesEnd` (one digest per range of the client's manifest,
-//!    see [`crate::ranges`]) / server `Held` (a bitmap of the ranges it holds exactly),
-//!    `Entries`… `EntriesEnd` (its entries in every other range).
+//! 2. `Scan` (the server starts its scan, from its hash cache). Once it has scanned, a
+//!    server whose manifest has at most [`WHOLE_MAX`] entries sends all of them, `Entries`…
+//!    `EntriesEnd`, and the exchange is over (the client plans while it still hashes, and
+//!    files the server lacks are hashed as they are sent). Otherwise it sends
+//!    `RangesWanted`, and once the client has scanned: `RangeDigests`… `RangesEnd` (one
+//!    digest per range of the client's manifest, see [`crate::ranges`]) / server `Held` (a
+//!    bitmap of the ranges it holds exactly), `Entries`… `EntriesEnd` (its entries in every
+//!    other range).
 //! 3. `SigRequest(paths)` / server `Sigs` (one [`Signature`] per path, same order), in
 //!    batches, for the changed small files the child holds an old copy of.
 //! 4. `Apply(op)` for each planned step; an `Apply(Write)` whose chunks the child does not
@@ -30,7 +34,7 @@ use crate::manifest::{Entry, Hash, check_rel_path};
 use crate::planner::Op;
 
 /// Protocol version spoken by this build.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 /// Largest frame accepted (a chunk is at most 256 KiB; manifests come in batches).
 pub const MAX_FRAME: usize = 64 * 1024 * 1024;
 
@@ -128,7 +132,15 @@ pub enum Message {
     /// The child's answer to the range digests: bit `i % 8` of byte `i / 8` is set when it
     /// holds master range `i` exactly; its other entries follow as `Entries`… `EntriesEnd`.
     Held(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The child's first answer after its scan when its manifest is larger than
+    /// [`WHOLE_MAX`] entries: the master's range digests come next. A smaller manifest is
+    /// sent whole instead (`Entries`… `EntriesEnd`, no `Held`), without waiting for them.
+    RangesWanted,
 }
+
+/// A child manifest of at most this many entries is sent whole right after the child's scan
+/// (an empty or new destination: the master need not finish hashing before it plans).
+pub const WHOLE_MAX: usize = 256;
 
 /// Index of `Message::Data` among the variants (its first byte in postcard).
 const DATA_VARIANT: u8 = 5;

@@ -53,6 +53,9 @@ pub struct ScanStats {
     pub cached: u64,
     /// Names skipped because they are not UTF-8 or could not be read.
     pub skipped: u64,
+    /// Regular files left unread for their reader to hash (see [`Walked::hash`]).
+    #[serde(default)]
+    pub deferred: u64,
 }
 
 /// One file's cached hash and extended attributes, valid while inode, size, mtime and ctime
@@ -139,6 +142,7 @@ impl Stat {
     }
 }
 
+#[derive(Debug)]
 struct Raw {
     path: String,
     kind: Kind,
@@ -478,6 +482,65 @@ impl Walk<'_> {
 
 /// Walks `root` into a manifest (the root itself is the entry `""`).
 pub fn scan(root: &Path, opts: &ScanOptions) -> Result<(Manifest, ScanStats), SyncError> {
+    let (m, st, _) = walk(root, opts)?.hash(&|_| false)?;
+    Ok((m, st))
+}
+
+/// A tree walked but not yet hashed (see [`walk`]).
+#[derive(Debug)]
+pub struct Walked {
+    root: PathBuf,
+    root_entry: Entry,
+    cache_path: Option<PathBuf>,
+    cache: Vec<CacheEntry>,
+    stale: bool,
+    raws: Vec<Raw>,
+    skipped: u64,
+}
+
+/// What keys a file's hash in the cache: inode, size, mtime and ctime (ctime cannot be set
+/// by users, so an edit whose mtime was restored still changes it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheKey {
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl CacheKey {
+    /// The key of a file's metadata.
+    pub fn of(md: &std::fs::Metadata) -> CacheKey {
+        CacheKey {
+            ino: md.ino(),
+            size: md.size(),
+            mtime: (md.mtime(), md.mtime_nsec()),
+            ctime: (md.ctime(), md.ctime_nsec()),
+        }
+    }
+
+    /// The file's size when it was walked.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+}
+
+/// A regular file the scan left unhashed (see [`Walked::hash`]): its entry's `content` is
+/// `None`; whoever reads it later fills it in and may record it with [`cache_add_keyed`].
+#[derive(Debug, Clone)]
+pub struct Deferred {
+    /// Its path.
+    pub path: String,
+    /// Its metadata as walked: a read is that file's content only while this still holds.
+    pub key: CacheKey,
+    /// It has holes (allocated blocks < size).
+    pub sparse: bool,
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// Walks `root` (directories, stats, extended attributes, hash cache look-ups) without
+/// reading any file; [`Walked::hash`] hashes the files the cache does not know.
+pub fn walk(root: &Path, opts: &ScanOptions) -> Result<Walked, SyncError> {
     let rmd = std::fs::symlink_metadata(root).map_err(|e| SyncError::fs("stat", root, e))?;
     if !rmd.is_dir() {
         return Err(SyncError::fs(
@@ -534,6 +597,7 @@ pub fn scan(root: &Path, opts: &ScanOptions) -> Result<(Manifest, ScanStats), Sy
     if let Some(e) = walk.errors.into_inner().unwrap().into_iter().next() {
         return Err(e);
     }
+    let skipped = walk.skipped.into_inner();
     let mut raws = walk.out.into_inner().unwrap();
     // Paths are unique: an unstable sort moves less.
     raws.sort_unstable_by(|a, b| path_order(&a.path, &b.path));
@@ -566,71 +630,135 @@ pub fn scan(root: &Path, opts: &ScanOptions) -> Result<(Manifest, ScanStats), Sy
             }
         }
     }
-
-    let stats = Mutex::new(ScanStats {
-        entries: raws.len() as u64 + 1,
-        skipped: walk.skipped.into_inner(),
-        ..ScanStats::default()
-    });
-    let content = |r: &mut Raw| {
-        if r.xattrs.is_none() {
-            // A file the cache did not know, or a version-1 entry (no attributes).
-            r.xattrs = Some(read_xattrs(&root.join(&r.path)));
-        }
-        if r.kind != Kind::File {
-            return Ok(None);
-        }
-        if let Some(i) = r.hit {
-            return Ok(Some((cache[i].content.clone(), false)));
-        }
-        let sparse = r.st.blocks * 512 < r.st.size;
-        let c = hash_file(&root.join(&r.path), sparse)?;
-        Ok(Some((c, true)))
-    };
-    // Files are read on rayon's pool; when the cache has every one with its attributes, this
-    // thread copies them (no pool to start, no workers left spinning afterwards).
-    let misses = raws
-        .iter()
-        .any(|r| r.xattrs.is_none() || (r.kind == Kind::File && r.hit.is_none()));
-    let results: Vec<Result<Option<(Content, bool)>, SyncError>> = if misses {
-        raws.par_iter_mut().map(content).collect()
-    } else {
-        raws.iter_mut().map(content).collect()
-    };
-
-    let mut entries = Vec::with_capacity(raws.len() + 1);
-    entries.push(Entry {
+    let root_entry = Entry {
         path: String::new(),
         kind: Kind::Dir,
         meta: meta_of(&Stat::of(&rmd), read_xattrs(root)),
         content: None,
-    });
-    // The cache is unchanged when every file came from it with its attributes and every entry
-    // of it was used: then it is neither rebuilt nor rewritten (a no-change run writes
-    // nothing).
-    let hits = results
-        .iter()
-        .filter(|r| matches!(r, Ok(Some((_, false)))))
-        .count();
-    let unchanged = !stale
-        && hits == cache.len()
-        && raws
+    };
+    Ok(Walked {
+        root: root.to_path_buf(),
+        root_entry,
+        cache_path: opts.cache.clone(),
+        cache,
+        stale,
+        raws,
+        skipped,
+    })
+}
+
+/// How a walked entry's content was found.
+enum Hashed {
+    NotFile,
+    Cached(Content),
+    Fresh(Content),
+    Deferred,
+}
+
+impl Walked {
+    /// Hashes the files the cache does not know (in parallel) into the manifest, and
+    /// rewrites the cache when it changed. A file the cache misses and for whose path
+    /// `defer` says yes (asked as late as possible, once per file, possibly from several
+    /// threads) is not read: its entry has no content and it is listed as [`Deferred`].
+    pub fn hash(
+        self,
+        defer: &(dyn Fn(&str) -> bool + Sync),
+    ) -> Result<(Manifest, ScanStats, Vec<Deferred>), SyncError> {
+        let Walked {
+            root,
+            root_entry,
+            cache_path,
+            cache,
+            stale,
+            mut raws,
+            skipped,
+        } = self;
+        let mut st = ScanStats {
+            entries: raws.len() as u64 + 1,
+            skipped,
+            ..ScanStats::default()
+        };
+        let content = |r: &mut Raw| -> Result<Hashed, SyncError> {
+            if r.xattrs.is_none() {
+                // A file the cache did not know, or a version-1 entry (no attributes): read
+                // after the stat that keys its cache entry.
+                r.xattrs = Some(read_xattrs(&root.join(&r.path)));
+            }
+            if r.kind != Kind::File {
+                return Ok(Hashed::NotFile);
+            }
+            if let Some(i) = r.hit {
+                return Ok(Hashed::Cached(cache[i].content.clone()));
+            }
+            if defer(&r.path) {
+                return Ok(Hashed::Deferred);
+            }
+            let sparse = r.st.blocks * 512 < r.st.size;
+            Ok(Hashed::Fresh(hash_file(&root.join(&r.path), sparse)?))
+        };
+        // Files are read on rayon's pool; when the cache has every one with its attributes,
+        // this thread copies them (no pool to start, no workers left spinning afterwards).
+        let misses = raws
             .iter()
-            .all(|r| r.hit.is_none_or(|i| cache[i].xattrs.is_some()))
-        && results
+            .any(|r| r.xattrs.is_none() || (r.kind == Kind::File && r.hit.is_none()));
+        let results: Vec<Result<Hashed, SyncError>> = if misses {
+            raws.par_iter_mut().map(content).collect()
+        } else {
+            raws.iter_mut().map(content).collect()
+        };
+
+        let mut entries = Vec::with_capacity(raws.len() + 1);
+        entries.push(root_entry);
+        // The cache is unchanged when every file came from it with its attributes and every
+        // entry of it was used: then it is neither rebuilt nor rewritten (a no-change run
+        // writes nothing).
+        let hits = results
             .iter()
-            .all(|r| matches!(r, Ok(None) | Ok(Some((_, false)))));
-    let rewrite = opts.cache.is_some() && !unchanged;
-    let mut new_cache = Vec::new();
-    let mut st = stats.into_inner().unwrap();
-    for (r, c) in raws.into_iter().zip(results) {
-        let content = match c {
-            Ok(Some((c, hashed))) => {
-                if hashed {
+            .filter(|r| matches!(r, Ok(Hashed::Cached(_))))
+            .count();
+        let unchanged = !stale
+            && hits == cache.len()
+            && raws
+                .iter()
+                .all(|r| r.hit.is_none_or(|i| cache[i].xattrs.is_some()))
+            && results
+                .iter()
+                .all(|r| matches!(r, Ok(Hashed::NotFile | Hashed::Cached(_))));
+        let rewrite = cache_path.is_some() && !unchanged;
+        let mut new_cache = Vec::new();
+        let mut deferred = Vec::new();
+        for (r, c) in raws.into_iter().zip(results) {
+            let content = match c {
+                Ok(Hashed::Cached(c) | Hashed::Fresh(c)) => Some(c),
+                Ok(Hashed::Deferred) => {
+                    st.deferred += 1;
+                    deferred.push(Deferred {
+                        path: r.path.clone(),
+                        key: CacheKey {
+                            ino: r.st.ino,
+                            size: r.st.size,
+                            mtime: (r.st.mtime, r.st.mtime_ns),
+                            ctime: (r.st.ctime, r.st.ctime_ns),
+                        },
+                        sparse: r.st.blocks * 512 < r.st.size,
+                        xattrs: r.xattrs.clone().unwrap_or_default(),
+                    });
+                    None
+                }
+                Ok(Hashed::NotFile) => None,
+                Err(SyncError::Fs { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    continue; // vanished during the scan
+                }
+                Err(e) => return Err(e),
+            };
+            if let Some(c) = &content {
+                if r.hit.is_some() {
+                    st.cached += 1;
+                } else {
                     st.hashed += 1;
                     st.hashed_bytes += c.size;
-                } else {
-                    st.cached += 1;
                 }
                 if rewrite {
                     new_cache.push(CacheEntry {
@@ -643,30 +771,55 @@ pub fn scan(root: &Path, opts: &ScanOptions) -> Result<(Manifest, ScanStats), Sy
                         xattrs: r.xattrs.clone(),
                     });
                 }
-                Some(c)
             }
-            Ok(None) => None,
-            Err(SyncError::Fs { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-                continue; // vanished during the scan
-            }
-            Err(e) => return Err(e),
-        };
-        entries.push(Entry {
-            meta: meta_of(&r.st, r.xattrs.unwrap_or_default()),
-            path: r.path,
-            kind: r.kind,
-            content,
-        });
+            entries.push(Entry {
+                meta: meta_of(&r.st, r.xattrs.unwrap_or_default()),
+                path: r.path,
+                kind: r.kind,
+                content,
+            });
+        }
+        // Rewrite the cache only when it changed (a no-change run writes nothing).
+        if let Some(p) = &cache_path
+            && rewrite
+            && let Err(e) = save_cache(p, new_cache)
+        {
+            // A missing cache costs time, not correctness.
+            tracing::warn!(error = %e, "hash cache not saved; the next run hashes again");
+        }
+        Ok((Manifest { entries }, st, deferred))
     }
-    // Rewrite the cache only when it changed (a no-change run writes nothing).
-    if let Some(p) = &opts.cache
-        && rewrite
-        && let Err(e) = save_cache(p, new_cache)
-    {
-        // A missing cache costs time, not correctness.
+}
+
+/// Records files hashed after the scan that listed them as [`Deferred`]: each with the key
+/// it was walked with and the attributes read then (valid together: the caller checked that
+/// the file still had that key before and after it read it).
+pub fn cache_add_keyed(cache: &Path, files: Vec<(Deferred, Content)>) {
+    if files.is_empty() {
+        return;
+    }
+    let (old, _) = load_cache(cache);
+    let mut all: HashMap<String, CacheEntry> =
+        old.into_iter().map(|e| (e.path.clone(), e)).collect();
+    for (d, content) in files {
+        all.insert(
+            d.path.clone(),
+            CacheEntry {
+                path: d.path,
+                ino: d.key.ino,
+                size: d.key.size,
+                mtime: d.key.mtime,
+                ctime: d.key.ctime,
+                content,
+                xattrs: Some(d.xattrs),
+            },
+        );
+    }
+    let mut all: Vec<CacheEntry> = all.into_values().collect();
+    all.sort_unstable_by(|a, b| path_order(&a.path, &b.path));
+    if let Err(e) = save_cache(cache, all) {
         tracing::warn!(error = %e, "hash cache not saved; the next run hashes again");
     }
-    Ok((Manifest { entries }, st))
 }
 
 /// Records freshly written files in the cache so the next scan does not read them again.

@@ -14,12 +14,13 @@ use crate::apply::{Incoming, Receiver, ReceiverOptions};
 use crate::delta::{DELTA_MIN, Signature};
 use crate::error::{ProtoError, SyncError};
 use crate::filter::PathFilter;
-use crate::manifest::{Entry, Hash, Manifest};
+use crate::manifest::{Content, Entry, Hash, Manifest};
 use crate::planner::{Op, Plan, PlanOptions, plan};
 use crate::proto::{
-    Frame, Framed, Message, Report, RunOptions, VERSION, compress, compress_read, decompress,
+    Frame, Framed, Message, Report, RunOptions, VERSION, WHOLE_MAX, compress, compress_read,
+    decompress,
 };
-use crate::scan::{ScanOptions, ScanStats, scan};
+use crate::scan::{Deferred, ScanOptions, ScanStats, hash_file, scan, walk};
 
 const BATCH: usize = 2000;
 
@@ -216,7 +217,14 @@ fn serve_inner<W: Write>(
                 )?;
                 let mut child = child;
                 child.sort();
-                answer_ranges(inbox, framed, &child)?;
+                if child.entries.len() <= WHOLE_MAX {
+                    // Small (a new destination): all of it at once, no range exchange.
+                    send_entries(framed, &child.entries)?;
+                } else {
+                    framed.send(&Message::RangesWanted)?;
+                    framed.flush()?;
+                    answer_ranges(inbox, framed, &child)?;
+                }
                 recv = None;
                 scanned = Some(child);
             }
@@ -371,12 +379,56 @@ fn answer_ranges<W: Write>(
     let (held, listed) = crate::ranges::answer(&key, k, &digests, &child.entries)
         .map_err(|e| ProtoError::Decode(e.to_string()))?;
     framed.send(&Message::Held(held))?;
-    for b in listed.chunks(BATCH) {
+    send_entries(framed, &listed)
+}
+
+/// Sends entries in `Entries` batches, then `EntriesEnd`.
+fn send_entries<W: Write>(
+    framed: &mut Framed<std::io::Empty, W>,
+    entries: &[Entry],
+) -> Result<(), SyncError> {
+    for b in entries.chunks(BATCH) {
         framed.send(&Message::Entries(b.to_vec()))?;
     }
     framed.send(&Message::EntriesEnd)?;
     framed.flush()?;
     Ok(())
+}
+
+/// The child's first answer after its scan.
+enum ChildAnswer {
+    /// Its whole manifest (at most [`WHOLE_MAX`] entries), sorted.
+    Whole(Manifest),
+    /// It wants the master's range digests (see [`fetch_manifest`]).
+    Ranges,
+}
+
+/// Reads the child's first answer after its scan: `RangesWanted`, or its whole manifest
+/// (`Entries`… `EntriesEnd`, at most [`WHOLE_MAX`] entries, each path once).
+fn child_answer<R: Read, W: Write>(framed: &mut Framed<R, W>) -> Result<ChildAnswer, SyncError> {
+    let mut entries: Vec<Entry> = Vec::new();
+    loop {
+        match framed.recv()? {
+            Message::RangesWanted if entries.is_empty() => return Ok(ChildAnswer::Ranges),
+            Message::Entries(es) => {
+                if entries.len() + es.len() > WHOLE_MAX {
+                    return Err(bad_answer(crate::ranges::RangeError::TooMany(WHOLE_MAX)));
+                }
+                entries.extend(es);
+            }
+            Message::EntriesEnd => break,
+            Message::Error(e) => return Err(SyncError::Remote(e)),
+            m => return Err(unexpected(&m)),
+        }
+    }
+    let mut m = Manifest { entries };
+    m.sort();
+    if let Some(w) = m.entries.windows(2).find(|w| w[0].path == w[1].path) {
+        return Err(bad_answer(crate::ranges::RangeError::Inconsistent(
+            w[0].path.clone(),
+        )));
+    }
+    Ok(ChildAnswer::Whole(m))
 }
 
 /// Digests sent in one `RangeDigests` frame.
@@ -493,21 +545,34 @@ pub fn push<R: Read, W: Write>(
         clean_temps: false,
     };
     // The master's scan runs while the transport starts (ssh: connection, authentication,
-    // the remote process) and while the child scans: `Hello` and `Scan` leave together, and
-    // only the range exchange waits for the master's manifest.
-    let (started, scanned) = std::thread::scope(|s| {
-        let scanner = s.spawn(|| scan(src, &scan_opts));
-        let started = hello_and_scan(framed, &opts.run);
+    // the remote process) and while the child scans: `Hello` and `Scan` leave together. A
+    // child whose manifest is small sends it whole as soon as it has scanned; from then on
+    // the master's scan leaves unread every file the child does not have (unless this is a
+    // dry run, which lists every hash): those are read once, as they are sent.
+    let child_paths: std::sync::OnceLock<HashSet<String>> = std::sync::OnceLock::new();
+    let (answer, scanned) = std::thread::scope(|s| {
+        let scanner = s.spawn(|| {
+            let walked = walk(src, &scan_opts)?;
+            walked
+                .hash(&|p: &str| !opts.dry_run && child_paths.get().is_some_and(|c| !c.contains(p)))
+        });
+        let answer = hello_and_scan(framed, &opts.run).and_then(|()| child_answer(framed));
+        if let Ok(ChildAnswer::Whole(m)) = &answer {
+            let _ = child_paths.set(m.entries.iter().map(|e| e.path.clone()).collect());
+        }
         let scanned = scanner
             .join()
             .unwrap_or_else(|p| std::panic::resume_unwind(p));
-        (started, scanned)
+        (answer, scanned)
     });
-    started?;
-    let (mut master, master_scan) = scanned?;
+    let answer = answer?;
+    let (mut master, master_scan, deferred) = scanned?;
     master.sort();
-    let child = fetch_manifest(framed, &master)?;
-    let p = plan(&master, &child, filter, &opts.plan);
+    let child = match answer {
+        ChildAnswer::Whole(m) => m,
+        ChildAnswer::Ranges => fetch_manifest(framed, &master)?,
+    };
+    let mut p = plan(&master, &child, filter, &opts.plan);
     let mut result = PushResult {
         master_scan,
         ..PushResult::default()
@@ -520,6 +585,8 @@ pub fn push<R: Read, W: Write>(
         result.bytes_out = framed.bytes_out;
         return Ok(result);
     }
+    let deferred: std::collections::HashMap<&str, &Deferred> =
+        deferred.iter().map(|d| (d.path.as_str(), d)).collect();
     // The chunks the child holds (only needed when something is written).
     let writes = p.ops.iter().any(|o| matches!(o, Op::Write(_)));
     let have: HashSet<Hash> = child
@@ -531,52 +598,43 @@ pub fn push<R: Read, W: Write>(
         .flat_map(|c| c.chunk_list().into_iter().map(|(_, c)| c.hash))
         .collect();
     let sigs = fetch_signatures(framed, &p, &child, &have)?;
-    let sigs = &sigs;
+    let size_of = |op: &Op| match op {
+        Op::Write(e) => deferred
+            .get(e.path.as_str())
+            .map_or_else(|| e.size(), |d| d.key.size()),
+        _ => 0,
+    };
     progress(Progress::Planned {
         ops: p.ops.len() as u64,
-        bytes: p
-            .ops
-            .iter()
-            .map(|o| if let Op::Write(e) = o { e.size() } else { 0 })
-            .sum(),
+        bytes: p.ops.iter().map(size_of).sum(),
     });
-    // A producer thread reads, checks and compresses the data of the next steps while this
-    // thread writes frames: the disk, the CPU and the stream work at the same time.
-    let sent = std::thread::scope(|s| -> Result<(), SyncError> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<Message>, SyncError>>(PIPELINE);
-        let ops = &p.ops;
-        let have = &have;
-        s.spawn(move || {
-            for op in ops {
-                let mut frames = vec![Message::Apply(op.clone())];
-                let r = match op {
-                    Op::Write(e) => data_frames(src, e, have, sigs.get(&e.path), &mut frames),
-                    _ => Ok(()),
-                };
-                let failed = r.is_err();
-                if tx.send(r.map(|()| frames)).is_err() || failed {
-                    return;
-                }
-            }
-        });
-        for op in &p.ops {
-            let frames = rx
-                .recv()
-                .map_err(|_| SyncError::Remote("data reader stopped".into()))??;
-            for f in &frames {
+    // Reader threads read, hash, check and compress the data of the next steps (several
+    // reads in flight on a cold disk) while this thread writes their frames in plan order:
+    // the disk, the CPU and the stream work at the same time.
+    let mut hashed: Vec<(usize, Content, bool)> = Vec::new();
+    let ops = &p.ops;
+    let (have, sigs, deferred_ref) = (&have, &sigs, &deferred);
+    ordered_pipeline(
+        ops.len(),
+        |i| prepare(src, &ops[i], have, sigs.get(ops[i].path()), deferred_ref),
+        |i, prepared| {
+            let prepared = prepared?;
+            for f in &prepared.frames {
                 match f {
                     Message::Data { hash, payload } => framed.send_data(hash, payload)?,
                     f => framed.send(f)?,
                 }
             }
+            if let Some((c, cacheable)) = prepared.hashed {
+                hashed.push((i, c, cacheable));
+            }
             progress(Progress::Step {
-                path: op.path().to_string(),
-                bytes: if let Op::Write(e) = op { e.size() } else { 0 },
+                path: ops[i].path().to_string(),
+                bytes: size_of(&ops[i]),
             });
-        }
-        Ok(())
-    });
-    sent?;
+            Ok(())
+        },
+    )?;
     framed.send(&Message::Finish)?;
     framed.flush()?;
     let report = match framed.recv()? {
@@ -584,12 +642,206 @@ pub fn push<R: Read, W: Write>(
         Message::Error(e) => return Err(SyncError::Remote(e)),
         m => return Err(unexpected(&m)),
     };
+    // The plan as carried out: the contents of the files read as they were sent, and those
+    // files in the master's hash cache (the next scan does not read them again).
+    let mut keep = Vec::new();
+    let mut hex: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+    for (i, c, cacheable) in hashed {
+        if let Op::Write(e) = &mut p.ops[i] {
+            hex.insert(e.path.clone(), c.hash.to_hex());
+            if cacheable && let Some(d) = deferred.get(e.path.as_str()) {
+                keep.push(((*d).clone(), c.clone()));
+            }
+            e.content = Some(c);
+        }
+    }
+    for it in &mut p.items {
+        let path = it.path.as_str();
+        if let Some(n) = &mut it.new
+            && n.hash.is_none()
+            && let Some(h) = hex.get(path)
+        {
+            n.hash = Some(h.clone());
+        }
+    }
+    if let Some(c) = &opts.cache {
+        crate::scan::cache_add_keyed(c, keep);
+    }
     result.plan = p;
     result.report = report;
     result.bytes_in = framed.bytes_in;
     result.bytes_out = framed.bytes_out;
     Ok(result)
 }
+
+/// What the reader threads prepared for one step.
+struct Prepared {
+    /// Its frames: `Apply`, then its data.
+    frames: Vec<Message>,
+    /// The content of a file the scan deferred, read as it was sent, and whether the file
+    /// kept the metadata it was walked with while it was read (so its hash may be cached).
+    hashed: Option<(Content, bool)>,
+}
+
+/// The frames of one step. A write of a file the scan deferred reads it once: hashing (and
+/// chunking, for a large file) it, then its data (from the page cache, for a large file).
+fn prepare(
+    src: &Path,
+    op: &Op,
+    have: &HashSet<Hash>,
+    sig: Option<&Signature>,
+    deferred: &std::collections::HashMap<&str, &Deferred>,
+) -> Result<Prepared, SyncError> {
+    let Op::Write(e) = op else {
+        return Ok(Prepared {
+            frames: vec![Message::Apply(op.clone())],
+            hashed: None,
+        });
+    };
+    let d = deferred
+        .get(e.path.as_str())
+        .filter(|_| e.content.is_none());
+    let Some(d) = d else {
+        let mut frames = vec![Message::Apply(op.clone())];
+        data_frames(src, e, have, sig, &mut frames)?;
+        return Ok(Prepared {
+            frames,
+            hashed: None,
+        });
+    };
+    let path = src.join(&e.path);
+    let mut f = fs_err::File::open(&path).map_err(|x| SyncError::fs("open", &path, x))?;
+    let key = |f: &fs_err::File| f.metadata().ok().map(|m| crate::scan::CacheKey::of(&m));
+    let before = key(&f);
+    let small = before.is_some_and(|k| k.size() <= crate::manifest::CHUNK_THRESHOLD);
+    // Read after a byte reserved for the payload's tag (see data_frames).
+    let mut buf = Vec::new();
+    if small {
+        buf.reserve_exact(1 + before.map_or(0, |k| k.size()) as usize);
+        buf.push(0);
+        (&mut f)
+            .take(crate::manifest::CHUNK_THRESHOLD + 1)
+            .read_to_end(&mut buf)
+            .map_err(|x| SyncError::fs("read", &path, x))?;
+    }
+    let mut e = e.clone();
+    let content = if small && buf.len() as u64 <= 1 + crate::manifest::CHUNK_THRESHOLD {
+        crate::manifest::Content {
+            size: buf.len() as u64 - 1,
+            hash: Hash::of(&buf[1..]),
+            chunks: Vec::new(),
+            sparse: d.sparse,
+        }
+    } else {
+        // Large (or grew past the chunking threshold while read): chunked as the scan does.
+        buf = Vec::new();
+        hash_file(&path, d.sparse)?
+    };
+    let cacheable = before == Some(d.key) && key(&f) == Some(d.key);
+    e.content = Some(content.clone());
+    let mut frames = Vec::new();
+    if buf.len() > 1 {
+        if !have.contains(&content.hash) {
+            frames.push(Message::Data {
+                hash: content.hash,
+                payload: compress_read(buf),
+            });
+        }
+        frames.insert(0, Message::Apply(Op::Write(e)));
+    } else {
+        frames.push(Message::Apply(Op::Write(e.clone())));
+        data_frames(src, &e, have, None, &mut frames)?;
+    }
+    Ok(Prepared {
+        frames,
+        hashed: Some((content, cacheable)),
+    })
+}
+
+/// Runs `work(i)` for `i` in `0..n` on [`READERS`] threads, at most [`PIPELINE`] steps ahead
+/// of `consume`, which gets the results in order on the calling thread. Stops at the first
+/// error of `consume` (the threads finish the step they are on), or with an error when a
+/// `work` panicked.
+fn ordered_pipeline<T: Send>(
+    n: usize,
+    work: impl Fn(usize) -> T + Sync,
+    mut consume: impl FnMut(usize, T) -> Result<(), SyncError>,
+) -> Result<(), SyncError> {
+    struct State<T> {
+        next: usize,
+        consumed: usize,
+        done: std::collections::BTreeMap<usize, T>,
+        stop: bool,
+        /// A reader thread panicked: its step never comes.
+        lost: bool,
+    }
+    let state = std::sync::Mutex::new(State {
+        next: 0,
+        consumed: 0,
+        done: std::collections::BTreeMap::new(),
+        stop: false,
+        lost: false,
+    });
+    let ready = std::sync::Condvar::new();
+    let room = std::sync::Condvar::new();
+    let lock = || state.lock().unwrap_or_else(|p| p.into_inner());
+    std::thread::scope(|s| {
+        for _ in 0..READERS.min(n) {
+            s.spawn(|| {
+                loop {
+                    let i = {
+                        let mut st = lock();
+                        while !st.stop && st.next < n && st.next >= st.consumed + PIPELINE {
+                            st = room.wait(st).unwrap_or_else(|p| p.into_inner());
+                        }
+                        if st.stop || st.next >= n {
+                            return;
+                        }
+                        st.next += 1;
+                        st.next - 1
+                    };
+                    let t = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(i)));
+                    let mut st = lock();
+                    match t {
+                        Ok(t) => {
+                            st.done.insert(i, t);
+                        }
+                        Err(_) => {
+                            st.lost = true;
+                            st.stop = true;
+                        }
+                    }
+                    drop(st);
+                    ready.notify_all();
+                    room.notify_all();
+                }
+            });
+        }
+        let r = (0..n).try_for_each(|i| {
+            let t = {
+                let mut st = lock();
+                loop {
+                    if let Some(t) = st.done.remove(&i) {
+                        break t;
+                    }
+                    if st.lost {
+                        return Err(SyncError::Remote("data reader stopped".into()));
+                    }
+                    st = ready.wait(st).unwrap_or_else(|p| p.into_inner());
+                }
+            };
+            lock().consumed = i + 1;
+            room.notify_all();
+            consume(i, t)
+        });
+        lock().stop = true;
+        room.notify_all();
+        r
+    })
+}
+
+/// Reader threads of the master's data: enough reads in flight for a cold disk.
+const READERS: usize = 8;
 
 /// Paths asked for in one `SigRequest`.
 const SIG_BATCH: usize = 1024;
@@ -643,7 +895,7 @@ fn fetch_signatures<R: Read, W: Write>(
 }
 
 /// Steps whose frames are prepared ahead of the stream.
-const PIPELINE: usize = 32;
+const PIPELINE: usize = 64;
 
 /// The `Data` frames of a write: one per chunk the child does not hold, read from the source
 /// and checked against the manifest's hash (a file changed since the scan fails its step).
@@ -706,4 +958,58 @@ fn data_frames(
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod pipeline_tests {
+    use super::*;
+
+    #[test]
+    fn results_come_in_order_and_an_error_or_a_panic_stops_the_pipeline() {
+        // Later steps finish first; the consumer still sees 0, 1, 2, ...
+        let mut seen = Vec::new();
+        ordered_pipeline(
+            200,
+            |i| {
+                std::thread::sleep(std::time::Duration::from_micros(
+                    ((200 - i) % 7) as u64 * 50,
+                ));
+                i * 3
+            },
+            |i, t| {
+                seen.push((i, t));
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(seen, (0..200).map(|i| (i, i * 3)).collect::<Vec<_>>());
+        // The consumer's error ends it; no step past it is consumed.
+        let mut last = 0;
+        let e = ordered_pipeline(
+            1000,
+            |i| i,
+            |i, _| {
+                last = i;
+                if i == 10 {
+                    Err(SyncError::Remote("stop".into()))
+                } else {
+                    Ok(())
+                }
+            },
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("stop"), "{e}");
+        assert_eq!(last, 10);
+        // A step whose work panics is an error, not a hang.
+        let e = ordered_pipeline(
+            50,
+            |i| {
+                assert!(i != 20, "reader failure");
+                i
+            },
+            |_, _| Ok(()),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("data reader stopped"), "{e}");
+    }
 }

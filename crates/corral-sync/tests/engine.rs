@@ -333,7 +333,6 @@ fn hostile(root: &Path, msgs: Vec<Message>) -> Result<(), corral_sync::SyncError
             options: RunOptions::default(),
         },
         Message::Scan,
-        Message::RangesEnd { key: [0; 32], k: 4 },
     ]
     .into_iter()
     .chain(msgs)
@@ -696,7 +695,6 @@ fn bad_delta_fails_the_step_and_keeps_the_old_file() {
             options: RunOptions::default(),
         },
         Message::Scan,
-        Message::RangesEnd { key: [0; 32], k: 4 },
         Message::SigRequest(vec!["f".into(), "missing".into()]),
         Message::Apply(Op::Write(file_entry("f", &new))),
         Message::Delta {
@@ -822,7 +820,11 @@ fn child_answer_must_match_the_masters_ranges() {
     // A bitmap of the wrong length.
     let e = msg(push_scripted(
         &m,
-        vec![Message::Held(vec![0; bits + 1]), Message::EntriesEnd],
+        vec![
+            Message::RangesWanted,
+            Message::Held(vec![0; bits + 1]),
+            Message::EntriesEnd,
+        ],
     ));
     assert!(e.contains("range bitmap has"), "{e}");
     // Holding every range and listing a path inside one of them.
@@ -833,6 +835,7 @@ fn child_answer_must_match_the_masters_ranges() {
     let e = msg(push_scripted(
         &m,
         vec![
+            Message::RangesWanted,
             Message::Held(all.clone()),
             Message::Entries(vec![master.entries[10].clone()]),
             Message::EntriesEnd,
@@ -840,13 +843,103 @@ fn child_answer_must_match_the_masters_ranges() {
     ));
     assert!(e.contains("does not match the ranges"), "{e}");
     // Something else than the answer.
-    let e = msg(push_scripted(&m, vec![Message::EntriesEnd]));
+    let e = msg(push_scripted(
+        &m,
+        vec![Message::RangesWanted, Message::EntriesEnd],
+    ));
     assert!(e.contains("unexpected message"), "{e}");
     // Holding everything: nothing to do. Holding nothing and listing nothing: an empty child.
-    let r = push_scripted(&m, vec![Message::Held(all), Message::EntriesEnd]).unwrap();
+    let r = push_scripted(
+        &m,
+        vec![
+            Message::RangesWanted,
+            Message::Held(all),
+            Message::EntriesEnd,
+        ],
+    )
+    .unwrap();
     assert!(r.plan.is_empty(), "{:?}", r.plan.items);
-    let r = push_scripted(&m, vec![Message::Held(vec![0; bits]), Message::EntriesEnd]).unwrap();
+    let r = push_scripted(
+        &m,
+        vec![
+            Message::RangesWanted,
+            Message::Held(vec![0; bits]),
+            Message::EntriesEnd,
+        ],
+    )
+    .unwrap();
     assert_eq!(r.plan.items.len(), master.entries.len());
+}
+
+/// A child may send its whole manifest instead of asking for the range digests, but only a
+/// small one, each path once, and not after asking for the digests.
+#[test]
+fn a_whole_child_manifest_is_small_and_consistent() {
+    let t = tempfile::tempdir().unwrap();
+    let m = t.path().join("m");
+    for i in 0..20 {
+        write(
+            &m.join(format!("d{}/f{i}", i % 3)),
+            format!("{i}").as_bytes(),
+        );
+    }
+    let master = manifest(&m);
+    let msg = |r: Result<PushResult, corral_sync::SyncError>| match r {
+        Ok(_) => panic!("accepted"),
+        Err(e) => e.to_string(),
+    };
+    // The same path twice.
+    let e = msg(push_scripted(
+        &m,
+        vec![
+            Message::Entries(vec![master.entries[3].clone(), master.entries[3].clone()]),
+            Message::EntriesEnd,
+        ],
+    ));
+    assert!(e.contains("does not match the ranges"), "{e}");
+    // More than WHOLE_MAX entries, in batches.
+    let many: Vec<_> = (0..=corral_sync::proto::WHOLE_MAX)
+        .map(|i| {
+            let mut e = master.entries[3].clone();
+            e.path = format!("x{i}");
+            e
+        })
+        .collect();
+    let (a, b) = many.split_at(10);
+    let e = msg(push_scripted(
+        &m,
+        vec![
+            Message::Entries(a.to_vec()),
+            Message::Entries(b.to_vec()),
+            Message::EntriesEnd,
+        ],
+    ));
+    assert!(e.contains("more than"), "{e}");
+    // Asking for the digests after listing entries.
+    let e = msg(push_scripted(
+        &m,
+        vec![
+            Message::Entries(vec![master.entries[3].clone()]),
+            Message::RangesWanted,
+        ],
+    ));
+    assert!(e.contains("unexpected message"), "{e}");
+    // The whole manifest, unsorted: the master sorts it and plans against it.
+    let mut whole = master.entries.clone();
+    whole.reverse();
+    let r = push_scripted(&m, vec![Message::Entries(whole), Message::EntriesEnd]).unwrap();
+    assert!(r.plan.is_empty(), "{:?}", r.plan.items);
+    // An empty child: every entry is new, and a dry run lists every hash.
+    let r = push_scripted(&m, vec![Message::EntriesEnd]).unwrap();
+    assert_eq!(r.plan.items.len(), master.entries.len());
+    let files = r
+        .plan
+        .items
+        .iter()
+        .filter(|i| i.itemize.starts_with(">f"))
+        .collect::<Vec<_>>();
+    assert_eq!(files.len(), 20);
+    assert!(files.iter().all(|i| i.new.as_ref().unwrap().hash.is_some()));
 }
 
 /// A run with nothing to do writes nothing: neither end's hash cache is rewritten (same
@@ -1019,4 +1112,57 @@ fn forged_or_stray_data_is_refused_by_the_receiver() {
     )
     .unwrap();
     assert_eq!(std::fs::read(t.path().join("f")).unwrap(), good);
+}
+
+/// A copy into an empty child: the child sends its whole (tiny) manifest, the master reads
+/// the files it lacks only as it sends them, and still reports every hash, checks what it
+/// sent, and leaves their hashes in its cache so that its next scan reads nothing.
+#[test]
+fn a_new_child_gets_files_read_once_and_cached() {
+    let t = tempfile::tempdir().unwrap();
+    let (m, c) = (t.path().join("master"), t.path().join("child"));
+    std::fs::create_dir(&m).unwrap();
+    std::fs::create_dir(&c).unwrap();
+    for i in 0..300 {
+        write(
+            &m.join(format!("d{}/f{i}", i % 7)),
+            &pseudo_random(100 + i * 37, i as u64),
+        );
+    }
+    write(&m.join("big/blob"), &pseudo_random(3 << 20, 9));
+    write(&m.join("empty"), b"");
+    let cache = t.path().join("master.cache");
+    let r = push(
+        &m,
+        &c,
+        &PushOptions {
+            cache: Some(cache.clone()),
+            ..PushOptions::default()
+        },
+    );
+    assert!(r.report.failed.is_empty(), "{:?}", r.report.failed);
+    assert_same(&manifest(&m), &manifest(&c));
+    // Every write carries the content that was sent, and the change list its hash.
+    let truth = manifest(&m);
+    for op in &r.plan.ops {
+        if let Op::Write(e) = op {
+            assert_eq!(e.content, truth.get(&e.path).unwrap().content, "{}", e.path);
+        }
+    }
+    for it in r.plan.items.iter().filter(|i| i.itemize.starts_with(">f")) {
+        assert!(it.new.as_ref().unwrap().hash.is_some(), "{}", it.path);
+    }
+    eprintln!("master scan: {:?}", r.master_scan);
+    // The master's next scan finds every file in its cache, deferred or not.
+    let (again, st) = scan(
+        &m,
+        &ScanOptions {
+            cache: Some(cache),
+            ..ScanOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(st.hashed, 0, "{st:?}");
+    assert_eq!(st.cached, 302, "{st:?}");
+    assert_same(&again, &truth);
 }

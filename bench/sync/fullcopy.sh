@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Interleaved full copies (caches dropped before each): rsync and one or more corral binaries
+# over the same loopback sshd as run.sh, with CPU time of each end (/usr/bin/time on the
+# master and, through --remote-corral, on `corral sync serve`; sshd's CPU is not counted).
+#
+#   ROUNDS=3 SCALE=0.2 PORT=22991 WORK=/var/tmp/corral-bench-x bash bench/sync/fullcopy.sh BIN...
+#
+# Each BIN is a corral binary; the data is run.sh's (generated here when missing). Each corral
+# run gets an empty state directory (no master hash cache: a fresh tree, as in run.sh, whose
+# tree is regenerated every run). Needs root.
+set -euo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
+SCALE="${SCALE:-0.2}"; SEED="${SEED:-1}"; ROUNDS="${ROUNDS:-3}"
+WORK="${WORK:-/var/tmp/corral-bench-sync}"; PORT="${PORT:-22987}"
+[ "$#" -ge 1 ] || { echo "usage: fullcopy.sh CORRAL_BIN..." >&2; exit 2; }
+SRC="$WORK/src-$SCALE"
+mkdir -p "$WORK"
+if [ ! -e "$SRC.complete" ]; then
+    rm -rf "$SRC"; python3 "$HERE/gen.py" tree "$SRC" --seed "$SEED" --scale "$SCALE"; touch "$SRC.complete"
+fi
+SSHDIR="$WORK/ssh"; mkdir -p "$SSHDIR" /run/sshd
+[ -e "$SSHDIR/host_key" ] || ssh-keygen -q -t ed25519 -N '' -f "$SSHDIR/host_key"
+[ -e "$SSHDIR/client_key" ] || ssh-keygen -q -t ed25519 -N '' -f "$SSHDIR/client_key"
+cp "$SSHDIR/client_key.pub" "$SSHDIR/authorized_keys"
+cat > "$SSHDIR/sshd_config" <<CFG
+Port $PORT
+ListenAddress 127.0.0.1
+HostKey $SSHDIR/host_key
+AuthorizedKeysFile $SSHDIR/authorized_keys
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+PidFile $SSHDIR/sshd.pid
+CFG
+unshare -m --propagation private sh -c \
+    "mount --bind /usr/share/base-files/dot.bashrc /root/.bashrc && exec /usr/sbin/sshd -f $SSHDIR/sshd_config -D -e" \
+    2>"$SSHDIR/sshd.log" &
+SSHD_PID=$!
+SSH="ssh -p $PORT -i $SSHDIR/client_key -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes -o LogLevel=ERROR"
+cleanup() { kill "$SSHD_PID" 2>/dev/null || true; }
+trap cleanup EXIT
+for _ in $(seq 50); do $SSH root@127.0.0.1 true 2>/dev/null && break; sleep 0.1; done
+drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+now() { date +%s.%N; }
+CSSH=(--ssh-arg=-p "--ssh-arg=$PORT" --ssh-arg=-i "--ssh-arg=$SSHDIR/client_key"
+      --ssh-arg=-o --ssh-arg=StrictHostKeyChecking=no --ssh-arg=-o
+      --ssh-arg=UserKnownHostsFile=/dev/null --ssh-arg=-o --ssh-arg=LogLevel=ERROR)
+DST="$WORK/dst-full"
+echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+for r in $(seq "$ROUNDS"); do
+    rm -rf "$DST"; mkdir -p "$DST"; drop_caches
+    t0=$(now); rsync -a --delete -e "$SSH" "$SRC/" "root@127.0.0.1:$DST/"; t1=$(now)
+    printf 'round %s rsync            %6.2f s  load %s\n' "$r" "$(echo "$t1 - $t0" | bc)" "$(cut -d' ' -f1 /proc/loadavg)"
+    for bin in "$@"; do
+        rm -rf "$DST"; mkdir -p "$DST"; drop_caches
+        export CORRAL_STATE_DIR="$WORK/state-fullcopy"; rm -rf "$CORRAL_STATE_DIR"
+        t0=$(now)
+        /usr/bin/time -f '%U %S' -o "$WORK/time-master" "$bin" sync push --delete --ssh-persist 0 "${CSSH[@]}" \
+            --remote-corral "/usr/bin/time -f '%U %S' -o $WORK/time-serve $bin" \
+            "$SRC/" "root@127.0.0.1:$DST/" >/dev/null 2>>"$WORK/fullcopy.log"
+        t1=$(now)
+        printf 'round %s %-16s %6.2f s  master+ssh user/sys %s  serve user/sys %s  load %s\n' "$r" "$(basename "$bin")" \
+            "$(echo "$t1 - $t0" | bc)" "$(cat "$WORK/time-master")" "$(cat "$WORK/time-serve")" "$(cut -d' ' -f1 /proc/loadavg)"
+        left=$(rsync -a -c -n -i "$SRC/" "$DST/" | { grep -v '^\.d' || true; } | wc -l)
+        [ "$left" -eq 0 ] || echo "  !! copy differs from the source in $left entries"
+    done
+done
+rm -rf "$DST" "$WORK/state-fullcopy"
