@@ -28,8 +28,6 @@ use crate::state::ResumeState;
 
 /// Without progress for this long while blocks are missing, fetch the rest over TCP.
 const STALL_AFTER: Duration = Duration::from_secs(3);
-/// `recvmmsg` slots per call (each holds one datagram, or one GRO run of up to 64 KiB).
-const RECV_SLOTS: usize = 8;
 /// How often written blocks are fsynced and recorded in the state file.
 const STATE_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -409,11 +407,7 @@ pub async fn receive(
     let mut catchup_not_before = Instant::now();
     let mut rejected_reason: Option<String> = None;
     let mut last_heard = Instant::now();
-    // 8 slots of 64 KiB (up to 8 x 44 datagrams per call): small enough that the slots the
-    // kernel just copied into are still in the CPU's L2 cache when their symbols are copied
-    // into the block buffers (32 slots, 2 MiB, evicted them first: that copy and the kernel's
-    // both ran at memory speed).
-    let mut batch = socket::RecvBatch::new(RECV_SLOTS, 65_536);
+    let mut batch = socket::RecvBatch::new(32, 65_536);
     let mut ubuf = vec![0u8; 65_536];
     let mut out = Vec::with_capacity(2048);
     let mut tick = tokio::time::interval(STATE_INTERVAL);
@@ -629,9 +623,9 @@ pub async fn receive(
                 if r.is_ok() {
                     let now = Instant::now();
                     let mut got = 0;
-                    // Up to 32 batches or 512 datagrams (a GRO slot holds up to 64) before
+                    // Up to 8 batches or 512 datagrams (a GRO slot holds up to 64) before
                     // timers and sends get a turn.
-                    for _ in 0..32 {
+                    for _ in 0..8 {
                         match batch.recv(&gsock) {
                             Ok(_) => {
                                 for (d, from) in batch.datagrams() {
