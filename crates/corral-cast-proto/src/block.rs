@@ -99,22 +99,95 @@ pub fn encode_block(
     symbol_size: u16,
 ) -> Result<EncodedBlock, BlockError> {
     check_symbol_size(symbol_size)?;
-    let compressed = match compression {
-        Compression::None => None,
-        Compression::Zstd { level } => {
-            let c = zstd::bulk::compress(data, level).map_err(|e| BlockError::Zstd {
-                block,
-                op: "compress",
-                message: e.to_string(),
-            })?;
-            (c.len() < data.len()).then_some(c)
+    match compress(block, data, compression)? {
+        Some(c) => EncodedBlock::from_payload(block, true, &c, symbol_size),
+        None => EncodedBlock::from_payload(block, false, data, symbol_size),
+    }
+}
+
+/// [`encode_block`] on a block the caller owns: a block sent raw (the usual case for data that
+/// is not zeros) keeps `data` as its symbol buffer, zero-padded to whole symbols, instead of
+/// copying it (give `data` capacity for [`source_count`] symbols to avoid a reallocation).
+pub fn encode_block_vec(
+    block: u32,
+    mut data: Vec<u8>,
+    compression: Compression,
+    symbol_size: u16,
+) -> Result<EncodedBlock, BlockError> {
+    check_symbol_size(symbol_size)?;
+    if let Some(c) = compress(block, &data, compression)? {
+        return EncodedBlock::from_payload(block, true, &c, symbol_size);
+    }
+    let k = source_count(data.len(), symbol_size);
+    let payload_len = u32::try_from(data.len())
+        .ok()
+        .filter(|_| k <= MAX_SOURCE_SYMBOLS);
+    let Some(payload_len) = payload_len else {
+        return Err(BlockError::TooManySymbols {
+            block,
+            payload_len: data.len(),
+            k,
+            max: MAX_SOURCE_SYMBOLS,
+        });
+    };
+    data.resize(k * usize::from(symbol_size), 0);
+    Ok(EncodedBlock {
+        compressed: false,
+        payload_len,
+        symbol_size,
+        // k <= 32768 checked above.
+        k: k as u16,
+        symbols: data,
+    })
+}
+
+/// The block compressed, if configured and smaller (and not judged incompressible by
+/// [`looks_incompressible`]).
+fn compress(
+    block: u32,
+    data: &[u8],
+    compression: Compression,
+) -> Result<Option<Vec<u8>>, BlockError> {
+    let Compression::Zstd { level } = compression else {
+        return Ok(None);
+    };
+    let zstd = |d: &[u8]| {
+        zstd::bulk::compress(d, level).map_err(|e| BlockError::Zstd {
+            block,
+            op: "compress",
+            message: e.to_string(),
+        })
+    };
+    if looks_incompressible(data, zstd)? {
+        return Ok(None);
+    }
+    let c = zstd(data)?;
+    Ok((c.len() < data.len()).then_some(c))
+}
+
+/// Bytes of each sample [`looks_incompressible`] compresses.
+const PROBE_LEN: usize = 16 * 1024;
+
+/// Whether a block is not worth compressing whole: on a large block, three samples (start,
+/// middle, end) are compressed first and if none of them shrinks by at least 1/32 the block is
+/// sent raw. Random or already-compressed data (most of a typical image that is not zeros) then
+/// costs 3 x 16 KiB of zstd instead of the whole block; a block compressible only between the
+/// samples is sent raw, which costs bandwidth, never correctness.
+fn looks_incompressible(
+    data: &[u8],
+    mut zstd: impl FnMut(&[u8]) -> Result<Vec<u8>, BlockError>,
+) -> Result<bool, BlockError> {
+    if data.len() < 8 * PROBE_LEN {
+        return Ok(false);
+    }
+    let mid = (data.len() / 2) & !(PROBE_LEN - 1);
+    for at in [0, mid, data.len() - PROBE_LEN] {
+        let sample = &data[at..at + PROBE_LEN];
+        if zstd(sample)?.len() < PROBE_LEN - PROBE_LEN / 32 {
+            return Ok(false);
         }
-    };
-    let (is_compressed, payload): (bool, &[u8]) = match &compressed {
-        Some(c) => (true, c),
-        None => (false, data),
-    };
-    EncodedBlock::from_payload(block, is_compressed, payload, symbol_size)
+    }
+    Ok(true)
 }
 
 fn check_symbol_size(symbol_size: u16) -> Result<(), BlockError> {
@@ -538,6 +611,50 @@ mod tests {
         assert!(!enc.compressed());
         assert_eq!(enc.payload_len() as usize, data.len());
         assert_eq!(usize::from(enc.k()), 100_000usize.div_ceil(1440));
+    }
+
+    #[test]
+    fn large_blocks_are_probed_before_compressing() {
+        let z = Compression::Zstd { level: 3 };
+        // Random: all three samples incompressible, sent raw.
+        let random = pseudo_random(1 << 20, 11);
+        assert!(!encode_block(0, &random, z, 1440).unwrap().compressed());
+        // Random but for a compressible last quarter (the end sample sees it): compressed.
+        let mut tail = random.clone();
+        tail[3 << 18..].fill(7);
+        let enc = encode_block(0, &tail, z, 1440).unwrap();
+        assert!(enc.compressed());
+        assert!((enc.payload_len() as usize) < (800 << 10));
+        // Compressible in the middle only: found by the middle sample.
+        let mut middle = random.clone();
+        middle[400 << 10..600 << 10].fill(0);
+        assert!(encode_block(0, &middle, z, 1440).unwrap().compressed());
+        // Compressible only between the samples: sent raw (the documented trade-off).
+        let mut between = random;
+        between[100 << 10..300 << 10].fill(0);
+        assert!(!encode_block(0, &between, z, 1440).unwrap().compressed());
+    }
+
+    #[test]
+    fn owned_blocks_encode_like_borrowed_ones() {
+        let random = pseudo_random(100_001, 5);
+        let text = b"corral ".repeat(20_000);
+        for (data, c) in [
+            (&random, Compression::None),
+            (&random, Compression::Zstd { level: 3 }),
+            (&text, Compression::Zstd { level: 3 }),
+            (&text, Compression::None),
+        ] {
+            let a = encode_block(2, data, c, 1440).unwrap();
+            let b = encode_block_vec(2, data.clone(), c, 1440).unwrap();
+            assert_eq!(a.to_bytes(), b.to_bytes());
+            assert_eq!(a.compressed(), b.compressed());
+            assert_eq!((a.k(), a.payload_len()), (b.k(), b.payload_len()));
+            for esi in 0..a.k() {
+                assert_eq!(a.source_symbol(esi), b.source_symbol(esi));
+            }
+        }
+        assert!(encode_block_vec(0, vec![1], Compression::None, 1441).is_err());
     }
 
     #[test]

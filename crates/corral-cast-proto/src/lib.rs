@@ -112,7 +112,8 @@ pub mod sim;
 use std::net::SocketAddr;
 
 pub use block::{
-    BlockSource, Compression, EncodedBlock, Parity, encode_block, parity_count, source_count,
+    BlockSource, Compression, EncodedBlock, Parity, encode_block, encode_block_vec, parity_count,
+    source_count,
 };
 pub use corral_model::SessionId;
 pub use error::{BlockError, ConfigError, ManifestError, PacketError};

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex};
 
 use corral_cast_proto::{
-    BlockSource, Compression, EncodedBlock, ManifestBuilder, SignedManifest, encode_block,
+    BlockSource, Compression, EncodedBlock, ManifestBuilder, SignedManifest, encode_block_vec,
 };
 use corral_model::SessionId;
 
@@ -139,7 +139,11 @@ impl Blocks {
             return Err(std::io::Error::other(format!("no block {index}")));
         }
         let len = m.block_len(index) as usize;
-        let mut buf = vec![0u8; len];
+        // Room for the padding of the last symbol: a block sent raw keeps this buffer.
+        let mut buf = Vec::with_capacity(
+            corral_cast_proto::source_count(len, m.symbol_size) * usize::from(m.symbol_size),
+        );
+        buf.resize(len, 0);
         let n = self
             .source
             .read_at(m.block_offset(index), &mut buf)
@@ -150,7 +154,7 @@ impl Blocks {
                 format!("block {index}: image shrank"),
             ));
         }
-        encode_block(index, &buf, m.compression, m.symbol_size).map_err(std::io::Error::other)
+        encode_block_vec(index, buf, m.compression, m.symbol_size).map_err(std::io::Error::other)
     }
 
     /// Block `index`, from the read-ahead cache or encoded now.
