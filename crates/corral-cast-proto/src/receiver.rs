@@ -1269,12 +1269,28 @@ mod tests {
         v
     }
 
-    fn signed(session: SessionId) -> SignedManifest {
+    fn manifest(session: SessionId) -> crate::Manifest {
         let mut b = ManifestBuilder::new(session, 1024, 104, Compression::None);
         for c in data().chunks(1024) {
             b.push_block(c);
         }
-        SignedManifest::sign(b.finish().unwrap(), &KEY)
+        b.finish().unwrap()
+    }
+
+    fn signed(session: SessionId) -> SignedManifest {
+        SignedManifest::sign(manifest(session), &KEY)
+    }
+
+    /// A receiver that trusts [`KEY`].
+    fn trusting_receiver(now: Instant) -> Receiver {
+        Receiver::new(
+            ReceiverConfig {
+                name: "t".into(),
+                trusted_key: Some(SignedManifest::public_key_for(&KEY)),
+                ..ReceiverConfig::default()
+            },
+            now,
+        )
     }
 
     fn pkt(body: Body<'_>) -> Vec<u8> {
@@ -1300,14 +1316,7 @@ mod tests {
 
     fn ready_receiver(now: Instant) -> (Receiver, SignedManifest) {
         let m = signed(SessionId(1));
-        let mut r = Receiver::new(
-            ReceiverConfig {
-                name: "t".into(),
-                trusted_key: Some(SignedManifest::public_key_for(&KEY)),
-                ..ReceiverConfig::default()
-            },
-            now,
-        );
+        let mut r = trusting_receiver(now);
         r.handle_input(now, sender(), &announce(&m, 0));
         for (i, c) in m.as_bytes().chunks(MANIFEST_CHUNK_LEN).enumerate() {
             r.handle_input(
@@ -1394,22 +1403,10 @@ mod tests {
     fn signed_manifest_flagging_a_data_block_as_zero_is_rejected() {
         // A trusted but buggy sender flags data block 0 as zero (with its true hash, so the
         // hashes still merge into the image hash): the receiver must not take zeros for it.
-        let mut b = ManifestBuilder::new(SessionId(1), 1024, 104, Compression::None);
-        for c in data().chunks(1024) {
-            b.push_block(c);
-        }
-        let mut m = b.finish().unwrap();
+        let mut m = manifest(SessionId(1));
         m.blocks[0].zero = true;
         let bad = SignedManifest::sign(m, &KEY);
-        let now = t0();
-        let mut r = Receiver::new(
-            ReceiverConfig {
-                name: "t".into(),
-                trusted_key: Some(SignedManifest::public_key_for(&KEY)),
-                ..ReceiverConfig::default()
-            },
-            now,
-        );
+        let mut r = trusting_receiver(t0());
         assert!(matches!(
             r.accept_manifest_bytes(bad.as_bytes()),
             Err(ManifestError::ZeroBlockHash { index: 0 })

@@ -58,6 +58,13 @@ fn write(p: &Path, data: &[u8]) {
     std::fs::write(p, data).unwrap();
 }
 
+/// Writes `n` files `d{i % dirs}/f{i}` under `root`, file `i` holding `body(i)`.
+fn numbered_files(root: &Path, n: usize, dirs: usize, body: impl Fn(usize) -> Vec<u8>) {
+    for i in 0..n {
+        write(&root.join(format!("d{}/f{i}", i % dirs)), &body(i));
+    }
+}
+
 fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;
     (0..n)
@@ -607,16 +614,15 @@ fn batched_install_and_small_edits_as_deltas() {
     std::fs::create_dir(&c).unwrap();
     let n = 1300;
     let size = |i: usize| 2048 + (i * 7919) % (96 * 1024);
-    for i in 0..n {
-        let body = if i % 2 == 0 {
+    numbered_files(&m, n, 13, |i| {
+        if i % 2 == 0 {
             pseudo_random(size(i), i as u64)
         } else {
             format!("line {i} of a text-like file\n")
                 .repeat(size(i) / 20)
                 .into_bytes()
-        };
-        write(&m.join(format!("d{}/f{i}", i % 13)), &body);
-    }
+        }
+    });
     let r = push_durable(&m, &c);
     assert!(r.report.failed.is_empty(), "{:?}", r.report.failed);
     assert_eq!(r.report.files_written, n as u64);
@@ -804,12 +810,7 @@ fn push_scripted(src: &Path, answers: Vec<Message>) -> Result<PushResult, corral
 fn child_answer_must_match_the_masters_ranges() {
     let t = tempfile::tempdir().unwrap();
     let m = t.path().join("m");
-    for i in 0..200 {
-        write(
-            &m.join(format!("d{}/f{i}", i % 5)),
-            format!("{i}").as_bytes(),
-        );
-    }
+    numbered_files(&m, 200, 5, |i| format!("{i}").into_bytes());
     let master = manifest(&m);
     let ranges = corral_sync::ranges::cut(&master.entries, corral_sync::ranges::RANGE_K).len();
     let bits = ranges.div_ceil(8);
@@ -877,12 +878,7 @@ fn child_answer_must_match_the_masters_ranges() {
 fn a_whole_child_manifest_is_small_and_consistent() {
     let t = tempfile::tempdir().unwrap();
     let m = t.path().join("m");
-    for i in 0..20 {
-        write(
-            &m.join(format!("d{}/f{i}", i % 3)),
-            format!("{i}").as_bytes(),
-        );
-    }
+    numbered_files(&m, 20, 3, |i| format!("{i}").into_bytes());
     let master = manifest(&m);
     let msg = |r: Result<PushResult, corral_sync::SyncError>| match r {
         Ok(_) => panic!("accepted"),
@@ -950,12 +946,7 @@ fn no_change_run_rewrites_no_cache() {
     let (m, c) = (t.path().join("master"), t.path().join("child"));
     std::fs::create_dir(&m).unwrap();
     std::fs::create_dir(&c).unwrap();
-    for i in 0..300 {
-        write(
-            &m.join(format!("d{}/f{i}", i % 7)),
-            format!("file {i}").as_bytes(),
-        );
-    }
+    numbered_files(&m, 300, 7, |i| format!("file {i}").into_bytes());
     let master_cache = t.path().join("master.cache");
     let opts = PushOptions {
         cache: Some(master_cache.clone()),
@@ -1123,12 +1114,7 @@ fn a_new_child_gets_files_read_once_and_cached() {
     let (m, c) = (t.path().join("master"), t.path().join("child"));
     std::fs::create_dir(&m).unwrap();
     std::fs::create_dir(&c).unwrap();
-    for i in 0..300 {
-        write(
-            &m.join(format!("d{}/f{i}", i % 7)),
-            &pseudo_random(100 + i * 37, i as u64),
-        );
-    }
+    numbered_files(&m, 300, 7, |i| pseudo_random(100 + i * 37, i as u64));
     write(&m.join("big/blob"), &pseudo_random(3 << 20, 9));
     write(&m.join("empty"), b"");
     let cache = t.path().join("master.cache");
