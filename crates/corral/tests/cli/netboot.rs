@@ -10,6 +10,7 @@ use corral_store::{EventFilter, Store, StoredEvent};
 
 use crate::support::{corral, text};
 
+mod power_cut;
 mod qemu;
 
 /// A free TCP/UDP port on loopback (bound then released).
