@@ -402,6 +402,31 @@ fn serve_http_scripts_files_done_and_reload() {
         script.starts_with("#!ipxe\necho MARK-SCRIPT web01 52:54:00:aa:00:01 install /dev/vda "),
         "{script}"
     );
+    // The script and done routes take a MAC in every spelling `MacAddr` parses (one parser,
+    // corral-model's), and refuse anything else with 400.
+    for form in ["5254.00aa.0001", "525400AA0001", "52:54:00:aa:00:01"] {
+        let (code, body, _) = curl(&[&s.url(&format!("/ipxe/{form}"))]);
+        let b = String::from_utf8_lossy(&body);
+        assert!(
+            code == 200 && b.contains("MARK-SCRIPT web01 52:54:00:aa:00:01 install"),
+            "{form}: {code} {b}"
+        );
+    }
+    for bad in [
+        "52:54:00:aa:00",
+        "52:54:00:aa:00:0g",
+        "5254.00aa.00011",
+        "52:5400:aa:00:01",
+    ] {
+        let (code, _, _) = curl(&[&s.url(&format!("/ipxe/{bad}"))]);
+        assert_eq!(code, 400, "/ipxe/{bad}");
+        let (code, _, _) = curl(&[
+            "-X",
+            "POST",
+            &s.url(&format!("/api/v1/machines/{bad}/done")),
+        ]);
+        assert_eq!(code, 400, "done for {bad}");
+    }
     // Whole file, HEAD, ranges.
     let (code, body, _) = curl(&[&s.url("/boot/payload.bin")]);
     assert_eq!(code, 200);
