@@ -1,7 +1,10 @@
 //! The HTTP boot server (axum): iPXE scripts, iPXE binaries, `/boot/*` and `/images/*` with
 //! HEAD and Range, the installer's done callback, `/healthz` and `/metrics` (Prometheus text of
-//! the DHCP services, `corral_dhcp::metrics`). Every request is an event
+//! the DHCP services, `corral_dhcp::metrics`, the TFTP servers, `corral_tftp::metrics`, and this
+//! server's own requests and bytes, [`metrics`]). Every request is an event
 //! (source `http`) with the machine's boot session.
+
+mod metrics;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -23,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::engine::{Netboot, kinds};
 use crate::error::NetbootError;
 use crate::files::{self, PathRefused, RangeAnswer};
+use metrics::HttpMetrics;
 
 /// Both ends of an HTTP connection: the peer identifies the machine, the local address is
 /// what absolute URLs point at.
@@ -45,11 +49,20 @@ impl Connected<IncomingStream<'_, TcpListener>> for Conn {
     }
 }
 
-/// The router, for tests and for [`serve`].
+/// The router, for tests and for [`serve`]. Each router counts its own requests (see
+/// [`metrics`]).
 pub fn router(engine: Arc<Netboot>) -> Router {
+    let counters = Arc::new(HttpMetrics::default());
+    let scrape = counters.clone();
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/metrics", get(metrics))
+        .route(
+            "/metrics",
+            get(move || {
+                let m = scrape.clone();
+                async move { prometheus(&m) }
+            }),
+        )
         .route("/ipxe/{mac}", get(script))
         .route("/ipxe-bin/{file}", files(Root::Ipxe))
         .route("/boot/{*path}", files(Root::Boot))
@@ -57,6 +70,10 @@ pub fn router(engine: Arc<Netboot>) -> Router {
         .route("/api/v1/machines/{mac}/done", get(done).post(done))
         .fallback(fallback)
         .with_state(engine)
+        .layer(axum::middleware::from_fn_with_state(
+            counters,
+            metrics::count,
+        ))
 }
 
 /// Serves HTTP on an already bound listener until `cancel`.
@@ -105,14 +122,19 @@ fn text(status: StatusCode, body: String) -> Response {
         .into_response()
 }
 
-/// Prometheus text: the DHCP services' timings and counters (see `corral_dhcp::metrics`).
-async fn metrics() -> Response {
+/// Prometheus text: the DHCP services' timings and counters (see `corral_dhcp::metrics`), the
+/// TFTP servers' counters (`corral_tftp::metrics`), then this server's ([`metrics`]). The
+/// families have distinct prefixes, so each has one HELP and TYPE line.
+fn prometheus(http: &HttpMetrics) -> Response {
+    let mut body = corral_dhcp::metrics::prometheus_text();
+    body.push_str(&corral_tftp::metrics::prometheus_text());
+    body.push_str(&http.prometheus_text());
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        corral_dhcp::metrics::prometheus_text(),
+        body,
     )
         .into_response()
 }

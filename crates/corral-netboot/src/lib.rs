@@ -17,8 +17,8 @@
 //!   rendered with `minijinja`).
 //! - [`http::serve`]: scripts, `/ipxe-bin/*`, `/boot/*` and `/images/*` (HEAD and Range,
 //!   confined beneath their roots, symlinks included: [`files`]), the installer's
-//!   `/api/v1/machines/<mac>/done` callback, `/healthz`, `/metrics` (the DHCP services' Prometheus
-//!   text).
+//!   `/api/v1/machines/<mac>/done` callback, `/healthz`, `/metrics` (Prometheus text of the
+//!   DHCP services, the TFTP servers and the HTTP server itself).
 //! - [`service::syslog_receiver`] (RFC 3164 and RFC 5424, [`syslog`]) and
 //!   [`service::watch_site`] (hot reload).
 //!

@@ -36,6 +36,7 @@
 
 mod error;
 mod lockstep;
+pub mod metrics;
 mod root;
 mod socket;
 
@@ -59,6 +60,7 @@ use tracing::{debug, info, warn};
 pub use corral_tftp_proto::RequestOptions;
 pub use error::TftpError;
 
+use metrics::{Failure, Refusal, TftpMetrics};
 use root::{OpenError, Root};
 
 /// Server settings.
@@ -184,6 +186,8 @@ struct Shared {
     hooks: Arc<dyn TftpHooks>,
     /// Clients with a transfer running: a retransmitted RRQ must not start a second one.
     active: Mutex<HashSet<SocketAddr>>,
+    /// Listed by [`metrics::prometheus_text`] while the server runs.
+    metrics: Arc<TftpMetrics>,
 }
 
 /// Concurrent "server busy" replies, so a flood cannot spawn unbounded tasks.
@@ -227,6 +231,7 @@ pub async fn serve(
         root,
         hooks,
         active: Mutex::new(HashSet::new()),
+        metrics: metrics::register(&listen.to_string()),
     });
     info!(%listen, root = %shared.config.root.display(), "TFTP server listening");
     let mut tasks = JoinSet::new();
@@ -298,8 +303,9 @@ pub async fn serve(
                         "server busy, try again later",
                         None,
                     );
+                    shared.metrics.refused(Refusal::Busy);
                     if let Ok(sock) = UdpSocket::bind(bind).await {
-                        send_rejection(&sock, peer, &r).await;
+                        send_rejection(&sock, peer, &r, &shared.metrics).await;
                     }
                     warn!(%peer, max = shared.config.max_transfers, "TFTP server full; request refused");
                     shared.hooks.on_event(TftpEvent::Failed {
@@ -341,11 +347,56 @@ impl Drop for ActiveGuard<'_> {
     }
 }
 
-async fn send_rejection(sock: &UdpSocket, peer: SocketAddr, r: &Rejection) {
+async fn send_rejection(sock: &UdpSocket, peer: SocketAddr, r: &Rejection, m: &TftpMetrics) {
     let mut buf = [0u8; 600];
     let n = r.encode(&mut buf);
-    if let Err(e) = sock.send_to(&buf[..n], peer).await {
-        debug!(%peer, error = %e, "cannot send TFTP error");
+    match sock.send_to(&buf[..n], peer).await {
+        Ok(_) => m.sent(&buf[..n]),
+        Err(e) => debug!(%peer, error = %e, "cannot send TFTP error"),
+    }
+}
+
+/// A transfer that ran to its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Delivered {
+    bytes: u64,
+    /// DATA packets sent again.
+    retransmitted: u64,
+}
+
+/// Why a transfer ended early: its class for the metrics, and the reason for humans.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Ended {
+    why: Failure,
+    reason: String,
+}
+
+impl Ended {
+    fn new(why: Failure, reason: impl Into<String>) -> Ended {
+        Ended {
+            why,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// What a driver returns once the state machine is done: its last event.
+fn outcome(last: Option<TransferEvent>) -> Result<Delivered, Ended> {
+    match last {
+        Some(TransferEvent::Finished {
+            bytes,
+            retransmitted,
+        }) => Ok(Delivered {
+            bytes,
+            retransmitted,
+        }),
+        Some(TransferEvent::Failed(reason)) => {
+            Err(Ended::new(Failure::of(&reason), reason.to_string()))
+        }
+        None => Err(Ended::new(
+            Failure::Other,
+            "transfer ended without an outcome",
+        )),
     }
 }
 
@@ -381,6 +432,7 @@ async fn run_request(
 ) {
     let started = Instant::now();
     let hooks = &shared.hooks;
+    let m = &*shared.metrics;
     let fail = |path: String, reason: String| {
         hooks.on_event(TftpEvent::Failed { peer, path, reason });
     };
@@ -389,8 +441,9 @@ async fn run_request(
         Incoming::Read(r) => r,
         Incoming::Reject(r) => {
             info!(%peer, code = ?r.code, reason = %r.message, "TFTP request refused");
+            m.refused(Refusal::of(r.code));
             if let Ok(sock) = UdpSocket::bind(bind).await {
-                send_rejection(&sock, peer, &r).await;
+                send_rejection(&sock, peer, &r, m).await;
             }
             fail(r.filename.unwrap_or_default(), r.message);
             return;
@@ -400,6 +453,7 @@ async fn run_request(
         Ok(s) => s,
         Err(e) => {
             warn!(%peer, %bind, error = %e, "cannot bind a TFTP transfer socket");
+            m.refused(Refusal::Other);
             fail(
                 request.path,
                 format!("cannot bind a transfer socket on {bind}: {e}"),
@@ -434,7 +488,8 @@ async fn run_request(
         Ok(c) => c,
         Err((r, reason)) => {
             info!(%peer, path = %path, %reason, "TFTP request refused");
-            send_rejection(&sock, peer, &r).await;
+            m.refused(Refusal::of(r.code));
+            send_rejection(&sock, peer, &r, m).await;
             fail(path, reason);
             return;
         }
@@ -448,6 +503,7 @@ async fn run_request(
         oack: !neg.oack.is_empty(),
     };
     debug!(%peer, path = %path, ?size, ?options, "TFTP transfer starting");
+    m.started();
     hooks.on_event(TftpEvent::Started {
         peer,
         path: path.clone(),
@@ -456,12 +512,13 @@ async fn run_request(
     });
     let transfer = Transfer::new(content, neg);
     let outcome = if options.windowsize == 1 {
-        drive_on_thread(sock, peer, transfer, &cancel).await
+        drive_on_thread(sock, peer, transfer, &cancel, &shared.metrics).await
     } else {
-        drive(&sock, peer, transfer, &cancel).await
+        drive(&sock, peer, transfer, &cancel, m).await
     };
+    m.ended(outcome.as_ref().map(|d| d.retransmitted).map_err(|e| e.why));
     match outcome {
-        Ok(bytes) => {
+        Ok(Delivered { bytes, .. }) => {
             let elapsed = started.elapsed();
             info!(%peer, path = %path, bytes, ?elapsed, "TFTP transfer finished");
             hooks.on_event(TftpEvent::Finished {
@@ -471,7 +528,7 @@ async fn run_request(
                 elapsed,
             });
         }
-        Err(reason) => {
+        Err(Ended { reason, .. }) => {
             info!(%peer, path = %path, %reason, "TFTP transfer failed");
             fail(path, reason);
         }
@@ -511,34 +568,47 @@ async fn drive_on_thread(
     peer: SocketAddr,
     t: Transfer<Content>,
     cancel: &CancellationToken,
-) -> Result<u64, String> {
+    metrics: &Arc<TftpMetrics>,
+) -> Result<Delivered, Ended> {
     type Job = (std::net::UdpSocket, Transfer<Content>, CancellationToken);
     // The thread is started before the socket and transfer are handed over, so a failed spawn
     // leaves both here for the fallback.
     let (job_tx, job_rx) = std::sync::mpsc::sync_channel::<Job>(1);
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let m = metrics.clone();
     let spawned = std::thread::Builder::new()
         .name("tftp-lockstep".into())
         .stack_size(LOCKSTEP_STACK)
         .spawn(move || {
             if let Ok((sock, t, cancel)) = job_rx.recv() {
-                let _ = done_tx.send(lockstep::drive(&sock, peer, t, &cancel));
+                let _ = done_tx.send(lockstep::drive(&sock, peer, t, &cancel, &m));
             }
         });
     if let Err(e) = spawned {
         debug!(%peer, error = %e, "cannot start a lock-step thread; running on the runtime");
-        return drive(&sock, peer, t, cancel).await;
+        return drive(&sock, peer, t, cancel, metrics).await;
     }
     let sock = sock
         .into_std()
         .and_then(|s| s.set_nonblocking(false).map(|()| s))
-        .map_err(|e| format!("cannot make the transfer socket blocking: {e}"))?;
+        .map_err(|e| {
+            Ended::new(
+                Failure::Other,
+                format!("cannot make the transfer socket blocking: {e}"),
+            )
+        })?;
     if job_tx.send((sock, t, cancel.clone())).is_err() {
-        return Err("the lock-step thread ended before its transfer".into());
+        return Err(Ended::new(
+            Failure::Other,
+            "the lock-step thread ended before its transfer",
+        ));
     }
-    done_rx
-        .await
-        .unwrap_or_else(|_| Err("the lock-step thread ended without an outcome".into()))
+    done_rx.await.unwrap_or_else(|_| {
+        Err(Ended::new(
+            Failure::Other,
+            "the lock-step thread ended without an outcome",
+        ))
+    })
 }
 
 /// Sends a run of DATA packets laid out back to back in `batch`, each `seg` bytes but the last:
@@ -550,13 +620,17 @@ async fn flush(
     seg: usize,
     count: usize,
     gso: &mut bool,
+    m: &TftpMetrics,
 ) {
     if batch.is_empty() {
         return;
     }
     if count > 1 && *gso {
         match socket::send_segments(sock, batch, seg as u16, peer).await {
-            Ok(()) => return,
+            Ok(()) => {
+                m.sent_run(batch, seg);
+                return;
+            }
             Err(e) => {
                 // EIO/EINVAL/ENOPROTOOPT: no GSO on this path; send plainly from now on.
                 debug!(%peer, error = %e, "UDP GSO unavailable; sending packets one by one");
@@ -565,9 +639,10 @@ async fn flush(
         }
     }
     for p in batch.chunks(seg) {
-        if let Err(e) = sock.send_to(p, peer).await {
+        match sock.send_to(p, peer).await {
+            Ok(_) => m.sent(p),
             // A full send queue or an ICMP error: the retransmit timer covers it.
-            debug!(%peer, error = %e, "TFTP send failed");
+            Err(e) => debug!(%peer, error = %e, "TFTP send failed"),
         }
     }
 }
@@ -578,7 +653,8 @@ async fn drive(
     peer: SocketAddr,
     mut t: Transfer<Content>,
     cancel: &CancellationToken,
-) -> Result<u64, String> {
+    m: &TftpMetrics,
+) -> Result<Delivered, Ended> {
     let seg = usize::from(t.negotiated().blksize) + corral_tftp_proto::packet::DATA_HEADER;
     let max_segs = usize::from(t.negotiated().windowsize)
         .min(socket::GSO_MAX_BYTES / seg)
@@ -589,7 +665,7 @@ async fn drive(
     let sleep = tokio::time::sleep(Duration::from_secs(86400));
     tokio::pin!(sleep);
     let mut armed: Option<Instant> = None;
-    let mut outcome = None;
+    let mut last = None;
     loop {
         let now = Instant::now();
         // Lay packets out back to back. GSO cuts the run every `seg` bytes, so a run is any
@@ -598,22 +674,22 @@ async fn drive(
         while let Some(n) = t.poll_transmit(now, &mut batch[off..]) {
             if n > seg {
                 // Only an OACK or ERROR can exceed a tiny block size: send it alone.
-                flush(sock, peer, &batch[..off], seg, count, &mut gso).await;
+                flush(sock, peer, &batch[..off], seg, count, &mut gso, m).await;
                 let pkt = batch[off..off + n].to_vec();
-                flush(sock, peer, &pkt, n, 1, &mut gso).await;
+                flush(sock, peer, &pkt, n, 1, &mut gso, m).await;
                 (off, count) = (0, 0);
                 continue;
             }
             off += n;
             count += 1;
             if n < seg || count == max_segs {
-                flush(sock, peer, &batch[..off], seg, count, &mut gso).await;
+                flush(sock, peer, &batch[..off], seg, count, &mut gso, m).await;
                 (off, count) = (0, 0);
             }
         }
-        flush(sock, peer, &batch[..off], seg, count, &mut gso).await;
+        flush(sock, peer, &batch[..off], seg, count, &mut gso, m).await;
         while let Some(ev) = t.poll_event() {
-            outcome = Some(ev);
+            last = Some(ev);
         }
         if t.is_done() {
             break;
@@ -628,8 +704,8 @@ async fn drive(
             biased;
             _ = cancel.cancelled() => {
                 let r = Rejection::new(ErrorCode::Undefined, "server shutting down", None);
-                send_rejection(sock, peer, &r).await;
-                return Err("server shutting down".into());
+                send_rejection(sock, peer, &r, m).await;
+                return Err(Ended::new(Failure::Shutdown, "server shutting down"));
             }
             r = sock.recv_from(&mut inbuf) => match r {
                 Ok((n, from)) if from == peer => t.handle_input(Instant::now(), &inbuf[..n]),
@@ -637,7 +713,7 @@ async fn drive(
                     // RFC 1350 §4: a packet from another port is answered with error 5 and
                     // does not disturb the transfer.
                     let r = Rejection::new(ErrorCode::UnknownTransferId, "unknown transfer ID", None);
-                    send_rejection(sock, from, &r).await;
+                    send_rejection(sock, from, &r, m).await;
                 }
                 Err(e) => debug!(%peer, error = %e, "TFTP receive error"),
             },
@@ -648,9 +724,5 @@ async fn drive(
             }
         }
     }
-    match outcome {
-        Some(TransferEvent::Finished { bytes, .. }) => Ok(bytes),
-        Some(TransferEvent::Failed(reason)) => Err(reason.to_string()),
-        None => Err("transfer ended without an outcome".into()),
-    }
+    outcome(last)
 }

@@ -16,11 +16,12 @@ use std::io::ErrorKind;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use corral_tftp_proto::{ErrorCode, Rejection, Transfer, TransferEvent};
+use corral_tftp_proto::{ErrorCode, Rejection, Transfer};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::Content;
+use crate::metrics::{Failure, TftpMetrics};
+use crate::{Content, Delivered, Ended};
 
 /// Longest single blocking wait: how late a cancelled transfer notices.
 pub(crate) const POLL_CAP: Duration = Duration::from_millis(250);
@@ -45,11 +46,12 @@ pub(crate) fn needs_rearm(set: Option<Duration>, want: Duration) -> bool {
     }
 }
 
-fn send_rejection(sock: &UdpSocket, peer: SocketAddr, r: &Rejection) {
+fn send_rejection(sock: &UdpSocket, peer: SocketAddr, r: &Rejection, m: &TftpMetrics) {
     let mut buf = [0u8; 600];
     let n = r.encode(&mut buf);
-    if let Err(e) = sock.send_to(&buf[..n], peer) {
-        debug!(%peer, error = %e, "cannot send TFTP error");
+    match sock.send_to(&buf[..n], peer) {
+        Ok(_) => m.sent(&buf[..n]),
+        Err(e) => debug!(%peer, error = %e, "cannot send TFTP error"),
     }
 }
 
@@ -60,7 +62,8 @@ pub(crate) fn drive(
     peer: SocketAddr,
     mut t: Transfer<Content>,
     cancel: &CancellationToken,
-) -> Result<u64, String> {
+    m: &TftpMetrics,
+) -> Result<Delivered, Ended> {
     let mut out = vec![0u8; t.max_packet_len()];
     let mut inbuf = vec![0u8; 2048];
     let mut set: Option<Duration> = None;
@@ -68,9 +71,10 @@ pub(crate) fn drive(
     loop {
         let now = Instant::now();
         while let Some(n) = t.poll_transmit(now, &mut out) {
-            if let Err(e) = sock.send_to(&out[..n], peer) {
+            match sock.send_to(&out[..n], peer) {
+                Ok(_) => m.sent(&out[..n]),
                 // A full send queue or an ICMP error: the retransmit timer covers it.
-                debug!(%peer, error = %e, "TFTP send failed");
+                Err(e) => debug!(%peer, error = %e, "TFTP send failed"),
             }
         }
         while let Some(ev) = t.poll_event() {
@@ -81,8 +85,8 @@ pub(crate) fn drive(
         }
         if cancel.is_cancelled() {
             let r = Rejection::new(ErrorCode::Undefined, "server shutting down", None);
-            send_rejection(sock, peer, &r);
-            return Err("server shutting down".into());
+            send_rejection(sock, peer, &r, m);
+            return Err(Ended::new(Failure::Shutdown, "server shutting down"));
         }
         let want = wait_for(t.poll_timeout(), Instant::now());
         if want.is_zero() {
@@ -92,8 +96,12 @@ pub(crate) fn drive(
         // SO_RCVTIMEO has microsecond resolution and 0 means "forever".
         let want = want.max(Duration::from_millis(1));
         if needs_rearm(set, want) {
-            sock.set_read_timeout(Some(want))
-                .map_err(|e| format!("cannot set the receive timeout: {e}"))?;
+            sock.set_read_timeout(Some(want)).map_err(|e| {
+                Ended::new(
+                    Failure::Other,
+                    format!("cannot set the receive timeout: {e}"),
+                )
+            })?;
             set = Some(want);
         }
         match sock.recv_from(&mut inbuf) {
@@ -102,7 +110,7 @@ pub(crate) fn drive(
                 // RFC 1350 §4: a packet from another port is answered with error 5 and does
                 // not disturb the transfer.
                 let r = Rejection::new(ErrorCode::UnknownTransferId, "unknown transfer ID", None);
-                send_rejection(sock, from, &r);
+                send_rejection(sock, from, &r, m);
             }
             // The wait ran out; a no-op when the deadline is still ahead.
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
@@ -114,11 +122,7 @@ pub(crate) fn drive(
             }
         }
     }
-    match outcome {
-        Some(TransferEvent::Finished { bytes, .. }) => Ok(bytes),
-        Some(TransferEvent::Failed(reason)) => Err(reason.to_string()),
-        None => Err("transfer ended without an outcome".into()),
-    }
+    crate::outcome(outcome)
 }
 
 #[cfg(test)]

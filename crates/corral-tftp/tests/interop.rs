@@ -705,3 +705,81 @@ async fn shutdown_ends_a_lockstep_transfer_promptly() {
         .unwrap();
     assert!(t0.elapsed() < Duration::from_secs(2));
 }
+
+/// The value of one series in Prometheus text (`name{labels}`), if present.
+fn series(text: &str, name_and_labels: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(name_and_labels)?
+            .strip_prefix(' ')?
+            .parse()
+            .ok()
+    })
+}
+
+/// The TFTP counters (`corral_tftp::metrics`): a lock-step and a windowed transfer
+/// move started/completed and the DATA bytes by exactly the files' sizes, a missing file is
+/// a refusal with one ERROR packet, and nothing stays active.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_transfers_refusals_and_bytes() {
+    if !have("curl") || !have("atftp") {
+        return;
+    }
+    // A long retransmit timeout: on a loaded machine a retransmission would add bytes.
+    let s = start("127.0.0.1:0", |c| c.timeout = Duration::from_secs(10)).await;
+    let label = format!("{{listen=\"{}\"", s.addr);
+    let get = |name: &str, extra: &str| {
+        series(
+            &corral_tftp::metrics::prometheus_text(),
+            &format!("corral_tftp_{name}{label}{extra}}}"),
+        )
+    };
+    // `serve` registers its counters when its task first runs.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while get("transfers_started_total", "").is_none() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(get("transfers_started_total", ""), Some(0));
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    // Lock-step (curl, blksize 1432) and windowed with GSO runs (atftp, windowsize 16).
+    let o = curl(&s.url("small.bin"), &out, Some(1432)).await;
+    assert!(o.status.success(), "{o:?}");
+    let o = atftp(
+        s.addr.port(),
+        "exact512",
+        &out,
+        &["blksize 512", "windowsize 16"],
+        "127.0.0.1",
+    )
+    .await;
+    assert!(o.status.success(), "{o:?}");
+    let o = curl(&s.url("missing.bin"), &out, None).await;
+    assert!(!o.status.success());
+    // The server counts a transfer's end when it has read the last ACK, which may be just
+    // after the client exits.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while get("transfers_completed_total", "") != Some(2) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let text = corral_tftp::metrics::prometheus_text();
+    for (name, extra, want) in [
+        ("transfers_started_total", "", 2),
+        ("transfers_completed_total", "", 2),
+        ("transfers_failed_total", ",reason=\"timeout\"", 0),
+        ("requests_refused_total", ",reason=\"not_found\"", 1),
+        ("requests_refused_total", ",reason=\"denied\"", 0),
+        ("active_transfers", "", 0),
+        ("data_bytes_sent_total", "", 70_001 + 512 * 4),
+        ("blocks_retransmitted_total", "", 0),
+        ("errors_sent_total", "", 1),
+    ] {
+        let key = format!("corral_tftp_{name}{label}{extra}}}");
+        assert_eq!(series(&text, &key), Some(want), "{key} in\n{text}");
+    }
+    let before = s.addr;
+    s.stop().await;
+    assert!(
+        !corral_tftp::metrics::prometheus_text().contains(&before.to_string()),
+        "a stopped server's series are dropped"
+    );
+}

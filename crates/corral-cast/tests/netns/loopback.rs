@@ -252,8 +252,21 @@ async fn resume_refetches_only_missing_blocks() {
     );
     let cancel_tx = CancellationToken::new();
     let sender = tokio::spawn(corral_cast::send(sopts.clone(), cancel_tx.clone()));
-    // 20 Mbit/s: 8 MiB takes over 3 s; stop the receiver after about 1.5 s.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // 20 Mbit/s: 8 MiB takes over 3 s. Stop the receiver once its state file (saved every
+    // 0.5 s) lists two blocks, rather than after a fixed time: on a loaded machine the
+    // rendezvous alone can take longer than any fixed guess, and the cancelled run then had
+    // nothing to resume.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let listed = corral_cast::state::ResumeState::load(&state)
+            .ok()
+            .flatten()
+            .map_or(0, |s| s.count());
+        if listed >= 2 || std::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     cancel_rx.cancel();
     assert!(
         rx.await.unwrap().is_err(),

@@ -307,6 +307,94 @@ fn serve_http_scripts_files_done_and_reload() {
             && !prom.contains("corral_dhcp_requests_received_total{"),
         "{prom}"
     );
+    // TFTP and HTTP counters move by what a few fetches did (scraped before and after).
+    let tftp_label = format!("{{listen=\"127.0.0.1:{}\"", s.tftp);
+    let tftp_keys = [
+        format!("corral_tftp_transfers_started_total{tftp_label}}}"),
+        format!("corral_tftp_transfers_completed_total{tftp_label}}}"),
+        format!("corral_tftp_requests_refused_total{tftp_label},reason=\"not_found\"}}"),
+        format!("corral_tftp_data_bytes_sent_total{tftp_label}}}"),
+        format!("corral_tftp_blocks_retransmitted_total{tftp_label}}}"),
+        format!("corral_tftp_errors_sent_total{tftp_label}}}"),
+        format!("corral_tftp_active_transfers{tftp_label}}}"),
+    ];
+    let http_keys = [
+        "corral_http_requests_total{route=\"boot\",code=\"200\"}",
+        "corral_http_requests_total{route=\"boot\",code=\"404\"}",
+        "corral_http_requests_total{route=\"other\",code=\"404\"}",
+        "corral_http_response_bytes_total{route=\"boot\"}",
+    ];
+    let scrape = |keys: &[&str]| -> Vec<u64> {
+        let (code, body, _) = curl(&[&s.url("/metrics")]);
+        assert_eq!(code, 200);
+        let text = String::from_utf8(body).unwrap();
+        for family in [
+            "corral_tftp_transfers_started_total",
+            "corral_http_requests_total",
+        ] {
+            let ty = format!("# TYPE {family} counter\n");
+            assert_eq!(text.matches(&ty).count(), 1, "{ty} in\n{text}");
+        }
+        keys.iter()
+            .map(|k| {
+                // A series not yet seen (an HTTP status) counts as zero.
+                text.lines()
+                    .find_map(|l| l.strip_prefix(k)?.strip_prefix(' ')?.parse().ok())
+                    .unwrap_or(0)
+            })
+            .collect()
+    };
+    let tftp_refs: Vec<&str> = tftp_keys.iter().map(String::as_str).collect();
+    let (tftp0, http0) = (scrape(&tftp_refs), scrape(&http_keys));
+    let (code, body, _) = curl(&[&s.url("/boot/payload.bin")]);
+    assert!(code == 200 && body == payload);
+    let (code, _, _) = curl(&["-I", &s.url("/boot/payload.bin")]);
+    assert_eq!(code, 200);
+    let (code, refusal, _) = curl(&[&s.url("/boot/missing.bin")]);
+    assert_eq!(code, 404);
+    assert_eq!(curl(&[&s.url("/nowhere")]).0, 404);
+    let out = Command::new("curl")
+        .args(["-sS", "--tftp-blksize", "1432"])
+        .arg(format!("tftp://127.0.0.1:{}/payload.bin", s.tftp))
+        .output()
+        .unwrap();
+    assert!(out.status.success() && out.stdout == payload);
+    let out = Command::new("curl")
+        .args(["-sS"])
+        .arg(format!("tftp://127.0.0.1:{}/missing.bin", s.tftp))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    // The server counts a transfer as completed once it has read the last ACK, which can be
+    // just after curl exits.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut tftp1 = scrape(&tftp_refs);
+    while tftp1[1] == tftp0[1] && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        tftp1 = scrape(&tftp_refs);
+    }
+    let http1 = scrape(&http_keys);
+    let d = |a: &[u64], b: &[u64], i: usize| b[i] - a[i];
+    assert_eq!(
+        (0..3).map(|i| d(&tftp0, &tftp1, i)).collect::<Vec<_>>(),
+        [1, 1, 1],
+        "started, completed, refused not_found: {tftp0:?} -> {tftp1:?}"
+    );
+    // DATA bytes: the file once, plus any block sent again on this loaded machine.
+    let (bytes, again) = (d(&tftp0, &tftp1, 3), d(&tftp0, &tftp1, 4));
+    assert!(
+        (300_000..=300_000 + again * 1432).contains(&bytes),
+        "DATA bytes {bytes}, blocks retransmitted {again}"
+    );
+    assert_eq!(d(&tftp0, &tftp1, 5), 1, "one ERROR packet (file not found)");
+    assert_eq!(tftp1[6], 0, "no transfer active");
+    assert_eq!(
+        (0..4).map(|i| d(&http0, &http1, i)).collect::<Vec<_>>(),
+        // GET and HEAD; the missing file; the unknown route; the bytes of the file, once
+        // (HEAD sends none), and of the refusal's text.
+        [2, 1, 1, 300_000 + refusal.len() as u64],
+        "{http0:?} -> {http1:?}"
+    );
     // web01 is declared, never seen: it installs; the script carries its variables.
     let (code, body, _) = curl(&[&s.url("/ipxe/52-54-00-AA-00-01")]);
     let script = String::from_utf8(body).unwrap();
@@ -315,6 +403,31 @@ fn serve_http_scripts_files_done_and_reload() {
         script.starts_with("#!ipxe\necho MARK-SCRIPT web01 52:54:00:aa:00:01 install /dev/vda "),
         "{script}"
     );
+    // The script and done routes take a MAC in every spelling `MacAddr` parses (one parser,
+    // corral-model's), and refuse anything else with 400.
+    for form in ["5254.00aa.0001", "525400AA0001", "52:54:00:aa:00:01"] {
+        let (code, body, _) = curl(&[&s.url(&format!("/ipxe/{form}"))]);
+        let b = String::from_utf8_lossy(&body);
+        assert!(
+            code == 200 && b.contains("MARK-SCRIPT web01 52:54:00:aa:00:01 install"),
+            "{form}: {code} {b}"
+        );
+    }
+    for bad in [
+        "52:54:00:aa:00",
+        "52:54:00:aa:00:0g",
+        "5254.00aa.00011",
+        "52:5400:aa:00:01",
+    ] {
+        let (code, _, _) = curl(&[&s.url(&format!("/ipxe/{bad}"))]);
+        assert_eq!(code, 400, "/ipxe/{bad}");
+        let (code, _, _) = curl(&[
+            "-X",
+            "POST",
+            &s.url(&format!("/api/v1/machines/{bad}/done")),
+        ]);
+        assert_eq!(code, 400, "done for {bad}");
+    }
     // Whole file, HEAD, ranges.
     let (code, body, _) = curl(&[&s.url("/boot/payload.bin")]);
     assert_eq!(code, 200);
