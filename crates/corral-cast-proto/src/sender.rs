@@ -67,18 +67,8 @@ pub struct SenderConfig {
     pub repair_guard: Duration,
     /// Extra fraction of repair symbols sent on top of the aggregated need (0.0 = exact).
     pub repair_margin: f64,
-    /// Token bucket depth in bytes (at least; see `burst_time`).
+    /// Token bucket depth in bytes.
     pub burst_bytes: u32,
-    /// Token bucket depth as time at the current rate: the depth is the larger of this and
-    /// `burst_bytes`, so that it follows an adaptive rate as it climbs. A sender woken late (a
-    /// coarse timer, a CPU shared with busy processes) catches up with the tokens of the time
-    /// it lost up to this depth, instead of losing that time from its rate.
-    pub burst_time: Duration,
-    /// Once the bucket is short of a packet, [`Sender::poll_timeout`] asks to be woken when
-    /// this much time's worth of tokens has built up (capped at the bucket depth), rather than
-    /// as soon as one packet may go: fewer, larger sends, and fewer wake-ups that each wait for
-    /// a CPU. Zero: one packet.
-    pub wake_time: Duration,
     /// Encoded blocks (with parity) kept for repair.
     pub repair_cache_blocks: usize,
     /// Least time between unicast manifest copies to one late joiner.
@@ -121,8 +111,6 @@ impl Default for SenderConfig {
             repair_guard: Duration::from_millis(20),
             repair_margin: 0.0,
             burst_bytes: 64 * 1024,
-            burst_time: Duration::ZERO,
-            wake_time: Duration::ZERO,
             repair_cache_blocks: 16,
             manifest_resend_interval: Duration::from_secs(1),
             max_receivers: 10_000,
@@ -1108,13 +1096,10 @@ impl Sender {
     }
 
     fn token_ready_at(&self) -> Instant {
-        if self.tokens >= self.packet_budget() {
+        let need = self.packet_budget() - self.tokens;
+        if need <= 0.0 {
             return self.last_refill;
         }
-        let wake = (self.cfg.wake_time.as_secs_f64() * self.rate_bps as f64 / 8.0)
-            .min(self.bucket_depth())
-            .max(self.packet_budget());
-        let need = wake - self.tokens;
         // Round up (plus a nanosecond) so that at the returned instant the bucket really holds
         // enough; rounding down would make the driver spin at the same instant.
         let nanos = (need * 8.0 * 1e9 / self.rate_bps as f64).ceil() as u64 + 1;
@@ -1125,20 +1110,13 @@ impl Sender {
         (packet::DATA_OVERHEAD + usize::from(self.manifest.manifest().symbol_size)) as f64
     }
 
-    /// Most tokens the bucket holds: `burst_bytes`, `burst_time` at the current rate, or two
-    /// packets, whichever is largest.
-    fn bucket_depth(&self) -> f64 {
-        f64::from(self.cfg.burst_bytes)
-            .max(self.cfg.burst_time.as_secs_f64() * self.rate_bps as f64 / 8.0)
-            .max(2.0 * self.packet_budget())
-    }
-
     fn refill(&mut self, now: Instant) {
         let dt = now
             .saturating_duration_since(self.last_refill)
             .as_secs_f64();
         if dt > 0.0 {
-            self.tokens = (self.tokens + dt * self.rate_bps as f64 / 8.0).min(self.bucket_depth());
+            let burst = f64::from(self.cfg.burst_bytes).max(2.0 * self.packet_budget());
+            self.tokens = (self.tokens + dt * self.rate_bps as f64 / 8.0).min(burst);
             self.last_refill = now;
         }
     }
@@ -1760,89 +1738,6 @@ mod tests {
                 }],
             })),
         );
-    }
-
-    /// A sender at 10 Mbit/s with two receivers in the pass, its bucket emptied at the
-    /// returned instant.
-    fn paced(burst_time: Duration, wake_time: Duration) -> (Sender, MemoryImage, Instant) {
-        let now = t0();
-        let (m, mut img) = setup();
-        let cfg = SenderConfig {
-            rate_bps: 10_000_000,
-            burst_bytes: 4096,
-            burst_time,
-            wake_time,
-            ..cfg()
-        };
-        let mut s = Sender::new(cfg, m, now).unwrap();
-        join(&mut s, now, 1, true);
-        join(&mut s, now, 2, true);
-        s.handle_timeout(now);
-        assert!(
-            !drain(&mut s, now, &mut img).is_empty(),
-            "the pass did not start"
-        );
-        while s.poll_event().is_some() {}
-        (s, img, now)
-    }
-
-    /// Bytes of the data packets let out by one drain.
-    fn data_bytes(s: &Sender, sent: &[(u32, u16, u8)]) -> f64 {
-        sent.len() as f64 * s.packet_budget()
-    }
-
-    #[test]
-    fn the_bucket_depth_is_burst_time_at_the_current_rate() {
-        // Idle for 50 ms: a bucket of 8 ms at 10 Mbit/s (10,000 bytes) lets that much out at
-        // once, a bucket of `burst_bytes` only 4096.
-        let (mut s, mut img, t) = paced(Duration::from_millis(8), Duration::ZERO);
-        let deep = drain(&mut s, t + Duration::from_millis(50), &mut img);
-        let got = data_bytes(&s, &deep);
-        assert!(
-            (10_000.0 - 2.0 * s.packet_budget()..=10_000.0).contains(&got),
-            "{got}"
-        );
-        let (mut s, mut img, t) = paced(Duration::ZERO, Duration::ZERO);
-        let shallow = drain(&mut s, t + Duration::from_millis(50), &mut img);
-        let got = data_bytes(&s, &shallow);
-        assert!(
-            (4096.0 - 2.0 * s.packet_budget()..=4096.0).contains(&got),
-            "{got}"
-        );
-        // The depth follows the rate: at twice the rate, twice the depth.
-        let (mut s, mut img, t) = paced(Duration::from_millis(8), Duration::ZERO);
-        s.rate_bps = 20_000_000;
-        let sent = drain(&mut s, t + Duration::from_millis(50), &mut img);
-        let got = data_bytes(&s, &sent);
-        assert!(
-            (20_000.0 - 2.0 * s.packet_budget()..=20_000.0).contains(&got),
-            "{got}"
-        );
-    }
-
-    #[test]
-    fn an_empty_bucket_wakes_the_driver_after_wake_time_not_after_one_packet() {
-        // Without wake_time: as soon as one packet (about 90 us at 10 Mbit/s) may go.
-        let (s, _img, t) = paced(Duration::from_millis(8), Duration::ZERO);
-        let wake = s.poll_timeout().unwrap().saturating_duration_since(t);
-        assert!(wake <= Duration::from_micros(100), "{wake:?}");
-        // With 2 ms: when 2 ms of tokens (2500 bytes) have built up, and they all go then.
-        let (mut s, mut img, t) = paced(Duration::from_millis(8), Duration::from_millis(2));
-        let wake = s.poll_timeout().unwrap().saturating_duration_since(t);
-        assert!(
-            (Duration::from_micros(1_900)..=Duration::from_micros(2_001)).contains(&wake),
-            "{wake:?}"
-        );
-        let sent = drain(&mut s, t + wake, &mut img);
-        let got = data_bytes(&s, &sent);
-        assert!(
-            (2500.0 - 2.0 * s.packet_budget()..=2500.0).contains(&got),
-            "{got}"
-        );
-        // Capped at the bucket depth: a wake time longer than the bucket still wakes in time.
-        let (s, _img, t) = paced(Duration::from_millis(8), Duration::from_millis(50));
-        let wake = s.poll_timeout().unwrap().saturating_duration_since(t);
-        assert!(wake <= Duration::from_micros(8_001), "{wake:?}");
     }
 
     #[test]

@@ -24,12 +24,6 @@ use crate::{catchup, keys, socket};
 /// Event kind recorded when the data pass begins (the start condition held).
 pub(crate) const PASS_START: &str = "pass-start";
 
-/// Token bucket depth of the pacer, as time at the current rate.
-const PACING_BURST: Duration = Duration::from_millis(8);
-
-/// How much time's worth of tokens the pacer lets build up before it wakes to send.
-const PACING_WAKE: Duration = Duration::from_millis(2);
-
 /// Block size of the images we send (the protocol's default).
 const BLOCK_SIZE: u32 = corral_cast_proto::manifest::DEFAULT_BLOCK_SIZE;
 
@@ -158,14 +152,11 @@ pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendRe
         max_wait: (!opts.max_wait.is_zero()).then_some(opts.max_wait),
         linger: opts.linger,
         tcp_port,
-        // tokio timers fire with millisecond granularity and, on a machine shared with busy
-        // processes (receivers on the same host), a woken sender may wait milliseconds more
-        // for a CPU: the bucket holds 8 ms at the current rate (it follows an adaptive rate as
-        // it climbs), or the real rate falls short of the set one. The sender sleeps until 2 ms
-        // of tokens have built up, so it wakes (and waits for a CPU) about once per 2 ms.
-        burst_bytes: 64 * 1024,
-        burst_time: PACING_BURST,
-        wake_time: PACING_WAKE,
+        // tokio timers fire with millisecond granularity, so the bucket must hold a few
+        // milliseconds' worth of packets or the real rate falls short of the set rate.
+        burst_bytes: u32::try_from((rate_bps / 8) * 4 / 1000)
+            .unwrap_or(u32::MAX)
+            .max(64 * 1024),
         ..SenderConfig::default()
     };
     let mut sender = Sender::new(cfg, signed, Instant::now())?;
