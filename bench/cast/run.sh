@@ -21,7 +21,13 @@
 # KILL_TIMEOUT (default 30 s) bounds the kill scenario (UDPcast's survivors freeze until it).
 # CORRAL_RATE (default adaptive) is passed to `corral cast send --rate`. CORRAL=path runs that
 # binary instead of building one. PERF=prefix records a system-wide profile of each run
-# (`perf record -a -g`) into prefix.TOOL.SCENARIO.N.data.
+# (`perf record -a -g`) into prefix.TOOL.SCENARIO.N.data. ACCOUNT=1 samples /proc/stat every
+# 50 ms during each run and prints where the time went: machine-wide user/sys/softirq/idle
+# CPU-seconds from sender start to the last receiver's exit, a 0.25 s timeline of busy and
+# softirq cores, and when the sender and each receiver exited. TAG (default cb<pid>) prefixes
+# the namespace names, so that two runs with different TAG and WORK can coexist. NO_PEER=1
+# skips UDPcast (exploratory runs only: reported figures need the peer in the same run).
+# SENDER_NICE=n runs corral's sender under `nice -n n` (an experiment on this shared machine).
 #
 # Needs root, iproute2, iptables (legacy), udpcast; installs them with apt-get if missing.
 # Times are on a shared 2-core machine: compare ratios within one run, not absolute numbers.
@@ -35,7 +41,7 @@ KILL_TIMEOUT=${KILL_TIMEOUT:-30}
 RESTART_AFTER=${RESTART_AFTER:-0.5}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 WORK=${WORK:-/dev/shm/corral-bench.$$}
-TAG=cb$$
+TAG=${TAG:-cb$$}
 GROUP=239.255.88.1
 TIME="/usr/bin/time -f %U\ %S"
 
@@ -145,16 +151,24 @@ run_tool() {
         perf record -q -a -g -o "$PERF.$tool.$sc.$n.data" >/dev/null 2>&1 &
         perf_pid=$!
     fi
+    local sampler=
+    if [ -n "${ACCOUNT:-}" ]; then
+        (while :; do read -r l </proc/stat; echo "$EPOCHREALTIME $l"; sleep 0.05; done) >"$dir/stat" &
+        sampler=$!
+        sleep 0.1
+    fi
     local start
     start=$(now)
     local scmd
     if [ "$tool" = udpcast ]; then
         scmd="udp-sender --file $img --interface eth0 --nokbd --min-receivers $n --no-progress --portbase 9400"
     else
-        scmd="$CORRAL -q cast send $img --interface eth0 --group $GROUP --port 9400 --min-receivers $n --min-wait 0s --rate $CORRAL_RATE --json"
+        scmd="$CORRAL -q cast send $img"
+        [ -z "${SENDER_NICE:-}" ] || scmd="nice -n $SENDER_NICE $scmd"
+        scmd="$scmd --interface eth0 --group $GROUP --port 9400 --min-receivers $n --min-wait 0s --rate $CORRAL_RATE --json"
         [ "$sc" = rand9k ] && scmd="$scmd --mtu 9000"
     fi
-    ip netns exec "$TAG-h0" timeout "$tmo" sh -c "$TIME -o $dir/cpu0 $scmd >$dir/sender.log 2>&1; echo \$? >$dir/sender.rc" &
+    ip netns exec "$TAG-h0" timeout "$tmo" sh -c "$TIME -o $dir/cpu0 $scmd >$dir/sender.log 2>&1; echo \$? \$(date +%s.%N) >$dir/sender.rc" &
     local spid=$!
     if [ "$sc" = kill ]; then
         sleep 1
@@ -185,6 +199,11 @@ run_tool() {
         kill -INT "$perf_pid" 2>/dev/null || true
         wait "$perf_pid" 2>/dev/null || true
     fi
+    if [ -n "$sampler" ]; then
+        kill "$sampler" 2>/dev/null || true
+        wait "$sampler" 2>/dev/null || true
+        account "$tool" "$sc" "$n" "$dir" "$start" >&2
+    fi
     local want
     want=$(sha256sum <"$img" | cut -d' ' -f1)
     local t_all=0 t_fast=0 ok=0 bad=0
@@ -214,6 +233,44 @@ run_tool() {
     local rcpu=()
     for i in $(seq 1 "$n"); do rcpu+=("$dir/cpu$i"); done
     echo "$t_all $t_fast $ok $bad $txp $(cpu_of "$dir/cpu0") $(cpu_of "${rcpu[@]}") $repair $moved"
+}
+
+# account TOOL SC N DIR START: where the run's time went (ACCOUNT=1), from the /proc/stat
+# samples in DIR/stat (jiffies: user nice system idle iowait irq softirq steal).
+account() {
+    local tool=$1 sc=$2 n=$3 dir=$4 start=$5
+    local ends="" i
+    for i in $(seq 1 "$n"); do
+        [ -f "$dir/done$i" ] && ends="$ends $(cut -d' ' -f2 "$dir/done$i")"
+    done
+    local send_end
+    send_end=$(cut -d' ' -f2 "$dir/sender.rc" 2>/dev/null || echo 0)
+    awk -v tool="$tool" -v sc="$sc" -v n="$n" -v start="$start" -v ends="$ends" -v send_end="$send_end" \
+        -v hz="$(getconf CLK_TCK)" '
+        { t[NR] = $1; u[NR] = $3 + $4; s[NR] = $5; id[NR] = $6 + $7; irq[NR] = $8; si[NR] = $9; st[NR] = $10 }
+        END {
+            split(ends, e, " "); last = 0; first = 1e18
+            for (k in e) { if (e[k] > last) last = e[k]; if (e[k] < first) first = e[k] }
+            a = 1; while (a < NR && t[a + 1] <= start) a++
+            b = a; while (b < NR && t[b] < last) b++
+            d = t[b] - t[a]
+            printf "  account %s %s:%s: %.2f s sampled (start->last exit %.2f s): user %.2f sys %.2f softirq %.2f irq %.2f idle %.2f steal %.2f CPU-s (%.2f cores busy)\n", \
+                tool, sc, n, d, last - start, (u[b] - u[a]) / hz, (s[b] - s[a]) / hz, (si[b] - si[a]) / hz, \
+                (irq[b] - irq[a]) / hz, (id[b] - id[a]) / hz, (st[b] - st[a]) / hz, \
+                ((u[b] - u[a]) + (s[b] - s[a]) + (si[b] - si[a]) + (irq[b] - irq[a])) / hz / (d > 0 ? d : 1)
+            printf "  account %s %s:%s: exits after start: sender %.2f s, receivers first %.2f s last %.2f s\n", \
+                tool, sc, n, send_end - start, first - start, last - start
+            line = ""; j = a
+            for (x = start; x < last + 0.25; x += 0.25) {
+                k = j; while (k < NR && t[k] < x + 0.25) k++
+                if (k > j && t[k] > t[j]) {
+                    dt = (t[k] - t[j]) * hz
+                    line = line sprintf(" %.1f/%.1f", (u[k] - u[j] + s[k] - s[j] + si[k] - si[j] + irq[k] - irq[j]) / dt, (si[k] - si[j]) / dt)
+                }
+                j = k
+            }
+            printf "  account %s %s:%s: busy/softirq cores per 0.25 s:%s\n", tool, sc, n, line
+        }' "$dir/stat"
 }
 
 mbit() { # seconds -> Mbit/s of image
@@ -255,7 +312,11 @@ for item in "${list[@]}"; do
     img=$WORK/image.$kind
     [ -f "$img" ] || make_image "$kind" "$img"
     load=$(cut -d' ' -f1 /proc/loadavg)
-    read -r u_all u_fast u_ok u_bad u_pk u_scpu u_rcpu _ _ < <(run_tool udpcast "$sc" "$n" "$img")
+    if [ -n "${NO_PEER:-}" ]; then
+        u_all=0 u_fast=0 u_ok=0 u_bad=0 u_pk=0 u_scpu=0 u_rcpu=0
+    else
+        read -r u_all u_fast u_ok u_bad u_pk u_scpu u_rcpu _ _ < <(run_tool udpcast "$sc" "$n" "$img")
+    fi
     read -r c_all c_fast c_ok c_bad c_pk c_scpu c_rcpu c_repair c_moved < <(run_tool corral "$sc" "$n" "$img")
     ratio=-
     if [ "$(echo "$c_fast > 0 && $u_fast > 0" | bc -l)" = 1 ]; then
