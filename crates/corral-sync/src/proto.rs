@@ -598,16 +598,6 @@ pub fn compress_read(mut buf: Vec<u8>) -> Vec<u8> {
     buf
 }
 
-/// A chunk read into `buf[1..]` (`buf[0]` reserved for the tag) as a raw payload, not
-/// compressed, without a copy.
-pub fn raw_read(mut buf: Vec<u8>) -> Vec<u8> {
-    match buf.first_mut() {
-        Some(tag) => *tag = RAW,
-        None => buf.push(RAW),
-    }
-    buf
-}
-
 /// Decodes a `Data` frame's payload, refusing more than `max` bytes.
 pub fn decompress(z: &[u8], max: usize) -> Result<Vec<u8>, ProtoError> {
     match z.split_first() {

@@ -18,7 +18,7 @@ use crate::manifest::{Content, Entry, Hash, Manifest};
 use crate::planner::{Op, Plan, PlanOptions, plan};
 use crate::proto::{
     Frame, Framed, Message, Report, RunOptions, VERSION, WHOLE_MAX, compress, compress_read,
-    decompress, raw_read,
+    decompress,
 };
 use crate::scan::{Deferred, ScanOptions, ScanStats, hash_file, scan, walk};
 
@@ -614,14 +614,9 @@ pub fn push<R: Read, W: Write>(
     let mut hashed: Vec<(usize, Content, bool)> = Vec::new();
     let ops = &p.ops;
     let (have, sigs, deferred_ref) = (&have, &sigs, &deferred);
-    let taken = std::sync::atomic::AtomicU64::new(0);
     ordered_pipeline(
         ops.len(),
-        |i, stream_waits| {
-            let before = taken.fetch_add(size_of(&ops[i]), std::sync::atomic::Ordering::Relaxed);
-            let z = compress_step(before, stream_waits);
-            prepare(src, &ops[i], have, sigs.get(ops[i].path()), deferred_ref, z)
-        },
+        |i| prepare(src, &ops[i], have, sigs.get(ops[i].path()), deferred_ref),
         |i, prepared| {
             let prepared = prepared?;
             for f in &prepared.frames {
@@ -679,21 +674,6 @@ pub fn push<R: Read, W: Write>(
     Ok(result)
 }
 
-/// The data of the first steps, up to this many bytes, is always compressed (see
-/// [`compress_step`]): a small run's wire bytes are what matter, not its CPU.
-const COMPRESS_ALWAYS: u64 = 64 << 20;
-
-/// Whether the data of a step is compressed (where it shrinks), given the bytes of the steps
-/// taken before it and whether the stream had to wait for the readers lately.
-/// Compression pays when the stream is the bottleneck: then the readers have time to spare
-/// and the stream never waits. When the stream waits for the readers (a fast link, or a
-/// CPU-bound copy to a close host, where zstd took 1.5 of the 5.7 CPU-s of a full copy and
-/// saved ssh and the pipes less than that), the next steps are sent raw until it stops
-/// waiting. Like `zstd --adapt`, the mix settles where the readers keep up with the stream.
-fn compress_step(before: u64, stream_waits: bool) -> bool {
-    before < COMPRESS_ALWAYS || !stream_waits
-}
-
 /// What the reader threads prepared for one step.
 struct Prepared {
     /// Its frames: `Apply`, then its data.
@@ -711,7 +691,6 @@ fn prepare(
     have: &HashSet<Hash>,
     sig: Option<&Signature>,
     deferred: &std::collections::HashMap<&str, &Deferred>,
-    z: bool,
 ) -> Result<Prepared, SyncError> {
     let Op::Write(e) = op else {
         return Ok(Prepared {
@@ -724,7 +703,7 @@ fn prepare(
         .filter(|_| e.content.is_none());
     let Some(d) = d else {
         let mut frames = vec![Message::Apply(op.clone())];
-        data_frames(src, e, have, sig, z, &mut frames)?;
+        data_frames(src, e, have, sig, &mut frames)?;
         return Ok(Prepared {
             frames,
             hashed: None,
@@ -765,13 +744,13 @@ fn prepare(
         if !have.contains(&content.hash) {
             frames.push(Message::Data {
                 hash: content.hash,
-                payload: if z { compress_read(buf) } else { raw_read(buf) },
+                payload: compress_read(buf),
             });
         }
         frames.insert(0, Message::Apply(Op::Write(e)));
     } else {
         frames.push(Message::Apply(Op::Write(e.clone())));
-        data_frames(src, &e, have, None, z, &mut frames)?;
+        data_frames(src, &e, have, None, &mut frames)?;
     }
     Ok(Prepared {
         frames,
@@ -779,14 +758,13 @@ fn prepare(
     })
 }
 
-/// Runs `work(i, stream_waits)` for `i` in `0..n` on [`READERS`] threads, at most
-/// [`PIPELINE`] steps ahead of `consume` (`stream_waits`: whether `consume` had to wait for a
-/// step among the last [`READERS`] it took when `i` was taken: the readers finish in bursts), which gets the results in order on the calling thread. Stops at the first
+/// Runs `work(i)` for `i` in `0..n` on [`READERS`] threads, at most [`PIPELINE`] steps ahead
+/// of `consume`, which gets the results in order on the calling thread. Stops at the first
 /// error of `consume` (the threads finish the step they are on), or with an error when a
 /// `work` panicked.
 fn ordered_pipeline<T: Send>(
     n: usize,
-    work: impl Fn(usize, bool) -> T + Sync,
+    work: impl Fn(usize) -> T + Sync,
     mut consume: impl FnMut(usize, T) -> Result<(), SyncError>,
 ) -> Result<(), SyncError> {
     struct State<T> {
@@ -796,8 +774,6 @@ fn ordered_pipeline<T: Send>(
         stop: bool,
         /// A reader thread panicked: its step never comes.
         lost: bool,
-        /// Steps the consumer took since it last had to wait for one.
-        since_wait: usize,
     }
     let state = std::sync::Mutex::new(State {
         next: 0,
@@ -805,7 +781,6 @@ fn ordered_pipeline<T: Send>(
         done: std::collections::BTreeMap::new(),
         stop: false,
         lost: false,
-        since_wait: 0,
     });
     let ready = std::sync::Condvar::new();
     let room = std::sync::Condvar::new();
@@ -814,7 +789,7 @@ fn ordered_pipeline<T: Send>(
         for _ in 0..READERS.min(n) {
             s.spawn(|| {
                 loop {
-                    let (i, waits) = {
+                    let i = {
                         let mut st = lock();
                         while !st.stop && st.next < n && st.next >= st.consumed + PIPELINE {
                             st = room.wait(st).unwrap_or_else(|p| p.into_inner());
@@ -823,10 +798,9 @@ fn ordered_pipeline<T: Send>(
                             return;
                         }
                         st.next += 1;
-                        (st.next - 1, st.since_wait < READERS)
+                        st.next - 1
                     };
-                    let t =
-                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(i, waits)));
+                    let t = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(i)));
                     let mut st = lock();
                     match t {
                         Ok(t) => {
@@ -846,13 +820,10 @@ fn ordered_pipeline<T: Send>(
         let r = (0..n).try_for_each(|i| {
             let t = {
                 let mut st = lock();
-                let mut waited = false;
                 loop {
                     if let Some(t) = st.done.remove(&i) {
-                        st.since_wait = if waited { 0 } else { st.since_wait + 1 };
                         break t;
                     }
-                    waited = true;
                     if st.lost {
                         return Err(SyncError::Remote("data reader stopped".into()));
                     }
@@ -933,7 +904,6 @@ fn data_frames(
     e: &Entry,
     have: &HashSet<Hash>,
     sig: Option<&Signature>,
-    z: bool,
     frames: &mut Vec<Message>,
 ) -> Result<(), SyncError> {
     let Some(c) = &e.content else { return Ok(()) };
@@ -984,7 +954,7 @@ fn data_frames(
         }
         frames.push(Message::Data {
             hash: ch.hash,
-            payload: if z { compress_read(buf) } else { raw_read(buf) },
+            payload: compress_read(buf),
         });
     }
     Ok(())
@@ -1000,7 +970,7 @@ mod pipeline_tests {
         let mut seen = Vec::new();
         ordered_pipeline(
             200,
-            |i, _| {
+            |i| {
                 std::thread::sleep(std::time::Duration::from_micros(
                     ((200 - i) % 7) as u64 * 50,
                 ));
@@ -1017,7 +987,7 @@ mod pipeline_tests {
         let mut last = 0;
         let e = ordered_pipeline(
             1000,
-            |i, _| i,
+            |i| i,
             |i, _| {
                 last = i;
                 if i == 10 {
@@ -1033,7 +1003,7 @@ mod pipeline_tests {
         // A step whose work panics is an error, not a hang.
         let e = ordered_pipeline(
             50,
-            |i, _| {
+            |i| {
                 assert!(i != 20, "reader failure");
                 i
             },
@@ -1041,46 +1011,5 @@ mod pipeline_tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("data reader stopped"), "{e}");
-    }
-
-    #[test]
-    fn steps_are_compressed_when_the_stream_is_behind_and_sent_raw_when_it_waits() {
-        // The share of steps (past the first pipeline) that would be compressed.
-        let compressed = |slow_consumer: bool| {
-            let seen = std::sync::Mutex::new(Vec::new());
-            ordered_pipeline(
-                300,
-                |i, waits| {
-                    if !slow_consumer {
-                        std::thread::sleep(std::time::Duration::from_millis(3));
-                    }
-                    seen.lock().unwrap().push((i, waits));
-                },
-                |_, ()| {
-                    if slow_consumer {
-                        std::thread::sleep(std::time::Duration::from_millis(1));
-                    }
-                    Ok(())
-                },
-            )
-            .unwrap();
-            let v = seen.into_inner().unwrap();
-            let late: Vec<bool> = v
-                .into_iter()
-                .filter(|(i, _)| *i >= PIPELINE)
-                .map(|(_, w)| compress_step(COMPRESS_ALWAYS, w))
-                .collect();
-            late.iter().filter(|&&z| z).count() as f64 / late.len() as f64
-        };
-        // A slow stream never waits for the readers: their steps are compressed (nearly
-        // all: on a loaded machine the readers may be descheduled while it drains).
-        let behind = compressed(true);
-        assert!(behind >= 0.9, "{behind}");
-        // Slow readers: the stream waits for them, so most steps are sent raw.
-        let waiting = compressed(false);
-        assert!(waiting <= 0.5, "{waiting}");
-        // The first bytes of a run are compressed whatever the stream does.
-        assert!(compress_step(COMPRESS_ALWAYS - 1, true));
-        assert!(!compress_step(COMPRESS_ALWAYS, true));
     }
 }
