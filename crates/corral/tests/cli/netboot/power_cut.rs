@@ -64,7 +64,12 @@ fn lab_kernel() -> (PathBuf, String) {
             root.display()
         )
     };
-    if !root.join("lib/modules").join(&kver).join("modules.dep").exists() {
+    if !root
+        .join("lib/modules")
+        .join(&kver)
+        .join("modules.dep")
+        .exists()
+    {
         // An unpacked package has no module index; scripts/quickstart makes one.
         run(&mut cmd("depmod", &["-b", root.to_str().unwrap(), &kver]));
     }
