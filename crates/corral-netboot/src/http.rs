@@ -1,7 +1,7 @@
 //! The HTTP boot server (axum): iPXE scripts, iPXE binaries, `/boot/*` and `/images/*` with
 //! HEAD and Range, the installer's done callback, `/healthz` and `/metrics` (Prometheus text of
 //! the DHCP services, `corral_dhcp::metrics`, the TFTP servers, `corral_tftp::metrics`, and this
-//! server's own requests and bytes, [`metrics`]). Every request is an event
+//! server's own requests and bytes, `http::metrics`). Every request is an event
 //! (source `http`) with the machine's boot session.
 
 mod metrics;
@@ -50,7 +50,7 @@ impl Connected<IncomingStream<'_, TcpListener>> for Conn {
 }
 
 /// The router, for tests and for [`serve`]. Each router counts its own requests (see
-/// [`metrics`]).
+/// `http::metrics`).
 pub fn router(engine: Arc<Netboot>) -> Router {
     let counters = Arc::new(HttpMetrics::default());
     let scrape = counters.clone();
