@@ -21,29 +21,13 @@ SRC="$WORK/src-$SCALE"
 SSHDIR="$WORK/ssh"
 [ -d "$SRC" ] && [ -e "$SSHDIR/sshd_config" ] && [ -d "$WORK/dst-corral" ] ||
     { echo "fixed.sh: run bench/sync/run.sh with this WORK first" >&2; exit 2; }
-mkdir -p /run/sshd
-STOCK_BASHRC=/usr/share/base-files/dot.bashrc
-if [ -e "$STOCK_BASHRC" ] && [ -e /root/.bashrc ]; then
-    unshare -m --propagation private sh -c \
-        "mount --bind $STOCK_BASHRC /root/.bashrc && exec /usr/sbin/sshd -f $SSHDIR/sshd_config -D -e" \
-        2>"$SSHDIR/sshd.log" &
-else
-    /usr/sbin/sshd -f "$SSHDIR/sshd_config" -D -e 2>"$SSHDIR/sshd.log" &
-fi
-SSHD_PID=$!
-SSH="ssh -p $PORT -i $SSHDIR/client_key -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes -o LogLevel=ERROR"
-cleanup() {
-    $SSH -oControlPath="${CORRAL_STATE_DIR:-/var/lib/corral}/ssh/%C" -O exit root@127.0.0.1 2>/dev/null || true
-    kill "$SSHD_PID" 2>/dev/null || true
-}
-trap cleanup EXIT
-for _ in $(seq 50); do $SSH root@127.0.0.1 true 2>/dev/null && break; sleep 0.1; done
-
-drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+SEED="${SEED:-1}"
+source "$HERE/lib.sh"
+trap stop_sshd EXIT
+start_sshd
 t() { local t0 t1; t0=$(date +%s%N); "$@" >/dev/null 2>>"$WORK/corral.log" || true; t1=$(date +%s%N); echo $(( (t1 - t0) / 1000000 )); }
-push() { "$1" sync push --delete --ssh-arg=-p "--ssh-arg=$PORT" --ssh-arg=-i "--ssh-arg=$SSHDIR/client_key" \
-    --ssh-arg=-o --ssh-arg=StrictHostKeyChecking=no --ssh-arg=-o --ssh-arg=UserKnownHostsFile=/dev/null \
-    --ssh-arg=-o --ssh-arg=LogLevel=ERROR --remote-corral "$1" "$SRC/" "root@127.0.0.1:$WORK/dst-corral/"; }
+corral_ssh_args
+push() { "$1" sync push --delete "${CSSH[@]}" --remote-corral "$1" "$SRC/" "root@127.0.0.1:$WORK/dst-corral/"; }
 # One site per binary, so that the far end runs the same binary as the master.
 site_for() {
     local d="$WORK/site-fixed-$(echo "$1" | md5sum | cut -c1-8)"

@@ -15,38 +15,12 @@ WORK="${WORK:-/var/tmp/corral-bench-sync}"; PORT="${PORT:-22987}"
 [ "$#" -ge 1 ] || { echo "usage: fullcopy.sh CORRAL_BIN..." >&2; exit 2; }
 SRC="$WORK/src-$SCALE"
 mkdir -p "$WORK"
-if [ ! -e "$SRC.complete" ]; then
-    rm -rf "$SRC"; python3 "$HERE/gen.py" tree "$SRC" --seed "$SEED" --scale "$SCALE"; touch "$SRC.complete"
-fi
-SSHDIR="$WORK/ssh"; mkdir -p "$SSHDIR" /run/sshd
-[ -e "$SSHDIR/host_key" ] || ssh-keygen -q -t ed25519 -N '' -f "$SSHDIR/host_key"
-[ -e "$SSHDIR/client_key" ] || ssh-keygen -q -t ed25519 -N '' -f "$SSHDIR/client_key"
-cp "$SSHDIR/client_key.pub" "$SSHDIR/authorized_keys"
-cat > "$SSHDIR/sshd_config" <<CFG
-Port $PORT
-ListenAddress 127.0.0.1
-HostKey $SSHDIR/host_key
-AuthorizedKeysFile $SSHDIR/authorized_keys
-PermitRootLogin prohibit-password
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-UsePAM no
-StrictModes no
-PidFile $SSHDIR/sshd.pid
-CFG
-unshare -m --propagation private sh -c \
-    "mount --bind /usr/share/base-files/dot.bashrc /root/.bashrc && exec /usr/sbin/sshd -f $SSHDIR/sshd_config -D -e" \
-    2>"$SSHDIR/sshd.log" &
-SSHD_PID=$!
-SSH="ssh -p $PORT -i $SSHDIR/client_key -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes -o LogLevel=ERROR"
-cleanup() { kill "$SSHD_PID" 2>/dev/null || true; }
-trap cleanup EXIT
-for _ in $(seq 50); do $SSH root@127.0.0.1 true 2>/dev/null && break; sleep 0.1; done
-drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+source "$HERE/lib.sh"
+ensure_data tree "$SRC"
+trap stop_sshd EXIT
+start_sshd
+corral_ssh_args
 now() { date +%s.%N; }
-CSSH=(--ssh-arg=-p "--ssh-arg=$PORT" --ssh-arg=-i "--ssh-arg=$SSHDIR/client_key"
-      --ssh-arg=-o --ssh-arg=StrictHostKeyChecking=no --ssh-arg=-o
-      --ssh-arg=UserKnownHostsFile=/dev/null --ssh-arg=-o --ssh-arg=LogLevel=ERROR)
 DST="$WORK/dst-full"
 echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 for r in $(seq "$ROUNDS"); do

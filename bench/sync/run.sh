@@ -38,69 +38,22 @@ IMG="$WORK/img-$SCALE"
 log() { echo "== $*" >&2; }
 
 # ---- data -----------------------------------------------------------------------------------
-if [ ! -e "$SRC.complete" ]; then
-    log "generating tree (scale $SCALE, seed $SEED) in $SRC"
-    rm -rf "$SRC"
-    python3 "$HERE/gen.py" tree "$SRC" --seed "$SEED" --scale "$SCALE"
-    touch "$SRC.complete"
-fi
-if [ ! -e "$IMG.complete" ]; then
-    log "generating image in $IMG"
-    rm -rf "$IMG"
-    python3 "$HERE/gen.py" image "$IMG" --seed "$SEED" --scale "$SCALE"
-    touch "$IMG.complete"
-fi
+source "$HERE/lib.sh"
+ensure_data tree "$SRC"
+ensure_data image "$IMG"
 NFILES=$(find "$SRC" -type f | wc -l)
 NBYTES=$(du -sb "$SRC" | cut -f1)
 IMGBYTES=$(stat -c %s "$IMG/image.img")
 
-# ---- sshd on loopback with throwaway keys ---------------------------------------------------
-SSHDIR="$WORK/ssh"
-mkdir -p "$SSHDIR" /run/sshd
-[ -e "$SSHDIR/host_key" ] || ssh-keygen -q -t ed25519 -N '' -f "$SSHDIR/host_key"
-[ -e "$SSHDIR/client_key" ] || ssh-keygen -q -t ed25519 -N '' -f "$SSHDIR/client_key"
-cp "$SSHDIR/client_key.pub" "$SSHDIR/authorized_keys"
-cat > "$SSHDIR/sshd_config" <<CFG
-Port $PORT
-ListenAddress 127.0.0.1
-HostKey $SSHDIR/host_key
-AuthorizedKeysFile $SSHDIR/authorized_keys
-PermitRootLogin prohibit-password
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-UsePAM no
-StrictModes no
-PidFile $SSHDIR/sshd.pid
-CFG
-# sshd runs every command through root's login shell, and bash reads ~/.bashrc even for the
-# non-interactive commands sshd runs. This machine's /root/.bashrc runs `pyenv init` (about
-# 100 processes, 0.15-0.2 s per session), which no server being synced would: by default the
-# bench's sshd sees Debian's stock root .bashrc (/usr/share/base-files/dot.bashrc, comments
-# only) bind-mounted in a mount namespace of its own. Both tools go through this same sshd.
-# SERVER_BASHRC=host keeps the host's file.
-SERVER_BASHRC="${SERVER_BASHRC:-stock}"
-STOCK_BASHRC=/usr/share/base-files/dot.bashrc
-if [ "$SERVER_BASHRC" = stock ] && [ -e "$STOCK_BASHRC" ] && [ -e /root/.bashrc ]; then
-    unshare -m --propagation private sh -c \
-        "mount --bind $STOCK_BASHRC /root/.bashrc && exec /usr/sbin/sshd -f $SSHDIR/sshd_config -D -e" \
-        2>"$SSHDIR/sshd.log" &
-else
-    SERVER_BASHRC=host
-    /usr/sbin/sshd -f "$SSHDIR/sshd_config" -D -e 2>"$SSHDIR/sshd.log" &
-fi
-SSHD_PID=$!
+# ---- sshd on loopback with throwaway keys (lib.sh) ---------------------------------------------
 cleanup() {
-    # corral's kept ssh connection to this sshd (ControlPersist), closed with the sshd.
-    $SSH -oControlPath="${CORRAL_STATE_DIR:-/var/lib/corral}/ssh/%C" -O exit root@127.0.0.1 2>/dev/null || true
-    kill "$SSHD_PID" 2>/dev/null || true
+    stop_sshd
     iptables -D INPUT -i lo -p tcp -j "$CHAIN" 2>/dev/null || true
     iptables -F "$CHAIN" 2>/dev/null || true
     iptables -X "$CHAIN" 2>/dev/null || true
 }
 trap cleanup EXIT
-SSH="ssh -p $PORT -i $SSHDIR/client_key -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes -o LogLevel=ERROR"
-for _ in $(seq 50); do $SSH root@127.0.0.1 true 2>/dev/null && break; sleep 0.1; done
-$SSH root@127.0.0.1 true
+start_sshd
 
 # Byte counters for traffic to and from the sshd port (this chain only).
 iptables -N "$CHAIN" 2>/dev/null || iptables -F "$CHAIN"
@@ -112,7 +65,6 @@ wire_zero() { iptables -Z "$CHAIN"; }
 wire_bytes() { iptables -L "$CHAIN" -n -v -x | awk -v p="$PORT" '$0 ~ "pt:" p {s += $2} END {print s + 0}'; }
 
 # ---- helpers --------------------------------------------------------------------------------
-drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 now() { date +%s.%N; }
 elapsed() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$1" "$2"; }
 declare -A R C
@@ -142,9 +94,7 @@ if [ "${SKIP_CORRAL:-0}" != 1 ]; then
     fi
 fi
 # corral over the same ssh (same options, same key); the remote end runs this same binary.
-CSSH=(--ssh-arg=-p "--ssh-arg=$PORT" --ssh-arg=-i "--ssh-arg=$SSHDIR/client_key"
-      --ssh-arg=-o --ssh-arg=StrictHostKeyChecking=no --ssh-arg=-o
-      --ssh-arg=UserKnownHostsFile=/dev/null --ssh-arg=-o --ssh-arg=LogLevel=ERROR)
+corral_ssh_args
 corral_push() { "$CORRAL" sync push --delete "${CSSH[@]}" --remote-corral "$CORRAL" "$@" >/dev/null 2>>"$WORK/corral.log"; }
 # The content-verified check is `corral drift` on a tree whose one child is the copy.
 SITE="$WORK/site"
