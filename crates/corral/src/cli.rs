@@ -91,3 +91,48 @@ pub(crate) enum Command {
     /// Compare children with their master by content and report drift.
     Drift(cmd::drift::Args),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `ExecStart=` lines of the shipped systemd units, continuation lines joined and
+    /// `%i` replaced by a tree name.
+    fn unit_command_lines() -> Vec<(String, Vec<String>)> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/systemd");
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "service") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap().replace("\\\n", " ");
+            for line in text.lines() {
+                if let Some(cmd) = line.strip_prefix("ExecStart=") {
+                    let argv = cmd.replace("%i", "web");
+                    let argv: Vec<String> = argv.split_whitespace().map(String::from).collect();
+                    out.push((path.display().to_string(), argv));
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_shipped_systemd_unit_runs_a_command_line_corral_accepts() {
+        let units = unit_command_lines();
+        assert!(
+            units.len() >= 3,
+            "expected the serve, cast and drift units, found {units:?}"
+        );
+        for (unit, argv) in units {
+            assert_eq!(argv[0], "/usr/local/bin/corral", "{unit}");
+            if let Err(e) = Cli::try_parse_from(&argv) {
+                panic!(
+                    "{unit}: `{}` is not a valid corral command line: {e}",
+                    argv.join(" ")
+                );
+            }
+        }
+    }
+}
