@@ -25,6 +25,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
+use corral_model::prometheus::escape_label;
+
 use crate::latency::{Histogram, prometheus_bounds_us};
 
 /// The metrics of one DHCP service (one interface).
@@ -219,7 +221,7 @@ pub fn prometheus_text() -> String {
                 let _ = writeln!(
                     out,
                     "corral_dhcp_{name}{{interface=\"{}\"{labels}}} {v}",
-                    escape(&m.interface)
+                    escape_label(&m.interface)
                 );
             }
         }
@@ -275,9 +277,9 @@ pub fn prometheus_text() -> String {
         for m in &live {
             for (label, h) in get(m) {
                 let labels = if label.is_empty() {
-                    format!("interface=\"{}\"", escape(&m.interface))
+                    format!("interface=\"{}\"", escape_label(&m.interface))
                 } else {
-                    format!("interface=\"{}\",{label}", escape(&m.interface))
+                    format!("interface=\"{}\",{label}", escape_label(&m.interface))
                 };
                 write_histogram(&mut out, name, &labels, h);
             }
@@ -307,13 +309,6 @@ fn write_histogram(out: &mut String, name: &str, labels: &str, h: &Histogram) {
         h.sum_seconds()
     );
     let _ = writeln!(out, "corral_dhcp_{name}_count{{{labels}}} {count}");
-}
-
-/// A label value as the text format wants it (interface names are plain, but be exact).
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 mod event;
 mod lifecycle;
 mod mac;
+pub mod prometheus;
 mod session;
 
 pub use event::{Event, EventKind, Outcome, Source, UnixMillis};

@@ -20,6 +20,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
+use corral_model::prometheus::escape_label;
 use corral_tftp_proto::{ErrorCode, FailReason, packet::DATA_HEADER};
 
 /// Why a transfer that began ended early (label `reason` of `transfers_failed_total`).
@@ -284,19 +285,12 @@ pub fn prometheus_text() -> String {
                 let _ = writeln!(
                     out,
                     "corral_tftp_{name}{{listen=\"{}\"{labels}}} {v}",
-                    escape(&m.listen)
+                    escape_label(&m.listen)
                 );
             }
         }
     }
     out
-}
-
-/// A label value as the text format wants it.
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 #[cfg(test)]

@@ -46,7 +46,8 @@ ports PORT, PORT+1, ... (one per --max-sessions slot).
 Examples:
   corral cast serve --site /etc/corral             the site's [paths] images directory
   corral cast serve --dir /srv/images --interface eth1 --min-receivers 8 --max-wait 2m
-  corral cast serve --dir /srv/images --key /etc/corral/cast.key --db /var/lib/corral/corral.db")]
+  corral cast serve --dir /srv/images --key /etc/corral/cast.key --db /var/lib/corral/corral.db
+  corral cast serve --site /etc/corral --metrics 127.0.0.1:9478   Prometheus text at /metrics")]
     Serve(ServeArgs),
     /// List the images a `corral cast serve` offers.
     #[command(after_help = "\
@@ -253,6 +254,10 @@ pub(crate) struct ServeArgs {
     /// site.toml).
     #[arg(long, value_name = "PATH")]
     db: Option<PathBuf>,
+    /// Serve Prometheus metrics (sessions, receivers, bytes and packets sent, events) at
+    /// http://ADDR/metrics, e.g. `127.0.0.1:9478`.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<SocketAddr>,
 }
 
 /// Arguments of `corral cast list`.
@@ -528,6 +533,13 @@ async fn serve(a: ServeArgs) -> anyhow::Result<Code> {
     let control_ip = multicast.interface.unwrap_or(Ipv4Addr::UNSPECIFIED);
     let json = a.json || !std::io::stdout().is_terminal();
     let observer = Arc::new(CliObserver::new(json, JsonTo::Stdout, recorder(&db)?));
+    let cancel = CancellationToken::new();
+    let metrics = Arc::new(super::cast_metrics::CastMetrics::default());
+    if let Some(addr) = a.metrics {
+        let bound =
+            super::cast_metrics::serve_metrics(addr, metrics.clone(), cancel.clone()).await?;
+        eprintln!("metrics on http://{bound}/metrics");
+    }
     let images = corral_cast::serve::list_images(&dir)?;
     eprintln!(
         "offering {} image(s) from {} on control port {}:{}",
@@ -549,9 +561,11 @@ async fn serve(a: ServeArgs) -> anyhow::Result<Code> {
         compress_level: a.compress,
         key,
         linger: a.linger,
-        observer: observer.clone(),
+        observer: Arc::new(super::cast_metrics::MetricsObserver {
+            inner: observer.clone(),
+            metrics,
+        }),
     };
-    let cancel = CancellationToken::new();
     cancel_on_signal(cancel.clone());
     let result = corral_cast::serve::serve(opts, cancel).await;
     observer.finish();

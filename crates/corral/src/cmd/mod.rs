@@ -1,6 +1,7 @@
 //! One module per subcommand: its clap `Args` and the `run` that carries it out.
 
 pub(crate) mod cast;
+pub(crate) mod cast_metrics;
 pub(crate) mod demo;
 pub(crate) mod drift;
 pub(crate) mod log;

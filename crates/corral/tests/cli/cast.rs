@@ -264,10 +264,12 @@ fn serve_offers_site_images_to_receivers_that_ask_by_name() {
     let img = image(dir.path(), 2 << 20);
     std::fs::rename(&img, images.join("web.img")).unwrap();
     let (control, data) = (port(3), port(4));
+    let metrics_addr = format!("127.0.0.1:{}", crate::netboot::free_port());
     let mut server = Command::new(env!("CARGO_BIN_EXE_corral"))
         .args(["cast", "serve", "--json", "--interface", "127.0.0.1"])
         .args(["--site", site.to_str().unwrap()])
         .args(["--control-port", &control, "--port", &data])
+        .args(["--metrics", &metrics_addr])
         .args(["--min-wait", "100ms", "--max-wait", "5s"])
         .env_remove("RUST_LOG")
         .stdout(Stdio::piped())
@@ -312,6 +314,37 @@ fn serve_offers_site_images_to_receivers_that_ask_by_name() {
             "x",
         ],
     );
+    // /metrics counts the session once it ended (the receiver may exit a moment before the
+    // sender has its Done): one session ok, one receiver verified, the image's bytes.
+    let mut scraped = String::new();
+    for _ in 0..50 {
+        scraped = http_get(&metrics_addr, "/metrics");
+        if scraped.contains("corral_cast_sessions_total{outcome=\"ok\"} 1") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for series in [
+        "corral_cast_sessions_total{outcome=\"ok\"} 1",
+        "corral_cast_sessions_total{outcome=\"fail\"} 0",
+        "corral_cast_sessions_active 0",
+        "corral_cast_receivers_total{result=\"verified\"} 1",
+        "corral_cast_receivers_total{result=\"failed\"} 0",
+        "corral_cast_image_bytes_total 2097152",
+        "corral_cast_events_total{kind=\"image-request\",outcome=\"denied\"} 1",
+    ] {
+        assert!(
+            scraped.lines().any(|l| l == series),
+            "{series} missing from /metrics:\n{scraped}"
+        );
+    }
+    let sent: u64 = scraped
+        .lines()
+        .find_map(|l| l.strip_prefix("corral_cast_sent_bytes_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(sent >= 2 << 20, "sent bytes {sent} below the image's size");
+
     // SIGTERM: the server stops cleanly and flushes its events to the store.
     let term = Command::new("kill")
         .arg(server.id().to_string())
@@ -351,4 +384,24 @@ fn serve_offers_site_images_to_receivers_that_ask_by_name() {
     assert!(log.status.success(), "{err}");
     assert!(events.contains("receiver web01"), "{events}");
     assert!(events.contains("nope.img"), "{events}");
+}
+
+/// The body of an HTTP/1.0 GET (status line and headers checked, then dropped).
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    write!(c, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut r = String::new();
+    c.read_to_string(&mut r).unwrap();
+    let (head, body) = r.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "{head}"
+    );
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    body.to_owned()
 }
