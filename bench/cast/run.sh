@@ -28,6 +28,8 @@
 # the namespace names, so that two runs with different TAG and WORK can coexist. NO_PEER=1
 # skips UDPcast (exploratory runs only: reported figures need the peer in the same run).
 # SENDER_NICE=n runs corral's sender under `nice -n n` (an experiment on this shared machine).
+# RECEIVER_SCHED=batch runs corral's receivers under SCHED_BATCH (`chrt -b 0`: no wake-up
+# preemption of the running task; an experiment).
 #
 # Needs root, iproute2, iptables (legacy), udpcast; installs them with apt-get if missing.
 # Times are on a shared 2-core machine: compare ratios within one run, not absolute numbers.
@@ -136,6 +138,7 @@ run_tool() {
             cmd="udp-receiver --file $out --interface eth0 --nokbd --rcvbuf 4000000 --no-progress --portbase 9400"
         else
             cmd="$CORRAL -q cast receive --output $out --interface eth0 --group $GROUP --port 9400 --name r$i --idle-timeout ${tmo}s --json"
+            [ "${RECEIVER_SCHED:-}" != batch ] || cmd="chrt -b 0 $cmd"
             if [ "$sc" = kill ] && [ "$i" = 1 ]; then
                 cmd="$cmd --state $dir/state1"
                 rcmd1=$cmd

@@ -632,23 +632,34 @@ struct Reader<'a> {
     kind: &'static str,
 }
 
+// The field readers run several times per datagram (tens of thousands per second per
+// receiver): forced inline (a plain `#[inline]` left `u16`/`u32` as calls in `decode`,
+// 1.5 % of a receiver's samples in a profile), with the error built out of line.
 impl<'a> Reader<'a> {
+    #[inline(always)]
     fn left(&self) -> usize {
         self.buf.len() - self.pos
     }
+    #[cold]
+    #[inline(never)]
+    fn truncated(&self, n: usize, field: &'static str) -> PacketError {
+        PacketError::Truncated {
+            kind: self.kind,
+            field,
+            need: n,
+            left: self.left(),
+        }
+    }
+    #[inline(always)]
     fn take(&mut self, n: usize, field: &'static str) -> Result<&'a [u8], PacketError> {
         if self.left() < n {
-            return Err(PacketError::Truncated {
-                kind: self.kind,
-                field,
-                need: n,
-                left: self.left(),
-            });
+            return Err(self.truncated(n, field));
         }
         let s = &self.buf[self.pos..self.pos + n];
         self.pos += n;
         Ok(s)
     }
+    #[inline(always)]
     fn rest(&mut self) -> &'a [u8] {
         let s = &self.buf[self.pos..];
         self.pos = self.buf.len();
@@ -661,17 +672,21 @@ impl<'a> Reader<'a> {
             field,
         })
     }
+    #[inline(always)]
     fn u8(&mut self, f: &'static str) -> Result<u8, PacketError> {
         Ok(self.take(1, f)?[0])
     }
+    #[inline(always)]
     fn u16(&mut self, f: &'static str) -> Result<u16, PacketError> {
         let b = self.take(2, f)?;
         Ok(u16::from_be_bytes([b[0], b[1]]))
     }
+    #[inline(always)]
     fn u32(&mut self, f: &'static str) -> Result<u32, PacketError> {
         let b = self.take(4, f)?;
         Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     }
+    #[inline(always)]
     fn u64(&mut self, f: &'static str) -> Result<u64, PacketError> {
         let b = self.take(8, f)?;
         let mut a = [0u8; 8];

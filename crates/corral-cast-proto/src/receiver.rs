@@ -466,6 +466,11 @@ impl Receiver {
         self.naks_suppressed = suppress;
     }
 
+    /// Whether NAKs are suppressed ([`Receiver::suppress_naks`], or a CatchUp from the sender).
+    pub fn naks_suppressed(&self) -> bool {
+        self.naks_suppressed
+    }
+
     /// Reports the final result (after the driver's read-back check); Done is sent and retried
     /// until the sender acknowledges it.
     pub fn finish(&mut self, ok: bool, reason: &str) {

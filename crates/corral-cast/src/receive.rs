@@ -63,6 +63,66 @@ struct CatchUp {
     busy: bool,
 }
 
+/// How long to wait before reconnecting after a catch-up connection failed.
+const CATCHUP_RETRY: Duration = Duration::from_secs(1);
+
+/// The receiver's side of TCP catch-up: at most one connection, one batch in flight. NAKs are
+/// suppressed from the moment a batch is handed to a live connection (multicast repair for us
+/// would only cost the other receivers) until that connection fails: a receiver whose TCP path
+/// keeps failing asks for multicast repair again between its retries instead of waiting on a
+/// path that does not work.
+struct CatchUpCtl {
+    conn: Option<CatchUp>,
+    /// No new connection before this (after a failure).
+    not_before: Instant,
+}
+
+impl CatchUpCtl {
+    fn new(now: Instant) -> Self {
+        CatchUpCtl {
+            conn: None,
+            not_before: now,
+        }
+    }
+
+    /// Hands `missing` to the connection if it is idle; NAKs stop while it fetches them. A
+    /// connection that can no longer take a batch (its task ended) counts as failed.
+    fn fetch(&mut self, rx: &mut Receiver, missing: Vec<u32>, now: Instant) {
+        let Some(c) = &mut self.conn else { return };
+        if c.busy || missing.is_empty() {
+            return;
+        }
+        match c.requests.try_send(missing) {
+            Ok(()) => {
+                c.busy = true;
+                rx.suppress_naks(true);
+            }
+            Err(_) => self.failed(rx, now),
+        }
+    }
+
+    /// The connection finished a batch (`None`) or failed (`Some`).
+    fn on_idle(&mut self, rx: &mut Receiver, err: Option<CastError>, now: Instant) {
+        match err {
+            None => {
+                if let Some(c) = &mut self.conn {
+                    c.busy = false;
+                }
+            }
+            Some(e) => {
+                warn!(error = %e, "TCP catch-up failed; asking for multicast repair and retrying in 1 s");
+                self.failed(rx, now);
+            }
+        }
+    }
+
+    fn failed(&mut self, rx: &mut Receiver, now: Instant) {
+        self.conn = None;
+        self.not_before = now + CATCHUP_RETRY;
+        rx.suppress_naks(false);
+    }
+}
+
 /// Starts a catch-up connection task: it fetches the manifest if `need_manifest`, then every
 /// batch of block indices it is sent.
 fn start_catchup(
@@ -401,10 +461,9 @@ pub async fn receive(
     let task_cancel = cancel.child_token();
     let _guard = task_cancel.clone().drop_guard();
     let (tcp_tx, mut tcp_rx) = mpsc::channel::<FromTcp>(64);
-    let mut catchup: Option<CatchUp> = None;
+    let mut catchup = CatchUpCtl::new(Instant::now());
     let mut want_catchup = false;
     let mut last_data_packets = 0u64;
-    let mut catchup_not_before = Instant::now();
     let mut rejected_reason: Option<String> = None;
     let mut last_heard = Instant::now();
     let mut batch = socket::RecvBatch::new(32, 65_536);
@@ -586,11 +645,11 @@ pub async fn receive(
             data_packets == 0 && run.opts.sender.is_some() && t0.elapsed() > run.opts.silent_after;
         let due = result.is_none()
             && (want_catchup || stalled || never)
-            && Instant::now() >= catchup_not_before;
-        match (due, run.tcp_addr(), &mut catchup) {
+            && Instant::now() >= catchup.not_before;
+        match (due, run.tcp_addr(), &catchup.conn) {
             (true, Some(addr), None) => {
                 info!(%addr, "starting TCP catch-up");
-                catchup = Some(start_catchup(
+                catchup.conn = Some(start_catchup(
                     addr,
                     run.rx.manifest().is_none(),
                     tcp_tx.clone(),
@@ -599,13 +658,7 @@ pub async fn receive(
             }
             (true, Some(_), Some(c)) if !c.busy && run.rx.manifest().is_some() => {
                 let missing = run.rx.missing_blocks();
-                if !missing.is_empty() {
-                    c.busy = true;
-                    // We fetch these over TCP now: multicast repair for us would only cost
-                    // the other receivers bandwidth.
-                    run.rx.suppress_naks(true);
-                    let _ = c.requests.try_send(missing);
-                }
+                catchup.fetch(&mut run.rx, missing, Instant::now());
             }
             _ => {}
         }
@@ -669,16 +722,7 @@ pub async fn receive(
                             warn!(block = index, error = %e, "block fetched over TCP rejected");
                         }
                     }
-                    FromTcp::Idle(err) => {
-                        if let Some(c) = &mut catchup {
-                            c.busy = false;
-                        }
-                        if let Some(e) = err {
-                            warn!(error = %e, "TCP catch-up failed; will retry");
-                            catchup = None;
-                            catchup_not_before = Instant::now() + Duration::from_secs(1);
-                        }
-                    }
+                    FromTcp::Idle(err) => catchup.on_idle(&mut run.rx, err, Instant::now()),
                 }
             }
             _ = tokio::time::sleep_until(wake) => {}
@@ -949,6 +993,69 @@ mod tests {
         lying.image_hash[0] ^= 1;
         let err = final_check(&lying, &[true; 3], path).unwrap_err();
         assert!(err.to_string().contains("image hash"), "{err}");
+    }
+
+    fn peer() -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, 1], 9000))
+    }
+
+    fn connected(ctl: &mut CatchUpCtl) -> mpsc::Receiver<Vec<u32>> {
+        let (tx, rx) = mpsc::channel(4);
+        ctl.conn = Some(CatchUp {
+            requests: tx,
+            busy: false,
+        });
+        rx
+    }
+
+    /// A receiver whose TCP catch-up fails must NAK again: with NAKs left suppressed it could
+    /// only wait for a TCP path that keeps failing, and multicast repair never came.
+    #[test]
+    fn a_failed_catch_up_turns_naks_back_on() {
+        let t = Instant::now();
+        let mut rx = Receiver::new(ReceiverConfig::default(), t);
+        let mut ctl = CatchUpCtl::new(t);
+        let mut requests = connected(&mut ctl);
+
+        ctl.fetch(&mut rx, vec![3, 5], t);
+        assert_eq!(requests.try_recv().unwrap(), vec![3, 5]);
+        assert!(rx.naks_suppressed(), "a batch over TCP stops NAKs");
+        // Busy: a second batch waits for the first.
+        ctl.fetch(&mut rx, vec![7], t);
+        assert!(requests.try_recv().is_err());
+        // A finished batch keeps the connection and NAKs off.
+        ctl.on_idle(&mut rx, None, t);
+        assert!(rx.naks_suppressed());
+        ctl.fetch(&mut rx, vec![7], t);
+        assert_eq!(requests.try_recv().unwrap(), vec![7]);
+
+        let err = CastError::CatchUp {
+            peer: peer(),
+            reason: "connection reset".into(),
+        };
+        ctl.on_idle(&mut rx, Some(err), t);
+        assert!(!rx.naks_suppressed(), "NAKs are back on after the failure");
+        assert!(ctl.conn.is_none(), "the failed connection is dropped");
+        assert_eq!(ctl.not_before, t + CATCHUP_RETRY);
+    }
+
+    #[test]
+    fn a_catch_up_connection_that_cannot_take_a_batch_counts_as_failed() {
+        let t = Instant::now();
+        let mut rx = Receiver::new(ReceiverConfig::default(), t);
+        // NAKs already off (the sender advised catch-up, or an earlier batch).
+        rx.suppress_naks(true);
+        let mut ctl = CatchUpCtl::new(t);
+        drop(connected(&mut ctl));
+        ctl.fetch(&mut rx, vec![1, 2], t);
+        assert!(!rx.naks_suppressed());
+        assert!(ctl.conn.is_none());
+        assert_eq!(ctl.not_before, t + CATCHUP_RETRY);
+        // Nothing to fetch: nothing changes.
+        let _requests = connected(&mut ctl);
+        ctl.fetch(&mut rx, vec![], t);
+        assert!(!rx.naks_suppressed());
+        assert!(ctl.conn.as_ref().is_some_and(|c| !c.busy));
     }
 
     #[test]
