@@ -665,13 +665,12 @@ pub fn push<R: Read, W: Write>(
     )?;
     framed.send(&Message::Finish)?;
     framed.flush()?;
-    let report = match framed.recv()? {
-        Message::Report(r) => r,
-        Message::Error(e) => return Err(SyncError::Remote(e)),
-        m => return Err(unexpected(&m)),
-    };
-    // The plan as carried out: the contents of the files read as they were sent, and those
-    // files in the master's hash cache (the next scan does not read them again).
+    // While the receiver makes its last batch durable and saves its cache (a few tenths of
+    // a second after a large copy), the master does its own bookkeeping before it waits for
+    // the report: the plan as carried out (the contents of the files read as they were
+    // sent) and those files in the master's hash cache (the next scan does not read them
+    // again). The cache holds the master's own files, so it is right whatever the child
+    // answers.
     let mut keep = Vec::new();
     let mut hex: std::collections::HashMap<String, String> = std::collections::HashMap::new();
     for (i, c, cacheable) in hashed {
@@ -695,6 +694,11 @@ pub fn push<R: Read, W: Write>(
     if let Some(c) = &opts.cache {
         crate::scan::cache_add_keyed(c, keep);
     }
+    let report = match framed.recv()? {
+        Message::Report(r) => r,
+        Message::Error(e) => return Err(SyncError::Remote(e)),
+        m => return Err(unexpected(&m)),
+    };
     tracing::debug!(compression = %chooser.report(), "file data encoding");
     result.plan = p;
     result.report = report;
