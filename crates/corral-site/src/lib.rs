@@ -85,7 +85,7 @@ pub fn check(dir: impl AsRef<Path>) -> Vec<Problem> {
     p
 }
 
-pub use tree::{Tree, TreeChild, load_tree};
+pub use tree::{Tree, TreeChild, TreeCompress, load_tree};
 
 /// Settings given on the command line, which beat the file (precedence: defaults < file <
 /// flags). `None` leaves the file's value.

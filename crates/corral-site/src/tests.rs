@@ -842,7 +842,38 @@ mod trees {
         assert_eq!(t.children.len(), 3);
         assert!(t.children[2].recurse);
         assert_eq!(t.children[2].tree, "web");
+        assert_eq!(t.compress, crate::TreeCompress::Auto);
         assert!(crate::check(d.path()).iter().all(|p| !p.is_error()));
+    }
+
+    #[test]
+    fn ssh_compress_is_parsed_and_a_bad_value_is_reported() {
+        let child = "[[child]]\ndest = \"/x\"\n";
+        let d = site_with(&format!("source = \"/a\"\n{child}"));
+        assert_eq!(
+            crate::load_tree(d.path(), "t").unwrap().compress,
+            crate::TreeCompress::Auto,
+            "absent: auto"
+        );
+        for (v, want) in [
+            ("auto", crate::TreeCompress::Auto),
+            ("always", crate::TreeCompress::Always),
+            ("never", crate::TreeCompress::Never),
+        ] {
+            let d = site_with(&format!(
+                "source = \"/a\"\n[ssh]\ncompress = \"{v}\"\n{child}"
+            ));
+            assert_eq!(crate::load_tree(d.path(), "t").unwrap().compress, want);
+        }
+        let d = site_with(&format!(
+            "source = \"/a\"\n[ssh]\ncompress = \"fast\"\n{child}"
+        ));
+        let e = crate::load_tree(d.path(), "t").unwrap_err();
+        assert!(
+            e.iter()
+                .any(|p| p.message.contains("compress = \"fast\"") && p.message.contains("never")),
+            "{e:?}"
+        );
     }
 
     #[test]

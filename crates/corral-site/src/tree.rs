@@ -10,6 +10,7 @@
 //! args = ["-i", "/etc/corral/sync_key"]
 //! remote_corral = "corral"           # the program run on the child
 //! persist = "60s"                    # keep the connection for the next run ("0s": never)
+//! compress = "auto"                  # file data: auto (measured per run), always, never
 //! [[child]]
 //! name = "web01"                     # optional label (default: host, else dest)
 //! host = "web01.example.net"         # ssh host; absent: a directory on this machine
@@ -48,6 +49,7 @@ struct RawSsh {
     args: Vec<String>,
     remote_corral: Option<String>,
     persist: Option<String>,
+    compress: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -85,8 +87,23 @@ pub struct Tree {
     /// How long the ssh connection is kept for the next run (`None`: the default, 60 s;
     /// zero: never).
     pub ssh_persist: Option<std::time::Duration>,
+    /// Whether file data is compressed on the wire (`[ssh] compress`).
+    pub compress: TreeCompress,
     /// The children.
     pub children: Vec<TreeChild>,
+}
+
+/// `[ssh] compress` of a tree: how file data travels (`corral sync run --compress`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TreeCompress {
+    /// Compressed for a small plan; for a large one, whichever of compressed and raw the
+    /// run measures to be faster.
+    #[default]
+    Auto,
+    /// Always compressed (where a sample compresses).
+    Always,
+    /// Always raw.
+    Never,
 }
 
 /// One child of a tree.
@@ -209,9 +226,23 @@ fn convert(dir: &Path, name: &str, src: &Source, raw: RawTree, r: &mut Report) -
             tree: c.tree.unwrap_or_else(|| name.to_string()),
         });
     }
-    let (ssh_program, ssh_args, remote_corral, persist) = match raw.ssh {
-        Some(s) => (s.program, s.args, s.remote_corral, s.persist),
-        None => (None, Vec::new(), None, None),
+    let (ssh_program, ssh_args, remote_corral, persist, compress) = match raw.ssh {
+        Some(s) => (s.program, s.args, s.remote_corral, s.persist, s.compress),
+        None => (None, Vec::new(), None, None, None),
+    };
+    let compress = match compress.as_deref() {
+        None | Some("auto") => TreeCompress::Auto,
+        Some("always") => TreeCompress::Always,
+        Some("never") => TreeCompress::Never,
+        Some(c) => {
+            bad(
+                r,
+                format!(
+                    "[ssh] compress = {c:?}: give \"auto\" (measure per run), \"always\" or \"never\""
+                ),
+            );
+            TreeCompress::Auto
+        }
     };
     let ssh_persist = match persist.as_deref().map(humantime::parse_duration) {
         None => None,
@@ -237,6 +268,7 @@ fn convert(dir: &Path, name: &str, src: &Source, raw: RawTree, r: &mut Report) -
         ssh_args,
         remote_corral,
         ssh_persist,
+        compress,
         children,
     })
 }

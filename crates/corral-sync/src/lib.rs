@@ -10,7 +10,8 @@
 //! master and `corral sync serve --stdio` (the child lists only the [`ranges`] of its manifest
 //! that differ from the master's; small changed files travel as [`delta`]s against
 //! the child's old copy), over a local socket pair or the system `ssh`
-//! ([`transport`]).
+//! ([`transport`]). Whether file data is compressed is decided per run by measuring both
+//! ways ([`compression`]).
 //!
 //! What it is not: an rsync protocol implementation (it does not talk to rsync), and not the
 //! filter-rule engine (rsync-compatible rules live in `corral-sync-filter` and plug in through
@@ -20,6 +21,7 @@
 //! [`transport::connect`], [`rollback::rollback`], [`journal::recover`].
 
 pub mod apply;
+pub mod compression;
 pub mod delta;
 pub mod error;
 pub mod filter;

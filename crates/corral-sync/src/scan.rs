@@ -834,24 +834,28 @@ pub fn cache_add(
     let (files, _) = load_cache(cache);
     let mut files: HashMap<String, CacheEntry> =
         files.into_iter().map(|e| (e.path.clone(), e)).collect();
-    for (path, content) in written {
-        let p = root.join(path);
-        if let Ok(md) = std::fs::symlink_metadata(&p) {
+    // One stat and one xattr list per written file (50,000 after a large copy, on the
+    // receiver's last answer's path): on rayon's threads.
+    let fresh: Vec<CacheEntry> = written
+        .par_iter()
+        .filter_map(|(path, content)| {
+            let p = root.join(path);
+            let md = std::fs::symlink_metadata(&p).ok()?;
             // Attributes read after the stat (see CacheEntry).
             let xattrs = Some(read_xattrs(&p));
-            files.insert(
-                path.clone(),
-                CacheEntry {
-                    path: path.clone(),
-                    ino: md.ino(),
-                    size: md.size(),
-                    mtime: (md.mtime(), md.mtime_nsec()),
-                    ctime: (md.ctime(), md.ctime_nsec()),
-                    content: content.clone(),
-                    xattrs,
-                },
-            );
-        }
+            Some(CacheEntry {
+                path: path.clone(),
+                ino: md.ino(),
+                size: md.size(),
+                mtime: (md.mtime(), md.mtime_nsec()),
+                ctime: (md.ctime(), md.ctime_nsec()),
+                content: content.clone(),
+                xattrs,
+            })
+        })
+        .collect();
+    for e in fresh {
+        files.insert(e.path.clone(), e);
     }
     let mut files: Vec<CacheEntry> = files.into_values().collect();
     files.sort_unstable_by(|a, b| path_order(&a.path, &b.path));

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::apply::{Incoming, Receiver, ReceiverOptions};
+use crate::compression::{Chooser, Compress, CompressionReport, Mode};
 use crate::delta::{DELTA_MIN, Signature};
 use crate::error::{ProtoError, SyncError};
 use crate::filter::PathFilter;
@@ -18,7 +19,7 @@ use crate::manifest::{Content, Entry, Hash, Manifest};
 use crate::planner::{Op, Plan, PlanOptions, plan};
 use crate::proto::{
     Frame, Framed, Message, Report, RunOptions, VERSION, WHOLE_MAX, compress, compress_read,
-    decompress,
+    decompress, raw_read,
 };
 use crate::scan::{Deferred, ScanOptions, ScanStats, hash_file, scan, walk};
 
@@ -315,6 +316,8 @@ pub struct PushOptions {
     pub run: RunOptions,
     /// The master's hash cache.
     pub cache: Option<PathBuf>,
+    /// Whether file data is compressed (see [`crate::compression`]).
+    pub compress: Compress,
 }
 
 /// What a push did.
@@ -330,6 +333,8 @@ pub struct PushResult {
     pub bytes_out: u64,
     /// Bytes received on the stream.
     pub bytes_in: u64,
+    /// How file data was encoded, and why.
+    pub compression: CompressionReport,
 }
 
 /// Progress callback events.
@@ -604,19 +609,37 @@ pub fn push<R: Read, W: Write>(
             .map_or_else(|| e.size(), |d| d.key.size()),
         _ => 0,
     };
+    let planned: u64 = p.ops.iter().map(size_of).sum();
     progress(Progress::Planned {
         ops: p.ops.len() as u64,
-        bytes: p.ops.iter().map(size_of).sum(),
+        bytes: planned,
     });
     // Reader threads read, hash, check and compress the data of the next steps (several
     // reads in flight on a cold disk) while this thread writes their frames in plan order:
-    // the disk, the CPU and the stream work at the same time.
+    // the disk, the CPU and the stream work at the same time. Whether they compress is the
+    // chooser's call, fed the time of each step as it leaves.
+    let mut chooser = Chooser::new(opts.compress, planned);
+    let raw = std::sync::atomic::AtomicBool::new(chooser.mode() == Mode::Raw);
     let mut hashed: Vec<(usize, Content, bool)> = Vec::new();
     let ops = &p.ops;
-    let (have, sigs, deferred_ref) = (&have, &sigs, &deferred);
+    let (have, sigs, deferred_ref, raw_ref) = (&have, &sigs, &deferred, &raw);
     ordered_pipeline(
         ops.len(),
-        |i| prepare(src, &ops[i], have, sigs.get(ops[i].path()), deferred_ref),
+        |i| {
+            let mode = if raw_ref.load(std::sync::atomic::Ordering::Relaxed) {
+                Mode::Raw
+            } else {
+                Mode::Zstd
+            };
+            prepare(
+                src,
+                &ops[i],
+                have,
+                sigs.get(ops[i].path()),
+                deferred_ref,
+                mode,
+            )
+        },
         |i, prepared| {
             let prepared = prepared?;
             for f in &prepared.frames {
@@ -625,6 +648,11 @@ pub fn push<R: Read, W: Write>(
                     f => framed.send(f)?,
                 }
             }
+            chooser.on_sent(std::time::Instant::now(), prepared.mode, prepared.data);
+            raw.store(
+                chooser.mode() == Mode::Raw,
+                std::sync::atomic::Ordering::Relaxed,
+            );
             if let Some((c, cacheable)) = prepared.hashed {
                 hashed.push((i, c, cacheable));
             }
@@ -637,13 +665,12 @@ pub fn push<R: Read, W: Write>(
     )?;
     framed.send(&Message::Finish)?;
     framed.flush()?;
-    let report = match framed.recv()? {
-        Message::Report(r) => r,
-        Message::Error(e) => return Err(SyncError::Remote(e)),
-        m => return Err(unexpected(&m)),
-    };
-    // The plan as carried out: the contents of the files read as they were sent, and those
-    // files in the master's hash cache (the next scan does not read them again).
+    // While the receiver makes its last batch durable and saves its cache (a few tenths of
+    // a second after a large copy), the master does its own bookkeeping before it waits for
+    // the report: the plan as carried out (the contents of the files read as they were
+    // sent) and those files in the master's hash cache (the next scan does not read them
+    // again). The cache holds the master's own files, so it is right whatever the child
+    // answers.
     let mut keep = Vec::new();
     let mut hex: std::collections::HashMap<String, String> = std::collections::HashMap::new();
     for (i, c, cacheable) in hashed {
@@ -667,10 +694,17 @@ pub fn push<R: Read, W: Write>(
     if let Some(c) = &opts.cache {
         crate::scan::cache_add_keyed(c, keep);
     }
+    let report = match framed.recv()? {
+        Message::Report(r) => r,
+        Message::Error(e) => return Err(SyncError::Remote(e)),
+        m => return Err(unexpected(&m)),
+    };
+    tracing::debug!(compression = %chooser.report(), "file data encoding");
     result.plan = p;
     result.report = report;
     result.bytes_in = framed.bytes_in;
     result.bytes_out = framed.bytes_out;
+    result.compression = chooser.report().clone();
     Ok(result)
 }
 
@@ -681,6 +715,10 @@ struct Prepared {
     /// The content of a file the scan deferred, read as it was sent, and whether the file
     /// kept the metadata it was walked with while it was read (so its hash may be cached).
     hashed: Option<(Content, bool)>,
+    /// The encoding its data was prepared in.
+    mode: Mode,
+    /// Bytes of file data its `Data` and `Delta` frames carry (before encoding).
+    data: u64,
 }
 
 /// The frames of one step. A write of a file the scan deferred reads it once: hashing (and
@@ -691,11 +729,14 @@ fn prepare(
     have: &HashSet<Hash>,
     sig: Option<&Signature>,
     deferred: &std::collections::HashMap<&str, &Deferred>,
+    mode: Mode,
 ) -> Result<Prepared, SyncError> {
     let Op::Write(e) = op else {
         return Ok(Prepared {
             frames: vec![Message::Apply(op.clone())],
             hashed: None,
+            mode,
+            data: 0,
         });
     };
     let d = deferred
@@ -703,10 +744,12 @@ fn prepare(
         .filter(|_| e.content.is_none());
     let Some(d) = d else {
         let mut frames = vec![Message::Apply(op.clone())];
-        data_frames(src, e, have, sig, &mut frames)?;
+        let data = data_frames(src, e, have, sig, mode, &mut frames)?;
         return Ok(Prepared {
             frames,
             hashed: None,
+            mode,
+            data,
         });
     };
     let path = src.join(&e.path);
@@ -740,21 +783,25 @@ fn prepare(
     let cacheable = before == Some(d.key) && key(&f) == Some(d.key);
     e.content = Some(content.clone());
     let mut frames = Vec::new();
+    let mut data = 0;
     if buf.len() > 1 {
         if !have.contains(&content.hash) {
+            data = buf.len() as u64 - 1;
             frames.push(Message::Data {
                 hash: content.hash,
-                payload: compress_read(buf),
+                payload: encode_read(buf, mode),
             });
         }
         frames.insert(0, Message::Apply(Op::Write(e)));
     } else {
         frames.push(Message::Apply(Op::Write(e.clone())));
-        data_frames(src, &e, have, None, &mut frames)?;
+        data = data_frames(src, &e, have, None, mode, &mut frames)?;
     }
     Ok(Prepared {
         frames,
         hashed: Some((content, cacheable)),
+        mode,
+        data,
     })
 }
 
@@ -897,20 +944,31 @@ fn fetch_signatures<R: Read, W: Write>(
 /// Steps whose frames are prepared ahead of the stream.
 const PIPELINE: usize = 64;
 
+/// A chunk read into `buf[1..]` as the payload of a `Data` frame in `mode`.
+fn encode_read(buf: Vec<u8>, mode: Mode) -> Vec<u8> {
+    match mode {
+        Mode::Zstd => compress_read(buf),
+        Mode::Raw => raw_read(buf),
+    }
+}
+
 /// The `Data` frames of a write: one per chunk the child does not hold, read from the source
 /// and checked against the manifest's hash (a file changed since the scan fails its step).
+/// Returns the bytes of file data they carry.
 fn data_frames(
     src: &Path,
     e: &Entry,
     have: &HashSet<Hash>,
     sig: Option<&Signature>,
+    mode: Mode,
     frames: &mut Vec<Message>,
-) -> Result<(), SyncError> {
-    let Some(c) = &e.content else { return Ok(()) };
+) -> Result<u64, SyncError> {
+    let Some(c) = &e.content else { return Ok(0) };
     let chunks = c.chunk_list();
     if chunks.iter().all(|(_, ch)| have.contains(&ch.hash)) {
-        return Ok(());
+        return Ok(0);
     }
+    let mut sent = 0u64;
     let path = src.join(&e.path);
     let mut f = fs_err::File::open(&path).map_err(|x| SyncError::fs("open", &path, x))?;
     let mut pos = 0u64;
@@ -934,6 +992,7 @@ fn data_frames(
             return Err(SyncError::SourceChanged(e.path.clone()));
         }
         pos = off + u64::from(ch.len);
+        sent += u64::from(ch.len);
         let data = &buf[1..];
         if Hash::of(data) != ch.hash {
             return Err(SyncError::SourceChanged(e.path.clone()));
@@ -954,10 +1013,10 @@ fn data_frames(
         }
         frames.push(Message::Data {
             hash: ch.hash,
-            payload: compress_read(buf),
+            payload: encode_read(buf, mode),
         });
     }
-    Ok(())
+    Ok(sent)
 }
 
 #[cfg(test)]

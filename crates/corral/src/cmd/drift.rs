@@ -81,6 +81,7 @@ pub(crate) fn run(a: Args, _global: &Global) -> anyhow::Result<Code> {
                 dry_run: true,
                 run: RunOptions::default(),
                 cache: Some(corral_sync::scan::default_cache(&tree.source)),
+                compress: corral_sync::compression::Compress::Auto,
             };
             let serve_opts = match &dest {
                 Dest::Local(p) => ServeOptions {

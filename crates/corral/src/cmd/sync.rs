@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use anyhow::Context;
 use corral_model::{Event, Outcome, Source, UnixMillis};
 use corral_store::{Recorder, RecorderConfig};
+use corral_sync::compression::Compress;
 use corral_sync::filter::{PathFilter, RulesFilter};
 use corral_sync::proto::{Framed, RunOptions};
 use corral_sync::session::{Progress, PushOptions, PushResult, ServeOptions};
@@ -160,6 +161,10 @@ pub(crate) struct PushArgs {
     /// Print the result as one JSON object.
     #[arg(long)]
     json: bool,
+    /// File data on the wire: auto (compressed for a small plan; for a large one, measure
+    /// compressed and raw throughput as it sends and keep the faster), always or never.
+    #[arg(long, value_name = "WHEN", default_value = "auto")]
+    compress: Compress,
     #[command(flatten)]
     filters: FilterArgs,
     #[command(flatten)]
@@ -208,6 +213,10 @@ pub(crate) struct RunArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// File data on the wire: auto, always or never (see `corral sync push --help`;
+    /// default: the tree's `[ssh] compress`, else auto).
+    #[arg(long, value_name = "WHEN")]
+    compress: Option<Compress>,
 }
 
 /// Arguments of `corral sync serve`.
@@ -486,6 +495,7 @@ fn push(a: PushArgs, global: &Global) -> anyhow::Result<Code> {
             numeric_ids: a.numeric_ids,
         },
         cache: Some(corral_sync::scan::default_cache(&a.src)),
+        compress: a.compress,
     };
     let serve_opts = match &dest {
         Dest::Local(p) => ServeOptions {
@@ -520,6 +530,8 @@ fn push(a: PushArgs, global: &Global) -> anyhow::Result<Code> {
                 "master_scan": r.master_scan,
                 "bytes_sent": r.bytes_out,
                 "bytes_received": r.bytes_in,
+                "compression": r.compression,
+                "compression_summary": r.compression.to_string(),
                 "seconds": secs,
             }))?
         );
@@ -550,7 +562,7 @@ fn push(a: PushArgs, global: &Global) -> anyhow::Result<Code> {
 
 fn summary(dest: &str, r: &PushResult, secs: f64, dry: bool) {
     eprintln!(
-        "{dest}: {} change(s){}, {} file(s) written, {} bytes sent, {} data bytes, {} reused, {} cloned, {} failed, {secs:.2}s",
+        "{dest}: {} change(s){}, {} file(s) written, {} bytes sent, {} data bytes, {} reused, {} cloned, {} failed, {secs:.2}s{}",
         r.plan.items.len(),
         if dry { " (dry run)" } else { "" },
         r.report.files_written,
@@ -559,6 +571,11 @@ fn summary(dest: &str, r: &PushResult, secs: f64, dry: bool) {
         r.report.reused_bytes,
         r.report.cloned_bytes,
         r.report.failed.len(),
+        if dry || r.compression.last.is_none() {
+            String::new()
+        } else {
+            format!(", data {}", r.compression)
+        },
     );
 }
 
@@ -577,6 +594,10 @@ pub(crate) struct HostReport {
     pub(crate) changes: Vec<corral_sync::planner::Item>,
     pub(crate) report: Option<corral_sync::proto::Report>,
     pub(crate) bytes_sent: u64,
+    /// How file data was encoded, and why (absent when nothing was sent, or from an older
+    /// corral).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) compression: Option<String>,
     pub(crate) children: Vec<HostReport>,
 }
 
@@ -757,6 +778,7 @@ fn run_tree(a: RunArgs, global: &Global) -> anyhow::Result<Code> {
             changes: Vec::new(),
             report: None,
             bytes_sent: 0,
+            compression: None,
             children: Vec::new(),
         };
         let r = (|| -> anyhow::Result<PushResult> {
@@ -773,6 +795,11 @@ fn run_tree(a: RunArgs, global: &Global) -> anyhow::Result<Code> {
                     ..RunOptions::default()
                 },
                 cache: Some(corral_sync::scan::default_cache(&tree.source)),
+                compress: a.compress.unwrap_or(match tree.compress {
+                    corral_site::TreeCompress::Auto => Compress::Auto,
+                    corral_site::TreeCompress::Always => Compress::Always,
+                    corral_site::TreeCompress::Never => Compress::Never,
+                }),
             };
             let serve_opts = match &dest {
                 Dest::Local(p) => {
@@ -800,6 +827,7 @@ fn run_tree(a: RunArgs, global: &Global) -> anyhow::Result<Code> {
         match r {
             Ok(r) => {
                 rep.bytes_sent = r.bytes_out;
+                rep.compression = r.compression.last.map(|_| r.compression.to_string());
                 rep.changes = r.plan.items.clone();
                 if r.report.failed.is_empty() {
                     rep.status = if r.plan.items.is_empty() {

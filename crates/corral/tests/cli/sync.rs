@@ -500,3 +500,96 @@ fn sync_over_real_sshd_with_forced_command_key() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out).1);
     assert!(!ssh_ctl("check").status.success(), "a connection was kept");
 }
+
+/// `--compress never`, `always` and `auto` give byte-identical trees; `never` sends more
+/// bytes than `always` for compressible data, and `auto` on a plan large enough to probe
+/// switches between the two as it measures (the JSON says where it stood).
+#[test]
+fn sync_push_compress_modes_give_identical_trees() {
+    let t = tempfile::tempdir().unwrap();
+    let m = t.path().join("m");
+    // 72 MiB: above auto's 64 MiB threshold, so its probe runs (compressed 0-32 MiB, then
+    // raw): half text-like, half random, in 2 MiB files (chunked) and small ones.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rnd = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for i in 0..36 {
+        let mut data = Vec::with_capacity(2 << 20);
+        while data.len() < 2 << 20 {
+            if i % 2 == 0 {
+                data.extend_from_slice(format!("line {} of file {i}\n", rnd() % 1000).as_bytes());
+            } else {
+                data.extend_from_slice(&rnd().to_le_bytes());
+            }
+        }
+        write(&m.join(format!("big/{i}.bin")), &data);
+    }
+    for i in 0..300 {
+        let n = 100 + (rnd() % 20_000) as usize;
+        let data: Vec<u8> = (0..n).map(|j| b"abcdefgh\n"[(j + i) % 9]).collect();
+        write(&m.join(format!("small/{}/{i}.txt", i % 7)), &data);
+    }
+    let want = files(&m, "");
+    let mut sent = std::collections::HashMap::new();
+    for mode in ["never", "always", "auto"] {
+        let c = t.path().join(format!("c-{mode}"));
+        std::fs::create_dir_all(&c).unwrap();
+        let out = corral_state(
+            t.path(),
+            &[
+                "sync",
+                "push",
+                m.to_str().unwrap(),
+                c.to_str().unwrap(),
+                "--no-fsync",
+                "--json",
+                &format!("--compress={mode}"),
+            ],
+        );
+        assert_eq!(out.status.code(), Some(0), "{mode}: {}", text(&out).1);
+        assert_eq!(files(&c, ""), want, "{mode}: trees differ");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let comp = &v["compression"];
+        assert_eq!(comp["policy"], mode, "{v}");
+        assert!(comp["planned"].as_u64().unwrap() >= 72 << 20, "{v}");
+        let summary = v["compression_summary"].as_str().unwrap();
+        match mode {
+            "never" => assert_eq!(summary, "raw (never)"),
+            "always" => assert_eq!(summary, "zstd (always)"),
+            _ => {
+                // Past the first (compressed) window, in the raw ones, when the run ended.
+                assert_eq!(comp["last"], "raw", "{v}");
+                assert!(
+                    summary.contains("ended before a probe finished"),
+                    "{summary}"
+                );
+            }
+        }
+        sent.insert(mode, v["bytes_sent"].as_u64().unwrap());
+    }
+    assert!(
+        sent["never"] > sent["always"] + (8 << 20),
+        "compressible data shrinks: {sent:?}"
+    );
+    assert!(
+        sent["auto"] > sent["always"] && sent["auto"] < sent["never"],
+        "auto compressed part of the data: {sent:?}"
+    );
+    // Not a flag value: refused with the choices.
+    let out = corral_state(
+        t.path(),
+        &[
+            "sync",
+            "push",
+            m.to_str().unwrap(),
+            "/nonexistent-x",
+            "--compress=fast",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).1.contains("never"), "{}", text(&out).1);
+}
