@@ -21,6 +21,8 @@
 
 use std::collections::HashMap;
 
+use rayon::prelude::*;
+
 use crate::manifest::{Entry, Manifest, path_order};
 
 /// A range digest: the first 8 bytes of a keyed BLAKE3 hash of the range's entries.
@@ -68,12 +70,19 @@ pub fn is_boundary(path: &str, k: u32) -> bool {
     v % u64::from(k.max(1)) == 0
 }
 
-/// Cuts sorted entries into ranges: start indices, one per range.
+/// Cuts sorted entries into ranges: start indices, one per range (in order; the paths are
+/// hashed on rayon's pool).
 pub fn cut(entries: &[Entry], k: u32) -> Vec<usize> {
     (0..entries.len())
+        .into_par_iter()
+        .with_min_len(PAR_MIN)
         .filter(|&i| i == 0 || is_boundary(&entries[i].path, k))
         .collect()
 }
+
+/// Least items per rayon task in [`cut`] and the digests (a no-change run of 50,000 entries
+/// waits for both ends' digests: they are spread over the cores).
+const PAR_MIN: usize = 1024;
 
 fn spans(starts: &[usize], len: usize) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
     starts
@@ -104,8 +113,20 @@ pub fn digest(key: &[u8; 32], entries: &[Entry]) -> Digest {
 /// The master's side: one digest per range of its sorted entries.
 pub fn digests(key: &[u8; 32], entries: &[Entry], k: u32) -> Vec<Digest> {
     let starts = cut(entries, k);
-    spans(&starts, entries.len())
-        .map(|r| digest(key, &entries[r]))
+    let ranges: Vec<std::ops::Range<usize>> = spans(&starts, entries.len()).collect();
+    par_digests(key, entries, &ranges)
+}
+
+/// The digests of `ranges` of `entries`, in order, on rayon's pool.
+fn par_digests(
+    key: &[u8; 32],
+    entries: &[Entry],
+    ranges: &[std::ops::Range<usize>],
+) -> Vec<Digest> {
+    ranges
+        .par_iter()
+        .with_min_len(PAR_MIN / RANGE_K as usize)
+        .map(|r| digest(key, &entries[r.clone()]))
         .collect()
 }
 
@@ -131,14 +152,29 @@ pub fn answer(
     let mut bits = vec![0u8; master.len().div_ceil(8)];
     let mut listed = Vec::new();
     let starts = cut(child, k);
-    for r in spans(&starts, child.len()) {
-        let d = digest(key, &child[r.clone()]);
+    let ranges: Vec<std::ops::Range<usize>> = spans(&starts, child.len()).collect();
+    let ds = par_digests(key, child, &ranges);
+    for (r, d) in ranges.into_iter().zip(ds) {
         match index.remove(&d) {
             Some(i) => bits[i / 8] |= 1 << (i % 8),
             None => listed.extend_from_slice(&child[r]),
         }
     }
     Ok((bits, listed))
+}
+
+/// Whether `bits` is the bitmap of a child that holds all of `n` ranges (every bit set, no
+/// bit past the `n`th).
+pub fn all_held(bits: &[u8], n: usize) -> bool {
+    bits.len() == n.div_ceil(8)
+        && bits.iter().enumerate().all(|(i, &b)| {
+            let want = if (i + 1) * 8 <= n {
+                0xff
+            } else {
+                (1u8 << (n % 8)) - 1
+            };
+            b == want
+        })
 }
 
 /// The master's side: the child's manifest from the master's sorted entries, the child's
@@ -163,6 +199,19 @@ pub fn rebuild(
     }
     if listed.len() > MAX_LISTED {
         return Err(RangeError::TooMany(MAX_LISTED));
+    }
+    // The child holds every range and lists nothing (a no-change run): its manifest is the
+    // master's, as the general path below would rebuild it (master entries strictly in
+    // order: no path twice).
+    if listed.is_empty()
+        && all_held(bits, n)
+        && master
+            .windows(2)
+            .all(|w| path_order(&w[0].path, &w[1].path).is_lt())
+    {
+        return Ok(Manifest {
+            entries: master.to_vec(),
+        });
     }
     // (entry, the master range it comes from; None: listed by the child).
     let mut all: Vec<(Entry, Option<usize>)> = listed.into_iter().map(|e| (e, None)).collect();
@@ -381,6 +430,24 @@ mod tests {
             bits.iter().map(|b| b.count_ones()).sum::<u32>() as usize,
             ds.len()
         );
+        assert!(all_held(&bits, ds.len()));
+        assert!(!all_held(&bits[1..], ds.len()));
+        let r = ds.len();
+        let mut padded = vec![0xffu8; r.div_ceil(8)];
+        assert_eq!(all_held(&padded, r), r % 8 == 0);
+        padded[0] = 0xfe;
+        assert!(!all_held(&padded, r));
+        assert!(all_held(&[0b111], 3) && !all_held(&[0b1111], 3) && !all_held(&[0b101], 3));
+        assert!(all_held(&[], 0));
+        // Every range held, nothing listed: the child's manifest is the master's.
+        let got = rebuild(&master.entries, RANGE_K, &bits, listed).unwrap();
+        assert_eq!(got, master);
+        // One range not held and not listed: the child lacks those entries.
+        let mut partial = bits.clone();
+        partial[0] &= !1;
+        let got = rebuild(&master.entries, RANGE_K, &partial, Vec::new()).unwrap();
+        let first = cut(&master.entries, RANGE_K)[1];
+        assert_eq!(got.entries, master.entries[first..]);
         // A same-size edit with the mtime put back changes only the content hash.
         let mut child = master.clone();
         let i = child

@@ -170,8 +170,9 @@ fn serve_inner<W: Write>(
     options: &RunOptions,
 ) -> Result<(), SyncError> {
     // The receiver (its index of the child's chunks) is built from the child's manifest when
-    // the first step, signature request or `Finish` needs it: a dry run (`corral drift`)
-    // ends with `Bye` and never builds it.
+    // the first step or signature request needs it (or the `Finish` of a backup run): a dry
+    // run (`corral drift`) ends with `Bye` and a run with nothing to do ends with `Finish`,
+    // and neither builds it.
     let mut scanned: Option<Manifest> = None;
     let mut recv: Option<Receiver> = None;
     let receiver =
@@ -202,6 +203,7 @@ fn serve_inner<W: Write>(
         };
         match m {
             Message::Scan => {
+                let t0 = std::time::Instant::now();
                 // Interrupted in-place updates are rolled back before anything reads the tree.
                 crate::journal::recover_path(root, !opts.no_fsync)?;
                 let mut skip = vec![crate::journal::DIR.to_string()];
@@ -218,14 +220,16 @@ fn serve_inner<W: Write>(
                 )?;
                 let mut child = child;
                 child.sort();
+                tracing::debug!(ms = ms(t0), entries = child.entries.len(), "serve: scanned");
                 if child.entries.len() <= WHOLE_MAX {
                     // Small (a new destination): all of it at once, no range exchange.
                     send_entries(framed, &child.entries)?;
                 } else {
                     framed.send(&Message::RangesWanted)?;
                     framed.flush()?;
-                    answer_ranges(inbox, framed, &child)?;
+                    answer_ranges(inbox, framed, &child, t0)?;
                 }
+                tracing::debug!(ms = ms(t0), "serve: manifest sent");
                 recv = None;
                 scanned = Some(child);
             }
@@ -285,7 +289,13 @@ fn serve_inner<W: Write>(
                 framed.flush()?;
             }
             Message::Finish => {
-                receiver(&mut recv, &scanned)?;
+                // A run with no step and no signature request built no receiver and needs
+                // none: nothing was written, so there is nothing to make durable or to add
+                // to the cache, and the report is empty. Only a backup run must still
+                // record its (empty) journal.
+                if options.backup.is_some() {
+                    receiver(&mut recv, &scanned)?;
+                }
                 let report = match recv.as_mut() {
                     Some(r) => {
                         r.finish()?;
@@ -363,6 +373,7 @@ fn answer_ranges<W: Write>(
     inbox: &mut Inbox,
     framed: &mut Framed<std::io::Empty, W>,
     child: &Manifest,
+    t0: std::time::Instant,
 ) -> Result<(), SyncError> {
     let mut digests = Vec::new();
     let (key, k) = loop {
@@ -381,6 +392,11 @@ fn answer_ranges<W: Write>(
             m => return Err(unexpected(&m)),
         }
     };
+    tracing::debug!(
+        ms = ms(t0),
+        ranges = digests.len(),
+        "serve: range digests received"
+    );
     let (held, listed) = crate::ranges::answer(&key, k, &digests, &child.entries)
         .map_err(|e| ProtoError::Decode(e.to_string()))?;
     framed.send(&Message::Held(held))?;
@@ -457,16 +473,34 @@ pub fn fetch_manifest<R: Read, W: Write>(
     framed: &mut Framed<R, W>,
     master: &Manifest,
 ) -> Result<Manifest, SyncError> {
+    Ok(fetch_child(framed, master)?.unwrap_or_else(|| master.clone()))
+}
+
+/// [`fetch_manifest`], with `None` when the child's manifest is the master's (it holds every
+/// range and lists nothing: a no-change run), which saves copying 50,000 entries.
+fn fetch_child<R: Read, W: Write>(
+    framed: &mut Framed<R, W>,
+    master: &Manifest,
+) -> Result<Option<Manifest>, SyncError> {
+    let t0 = std::time::Instant::now();
     let key = digest_key()?;
     let k = crate::ranges::RANGE_K;
     let digests = crate::ranges::digests(&key, &master.entries, k);
+    tracing::debug!(
+        ms = ms(t0),
+        ranges = digests.len(),
+        "push: range digests computed"
+    );
     for b in digests.chunks(DIGEST_BATCH) {
         framed.send(&Message::RangeDigests(b.to_vec()))?;
     }
     framed.send(&Message::RangesEnd { key, k })?;
     framed.flush()?;
     let held = match framed.recv()? {
-        Message::Held(h) => h,
+        Message::Held(h) => {
+            tracing::debug!(ms = ms(t0), "push: child's bitmap received");
+            h
+        }
         Message::Error(e) => return Err(SyncError::Remote(e)),
         m => return Err(unexpected(&m)),
     };
@@ -486,7 +520,23 @@ pub fn fetch_manifest<R: Read, W: Write>(
             m => return Err(unexpected(&m)),
         }
     }
-    crate::ranges::rebuild(&master.entries, k, &held, listed).map_err(bad_answer)
+    let same = listed.is_empty()
+        && crate::ranges::all_held(&held, digests.len())
+        && master
+            .entries
+            .windows(2)
+            .all(|w| crate::manifest::path_order(&w[0].path, &w[1].path).is_lt());
+    if same {
+        return Ok(None);
+    }
+    crate::ranges::rebuild(&master.entries, k, &held, listed)
+        .map(Some)
+        .map_err(bad_answer)
+}
+
+/// Milliseconds since `t0` (phase timings in debug logs).
+fn ms(t0: std::time::Instant) -> f64 {
+    t0.elapsed().as_secs_f64() * 1e3
 }
 
 fn bad_answer(e: crate::ranges::RangeError) -> SyncError {
@@ -540,6 +590,7 @@ pub fn push<R: Read, W: Write>(
     opts: &PushOptions,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<PushResult, SyncError> {
+    let t0 = std::time::Instant::now();
     let mut skip = Vec::new();
     if let Some((d, _)) = &opts.run.backup {
         skip.push(d.clone());
@@ -558,10 +609,14 @@ pub fn push<R: Read, W: Write>(
     let (answer, scanned) = std::thread::scope(|s| {
         let scanner = s.spawn(|| {
             let walked = walk(src, &scan_opts)?;
-            walked
-                .hash(&|p: &str| !opts.dry_run && child_paths.get().is_some_and(|c| !c.contains(p)))
+            let r = walked.hash(&|p: &str| {
+                !opts.dry_run && child_paths.get().is_some_and(|c| !c.contains(p))
+            });
+            tracing::debug!(ms = ms(t0), "push: master scanned");
+            r
         });
         let answer = hello_and_scan(framed, &opts.run).and_then(|()| child_answer(framed));
+        tracing::debug!(ms = ms(t0), "push: child answered");
         if let Ok(ChildAnswer::Whole(m)) = &answer {
             let _ = child_paths.set(m.entries.iter().map(|e| e.path.clone()).collect());
         }
@@ -573,11 +628,14 @@ pub fn push<R: Read, W: Write>(
     let answer = answer?;
     let (mut master, master_scan, deferred) = scanned?;
     master.sort();
-    let child = match answer {
-        ChildAnswer::Whole(m) => m,
-        ChildAnswer::Ranges => fetch_manifest(framed, &master)?,
+    let fetched = match answer {
+        ChildAnswer::Whole(m) => Some(m),
+        ChildAnswer::Ranges => fetch_child(framed, &master)?,
     };
-    let mut p = plan(&master, &child, filter, &opts.plan);
+    let child = fetched.as_ref().unwrap_or(&master);
+    tracing::debug!(ms = ms(t0), "push: child manifest");
+    let mut p = plan(&master, child, filter, &opts.plan);
+    tracing::debug!(ms = ms(t0), ops = p.ops.len(), "push: planned");
     let mut result = PushResult {
         master_scan,
         ..PushResult::default()
@@ -602,7 +660,7 @@ pub fn push<R: Read, W: Write>(
         .filter_map(|e| e.content.as_ref())
         .flat_map(|c| c.chunk_list().into_iter().map(|(_, c)| c.hash))
         .collect();
-    let sigs = fetch_signatures(framed, &p, &child, &have)?;
+    let sigs = fetch_signatures(framed, &p, child, &have)?;
     let size_of = |op: &Op| match op {
         Op::Write(e) => deferred
             .get(e.path.as_str())
@@ -695,7 +753,10 @@ pub fn push<R: Read, W: Write>(
         crate::scan::cache_add_keyed(c, keep);
     }
     let report = match framed.recv()? {
-        Message::Report(r) => r,
+        Message::Report(r) => {
+            tracing::debug!(ms = ms(t0), "push: report received");
+            r
+        }
         Message::Error(e) => return Err(SyncError::Remote(e)),
         m => return Err(unexpected(&m)),
     };
@@ -904,6 +965,10 @@ fn fetch_signatures<R: Read, W: Write>(
     let small = |c: &crate::manifest::Content| {
         c.chunks.is_empty() && c.size >= DELTA_MIN && c.size <= crate::manifest::CHUNK_THRESHOLD
     };
+    // A plan that writes nothing asks for nothing (and needs no index of the child's files).
+    if !p.ops.iter().any(|o| matches!(o, Op::Write(_))) {
+        return Ok(std::collections::HashMap::new());
+    }
     let old: std::collections::HashMap<&str, &crate::manifest::Content> = child
         .entries
         .iter()
