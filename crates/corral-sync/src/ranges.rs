@@ -434,7 +434,7 @@ mod tests {
         assert!(!all_held(&bits[1..], ds.len()));
         let r = ds.len();
         let mut padded = vec![0xffu8; r.div_ceil(8)];
-        assert_eq!(all_held(&padded, r), r % 8 == 0);
+        assert_eq!(all_held(&padded, r), r.is_multiple_of(8));
         padded[0] = 0xfe;
         assert!(!all_held(&padded, r));
         assert!(all_held(&[0b111], 3) && !all_held(&[0b1111], 3) && !all_held(&[0b101], 3));
