@@ -23,8 +23,9 @@
 //! rebuilding it in a temporary file would write all of it. Such a file (at least
 //! [`IN_PLACE_MIN`], less than `1/`[`IN_PLACE_FRACTION`] of it changed, one link, still as
 //! scanned, no `--backup-dir`, no changed chunk read back from an overwritten part of itself)
-//! is updated in place behind an undo journal ([`crate::journal`]): old bytes journaled and
-//! synced first, then only the 4 KiB blocks that differ are written, size and metadata set,
+//! is updated in place behind an undo journal ([`crate::journal`]): the new bytes of the
+//! changed chunks are pulled first (up to [`PULL_MAX`]), the old bytes of only the 4 KiB pages
+//! that differ journaled and synced, then those pages written, size and metadata set,
 //! the file synced and the journal removed. A failure rolls the file back from the journal
 //! at once; a crash leaves the journal for [`crate::journal::recover`], which the receiver
 //! runs before its scan. `report.bytes_written` counts the journal's bytes as well, and
@@ -139,6 +140,21 @@ struct InPlace {
     /// Size before the update.
     old_size: u64,
 }
+
+/// A changed chunk of an in-place update, pulled before the file is touched.
+struct Pulled {
+    /// Offset in the new file.
+    off: u64,
+    hash: Hash,
+    bytes: Vec<u8>,
+    /// Sent by the master (not read from the child's own files).
+    streamed: bool,
+}
+
+/// An in-place update changing at most this many bytes (in whole chunks) pulls them into
+/// memory first, then journals and writes only the 4 KiB pages that differ; a larger one
+/// journals the changed chunks whole.
+pub const PULL_MAX: u64 = 64 << 20;
 
 const RETAIN_MAX: usize = 256;
 
@@ -549,11 +565,58 @@ impl Receiver {
                 return Err(err);
             }
         };
-        if let Some(ip) = self.in_place_plan(e, &content, &chunks, &dir, &name)
-            && let Some((jdir, jname, jbytes)) = self.start_journal(e, &content, &ip)
-        {
-            return self.write_in_place(e, content, &chunks, ip, jdir, &jname, jbytes, data);
+        let mut replay: Option<std::vec::IntoIter<Pulled>> = None;
+        if let Some(mut ip) = self.in_place_plan(e, &content, &chunks, &dir, &name) {
+            let changed: u64 = ip.changed.iter().map(|(_, l)| l).sum();
+            if changed <= PULL_MAX {
+                // The new bytes first: then only the pages that differ are journaled and
+                // written (a 4 KiB edit journals 4-8 KiB, not its whole chunk).
+                let pulled = self.pull_changed(e, &chunks, &ip, data)?;
+                let new: Vec<(u64, &[u8])> =
+                    pulled.iter().map(|p| (p.off, p.bytes.as_slice())).collect();
+                let runs = differing_runs(&ip.f, &new, ip.old_size)
+                    .map_err(|x| errno("read old bytes", &e.path, x))?;
+                ip.changed = runs.iter().map(|(o, b)| (*o, b.len() as u64)).collect();
+                if let Some((jdir, jname, jbytes)) = self.start_journal(e, &content, &ip) {
+                    return self.write_in_place(
+                        e,
+                        content,
+                        ip,
+                        jdir,
+                        &jname,
+                        jbytes,
+                        |r, ip, w| r.write_runs(e, ip, &runs, w),
+                    );
+                }
+                // No journal: the temporary-file path below takes the streamed chunks from
+                // what was pulled.
+                replay = Some(
+                    pulled
+                        .into_iter()
+                        .filter(|p| p.streamed)
+                        .collect::<Vec<_>>()
+                        .into_iter(),
+                );
+            } else if let Some((jdir, jname, jbytes)) = self.start_journal(e, &content, &ip) {
+                return self.write_in_place(e, content, ip, jdir, &jname, jbytes, |r, ip, w| {
+                    r.fill_in_place(e, &chunks, ip, w, data)
+                });
+            }
         }
+        let mut from_pulled;
+        let data: &mut DataSource<'_> = match replay {
+            Some(mut q) => {
+                from_pulled = move |h: &Hash, _: u32| match q.next() {
+                    Some(p) if p.hash == *h => Ok(Incoming::Bytes(p.bytes)),
+                    _ => Err(SyncError::SourceChanged(format!(
+                        "{} (chunks pulled for an in-place update do not match)",
+                        e.path
+                    ))),
+                };
+                &mut from_pulled
+            }
+            None => data,
+        };
         let tmp = self.temp_name(&name);
         let f = rustix::fs::openat(
             &dir,
@@ -789,18 +852,20 @@ impl Receiver {
         &mut self,
         e: &Entry,
         content: Content,
-        chunks: &[(u64, crate::manifest::Chunk)],
         ip: InPlace,
         jdir: OwnedFd,
         jname: &str,
         jbytes: u64,
-        data: &mut DataSource<'_>,
+        fill: impl FnOnce(&mut Self, &InPlace, &mut u64) -> Result<(), SyncError>,
     ) -> Result<(), SyncError> {
         let mut written = 0u64;
-        let r = self.fill_in_place(e, chunks, &ip, &mut written, data);
+        let r = fill(self, &ip, &mut written);
         let r = r.and_then(|()| {
             rustix::fs::ftruncate(&ip.f, content.size)
                 .map_err(|x| errno("truncate", &e.path, x))?;
+            if content.size < ip.old_size {
+                self.step_done();
+            }
             self.set_meta_fd(&ip.f, &e.path, &e.meta)?;
             if self.opts.fsync {
                 rustix::fs::fsync(&ip.f).map_err(|x| errno("fsync", &e.path, x))?;
@@ -833,7 +898,95 @@ impl Receiver {
         Ok(())
     }
 
-    /// Writes the changed chunks of an in-place update. Every chunk is pulled from the
+    /// Pulls the new bytes of the changed chunks of an in-place update (from the stream or
+    /// from elsewhere on the child), before anything is journaled or written. Every chunk is
+    /// pulled from the stream even after a failure, so the stream stays in step with the
+    /// master; a failure leaves the file untouched.
+    fn pull_changed(
+        &mut self,
+        e: &Entry,
+        chunks: &[(u64, crate::manifest::Chunk)],
+        ip: &InPlace,
+        data: &mut DataSource<'_>,
+    ) -> Result<Vec<Pulled>, SyncError> {
+        let mut first_err = None;
+        let mut out = Vec::new();
+        for (off, c) in chunks {
+            if !ip.changed.iter().any(|(o, l)| *off >= *o && *off < o + l) {
+                continue;
+            }
+            let (bytes, streamed) = match self.index.get(&c.hash).cloned() {
+                Some((p, o, l)) => {
+                    match self.read_local(&p, o, l).filter(|b| Hash::of(b) == c.hash) {
+                        Some(b) => {
+                            self.report.reused_bytes += b.len() as u64;
+                            (b, false)
+                        }
+                        None => {
+                            first_err.get_or_insert(SyncError::SourceChanged(format!(
+                                "{} (chunk source {p} on the child)",
+                                e.path
+                            )));
+                            continue;
+                        }
+                    }
+                }
+                None => match data(&c.hash, c.len)? {
+                    Incoming::Bytes(b) => {
+                        self.report.literal_bytes += b.len() as u64;
+                        (b, true)
+                    }
+                    Incoming::Delta { .. } => {
+                        // Deltas are made only for one-chunk files, which are never in place.
+                        first_err.get_or_insert(SyncError::SourceChanged(format!(
+                            "{} (a delta for a chunk of a large file)",
+                            e.path
+                        )));
+                        continue;
+                    }
+                },
+            };
+            out.push(Pulled {
+                off: *off,
+                hash: c.hash,
+                bytes,
+                streamed,
+            });
+        }
+        match first_err {
+            Some(err) => Err(err),
+            None => Ok(out),
+        }
+    }
+
+    /// Writes the runs of an in-place update (once their old bytes are journaled).
+    fn write_runs(
+        &mut self,
+        e: &Entry,
+        ip: &InPlace,
+        runs: &[(u64, Vec<u8>)],
+        written: &mut u64,
+    ) -> Result<(), SyncError> {
+        for (off, b) in runs {
+            write_at(&ip.f, b, *off, false).map_err(|x| errno("write", &e.path, x))?;
+            *written += b.len() as u64;
+            self.step_done();
+        }
+        Ok(())
+    }
+
+    /// Counts a step of an in-place update (a run written, a shrink's cut) for the test hook
+    /// `CORRAL_SYNC_CRASH_AFTER_EXTENTS`, which dies like a killed receiver after that many,
+    /// the journal and a half-updated file left.
+    fn step_done(&mut self) {
+        self.extents_written += 1;
+        if self.crash_after == Some(self.extents_written) {
+            std::process::abort();
+        }
+    }
+
+    /// Writes the changed chunks of an in-place update too large to pull first
+    /// ([`PULL_MAX`]). Every chunk is pulled from the
     /// stream even after a failure, so the stream stays in step with the master.
     fn fill_in_place(
         &mut self,
@@ -889,11 +1042,7 @@ impl Receiver {
                     continue;
                 }
             }
-            self.extents_written += 1;
-            if self.crash_after == Some(self.extents_written) {
-                // Test hook: die like a killed receiver, journal and half-written file left.
-                std::process::abort();
-            }
+            self.step_done();
         }
         match first_err {
             Some(err) => Err(err),
@@ -1294,6 +1443,39 @@ fn write_changed_blocks(f: &OwnedFd, buf: &[u8], off: u64, old_size: u64) -> Res
         i = (i + BLOCK).min(buf.len());
     }
     Ok(written)
+}
+
+/// The 4 KiB pages (aligned in the file) of the new bytes `new` (offset, bytes; ascending
+/// offsets) that differ from the file `f` of `old_size` bytes, merged into runs of new bytes:
+/// what an in-place update journals (the old bytes, up to `old_size`) and then writes.
+fn differing_runs(
+    f: &OwnedFd,
+    new: &[(u64, &[u8])],
+    old_size: u64,
+) -> Result<Vec<(u64, Vec<u8>)>, Errno> {
+    const PAGE: u64 = 4096;
+    let mut runs: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut old = vec![0u8; PAGE as usize];
+    for (off, b) in new {
+        let mut i = 0usize;
+        while i < b.len() {
+            let at = off + i as u64;
+            let n = ((PAGE - at % PAGE) as usize).min(b.len() - i);
+            let piece = &b[i..i + n];
+            let same = at + n as u64 <= old_size && {
+                read_exact_at(f, &mut old[..n], at)?;
+                old[..n] == *piece
+            };
+            if !same {
+                match runs.last_mut() {
+                    Some((o, r)) if *o + r.len() as u64 == at => r.extend_from_slice(piece),
+                    _ => runs.push((at, piece.to_vec())),
+                }
+            }
+            i += n;
+        }
+    }
+    Ok(runs)
 }
 
 fn read_exact_at(f: &OwnedFd, mut buf: &mut [u8], mut off: u64) -> Result<(), Errno> {
