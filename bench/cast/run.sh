@@ -28,6 +28,7 @@
 # the namespace names, so that two runs with different TAG and WORK can coexist. NO_PEER=1
 # skips UDPcast (exploratory runs only: reported figures need the peer in the same run).
 # SENDER_NICE=n runs corral's sender under `nice -n n` (an experiment on this shared machine).
+# DROP_CACHES=0 skips the `sync; echo 3 > /proc/sys/vm/drop_caches` before each tool's run.
 # RECEIVER_SCHED=batch runs corral's receivers under SCHED_BATCH (`chrt -b 0`: no wake-up
 # preemption of the running task; an experiment).
 #
@@ -129,6 +130,9 @@ run_tool() {
     [ "$sc" = kill ] && tmo=$KILL_TIMEOUT
     rm -rf "$dir"
     mkdir -p "$dir"
+    # Start every run from the same memory state: after another bench (a sync run leaves GBs
+    # of dirty data) writeback took 9-12 CPU-s of a 3.7 s N=8 run and doubled its time.
+    if [ "${DROP_CACHES:-1}" = 1 ]; then sync; echo 3 > /proc/sys/vm/drop_caches; fi
     local pids=()
     local rcmd1=
     for i in $(seq 1 "$n"); do
