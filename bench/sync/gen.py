@@ -6,6 +6,8 @@
     gen.py image DEST [--seed N] [--scale S]   make DEST/image.img (1 GiB at scale 1)
     gen.py image-edit FILE [--seed N] [--bytes B] [--pieces K]
                                                overwrite B bytes in K scattered places
+    gen.py undo UNDO                           put back what `change`/`image-edit --undo UNDO`
+                                               edited (bytes and mtimes), then remove UNDO
 
 At scale 1 the tree holds 50,000 files from 1 KiB to 1 MiB (75% 1-16 KiB, 20% 16-256 KiB,
 5% 256 KiB-1 MiB; about 3.2 GB) in about 500 directories, half of them text-like
@@ -14,6 +16,7 @@ seed and the scale. SCALE multiplies the file count and the image size.
 """
 
 import argparse
+import json
 import os
 import random
 import sys
@@ -100,18 +103,54 @@ def cmd_change(a):
     )
     rng = random.Random(f"change:{a.seed}")
     n = max(1, round(len(files) * a.percent / 100))
-    changed = 0
+    edits = []
     for rel in rng.sample(files, n):
         path = os.path.join(a.dest, rel)
         size = os.path.getsize(path)
         off = rng.randrange(max(1, size - 64))
+        edits.append((path, off, rng.randbytes(min(64, size))))
+    apply_edits(edits, a.undo)
+    print(f"change: edited 64 bytes in {len(edits)} of {len(files)} files", file=sys.stderr)
+
+
+def apply_edits(edits, undo):
+    """Writes each (path, offset, bytes) in place and moves the file's mtime on by 1 s. With
+    `undo`, first records (durably) the old bytes and times, so `gen.py undo` puts them back
+    even after an interrupted run: the tree need not be generated again."""
+    if undo:
+        old = []
+        for path, off, data in edits:
+            st = os.stat(path)
+            with open(path, "rb") as f:
+                f.seek(off)
+                old.append({"path": os.path.abspath(path), "offset": off,
+                            "bytes": f.read(len(data)).hex(),
+                            "atime_ns": st.st_atime_ns, "mtime_ns": st.st_mtime_ns})
+        tmp = undo + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(old, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, undo)
+    for path, off, data in edits:
         with open(path, "r+b") as f:
             f.seek(off)
-            f.write(rng.randbytes(min(64, size)))
+            f.write(data)
         st = os.stat(path)
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
-        changed += 1
-    print(f"change: edited 64 bytes in {changed} of {len(files)} files", file=sys.stderr)
+
+
+def cmd_undo(a):
+    with open(a.undo) as f:
+        old = json.load(f)
+    # Reversed: where one file was edited twice, the first record holds the original bytes.
+    for e in reversed(old):
+        with open(e["path"], "r+b") as f:
+            f.seek(e["offset"])
+            f.write(bytes.fromhex(e["bytes"]))
+        os.utime(e["path"], ns=(e["atime_ns"], e["mtime_ns"]))
+    os.remove(a.undo)
+    print(f"undo: restored {len(old)} edits from {a.undo}", file=sys.stderr)
 
 
 def cmd_image(a):
@@ -134,13 +173,11 @@ def cmd_image_edit(a):
     rng = random.Random(f"image-edit:{a.seed}")
     size = os.path.getsize(a.file)
     piece = a.bytes // a.pieces
-    with open(a.file, "r+b") as f:
-        for _ in range(a.pieces):
-            off = rng.randrange(size - piece)
-            f.seek(off)
-            f.write(rng.randbytes(piece))
-    st = os.stat(a.file)
-    os.utime(a.file, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    edits = []
+    for _ in range(a.pieces):
+        off = rng.randrange(size - piece)
+        edits.append((a.file, off, rng.randbytes(piece)))
+    apply_edits(edits, a.undo)
     print(f"image-edit: {a.pieces} x {piece} bytes in {a.file}", file=sys.stderr)
 
 
@@ -155,6 +192,7 @@ def main():
     c.add_argument("dest")
     c.add_argument("--seed", type=int, default=1)
     c.add_argument("--percent", type=float, default=1.0)
+    c.add_argument("--undo", help="record the old bytes here first (for `gen.py undo`)")
     i = sub.add_parser("image")
     i.add_argument("dest")
     i.add_argument("--seed", type=int, default=1)
@@ -164,8 +202,12 @@ def main():
     e.add_argument("--seed", type=int, default=1)
     e.add_argument("--bytes", type=int, default=32 * 1024)
     e.add_argument("--pieces", type=int, default=8)
+    e.add_argument("--undo", help="record the old bytes here first (for `gen.py undo`)")
+    u = sub.add_parser("undo")
+    u.add_argument("undo")
     a = p.parse_args()
-    {"tree": cmd_tree, "change": cmd_change, "image": cmd_image, "image-edit": cmd_image_edit}[a.cmd](a)
+    {"tree": cmd_tree, "change": cmd_change, "image": cmd_image, "image-edit": cmd_image_edit,
+     "undo": cmd_undo}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,11 @@ log() { echo "== $*" >&2; }
 
 # ---- data -----------------------------------------------------------------------------------
 source "$HERE/lib.sh"
+# The 1 % and image steps edit the data in place and put it back at the end (gen.py undo); a
+# run interrupted before that leaves the undo records, applied here.
+for u in "$SRC.undo" "$IMG.undo"; do
+    if [ -e "$u" ]; then python3 "$HERE/gen.py" undo "$u"; fi
+done
 ensure_data tree "$SRC"
 ensure_data image "$IMG"
 NFILES=$(find "$SRC" -type f | wc -l)
@@ -94,6 +99,9 @@ if [ "${SKIP_CORRAL:-0}" != 1 ]; then
     fi
 fi
 # corral over the same ssh (same options, same key); the remote end runs this same binary.
+# Its master-side state (hash cache, ssh control socket) lives in $WORK/state, emptied before
+# the full copy: a first sync of a tree corral has not seen, as rsync's is.
+export CORRAL_STATE_DIR="$WORK/state"
 corral_ssh_args
 corral_push() { "$CORRAL" sync push --delete "${CSSH[@]}" --remote-corral "$CORRAL" "$@" >/dev/null 2>>"$WORK/corral.log"; }
 # The content-verified check is `corral drift` on a tree whose one child is the copy.
@@ -140,7 +148,7 @@ $SSH -oControlPath="$SSHDIR/rsync-ctl-%C" -O exit root@127.0.0.1 2>/dev/null || 
 HAVE_C=$HAVE_CORRAL
 if [ "$HAVE_C" = 1 ]; then
     log "corral: full copy"
-    rm -rf "$DC"; mkdir -p "$DC"; drop_caches
+    rm -rf "$DC" "$CORRAL_STATE_DIR"; mkdir -p "$DC"; drop_caches
     timed corral_push "$SRC/" "root@127.0.0.1:$DC/"; C[full]=$TIMED
     timed corral_push "$SRC/" "root@127.0.0.1:$DC/"
     median3 corral_push "$SRC/" "root@127.0.0.1:$DC/"; C[nochange_warm]=$TIMED
@@ -153,10 +161,9 @@ if [ "$HAVE_C" = 1 ]; then
     timed corral_drift; C[check_cold]=$TIMED
 fi
 
-# ---- 1% changed (the source is regenerated on the next run) ---------------------------------
+# ---- 1% changed (put back at the end of the run) --------------------------------------------
 log "1% of files changed"
-rm -f "$SRC.complete"
-python3 "$HERE/gen.py" change "$SRC" --seed "$SEED" --percent 1
+python3 "$HERE/gen.py" change "$SRC" --seed "$SEED" --percent 1 --undo "$SRC.undo"
 wire_zero
 timed rsync_push --stats "$SRC/" "root@127.0.0.1:$DR/" > "$WORK/rsync-stats.txt"
 R[change_time]=$TIMED; R[change_wire]=$(wire_bytes)
@@ -172,8 +179,7 @@ log "image: first copy"
 for d in "$DR-img" "$DC-img"; do rm -rf "$d"; mkdir -p "$d"; done
 rsync_push "$IMG/" "root@127.0.0.1:$DR-img/"
 if [ "$HAVE_C" = 1 ]; then corral_push "$IMG/" "root@127.0.0.1:$DC-img/"; fi
-rm -f "$IMG.complete"
-python3 "$HERE/gen.py" image-edit "$IMG/image.img" --seed "$SEED"
+python3 "$HERE/gen.py" image-edit "$IMG/image.img" --seed "$SEED" --undo "$IMG.undo"
 log "image: 32 KiB changed"
 wire_zero
 timed rsync_push --rsync-path="python3 $HERE/iowrap.py $WORK/io-rsync rsync" "$IMG/" "root@127.0.0.1:$DR-img/"
@@ -190,6 +196,10 @@ if [ "$HAVE_C" = 1 ]; then
     left=$(rsync -a -c -n -i "$SRC/" "$DC/" | { grep -v '^\.d' || true; } | wc -l)
     [ "$left" -eq 0 ] || { echo "corral copy differs from the source in $left entries" >&2; exit 1; }
 fi
+
+# The data as generated again, for the next run.
+python3 "$HERE/gen.py" undo "$SRC.undo"
+python3 "$HERE/gen.py" undo "$IMG.undo"
 
 # ---- report ---------------------------------------------------------------------------------
 echo
