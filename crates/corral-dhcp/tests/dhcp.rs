@@ -644,36 +644,18 @@ fn perfdhcp_relayed_exchanges() {
     // server picks that network by giaddr.
     let c = net_of(server.ip)[2];
     let giaddr = Ipv4Addr::new(10, 250, c, 1);
-    assert!(
-        Command::new("ip")
-            .args([
-                "-n",
-                &relay.ns,
-                "addr",
-                "add",
-                &format!("{giaddr}/32"),
-                "dev",
-                "eth0"
-            ])
-            .status()
-            .unwrap()
-            .success()
-    );
-    assert!(
-        Command::new("ip")
-            .args([
-                "-n",
-                &server.ns,
-                "route",
-                "add",
-                &format!("10.250.{c}.0/24"),
-                "via",
-                &relay.ip.to_string()
-            ])
-            .status()
-            .unwrap()
-            .success()
-    );
+    relay
+        .ip(&["addr", "add", &format!("{giaddr}/32"), "dev", "eth0"])
+        .unwrap();
+    server
+        .ip(&[
+            "route",
+            "add",
+            &format!("10.250.{c}.0/24"),
+            "via",
+            &relay.ip.to_string(),
+        ])
+        .unwrap();
     let policy = TestPolicy::new(Boot::NoBootFile);
     let running = Running::start(
         &server.ns,

@@ -101,6 +101,14 @@ impl Host {
         c.args(["netns", "exec", &self.ns]).arg(program);
         c
     }
+
+    /// Runs `ip -n NS ARGS...` in this host's namespace, e.g. `host.ip(&["addr", "add",
+    /// "10.250.0.1/32", "dev", "eth0"])`; an error carries the command and its output.
+    pub fn ip(&self, args: &[&str]) -> Result<(), LabError> {
+        let mut v = vec!["-n", self.ns.as_str()];
+        v.extend_from_slice(args);
+        run("ip", &v)
+    }
 }
 
 /// A hub bridge and N hosts, each in its own network namespace. Removed on drop.

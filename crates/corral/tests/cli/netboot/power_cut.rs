@@ -263,18 +263,9 @@ fn dhcp_leases_survive_a_power_cut() {
     let o = relay.ip.octets();
     let guest = Ipv4Addr::new(o[0], o[1], o[2], 200);
     let giaddr = Ipv4Addr::new(10, 251, 0, 1);
-    run(&mut cmd(
-        "ip",
-        &[
-            "-n",
-            &relay.ns,
-            "addr",
-            "add",
-            &format!("{giaddr}/32"),
-            "dev",
-            "eth0",
-        ],
-    ));
+    relay
+        .ip(&["addr", "add", &format!("{giaddr}/32"), "dev", "eth0"])
+        .unwrap();
     let hub = lab.hub();
     run(&mut cmd(
         "ip",
