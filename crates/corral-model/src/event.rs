@@ -1,8 +1,7 @@
 use std::fmt;
 use std::net::IpAddr;
-use std::str::FromStr;
 
-use crate::{MacAddr, ParseError, SessionId};
+use crate::{MacAddr, SessionId};
 
 /// Milliseconds since the Unix epoch, UTC. The store's time axis.
 #[derive(
@@ -85,25 +84,7 @@ impl Source {
     }
 }
 
-impl fmt::Display for Source {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Source {
-    type Err = ParseError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|v| v.as_str() == s)
-            .ok_or_else(|| ParseError::Unknown {
-                what: "source",
-                value: s.to_owned(),
-                expected: "dhcp, tftp, http, cast, sync, drift, api, cli, syslog, site, store",
-            })
-    }
-}
+crate::named_enum!(Source, "source");
 
 /// How the action an event describes ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -143,25 +124,7 @@ impl Outcome {
     }
 }
 
-impl fmt::Display for Outcome {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Outcome {
-    type Err = ParseError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|v| v.as_str() == s)
-            .ok_or_else(|| ParseError::Unknown {
-                what: "outcome",
-                value: s.to_owned(),
-                expected: "ok, info, warn, fail, denied",
-            })
-    }
-}
+crate::named_enum!(Outcome, "outcome");
 
 /// What happened, within a source: `offer`, `ack`, `read`, `receiver-joined`, `verified`...
 ///
@@ -292,7 +255,22 @@ mod tests {
             assert_eq!(o.as_str().parse::<Outcome>(), Ok(o));
         }
         let err = "dhpc".parse::<Source>().unwrap_err();
-        assert!(err.to_string().contains("unknown source \"dhpc\""), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "unknown source \"dhpc\"; expected one of: dhcp, tftp, http, cast, sync, drift, \
+             api, cli, syslog, site, store"
+        );
+        let err = "OK".parse::<Outcome>().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "unknown outcome \"OK\"; expected one of: ok, info, warn, fail, denied"
+        );
+        let err = "installing".parse::<crate::LifecycleState>().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "unknown lifecycle state \"installing\"; expected one of: new, discovered, \
+             install, installed, local"
+        );
     }
 
     #[test]

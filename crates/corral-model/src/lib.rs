@@ -17,6 +17,34 @@ pub use lifecycle::LifecycleState;
 pub use mac::{MacAddr, MacParseError};
 pub use session::SessionId;
 
+/// `Display` and `FromStr` for a fieldless enum with `ALL` (every variant) and `as_str` (its
+/// one spelling): parsing accepts exactly the spellings `as_str` gives, and the error lists them,
+/// so the accepted list cannot drift from the enum.
+macro_rules! named_enum {
+    ($ty:ty, $what:literal) => {
+        impl ::std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl ::std::str::FromStr for $ty {
+            type Err = $crate::ParseError;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                Self::ALL
+                    .into_iter()
+                    .find(|v| v.as_str() == s)
+                    .ok_or_else(|| $crate::ParseError::Unknown {
+                        what: $what,
+                        value: s.to_owned(),
+                        expected: Self::ALL.map(|v| v.as_str()).join(", "),
+                    })
+            }
+        }
+    };
+}
+pub(crate) use named_enum;
+
 /// An error parsing one of this crate's textual forms.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ParseError {
@@ -28,7 +56,7 @@ pub enum ParseError {
         /// The text that did not match.
         value: String,
         /// The accepted spellings, comma separated.
-        expected: &'static str,
+        expected: String,
     },
     /// A session id that is not 16 hex digits.
     #[error("invalid session id {0:?}: expected 16 hexadecimal digits")]

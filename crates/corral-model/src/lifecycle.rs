@@ -1,8 +1,3 @@
-use std::fmt;
-use std::str::FromStr;
-
-use crate::ParseError;
-
 /// Where a machine is in its life: what its next network boot should do.
 ///
 /// `new → discovered → install → installed → local`. A machine in `install` is handed its
@@ -45,22 +40,4 @@ impl LifecycleState {
     }
 }
 
-impl fmt::Display for LifecycleState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for LifecycleState {
-    type Err = ParseError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|v| v.as_str() == s)
-            .ok_or_else(|| ParseError::Unknown {
-                what: "lifecycle state",
-                value: s.to_owned(),
-                expected: "new, discovered, install, installed, local",
-            })
-    }
-}
+crate::named_enum!(LifecycleState, "lifecycle state");
