@@ -135,4 +135,39 @@ mod tests {
             }
         }
     }
+
+    /// Every command a user can run (each leaf of the command tree, and `demo`) shows
+    /// examples in its `--help`: the quality bar, kept as commands are added.
+    #[test]
+    fn every_command_has_examples_in_its_help() {
+        use clap::CommandFactory;
+        fn leaves(c: &clap::Command, path: String, out: &mut Vec<(String, String)>) {
+            let subs: Vec<&clap::Command> = c
+                .get_subcommands()
+                .filter(|s| s.get_name() != "help")
+                .collect();
+            for s in &subs {
+                leaves(s, format!("{path} {}", s.get_name()), out);
+            }
+            if subs.is_empty() {
+                let help = c
+                    .get_after_help()
+                    .map(|h| h.to_string())
+                    .unwrap_or_default()
+                    + &c.get_after_long_help()
+                        .map(|h| h.to_string())
+                        .unwrap_or_default();
+                out.push((path, help));
+            }
+        }
+        let mut all = Vec::new();
+        leaves(&Cli::command(), "corral".into(), &mut all);
+        assert!(all.len() >= 15, "too few commands found: {all:?}");
+        let missing: Vec<&str> = all
+            .iter()
+            .filter(|(_, help)| !help.contains("Example"))
+            .map(|(path, _)| path.as_str())
+            .collect();
+        assert!(missing.is_empty(), "no examples in --help: {missing:?}");
+    }
 }

@@ -35,6 +35,10 @@ pub(crate) struct Args {
 #[derive(Debug, clap::Subcommand)]
 enum MachineCommand {
     /// Every machine the site declares or the store has seen: state, IP, last seen.
+    #[command(after_help = "\
+Examples:
+  corral machine list --site ./site                 the fleet: state, IP, last seen
+  corral machine list --json | jq 'select(.state == \"discovered\")'   machines to adopt")]
     List {
         #[command(flatten)]
         site: SiteArg,
@@ -43,6 +47,10 @@ enum MachineCommand {
         json: bool,
     },
     /// One machine (name, hostname or MAC): site entry, stored state, recent events.
+    #[command(after_help = "\
+Examples:
+  corral machine show web01                         by name or hostname
+  corral machine show 52:54:00:12:34:56 --json      by MAC, as JSON")]
     Show {
         #[command(flatten)]
         site: SiteArg,
@@ -53,6 +61,10 @@ enum MachineCommand {
         json: bool,
     },
     /// Schedule an install: the machine's next network boot installs its profile.
+    #[command(after_help = "\
+Examples:
+  corral machine reinstall web01 --site ./site      install again on its next network boot
+  corral machine show web01                         its state is now install")]
     Reinstall {
         #[command(flatten)]
         site: SiteArg,
@@ -60,6 +72,11 @@ enum MachineCommand {
         name: String,
     },
     /// Declare a discovered machine: write machines/NAME.toml (atomically) for its MAC.
+    #[command(after_help = "\
+Examples:
+  corral machine list --json | jq -r 'select(.state == \"discovered\") | .mac'
+  corral machine adopt 52:54:00:12:34:99 --name web03 --profile debian
+  git -C ./site add machines/web03.toml             the site directory stays in git")]
     Adopt {
         #[command(flatten)]
         site: SiteArg,
