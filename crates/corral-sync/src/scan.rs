@@ -89,6 +89,14 @@ impl CacheEntry {
 /// attributes.
 const CACHE_VERSION: u32 = 2;
 
+/// A hash cache file not used for this long (no scan of its tree read it) is removed by the
+/// next scan that uses the same cache directory: trees that went away stop costing disk.
+pub const CACHE_KEEP: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
+/// How stale a used cache file's mtime may get before a scan moves it to now (its "last used"
+/// mark). Once a day at most, so a run that changes nothing writes nothing.
+const CACHE_TOUCH: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct CacheFile {
     version: u32,
@@ -214,6 +222,55 @@ fn save_cache(p: &Path, files: Vec<CacheEntry>) -> Result<(), SyncError> {
     let tmp = p.with_extension("tmp");
     fs_err::write(&tmp, z).map_err(|e| SyncError::fs("write", &tmp, e))?;
     fs_err::rename(&tmp, p).map_err(|e| SyncError::fs("rename", p, e))
+}
+
+/// Marks the cache file `used` as used now (its mtime, at most once per [`CACHE_TOUCH`]) and,
+/// when it did, removes the other `*.cache` (and leftover `*.tmp`) files of its directory that
+/// were not used for [`CACHE_KEEP`]. Best effort: a failure costs disk, not correctness.
+fn cache_housekeeping(used: &Path, now: std::time::SystemTime) {
+    let old = |m: &std::fs::Metadata, age| {
+        m.modified()
+            .ok()
+            .and_then(|t| now.duration_since(t).ok())
+            .is_some_and(|d| d > age)
+    };
+    match std::fs::metadata(used) {
+        Ok(m) if old(&m, CACHE_TOUCH) => {
+            let touched = std::fs::File::options()
+                .write(true)
+                .open(used)
+                .and_then(|f| f.set_modified(now));
+            if let Err(e) = touched {
+                tracing::debug!(path = %used.display(), error = %e, "hash cache not touched");
+            }
+        }
+        _ => return, // used within the day (so was the directory pruned), or no cache yet
+    }
+    let Some(dir) = used.parent() else { return };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        let ours = matches!(
+            p.extension().and_then(|x| x.to_str()),
+            Some("cache" | "tmp")
+        );
+        if !ours || p == used {
+            continue;
+        }
+        if let Ok(m) = e.metadata()
+            && m.is_file()
+            && old(&m, CACHE_KEEP)
+        {
+            match std::fs::remove_file(&p) {
+                Ok(()) => {
+                    tracing::info!(path = %p.display(), "removed a hash cache unused for 30 days")
+                }
+                Err(e) => tracing::debug!(path = %p.display(), error = %e, "stale hash cache kept"),
+            }
+        }
+    }
 }
 
 /// Reads a path's extended attributes (ACLs included), sorted by name.
@@ -576,7 +633,11 @@ pub fn walk(root: &Path, opts: &ScanOptions) -> Result<Walked, SyncError> {
         let loader = opts.cache.as_deref().map(|p| {
             std::thread::Builder::new()
                 .name("corral-cache".into())
-                .spawn_scoped(s, move || load_cache(p))
+                .spawn_scoped(s, move || {
+                    let loaded = load_cache(p);
+                    cache_housekeeping(p, std::time::SystemTime::now());
+                    loaded
+                })
         });
         for i in 1..threads {
             let w = &walk;
@@ -880,6 +941,40 @@ pub fn default_cache(root: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn caches_unused_for_30_days_are_removed_and_the_used_one_is_marked() {
+        let t = tempfile::tempdir().unwrap();
+        let now = std::time::SystemTime::now();
+        let day = std::time::Duration::from_secs(24 * 3600);
+        let file = |name: &str, age_days: u32| {
+            let p = t.path().join(name);
+            std::fs::write(&p, b"x").unwrap();
+            let f = std::fs::File::options().write(true).open(&p).unwrap();
+            f.set_modified(now - day * age_days).unwrap();
+            p
+        };
+        let used = file("used.cache", 40);
+        let gone = file("gone.cache", 31);
+        let recent = file("recent.cache", 29);
+        let tmp = file("crashed.tmp", 45);
+        let other = file("notes.txt", 400);
+        cache_housekeeping(&used, now);
+        assert!(used.exists() && recent.exists() && other.exists());
+        assert!(!gone.exists() && !tmp.exists());
+        let m = std::fs::metadata(&used).unwrap().modified().unwrap();
+        assert!(
+            now.duration_since(m).unwrap_or_default() < day,
+            "used cache marked now"
+        );
+        // Used within the day: nothing touched, nothing scanned.
+        let gone2 = file("gone2.cache", 60);
+        cache_housekeeping(&used, now + day / 2);
+        assert!(gone2.exists());
+        // A day later the directory is pruned again.
+        cache_housekeeping(&used, now + day * 2);
+        assert!(!gone2.exists() && used.exists());
+    }
 
     fn setfattr(p: &Path, name: &str, value: &str) {
         let ok = std::process::Command::new("setfattr")
