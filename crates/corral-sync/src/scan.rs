@@ -211,7 +211,12 @@ fn save_cache(p: &Path, files: Vec<CacheEntry>) -> Result<(), SyncError> {
     if let Some(d) = p.parent() {
         fs_err::create_dir_all(d).map_err(|e| SyncError::fs("create", d, e))?;
     }
-    let tmp = p.with_extension("tmp");
+    // A name of this process's own: two runs saving the same cache at once (children of one
+    // master pushed in parallel, or a receiver still saving as the next run scans) never
+    // write into one temporary file; the last rename wins, and either file is whole.
+    static SAVES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SAVES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = p.with_extension(format!("{}-{n}.tmp", std::process::id()));
     fs_err::write(&tmp, z).map_err(|e| SyncError::fs("write", &tmp, e))?;
     fs_err::rename(&tmp, p).map_err(|e| SyncError::fs("rename", p, e))
 }
