@@ -297,13 +297,16 @@ fn serve_inner<W: Write>(
                 }
             }
             Message::SigRequest(paths) => {
+                let t0 = std::time::Instant::now();
                 receiver(&mut recv, &scanned)?;
+                tracing::debug!(ms = ms(t0), "serve: receiver ready");
                 let Some(r) = recv.as_mut() else {
                     return Err(unexpected(&Message::SigRequest(paths)));
                 };
                 let sigs = paths.iter().map(|p| r.signature(p)).collect();
                 framed.send(&Message::Sigs(sigs))?;
                 framed.flush()?;
+                tracing::debug!(ms = ms(t0), files = paths.len(), "serve: signatures sent");
             }
             Message::Finish => {
                 // A run with no step and no signature request built no receiver and needs
@@ -620,7 +623,10 @@ pub fn push<R: Read, W: Write>(
             tracing::debug!(ms = ms(t0), "push: master digested");
             Ok::<_, SyncError>((master, stats, deferred, digests))
         });
-        let answer = hello_and_scan(framed, &opts.run, key, k).and_then(|()| child_answer(framed));
+        let answer = hello_and_scan(framed, &opts.run, key, k).and_then(|()| {
+            tracing::debug!(ms = ms(t0), "push: child's hello");
+            child_answer(framed)
+        });
         tracing::debug!(ms = ms(t0), "push: child answered");
         if let Ok(ChildAnswer::Whole(m)) = &answer {
             let _ = child_paths.set(m.entries.iter().map(|e| e.path.clone()).collect());
@@ -671,6 +677,7 @@ pub fn push<R: Read, W: Write>(
         .flat_map(|c| c.chunk_list().into_iter().map(|(_, c)| c.hash))
         .collect();
     let sigs = fetch_signatures(framed, &p, child, &have)?;
+    tracing::debug!(ms = ms(t0), sigs = sigs.len(), "push: signatures received");
     let size_of = |op: &Op| match op {
         Op::Write(e) => deferred
             .get(e.path.as_str())
@@ -733,6 +740,7 @@ pub fn push<R: Read, W: Write>(
     )?;
     framed.send(&Message::Finish)?;
     framed.flush()?;
+    tracing::debug!(ms = ms(t0), "push: steps sent");
     // While the receiver makes its last batch durable and saves its cache (a few tenths of
     // a second after a large copy), the master does its own bookkeeping before it waits for
     // the report: the plan as carried out (the contents of the files read as they were
