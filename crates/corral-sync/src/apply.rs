@@ -579,7 +579,6 @@ impl Receiver {
     }
 
     fn read_local(&mut self, path: &str, off: u64, len: u32) -> Option<Vec<u8>> {
-        let mut buf = vec![0u8; len as usize];
         let fd = if let Some(fd) = self.retained.get(path) {
             fd.as_fd()
         } else {
@@ -596,14 +595,7 @@ impl Receiver {
             }
             self.open_cache.as_ref()?.1.as_fd()
         };
-        let mut done = 0;
-        while done < buf.len() {
-            match rustix::io::pread(fd, &mut buf[done..], off + done as u64) {
-                Ok(0) | Err(_) => return None,
-                Ok(n) => done += n,
-            }
-        }
-        Some(buf)
+        pread_exact(fd, len as usize, off)
     }
 
     /// Writes a regular file. `data` yields the next chunk sent by the master (already
@@ -1337,6 +1329,47 @@ impl Receiver {
             .unwrap_or_default()
     }
 
+    /// The signatures of the child's old copies of `paths`, in order (as [`Self::signature`]
+    /// gives them): read and computed on rayon's pool (500 files of a 1%-changed tree took a
+    /// quarter of a second on one thread).
+    pub fn signatures(&self, paths: &[String]) -> Vec<crate::delta::Signature> {
+        use rayon::prelude::*;
+        paths
+            .par_iter()
+            .map(|p| {
+                self.old_copy_shared(p)
+                    .map(|b| crate::delta::signature_seeded(&b, random_seed()))
+                    .unwrap_or_default()
+            })
+            .collect()
+    }
+
+    /// [`Self::old_copy`] without the receiver's open-file cache (callable from several
+    /// threads).
+    fn old_copy_shared(&self, path: &str) -> Option<Vec<u8>> {
+        let old = self.old.get(path)?;
+        if !old.chunks.is_empty() || old.size > crate::manifest::CHUNK_THRESHOLD {
+            return None;
+        }
+        let size = usize::try_from(old.size).ok()?;
+        let opened;
+        let fd = match self.retained.get(path) {
+            Some(fd) => fd.as_fd(),
+            None => {
+                opened = rustix::fs::openat2(
+                    &self.root,
+                    path,
+                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+                    Mode::empty(),
+                    beneath(),
+                )
+                .ok()?;
+                opened.as_fd()
+            }
+        };
+        pread_exact(fd, size, 0)
+    }
+
     /// Rebuilds a chunk from the old copy of `path` and a delta; `None` unless the result
     /// hashes to the chunk's hash.
     fn rebuild(
@@ -1627,6 +1660,19 @@ pub(crate) fn rm_rf<P: rustix::path::Arg + Copy>(dir: &OwnedFd, name: P) -> Resu
 /// A random seed for a signature's strong sums: the standard library's per-process random
 /// hasher keys (from the OS), not a security boundary, only so that two runs never meet the
 /// same sum collision.
+/// `len` bytes of `fd` from `off` (`None` when it has fewer, or a read fails).
+fn pread_exact(fd: std::os::fd::BorrowedFd<'_>, len: usize, off: u64) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    let mut done = 0;
+    while done < buf.len() {
+        match rustix::io::pread(fd, &mut buf[done..], off + done as u64) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => done += n,
+        }
+    }
+    Some(buf)
+}
+
 fn random_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();

@@ -303,7 +303,7 @@ fn serve_inner<W: Write>(
                 let Some(r) = recv.as_mut() else {
                     return Err(unexpected(&Message::SigRequest(paths)));
                 };
-                let sigs = paths.iter().map(|p| r.signature(p)).collect();
+                let sigs = r.signatures(&paths);
                 framed.send(&Message::Sigs(sigs))?;
                 framed.flush()?;
                 tracing::debug!(ms = ms(t0), files = paths.len(), "serve: signatures sent");
@@ -609,9 +609,11 @@ pub fn push<R: Read, W: Write>(
     let (answer, scanned) = std::thread::scope(|s| {
         let scanner = s.spawn(|| {
             let walked = walk(src, &scan_opts)?;
-            let (mut master, stats, deferred) = walked.hash(&|p: &str| {
-                !opts.dry_run && child_paths.get().is_some_and(|c| !c.contains(p))
-            })?;
+            // The cache (rewritten when some files changed) is saved while the run goes on.
+            let (mut master, stats, deferred, save) = walked.hash_in_background(
+                &|p: &str| !opts.dry_run && child_paths.get().is_some_and(|c| !c.contains(p)),
+                true,
+            )?;
             master.sort();
             tracing::debug!(ms = ms(t0), "push: master scanned");
             // The master's range digests, while the child still scans (unless the child's
@@ -621,7 +623,7 @@ pub fn push<R: Read, W: Write>(
                 .is_none()
                 .then(|| crate::ranges::digests(&key, &master.entries, k));
             tracing::debug!(ms = ms(t0), "push: master digested");
-            Ok::<_, SyncError>((master, stats, deferred, digests))
+            Ok::<_, SyncError>((master, stats, deferred, digests, save))
         });
         let answer = hello_and_scan(framed, &opts.run, key, k).and_then(|()| {
             tracing::debug!(ms = ms(t0), "push: child's hello");
@@ -637,7 +639,7 @@ pub fn push<R: Read, W: Write>(
         (answer, scanned)
     });
     let answer = answer?;
-    let (master, master_scan, deferred, digests) = scanned?;
+    let (master, master_scan, deferred, digests, cache_save) = scanned?;
     let fetched = match answer {
         ChildAnswer::Whole(m) => Some(m),
         ChildAnswer::Digests(theirs) => {
@@ -767,6 +769,8 @@ pub fn push<R: Read, W: Write>(
             n.hash = Some(h.clone());
         }
     }
+    // The scan's own save of the cache comes first (this adds to what it saved).
+    cache_save.wait();
     if let Some(c) = &opts.cache {
         crate::scan::cache_add_keyed(c, keep);
     }
