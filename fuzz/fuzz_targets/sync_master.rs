@@ -1,6 +1,6 @@
 //! Fuzz the master end of a sync conversation (`session::push`) with a hostile child: after a
-//! valid hello, the child's answer (its whole manifest or a request for range digests, the
-//! range answer, the report) is the fuzzer's bytes. The master must end in an error or
+//! valid hello, the child's answer (its whole manifest or its range digests, its listing of
+//! the ranges asked for, the report) is the fuzzer's bytes. The master must end in an error or
 //! success, never a panic, and never change its own tree.
 #![no_main]
 

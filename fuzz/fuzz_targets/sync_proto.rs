@@ -14,7 +14,7 @@ fuzz_target!(|data: &[u8]| {
         if let corral_sync::proto::Message::Apply(op) = &m {
             assert!(corral_sync::manifest::check_rel_path(op.path()));
         }
-        if let corral_sync::proto::Message::RangesEnd { k, .. } = &m {
+        if let corral_sync::proto::Message::Scan { k, .. } = &m {
             assert!(*k >= 1 && *k <= corral_sync::ranges::MAX_K);
         }
         // A listing and any bitmap against it: the range answer is checked, never panics,

@@ -16,7 +16,10 @@ fuzz_target!(|data: &[u8]| {
             version: corral_sync::proto::VERSION,
             options: Default::default(),
         },
-        corral_sync::proto::Message::Scan,
+        corral_sync::proto::Message::Scan {
+            key: [0; 32],
+            k: corral_sync::ranges::RANGE_K,
+        },
     ] {
         input.extend(corral_sync::proto::encode(&m).unwrap());
     }

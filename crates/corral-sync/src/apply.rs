@@ -127,6 +127,51 @@ pub struct Receiver {
     reflink: HashMap<u64, bool>,
     /// An in-place update made the journal directory.
     journal_dir_used: bool,
+    /// Closes the last descriptors of replaced inodes off the run's path.
+    graveyard: Graveyard,
+}
+
+/// A thread that closes descriptors of the old inodes a run replaced. Renaming over a file's
+/// last name, or closing the last descriptor of an unlinked inode, frees the inode and its
+/// blocks inside that call: on a busy ext4 about 1.7 ms each (a journal handle, waiting
+/// behind other writers' commits), which made a 500-file update spend most of its time in
+/// `renameat`. Each old inode is held open across its rename and closed here instead, in
+/// parallel with the run; nothing about the new files' durability depends on it. Dropping
+/// the graveyard waits for the thread (after the run's report has been sent).
+#[derive(Debug, Default)]
+struct Graveyard {
+    tx: Option<std::sync::mpsc::Sender<OwnedFd>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Graveyard {
+    /// Closes `fd` on the graveyard's thread (started on first use; closed here if it
+    /// cannot start).
+    fn bury(&mut self, fd: OwnedFd) {
+        if self.tx.is_none() {
+            let (tx, rx) = std::sync::mpsc::channel::<OwnedFd>();
+            if let Ok(h) = std::thread::Builder::new()
+                .name("corral-close".into())
+                .spawn(move || rx.into_iter().for_each(drop))
+            {
+                self.tx = Some(tx);
+                self.thread = Some(h);
+            }
+        }
+        if let Some(tx) = &self.tx {
+            // A send fails only when the thread has gone: the fd comes back and closes here.
+            let _ = tx.send(fd);
+        }
+    }
+}
+
+impl Drop for Graveyard {
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(h) = self.thread.take() {
+            let _ = h.join();
+        }
+    }
 }
 
 /// A file that will be updated in place.
@@ -260,6 +305,7 @@ impl Receiver {
                 .ok()
                 .and_then(|v| v.parse().ok()),
             extents_written: 0,
+            graveyard: Graveyard::default(),
             reflink: HashMap::new(),
             journal_dir_used: false,
         })
@@ -372,6 +418,8 @@ impl Receiver {
         tmp: &str,
         name: &str,
     ) -> Result<(), SyncError> {
+        // The old inode, held across the rename when nothing else keeps it (see Graveyard).
+        let mut old_inode = None;
         match Self::exists(dir, name) {
             Some(st) => {
                 if st.st_mode & 0o170000 == 0o040000 {
@@ -379,17 +427,33 @@ impl Receiver {
                     self.remove(path)?;
                 } else {
                     self.keep_old(path, dir, name);
-                    if let Some((bdir, bname)) = self.backup_parent(path)?
-                        && Self::exists(&bdir, &bname).is_none()
+                    if let Some((bdir, bname)) = self.backup_parent(path)? {
+                        if Self::exists(&bdir, &bname).is_none() {
+                            rustix::fs::linkat(dir, name, &bdir, bname.as_str(), AtFlags::empty())
+                                .map_err(|e| errno("link to backup", path, e))?;
+                        }
+                    } else if st.st_mode & 0o170000 == 0o100000
+                        && st.st_nlink == 1
+                        && !self.retained.contains_key(path)
                     {
-                        rustix::fs::linkat(dir, name, &bdir, bname.as_str(), AtFlags::empty())
-                            .map_err(|e| errno("link to backup", path, e))?;
+                        old_inode = rustix::fs::openat(
+                            dir,
+                            name,
+                            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                            Mode::empty(),
+                        )
+                        .ok();
                     }
                 }
             }
             None => self.created.push(path.to_string()),
         }
-        rustix::fs::renameat(dir, tmp, dir, name).map_err(|e| errno("rename into place", path, e))
+        let r = rustix::fs::renameat(dir, tmp, dir, name)
+            .map_err(|e| errno("rename into place", path, e));
+        if let Some(fd) = old_inode {
+            self.graveyard.bury(fd);
+        }
+        r
     }
 
     fn uid_gid(&self, m: &Meta) -> (u32, u32) {
@@ -515,7 +579,6 @@ impl Receiver {
     }
 
     fn read_local(&mut self, path: &str, off: u64, len: u32) -> Option<Vec<u8>> {
-        let mut buf = vec![0u8; len as usize];
         let fd = if let Some(fd) = self.retained.get(path) {
             fd.as_fd()
         } else {
@@ -532,14 +595,7 @@ impl Receiver {
             }
             self.open_cache.as_ref()?.1.as_fd()
         };
-        let mut done = 0;
-        while done < buf.len() {
-            match rustix::io::pread(fd, &mut buf[done..], off + done as u64) {
-                Ok(0) | Err(_) => return None,
-                Ok(n) => done += n,
-            }
-        }
-        Some(buf)
+        pread_exact(fd, len as usize, off)
     }
 
     /// Writes a regular file. `data` yields the next chunk sent by the master (already
@@ -1096,13 +1152,22 @@ impl Receiver {
         let batch = std::mem::take(&mut self.pending);
         self.pending_bytes = 0;
         if !batch.is_empty() {
+            let t0 = std::time::Instant::now();
             let r = if self.opts.fsync {
                 rustix::fs::syncfs(&self.root)
             } else {
                 Ok(())
             };
+            let synced = t0.elapsed();
             let failed = r.err();
+            let files = batch.len();
             self.install_batch(batch, r);
+            tracing::debug!(
+                sync_ms = synced.as_secs_f64() * 1e3,
+                ms = t0.elapsed().as_secs_f64() * 1e3,
+                files,
+                "receiver: batch synced and installed"
+            );
             if let Some(x) = failed {
                 return Err(errno("syncfs", "", x));
             }
@@ -1264,6 +1329,47 @@ impl Receiver {
             .unwrap_or_default()
     }
 
+    /// The signatures of the child's old copies of `paths`, in order (as [`Self::signature`]
+    /// gives them): read and computed on rayon's pool (500 files of a 1%-changed tree took a
+    /// quarter of a second on one thread).
+    pub fn signatures(&self, paths: &[String]) -> Vec<crate::delta::Signature> {
+        use rayon::prelude::*;
+        paths
+            .par_iter()
+            .map(|p| {
+                self.old_copy_shared(p)
+                    .map(|b| crate::delta::signature_seeded(&b, random_seed()))
+                    .unwrap_or_default()
+            })
+            .collect()
+    }
+
+    /// [`Self::old_copy`] without the receiver's open-file cache (callable from several
+    /// threads).
+    fn old_copy_shared(&self, path: &str) -> Option<Vec<u8>> {
+        let old = self.old.get(path)?;
+        if !old.chunks.is_empty() || old.size > crate::manifest::CHUNK_THRESHOLD {
+            return None;
+        }
+        let size = usize::try_from(old.size).ok()?;
+        let opened;
+        let fd = match self.retained.get(path) {
+            Some(fd) => fd.as_fd(),
+            None => {
+                opened = rustix::fs::openat2(
+                    &self.root,
+                    path,
+                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+                    Mode::empty(),
+                    beneath(),
+                )
+                .ok()?;
+                opened.as_fd()
+            }
+        };
+        pread_exact(fd, size, 0)
+    }
+
     /// Rebuilds a chunk from the old copy of `path` and a delta; `None` unless the result
     /// hashes to the chunk's hash.
     fn rebuild(
@@ -1392,7 +1498,10 @@ impl Receiver {
             .map_err(|x| errno("write journal", JOURNAL, x))?;
             write_at(&f, &j, 0, false).map_err(|x| errno("write journal", JOURNAL, x))?;
         }
-        self.retained.clear();
+        // The replaced inodes kept for their chunks are freed off the run's path too.
+        for (_, fd) in self.retained.drain() {
+            self.graveyard.bury(fd);
+        }
         if self.journal_dir_used {
             crate::journal::remove_dir(&self.root, self.opts.fsync);
         }
@@ -1405,7 +1514,12 @@ impl Receiver {
             || self.opts.backup.is_some();
         if self.opts.fsync && changed {
             // The renames (and the journal) are durable once the file system is synced.
+            let t0 = std::time::Instant::now();
             rustix::fs::syncfs(&self.root).map_err(|x| errno("syncfs", "", x))?;
+            tracing::debug!(
+                ms = t0.elapsed().as_secs_f64() * 1e3,
+                "receiver: final sync"
+            );
         }
         Ok(())
     }
@@ -1546,6 +1660,19 @@ pub(crate) fn rm_rf<P: rustix::path::Arg + Copy>(dir: &OwnedFd, name: P) -> Resu
 /// A random seed for a signature's strong sums: the standard library's per-process random
 /// hasher keys (from the OS), not a security boundary, only so that two runs never meet the
 /// same sum collision.
+/// `len` bytes of `fd` from `off` (`None` when it has fewer, or a read fails).
+fn pread_exact(fd: std::os::fd::BorrowedFd<'_>, len: usize, off: u64) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    let mut done = 0;
+    while done < buf.len() {
+        match rustix::io::pread(fd, &mut buf[done..], off + done as u64) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => done += n,
+        }
+    }
+    Some(buf)
+}
+
 fn random_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
@@ -1639,6 +1766,50 @@ mod tests {
         assert_eq!(names(t.path()), (2 * BATCH_FILES + 5, BATCH_FILES));
         r.finish().unwrap();
         assert_eq!(names(t.path()), (3 * BATCH_FILES + 5, 0));
+    }
+
+    /// Descriptors of this process that name a deleted file beneath `root`.
+    fn deleted_open(root: &Path) -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|l| l.starts_with(root) && l.to_string_lossy().ends_with(" (deleted)"))
+            .count()
+    }
+
+    /// The old inodes of replaced files (kept for their chunks, or held across the rename so
+    /// that freeing them happens on the graveyard's thread) are all released once the
+    /// receiver is dropped, and every file is the new one.
+    #[test]
+    fn replaced_inodes_are_released() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().canonicalize().unwrap();
+        let mut child = Manifest::default();
+        for i in 0..10 {
+            std::fs::write(root.join(format!("f{i}")), b"old content\n").unwrap();
+            // Half of them are in the child's manifest (their chunks may be reused).
+            if i < 5 {
+                child
+                    .entries
+                    .push(entry(&format!("f{i}"), b"old content\n"));
+            }
+        }
+        let opts = ReceiverOptions {
+            ignore_owner: true,
+            fsync: true,
+            ..ReceiverOptions::default()
+        };
+        let mut r = Receiver::new(&root, &child, opts).unwrap();
+        write_n(&mut r, 0, 10);
+        r.finish().unwrap();
+        assert!(r.report.failed.is_empty(), "{:?}", r.report.failed);
+        assert!(r.retained.is_empty());
+        drop(r);
+        assert_eq!(deleted_open(&root), 0, "old inodes still open");
+        for i in 0..10 {
+            let got = std::fs::read(root.join(format!("f{i}"))).unwrap();
+            assert_eq!(got, format!("file {i}\n").into_bytes());
+        }
     }
 
     /// Without durability there is nothing to wait for: a full batch is installed at once.

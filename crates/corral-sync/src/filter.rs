@@ -34,6 +34,10 @@ pub struct RulesFilter {
     root: corral_sync_filter::Matcher,
     master: std::path::PathBuf,
     dirs: std::sync::Mutex<std::collections::HashMap<String, corral_sync_filter::Matcher>>,
+    /// No rule at all (and so no per-directory merge file to read): every path is sent and
+    /// may be deleted, as the matcher would answer, without a look-up per path (a lock, a
+    /// hash of the directory and a copy of the path, 50,000 times in a run's plan).
+    none: bool,
 }
 
 impl RulesFilter {
@@ -44,6 +48,7 @@ impl RulesFilter {
         master: &std::path::Path,
     ) -> Self {
         RulesFilter {
+            none: rules.is_empty(),
             root: corral_sync_filter::Matcher::new(rules, opts),
             master: master.to_path_buf(),
             dirs: std::sync::Mutex::new(std::collections::HashMap::new()),
@@ -77,13 +82,69 @@ impl RulesFilter {
 
 impl PathFilter for RulesFilter {
     fn transfers(&self, rel: &str, is_dir: bool) -> bool {
-        self.of(rel).transfers(std::path::Path::new(rel), is_dir)
+        self.none || self.of(rel).transfers(std::path::Path::new(rel), is_dir)
     }
     fn may_delete(&self, rel: &str, is_dir: bool) -> bool {
-        self.of(rel).may_delete(std::path::Path::new(rel), is_dir)
+        self.none || self.of(rel).may_delete(std::path::Path::new(rel), is_dir)
     }
     fn may_delete_within_deleted(&self, rel: &str, is_dir: bool) -> bool {
-        self.of(rel)
-            .may_delete_within_deleted(std::path::Path::new(rel), is_dir)
+        self.none
+            || self
+                .of(rel)
+                .may_delete_within_deleted(std::path::Path::new(rel), is_dir)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn filter(text: &str, delete_excluded: bool) -> RulesFilter {
+        RulesFilter::new(
+            corral_sync_filter::Rules::parse(text, "test").unwrap(),
+            corral_sync_filter::MatchOptions {
+                delete_excluded,
+                abs_root: None,
+            },
+            std::path::Path::new("/nonexistent"),
+        )
+    }
+
+    /// Without rules every path is sent and may be deleted (as the matcher answers); with a
+    /// rule the matcher decides, protection of excluded paths included.
+    #[test]
+    fn no_rules_answer_like_the_matcher_and_rules_still_apply() {
+        let paths = [
+            ("a", true),
+            ("a/b.o", false),
+            ("c/d/e", false),
+            ("x.o", false),
+        ];
+        let none = filter("", false);
+        assert!(none.none);
+        let m = corral_sync_filter::Matcher::new(
+            corral_sync_filter::Rules::parse("", "test").unwrap(),
+            corral_sync_filter::MatchOptions::default(),
+        );
+        for (p, d) in paths {
+            let path = std::path::Path::new(p);
+            assert_eq!(none.transfers(p, d), m.transfers(path, d), "{p}");
+            assert_eq!(none.may_delete(p, d), m.may_delete(path, d), "{p}");
+            assert_eq!(
+                none.may_delete_within_deleted(p, d),
+                m.may_delete_within_deleted(path, d),
+                "{p}"
+            );
+            assert!(none.transfers(p, d) && none.may_delete(p, d));
+        }
+        let some = filter("- *.o\n", false);
+        assert!(!some.none);
+        assert!(!some.transfers("x.o", false) && !some.transfers("a/b.o", false));
+        assert!(some.transfers("c/d/e", false));
+        assert!(
+            !some.may_delete("x.o", false),
+            "excluded paths are protected"
+        );
+        assert!(filter("- *.o\n", true).may_delete("x.o", false));
     }
 }

@@ -9,14 +9,15 @@
 //!
 //! Conversation (client → server unless noted):
 //! 1. `Hello` / server `Hello`.
-//! 2. `Scan` (the server starts its scan, from its hash cache). Once it has scanned, a
-//!    server whose manifest has at most [`WHOLE_MAX`] entries sends all of them, `Entries`…
-//!    `EntriesEnd`, and the exchange is over (the client plans while it still hashes, and
-//!    files the server lacks are hashed as they are sent). Otherwise it sends
-//!    `RangesWanted`, and once the client has scanned: `RangeDigests`… `RangesEnd` (one
-//!    digest per range of the client's manifest, see [`crate::ranges`]) / server `Held` (a
-//!    bitmap of the ranges it holds exactly), `Entries`… `EntriesEnd` (its entries in every
-//!    other range).
+//! 2. `Scan` with the run's range digest key and `k` (the server starts its scan, from its
+//!    hash cache). Once it has scanned, a server whose manifest has at most [`WHOLE_MAX`]
+//!    entries sends all of them, `Entries`… `EntriesEnd`, and the exchange is over (the
+//!    client plans while it still hashes, and files the server lacks are hashed as they are
+//!    sent). Otherwise it sends server `RangeDigests`… `RangesEnd` (one digest per range of
+//!    its manifest, see [`crate::ranges`]) without waiting for anything; when some of its
+//!    ranges match none of the client's, the client sends `Wanted` (a bitmap of those
+//!    ranges) / server `Entries`… `EntriesEnd` (its entries in them). A child that holds
+//!    every range of the client's is asked nothing more.
 //! 3. `SigRequest(paths)` / server `Sigs` (one [`Signature`] per path, same order), in
 //!    batches, for the changed small files the child holds an old copy of.
 //! 4. `Apply(op)` for each planned step; an `Apply(Write)` whose chunks the child does not
@@ -34,7 +35,7 @@ use crate::manifest::{Entry, Hash, check_rel_path};
 use crate::planner::Op;
 
 /// Protocol version spoken by this build.
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
 /// Largest frame accepted (a chunk is at most 256 KiB; manifests come in batches).
 pub const MAX_FRAME: usize = 64 * 1024 * 1024;
 
@@ -78,8 +79,14 @@ pub enum Message {
         /// Options (ignored from the server).
         options: RunOptions,
     },
-    /// Asks for the child's manifest.
-    Scan,
+    /// Asks for the child's manifest; a child of more than [`WHOLE_MAX`] entries answers
+    /// with the digests of its ranges made with this key and `k` (see [`crate::ranges`]).
+    Scan {
+        /// Key of the keyed BLAKE3 digests, random per run.
+        key: [u8; 32],
+        /// Expected entries per range (a range starts where a path hashes to 0 mod `k`).
+        k: u32,
+    },
     /// A batch of the child's manifest.
     Entries(Vec<Entry>),
     /// End of the child's manifest.
@@ -120,22 +127,15 @@ pub enum Message {
     Error(String),
     /// End of a conversation without changes.
     Bye,
-    /// A batch of the master's range digests, in manifest order (see [`crate::ranges`]).
+    /// A batch of the child's range digests, in manifest order (see [`crate::ranges`]): its
+    /// first answer after its scan when its manifest is larger than [`WHOLE_MAX`] entries
+    /// (a smaller one is sent whole instead, `Entries`… `EntriesEnd`).
     RangeDigests(Vec<crate::ranges::Digest>),
-    /// End of the master's range digests: the run's digest key and the range parameter.
-    RangesEnd {
-        /// Key of the keyed BLAKE3 digests, random per run.
-        key: [u8; 32],
-        /// Expected entries per range (a range starts where a path hashes to 0 mod `k`).
-        k: u32,
-    },
-    /// The child's answer to the range digests: bit `i % 8` of byte `i / 8` is set when it
-    /// holds master range `i` exactly; its other entries follow as `Entries`… `EntriesEnd`.
-    Held(#[serde(with = "serde_bytes")] Vec<u8>),
-    /// The child's first answer after its scan when its manifest is larger than
-    /// [`WHOLE_MAX`] entries: the master's range digests come next. A smaller manifest is
-    /// sent whole instead (`Entries`… `EntriesEnd`, no `Held`), without waiting for them.
-    RangesWanted,
+    /// End of the child's range digests.
+    RangesEnd,
+    /// The master's request for the child's entries of some of its ranges: bit `j % 8` of
+    /// byte `j / 8` set for child range `j`; they come back as `Entries`… `EntriesEnd`.
+    Wanted(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 /// A child manifest of at most this many entries is sent whole right after the child's scan
@@ -277,7 +277,7 @@ fn validate(msg: &Message) -> Result<(), ProtoError> {
             }
             Ok(())
         }
-        Message::RangesEnd { k, .. } if *k == 0 || *k > crate::ranges::MAX_K => {
+        Message::Scan { k, .. } if *k == 0 || *k > crate::ranges::MAX_K => {
             Err(ProtoError::Decode(format!("range parameter k = {k}")))
         }
         Message::Delta { block, .. } if *block == 0 || *block > BLOCK_MAX => {

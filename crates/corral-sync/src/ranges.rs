@@ -7,9 +7,12 @@
 //! path moves no boundary elsewhere. The master sends one [`Digest`] per range: the first 8
 //! bytes of a BLAKE3 hash, keyed with a random key fresh for each run, over every field of
 //! every entry of the range (the postcard encoding of [`Entry`]: path, kind, size, hash,
-//! chunks, mode, owner, mtime, xattrs — a superset of what the planner compares). The child
-//! cuts its own entries the same way and answers ([`answer`]) with a bitmap of the master's
-//! ranges it holds exactly, then the full entries of its other ranges. The master rebuilds
+//! chunks, mode, owner, mtime, xattrs — a superset of what the planner compares). The master
+//! sends the key and `k` with its scan request, so the child sends the digests of its own
+//! ranges as soon as it has scanned, without waiting for the master's. The master matches
+//! them against its own ([`matching`]): a bitmap of its ranges the child holds exactly, and
+//! the child's ranges it holds no copy of, whose full entries it asks for ([`listing`]; a
+//! no-change run asks for none, and costs no round trip after the scans). The master rebuilds
 //! the child's manifest from its own entries for the ranges the child holds and from the
 //! listed ones ([`rebuild`]): the planner gets the child's manifest, entry for entry, so the
 //! plan is the one a full listing gives.
@@ -36,7 +39,7 @@ pub type Digest = [u8; 8];
 pub const RANGE_K: u32 = 4;
 /// Largest `k` accepted from a peer.
 pub const MAX_K: u32 = 1 << 20;
-/// Most range digests a child accepts from a master.
+/// Most range digests a master accepts from a child.
 pub const MAX_RANGES: usize = 32 << 20;
 /// Most entries a master accepts from a child's listing.
 pub const MAX_LISTED: usize = 16 << 20;
@@ -110,7 +113,7 @@ pub fn digest(key: &[u8; 32], entries: &[Entry]) -> Digest {
     d
 }
 
-/// The master's side: one digest per range of its sorted entries.
+/// One digest per range of sorted entries (each end digests its own).
 pub fn digests(key: &[u8; 32], entries: &[Entry], k: u32) -> Vec<Digest> {
     let starts = cut(entries, k);
     let ranges: Vec<std::ops::Range<usize>> = spans(&starts, entries.len()).collect();
@@ -130,9 +133,56 @@ fn par_digests(
         .collect()
 }
 
-/// The child's side: a bitmap over the master's ranges (bit `i % 8` of byte `i / 8` set: the
-/// child holds master range `i` exactly) and the child's entries of every other range, in
-/// order. `child` must be sorted.
+/// Which ranges the two ends share, from both ends' digests (each in its own range order):
+/// a bitmap over the master's ranges (bit `i % 8` of byte `i / 8` set: the child holds master
+/// range `i` exactly) and one over the child's ranges (bit set: a child range that matches no
+/// master range, whose entries the master needs). Each master range matches at most one child
+/// range, taken in the child's order.
+pub fn matching(master: &[Digest], child: &[Digest]) -> (Vec<u8>, Vec<u8>) {
+    let mut index: HashMap<Digest, usize> = HashMap::with_capacity(master.len());
+    for (i, d) in master.iter().enumerate() {
+        index.entry(*d).or_insert(i);
+    }
+    let mut held = vec![0u8; master.len().div_ceil(8)];
+    let mut wanted = vec![0u8; child.len().div_ceil(8)];
+    for (j, d) in child.iter().enumerate() {
+        match index.remove(d) {
+            Some(i) => held[i / 8] |= 1 << (i % 8),
+            None => wanted[j / 8] |= 1 << (j % 8),
+        }
+    }
+    (held, wanted)
+}
+
+/// The child's side: its entries of the ranges `wanted` names (a bitmap over the ranges of
+/// its sorted entries cut with `k`, as [`matching`] makes it), in order. Refuses a `k` out of
+/// bounds and a bitmap that does not have one bit per range.
+pub fn listing(k: u32, child: &[Entry], wanted: &[u8]) -> Result<Vec<Entry>, RangeError> {
+    if k == 0 || k > MAX_K {
+        return Err(RangeError::Bounds(format!("k = {k}")));
+    }
+    let starts = cut(child, k);
+    let n = starts.len();
+    if wanted.len() != n.div_ceil(8)
+        || (!n.is_multiple_of(8) && wanted.last().is_some_and(|b| b >> (n % 8) != 0))
+    {
+        return Err(RangeError::BitmapLength {
+            got: wanted.len(),
+            ranges: n,
+        });
+    }
+    let mut listed = Vec::new();
+    for (j, r) in spans(&starts, child.len()).enumerate() {
+        if wanted[j / 8] & (1 << (j % 8)) != 0 {
+            listed.extend_from_slice(&child[r]);
+        }
+    }
+    Ok(listed)
+}
+
+/// Both steps of the child's part in one (for tests and fuzzing): given the master's digests,
+/// the bitmap of the master's ranges the child holds and the child's entries of every other
+/// range, in order. `child` must be sorted.
 pub fn answer(
     key: &[u8; 32],
     k: u32,
@@ -145,22 +195,8 @@ pub fn answer(
     if master.len() > MAX_RANGES {
         return Err(RangeError::Bounds(format!("{} digests", master.len())));
     }
-    let mut index: HashMap<Digest, usize> = HashMap::with_capacity(master.len());
-    for (i, d) in master.iter().enumerate() {
-        index.entry(*d).or_insert(i);
-    }
-    let mut bits = vec![0u8; master.len().div_ceil(8)];
-    let mut listed = Vec::new();
-    let starts = cut(child, k);
-    let ranges: Vec<std::ops::Range<usize>> = spans(&starts, child.len()).collect();
-    let ds = par_digests(key, child, &ranges);
-    for (r, d) in ranges.into_iter().zip(ds) {
-        match index.remove(&d) {
-            Some(i) => bits[i / 8] |= 1 << (i % 8),
-            None => listed.extend_from_slice(&child[r]),
-        }
-    }
-    Ok((bits, listed))
+    let (held, wanted) = matching(master, &digests(key, child, k));
+    Ok((held, listing(k, child, &wanted)?))
 }
 
 /// Whether `bits` is the bitmap of a child that holds all of `n` ranges (every bit set, no

@@ -219,7 +219,12 @@ fn save_cache(p: &Path, files: Vec<CacheEntry>) -> Result<(), SyncError> {
     if let Some(d) = p.parent() {
         fs_err::create_dir_all(d).map_err(|e| SyncError::fs("create", d, e))?;
     }
-    let tmp = p.with_extension("tmp");
+    // A name of this process's own: two runs saving the same cache at once (children of one
+    // master pushed in parallel, or a receiver still saving as the next run scans) never
+    // write into one temporary file; the last rename wins, and either file is whole.
+    static SAVES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SAVES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = p.with_extension(format!("{}-{n}.tmp", std::process::id()));
     fs_err::write(&tmp, z).map_err(|e| SyncError::fs("write", &tmp, e))?;
     fs_err::rename(&tmp, p).map_err(|e| SyncError::fs("rename", p, e))
 }
@@ -725,6 +730,20 @@ impl Walked {
         self,
         defer: &(dyn Fn(&str) -> bool + Sync),
     ) -> Result<(Manifest, ScanStats, Vec<Deferred>), SyncError> {
+        let (m, st, d, save) = self.hash_in_background(defer, false)?;
+        save.wait();
+        Ok((m, st, d))
+    }
+
+    /// [`Walked::hash`], with the cache (when it must be rewritten: 50,000 entries encoded,
+    /// compressed and written) saved on a thread of its own when `background`: the manifest
+    /// is ready before the cache is on disk. The returned [`CacheSave`] waits for that
+    /// thread when dropped or [`CacheSave::wait`]ed.
+    pub fn hash_in_background(
+        self,
+        defer: &(dyn Fn(&str) -> bool + Sync),
+        background: bool,
+    ) -> Result<(Manifest, ScanStats, Vec<Deferred>, CacheSave), SyncError> {
         let Walked {
             root,
             root_entry,
@@ -841,14 +860,56 @@ impl Walked {
             });
         }
         // Rewrite the cache only when it changed (a no-change run writes nothing).
-        if let Some(p) = &cache_path
+        let mut save = CacheSave(None);
+        if let Some(p) = cache_path
             && rewrite
-            && let Err(e) = save_cache(p, new_cache)
         {
-            // A missing cache costs time, not correctness.
-            tracing::warn!(error = %e, "hash cache not saved; the next run hashes again");
+            let work = move || {
+                if let Err(e) = save_cache(&p, new_cache) {
+                    // A missing cache costs time, not correctness.
+                    tracing::warn!(error = %e, "hash cache not saved; the next run hashes again");
+                }
+            };
+            if background {
+                match std::thread::Builder::new()
+                    .name("corral-cache-save".into())
+                    .spawn(work)
+                {
+                    Ok(h) => save = CacheSave(Some(h)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "hash cache not saved; the next run hashes again");
+                    }
+                }
+            } else {
+                work();
+            }
         }
-        Ok((Manifest { entries }, st, deferred))
+        Ok((Manifest { entries }, st, deferred, save))
+    }
+}
+
+/// A hash cache being saved on a thread of its own (see [`Walked::hash_in_background`]):
+/// waited for by [`CacheSave::wait`] or when dropped.
+#[derive(Debug)]
+#[must_use = "dropping it waits for the save"]
+pub struct CacheSave(Option<std::thread::JoinHandle<()>>);
+
+impl CacheSave {
+    /// Waits until the cache is on disk (or its save failed, with a warning).
+    pub fn wait(mut self) {
+        self.join();
+    }
+
+    fn join(&mut self) {
+        if let Some(h) = self.0.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for CacheSave {
+    fn drop(&mut self) {
+        self.join();
     }
 }
 

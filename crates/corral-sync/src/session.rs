@@ -174,6 +174,8 @@ fn serve_inner<W: Write>(
     // run (`corral drift`) ends with `Bye` and a run with nothing to do ends with `Finish`,
     // and neither builds it.
     let mut scanned: Option<Manifest> = None;
+    // The range parameter of the last scan's digests (`None`: it was sent whole).
+    let mut range_k: Option<u32> = None;
     let mut recv: Option<Receiver> = None;
     let receiver =
         |recv: &mut Option<Receiver>, scanned: &Option<Manifest>| -> Result<(), SyncError> {
@@ -202,7 +204,7 @@ fn serve_inner<W: Write>(
             Err(e) => return Err(e.into()),
         };
         match m {
-            Message::Scan => {
+            Message::Scan { key, k } => {
                 let t0 = std::time::Instant::now();
                 // Interrupted in-place updates are rolled back before anything reads the tree.
                 crate::journal::recover_path(root, !opts.no_fsync)?;
@@ -224,14 +226,29 @@ fn serve_inner<W: Write>(
                 if child.entries.len() <= WHOLE_MAX {
                     // Small (a new destination): all of it at once, no range exchange.
                     send_entries(framed, &child.entries)?;
+                    range_k = None;
                 } else {
-                    framed.send(&Message::RangesWanted)?;
+                    // The digests of its ranges, at once: the master asks (`Wanted`) only
+                    // for the entries of those it holds no copy of.
+                    let digests = crate::ranges::digests(&key, &child.entries, k);
+                    for b in digests.chunks(DIGEST_BATCH) {
+                        framed.send(&Message::RangeDigests(b.to_vec()))?;
+                    }
+                    framed.send(&Message::RangesEnd)?;
                     framed.flush()?;
-                    answer_ranges(inbox, framed, &child, t0)?;
+                    range_k = Some(k);
                 }
                 tracing::debug!(ms = ms(t0), "serve: manifest sent");
                 recv = None;
                 scanned = Some(child);
+            }
+            Message::Wanted(bits) => {
+                let (Some(k), Some(child)) = (range_k, &scanned) else {
+                    return Err(unexpected(&Message::Wanted(bits)));
+                };
+                let listed = crate::ranges::listing(k, &child.entries, &bits)
+                    .map_err(|e| ProtoError::Decode(format!("master's range request: {e}")))?;
+                send_entries(framed, &listed)?;
             }
             Message::Apply(op) => {
                 receiver(&mut recv, &scanned)?;
@@ -280,13 +297,16 @@ fn serve_inner<W: Write>(
                 }
             }
             Message::SigRequest(paths) => {
+                let t0 = std::time::Instant::now();
                 receiver(&mut recv, &scanned)?;
+                tracing::debug!(ms = ms(t0), "serve: receiver ready");
                 let Some(r) = recv.as_mut() else {
                     return Err(unexpected(&Message::SigRequest(paths)));
                 };
-                let sigs = paths.iter().map(|p| r.signature(p)).collect();
+                let sigs = r.signatures(&paths);
                 framed.send(&Message::Sigs(sigs))?;
                 framed.flush()?;
+                tracing::debug!(ms = ms(t0), files = paths.len(), "serve: signatures sent");
             }
             Message::Finish => {
                 // A run with no step and no signature request built no receiver and needs
@@ -296,18 +316,25 @@ fn serve_inner<W: Write>(
                 if options.backup.is_some() {
                     receiver(&mut recv, &scanned)?;
                 }
+                let t0 = std::time::Instant::now();
                 let report = match recv.as_mut() {
                     Some(r) => {
                         r.finish()?;
-                        if let Some(c) = &opts.cache {
-                            crate::scan::cache_add(c, root, &r.written)?;
-                        }
                         r.report.clone()
                     }
                     None => Report::default(),
                 };
+                tracing::debug!(ms = ms(t0), "serve: finished (durable)");
+                // Every change is durable: the master may report success now. The hash
+                // cache (a speed-up, never trusted beyond its keys) is updated after the
+                // report has left, while the master finishes: rewriting 50,000 entries is
+                // no longer on the run's path.
                 framed.send(&Message::Report(report))?;
                 framed.flush()?;
+                if let (Some(r), Some(c)) = (recv.as_ref(), &opts.cache) {
+                    crate::scan::cache_add(c, root, &r.written)?;
+                    tracing::debug!(ms = ms(t0), files = r.written.len(), "serve: cache saved");
+                }
             }
             Message::Bye => return Ok(()),
             m => return Err(unexpected(&m)),
@@ -366,43 +393,6 @@ pub enum Progress {
     },
 }
 
-/// The child's side of the range exchange (see [`crate::ranges`]): reads the master's
-/// range digests (at most [`crate::ranges::MAX_RANGES`]), sends the bitmap of the ranges it
-/// holds and its entries of the others. `child` is sorted.
-fn answer_ranges<W: Write>(
-    inbox: &mut Inbox,
-    framed: &mut Framed<std::io::Empty, W>,
-    child: &Manifest,
-    t0: std::time::Instant,
-) -> Result<(), SyncError> {
-    let mut digests = Vec::new();
-    let (key, k) = loop {
-        match inbox.recv()? {
-            Message::RangeDigests(d) => {
-                if digests.len() + d.len() > crate::ranges::MAX_RANGES {
-                    return Err(ProtoError::Decode(format!(
-                        "more than {} range digests",
-                        crate::ranges::MAX_RANGES
-                    ))
-                    .into());
-                }
-                digests.extend(d);
-            }
-            Message::RangesEnd { key, k } => break (key, k),
-            m => return Err(unexpected(&m)),
-        }
-    };
-    tracing::debug!(
-        ms = ms(t0),
-        ranges = digests.len(),
-        "serve: range digests received"
-    );
-    let (held, listed) = crate::ranges::answer(&key, k, &digests, &child.entries)
-        .map_err(|e| ProtoError::Decode(e.to_string()))?;
-    framed.send(&Message::Held(held))?;
-    send_entries(framed, &listed)
-}
-
 /// Sends entries in `Entries` batches, then `EntriesEnd`.
 fn send_entries<W: Write>(
     framed: &mut Framed<std::io::Empty, W>,
@@ -420,24 +410,42 @@ fn send_entries<W: Write>(
 enum ChildAnswer {
     /// Its whole manifest (at most [`WHOLE_MAX`] entries), sorted.
     Whole(Manifest),
-    /// It wants the master's range digests (see [`fetch_manifest`]).
-    Ranges,
+    /// The digests of its ranges (see [`fetch_child`]).
+    Digests(Vec<crate::ranges::Digest>),
 }
 
-/// Reads the child's first answer after its scan: `RangesWanted`, or its whole manifest
-/// (`Entries`… `EntriesEnd`, at most [`WHOLE_MAX`] entries, each path once).
+/// Reads the child's first answer after its scan: its range digests (`RangeDigests`…
+/// `RangesEnd`, at most [`crate::ranges::MAX_RANGES`]), or its whole manifest (`Entries`…
+/// `EntriesEnd`, at most [`WHOLE_MAX`] entries, each path once).
 fn child_answer<R: Read, W: Write>(framed: &mut Framed<R, W>) -> Result<ChildAnswer, SyncError> {
     let mut entries: Vec<Entry> = Vec::new();
+    // `Some` once the answer is digests (the first frame says which).
+    let mut digests: Option<Vec<crate::ranges::Digest>> = None;
+    let mut first = true;
     loop {
-        match framed.recv()? {
-            Message::RangesWanted if entries.is_empty() => return Ok(ChildAnswer::Ranges),
-            Message::Entries(es) => {
+        let m = framed.recv()?;
+        let was_first = std::mem::replace(&mut first, false);
+        match m {
+            Message::RangeDigests(d) if was_first || digests.is_some() => {
+                let ds = digests.get_or_insert_with(Vec::new);
+                if ds.len() + d.len() > crate::ranges::MAX_RANGES {
+                    return Err(bad_answer(crate::ranges::RangeError::Bounds(format!(
+                        "more than {} range digests",
+                        crate::ranges::MAX_RANGES
+                    ))));
+                }
+                ds.extend(d);
+            }
+            Message::RangesEnd if was_first || digests.is_some() => {
+                return Ok(ChildAnswer::Digests(digests.unwrap_or_default()));
+            }
+            Message::Entries(es) if digests.is_none() => {
                 if entries.len() + es.len() > WHOLE_MAX {
                     return Err(bad_answer(crate::ranges::RangeError::TooMany(WHOLE_MAX)));
                 }
                 entries.extend(es);
             }
-            Message::EntriesEnd => break,
+            Message::EntriesEnd if digests.is_none() => break,
             Message::Error(e) => return Err(SyncError::Remote(e)),
             m => return Err(unexpected(&m)),
         }
@@ -465,69 +473,56 @@ fn digest_key() -> Result<[u8; 32], SyncError> {
     Ok(key)
 }
 
-/// Receives the child's manifest after a `Scan`: sends the digests of the ranges of
-/// `master` (sorted), then rebuilds the child's manifest from the ranges it holds and the
-/// entries it lists (at most [`crate::ranges::MAX_LISTED`]); an answer that does not match
-/// the master's ranges is refused.
-pub fn fetch_manifest<R: Read, W: Write>(
-    framed: &mut Framed<R, W>,
-    master: &Manifest,
-) -> Result<Manifest, SyncError> {
-    Ok(fetch_child(framed, master)?.unwrap_or_else(|| master.clone()))
-}
-
-/// [`fetch_manifest`], with `None` when the child's manifest is the master's (it holds every
-/// range and lists nothing: a no-change run), which saves copying 50,000 entries.
+/// The child's manifest from its range digests (made with this run's `k`) and the master's
+/// own (`ours`, of `master`, sorted): `None` when it is the master's (it holds every range and
+/// has no other: a no-change run, which asks nothing more and saves copying 50,000 entries).
+/// Otherwise the child's entries of the ranges that match none of the master's are asked for
+/// (`Wanted`, at most [`crate::ranges::MAX_LISTED`] entries come back) and the manifest is
+/// rebuilt from them and the master's entries of the ranges the child holds; an answer that
+/// does not fit the master's ranges is refused.
 fn fetch_child<R: Read, W: Write>(
     framed: &mut Framed<R, W>,
     master: &Manifest,
+    k: u32,
+    ours: &[crate::ranges::Digest],
+    theirs: &[crate::ranges::Digest],
 ) -> Result<Option<Manifest>, SyncError> {
     let t0 = std::time::Instant::now();
-    let key = digest_key()?;
-    let k = crate::ranges::RANGE_K;
-    let digests = crate::ranges::digests(&key, &master.entries, k);
-    tracing::debug!(
-        ms = ms(t0),
-        ranges = digests.len(),
-        "push: range digests computed"
-    );
-    for b in digests.chunks(DIGEST_BATCH) {
-        framed.send(&Message::RangeDigests(b.to_vec()))?;
-    }
-    framed.send(&Message::RangesEnd { key, k })?;
-    framed.flush()?;
-    let held = match framed.recv()? {
-        Message::Held(h) => {
-            tracing::debug!(ms = ms(t0), "push: child's bitmap received");
-            h
-        }
-        Message::Error(e) => return Err(SyncError::Remote(e)),
-        m => return Err(unexpected(&m)),
-    };
-    let mut listed = Vec::new();
-    loop {
-        match framed.recv()? {
-            Message::Entries(es) => {
-                if listed.len() + es.len() > crate::ranges::MAX_LISTED {
-                    return Err(bad_answer(crate::ranges::RangeError::TooMany(
-                        crate::ranges::MAX_LISTED,
-                    )));
-                }
-                listed.extend(es);
-            }
-            Message::EntriesEnd => break,
-            Message::Error(e) => return Err(SyncError::Remote(e)),
-            m => return Err(unexpected(&m)),
-        }
-    }
-    let same = listed.is_empty()
-        && crate::ranges::all_held(&held, digests.len())
+    let (held, wanted) = crate::ranges::matching(ours, theirs);
+    let none_wanted = wanted.iter().all(|b| *b == 0);
+    let same = none_wanted
+        && crate::ranges::all_held(&held, ours.len())
         && master
             .entries
             .windows(2)
             .all(|w| crate::manifest::path_order(&w[0].path, &w[1].path).is_lt());
     if same {
         return Ok(None);
+    }
+    let mut listed = Vec::new();
+    if !none_wanted {
+        framed.send(&Message::Wanted(wanted))?;
+        framed.flush()?;
+        loop {
+            match framed.recv()? {
+                Message::Entries(es) => {
+                    if listed.len() + es.len() > crate::ranges::MAX_LISTED {
+                        return Err(bad_answer(crate::ranges::RangeError::TooMany(
+                            crate::ranges::MAX_LISTED,
+                        )));
+                    }
+                    listed.extend(es);
+                }
+                Message::EntriesEnd => break,
+                Message::Error(e) => return Err(SyncError::Remote(e)),
+                m => return Err(unexpected(&m)),
+            }
+        }
+        tracing::debug!(
+            ms = ms(t0),
+            listed = listed.len(),
+            "push: child's ranges listed"
+        );
     }
     crate::ranges::rebuild(&master.entries, k, &held, listed)
         .map(Some)
@@ -548,30 +543,33 @@ pub fn hello<R: Read, W: Write>(
     framed: &mut Framed<R, W>,
     run: &RunOptions,
 ) -> Result<(), SyncError> {
-    greet(framed, run, false)
+    greet(framed, run, None)
 }
 
-/// Says hello and asks the child to scan without waiting for its answer in between (one
-/// round trip instead of two), then waits for the child's hello.
+/// Says hello and asks the child to scan (and to digest its ranges with `key` and `k`)
+/// without waiting for its answer in between (one round trip instead of two), then waits for
+/// the child's hello.
 fn hello_and_scan<R: Read, W: Write>(
     framed: &mut Framed<R, W>,
     run: &RunOptions,
+    key: [u8; 32],
+    k: u32,
 ) -> Result<(), SyncError> {
-    greet(framed, run, true)
+    greet(framed, run, Some(Message::Scan { key, k }))
 }
 
-/// Sends Hello (and Scan right behind it when `scan`), then checks the child's Hello.
+/// Sends Hello (and `scan` right behind it), then checks the child's Hello.
 fn greet<R: Read, W: Write>(
     framed: &mut Framed<R, W>,
     run: &RunOptions,
-    scan: bool,
+    scan: Option<Message>,
 ) -> Result<(), SyncError> {
     framed.send(&Message::Hello {
         version: VERSION,
         options: run.clone(),
     })?;
-    if scan {
-        framed.send(&Message::Scan)?;
+    if let Some(scan) = scan {
+        framed.send(&scan)?;
     }
     framed.flush()?;
     match framed.recv()? {
@@ -606,16 +604,31 @@ pub fn push<R: Read, W: Write>(
     // the master's scan leaves unread every file the child does not have (unless this is a
     // dry run, which lists every hash): those are read once, as they are sent.
     let child_paths: std::sync::OnceLock<HashSet<String>> = std::sync::OnceLock::new();
+    let key = digest_key()?;
+    let k = crate::ranges::RANGE_K;
     let (answer, scanned) = std::thread::scope(|s| {
         let scanner = s.spawn(|| {
             let walked = walk(src, &scan_opts)?;
-            let r = walked.hash(&|p: &str| {
-                !opts.dry_run && child_paths.get().is_some_and(|c| !c.contains(p))
-            });
+            // The cache (rewritten when some files changed) is saved while the run goes on.
+            let (mut master, stats, deferred, save) = walked.hash_in_background(
+                &|p: &str| !opts.dry_run && child_paths.get().is_some_and(|c| !c.contains(p)),
+                true,
+            )?;
+            master.sort();
             tracing::debug!(ms = ms(t0), "push: master scanned");
-            r
+            // The master's range digests, while the child still scans (unless the child's
+            // whole manifest has come: then none are needed).
+            let digests = child_paths
+                .get()
+                .is_none()
+                .then(|| crate::ranges::digests(&key, &master.entries, k));
+            tracing::debug!(ms = ms(t0), "push: master digested");
+            Ok::<_, SyncError>((master, stats, deferred, digests, save))
         });
-        let answer = hello_and_scan(framed, &opts.run).and_then(|()| child_answer(framed));
+        let answer = hello_and_scan(framed, &opts.run, key, k).and_then(|()| {
+            tracing::debug!(ms = ms(t0), "push: child's hello");
+            child_answer(framed)
+        });
         tracing::debug!(ms = ms(t0), "push: child answered");
         if let Ok(ChildAnswer::Whole(m)) = &answer {
             let _ = child_paths.set(m.entries.iter().map(|e| e.path.clone()).collect());
@@ -626,11 +639,16 @@ pub fn push<R: Read, W: Write>(
         (answer, scanned)
     });
     let answer = answer?;
-    let (mut master, master_scan, deferred) = scanned?;
-    master.sort();
+    let (master, master_scan, deferred, digests, cache_save) = scanned?;
     let fetched = match answer {
         ChildAnswer::Whole(m) => Some(m),
-        ChildAnswer::Ranges => fetch_child(framed, &master)?,
+        ChildAnswer::Digests(theirs) => {
+            let ours = match digests {
+                Some(d) => d,
+                None => crate::ranges::digests(&key, &master.entries, k),
+            };
+            fetch_child(framed, &master, k, &ours, &theirs)?
+        }
     };
     let child = fetched.as_ref().unwrap_or(&master);
     tracing::debug!(ms = ms(t0), "push: child manifest");
@@ -661,6 +679,7 @@ pub fn push<R: Read, W: Write>(
         .flat_map(|c| c.chunk_list().into_iter().map(|(_, c)| c.hash))
         .collect();
     let sigs = fetch_signatures(framed, &p, child, &have)?;
+    tracing::debug!(ms = ms(t0), sigs = sigs.len(), "push: signatures received");
     let size_of = |op: &Op| match op {
         Op::Write(e) => deferred
             .get(e.path.as_str())
@@ -723,6 +742,7 @@ pub fn push<R: Read, W: Write>(
     )?;
     framed.send(&Message::Finish)?;
     framed.flush()?;
+    tracing::debug!(ms = ms(t0), "push: steps sent");
     // While the receiver makes its last batch durable and saves its cache (a few tenths of
     // a second after a large copy), the master does its own bookkeeping before it waits for
     // the report: the plan as carried out (the contents of the files read as they were
@@ -749,6 +769,8 @@ pub fn push<R: Read, W: Write>(
             n.hash = Some(h.clone());
         }
     }
+    // The scan's own save of the cache comes first (this adds to what it saved).
+    cache_save.wait();
     if let Some(c) = &opts.cache {
         crate::scan::cache_add_keyed(c, keep);
     }

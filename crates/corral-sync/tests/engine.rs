@@ -339,7 +339,10 @@ fn hostile(root: &Path, msgs: Vec<Message>) -> Result<(), corral_sync::SyncError
             version: VERSION,
             options: RunOptions::default(),
         },
-        Message::Scan,
+        Message::Scan {
+            key: [0; 32],
+            k: corral_sync::ranges::RANGE_K,
+        },
     ]
     .into_iter()
     .chain(msgs)
@@ -646,8 +649,9 @@ fn batched_install_and_small_edits_as_deltas() {
         changed_bytes += b.len();
         write(&p, &b);
     }
-    // The child lists only the ranges around the 15 edited files, not its 1,300 entries
-    // (about 70 KB as a full listing): a dry run receives little more than that.
+    // The child sends its range digests (about 330 of 8 bytes) and lists only the ranges
+    // around the 15 edited files, not its 1,300 entries (about 70 KB as a full listing): a
+    // dry run exchanges little more than that.
     let dry = push(
         &m,
         &c,
@@ -664,7 +668,13 @@ fn batched_install_and_small_edits_as_deltas() {
             .count(),
         15
     );
-    assert!(dry.bytes_in < 8_000, "{} bytes received", dry.bytes_in);
+    eprintln!("dry run: {} bytes in, {} out", dry.bytes_in, dry.bytes_out);
+    assert!(
+        dry.bytes_in + dry.bytes_out < 10_000,
+        "{} bytes received, {} sent",
+        dry.bytes_in,
+        dry.bytes_out
+    );
     let r = push_durable(&m, &c);
     assert!(r.report.failed.is_empty(), "{:?}", r.report.failed);
     assert_eq!(r.report.files_written, 15);
@@ -700,7 +710,10 @@ fn bad_delta_fails_the_step_and_keeps_the_old_file() {
             version: VERSION,
             options: RunOptions::default(),
         },
-        Message::Scan,
+        Message::Scan {
+            key: [0; 32],
+            k: corral_sync::ranges::RANGE_K,
+        },
         Message::SigRequest(vec!["f".into(), "missing".into()]),
         Message::Apply(Op::Write(file_entry("f", &new))),
         Message::Delta {
@@ -804,76 +817,171 @@ fn push_scripted(src: &Path, answers: Vec<Message>) -> Result<PushResult, corral
     )
 }
 
-/// A child whose answer to the range digests does not fit the master's ranges is refused
-/// with a clear error; an honest "I hold nothing" listing plans as usual.
+/// Runs the master (a dry run) against a scripted child on a socket pair: `child` gets the
+/// stream after the master's `Hello` and `Scan` (with the run's key and `k`) and the child's
+/// `Hello` have been exchanged.
+fn push_interactive(
+    src: &Path,
+    child: impl FnOnce(
+        &mut Framed<std::os::unix::net::UnixStream, std::os::unix::net::UnixStream>,
+        [u8; 32],
+        u32,
+    ) + Send,
+) -> Result<PushResult, corral_sync::SyncError> {
+    let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            let mut f = Framed::new(b.try_clone().unwrap(), b);
+            assert!(matches!(f.recv().unwrap(), Message::Hello { .. }));
+            let Message::Scan { key, k } = f.recv().unwrap() else {
+                panic!("no scan request")
+            };
+            f.send(&Message::Hello {
+                version: VERSION,
+                options: RunOptions::default(),
+            })
+            .unwrap();
+            f.flush().unwrap();
+            child(&mut f, key, k);
+            // The master may have stopped reading: a failed write is its refusal.
+        });
+        let mut f = Framed::new(a.try_clone().unwrap(), a);
+        let r = corral_sync::session::push(
+            src,
+            &mut f,
+            &IncludeAll,
+            &PushOptions {
+                dry_run: true,
+                ..PushOptions::default()
+            },
+            &mut |_| {},
+        );
+        drop(f);
+        r
+    })
+}
+
+/// Sends `digests` as a child's range digests, in two batches.
+fn send_digests<W: std::io::Write, R: std::io::Read>(
+    f: &mut Framed<R, W>,
+    digests: &[corral_sync::ranges::Digest],
+) {
+    let (x, y) = digests.split_at(digests.len() / 2);
+    for m in [
+        Message::RangeDigests(x.to_vec()),
+        Message::RangeDigests(y.to_vec()),
+        Message::RangesEnd,
+    ] {
+        let _ = f.send(&m);
+    }
+    let _ = f.flush();
+}
+
+/// The child sends its range digests made with the master's key unasked; the master asks
+/// only for the ranges it does not hold and refuses a listing that does not fit its ranges,
+/// with a clear error. A child with every range is asked nothing; one with none lists
+/// nothing and plans as an empty child.
 #[test]
 fn child_answer_must_match_the_masters_ranges() {
     let t = tempfile::tempdir().unwrap();
     let m = t.path().join("m");
     numbered_files(&m, 200, 5, |i| format!("{i}").into_bytes());
     let master = manifest(&m);
-    let ranges = corral_sync::ranges::cut(&master.entries, corral_sync::ranges::RANGE_K).len();
-    let bits = ranges.div_ceil(8);
     let msg = |r: Result<PushResult, corral_sync::SyncError>| match r {
         Ok(_) => panic!("accepted"),
         Err(e) => e.to_string(),
     };
-    // A bitmap of the wrong length.
-    let e = msg(push_scripted(
-        &m,
-        vec![
-            Message::RangesWanted,
-            Message::Held(vec![0; bits + 1]),
-            Message::EntriesEnd,
-        ],
-    ));
-    assert!(e.contains("range bitmap has"), "{e}");
-    // Holding every range and listing a path inside one of them.
-    let mut all = vec![0xff; bits];
-    if !ranges.is_multiple_of(8) {
-        all[bits - 1] = (1u8 << (ranges % 8)) - 1;
-    }
-    let e = msg(push_scripted(
-        &m,
-        vec![
-            Message::RangesWanted,
-            Message::Held(all.clone()),
-            Message::Entries(vec![master.entries[10].clone()]),
-            Message::EntriesEnd,
-        ],
-    ));
-    assert!(e.contains("does not match the ranges"), "{e}");
-    // Something else than the answer.
-    let e = msg(push_scripted(
-        &m,
-        vec![Message::RangesWanted, Message::EntriesEnd],
-    ));
-    assert!(e.contains("unexpected message"), "{e}");
-    // Holding everything: nothing to do. Holding nothing and listing nothing: an empty child.
-    let r = push_scripted(
-        &m,
-        vec![
-            Message::RangesWanted,
-            Message::Held(all),
-            Message::EntriesEnd,
-        ],
-    )
+    // Holding everything: nothing to do, and the next message is the dry run's Bye.
+    let r = push_interactive(&m, |f, key, k| {
+        send_digests(f, &corral_sync::ranges::digests(&key, &master.entries, k));
+        assert_eq!(f.recv().unwrap(), Message::Bye);
+    })
     .unwrap();
     assert!(r.plan.is_empty(), "{:?}", r.plan.items);
-    let r = push_scripted(
-        &m,
-        vec![
-            Message::RangesWanted,
-            Message::Held(vec![0; bits]),
-            Message::EntriesEnd,
-        ],
-    )
+    // Holding nothing (no digests): an empty child, asked for nothing.
+    let r = push_interactive(&m, |f, _, _| {
+        send_digests(f, &[]);
+        assert_eq!(f.recv().unwrap(), Message::Bye);
+    })
     .unwrap();
     assert_eq!(r.plan.items.len(), master.entries.len());
+    // One file edited on the child: the master asks for exactly its range and plans it.
+    let mut edited = master.clone();
+    let i = edited
+        .entries
+        .iter()
+        .position(|e| e.path == "d1/f6")
+        .unwrap();
+    edited.entries[i].content.as_mut().unwrap().hash = corral_sync::manifest::Hash::of(b"x");
+    let r = push_interactive(&m, |f, key, k| {
+        send_digests(f, &corral_sync::ranges::digests(&key, &edited.entries, k));
+        let Message::Wanted(bits) = f.recv().unwrap() else {
+            panic!("no range request")
+        };
+        assert_eq!(bits.iter().map(|b| b.count_ones()).sum::<u32>(), 1);
+        let listed = corral_sync::ranges::listing(k, &edited.entries, &bits).unwrap();
+        assert!(listed.iter().any(|e| e.path == "d1/f6"));
+        let _ = f.send(&Message::Entries(listed));
+        let _ = f.send(&Message::EntriesEnd);
+        let _ = f.flush();
+        assert_eq!(f.recv().unwrap(), Message::Bye);
+    })
+    .unwrap();
+    let changed: Vec<_> = r.plan.items.iter().map(|i| i.path.as_str()).collect();
+    assert_eq!(changed, ["d1/f6"]);
+    // Asked for a range, listing a path inside a range it claims to hold.
+    let e = msg(push_interactive(&m, |f, key, k| {
+        send_digests(f, &corral_sync::ranges::digests(&key, &edited.entries, k));
+        let _ = f.recv();
+        let _ = f.send(&Message::Entries(vec![master.entries[10].clone()]));
+        let _ = f.send(&Message::EntriesEnd);
+        let _ = f.flush();
+    }));
+    assert!(e.contains("does not match the ranges"), "{e}");
+    // Something else than the listing.
+    let e = msg(push_interactive(&m, |f, key, k| {
+        send_digests(f, &corral_sync::ranges::digests(&key, &edited.entries, k));
+        let _ = f.recv();
+        let _ = f.send(&Message::RangesEnd);
+        let _ = f.flush();
+    }));
+    assert!(e.contains("unexpected message"), "{e}");
+    // Digests after entries.
+    let e = msg(push_scripted(
+        &m,
+        vec![
+            Message::Entries(vec![master.entries[3].clone()]),
+            Message::RangeDigests(vec![[0; 8]]),
+        ],
+    ));
+    assert!(e.contains("unexpected message"), "{e}");
 }
 
-/// A child may send its whole manifest instead of asking for the range digests, but only a
-/// small one, each path once, and not after asking for the digests.
+/// A receiver refuses a range request before it has sent digests, and one whose bitmap does
+/// not have one bit per range of its manifest.
+#[test]
+fn a_range_request_must_fit_the_childs_ranges() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("root");
+    // Small: sent whole, no ranges to ask for.
+    numbered_files(&root, 10, 2, |i| format!("{i}").into_bytes());
+    let e = hostile(&root, vec![Message::Wanted(vec![1])]).unwrap_err();
+    assert!(e.to_string().contains("unexpected message"), "{e}");
+    // Large: a bitmap one byte too long.
+    numbered_files(&root, 400, 4, |i| format!("{i}").into_bytes());
+    let child = manifest(&root);
+    let n = corral_sync::ranges::cut(&child.entries, corral_sync::ranges::RANGE_K).len();
+    let e = hostile(&root, vec![Message::Wanted(vec![0; n.div_ceil(8) + 1])]).unwrap_err();
+    assert!(e.to_string().contains("range bitmap has"), "{e}");
+    hostile(
+        &root,
+        vec![Message::Wanted(vec![0; n.div_ceil(8)]), Message::Bye],
+    )
+    .unwrap();
+}
+
+/// A child may send its whole manifest instead of its range digests, but only a small one,
+/// each path once.
 #[test]
 fn a_whole_child_manifest_is_small_and_consistent() {
     let t = tempfile::tempdir().unwrap();
@@ -911,15 +1019,6 @@ fn a_whole_child_manifest_is_small_and_consistent() {
         ],
     ));
     assert!(e.contains("more than"), "{e}");
-    // Asking for the digests after listing entries.
-    let e = msg(push_scripted(
-        &m,
-        vec![
-            Message::Entries(vec![master.entries[3].clone()]),
-            Message::RangesWanted,
-        ],
-    ));
-    assert!(e.contains("unexpected message"), "{e}");
     // The whole manifest, unsorted: the master sorts it and plans against it.
     let mut whole = master.entries.clone();
     whole.reverse();
@@ -1043,7 +1142,10 @@ fn push_to_a_child_of_another_version_fails_clearly() {
     // What the master sent: its hello, then the scan request.
     let mut sent = Framed::new(&out[..], Vec::new());
     assert!(matches!(sent.recv().unwrap(), Message::Hello { version, .. } if version == VERSION));
-    assert!(matches!(sent.recv().unwrap(), Message::Scan));
+    assert!(matches!(
+        sent.recv().unwrap(),
+        Message::Scan { k, .. } if k == corral_sync::ranges::RANGE_K
+    ));
 }
 
 /// The receiver's reader thread checks data before the file system sees it: a chunk whose
