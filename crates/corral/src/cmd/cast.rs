@@ -282,11 +282,9 @@ pub(crate) struct KeygenArgs {
 pub(crate) fn run(cmd: CastCommand, _global: &Global) -> anyhow::Result<Code> {
     match cmd {
         CastCommand::Keygen(a) => keygen(a),
-        // One thread for both: each loop polls its own sockets and timers, so no wakeup
-        // crosses threads per batch of datagrams (receiver) or per pacing tick (sender; its
-        // block encoder is a thread of its own and TCP catch-up reads run on the blocking
-        // pool). A measurable share of CPU with 8 receivers and the sender on 2 cores.
-        CastCommand::Send(a) => current_thread_runtime()?.block_on(send(a)),
+        CastCommand::Send(a) => runtime()?.block_on(send(a)),
+        // One thread: the receive loop polls its own sockets, so no wakeup crosses threads
+        // per batch of datagrams (a measurable share of CPU with 8 receivers on 2 cores).
         CastCommand::Receive(a) => current_thread_runtime()?.block_on(receive(a)),
         CastCommand::Serve(a) => runtime()?.block_on(serve(a)),
         CastCommand::List(a) => runtime()?.block_on(list(a)),
