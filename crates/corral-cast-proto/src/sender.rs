@@ -892,6 +892,15 @@ impl Sender {
             let ceiling = self.cfg.max_rate_bps.max(self.cfg.rate_bps);
             self.rate_bps = (self.rate_bps + step).min(ceiling);
         }
+        // Every step, changed or not: with the window's real rate next to the set one, this is
+        // what shows whether the climb stalls (sent < 0.8x set) or a loss report cut the rate.
+        tracing::debug!(
+            set_bps = old,
+            sent_bps = sent_bps.map_or(0, |s| s as u64),
+            median_loss = median,
+            new_bps = self.rate_bps,
+            "adaptive rate step"
+        );
         if self.rate_bps != old {
             self.events.push_back(SenderEvent::RateChanged {
                 rate_bps: self.rate_bps,
