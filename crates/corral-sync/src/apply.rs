@@ -196,6 +196,14 @@ struct Pulled {
     streamed: bool,
 }
 
+/// Where a chunk the receiver writes comes from ([`Receiver::chunk_source`]).
+enum ChunkSource {
+    /// Read from a file the child holds, checked against the chunk's hash.
+    Local(Vec<u8>),
+    /// Sent by the master.
+    Stream(Incoming),
+}
+
 /// An in-place update changing at most this many bytes (in whole chunks) pulls them into
 /// memory first, then journals and writes only the 4 KiB pages that differ; a larger one
 /// journals the changed chunks whole.
@@ -634,6 +642,7 @@ impl Receiver {
                     .map_err(|x| errno("read old bytes", &e.path, x))?;
                 ip.changed = runs.iter().map(|(o, b)| (*o, b.len() as u64)).collect();
                 if let Some((jdir, jname, jbytes)) = self.start_journal(e, &content, &ip) {
+                    self.count_pulled(&pulled);
                     return self.write_in_place(
                         e,
                         content,
@@ -645,7 +654,7 @@ impl Receiver {
                     );
                 }
                 // No journal: the temporary-file path below takes the streamed chunks from
-                // what was pulled.
+                // what was pulled (and counts every chunk as it writes it, once).
                 replay = Some(
                     pulled
                         .into_iter()
@@ -957,7 +966,9 @@ impl Receiver {
     /// Pulls the new bytes of the changed chunks of an in-place update (from the stream or
     /// from elsewhere on the child), before anything is journaled or written. Every chunk is
     /// pulled from the stream even after a failure, so the stream stays in step with the
-    /// master; a failure leaves the file untouched.
+    /// master; a failure leaves the file untouched. Nothing is counted in the report yet:
+    /// the caller counts the chunks where they are used ([`Receiver::count_pulled`], or
+    /// [`Receiver::fill`] again when no journal can be made).
     fn pull_changed(
         &mut self,
         e: &Entry,
@@ -971,48 +982,75 @@ impl Receiver {
             if !ip.changed.iter().any(|(o, l)| *off >= *o && *off < o + l) {
                 continue;
             }
-            let (bytes, streamed) = match self.index.get(&c.hash).cloned() {
-                Some((p, o, l)) => {
-                    match self.read_local(&p, o, l).filter(|b| Hash::of(b) == c.hash) {
-                        Some(b) => {
-                            self.report.reused_bytes += b.len() as u64;
-                            (b, false)
-                        }
-                        None => {
-                            first_err.get_or_insert(SyncError::SourceChanged(format!(
-                                "{} (chunk source {p} on the child)",
-                                e.path
-                            )));
-                            continue;
-                        }
-                    }
+            match self.whole_chunk(e, c, data)? {
+                Ok((bytes, streamed)) => out.push(Pulled {
+                    off: *off,
+                    hash: c.hash,
+                    bytes,
+                    streamed,
+                }),
+                Err(err) => {
+                    first_err.get_or_insert(err);
                 }
-                None => match data(&c.hash, c.len)? {
-                    Incoming::Bytes(b) => {
-                        self.report.literal_bytes += b.len() as u64;
-                        (b, true)
-                    }
-                    Incoming::Delta { .. } => {
-                        // Deltas are made only for one-chunk files, which are never in place.
-                        first_err.get_or_insert(SyncError::SourceChanged(format!(
-                            "{} (a delta for a chunk of a large file)",
-                            e.path
-                        )));
-                        continue;
-                    }
-                },
-            };
-            out.push(Pulled {
-                off: *off,
-                hash: c.hash,
-                bytes,
-                streamed,
-            });
+            }
         }
         match first_err {
             Some(err) => Err(err),
             None => Ok(out),
         }
+    }
+
+    /// Counts pulled chunks written by an in-place update: streamed ones as literal bytes,
+    /// the others as reused.
+    fn count_pulled(&mut self, pulled: &[Pulled]) {
+        for p in pulled {
+            let n = p.bytes.len() as u64;
+            if p.streamed {
+                self.report.literal_bytes += n;
+            } else {
+                self.report.reused_bytes += n;
+            }
+        }
+    }
+
+    /// Where the bytes of chunk `c` of `e` come from: the child's own files when it holds
+    /// that chunk (read and checked against its hash), else the master's stream. The outer
+    /// error is the stream's (the run cannot go on); the inner one fails only this file.
+    fn chunk_source(
+        &mut self,
+        e: &Entry,
+        c: &crate::manifest::Chunk,
+        data: &mut DataSource<'_>,
+    ) -> Result<Result<ChunkSource, SyncError>, SyncError> {
+        match self.index.get(&c.hash).cloned() {
+            Some((p, o, l)) => Ok(self
+                .read_local(&p, o, l)
+                .filter(|b| Hash::of(b) == c.hash)
+                .map(ChunkSource::Local)
+                .ok_or_else(|| {
+                    SyncError::SourceChanged(format!("{} (chunk source {p} on the child)", e.path))
+                })),
+            None => Ok(Ok(ChunkSource::Stream(data(&c.hash, c.len)?))),
+        }
+    }
+
+    /// [`Receiver::chunk_source`] for a chunk of a large file, which comes whole (never as
+    /// a delta): its bytes, and whether they came from the stream.
+    fn whole_chunk(
+        &mut self,
+        e: &Entry,
+        c: &crate::manifest::Chunk,
+        data: &mut DataSource<'_>,
+    ) -> Result<Result<(Vec<u8>, bool), SyncError>, SyncError> {
+        Ok(match self.chunk_source(e, c, data)? {
+            Ok(ChunkSource::Local(b)) => Ok((b, false)),
+            Ok(ChunkSource::Stream(Incoming::Bytes(b))) => Ok((b, true)),
+            // Deltas are made only for one-chunk files, which are never in place.
+            Ok(ChunkSource::Stream(Incoming::Delta { .. })) => Err(SyncError::SourceChanged(
+                format!("{} (a delta for a chunk of a large file)", e.path),
+            )),
+            Err(err) => Err(err),
+        })
     }
 
     /// Writes the runs of an in-place update (once their old bytes are journaled).
@@ -1057,36 +1095,19 @@ impl Receiver {
             if !ip.changed.iter().any(|(o, l)| *off >= *o && *off < o + l) {
                 continue;
             }
-            let bytes = match self.index.get(&c.hash).cloned() {
-                Some((p, o, l)) => {
-                    match self.read_local(&p, o, l).filter(|b| Hash::of(b) == c.hash) {
-                        Some(b) => {
-                            self.report.reused_bytes += b.len() as u64;
-                            b
-                        }
-                        None => {
-                            first_err.get_or_insert(SyncError::SourceChanged(format!(
-                                "{} (chunk source {p} on the child)",
-                                e.path
-                            )));
-                            continue;
-                        }
-                    }
-                }
-                None => match data(&c.hash, c.len)? {
-                    Incoming::Bytes(b) => {
+            let bytes = match self.whole_chunk(e, c, data)? {
+                Ok((b, streamed)) => {
+                    if streamed {
                         self.report.literal_bytes += b.len() as u64;
-                        b
+                    } else {
+                        self.report.reused_bytes += b.len() as u64;
                     }
-                    Incoming::Delta { .. } => {
-                        // Deltas are made only for one-chunk files, which are never in place.
-                        first_err.get_or_insert(SyncError::SourceChanged(format!(
-                            "{} (a delta for a chunk of a large file)",
-                            e.path
-                        )));
-                        continue;
-                    }
-                },
+                    b
+                }
+                Err(err) => {
+                    first_err.get_or_insert(err);
+                    continue;
+                }
             };
             if first_err.is_some() {
                 continue;
@@ -1249,29 +1270,20 @@ impl Receiver {
         }
         let mut first_err = None;
         for (off, c) in chunks {
-            let local = self.index.get(&c.hash).cloned();
             if cloned.get(off) == Some(&c.hash) {
                 self.report.cloned_bytes += u64::from(c.len);
                 continue;
             }
-            let bytes = match local {
-                Some((p, o, l)) => {
-                    let b = self.read_local(&p, o, l).filter(|b| Hash::of(b) == c.hash);
-                    match b {
-                        Some(b) => {
-                            self.report.reused_bytes += b.len() as u64;
-                            b
-                        }
-                        None => {
-                            first_err.get_or_insert(SyncError::SourceChanged(format!(
-                                "{} (chunk source {p} on the child)",
-                                e.path
-                            )));
-                            continue;
-                        }
-                    }
+            let bytes = match self.chunk_source(e, c, data)? {
+                Err(err) => {
+                    first_err.get_or_insert(err);
+                    continue;
                 }
-                None => match data(&c.hash, c.len)? {
+                Ok(ChunkSource::Local(b)) => {
+                    self.report.reused_bytes += b.len() as u64;
+                    b
+                }
+                Ok(ChunkSource::Stream(incoming)) => match incoming {
                     Incoming::Bytes(b) => {
                         self.report.literal_bytes += b.len() as u64;
                         b

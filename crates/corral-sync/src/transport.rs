@@ -204,6 +204,40 @@ fn sh_quote(s: &str) -> String {
     }
 }
 
+/// Capacity of the master's buffered writer to ssh. A `Data` payload at least this large
+/// bypasses the buffer and goes to the pipe straight from the reader thread's buffer (a
+/// 1 MiB buffer copied every payload once more: 3.3 GB of `memmove` in a full copy of the
+/// benchmark tree); smaller frames are gathered into one write.
+pub const SEND_BUFFER: usize = 64 << 10;
+
+/// What [`widen_pipe`] asks for: with Linux's default 64 KiB pipes a writer wakes its reader
+/// (ssh, or the receiver behind sshd) every 64 KiB and blocks until it drains.
+pub const PIPE_SIZE: usize = 1 << 20;
+
+/// Makes the pipe `fd` (either end) hold [`PIPE_SIZE`] bytes where the kernel allows it
+/// (`/proc/sys/fs/pipe-max-size`, the user's pipe page quota); anything else (a socket, a
+/// terminal, a refusal) keeps what it has: only the number of wake-ups depends on it. The
+/// environment variable `CORRAL_SYNC_PIPE_SIZE` (bytes; 0 leaves pipes alone) overrides the
+/// size, for benchmarks.
+pub fn widen_pipe(fd: impl std::os::fd::AsFd) {
+    let size = std::env::var("CORRAL_SYNC_PIPE_SIZE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(PIPE_SIZE);
+    if size == 0 {
+        return;
+    }
+    if let Err(e) = rustix::pipe::fcntl_setpipe_size(fd, size) {
+        tracing::debug!(error = %e, "pipe size left as it was");
+    }
+}
+
+/// Capacity of the receiver's buffered reader of the stream. `read_to_end` asks for a
+/// chunk's payload in reads of growing size; a read at least this large, with the buffer
+/// drained, goes from the pipe straight into the chunk's buffer (a 1 MiB buffer served every
+/// payload byte by one more copy).
+pub const RECV_BUFFER: usize = 64 << 10;
+
 /// The remote command line for a receiver rooted at `path`.
 pub fn remote_command(corral: &str, path: &str) -> String {
     format!("{corral} sync serve --stdio --root {}", sh_quote(path))
@@ -224,7 +258,7 @@ pub fn connect(
                 .map_err(|e| SyncError::fs("socketpair", p, e))?;
             let thread = std::thread::spawn(move || {
                 let mut f = Framed::new(
-                    BufReader::with_capacity(1 << 20, b),
+                    BufReader::with_capacity(RECV_BUFFER, b),
                     BufWriter::with_capacity(1 << 20, b2),
                 );
                 serve(&root, &mut f, &serve_opts)
@@ -238,7 +272,7 @@ pub fn connect(
             Ok(Connection {
                 framed: Framed::new(
                     Box::new(BufReader::with_capacity(1 << 20, a)),
-                    Box::new(BufWriter::with_capacity(1 << 20, a2)),
+                    Box::new(BufWriter::with_capacity(SEND_BUFFER, a2)),
                 ),
                 local: Some((a3, thread)),
                 child: None,
@@ -258,10 +292,12 @@ pub fn connect(
             let (Some(out), Some(inp)) = (child.stdout.take(), child.stdin.take()) else {
                 return Err(SyncError::Remote("ssh has no pipes".into()));
             };
+            widen_pipe(&inp);
+            widen_pipe(&out);
             Ok(Connection {
                 framed: Framed::new(
                     Box::new(BufReader::with_capacity(1 << 20, out)),
-                    Box::new(BufWriter::with_capacity(1 << 20, inp)),
+                    Box::new(BufWriter::with_capacity(SEND_BUFFER, inp)),
                 ),
                 local: None,
                 child: Some(child),

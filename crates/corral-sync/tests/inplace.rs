@@ -177,6 +177,13 @@ fn scattered_edits_are_written_in_place_with_about_the_changed_bytes() {
     assert!(rep.cloned_bytes >= (SIZE as u64) * 3 / 4, "{rep:?}");
     assert!(rep.bytes_written <= 4 << 20, "{rep:?}");
     assert!(rep.bytes_written >= 2 * 32 * 1024, "{rep:?}");
+    // Each byte of the new image counted once: kept in place, or a changed chunk pulled.
+    assert!(rep.literal_bytes > 0, "{rep:?}");
+    assert_eq!(
+        rep.cloned_bytes + rep.literal_bytes + rep.reused_bytes,
+        SIZE as u64,
+        "{rep:?}"
+    );
     // The kernel's count of what the process wrote agrees (plus file system metadata).
     assert!(
         r.write_bytes <= rep.bytes_written + (1 << 20),
@@ -391,4 +398,13 @@ fn without_a_journal_the_pulled_chunks_rewrite_the_image_whole() {
     assert_ne!(std::fs::metadata(&img).unwrap().ino(), ino, "replaced");
     assert!(rep.bytes_written >= SIZE as u64, "{rep:?}");
     assert_eq!(std::fs::read_dir(&jd).unwrap().count(), 0);
+    // The chunks pulled for the in-place attempt are counted once, where the temporary
+    // file is written: the changed ones as literal bytes, the rest as reused (or cloned).
+    assert!(rep.literal_bytes > 0, "{rep:?}");
+    assert!(rep.literal_bytes < SIZE as u64 / 4, "{rep:?}");
+    assert_eq!(
+        rep.cloned_bytes + rep.literal_bytes + rep.reused_bytes,
+        SIZE as u64,
+        "{rep:?}"
+    );
 }

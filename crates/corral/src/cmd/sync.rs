@@ -302,8 +302,11 @@ fn serve(a: ServeArgs) -> anyhow::Result<Code> {
             a.root.display()
         )));
     }
+    // Pipes from and to sshd (fewer wake-ups per MiB); a socket or a file is left alone.
+    corral_sync::transport::widen_pipe(std::io::stdin());
+    corral_sync::transport::widen_pipe(std::io::stdout());
     let mut f = Framed::new(
-        std::io::BufReader::with_capacity(1 << 20, std::io::stdin()),
+        std::io::BufReader::with_capacity(corral_sync::transport::RECV_BUFFER, std::io::stdin()),
         std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock()),
     );
     let opts = ServeOptions {
