@@ -209,6 +209,13 @@ enum ChunkSource {
 /// journals the changed chunks whole.
 pub const PULL_MAX: u64 = 64 << 20;
 
+/// How the receiver opens a file it reads old bytes from: never through a symlink, and without
+/// blocking on a fifo swapped in under it.
+const READ_OLD: OFlags = OFlags::RDONLY
+    .union(OFlags::NOFOLLOW)
+    .union(OFlags::CLOEXEC)
+    .union(OFlags::NONBLOCK);
+
 const RETAIN_MAX: usize = 256;
 
 /// What the master sent for a chunk the child does not hold.
@@ -407,12 +414,7 @@ impl Receiver {
     fn keep_old(&mut self, path: &str, dir: &OwnedFd, name: &str) {
         if self.old.contains_key(path)
             && self.retained.len() < RETAIN_MAX
-            && let Ok(fd) = rustix::fs::openat(
-                dir,
-                name,
-                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
-                Mode::empty(),
-            )
+            && let Ok(fd) = rustix::fs::openat(dir, name, READ_OLD, Mode::empty())
         {
             self.retained.insert(path.to_string(), fd);
         }
@@ -586,19 +588,17 @@ impl Receiver {
         self.set_meta_path(&p, rel, &e.meta, true)
     }
 
+    /// Opens a child file for reading its old bytes, confined beneath the root.
+    fn open_old(&self, path: &str) -> Option<OwnedFd> {
+        rustix::fs::openat2(&self.root, path, READ_OLD, Mode::empty(), beneath()).ok()
+    }
+
     fn read_local(&mut self, path: &str, off: u64, len: u32) -> Option<Vec<u8>> {
         let fd = if let Some(fd) = self.retained.get(path) {
             fd.as_fd()
         } else {
             if self.open_cache.as_ref().is_none_or(|(p, _)| p != path) {
-                let fd = rustix::fs::openat2(
-                    &self.root,
-                    path,
-                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
-                    Mode::empty(),
-                    beneath(),
-                )
-                .ok()?;
+                let fd = self.open_old(path)?;
                 self.open_cache = Some((path.to_string(), fd));
             }
             self.open_cache.as_ref()?.1.as_fd()
@@ -1257,12 +1257,7 @@ impl Receiver {
                 .map(|(o, c)| (o, c.hash))
                 .collect();
             if !shared.is_empty()
-                && let Ok(src) = rustix::fs::openat(
-                    dir,
-                    name,
-                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
-                    Mode::empty(),
-                )
+                && let Ok(src) = rustix::fs::openat(dir, name, READ_OLD, Mode::empty())
                 && rustix::fs::ioctl_ficlone(f, &src).is_ok()
             {
                 cloned = shared.into_iter().collect();
@@ -1368,14 +1363,7 @@ impl Receiver {
         let fd = match self.retained.get(path) {
             Some(fd) => fd.as_fd(),
             None => {
-                opened = rustix::fs::openat2(
-                    &self.root,
-                    path,
-                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
-                    Mode::empty(),
-                    beneath(),
-                )
-                .ok()?;
+                opened = self.open_old(path)?;
                 opened.as_fd()
             }
         };
