@@ -1004,6 +1004,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_walk_lists_every_entry_once_in_manifest_order() {
+        let t = tempfile::tempdir().unwrap();
+        // Names where byte order and manifest order differ (`a/…` before `a-b`, `a.b`, `ab`).
+        let mut want = Vec::new();
+        for d in ["a", "a-b", "a.b", "ab", "a/x", "a/x/y", "ab/a", "z"] {
+            std::fs::create_dir(t.path().join(d)).unwrap();
+            want.push(d.to_string());
+        }
+        for f in [
+            "a/x/y/f", "a/x-1", "a/x0", "a-b/f", "a.b/f", "ab/a/f", "b", "z/f", "0",
+        ] {
+            std::fs::write(t.path().join(f), f).unwrap();
+            want.push(f.to_string());
+        }
+        for i in 0..300 {
+            let f = format!("z/g{}", 300 - i);
+            std::fs::write(t.path().join(&f), b"x").unwrap();
+            want.push(f);
+        }
+        want.sort_by(|a, b| path_order(a, b));
+        want.insert(0, String::new());
+        let (m, st) = scan(t.path(), &ScanOptions::default()).unwrap();
+        let got: Vec<&str> = m.entries.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(got, want);
+        assert_eq!(st.entries, want.len() as u64);
+        assert!(got.iter().position(|p| *p == "a/x/y/f") < got.iter().position(|p| *p == "a-b"));
+    }
+
+    #[test]
     fn caches_unused_for_30_days_are_removed_and_the_used_one_is_marked() {
         let t = tempfile::tempdir().unwrap();
         let now = std::time::SystemTime::now();
