@@ -41,8 +41,11 @@ log() { echo "== $*" >&2; }
 source "$HERE/lib.sh"
 # The 1 % and image steps edit the data in place and put it back at the end (gen.py undo); a
 # run interrupted before that leaves the undo records, applied here.
-for u in "$SRC.undo" "$IMG.undo"; do
-    if [ -e "$u" ]; then python3 "$HERE/gen.py" undo "$u"; fi
+# (Data not marked complete is generated again anyway: its undo record is dropped.)
+for d in "$SRC" "$IMG"; do
+    if [ -e "$d.undo" ]; then
+        if [ -e "$d.complete" ]; then python3 "$HERE/gen.py" undo "$d.undo"; else rm -f "$d.undo"; fi
+    fi
 done
 ensure_data tree "$SRC"
 ensure_data image "$IMG"
