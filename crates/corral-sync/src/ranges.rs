@@ -162,15 +162,7 @@ pub fn listing(k: u32, child: &[Entry], wanted: &[u8]) -> Result<Vec<Entry>, Ran
         return Err(RangeError::Bounds(format!("k = {k}")));
     }
     let starts = cut(child, k);
-    let n = starts.len();
-    if wanted.len() != n.div_ceil(8)
-        || (!n.is_multiple_of(8) && wanted.last().is_some_and(|b| b >> (n % 8) != 0))
-    {
-        return Err(RangeError::BitmapLength {
-            got: wanted.len(),
-            ranges: n,
-        });
-    }
+    check_bitmap(wanted, starts.len())?;
     let mut listed = Vec::new();
     for (j, r) in spans(&starts, child.len()).enumerate() {
         if wanted[j / 8] & (1 << (j % 8)) != 0 {
@@ -199,6 +191,20 @@ pub fn answer(
     Ok((held, listing(k, child, &wanted)?))
 }
 
+/// Refuses a bitmap over `n` ranges that does not have exactly one bit per range (its length,
+/// or a bit set past the `n`th).
+fn check_bitmap(bits: &[u8], n: usize) -> Result<(), RangeError> {
+    if bits.len() != n.div_ceil(8)
+        || (!n.is_multiple_of(8) && bits.last().is_some_and(|b| b >> (n % 8) != 0))
+    {
+        return Err(RangeError::BitmapLength {
+            got: bits.len(),
+            ranges: n,
+        });
+    }
+    Ok(())
+}
+
 /// Whether `bits` is the bitmap of a child that holds all of `n` ranges (every bit set, no
 /// bit past the `n`th).
 pub fn all_held(bits: &[u8], n: usize) -> bool {
@@ -225,14 +231,7 @@ pub fn rebuild(
 ) -> Result<Manifest, RangeError> {
     let starts = cut(master, k);
     let n = starts.len();
-    if bits.len() != n.div_ceil(8)
-        || (!n.is_multiple_of(8) && bits.last().is_some_and(|b| b >> (n % 8) != 0))
-    {
-        return Err(RangeError::BitmapLength {
-            got: bits.len(),
-            ranges: n,
-        });
-    }
+    check_bitmap(bits, n)?;
     if listed.len() > MAX_LISTED {
         return Err(RangeError::TooMany(MAX_LISTED));
     }
