@@ -21,6 +21,7 @@ mod observe;
 mod options;
 mod output;
 mod receive;
+mod sched;
 mod send;
 pub mod serve;
 pub mod socket;

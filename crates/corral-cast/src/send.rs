@@ -55,6 +55,9 @@ fn symbol_size(packet_size: usize) -> u16 {
 /// Sends an image to every receiver that joins; returns when the protocol reports the session
 /// finished (every receiver verified, failed or timed out) or `cancel` fires.
 pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendReport, CastError> {
+    // The pacing loop and the thread firing its timers must run soon after they wake, or the
+    // token bucket overflows and the pass loses rate (see `sched`).
+    crate::sched::request_short_slices(crate::sched::SENDER_SLICE);
     let obs = opts.observer.clone();
     let (key, ephemeral_key) = match &opts.key {
         Some(k) => (k.clone(), false),

@@ -1,8 +1,8 @@
 //! UDP sockets for multicast: group membership on a chosen interface, TTL, loopback, large
 //! buffers (with a warning when the kernel caps them), and interface-name resolution.
 //!
-//! This is the only module of the crate allowed to use `unsafe` (for `getifaddrs`); every block
-//! says why it is sound.
+//! This and `sched` are the only modules of the crate allowed to use `unsafe` (here for
+//! `getifaddrs` and the batched socket calls); every block says why it is sound.
 #![allow(unsafe_code)]
 
 use std::io;
