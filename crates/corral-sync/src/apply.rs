@@ -120,7 +120,8 @@ pub struct Receiver {
     /// its files are renamed into place once that sync has returned.
     syncing: Option<(Vec<Pending>, SyncThread)>,
     in_place_min: u64,
-    /// Test hook: abort the process after this many extent writes of in-place updates.
+    /// Test hook: abort the process after this many extent writes of in-place updates
+    /// (always `None` without the `test-hooks` feature; see [`crash_after_from`]).
     crash_after: Option<u64>,
     extents_written: u64,
     /// Whether FICLONE works, per device (probed once).
@@ -129,6 +130,37 @@ pub struct Receiver {
     journal_dir_used: bool,
     /// Closes the last descriptors of replaced inodes off the run's path.
     graveyard: Graveyard,
+}
+
+/// The environment variable of the crash test hook (see [`crash_after_from`]).
+#[cfg(feature = "test-hooks")]
+const CRASH_AFTER_VAR: &str = "CORRAL_SYNC_CRASH_AFTER_EXTENTS";
+
+/// The crash test hook's count from the value of `CORRAL_SYNC_CRASH_AFTER_EXTENTS`: with the `test-hooks`
+/// feature (enabled only by the test builds of this crate and of `corral`), a receiver dies
+/// like a killed one after that many extent writes of in-place updates. Without it (every
+/// shipped binary) the variable is ignored, so no environment can make a receiver abort.
+fn crash_after_from(value: Option<&str>) -> Option<u64> {
+    #[cfg(feature = "test-hooks")]
+    return value.and_then(|v| v.parse().ok());
+    #[cfg(not(feature = "test-hooks"))]
+    {
+        let _ = value;
+        None
+    }
+}
+
+/// The value of `CORRAL_SYNC_CRASH_AFTER_EXTENTS`, read only in builds with the `test-hooks` feature (a
+/// shipped binary neither reads nor names the variable).
+#[cfg(feature = "test-hooks")]
+fn crash_hook_env() -> Option<String> {
+    std::env::var(CRASH_AFTER_VAR).ok()
+}
+
+/// Without the `test-hooks` feature there is no hook to configure.
+#[cfg(not(feature = "test-hooks"))]
+fn crash_hook_env() -> Option<String> {
+    None
 }
 
 /// A thread that closes descriptors of the old inodes a run replaced. Renaming over a file's
@@ -320,9 +352,7 @@ impl Receiver {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(IN_PLACE_MIN),
-            crash_after: std::env::var("CORRAL_SYNC_CRASH_AFTER_EXTENTS")
-                .ok()
-                .and_then(|v| v.parse().ok()),
+            crash_after: crash_after_from(crash_hook_env().as_deref()),
             extents_written: 0,
             graveyard: Graveyard::default(),
             reflink: HashMap::new(),
@@ -1093,7 +1123,7 @@ impl Receiver {
     }
 
     /// Counts a step of an in-place update (a run written, a shrink's cut) for the test hook
-    /// `CORRAL_SYNC_CRASH_AFTER_EXTENTS`, which dies like a killed receiver after that many,
+    /// `CORRAL_SYNC_CRASH_AFTER_EXTENTS` (feature `test-hooks` only), which dies like a killed receiver after that many,
     /// the journal and a half-updated file left.
     fn step_done(&mut self) {
         self.extents_written += 1;
@@ -1710,6 +1740,20 @@ fn random_seed() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue #5: the crash hook works only in builds with the `test-hooks` feature; a shipped
+    /// binary (built without it) ignores `CORRAL_SYNC_CRASH_AFTER_EXTENTS`.
+    #[test]
+    fn crash_hook_counts_only_with_the_test_hooks_feature() {
+        let expected = if cfg!(feature = "test-hooks") {
+            Some(3)
+        } else {
+            None
+        };
+        assert_eq!(crash_after_from(Some("3")), expected);
+        assert_eq!(crash_after_from(Some("three")), None);
+        assert_eq!(crash_after_from(None), None);
+    }
 
     fn entry(path: &str, data: &[u8]) -> Entry {
         Entry {
