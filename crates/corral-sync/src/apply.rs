@@ -430,9 +430,9 @@ impl Receiver {
     /// Moves an existing object away: into the backup, or removed (recursively).
     fn remove(&mut self, path: &str) -> Result<(), SyncError> {
         let (dir, name) = self.parent(path)?;
-        let Some(st) = Self::exists(&dir, &name) else {
+        if Self::exists(&dir, &name).is_none() {
             return Ok(());
-        };
+        }
         self.keep_old(path, &dir, &name);
         if let Some((bdir, bname)) = self.backup_parent(path)? {
             // A second backup of the same path in one run keeps the first.
@@ -441,22 +441,58 @@ impl Receiver {
                     .map_err(|e| errno("move to backup", path, e));
             }
         }
-        let old_inode = self.hold_last_name(path, &dir, &name, &st);
-        let r = rm_rf(&dir, name.as_str()).map_err(|e| errno("remove", path, e));
-        if let Some(fd) = old_inode {
-            self.graveyard.bury(fd);
+        self.remove_tree(path, &dir, name.as_str())
+            .map_err(|e| errno("remove", path, e))
+    }
+
+    /// Removes `name` in `dir` (the object at `path`), recursively, never following symlinks
+    /// (each level is opened `NOFOLLOW` relative to its parent's descriptor, which is beneath
+    /// the root). Every regular file whose name is its last, also deep inside a deleted
+    /// directory, is unlinked with its inode held and freed on the graveyard's thread.
+    fn remove_tree<P: rustix::path::Arg + Copy>(
+        &mut self,
+        path: &str,
+        dir: &OwnedFd,
+        name: P,
+    ) -> Result<(), Errno> {
+        let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
+        if st.st_mode & 0o170000 != 0o040000 {
+            let old_inode = self.hold_last_name(path, dir, name, &st);
+            let r = rustix::fs::unlinkat(dir, name, AtFlags::empty());
+            if let Some(fd) = old_inode {
+                self.graveyard.bury(fd);
+            }
+            return r;
         }
-        r
+        let sub = rustix::fs::openat(
+            dir,
+            name,
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let mut names = Vec::new();
+        for de in rustix::fs::Dir::read_from(&sub)? {
+            let de = de?;
+            let n = de.file_name();
+            if n.to_bytes() != b"." && n.to_bytes() != b".." {
+                names.push(n.to_owned());
+            }
+        }
+        for n in names {
+            let p = format!("{path}/{}", n.to_string_lossy());
+            self.remove_tree(&p, &sub, n.as_c_str())?;
+        }
+        rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR)
     }
 
     /// A descriptor holding the inode of regular file `name` when that name is its last and
     /// nothing else keeps it (see [`Graveyard`]): about to be renamed over or unlinked, the
     /// inode is then freed when the graveyard closes it, not inside that call.
-    fn hold_last_name(
+    fn hold_last_name<P: rustix::path::Arg>(
         &self,
         path: &str,
         dir: &OwnedFd,
-        name: &str,
+        name: P,
         st: &rustix::fs::Stat,
     ) -> Option<OwnedFd> {
         if st.st_mode & 0o170000 != 0o100000 || st.st_nlink != 1 || self.retained.contains_key(path)
@@ -1684,32 +1720,6 @@ fn write_at(
     Ok(())
 }
 
-/// Removes `name` in `dir`, recursively, never following symlinks.
-pub(crate) fn rm_rf<P: rustix::path::Arg + Copy>(dir: &OwnedFd, name: P) -> Result<(), Errno> {
-    let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
-    if st.st_mode & 0o170000 != 0o040000 {
-        return rustix::fs::unlinkat(dir, name, AtFlags::empty());
-    }
-    let sub = rustix::fs::openat(
-        dir,
-        name,
-        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?;
-    let mut names = Vec::new();
-    for de in rustix::fs::Dir::read_from(&sub)? {
-        let de = de?;
-        let n = de.file_name();
-        if n.to_bytes() != b"." && n.to_bytes() != b".." {
-            names.push(n.to_owned());
-        }
-    }
-    for n in names {
-        rm_rf(&sub, n.as_c_str())?;
-    }
-    rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR)
-}
-
 /// A random seed for a signature's strong sums: the standard library's per-process random
 /// hasher keys (from the OS), not a security boundary, only so that two runs never meet the
 /// same sum collision.
@@ -1879,8 +1889,9 @@ mod tests {
         }
     }
 
-    /// A deleted file whose name was its last has its inode freed by the graveyard (held
-    /// across the unlink); a hard-linked one, a directory or a symlink is just removed.
+    /// A deleted file whose name was its last (also inside a deleted directory) has its inode
+    /// freed by the graveyard (held across the unlink); a hard-linked one, a directory or a
+    /// symlink is just removed.
     /// Nothing stays open once the receiver is dropped.
     #[test]
     fn deleted_files_are_freed_by_the_graveyard() {
@@ -1915,8 +1926,8 @@ mod tests {
             .unwrap();
         }
         assert_eq!(
-            r.graveyard.buried, 6,
-            "one held inode per deleted last name"
+            r.graveyard.buried, 7,
+            "one held inode per deleted last name (dir/sub/f included)"
         );
         r.finish().unwrap();
         drop(r);
@@ -1928,6 +1939,50 @@ mod tests {
         left.sort();
         assert_eq!(left, ["kept"]);
         assert_eq!(std::fs::read(root.join("kept")).unwrap(), b"two names\n");
+    }
+
+    /// Issue #5: the files inside a deleted directory are freed like a deleted top-level file:
+    /// each last name's inode held across its unlink and closed by the graveyard. A file with
+    /// another name outside keeps it, a symlink inside is removed, not followed, and nothing
+    /// stays open once the receiver is dropped.
+    #[test]
+    fn files_inside_a_deleted_directory_are_freed_by_the_graveyard() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().canonicalize().unwrap();
+        std::fs::create_dir_all(root.join("dir/sub/deeper")).unwrap();
+        std::fs::create_dir_all(root.join("outside")).unwrap();
+        for f in ["dir/a", "dir/b", "dir/sub/c", "dir/sub/deeper/d"] {
+            std::fs::write(root.join(f), f.as_bytes()).unwrap();
+        }
+        std::fs::write(root.join("outside/kept"), b"two names\n").unwrap();
+        std::fs::hard_link(root.join("outside/kept"), root.join("dir/sub/linked")).unwrap();
+        std::os::unix::fs::symlink("../outside", root.join("dir/to-outside")).unwrap();
+        std::os::unix::fs::symlink("../../outside/kept", root.join("dir/sub/to-kept")).unwrap();
+        let opts = ReceiverOptions {
+            ignore_owner: true,
+            fsync: true,
+            ..ReceiverOptions::default()
+        };
+        let mut r = Receiver::new(&root, &Manifest::default(), opts).unwrap();
+        r.apply(&crate::planner::Op::Delete {
+            path: "dir".into(),
+            dir: true,
+        })
+        .unwrap();
+        assert_eq!(
+            r.graveyard.buried, 4,
+            "one held inode per last name inside the deleted directory"
+        );
+        r.finish().unwrap();
+        drop(r);
+        assert_eq!(deleted_open(&root), 0, "old inodes still open");
+        assert!(!root.join("dir").exists());
+        assert_eq!(
+            std::fs::read(root.join("outside/kept")).unwrap(),
+            b"two names\n"
+        );
+        let kept = std::fs::metadata(root.join("outside/kept")).unwrap();
+        assert_eq!(std::os::unix::fs::MetadataExt::nlink(&kept), 1);
     }
 
     /// Without durability there is nothing to wait for: a full batch is installed at once.
