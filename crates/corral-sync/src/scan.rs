@@ -1081,12 +1081,23 @@ pub fn cache_add(
 /// The default hash cache file for a tree root: `$CORRAL_STATE_DIR/sync/<hash of root>.cache`
 /// (`/var/lib/corral` when unset).
 pub fn default_cache(root: &Path) -> PathBuf {
-    let base = std::env::var_os("CORRAL_STATE_DIR")
+    cache_in(&default_state_dir(), root)
+}
+
+/// This machine's state directory: `$CORRAL_STATE_DIR`, else `/var/lib/corral`.
+pub fn default_state_dir() -> PathBuf {
+    std::env::var_os("CORRAL_STATE_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/lib/corral"));
+        .unwrap_or_else(|| PathBuf::from("/var/lib/corral"))
+}
+
+/// The hash cache file of the tree at `root` in the state directory `state`
+/// (`STATE/sync/HASH.cache`, named after the root's canonical path).
+pub fn cache_in(state: &Path, root: &Path) -> PathBuf {
     let canon = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
     let h = Hash::of(canon.as_os_str().as_encoded_bytes());
-    base.join("sync")
+    state
+        .join("sync")
         .join(format!("{}.cache", &h.to_hex()[..32]))
 }
 
