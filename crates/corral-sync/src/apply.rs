@@ -136,9 +136,9 @@ pub struct Receiver {
 #[cfg(feature = "test-hooks")]
 const CRASH_AFTER_VAR: &str = "CORRAL_SYNC_CRASH_AFTER_EXTENTS";
 
-/// The crash test hook's count from the value of `CORRAL_SYNC_CRASH_AFTER_EXTENTS`: with the `test-hooks`
-/// feature (enabled only by the test builds of this crate and of `corral`), a receiver dies
-/// like a killed one after that many extent writes of in-place updates. Without it (every
+/// The crash test hook's count from the value of `CORRAL_SYNC_CRASH_AFTER_EXTENTS`: with the
+/// `test-hooks` feature (enabled only by the test builds of this crate and of `corral`), a
+/// receiver dies like a killed one after that many extent writes of in-place updates. Without it (every
 /// shipped binary) the variable is ignored, so no environment can make a receiver abort.
 fn crash_after_from(value: Option<&str>) -> Option<u64> {
     #[cfg(feature = "test-hooks")]
@@ -150,8 +150,8 @@ fn crash_after_from(value: Option<&str>) -> Option<u64> {
     }
 }
 
-/// The value of `CORRAL_SYNC_CRASH_AFTER_EXTENTS`, read only in builds with the `test-hooks` feature (a
-/// shipped binary neither reads nor names the variable).
+/// The value of `CORRAL_SYNC_CRASH_AFTER_EXTENTS`, read only in builds with the `test-hooks`
+/// feature (a shipped binary neither reads nor names the variable).
 #[cfg(feature = "test-hooks")]
 fn crash_hook_env() -> Option<String> {
     std::env::var(CRASH_AFTER_VAR).ok()
@@ -1159,8 +1159,8 @@ impl Receiver {
     }
 
     /// Counts a step of an in-place update (a run written, a shrink's cut) for the test hook
-    /// `CORRAL_SYNC_CRASH_AFTER_EXTENTS` (feature `test-hooks` only), which dies like a killed receiver after that many,
-    /// the journal and a half-updated file left.
+    /// `CORRAL_SYNC_CRASH_AFTER_EXTENTS` (feature `test-hooks` only), which dies like a killed
+    /// receiver after that many, the journal and a half-updated file left.
     fn step_done(&mut self) {
         self.extents_written += 1;
         if self.crash_after == Some(self.extents_written) {

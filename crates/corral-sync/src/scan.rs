@@ -314,7 +314,8 @@ fn load_cache_when_saved(p: &Path) -> (Vec<CacheEntry>, bool) {
 
 /// Marks the cache file `used` as used now (its mtime, at most once per [`CACHE_TOUCH`]) and,
 /// when it did, removes the other `*.cache` (and leftover `*.tmp`) files of its directory that
-/// were not used for [`CACHE_KEEP`], and the `*.lock` files of caches no longer there. Best effort: a failure costs disk, not correctness.
+/// were not used for [`CACHE_KEEP`], and the `*.lock` files of caches no longer there. Best
+/// effort: a failure costs disk, not correctness.
 fn cache_housekeeping(used: &Path, now: std::time::SystemTime) {
     let old = |m: &std::fs::Metadata, age| {
         m.modified()
