@@ -171,24 +171,58 @@ fn crash_hook_env() -> Option<String> {
 /// unlink) and closed here instead, in parallel with the run; nothing about the new files'
 /// durability depends on it. Dropping the graveyard waits for the thread (after the run's
 /// report has been sent).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Graveyard {
     tx: Option<std::sync::mpsc::Sender<OwnedFd>>,
     thread: Option<std::thread::JoinHandle<()>>,
     /// Descriptors handed over so far.
     buried: usize,
+    /// Descriptors the thread has closed so far.
+    closed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// At most this many descriptors wait to be closed (see [`Graveyard::has_room`]).
+    max_backlog: usize,
+}
+
+/// How many held inodes may wait for the graveyard at once. Unlinking is much faster than
+/// freeing, so deleting a directory of 100,000 files would otherwise queue as many open
+/// descriptors and exhaust the receiver's descriptor limit (65,536 at most), failing the
+/// run's own opens meanwhile; beyond it, inodes are freed inline as before.
+const GRAVEYARD_BACKLOG: usize = 4096;
+
+impl Default for Graveyard {
+    fn default() -> Self {
+        Graveyard {
+            tx: None,
+            thread: None,
+            buried: 0,
+            closed: std::sync::Arc::default(),
+            max_backlog: GRAVEYARD_BACKLOG,
+        }
+    }
 }
 
 impl Graveyard {
+    /// Whether another descriptor may be buried without the backlog passing its bound.
+    fn has_room(&self) -> bool {
+        let closed = self.closed.load(std::sync::atomic::Ordering::Relaxed);
+        self.buried.saturating_sub(closed) < self.max_backlog
+    }
+
     /// Closes `fd` on the graveyard's thread (started on first use; closed here if it
     /// cannot start).
     fn bury(&mut self, fd: OwnedFd) {
         self.buried += 1;
         if self.tx.is_none() {
             let (tx, rx) = std::sync::mpsc::channel::<OwnedFd>();
+            let closed = self.closed.clone();
             if let Ok(h) = std::thread::Builder::new()
                 .name("corral-close".into())
-                .spawn(move || rx.into_iter().for_each(drop))
+                .spawn(move || {
+                    for fd in rx {
+                        drop(fd);
+                        closed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                })
             {
                 self.tx = Some(tx);
                 self.thread = Some(h);
@@ -495,7 +529,10 @@ impl Receiver {
         name: P,
         st: &rustix::fs::Stat,
     ) -> Option<OwnedFd> {
-        if st.st_mode & 0o170000 != 0o100000 || st.st_nlink != 1 || self.retained.contains_key(path)
+        if st.st_mode & 0o170000 != 0o100000
+            || st.st_nlink != 1
+            || self.retained.contains_key(path)
+            || !self.graveyard.has_room()
         {
             return None;
         }
@@ -1983,6 +2020,36 @@ mod tests {
         );
         let kept = std::fs::metadata(root.join("outside/kept")).unwrap();
         assert_eq!(std::os::unix::fs::MetadataExt::nlink(&kept), 1);
+    }
+
+    /// With the graveyard's backlog full (here: no room at all), a deleted directory's files
+    /// are freed inline (no descriptor held): the directory is still removed and nothing
+    /// stays open.
+    #[test]
+    fn a_full_graveyard_frees_inline() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().canonicalize().unwrap();
+        for i in 0..20 {
+            std::fs::create_dir_all(root.join(format!("dir/{}", i % 3))).unwrap();
+            std::fs::write(root.join(format!("dir/{}/f{i}", i % 3)), b"x").unwrap();
+        }
+        let opts = ReceiverOptions {
+            ignore_owner: true,
+            fsync: true,
+            ..ReceiverOptions::default()
+        };
+        let mut r = Receiver::new(&root, &Manifest::default(), opts).unwrap();
+        r.graveyard.max_backlog = 0;
+        r.apply(&crate::planner::Op::Delete {
+            path: "dir".into(),
+            dir: true,
+        })
+        .unwrap();
+        assert_eq!(r.graveyard.buried, 0, "no room: every inode freed inline");
+        r.finish().unwrap();
+        drop(r);
+        assert!(!root.join("dir").exists());
+        assert_eq!(deleted_open(&root), 0, "old inodes still open");
     }
 
     /// Without durability there is nothing to wait for: a full batch is installed at once.
