@@ -842,6 +842,11 @@ mod trees {
         assert_eq!(t.children.len(), 3);
         assert!(t.children[2].recurse);
         assert_eq!(t.children[2].tree, "web");
+        assert_eq!(t.children[0].state_dir, None);
+        assert_eq!(
+            t.children[1].state_dir.as_deref(),
+            Some("/srv/corral-state")
+        );
         assert_eq!(t.compress, crate::TreeCompress::Auto);
         assert!(crate::check(d.path()).iter().all(|p| !p.is_error()));
     }
@@ -872,6 +877,25 @@ mod trees {
         assert!(
             e.iter()
                 .any(|p| p.message.contains("compress = \"fast\"") && p.message.contains("never")),
+            "{e:?}"
+        );
+    }
+
+    /// Issue #5: a child's `state_dir` is kept as given when absolute, refused when relative.
+    #[test]
+    fn a_childs_state_dir_must_be_absolute() {
+        let d = site_with(
+            "source = \"/a\"\n[[child]]\nhost = \"h\"\ndest = \"/\"\nstate_dir = \"/srv/st\"\n",
+        );
+        let t = crate::load_tree(d.path(), "t").unwrap();
+        assert_eq!(t.children[0].state_dir.as_deref(), Some("/srv/st"));
+        let d = site_with(
+            "source = \"/a\"\n[[child]]\nhost = \"h\"\ndest = \"/\"\nstate_dir = \"st\"\n",
+        );
+        let e = crate::load_tree(d.path(), "t").unwrap_err();
+        assert!(
+            e.iter()
+                .any(|p| p.message.contains("state_dir = \"st\"") && p.message.contains("absolute")),
             "{e:?}"
         );
     }

@@ -19,6 +19,8 @@
 //! recurse = false                    # the child is itself a master: sync its children next
 //! site = "/etc/corral/site"          # its site directory (for recurse)
 //! tree = "web"                       # its tree name (default: this tree's name)
+//! state_dir = "/srv/corral-state"    # optional: the child's state directory (hash cache),
+//!                                    # given to its receiver as `corral sync serve --state-dir`
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -63,6 +65,7 @@ struct RawChild {
     recurse: bool,
     site: Option<String>,
     tree: Option<String>,
+    state_dir: Option<String>,
 }
 
 /// A validated tree description.
@@ -123,6 +126,10 @@ pub struct TreeChild {
     pub site: Option<String>,
     /// The child's tree name (for `recurse`).
     pub tree: String,
+    /// The state directory of the child's receiver (its hash cache; `corral sync serve
+    /// --state-dir`); `None`: the child's default (`$CORRAL_STATE_DIR` there, else
+    /// `/var/lib/corral`). An absolute path on the child.
+    pub state_dir: Option<String>,
 }
 
 fn convert(dir: &Path, name: &str, src: &Source, raw: RawTree, r: &mut Report) -> Option<Tree> {
@@ -210,6 +217,16 @@ fn convert(dir: &Path, name: &str, src: &Source, raw: RawTree, r: &mut Report) -
                 format!("two children named {cname:?}; give each a distinct `name`"),
             );
         }
+        if let Some(s) = &c.state_dir
+            && !Path::new(s).is_absolute()
+        {
+            bad(
+                r,
+                format!(
+                    "child {cname:?}: state_dir = {s:?} must be an absolute path on the child, e.g. \"/var/lib/corral\""
+                ),
+            );
+        }
         if c.recurse && c.host.is_none() && c.site.is_none() {
             bad(
                 r,
@@ -224,6 +241,7 @@ fn convert(dir: &Path, name: &str, src: &Source, raw: RawTree, r: &mut Report) -
             recurse: c.recurse,
             site: c.site,
             tree: c.tree.unwrap_or_else(|| name.to_string()),
+            state_dir: c.state_dir,
         });
     }
     let (ssh_program, ssh_args, remote_corral, persist, compress) = match raw.ssh {

@@ -120,7 +120,8 @@ pub struct Receiver {
     /// its files are renamed into place once that sync has returned.
     syncing: Option<(Vec<Pending>, SyncThread)>,
     in_place_min: u64,
-    /// Test hook: abort the process after this many extent writes of in-place updates.
+    /// Test hook: abort the process after this many extent writes of in-place updates
+    /// (always `None` without the `test-hooks` feature; see [`crash_after_from`]).
     crash_after: Option<u64>,
     extents_written: u64,
     /// Whether FICLONE works, per device (probed once).
@@ -131,6 +132,37 @@ pub struct Receiver {
     graveyard: Graveyard,
 }
 
+/// The environment variable of the crash test hook (see [`crash_after_from`]).
+#[cfg(feature = "test-hooks")]
+const CRASH_AFTER_VAR: &str = "CORRAL_SYNC_CRASH_AFTER_EXTENTS";
+
+/// The crash test hook's count from the value of `CORRAL_SYNC_CRASH_AFTER_EXTENTS`: with the
+/// `test-hooks` feature (enabled only by the test builds of this crate and of `corral`), a
+/// receiver dies like a killed one after that many extent writes of in-place updates. Without it (every
+/// shipped binary) the variable is ignored, so no environment can make a receiver abort.
+fn crash_after_from(value: Option<&str>) -> Option<u64> {
+    #[cfg(feature = "test-hooks")]
+    return value.and_then(|v| v.parse().ok());
+    #[cfg(not(feature = "test-hooks"))]
+    {
+        let _ = value;
+        None
+    }
+}
+
+/// The value of `CORRAL_SYNC_CRASH_AFTER_EXTENTS`, read only in builds with the `test-hooks`
+/// feature (a shipped binary neither reads nor names the variable).
+#[cfg(feature = "test-hooks")]
+fn crash_hook_env() -> Option<String> {
+    std::env::var(CRASH_AFTER_VAR).ok()
+}
+
+/// Without the `test-hooks` feature there is no hook to configure.
+#[cfg(not(feature = "test-hooks"))]
+fn crash_hook_env() -> Option<String> {
+    None
+}
+
 /// A thread that closes descriptors of the old inodes a run replaced. Renaming over a file's
 /// last name, or closing the last descriptor of an unlinked inode, frees the inode and its
 /// blocks inside that call: on a busy ext4 about 1.7 ms each (a journal handle, waiting
@@ -139,24 +171,58 @@ pub struct Receiver {
 /// unlink) and closed here instead, in parallel with the run; nothing about the new files'
 /// durability depends on it. Dropping the graveyard waits for the thread (after the run's
 /// report has been sent).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Graveyard {
     tx: Option<std::sync::mpsc::Sender<OwnedFd>>,
     thread: Option<std::thread::JoinHandle<()>>,
     /// Descriptors handed over so far.
     buried: usize,
+    /// Descriptors the thread has closed so far.
+    closed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// At most this many descriptors wait to be closed (see [`Graveyard::has_room`]).
+    max_backlog: usize,
+}
+
+/// How many held inodes may wait for the graveyard at once. Unlinking is much faster than
+/// freeing, so deleting a directory of 100,000 files would otherwise queue as many open
+/// descriptors and exhaust the receiver's descriptor limit (65,536 at most), failing the
+/// run's own opens meanwhile; beyond it, inodes are freed inline as before.
+const GRAVEYARD_BACKLOG: usize = 4096;
+
+impl Default for Graveyard {
+    fn default() -> Self {
+        Graveyard {
+            tx: None,
+            thread: None,
+            buried: 0,
+            closed: std::sync::Arc::default(),
+            max_backlog: GRAVEYARD_BACKLOG,
+        }
+    }
 }
 
 impl Graveyard {
+    /// Whether another descriptor may be buried without the backlog passing its bound.
+    fn has_room(&self) -> bool {
+        let closed = self.closed.load(std::sync::atomic::Ordering::Relaxed);
+        self.buried.saturating_sub(closed) < self.max_backlog
+    }
+
     /// Closes `fd` on the graveyard's thread (started on first use; closed here if it
     /// cannot start).
     fn bury(&mut self, fd: OwnedFd) {
         self.buried += 1;
         if self.tx.is_none() {
             let (tx, rx) = std::sync::mpsc::channel::<OwnedFd>();
+            let closed = self.closed.clone();
             if let Ok(h) = std::thread::Builder::new()
                 .name("corral-close".into())
-                .spawn(move || rx.into_iter().for_each(drop))
+                .spawn(move || {
+                    for fd in rx {
+                        drop(fd);
+                        closed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                })
             {
                 self.tx = Some(tx);
                 self.thread = Some(h);
@@ -320,9 +386,7 @@ impl Receiver {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(IN_PLACE_MIN),
-            crash_after: std::env::var("CORRAL_SYNC_CRASH_AFTER_EXTENTS")
-                .ok()
-                .and_then(|v| v.parse().ok()),
+            crash_after: crash_after_from(crash_hook_env().as_deref()),
             extents_written: 0,
             graveyard: Graveyard::default(),
             reflink: HashMap::new(),
@@ -400,9 +464,9 @@ impl Receiver {
     /// Moves an existing object away: into the backup, or removed (recursively).
     fn remove(&mut self, path: &str) -> Result<(), SyncError> {
         let (dir, name) = self.parent(path)?;
-        let Some(st) = Self::exists(&dir, &name) else {
+        if Self::exists(&dir, &name).is_none() {
             return Ok(());
-        };
+        }
         self.keep_old(path, &dir, &name);
         if let Some((bdir, bname)) = self.backup_parent(path)? {
             // A second backup of the same path in one run keeps the first.
@@ -411,25 +475,64 @@ impl Receiver {
                     .map_err(|e| errno("move to backup", path, e));
             }
         }
-        let old_inode = self.hold_last_name(path, &dir, &name, &st);
-        let r = rm_rf(&dir, name.as_str()).map_err(|e| errno("remove", path, e));
-        if let Some(fd) = old_inode {
-            self.graveyard.bury(fd);
+        self.remove_tree(path, &dir, name.as_str())
+            .map_err(|e| errno("remove", path, e))
+    }
+
+    /// Removes `name` in `dir` (the object at `path`), recursively, never following symlinks
+    /// (each level is opened `NOFOLLOW` relative to its parent's descriptor, which is beneath
+    /// the root). Every regular file whose name is its last, also deep inside a deleted
+    /// directory, is unlinked with its inode held and freed on the graveyard's thread.
+    fn remove_tree<P: rustix::path::Arg + Copy>(
+        &mut self,
+        path: &str,
+        dir: &OwnedFd,
+        name: P,
+    ) -> Result<(), Errno> {
+        let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
+        if st.st_mode & 0o170000 != 0o040000 {
+            let old_inode = self.hold_last_name(path, dir, name, &st);
+            let r = rustix::fs::unlinkat(dir, name, AtFlags::empty());
+            if let Some(fd) = old_inode {
+                self.graveyard.bury(fd);
+            }
+            return r;
         }
-        r
+        let sub = rustix::fs::openat(
+            dir,
+            name,
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let mut names = Vec::new();
+        for de in rustix::fs::Dir::read_from(&sub)? {
+            let de = de?;
+            let n = de.file_name();
+            if n.to_bytes() != b"." && n.to_bytes() != b".." {
+                names.push(n.to_owned());
+            }
+        }
+        for n in names {
+            let p = format!("{path}/{}", n.to_string_lossy());
+            self.remove_tree(&p, &sub, n.as_c_str())?;
+        }
+        rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR)
     }
 
     /// A descriptor holding the inode of regular file `name` when that name is its last and
     /// nothing else keeps it (see [`Graveyard`]): about to be renamed over or unlinked, the
     /// inode is then freed when the graveyard closes it, not inside that call.
-    fn hold_last_name(
+    fn hold_last_name<P: rustix::path::Arg>(
         &self,
         path: &str,
         dir: &OwnedFd,
-        name: &str,
+        name: P,
         st: &rustix::fs::Stat,
     ) -> Option<OwnedFd> {
-        if st.st_mode & 0o170000 != 0o100000 || st.st_nlink != 1 || self.retained.contains_key(path)
+        if st.st_mode & 0o170000 != 0o100000
+            || st.st_nlink != 1
+            || self.retained.contains_key(path)
+            || !self.graveyard.has_room()
         {
             return None;
         }
@@ -1093,8 +1196,8 @@ impl Receiver {
     }
 
     /// Counts a step of an in-place update (a run written, a shrink's cut) for the test hook
-    /// `CORRAL_SYNC_CRASH_AFTER_EXTENTS`, which dies like a killed receiver after that many,
-    /// the journal and a half-updated file left.
+    /// `CORRAL_SYNC_CRASH_AFTER_EXTENTS` (feature `test-hooks` only), which dies like a killed
+    /// receiver after that many, the journal and a half-updated file left.
     fn step_done(&mut self) {
         self.extents_written += 1;
         if self.crash_after == Some(self.extents_written) {
@@ -1654,32 +1757,6 @@ fn write_at(
     Ok(())
 }
 
-/// Removes `name` in `dir`, recursively, never following symlinks.
-pub(crate) fn rm_rf<P: rustix::path::Arg + Copy>(dir: &OwnedFd, name: P) -> Result<(), Errno> {
-    let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
-    if st.st_mode & 0o170000 != 0o040000 {
-        return rustix::fs::unlinkat(dir, name, AtFlags::empty());
-    }
-    let sub = rustix::fs::openat(
-        dir,
-        name,
-        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?;
-    let mut names = Vec::new();
-    for de in rustix::fs::Dir::read_from(&sub)? {
-        let de = de?;
-        let n = de.file_name();
-        if n.to_bytes() != b"." && n.to_bytes() != b".." {
-            names.push(n.to_owned());
-        }
-    }
-    for n in names {
-        rm_rf(&sub, n.as_c_str())?;
-    }
-    rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR)
-}
-
 /// A random seed for a signature's strong sums: the standard library's per-process random
 /// hasher keys (from the OS), not a security boundary, only so that two runs never meet the
 /// same sum collision.
@@ -1710,6 +1787,20 @@ fn random_seed() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue #5: the crash hook works only in builds with the `test-hooks` feature; a shipped
+    /// binary (built without it) ignores `CORRAL_SYNC_CRASH_AFTER_EXTENTS`.
+    #[test]
+    fn crash_hook_counts_only_with_the_test_hooks_feature() {
+        let expected = if cfg!(feature = "test-hooks") {
+            Some(3)
+        } else {
+            None
+        };
+        assert_eq!(crash_after_from(Some("3")), expected);
+        assert_eq!(crash_after_from(Some("three")), None);
+        assert_eq!(crash_after_from(None), None);
+    }
 
     fn entry(path: &str, data: &[u8]) -> Entry {
         Entry {
@@ -1835,8 +1926,9 @@ mod tests {
         }
     }
 
-    /// A deleted file whose name was its last has its inode freed by the graveyard (held
-    /// across the unlink); a hard-linked one, a directory or a symlink is just removed.
+    /// A deleted file whose name was its last (also inside a deleted directory) has its inode
+    /// freed by the graveyard (held across the unlink); a hard-linked one, a directory or a
+    /// symlink is just removed.
     /// Nothing stays open once the receiver is dropped.
     #[test]
     fn deleted_files_are_freed_by_the_graveyard() {
@@ -1871,8 +1963,8 @@ mod tests {
             .unwrap();
         }
         assert_eq!(
-            r.graveyard.buried, 6,
-            "one held inode per deleted last name"
+            r.graveyard.buried, 7,
+            "one held inode per deleted last name (dir/sub/f included)"
         );
         r.finish().unwrap();
         drop(r);
@@ -1884,6 +1976,80 @@ mod tests {
         left.sort();
         assert_eq!(left, ["kept"]);
         assert_eq!(std::fs::read(root.join("kept")).unwrap(), b"two names\n");
+    }
+
+    /// Issue #5: the files inside a deleted directory are freed like a deleted top-level file:
+    /// each last name's inode held across its unlink and closed by the graveyard. A file with
+    /// another name outside keeps it, a symlink inside is removed, not followed, and nothing
+    /// stays open once the receiver is dropped.
+    #[test]
+    fn files_inside_a_deleted_directory_are_freed_by_the_graveyard() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().canonicalize().unwrap();
+        std::fs::create_dir_all(root.join("dir/sub/deeper")).unwrap();
+        std::fs::create_dir_all(root.join("outside")).unwrap();
+        for f in ["dir/a", "dir/b", "dir/sub/c", "dir/sub/deeper/d"] {
+            std::fs::write(root.join(f), f.as_bytes()).unwrap();
+        }
+        std::fs::write(root.join("outside/kept"), b"two names\n").unwrap();
+        std::fs::hard_link(root.join("outside/kept"), root.join("dir/sub/linked")).unwrap();
+        std::os::unix::fs::symlink("../outside", root.join("dir/to-outside")).unwrap();
+        std::os::unix::fs::symlink("../../outside/kept", root.join("dir/sub/to-kept")).unwrap();
+        let opts = ReceiverOptions {
+            ignore_owner: true,
+            fsync: true,
+            ..ReceiverOptions::default()
+        };
+        let mut r = Receiver::new(&root, &Manifest::default(), opts).unwrap();
+        r.apply(&crate::planner::Op::Delete {
+            path: "dir".into(),
+            dir: true,
+        })
+        .unwrap();
+        assert_eq!(
+            r.graveyard.buried, 4,
+            "one held inode per last name inside the deleted directory"
+        );
+        r.finish().unwrap();
+        drop(r);
+        assert_eq!(deleted_open(&root), 0, "old inodes still open");
+        assert!(!root.join("dir").exists());
+        assert_eq!(
+            std::fs::read(root.join("outside/kept")).unwrap(),
+            b"two names\n"
+        );
+        let kept = std::fs::metadata(root.join("outside/kept")).unwrap();
+        assert_eq!(std::os::unix::fs::MetadataExt::nlink(&kept), 1);
+    }
+
+    /// With the graveyard's backlog full (here: no room at all), a deleted directory's files
+    /// are freed inline (no descriptor held): the directory is still removed and nothing
+    /// stays open.
+    #[test]
+    fn a_full_graveyard_frees_inline() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().canonicalize().unwrap();
+        for i in 0..20 {
+            std::fs::create_dir_all(root.join(format!("dir/{}", i % 3))).unwrap();
+            std::fs::write(root.join(format!("dir/{}/f{i}", i % 3)), b"x").unwrap();
+        }
+        let opts = ReceiverOptions {
+            ignore_owner: true,
+            fsync: true,
+            ..ReceiverOptions::default()
+        };
+        let mut r = Receiver::new(&root, &Manifest::default(), opts).unwrap();
+        r.graveyard.max_backlog = 0;
+        r.apply(&crate::planner::Op::Delete {
+            path: "dir".into(),
+            dir: true,
+        })
+        .unwrap();
+        assert_eq!(r.graveyard.buried, 0, "no room: every inode freed inline");
+        r.finish().unwrap();
+        drop(r);
+        assert!(!root.join("dir").exists());
+        assert_eq!(deleted_open(&root), 0, "old inodes still open");
     }
 
     /// Without durability there is nothing to wait for: a full batch is installed at once.

@@ -229,9 +229,93 @@ fn save_cache(p: &Path, files: Vec<CacheEntry>) -> Result<(), SyncError> {
     fs_err::rename(&tmp, p).map_err(|e| SyncError::fs("rename", p, e))
 }
 
+/// How long a scan waits for a hash cache that is being saved (by the previous run's
+/// receiver, which answers before it updates its cache, or by this master's previous run)
+/// before it reads the file as it is, and how long a saver waits for scans reading it.
+const CACHE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// An advisory `flock` on the lock file beside a hash cache (`NAME.lock` for `NAME.cache`),
+/// released when dropped. Whoever rewrites the cache holds it exclusively from before it
+/// reads the old cache until the new one has been renamed into place; a scan holds it shared
+/// while it reads the cache. So a run started while the previous run's receiver is still
+/// saving (its report leaves first) reads the new cache instead of hashing again what that
+/// run wrote, and two savers do not lose each other's entries.
+#[derive(Debug)]
+pub struct CacheLock {
+    _fd: rustix::fd::OwnedFd,
+}
+
+impl CacheLock {
+    /// Takes the lock of the hash cache `cache` for a rewrite (exclusive), waiting at most
+    /// `wait`. `None` when it cannot be had in time or at all (the lock file cannot be made,
+    /// e.g. a read-only directory): the saver goes on without it, the cache file being
+    /// replaced atomically anyway.
+    pub fn update(cache: &Path, wait: std::time::Duration) -> Option<CacheLock> {
+        if let Some(d) = cache.parent() {
+            let _ = std::fs::create_dir_all(d);
+        }
+        Self::take(cache, true, wait)
+    }
+
+    /// Takes the lock of `cache` shared (for reading it), waiting at most `wait`.
+    fn read(cache: &Path, wait: std::time::Duration) -> Option<CacheLock> {
+        Self::take(cache, false, wait)
+    }
+
+    fn take(cache: &Path, exclusive: bool, wait: std::time::Duration) -> Option<CacheLock> {
+        use rustix::fs::{FlockOperation, Mode, OFlags};
+        let p = cache.with_extension("lock");
+        let fd = match rustix::fs::open(
+            &p,
+            OFlags::RDONLY | OFlags::CREATE | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::from_raw_mode(0o644),
+        ) {
+            Ok(fd) => fd,
+            Err(e) => {
+                // No cache directory yet (nothing saved, nothing to wait for) or read-only.
+                tracing::debug!(path = %p.display(), error = %e, "hash cache lock not taken");
+                return None;
+            }
+        };
+        let op = if exclusive {
+            FlockOperation::NonBlockingLockExclusive
+        } else {
+            FlockOperation::NonBlockingLockShared
+        };
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            match rustix::fs::flock(&fd, op) {
+                Ok(()) => return Some(CacheLock { _fd: fd }),
+                Err(rustix::io::Errno::INTR) => {}
+                Err(rustix::io::Errno::WOULDBLOCK) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => {
+                    tracing::debug!(
+                        path = %p.display(),
+                        error = %e,
+                        waited_ms = wait.as_millis() as u64,
+                        "hash cache lock busy; going on without it"
+                    );
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// [`load_cache`] once no save of it is in progress (see [`CacheLock`]); after
+/// [`CACHE_LOCK_WAIT`] it reads the file as it is (whole: saves rename a complete file into
+/// place), whose entries are still checked against each file's keys.
+fn load_cache_when_saved(p: &Path) -> (Vec<CacheEntry>, bool) {
+    let _lock = CacheLock::read(p, CACHE_LOCK_WAIT);
+    load_cache(p)
+}
+
 /// Marks the cache file `used` as used now (its mtime, at most once per [`CACHE_TOUCH`]) and,
 /// when it did, removes the other `*.cache` (and leftover `*.tmp`) files of its directory that
-/// were not used for [`CACHE_KEEP`]. Best effort: a failure costs disk, not correctness.
+/// were not used for [`CACHE_KEEP`], and the `*.lock` files of caches no longer there. Best
+/// effort: a failure costs disk, not correctness.
 fn cache_housekeeping(used: &Path, now: std::time::SystemTime) {
     let old = |m: &std::fs::Metadata, age| {
         m.modified()
@@ -257,10 +341,12 @@ fn cache_housekeeping(used: &Path, now: std::time::SystemTime) {
     };
     for e in rd.flatten() {
         let p = e.path();
-        let ours = matches!(
-            p.extension().and_then(|x| x.to_str()),
-            Some("cache" | "tmp")
-        );
+        let ours = match p.extension().and_then(|x| x.to_str()) {
+            Some("cache" | "tmp") => true,
+            // A lock file stays while its cache does (a scan may be waiting on it).
+            Some("lock") => !p.with_extension("cache").exists(),
+            _ => false,
+        };
         if !ours || p == used {
             continue;
         }
@@ -639,7 +725,7 @@ pub fn walk(root: &Path, opts: &ScanOptions) -> Result<Walked, SyncError> {
             std::thread::Builder::new()
                 .name("corral-cache".into())
                 .spawn_scoped(s, move || {
-                    let loaded = load_cache(p);
+                    let loaded = load_cache_when_saved(p);
                     cache_housekeeping(p, std::time::SystemTime::now());
                     loaded
                 })
@@ -656,7 +742,7 @@ pub fn walk(root: &Path, opts: &ScanOptions) -> Result<Walked, SyncError> {
         walk.worker();
         match (loader, opts.cache.as_deref()) {
             (Some(Ok(h)), _) => h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
-            (Some(Err(_)), Some(p)) => load_cache(p), // no thread: read it here
+            (Some(Err(_)), Some(p)) => load_cache_when_saved(p), // no thread: read it here
             _ => (Vec::new(), false),
         }
     });
@@ -865,6 +951,7 @@ impl Walked {
             && rewrite
         {
             let work = move || {
+                let _lock = CacheLock::update(&p, CACHE_LOCK_WAIT);
                 if let Err(e) = save_cache(&p, new_cache) {
                     // A missing cache costs time, not correctness.
                     tracing::warn!(error = %e, "hash cache not saved; the next run hashes again");
@@ -920,6 +1007,7 @@ pub fn cache_add_keyed(cache: &Path, files: Vec<(Deferred, Content)>) {
     if files.is_empty() {
         return;
     }
+    let _lock = CacheLock::update(cache, CACHE_LOCK_WAIT);
     let (old, _) = load_cache(cache);
     let mut all: HashMap<String, CacheEntry> =
         old.into_iter().map(|e| (e.path.clone(), e)).collect();
@@ -945,14 +1033,18 @@ pub fn cache_add_keyed(cache: &Path, files: Vec<(Deferred, Content)>) {
 }
 
 /// Records freshly written files in the cache so the next scan does not read them again.
+/// `lock`: the cache's [`CacheLock`] if the caller took it already (e.g. before answering,
+/// so that a scan started on that answer waits for this update); else it is taken here.
 pub fn cache_add(
     cache: &Path,
     root: &Path,
     written: &[(String, Content)],
+    lock: Option<CacheLock>,
 ) -> Result<(), SyncError> {
     if written.is_empty() {
         return Ok(());
     }
+    let _lock = lock.or_else(|| CacheLock::update(cache, CACHE_LOCK_WAIT));
     let (files, _) = load_cache(cache);
     let mut files: HashMap<String, CacheEntry> =
         files.into_iter().map(|e| (e.path.clone(), e)).collect();
@@ -990,12 +1082,23 @@ pub fn cache_add(
 /// The default hash cache file for a tree root: `$CORRAL_STATE_DIR/sync/<hash of root>.cache`
 /// (`/var/lib/corral` when unset).
 pub fn default_cache(root: &Path) -> PathBuf {
-    let base = std::env::var_os("CORRAL_STATE_DIR")
+    cache_in(&default_state_dir(), root)
+}
+
+/// This machine's state directory: `$CORRAL_STATE_DIR`, else `/var/lib/corral`.
+pub fn default_state_dir() -> PathBuf {
+    std::env::var_os("CORRAL_STATE_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/lib/corral"));
+        .unwrap_or_else(|| PathBuf::from("/var/lib/corral"))
+}
+
+/// The hash cache file of the tree at `root` in the state directory `state`
+/// (`STATE/sync/HASH.cache`, named after the root's canonical path).
+pub fn cache_in(state: &Path, root: &Path) -> PathBuf {
     let canon = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
     let h = Hash::of(canon.as_os_str().as_encoded_bytes());
-    base.join("sync")
+    state
+        .join("sync")
         .join(format!("{}.cache", &h.to_hex()[..32]))
 }
 
@@ -1064,6 +1167,64 @@ mod tests {
         // A day later the directory is pruned again.
         cache_housekeeping(&used, now + day * 2);
         assert!(!gone2.exists() && used.exists());
+    }
+
+    /// Issue #5: a scan started while its cache is being saved (the previous run's receiver
+    /// answers before it updates its cache) waits for the save and reads the new cache; a
+    /// save that takes too long is not waited for beyond the bound.
+    #[test]
+    fn a_scan_waits_for_a_cache_being_saved_and_reads_the_new_one() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("root");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join("a"), b"a").unwrap();
+        let cache = t.path().join("state/scan.cache");
+        let opts = ScanOptions {
+            cache: Some(cache.clone()),
+            ..ScanOptions::default()
+        };
+        let (m1, s1) = scan(&root, &opts).unwrap();
+        assert_eq!(s1.hashed, 1);
+        assert_eq!(
+            m1.get("a").unwrap().content.as_ref().unwrap().hash,
+            Hash::of(b"a")
+        );
+        // A saver holds the lock and, 300 ms later, renames in a cache whose entry for `a`
+        // (same keys) carries another hash: only a scan that waited can have it.
+        let lock = CacheLock::update(&cache, std::time::Duration::ZERO).unwrap();
+        let (mut files, _) = load_cache(&cache);
+        let marker = Hash::of(b"from the new cache");
+        files
+            .iter_mut()
+            .find(|e| e.path == "a")
+            .unwrap()
+            .content
+            .hash = marker;
+        let saving = cache.clone();
+        let saver = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            save_cache(&saving, files).unwrap();
+            drop(lock);
+        });
+        let t0 = std::time::Instant::now();
+        let (m2, s2) = scan(&root, &opts).unwrap();
+        let waited = t0.elapsed();
+        saver.join().unwrap();
+        assert_eq!((s2.hashed, s2.cached), (0, 1), "{s2:?}");
+        assert_eq!(m2.get("a").unwrap().content.as_ref().unwrap().hash, marker);
+        assert!(
+            waited >= std::time::Duration::from_millis(250),
+            "{waited:?}"
+        );
+        // A lock held beyond the wait is given up on (the scan then reads the file as is).
+        let held = CacheLock::update(&cache, std::time::Duration::ZERO).unwrap();
+        let t0 = std::time::Instant::now();
+        assert!(CacheLock::read(&cache, std::time::Duration::from_millis(100)).is_none());
+        assert!(t0.elapsed() >= std::time::Duration::from_millis(100));
+        drop(held);
+        assert!(CacheLock::read(&cache, std::time::Duration::ZERO).is_some());
+        // The lock file lives beside the cache and is pruned only with it.
+        assert!(cache.with_extension("lock").exists());
     }
 
     fn setfattr(p: &Path, name: &str, value: &str) {

@@ -328,11 +328,20 @@ fn serve_inner<W: Write>(
                 // Every change is durable: the master may report success now. The hash
                 // cache (a speed-up, never trusted beyond its keys) is updated after the
                 // report has left, while the master finishes: rewriting 50,000 entries is
-                // no longer on the run's path.
+                // no longer on the run's path. Its lock is taken first (if free at once), so
+                // that a next run started on this report waits for the update instead of
+                // hashing this run's files again.
+                let update = match (recv.as_ref(), &opts.cache) {
+                    (Some(r), Some(c)) if !r.written.is_empty() => Some((
+                        c,
+                        crate::scan::CacheLock::update(c, std::time::Duration::ZERO),
+                    )),
+                    _ => None,
+                };
                 framed.send(&Message::Report(report))?;
                 framed.flush()?;
-                if let (Some(r), Some(c)) = (recv.as_ref(), &opts.cache) {
-                    crate::scan::cache_add(c, root, &r.written)?;
+                if let (Some(r), Some((c, lock))) = (recv.as_ref(), update) {
+                    crate::scan::cache_add(c, root, &r.written, lock)?;
                     tracing::debug!(ms = ms(t0), files = r.written.len(), "serve: cache saved");
                 }
             }

@@ -91,6 +91,11 @@ pub struct SshOptions {
     pub args: Vec<String>,
     /// The command run remotely (default `corral`); `sync serve --stdio --root PATH` follows.
     pub remote_corral: Option<String>,
+    /// The receiver's state directory on the child (`--state-dir DIR` of its
+    /// `corral sync serve`; `None`: the child's default). The child's own layout: never the
+    /// master's `CORRAL_STATE_DIR` (ssh passes no environment anyway). A forced command in
+    /// the child's `authorized_keys` replaces the whole command line, this option included.
+    pub remote_state_dir: Option<String>,
     /// Keep the connection open this long after the run, for the next run to the same host
     /// (`None` or zero: a new connection every run). Not applied when `args` set
     /// `ControlMaster` or `ControlPath` themselves, or when no private control directory
@@ -133,10 +138,7 @@ fn sets_option(args: &[String], name: &str) -> bool {
 /// A `Ciphers` line in the user's ssh_config is overridden by the command line; choose
 /// ciphers with an ssh argument instead.
 pub fn ssh_command(ssh: &SshOptions, host: &str, remote: &str) -> Command {
-    let state = std::env::var_os("CORRAL_STATE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/lib/corral"));
-    ssh_command_in(ssh, host, remote, &state)
+    ssh_command_in(ssh, host, remote, &crate::scan::default_state_dir())
 }
 
 /// [`ssh_command`] with the state directory given.
@@ -238,9 +240,15 @@ pub fn widen_pipe(fd: impl std::os::fd::AsFd) {
 /// payload byte by one more copy).
 pub const RECV_BUFFER: usize = 64 << 10;
 
-/// The remote command line for a receiver rooted at `path`.
-pub fn remote_command(corral: &str, path: &str) -> String {
-    format!("{corral} sync serve --stdio --root {}", sh_quote(path))
+/// The remote command line for a receiver rooted at `path`, keeping its state (hash cache)
+/// in `state_dir` when given.
+pub fn remote_command(corral: &str, path: &str, state_dir: Option<&str>) -> String {
+    let mut c = format!("{corral} sync serve --stdio --root {}", sh_quote(path));
+    if let Some(d) = state_dir {
+        c.push_str(" --state-dir ");
+        c.push_str(&sh_quote(d));
+    }
+    c
 }
 
 /// Opens a conversation with the receiver of `dest`.
@@ -281,7 +289,8 @@ pub fn connect(
         Dest::Ssh { host, path } => {
             let prog = ssh.program.clone().unwrap_or_else(|| "ssh".into());
             let corral = ssh.remote_corral.clone().unwrap_or_else(|| "corral".into());
-            let mut cmd = ssh_command(ssh, host, &remote_command(&corral, path));
+            let remote = remote_command(&corral, path, ssh.remote_state_dir.as_deref());
+            let mut cmd = ssh_command(ssh, host, &remote);
             cmd.stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit());
@@ -388,6 +397,19 @@ mod tests {
         c.get_args()
             .map(|a| a.to_string_lossy().into_owned())
             .collect()
+    }
+
+    /// Issue #5: the child's state directory goes on the remote command line, quoted.
+    #[test]
+    fn remote_command_carries_the_state_dir_when_given() {
+        assert_eq!(
+            remote_command("corral", "/srv/t", None),
+            "corral sync serve --stdio --root /srv/t"
+        );
+        assert_eq!(
+            remote_command("/opt/corral", "/", Some("/srv/corral state")),
+            "/opt/corral sync serve --stdio --root / --state-dir '/srv/corral state'"
+        );
     }
 
     #[test]

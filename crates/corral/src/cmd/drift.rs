@@ -8,7 +8,8 @@ use serde::Serialize;
 
 use crate::cli::Global;
 use crate::cmd::sync::{
-    TreeSelect, child_dest, child_filter, load_tree_ctx, now, parallel, record, tree_ssh,
+    TreeSelect, child_cache, child_dest, child_filter, child_ssh, load_tree_ctx, now, parallel,
+    record,
 };
 use crate::exit::{Code, bad_input};
 
@@ -85,7 +86,7 @@ pub(crate) fn run(a: Args, _global: &Global) -> anyhow::Result<Code> {
             };
             let serve_opts = match &dest {
                 Dest::Local(p) => ServeOptions {
-                    cache: Some(corral_sync::scan::default_cache(p)),
+                    cache: Some(child_cache(c, p)),
                     no_fsync: true,
                 },
                 Dest::Ssh { .. } => ServeOptions::default(),
@@ -93,7 +94,7 @@ pub(crate) fn run(a: Args, _global: &Global) -> anyhow::Result<Code> {
             Ok(push_to(
                 &tree.source,
                 &dest,
-                &tree_ssh(tree),
+                &child_ssh(tree, c),
                 serve_opts,
                 filter.as_ref(),
                 &opts,

@@ -63,8 +63,14 @@ Started by ssh on the child. Pin the master's key to it in ~/.ssh/authorized_key
 Every operation stays beneath --root (openat2 with RESOLVE_BENEATH); paths with .. or a
 leading / are refused.
 
+The receiver's hash cache lives in --state-dir (default $CORRAL_STATE_DIR, else
+/var/lib/corral). ssh passes no environment: the master adds --state-dir when the tree file
+sets `state_dir` for the child (`[[child]] state_dir = \"/srv/corral-state\"`); a forced
+command replaces that line, so put --state-dir into the command= of authorized_keys instead.
+
 Examples:
-  corral sync serve --stdio --root /srv/tree")]
+  corral sync serve --stdio --root /srv/tree
+  corral sync serve --stdio --root / --state-dir /srv/corral-state")]
     Serve(ServeArgs),
     /// Put back what a run replaced or deleted (kept with --backup-dir) and remove what it
     /// created. Run it on the child.
@@ -128,6 +134,10 @@ pub(crate) struct SshArgs {
     /// The corral program on the child.
     #[arg(long, value_name = "PROG")]
     remote_corral: Option<String>,
+    /// The state directory of the receiver on the child (its `corral sync serve
+    /// --state-dir`; default: the child's $CORRAL_STATE_DIR, else /var/lib/corral).
+    #[arg(long, value_name = "DIR")]
+    remote_state_dir: Option<String>,
     /// Keep the ssh connection open this long after the run, so the next run to the same
     /// host skips connecting and authenticating (OpenSSH ControlPersist, control socket in
     /// $CORRAL_STATE_DIR/ssh); 0 for a new connection every run.
@@ -231,6 +241,11 @@ pub(crate) struct ServeArgs {
     /// Do not sync each batch of written files before renaming it into place.
     #[arg(long)]
     no_fsync: bool,
+    /// Keep this receiver's state (its hash cache, in DIR/sync/) here. Default:
+    /// $CORRAL_STATE_DIR, else /var/lib/corral. Set by the master from the tree file's
+    /// `[[child]] state_dir` (ssh passes no environment).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
 }
 
 /// Arguments of `corral sync rollback`.
@@ -310,7 +325,10 @@ fn serve(a: ServeArgs) -> anyhow::Result<Code> {
         std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock()),
     );
     let opts = ServeOptions {
-        cache: Some(corral_sync::scan::default_cache(&a.root)),
+        cache: Some(match &a.state_dir {
+            Some(d) => corral_sync::scan::cache_in(d, &a.root),
+            None => corral_sync::scan::default_cache(&a.root),
+        }),
         no_fsync: a.no_fsync,
     };
     corral_sync::session::serve(&a.root, &mut f, &opts)?;
@@ -461,6 +479,7 @@ fn ssh_options(a: &SshArgs) -> SshOptions {
         program: a.ssh.clone(),
         args: a.ssh_args.clone(),
         remote_corral: a.remote_corral.clone(),
+        remote_state_dir: a.remote_state_dir.clone(),
         persist: Some(a.ssh_persist),
     }
 }
@@ -689,11 +708,30 @@ pub(crate) fn child_dest(c: &corral_site::TreeChild) -> Dest {
     }
 }
 
+/// [`tree_ssh`] for one child: its receiver keeps its state where the tree file says
+/// (`[[child]] state_dir`, passed as `corral sync serve --state-dir`).
+pub(crate) fn child_ssh(t: &corral_site::Tree, c: &corral_site::TreeChild) -> SshOptions {
+    SshOptions {
+        remote_state_dir: c.state_dir.clone(),
+        ..tree_ssh(t)
+    }
+}
+
+/// The hash cache of a local child's receiver (at `root`): in the child's `state_dir` when
+/// the tree file gives one, else in this machine's state directory.
+pub(crate) fn child_cache(c: &corral_site::TreeChild, root: &Path) -> PathBuf {
+    match &c.state_dir {
+        Some(d) => corral_sync::scan::cache_in(Path::new(d), root),
+        None => corral_sync::scan::default_cache(root),
+    }
+}
+
 pub(crate) fn tree_ssh(t: &corral_site::Tree) -> SshOptions {
     SshOptions {
         program: t.ssh_program.clone(),
         args: t.ssh_args.clone(),
         remote_corral: t.remote_corral.clone(),
+        remote_state_dir: None,
         persist: Some(
             t.ssh_persist
                 .unwrap_or(corral_sync::transport::DEFAULT_SSH_PERSIST),
@@ -808,7 +846,7 @@ fn run_tree(a: RunArgs, global: &Global) -> anyhow::Result<Code> {
                 Dest::Local(p) => {
                     fs_err::create_dir_all(p)?;
                     ServeOptions {
-                        cache: Some(corral_sync::scan::default_cache(p)),
+                        cache: Some(child_cache(c, p)),
                         no_fsync: false,
                     }
                 }
@@ -818,7 +856,7 @@ fn run_tree(a: RunArgs, global: &Global) -> anyhow::Result<Code> {
             let r = push_to(
                 &tree.source,
                 &dest,
-                &tree_ssh(tree),
+                &child_ssh(tree, c),
                 serve_opts,
                 filter.as_ref(),
                 &opts,

@@ -593,3 +593,99 @@ fn sync_push_compress_modes_give_identical_trees() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out).1.contains("never"), "{}", text(&out).1);
 }
+
+/// Issue #5: a tree file's `[[child]] state_dir` reaches the child's receiver as
+/// `corral sync serve --state-dir`, so its hash cache lands there, not in the child's own
+/// default state directory (ssh passes no environment; the master's is not the child's).
+/// `ssh` here is a stand-in that runs the remote command line locally with the child's
+/// own environment (as sshd would), so the test runs without root or sshd.
+#[test]
+fn a_childs_state_dir_from_the_tree_file_reaches_its_receiver() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let (m, c) = (d.join("m"), d.join("c"));
+    write(&m.join("etc/motd"), b"hello\n");
+    write(&m.join("bin/tool"), &vec![5u8; 70_000]);
+    std::fs::create_dir_all(&c).unwrap();
+    let (child_default, child_state) = (d.join("child-default"), d.join("child-state"));
+    let fake_ssh = d.join("fake-ssh");
+    // The last argument is the remote command line; the child's environment is its own.
+    write(
+        &fake_ssh,
+        format!(
+            "#!/bin/sh\nfor last; do :; done\nexport CORRAL_STATE_DIR='{}'\nexec sh -c \"$last\"\n",
+            child_default.display()
+        )
+        .as_bytes(),
+    );
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&fake_ssh, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let site = d.join("site");
+    let tree = format!(
+        "source = {:?}\n[ssh]\nprogram = {:?}\nremote_corral = {:?}\npersist = \"0s\"\n[[child]]\nname = \"c1\"\nhost = \"child1\"\ndest = {:?}\nstate_dir = {:?}\n",
+        m.to_str().unwrap(),
+        fake_ssh.to_str().unwrap(),
+        env!("CARGO_BIN_EXE_corral"),
+        c.to_str().unwrap(),
+        child_state.to_str().unwrap(),
+    );
+    write(&site.join("trees/os.toml"), tree.as_bytes());
+    let caches = |dir: &Path| -> usize {
+        std::fs::read_dir(dir.join("sync")).map_or(0, |rd| {
+            rd.filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .path()
+                    .extension()
+                    .is_some_and(|x| x == "cache")
+            })
+            .count()
+        })
+    };
+    let out = corral_state(
+        d,
+        &[
+            "sync",
+            "run",
+            "os",
+            "--site",
+            site.to_str().unwrap(),
+            "--all",
+        ],
+    );
+    let (so, se) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{so}{se}");
+    assert_eq!(files(&c, ""), files(&m, ""));
+    assert_eq!(
+        caches(&child_state),
+        1,
+        "the child's cache is in its state_dir"
+    );
+    assert_eq!(caches(&child_default), 0, "not in the child's default");
+    assert_eq!(caches(&d.join("state")), 1, "the master's own cache only");
+    // `corral sync push host:path --remote-state-dir DIR` does the same for a one-off.
+    let other = d.join("other-state");
+    let dest = format!("child1:{}", c.display());
+    let ssh_prog = format!("--ssh={}", fake_ssh.display());
+    let remote = format!("--remote-corral={}", env!("CARGO_BIN_EXE_corral"));
+    let rsd = format!("--remote-state-dir={}", other.display());
+    write(&m.join("etc/motd"), b"changed\n");
+    let out = corral_state(
+        d,
+        &[
+            "sync",
+            "push",
+            m.to_str().unwrap(),
+            &dest,
+            &ssh_prog,
+            &remote,
+            &rsd,
+            "--ssh-persist=0s",
+        ],
+    );
+    let (so, se) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{so}{se}");
+    assert_eq!(files(&c, ""), files(&m, ""));
+    assert_eq!(caches(&other), 1, "{so}{se}");
+    assert_eq!(caches(&child_default), 0);
+}
