@@ -228,14 +228,35 @@ fn is_under(path: &str, dir: &str) -> bool {
 pub fn filtered(master: &Manifest, filter: &dyn PathFilter) -> Vec<Entry> {
     selected(master, filter)
         .into_iter()
-        .map(std::borrow::Cow::into_owned)
+        .map(|p| match p {
+            Picked::Kept(e) => e.clone(),
+            Picked::Led(e) => *e,
+        })
         .collect()
 }
 
+/// A master entry the filter transfers: as it is, or (a hard link whose leader is
+/// excluded) changed. A reference, not a copy: the 50,000 entries of a no-change run are
+/// not copied (11 MB written, and as many pages faulted in, for nothing).
+enum Picked<'m> {
+    Kept(&'m Entry),
+    Led(Box<Entry>),
+}
+
+impl std::ops::Deref for Picked<'_> {
+    type Target = Entry;
+
+    fn deref(&self) -> &Entry {
+        match self {
+            Picked::Kept(e) => e,
+            Picked::Led(e) => e,
+        }
+    }
+}
+
 /// [`filtered`], borrowing the entries it keeps as they are (all but new hard-link leaders).
-fn selected<'m>(master: &'m Manifest, filter: &dyn PathFilter) -> Vec<std::borrow::Cow<'m, Entry>> {
-    use std::borrow::Cow;
-    let mut out: Vec<Cow<'m, Entry>> = Vec::with_capacity(master.entries.len());
+fn selected<'m>(master: &'m Manifest, filter: &dyn PathFilter) -> Vec<Picked<'m>> {
+    let mut out: Vec<Picked<'m>> = Vec::with_capacity(master.entries.len());
     let mut excluded: Option<&str> = None;
     let mut dropped: HashSet<&str> = HashSet::new();
     // Excluded leader -> its first transferred name.
@@ -249,11 +270,11 @@ fn selected<'m>(master: &'m Manifest, filter: &dyn PathFilter) -> Vec<std::borro
             excluded = None;
         }
         if e.path.is_empty() || filter.transfers(&e.path, e.kind == Kind::Dir) {
-            let mut e2 = Cow::Borrowed(e);
+            let mut picked = Picked::Kept(e);
             if let Kind::Hardlink(t) = &e.kind
                 && dropped.contains(t.as_str())
             {
-                let e2 = e2.to_mut();
+                let mut e2 = e.clone();
                 match new_leader.get(t.as_str()) {
                     Some(l) => e2.kind = Kind::Hardlink(l.clone()),
                     None => {
@@ -266,8 +287,9 @@ fn selected<'m>(master: &'m Manifest, filter: &dyn PathFilter) -> Vec<std::borro
                         new_leader.insert(t.as_str(), e.path.clone());
                     }
                 }
+                picked = Picked::Led(Box::new(e2));
             }
-            out.push(e2);
+            out.push(picked);
         } else {
             dropped.insert(&e.path);
             if e.kind == Kind::Dir {

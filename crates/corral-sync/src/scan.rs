@@ -400,11 +400,21 @@ fn join(rel: &str, name: &str) -> String {
 struct Walk<'a> {
     root: &'a Path,
     opts: &'a ScanOptions,
-    out: Mutex<Vec<Raw>>,
+    /// The entries found, each directory's together and sorted by name, and where each
+    /// directory's are.
+    out: Mutex<Listed>,
     errors: Mutex<Vec<SyncError>>,
     skipped: std::sync::atomic::AtomicU64,
     queue: Mutex<Queue>,
     ready: std::sync::Condvar,
+}
+
+/// What the walk found: every directory's entries, one directory after another (in the order
+/// they were read), each directory's sorted by name, and the place of each directory's.
+#[derive(Default)]
+struct Listed {
+    raws: Vec<Raw>,
+    dirs: Vec<(String, std::ops::Range<usize>)>,
 }
 
 /// The directories still to read and how many are being read: the walk is over when both
@@ -473,19 +483,30 @@ impl Walk<'_> {
             }
         };
         let mut batch = Vec::new();
+        // Where a name starts in its path.
+        let skip = if rel.is_empty() { 0 } else { rel.len() + 1 };
         for de in rd {
             let Ok(de) = de else {
                 self.skipped
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 continue;
             };
-            let Some(name) = de.file_name().to_str().map(str::to_string) else {
-                tracing::warn!(dir = %abs.display(), name = ?de.file_name(), "skipping a name that is not UTF-8");
-                self.skipped
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                continue;
+            let name = match de.file_name().into_string() {
+                Ok(n) => n,
+                Err(name) => {
+                    tracing::warn!(dir = %abs.display(), ?name, "skipping a name that is not UTF-8");
+                    self.skipped
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    continue;
+                }
             };
-            let path = join(&rel, &name);
+            // In the top directory the name is the path (no second allocation).
+            let path = if rel.is_empty() {
+                name
+            } else {
+                join(&rel, &name)
+            };
+            let name = &path[skip..];
             if self.opts.skip.contains(&path) {
                 continue;
             }
@@ -537,9 +558,68 @@ impl Walk<'_> {
                 hit: None,
             });
         }
-        self.out.lock().unwrap().extend(batch);
+        // Siblings share the directory's path: ordering them by name (shorter keys, a small
+        // sort on this walk thread) gives their manifest order, and [`in_manifest_order`]
+        // nests the directories' lists without sorting the whole tree again.
+        batch.sort_unstable_by(|a, b| path_order(&a.path[skip..], &b.path[skip..]));
+        let mut out = self.out.lock().unwrap();
+        let at = out.raws.len();
+        out.raws.extend(batch);
+        let end = out.raws.len();
+        out.dirs.push((rel, at..end));
         subdirs
     }
+}
+
+/// Puts the walk's entries in manifest order: a directory's subtree comes right after it and
+/// before its next sibling, as [`path_order`] wants (`/` sorts before every other byte), so
+/// the directories' lists (each sorted by name) are spliced in after their entries, depth
+/// first. No path is compared; each entry is moved in place (two swaps at most, no second
+/// 9 MB vector to fault in).
+fn in_manifest_order(listed: Listed) -> Vec<Raw> {
+    let Listed { mut raws, dirs } = listed;
+    let n = raws.len();
+    let mut lists: HashMap<String, std::ops::Range<usize>> = dirs.into_iter().collect();
+    // order[k]: the index of the entry that goes to place k.
+    let mut order = Vec::with_capacity(n);
+    let mut stack = Vec::new();
+    if let Some(top) = lists.remove("") {
+        stack.push(top);
+    }
+    while let Some(list) = stack.last_mut() {
+        let Some(i) = list.next() else {
+            stack.pop();
+            continue;
+        };
+        order.push(i);
+        if raws[i].kind == Kind::Dir
+            && let Some(below) = lists.remove(&raws[i].path)
+        {
+            stack.push(below);
+        }
+    }
+    if order.len() != n {
+        // Every list but the top one is a directory's, reached from its entry: not reached.
+        debug_assert!(false, "directory lists not reached");
+        raws.sort_unstable_by(|a, b| path_order(&a.path, &b.path));
+        return raws;
+    }
+    // Each cycle of the permutation is followed once: place `cur` takes its entry from
+    // `order[cur]`, whose place is next.
+    let mut placed = vec![false; n];
+    for start in 0..n {
+        let mut cur = start;
+        while !placed[cur] {
+            placed[cur] = true;
+            let next = order[cur];
+            if next == start {
+                break;
+            }
+            raws.swap(cur, next);
+            cur = next;
+        }
+    }
+    raws
 }
 
 /// Walks `root` into a manifest (the root itself is the entry `""`).
@@ -614,7 +694,7 @@ pub fn walk(root: &Path, opts: &ScanOptions) -> Result<Walked, SyncError> {
     let walk = Walk {
         root,
         opts,
-        out: Mutex::new(Vec::new()),
+        out: Mutex::new(Listed::default()),
         errors: Mutex::new(Vec::new()),
         skipped: 0.into(),
         queue: Mutex::new(Queue {
@@ -664,9 +744,7 @@ pub fn walk(root: &Path, opts: &ScanOptions) -> Result<Walked, SyncError> {
         return Err(e);
     }
     let skipped = walk.skipped.into_inner();
-    let mut raws = walk.out.into_inner().unwrap();
-    // Paths are unique: an unstable sort moves less.
-    raws.sort_unstable_by(|a, b| path_order(&a.path, &b.path));
+    let mut raws = in_manifest_order(walk.out.into_inner().unwrap());
     // A file the cache knows unchanged (ctime included) has its hash and attributes cached.
     // Both lists are in manifest order: one merge pass, no search.
     {
@@ -716,8 +794,10 @@ pub fn walk(root: &Path, opts: &ScanOptions) -> Result<Walked, SyncError> {
 /// How a walked entry's content was found.
 enum Hashed {
     NotFile,
-    Cached(Content),
-    Fresh(Content),
+    /// From the cache entry of this index (moved out of it, not copied).
+    Cached(usize),
+    /// Read and hashed (boxed: the results of 50,000 files stay small).
+    Fresh(Box<Content>),
     Deferred,
 }
 
@@ -758,7 +838,8 @@ impl Walked {
             skipped,
             ..ScanStats::default()
         };
-        let content = |r: &mut Raw| -> Result<Hashed, SyncError> {
+        // Errors boxed too: one result per entry, 16 bytes each.
+        let content = |r: &mut Raw| -> Result<Hashed, Box<SyncError>> {
             if r.xattrs.is_none() {
                 // A file the cache did not know, or a version-1 entry (no attributes): read
                 // after the stat that keys its cache entry.
@@ -768,20 +849,23 @@ impl Walked {
                 return Ok(Hashed::NotFile);
             }
             if let Some(i) = r.hit {
-                return Ok(Hashed::Cached(cache[i].content.clone()));
+                return Ok(Hashed::Cached(i));
             }
             if defer(&r.path) {
                 return Ok(Hashed::Deferred);
             }
             let sparse = r.st.blocks * 512 < r.st.size;
-            Ok(Hashed::Fresh(hash_file(&root.join(&r.path), sparse)?))
+            Ok(Hashed::Fresh(Box::new(hash_file(
+                &root.join(&r.path),
+                sparse,
+            )?)))
         };
         // Files are read on rayon's pool; when the cache has every one with its attributes,
         // this thread copies them (no pool to start, no workers left spinning afterwards).
         let misses = raws
             .iter()
             .any(|r| r.xattrs.is_none() || (r.kind == Kind::File && r.hit.is_none()));
-        let results: Vec<Result<Hashed, SyncError>> = if misses {
+        let results: Vec<Result<Hashed, Box<SyncError>>> = if misses {
             raws.par_iter_mut().map(content).collect()
         } else {
             raws.iter_mut().map(content).collect()
@@ -805,11 +889,23 @@ impl Walked {
                 .iter()
                 .all(|r| matches!(r, Ok(Hashed::NotFile | Hashed::Cached(_))));
         let rewrite = cache_path.is_some() && !unchanged;
+        let mut cache = cache;
         let mut new_cache = Vec::new();
         let mut deferred = Vec::new();
         for (r, c) in raws.into_iter().zip(results) {
             let content = match c {
-                Ok(Hashed::Cached(c) | Hashed::Fresh(c)) => Some(c),
+                // Each cache entry is hit by one path at most (both lists are in manifest
+                // order, paths unique), so taking its content leaves nothing another needs.
+                Ok(Hashed::Cached(i)) => Some(std::mem::replace(
+                    &mut cache[i].content,
+                    Content {
+                        size: 0,
+                        hash: Hash([0; 32]),
+                        chunks: Vec::new(),
+                        sparse: false,
+                    },
+                )),
+                Ok(Hashed::Fresh(c)) => Some(*c),
                 Ok(Hashed::Deferred) => {
                     st.deferred += 1;
                     deferred.push(Deferred {
@@ -826,12 +922,13 @@ impl Walked {
                     None
                 }
                 Ok(Hashed::NotFile) => None,
-                Err(SyncError::Fs { source, .. })
-                    if source.kind() == std::io::ErrorKind::NotFound =>
+                Err(e)
+                    if matches!(&*e, SyncError::Fs { source, .. }
+                        if source.kind() == std::io::ErrorKind::NotFound) =>
                 {
                     continue; // vanished during the scan
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(*e),
             };
             if let Some(c) = &content {
                 if r.hit.is_some() {
