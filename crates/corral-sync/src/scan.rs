@@ -75,15 +75,6 @@ struct CacheEntry {
     xattrs: Option<Vec<(Vec<u8>, Vec<u8>)>>,
 }
 
-impl CacheEntry {
-    fn matches(&self, st: &Stat) -> bool {
-        self.ino == st.ino
-            && self.size == st.size
-            && self.mtime == (st.mtime, st.mtime_ns)
-            && self.ctime == (st.ctime, st.ctime_ns)
-    }
-}
-
 /// Version of the cache file: 2 is a vector of [`CacheEntry`] in manifest order (matched with
 /// the sorted walk in one pass, no hashing of every path), with each file's extended
 /// attributes.
@@ -165,14 +156,137 @@ struct Raw {
 /// Reads the cache file: its entries in manifest order, and whether it must be rewritten
 /// even when every file hits (an older version).
 fn load_cache(p: &Path) -> (Vec<CacheEntry>, bool) {
-    let Ok(z) = std::fs::read(p) else {
-        return (Vec::new(), false);
+    match read_cache(p) {
+        Some(b) => decode_cache(p, &b),
+        None => (Vec::new(), false),
+    }
+}
+
+/// The cache file's decompressed bytes (`None`: no cache, or not zstd).
+fn read_cache(p: &Path) -> Option<Vec<u8>> {
+    let z = std::fs::read(p).ok()?;
+    zstd::decode_all(&z[..]).ok()
+}
+
+/// A version-2 cache entry as decoded by a scan: the path borrowed from the decoded bytes
+/// (the fields of [`CacheEntry`], in its order: the same encoding).
+#[derive(Deserialize)]
+struct CacheEntryIn<'a> {
+    path: &'a str,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+    content: Content,
+    xattrs: Option<Vec<(Vec<u8>, Vec<u8>)>>,
+}
+
+/// A cache entry as a scan keeps it: its path is a place in [`Loaded::names`].
+#[derive(Debug)]
+struct Cached {
+    path: std::ops::Range<usize>,
+    key: CacheKey,
+    content: Content,
+    xattrs: Option<Vec<(Vec<u8>, Vec<u8>)>>,
+}
+
+/// The hash cache as a scan reads it, in manifest order: all paths in one string, so the
+/// 50,000 entries of a tree cost no allocation each.
+#[derive(Debug, Default)]
+struct Loaded {
+    names: String,
+    files: Vec<Cached>,
+}
+
+impl Loaded {
+    fn path(&self, i: usize) -> &str {
+        // Ranges made by `push` (at the ends of whole strings): always in bounds.
+        self.names
+            .get(self.files[i].path.clone())
+            .unwrap_or_default()
+    }
+
+    fn push(
+        &mut self,
+        path: &str,
+        key: CacheKey,
+        content: Content,
+        xattrs: Option<Vec<(Vec<u8>, Vec<u8>)>>,
+    ) {
+        let at = self.names.len();
+        self.names.push_str(path);
+        self.files.push(Cached {
+            path: at..self.names.len(),
+            key,
+            content,
+            xattrs,
+        });
+    }
+
+    fn sorted(&self) -> bool {
+        (1..self.files.len()).all(|i| path_order(self.path(i - 1), self.path(i)).is_lt())
+    }
+}
+
+/// Reads the cache for a scan: a version-2 file in manifest order is decoded entry by entry
+/// with borrowed paths; anything else goes through [`decode_cache`] (converted, sorted).
+fn load_for_scan(p: &Path) -> (Loaded, bool) {
+    let Some(b) = read_cache(p) else {
+        return (Loaded::default(), false);
     };
-    let Ok(b) = zstd::decode_all(&z[..]) else {
-        return (Vec::new(), false);
+    if let Some(l) = decode_v2(&b)
+        && l.sorted()
+    {
+        return (l, false);
+    }
+    let (files, stale) = decode_cache(p, &b);
+    let mut l = Loaded {
+        names: String::new(),
+        files: Vec::with_capacity(files.len()),
     };
-    let files = match postcard::take_from_bytes::<u32>(&b) {
-        Ok((CACHE_VERSION, _)) => postcard::from_bytes::<CacheFile>(&b).map(|c| (c.files, false)),
+    for e in files {
+        let key = CacheKey {
+            ino: e.ino,
+            size: e.size,
+            mtime: e.mtime,
+            ctime: e.ctime,
+        };
+        l.push(&e.path, key, e.content, e.xattrs);
+    }
+    (l, stale)
+}
+
+/// A version-2 cache file ([`CacheFile`]: the version, the number of entries, the entries)
+/// decoded without a `String` per path; `None` when it is not one.
+fn decode_v2(b: &[u8]) -> Option<Loaded> {
+    let (version, rest) = postcard::take_from_bytes::<u32>(b).ok()?;
+    if version != CACHE_VERSION {
+        return None;
+    }
+    let (n, mut rest) = postcard::take_from_bytes::<usize>(rest).ok()?;
+    let mut l = Loaded {
+        names: String::with_capacity(rest.len() / 4),
+        // An entry takes more than 32 bytes: a damaged count allocates no more than that.
+        files: Vec::with_capacity(n.min(rest.len() / 32)),
+    };
+    for _ in 0..n {
+        let (e, r) = postcard::take_from_bytes::<CacheEntryIn<'_>>(rest).ok()?;
+        rest = r;
+        let key = CacheKey {
+            ino: e.ino,
+            size: e.size,
+            mtime: e.mtime,
+            ctime: e.ctime,
+        };
+        l.push(e.path, key, e.content, e.xattrs);
+    }
+    Some(l)
+}
+
+/// Decodes a cache file's bytes (any version) into owned entries in manifest order.
+fn decode_cache(p: &Path, b: &[u8]) -> (Vec<CacheEntry>, bool) {
+    let files = match postcard::take_from_bytes::<u32>(b) {
+        Ok((CACHE_VERSION, _)) => postcard::from_bytes::<CacheFile>(b).map(|c| (c.files, false)),
         Ok((1, rest)) => postcard::from_bytes::<HashMap<String, CacheEntryV1>>(rest).map(|m| {
             let v = m
                 .into_iter()
@@ -634,7 +748,7 @@ pub struct Walked {
     root: PathBuf,
     root_entry: Entry,
     cache_path: Option<PathBuf>,
-    cache: Vec<CacheEntry>,
+    cache: Loaded,
     stale: bool,
     raws: Vec<Raw>,
     skipped: u64,
@@ -658,6 +772,15 @@ impl CacheKey {
             size: md.size(),
             mtime: (md.mtime(), md.mtime_nsec()),
             ctime: (md.ctime(), md.ctime_nsec()),
+        }
+    }
+
+    fn of_stat(st: &Stat) -> CacheKey {
+        CacheKey {
+            ino: st.ino,
+            size: st.size,
+            mtime: (st.mtime, st.mtime_ns),
+            ctime: (st.ctime, st.ctime_ns),
         }
     }
 
@@ -719,7 +842,7 @@ pub fn walk(root: &Path, opts: &ScanOptions) -> Result<Walked, SyncError> {
             std::thread::Builder::new()
                 .name("corral-cache".into())
                 .spawn_scoped(s, move || {
-                    let loaded = load_cache(p);
+                    let loaded = load_for_scan(p);
                     cache_housekeeping(p, std::time::SystemTime::now());
                     loaded
                 })
@@ -736,8 +859,8 @@ pub fn walk(root: &Path, opts: &ScanOptions) -> Result<Walked, SyncError> {
         walk.worker();
         match (loader, opts.cache.as_deref()) {
             (Some(Ok(h)), _) => h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
-            (Some(Err(_)), Some(p)) => load_cache(p), // no thread: read it here
-            _ => (Vec::new(), false),
+            (Some(Err(_)), Some(p)) => load_for_scan(p), // no thread: read it here
+            _ => (Loaded::default(), false),
         }
     });
     if let Some(e) = walk.errors.into_inner().unwrap().into_iter().next() {
@@ -750,12 +873,14 @@ pub fn walk(root: &Path, opts: &ScanOptions) -> Result<Walked, SyncError> {
     {
         let mut ci = 0;
         for r in raws.iter_mut().filter(|r| r.kind == Kind::File) {
-            while ci < cache.len() && path_order(&cache[ci].path, &r.path).is_lt() {
+            let n = cache.files.len();
+            while ci < n && path_order(cache.path(ci), &r.path).is_lt() {
                 ci += 1;
             }
-            if ci < cache.len() && cache[ci].path == r.path && cache[ci].matches(&r.st) {
+            if ci < n && cache.path(ci) == r.path && cache.files[ci].key == CacheKey::of_stat(&r.st)
+            {
                 r.hit = Some(ci);
-                r.xattrs.clone_from(&cache[ci].xattrs);
+                r.xattrs.clone_from(&cache.files[ci].xattrs);
             }
         }
     }
@@ -881,10 +1006,10 @@ impl Walked {
             .filter(|r| matches!(r, Ok(Hashed::Cached(_))))
             .count();
         let unchanged = !stale
-            && hits == cache.len()
+            && hits == cache.files.len()
             && raws
                 .iter()
-                .all(|r| r.hit.is_none_or(|i| cache[i].xattrs.is_some()))
+                .all(|r| r.hit.is_none_or(|i| cache.files[i].xattrs.is_some()))
             && results
                 .iter()
                 .all(|r| matches!(r, Ok(Hashed::NotFile | Hashed::Cached(_))));
@@ -897,7 +1022,7 @@ impl Walked {
                 // Each cache entry is hit by one path at most (both lists are in manifest
                 // order, paths unique), so taking its content leaves nothing another needs.
                 Ok(Hashed::Cached(i)) => Some(std::mem::replace(
-                    &mut cache[i].content,
+                    &mut cache.files[i].content,
                     Content {
                         size: 0,
                         hash: Hash([0; 32]),
@@ -1285,5 +1410,54 @@ mod tests {
             let (_, s) = scan(&root, &opts).unwrap();
             assert_eq!((s.hashed, s.cached), (0, 1), "the cache was rewritten");
         }
+    }
+
+    /// A scan reads a version-2 cache with borrowed paths: the same entries as the owned
+    /// decode, in order; a file out of order is sorted, deduplicated and marked for rewriting.
+    #[test]
+    fn the_scan_reads_the_cache_it_writes() {
+        let t = tempfile::tempdir().unwrap();
+        let cache = t.path().join("c.cache");
+        let entry = |path: &str, n: u8| CacheEntry {
+            path: path.into(),
+            ino: u64::from(n),
+            size: u64::from(n) * 10,
+            mtime: (i64::from(n), 1),
+            ctime: (i64::from(n), 2),
+            content: Content {
+                size: u64::from(n) * 10,
+                hash: Hash([n; 32]),
+                chunks: vec![Chunk {
+                    len: 7,
+                    hash: Hash([n + 1; 32]),
+                }],
+                sparse: n.is_multiple_of(2),
+            },
+            xattrs: (n != 3).then(|| vec![(b"user.k".to_vec(), vec![n])]),
+        };
+        let ordered = ["", "a", "a/b", "a/é", "a.b", "b"];
+        let files: Vec<CacheEntry> = (0u8..).zip(ordered).map(|(n, p)| entry(p, n)).collect();
+        save_cache(&cache, files.clone()).unwrap();
+        let (l, stale) = load_for_scan(&cache);
+        assert!(!stale);
+        assert_eq!(l.files.len(), files.len());
+        for (i, e) in files.iter().enumerate() {
+            let c = &l.files[i];
+            assert_eq!(l.path(i), e.path);
+            assert_eq!(
+                (c.key.ino, c.key.size, c.key.mtime, c.key.ctime),
+                (e.ino, e.size, e.mtime, e.ctime)
+            );
+            assert_eq!((&c.content, &c.xattrs), (&e.content, &e.xattrs));
+        }
+        // Out of order, with a path twice.
+        let mut shuffled = files.clone();
+        shuffled.reverse();
+        shuffled.push(entry("a", 9));
+        save_cache(&cache, shuffled).unwrap();
+        let (l, stale) = load_for_scan(&cache);
+        assert!(stale);
+        let paths: Vec<&str> = (0..l.files.len()).map(|i| l.path(i)).collect();
+        assert_eq!(paths, ordered);
     }
 }
