@@ -165,7 +165,13 @@ fn load_cache(p: &Path) -> (Vec<CacheEntry>, bool) {
 /// The cache file's decompressed bytes (`None`: no cache, or not zstd).
 fn read_cache(p: &Path) -> Option<Vec<u8>> {
     let z = std::fs::read(p).ok()?;
-    zstd::decode_all(&z[..]).ok()
+    // Read straight into the vector (`decode_all` copies through a stack buffer).
+    let mut b = Vec::new();
+    zstd::stream::read::Decoder::with_buffer(&z[..])
+        .ok()?
+        .read_to_end(&mut b)
+        .ok()?;
+    Some(b)
 }
 
 /// A version-2 cache entry as decoded by a scan: the path borrowed from the decoded bytes
@@ -685,16 +691,19 @@ impl Walk<'_> {
     }
 }
 
-/// Puts the walk's entries in manifest order: a directory's subtree comes right after it and
+/// The manifest order of the walk's entries: a directory's subtree comes right after it and
 /// before its next sibling, as [`path_order`] wants (`/` sorts before every other byte), so
 /// the directories' lists (each sorted by name) are spliced in after their entries, depth
-/// first. No path is compared; each entry is moved in place (two swaps at most, no second
-/// 9 MB vector to fault in).
-fn in_manifest_order(listed: Listed) -> Vec<Raw> {
-    let Listed { mut raws, dirs } = listed;
+/// first. No path is compared and no entry moves: `order[k]` is the index of the entry at
+/// place `k`.
+fn manifest_order(listed: &Listed) -> Vec<usize> {
+    let raws = &listed.raws;
     let n = raws.len();
-    let mut lists: HashMap<String, std::ops::Range<usize>> = dirs.into_iter().collect();
-    // order[k]: the index of the entry that goes to place k.
+    let mut lists: HashMap<&str, std::ops::Range<usize>> = listed
+        .dirs
+        .iter()
+        .map(|(d, r)| (d.as_str(), r.clone()))
+        .collect();
     let mut order = Vec::with_capacity(n);
     let mut stack = Vec::new();
     if let Some(top) = lists.remove("") {
@@ -707,7 +716,7 @@ fn in_manifest_order(listed: Listed) -> Vec<Raw> {
         };
         order.push(i);
         if raws[i].kind == Kind::Dir
-            && let Some(below) = lists.remove(&raws[i].path)
+            && let Some(below) = lists.remove(raws[i].path.as_str())
         {
             stack.push(below);
         }
@@ -715,25 +724,10 @@ fn in_manifest_order(listed: Listed) -> Vec<Raw> {
     if order.len() != n {
         // Every list but the top one is a directory's, reached from its entry: not reached.
         debug_assert!(false, "directory lists not reached");
-        raws.sort_unstable_by(|a, b| path_order(&a.path, &b.path));
-        return raws;
+        order = (0..n).collect();
+        order.sort_unstable_by(|&a, &b| path_order(&raws[a].path, &raws[b].path));
     }
-    // Each cycle of the permutation is followed once: place `cur` takes its entry from
-    // `order[cur]`, whose place is next.
-    let mut placed = vec![false; n];
-    for start in 0..n {
-        let mut cur = start;
-        while !placed[cur] {
-            placed[cur] = true;
-            let next = order[cur];
-            if next == start {
-                break;
-            }
-            raws.swap(cur, next);
-            cur = next;
-        }
-    }
-    raws
+    order
 }
 
 /// Walks `root` into a manifest (the root itself is the entry `""`).
@@ -750,7 +744,10 @@ pub struct Walked {
     cache_path: Option<PathBuf>,
     cache: Loaded,
     stale: bool,
+    /// In the walk's order (see `order`).
     raws: Vec<Raw>,
+    /// Indices into `raws` in manifest order.
+    order: Vec<usize>,
     skipped: u64,
 }
 
@@ -867,12 +864,18 @@ pub fn walk(root: &Path, opts: &ScanOptions) -> Result<Walked, SyncError> {
         return Err(e);
     }
     let skipped = walk.skipped.into_inner();
-    let mut raws = in_manifest_order(walk.out.into_inner().unwrap());
+    let listed = walk.out.into_inner().unwrap();
+    let order = manifest_order(&listed);
+    let mut raws = listed.raws;
     // A file the cache knows unchanged (ctime included) has its hash and attributes cached.
     // Both lists are in manifest order: one merge pass, no search.
     {
         let mut ci = 0;
-        for r in raws.iter_mut().filter(|r| r.kind == Kind::File) {
+        for &i in &order {
+            let r = &mut raws[i];
+            if r.kind != Kind::File {
+                continue;
+            }
             let n = cache.files.len();
             while ci < n && path_order(cache.path(ci), &r.path).is_lt() {
                 ci += 1;
@@ -888,7 +891,8 @@ pub fn walk(root: &Path, opts: &ScanOptions) -> Result<Walked, SyncError> {
     // Hard links: the first path (in manifest order) of an inode is the file, the others
     // name it.
     let mut leaders: HashMap<(u64, u64), String> = HashMap::new();
-    for r in &mut raws {
+    for &i in &order {
+        let r = &mut raws[i];
         if r.kind == Kind::File && r.st.nlink > 1 {
             let key = (r.st.dev, r.st.ino);
             match leaders.get(&key) {
@@ -912,6 +916,7 @@ pub fn walk(root: &Path, opts: &ScanOptions) -> Result<Walked, SyncError> {
         cache,
         stale,
         raws,
+        order,
         skipped,
     })
 }
@@ -956,6 +961,7 @@ impl Walked {
             cache,
             stale,
             mut raws,
+            order,
             skipped,
         } = self;
         let mut st = ScanStats {
@@ -1017,7 +1023,10 @@ impl Walked {
         let mut cache = cache;
         let mut new_cache = Vec::new();
         let mut deferred = Vec::new();
-        for (r, c) in raws.into_iter().zip(results) {
+        let mut results = results;
+        for &i in &order {
+            let r = &mut raws[i];
+            let c = std::mem::replace(&mut results[i], Ok(Hashed::NotFile));
             let content = match c {
                 // Each cache entry is hit by one path at most (both lists are in manifest
                 // order, paths unique), so taking its content leaves nothing another needs.
@@ -1075,9 +1084,9 @@ impl Walked {
                 }
             }
             entries.push(Entry {
-                meta: meta_of(&r.st, r.xattrs.unwrap_or_default()),
-                path: r.path,
-                kind: r.kind,
+                meta: meta_of(&r.st, r.xattrs.take().unwrap_or_default()),
+                path: std::mem::take(&mut r.path),
+                kind: std::mem::replace(&mut r.kind, Kind::Fifo),
                 content,
             });
         }
