@@ -228,14 +228,35 @@ fn is_under(path: &str, dir: &str) -> bool {
 pub fn filtered(master: &Manifest, filter: &dyn PathFilter) -> Vec<Entry> {
     selected(master, filter)
         .into_iter()
-        .map(std::borrow::Cow::into_owned)
+        .map(|p| match p {
+            Picked::Kept(e) => e.clone(),
+            Picked::Led(e) => *e,
+        })
         .collect()
 }
 
+/// A master entry the filter transfers: as it is, or (a hard link whose leader is
+/// excluded) changed. A reference, not a copy: the 50,000 entries of a no-change run are
+/// not copied (11 MB written, and as many pages faulted in, for nothing).
+enum Picked<'m> {
+    Kept(&'m Entry),
+    Led(Box<Entry>),
+}
+
+impl std::ops::Deref for Picked<'_> {
+    type Target = Entry;
+
+    fn deref(&self) -> &Entry {
+        match self {
+            Picked::Kept(e) => e,
+            Picked::Led(e) => e,
+        }
+    }
+}
+
 /// [`filtered`], borrowing the entries it keeps as they are (all but new hard-link leaders).
-fn selected<'m>(master: &'m Manifest, filter: &dyn PathFilter) -> Vec<std::borrow::Cow<'m, Entry>> {
-    use std::borrow::Cow;
-    let mut out: Vec<Cow<'m, Entry>> = Vec::with_capacity(master.entries.len());
+fn selected<'m>(master: &'m Manifest, filter: &dyn PathFilter) -> Vec<Picked<'m>> {
+    let mut out: Vec<Picked<'m>> = Vec::with_capacity(master.entries.len());
     let mut excluded: Option<&str> = None;
     let mut dropped: HashSet<&str> = HashSet::new();
     // Excluded leader -> its first transferred name.
@@ -249,11 +270,11 @@ fn selected<'m>(master: &'m Manifest, filter: &dyn PathFilter) -> Vec<std::borro
             excluded = None;
         }
         if e.path.is_empty() || filter.transfers(&e.path, e.kind == Kind::Dir) {
-            let mut e2 = Cow::Borrowed(e);
+            let mut picked = Picked::Kept(e);
             if let Kind::Hardlink(t) = &e.kind
                 && dropped.contains(t.as_str())
             {
-                let e2 = e2.to_mut();
+                let mut e2 = e.clone();
                 match new_leader.get(t.as_str()) {
                     Some(l) => e2.kind = Kind::Hardlink(l.clone()),
                     None => {
@@ -266,8 +287,9 @@ fn selected<'m>(master: &'m Manifest, filter: &dyn PathFilter) -> Vec<std::borro
                         new_leader.insert(t.as_str(), e.path.clone());
                     }
                 }
+                picked = Picked::Led(Box::new(e2));
             }
-            out.push(e2);
+            out.push(picked);
         } else {
             dropped.insert(&e.path);
             if e.kind == Kind::Dir {
@@ -286,6 +308,17 @@ pub fn plan(
     opts: &PlanOptions,
 ) -> Plan {
     let sel = selected(master, filter);
+    // The child is the master itself (a no-change push: every range of the child matched
+    // the master's, so the session plans the master against itself) and the filter keeps
+    // every entry as it is: each entry meets itself, nothing differs and nothing is extra on
+    // the child, so the plan is empty (what the full pass below finds, tested), without
+    // 50,000 look-ups and comparisons.
+    if std::ptr::eq(master, child)
+        && sel.len() == master.entries.len()
+        && sel.iter().all(|p| matches!(p, Picked::Kept(_)))
+    {
+        return Plan::default();
+    }
     let sel: Vec<&Entry> = sel.iter().map(|e| &**e).collect();
     // Path look-ups in both manifests go forward in manifest order: one pass each instead of
     // a hash or a binary search per path (50,000 paths on a no-change run).
@@ -752,8 +785,35 @@ mod tests {
         )
     }
 
+    /// Transfers everything.
+    struct All;
+    impl PathFilter for All {
+        fn transfers(&self, _rel: &str, _d: bool) -> bool {
+            true
+        }
+        fn may_delete(&self, _rel: &str, _d: bool) -> bool {
+            true
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(400))]
+        /// A manifest planned against itself (how a no-change push plans) gives the plan of
+        /// the manifest against an equal copy: empty when the filter keeps everything, and
+        /// the full plan when it leaves paths out or a hard link gets a new leader.
+        #[test]
+        fn a_manifest_against_itself_plans_as_against_a_copy(ms in spec()) {
+            let master = build(ms);
+            let copy = master.clone();
+            for delete in [false, true] {
+                let opts = PlanOptions { delete, ..PlanOptions::default() };
+                let same = plan(&master, &master, &All, &opts);
+                prop_assert!(same.ops.is_empty() && same.items.is_empty());
+                prop_assert_eq!(same, plan(&master, &copy, &All, &opts));
+                prop_assert_eq!(plan(&master, &master, &NoX, &opts), plan(&master, &copy, &NoX, &opts));
+            }
+        }
+
         /// After applying the plan the child equals the master, except excluded paths, which
         /// are neither sent nor deleted.
         #[test]

@@ -75,15 +75,6 @@ struct CacheEntry {
     xattrs: Option<Vec<(Vec<u8>, Vec<u8>)>>,
 }
 
-impl CacheEntry {
-    fn matches(&self, st: &Stat) -> bool {
-        self.ino == st.ino
-            && self.size == st.size
-            && self.mtime == (st.mtime, st.mtime_ns)
-            && self.ctime == (st.ctime, st.ctime_ns)
-    }
-}
-
 /// Version of the cache file: 2 is a vector of [`CacheEntry`] in manifest order (matched with
 /// the sorted walk in one pass, no hashing of every path), with each file's extended
 /// attributes.
@@ -165,14 +156,143 @@ struct Raw {
 /// Reads the cache file: its entries in manifest order, and whether it must be rewritten
 /// even when every file hits (an older version).
 fn load_cache(p: &Path) -> (Vec<CacheEntry>, bool) {
-    let Ok(z) = std::fs::read(p) else {
-        return (Vec::new(), false);
+    match read_cache(p) {
+        Some(b) => decode_cache(p, &b),
+        None => (Vec::new(), false),
+    }
+}
+
+/// The cache file's decompressed bytes (`None`: no cache, or not zstd).
+fn read_cache(p: &Path) -> Option<Vec<u8>> {
+    let z = std::fs::read(p).ok()?;
+    // Read straight into the vector (`decode_all` copies through a stack buffer).
+    let mut b = Vec::new();
+    zstd::stream::read::Decoder::with_buffer(&z[..])
+        .ok()?
+        .read_to_end(&mut b)
+        .ok()?;
+    Some(b)
+}
+
+/// A version-2 cache entry as decoded by a scan: the path borrowed from the decoded bytes
+/// (the fields of [`CacheEntry`], in its order: the same encoding).
+#[derive(Deserialize)]
+struct CacheEntryIn<'a> {
+    path: &'a str,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+    content: Content,
+    xattrs: Option<Vec<(Vec<u8>, Vec<u8>)>>,
+}
+
+/// A cache entry as a scan keeps it: its path is a place in [`Loaded::names`].
+#[derive(Debug)]
+struct Cached {
+    path: std::ops::Range<usize>,
+    key: CacheKey,
+    content: Content,
+    xattrs: Option<Vec<(Vec<u8>, Vec<u8>)>>,
+}
+
+/// The hash cache as a scan reads it, in manifest order: all paths in one string, so the
+/// 50,000 entries of a tree cost no allocation each.
+#[derive(Debug, Default)]
+struct Loaded {
+    names: String,
+    files: Vec<Cached>,
+}
+
+impl Loaded {
+    fn path(&self, i: usize) -> &str {
+        // Ranges made by `push` (at the ends of whole strings): always in bounds.
+        self.names
+            .get(self.files[i].path.clone())
+            .unwrap_or_default()
+    }
+
+    fn push(
+        &mut self,
+        path: &str,
+        key: CacheKey,
+        content: Content,
+        xattrs: Option<Vec<(Vec<u8>, Vec<u8>)>>,
+    ) {
+        let at = self.names.len();
+        self.names.push_str(path);
+        self.files.push(Cached {
+            path: at..self.names.len(),
+            key,
+            content,
+            xattrs,
+        });
+    }
+
+    fn sorted(&self) -> bool {
+        (1..self.files.len()).all(|i| path_order(self.path(i - 1), self.path(i)).is_lt())
+    }
+}
+
+/// Reads the cache for a scan: a version-2 file in manifest order is decoded entry by entry
+/// with borrowed paths; anything else goes through [`decode_cache`] (converted, sorted).
+fn load_for_scan(p: &Path) -> (Loaded, bool) {
+    let Some(b) = read_cache(p) else {
+        return (Loaded::default(), false);
     };
-    let Ok(b) = zstd::decode_all(&z[..]) else {
-        return (Vec::new(), false);
+    if let Some(l) = decode_v2(&b)
+        && l.sorted()
+    {
+        return (l, false);
+    }
+    let (files, stale) = decode_cache(p, &b);
+    let mut l = Loaded {
+        names: String::new(),
+        files: Vec::with_capacity(files.len()),
     };
-    let files = match postcard::take_from_bytes::<u32>(&b) {
-        Ok((CACHE_VERSION, _)) => postcard::from_bytes::<CacheFile>(&b).map(|c| (c.files, false)),
+    for e in files {
+        let key = CacheKey {
+            ino: e.ino,
+            size: e.size,
+            mtime: e.mtime,
+            ctime: e.ctime,
+        };
+        l.push(&e.path, key, e.content, e.xattrs);
+    }
+    (l, stale)
+}
+
+/// A version-2 cache file ([`CacheFile`]: the version, the number of entries, the entries)
+/// decoded without a `String` per path; `None` when it is not one.
+fn decode_v2(b: &[u8]) -> Option<Loaded> {
+    let (version, rest) = postcard::take_from_bytes::<u32>(b).ok()?;
+    if version != CACHE_VERSION {
+        return None;
+    }
+    let (n, mut rest) = postcard::take_from_bytes::<usize>(rest).ok()?;
+    let mut l = Loaded {
+        names: String::with_capacity(rest.len() / 4),
+        // An entry takes more than 32 bytes: a damaged count allocates no more than that.
+        files: Vec::with_capacity(n.min(rest.len() / 32)),
+    };
+    for _ in 0..n {
+        let (e, r) = postcard::take_from_bytes::<CacheEntryIn<'_>>(rest).ok()?;
+        rest = r;
+        let key = CacheKey {
+            ino: e.ino,
+            size: e.size,
+            mtime: e.mtime,
+            ctime: e.ctime,
+        };
+        l.push(e.path, key, e.content, e.xattrs);
+    }
+    Some(l)
+}
+
+/// Decodes a cache file's bytes (any version) into owned entries in manifest order.
+fn decode_cache(p: &Path, b: &[u8]) -> (Vec<CacheEntry>, bool) {
+    let files = match postcard::take_from_bytes::<u32>(b) {
+        Ok((CACHE_VERSION, _)) => postcard::from_bytes::<CacheFile>(b).map(|c| (c.files, false)),
         Ok((1, rest)) => postcard::from_bytes::<HashMap<String, CacheEntryV1>>(rest).map(|m| {
             let v = m
                 .into_iter()
@@ -304,12 +424,12 @@ impl CacheLock {
     }
 }
 
-/// [`load_cache`] once no save of it is in progress (see [`CacheLock`]); after
+/// [`load_for_scan`] once no save of it is in progress (see [`CacheLock`]); after
 /// [`CACHE_LOCK_WAIT`] it reads the file as it is (whole: saves rename a complete file into
 /// place), whose entries are still checked against each file's keys.
-fn load_cache_when_saved(p: &Path) -> (Vec<CacheEntry>, bool) {
+fn load_cache_when_saved(p: &Path) -> (Loaded, bool) {
     let _lock = CacheLock::read(p, CACHE_LOCK_WAIT);
-    load_cache(p)
+    load_for_scan(p)
 }
 
 /// Marks the cache file `used` as used now (its mtime, at most once per [`CACHE_TOUCH`]) and,
@@ -486,11 +606,21 @@ fn join(rel: &str, name: &str) -> String {
 struct Walk<'a> {
     root: &'a Path,
     opts: &'a ScanOptions,
-    out: Mutex<Vec<Raw>>,
+    /// The entries found, each directory's together and sorted by name, and where each
+    /// directory's are.
+    out: Mutex<Listed>,
     errors: Mutex<Vec<SyncError>>,
     skipped: std::sync::atomic::AtomicU64,
     queue: Mutex<Queue>,
     ready: std::sync::Condvar,
+}
+
+/// What the walk found: every directory's entries, one directory after another (in the order
+/// they were read), each directory's sorted by name, and the place of each directory's.
+#[derive(Default)]
+struct Listed {
+    raws: Vec<Raw>,
+    dirs: Vec<(String, std::ops::Range<usize>)>,
 }
 
 /// The directories still to read and how many are being read: the walk is over when both
@@ -559,19 +689,30 @@ impl Walk<'_> {
             }
         };
         let mut batch = Vec::new();
+        // Where a name starts in its path.
+        let skip = if rel.is_empty() { 0 } else { rel.len() + 1 };
         for de in rd {
             let Ok(de) = de else {
                 self.skipped
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 continue;
             };
-            let Some(name) = de.file_name().to_str().map(str::to_string) else {
-                tracing::warn!(dir = %abs.display(), name = ?de.file_name(), "skipping a name that is not UTF-8");
-                self.skipped
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                continue;
+            let name = match de.file_name().into_string() {
+                Ok(n) => n,
+                Err(name) => {
+                    tracing::warn!(dir = %abs.display(), ?name, "skipping a name that is not UTF-8");
+                    self.skipped
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    continue;
+                }
             };
-            let path = join(&rel, &name);
+            // In the top directory the name is the path (no second allocation).
+            let path = if rel.is_empty() {
+                name
+            } else {
+                join(&rel, &name)
+            };
+            let name = &path[skip..];
             if self.opts.skip.contains(&path) {
                 continue;
             }
@@ -623,9 +764,56 @@ impl Walk<'_> {
                 hit: None,
             });
         }
-        self.out.lock().unwrap().extend(batch);
+        // Siblings share the directory's path: ordering them by name (shorter keys, a small
+        // sort on this walk thread) gives their manifest order, and [`in_manifest_order`]
+        // nests the directories' lists without sorting the whole tree again.
+        batch.sort_unstable_by(|a, b| path_order(&a.path[skip..], &b.path[skip..]));
+        let mut out = self.out.lock().unwrap();
+        let at = out.raws.len();
+        out.raws.extend(batch);
+        let end = out.raws.len();
+        out.dirs.push((rel, at..end));
         subdirs
     }
+}
+
+/// The manifest order of the walk's entries: a directory's subtree comes right after it and
+/// before its next sibling, as [`path_order`] wants (`/` sorts before every other byte), so
+/// the directories' lists (each sorted by name) are spliced in after their entries, depth
+/// first. No path is compared and no entry moves: `order[k]` is the index of the entry at
+/// place `k`.
+fn manifest_order(listed: &Listed) -> Vec<usize> {
+    let raws = &listed.raws;
+    let n = raws.len();
+    let mut lists: HashMap<&str, std::ops::Range<usize>> = listed
+        .dirs
+        .iter()
+        .map(|(d, r)| (d.as_str(), r.clone()))
+        .collect();
+    let mut order = Vec::with_capacity(n);
+    let mut stack = Vec::new();
+    if let Some(top) = lists.remove("") {
+        stack.push(top);
+    }
+    while let Some(list) = stack.last_mut() {
+        let Some(i) = list.next() else {
+            stack.pop();
+            continue;
+        };
+        order.push(i);
+        if raws[i].kind == Kind::Dir
+            && let Some(below) = lists.remove(raws[i].path.as_str())
+        {
+            stack.push(below);
+        }
+    }
+    if order.len() != n {
+        // Every list but the top one is a directory's, reached from its entry: not reached.
+        debug_assert!(false, "directory lists not reached");
+        order = (0..n).collect();
+        order.sort_unstable_by(|&a, &b| path_order(&raws[a].path, &raws[b].path));
+    }
+    order
 }
 
 /// Walks `root` into a manifest (the root itself is the entry `""`).
@@ -640,9 +828,12 @@ pub struct Walked {
     root: PathBuf,
     root_entry: Entry,
     cache_path: Option<PathBuf>,
-    cache: Vec<CacheEntry>,
+    cache: Loaded,
     stale: bool,
+    /// In the walk's order (see `order`).
     raws: Vec<Raw>,
+    /// Indices into `raws` in manifest order.
+    order: Vec<usize>,
     skipped: u64,
 }
 
@@ -664,6 +855,15 @@ impl CacheKey {
             size: md.size(),
             mtime: (md.mtime(), md.mtime_nsec()),
             ctime: (md.ctime(), md.ctime_nsec()),
+        }
+    }
+
+    fn of_stat(st: &Stat) -> CacheKey {
+        CacheKey {
+            ino: st.ino,
+            size: st.size,
+            mtime: (st.mtime, st.mtime_ns),
+            ctime: (st.ctime, st.ctime_ns),
         }
     }
 
@@ -700,7 +900,7 @@ pub fn walk(root: &Path, opts: &ScanOptions) -> Result<Walked, SyncError> {
     let walk = Walk {
         root,
         opts,
-        out: Mutex::new(Vec::new()),
+        out: Mutex::new(Listed::default()),
         errors: Mutex::new(Vec::new()),
         skipped: 0.into(),
         queue: Mutex::new(Queue {
@@ -743,27 +943,33 @@ pub fn walk(root: &Path, opts: &ScanOptions) -> Result<Walked, SyncError> {
         match (loader, opts.cache.as_deref()) {
             (Some(Ok(h)), _) => h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
             (Some(Err(_)), Some(p)) => load_cache_when_saved(p), // no thread: read it here
-            _ => (Vec::new(), false),
+            _ => (Loaded::default(), false),
         }
     });
     if let Some(e) = walk.errors.into_inner().unwrap().into_iter().next() {
         return Err(e);
     }
     let skipped = walk.skipped.into_inner();
-    let mut raws = walk.out.into_inner().unwrap();
-    // Paths are unique: an unstable sort moves less.
-    raws.sort_unstable_by(|a, b| path_order(&a.path, &b.path));
+    let listed = walk.out.into_inner().unwrap();
+    let order = manifest_order(&listed);
+    let mut raws = listed.raws;
     // A file the cache knows unchanged (ctime included) has its hash and attributes cached.
     // Both lists are in manifest order: one merge pass, no search.
     {
         let mut ci = 0;
-        for r in raws.iter_mut().filter(|r| r.kind == Kind::File) {
-            while ci < cache.len() && path_order(&cache[ci].path, &r.path).is_lt() {
+        for &i in &order {
+            let r = &mut raws[i];
+            if r.kind != Kind::File {
+                continue;
+            }
+            let n = cache.files.len();
+            while ci < n && path_order(cache.path(ci), &r.path).is_lt() {
                 ci += 1;
             }
-            if ci < cache.len() && cache[ci].path == r.path && cache[ci].matches(&r.st) {
+            if ci < n && cache.path(ci) == r.path && cache.files[ci].key == CacheKey::of_stat(&r.st)
+            {
                 r.hit = Some(ci);
-                r.xattrs.clone_from(&cache[ci].xattrs);
+                r.xattrs.clone_from(&cache.files[ci].xattrs);
             }
         }
     }
@@ -771,7 +977,8 @@ pub fn walk(root: &Path, opts: &ScanOptions) -> Result<Walked, SyncError> {
     // Hard links: the first path (in manifest order) of an inode is the file, the others
     // name it.
     let mut leaders: HashMap<(u64, u64), String> = HashMap::new();
-    for r in &mut raws {
+    for &i in &order {
+        let r = &mut raws[i];
         if r.kind == Kind::File && r.st.nlink > 1 {
             let key = (r.st.dev, r.st.ino);
             match leaders.get(&key) {
@@ -795,6 +1002,7 @@ pub fn walk(root: &Path, opts: &ScanOptions) -> Result<Walked, SyncError> {
         cache,
         stale,
         raws,
+        order,
         skipped,
     })
 }
@@ -802,8 +1010,10 @@ pub fn walk(root: &Path, opts: &ScanOptions) -> Result<Walked, SyncError> {
 /// How a walked entry's content was found.
 enum Hashed {
     NotFile,
-    Cached(Content),
-    Fresh(Content),
+    /// From the cache entry of this index (moved out of it, not copied).
+    Cached(usize),
+    /// Read and hashed (boxed: the results of 50,000 files stay small).
+    Fresh(Box<Content>),
     Deferred,
 }
 
@@ -837,6 +1047,7 @@ impl Walked {
             cache,
             stale,
             mut raws,
+            order,
             skipped,
         } = self;
         let mut st = ScanStats {
@@ -844,7 +1055,8 @@ impl Walked {
             skipped,
             ..ScanStats::default()
         };
-        let content = |r: &mut Raw| -> Result<Hashed, SyncError> {
+        // Errors boxed too: one result per entry, 16 bytes each.
+        let content = |r: &mut Raw| -> Result<Hashed, Box<SyncError>> {
             if r.xattrs.is_none() {
                 // A file the cache did not know, or a version-1 entry (no attributes): read
                 // after the stat that keys its cache entry.
@@ -854,20 +1066,23 @@ impl Walked {
                 return Ok(Hashed::NotFile);
             }
             if let Some(i) = r.hit {
-                return Ok(Hashed::Cached(cache[i].content.clone()));
+                return Ok(Hashed::Cached(i));
             }
             if defer(&r.path) {
                 return Ok(Hashed::Deferred);
             }
             let sparse = r.st.blocks * 512 < r.st.size;
-            Ok(Hashed::Fresh(hash_file(&root.join(&r.path), sparse)?))
+            Ok(Hashed::Fresh(Box::new(hash_file(
+                &root.join(&r.path),
+                sparse,
+            )?)))
         };
         // Files are read on rayon's pool; when the cache has every one with its attributes,
         // this thread copies them (no pool to start, no workers left spinning afterwards).
         let misses = raws
             .iter()
             .any(|r| r.xattrs.is_none() || (r.kind == Kind::File && r.hit.is_none()));
-        let results: Vec<Result<Hashed, SyncError>> = if misses {
+        let results: Vec<Result<Hashed, Box<SyncError>>> = if misses {
             raws.par_iter_mut().map(content).collect()
         } else {
             raws.iter_mut().map(content).collect()
@@ -883,19 +1098,34 @@ impl Walked {
             .filter(|r| matches!(r, Ok(Hashed::Cached(_))))
             .count();
         let unchanged = !stale
-            && hits == cache.len()
+            && hits == cache.files.len()
             && raws
                 .iter()
-                .all(|r| r.hit.is_none_or(|i| cache[i].xattrs.is_some()))
+                .all(|r| r.hit.is_none_or(|i| cache.files[i].xattrs.is_some()))
             && results
                 .iter()
                 .all(|r| matches!(r, Ok(Hashed::NotFile | Hashed::Cached(_))));
         let rewrite = cache_path.is_some() && !unchanged;
+        let mut cache = cache;
         let mut new_cache = Vec::new();
         let mut deferred = Vec::new();
-        for (r, c) in raws.into_iter().zip(results) {
+        let mut results = results;
+        for &i in &order {
+            let r = &mut raws[i];
+            let c = std::mem::replace(&mut results[i], Ok(Hashed::NotFile));
             let content = match c {
-                Ok(Hashed::Cached(c) | Hashed::Fresh(c)) => Some(c),
+                // Each cache entry is hit by one path at most (both lists are in manifest
+                // order, paths unique), so taking its content leaves nothing another needs.
+                Ok(Hashed::Cached(i)) => Some(std::mem::replace(
+                    &mut cache.files[i].content,
+                    Content {
+                        size: 0,
+                        hash: Hash([0; 32]),
+                        chunks: Vec::new(),
+                        sparse: false,
+                    },
+                )),
+                Ok(Hashed::Fresh(c)) => Some(*c),
                 Ok(Hashed::Deferred) => {
                     st.deferred += 1;
                     deferred.push(Deferred {
@@ -912,12 +1142,13 @@ impl Walked {
                     None
                 }
                 Ok(Hashed::NotFile) => None,
-                Err(SyncError::Fs { source, .. })
-                    if source.kind() == std::io::ErrorKind::NotFound =>
+                Err(e)
+                    if matches!(&*e, SyncError::Fs { source, .. }
+                        if source.kind() == std::io::ErrorKind::NotFound) =>
                 {
                     continue; // vanished during the scan
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(*e),
             };
             if let Some(c) = &content {
                 if r.hit.is_some() {
@@ -939,9 +1170,9 @@ impl Walked {
                 }
             }
             entries.push(Entry {
-                meta: meta_of(&r.st, r.xattrs.unwrap_or_default()),
-                path: r.path,
-                kind: r.kind,
+                meta: meta_of(&r.st, r.xattrs.take().unwrap_or_default()),
+                path: std::mem::take(&mut r.path),
+                kind: std::mem::replace(&mut r.kind, Kind::Fifo),
                 content,
             });
         }
@@ -1349,5 +1580,54 @@ mod tests {
             let (_, s) = scan(&root, &opts).unwrap();
             assert_eq!((s.hashed, s.cached), (0, 1), "the cache was rewritten");
         }
+    }
+
+    /// A scan reads a version-2 cache with borrowed paths: the same entries as the owned
+    /// decode, in order; a file out of order is sorted, deduplicated and marked for rewriting.
+    #[test]
+    fn the_scan_reads_the_cache_it_writes() {
+        let t = tempfile::tempdir().unwrap();
+        let cache = t.path().join("c.cache");
+        let entry = |path: &str, n: u8| CacheEntry {
+            path: path.into(),
+            ino: u64::from(n),
+            size: u64::from(n) * 10,
+            mtime: (i64::from(n), 1),
+            ctime: (i64::from(n), 2),
+            content: Content {
+                size: u64::from(n) * 10,
+                hash: Hash([n; 32]),
+                chunks: vec![Chunk {
+                    len: 7,
+                    hash: Hash([n + 1; 32]),
+                }],
+                sparse: n.is_multiple_of(2),
+            },
+            xattrs: (n != 3).then(|| vec![(b"user.k".to_vec(), vec![n])]),
+        };
+        let ordered = ["", "a", "a/b", "a/é", "a.b", "b"];
+        let files: Vec<CacheEntry> = (0u8..).zip(ordered).map(|(n, p)| entry(p, n)).collect();
+        save_cache(&cache, files.clone()).unwrap();
+        let (l, stale) = load_for_scan(&cache);
+        assert!(!stale);
+        assert_eq!(l.files.len(), files.len());
+        for (i, e) in files.iter().enumerate() {
+            let c = &l.files[i];
+            assert_eq!(l.path(i), e.path);
+            assert_eq!(
+                (c.key.ino, c.key.size, c.key.mtime, c.key.ctime),
+                (e.ino, e.size, e.mtime, e.ctime)
+            );
+            assert_eq!((&c.content, &c.xattrs), (&e.content, &e.xattrs));
+        }
+        // Out of order, with a path twice.
+        let mut shuffled = files.clone();
+        shuffled.reverse();
+        shuffled.push(entry("a", 9));
+        save_cache(&cache, shuffled).unwrap();
+        let (l, stale) = load_for_scan(&cache);
+        assert!(stale);
+        let paths: Vec<&str> = (0..l.files.len()).map(|i| l.path(i)).collect();
+        assert_eq!(paths, ordered);
     }
 }
