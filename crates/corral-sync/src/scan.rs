@@ -63,9 +63,12 @@ pub struct ScanStats {
 /// (`touch -d`) still misses; `setxattr`/`removexattr` (ACLs included) change ctime too, so a
 /// hit's attributes are the file's own and its `llistxattr` is skipped. The attributes are
 /// read after the stat that keyed them: a change racing the scan leaves a newer ctime.
+///
+/// `P` is the path's type: owned in the cache's rewrite, `&str` borrowed from the decoded
+/// bytes when a scan reads it (one encoding, no allocation per entry).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct CacheEntry {
-    path: String,
+struct CacheEntry<P = String> {
+    path: P,
     ino: u64,
     size: u64,
     mtime: (i64, i64),
@@ -174,19 +177,6 @@ fn read_cache(p: &Path) -> Option<Vec<u8>> {
     Some(b)
 }
 
-/// A version-2 cache entry as decoded by a scan: the path borrowed from the decoded bytes
-/// (the fields of [`CacheEntry`], in its order: the same encoding).
-#[derive(Deserialize)]
-struct CacheEntryIn<'a> {
-    path: &'a str,
-    ino: u64,
-    size: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
-    content: Content,
-    xattrs: Option<Vec<(Vec<u8>, Vec<u8>)>>,
-}
-
 /// A cache entry as a scan keeps it: its path is a place in [`Loaded::names`].
 #[derive(Debug)]
 struct Cached {
@@ -276,7 +266,7 @@ fn decode_v2(b: &[u8]) -> Option<Loaded> {
         files: Vec::with_capacity(n.min(rest.len() / 32)),
     };
     for _ in 0..n {
-        let (e, r) = postcard::take_from_bytes::<CacheEntryIn<'_>>(rest).ok()?;
+        let (e, r) = postcard::take_from_bytes::<CacheEntry<&str>>(rest).ok()?;
         rest = r;
         let key = CacheKey {
             ino: e.ino,
