@@ -266,6 +266,14 @@ struct Pulled {
     streamed: bool,
 }
 
+/// The inode whose metadata is set: a descriptor open for reading or writing, or the
+/// `/proc/self/fd` path of an `O_PATH` descriptor.
+#[derive(Clone, Copy)]
+enum MetaTarget<'a> {
+    Fd(std::os::fd::BorrowedFd<'a>),
+    Path(&'a str),
+}
+
 /// Where a chunk the receiver writes comes from ([`Receiver::chunk_source`]).
 enum ChunkSource {
     /// Read from a file the child holds, checked against the chunk's hash.
@@ -603,42 +611,55 @@ impl Receiver {
         }
     }
 
-    /// Sets owner, xattrs (ACLs), mode and mtime through a path that names the inode itself.
-    fn set_meta_path(&self, p: &str, rel: &str, m: &Meta, set_mode: bool) -> Result<(), SyncError> {
+    /// Sets owner, xattrs (ACLs), mode and mtime of the inode `t` names. Owner first: a
+    /// `chown` clears setuid and setgid, which the mode then sets again.
+    fn set_meta_on(&self, t: MetaTarget<'_>, rel: &str, m: &Meta) -> Result<(), SyncError> {
         if !self.opts.ignore_owner {
             let (u, g) = self.uid_gid(m);
-            rustix::fs::chownat(
-                rustix::fs::CWD,
-                p,
+            let (u, g) = (
                 Some(rustix::fs::Uid::from_raw(u)),
                 Some(rustix::fs::Gid::from_raw(g)),
-                AtFlags::empty(),
-            )
+            );
+            match t {
+                MetaTarget::Fd(f) => rustix::fs::fchown(f, u, g),
+                MetaTarget::Path(p) => {
+                    rustix::fs::chownat(rustix::fs::CWD, p, u, g, AtFlags::empty())
+                }
+            }
             .map_err(|e| errno("chown", rel, e))?;
         }
-        self.set_xattrs(p, rel, m)?;
-        if set_mode {
-            rustix::fs::chmodat(
-                rustix::fs::CWD,
-                p,
-                Mode::from_raw_mode(m.mode),
-                AtFlags::empty(),
-            )
-            .map_err(|e| errno("chmod", rel, e))?;
+        self.set_xattrs(t, rel, m)?;
+        let mode = Mode::from_raw_mode(m.mode);
+        match t {
+            MetaTarget::Fd(f) => rustix::fs::fchmod(f, mode),
+            MetaTarget::Path(p) => rustix::fs::chmodat(rustix::fs::CWD, p, mode, AtFlags::empty()),
         }
-        rustix::fs::utimensat(rustix::fs::CWD, p, &times(m), AtFlags::empty())
-            .map_err(|e| errno("set mtime", rel, e))
+        .map_err(|e| errno("chmod", rel, e))?;
+        match t {
+            MetaTarget::Fd(f) => rustix::fs::futimens(f, &times(m)),
+            MetaTarget::Path(p) => {
+                rustix::fs::utimensat(rustix::fs::CWD, p, &times(m), AtFlags::empty())
+            }
+        }
+        .map_err(|e| errno("set mtime", rel, e))
     }
 
-    fn set_xattrs(&self, p: &str, rel: &str, m: &Meta) -> Result<(), SyncError> {
+    fn set_xattrs(&self, t: MetaTarget<'_>, rel: &str, m: &Meta) -> Result<(), SyncError> {
         // Most files have no xattrs: ask for the size of the list first (a 64 KiB buffer per
         // file was a noticeable share of a full copy's CPU).
-        let size = rustix::fs::listxattr_query(p).unwrap_or(64 * 1024);
+        let size = match t {
+            MetaTarget::Fd(f) => rustix::fs::flistxattr_query(f),
+            MetaTarget::Path(p) => rustix::fs::listxattr_query(p),
+        }
+        .unwrap_or(64 * 1024);
         let have: Vec<Vec<u8>> = if size == 0 {
             Vec::new()
         } else {
             let mut names = vec![0u8; size.min(64 * 1024)];
-            match rustix::fs::listxattr(p, &mut names[..]) {
+            match match t {
+                MetaTarget::Fd(f) => rustix::fs::flistxattr(f, &mut names[..]),
+                MetaTarget::Path(p) => rustix::fs::listxattr(p, &mut names[..]),
+            } {
                 Ok(n) => names[..n]
                     .split(|b| *b == 0)
                     .filter(|n| !n.is_empty())
@@ -650,20 +671,26 @@ impl Receiver {
         for n in &have {
             let ours = n.starts_with(b"user.") || n.starts_with(b"system.posix_acl_");
             if ours && !m.xattrs.iter().any(|(k, _)| k == n) {
-                rustix::fs::removexattr(p, n.as_slice())
-                    .map_err(|e| errno("remove xattr", rel, e))?;
+                match t {
+                    MetaTarget::Fd(f) => rustix::fs::fremovexattr(f, n.as_slice()),
+                    MetaTarget::Path(p) => rustix::fs::removexattr(p, n.as_slice()),
+                }
+                .map_err(|e| errno("remove xattr", rel, e))?;
             }
         }
         for (k, v) in &m.xattrs {
-            rustix::fs::setxattr(p, k.as_slice(), v, rustix::fs::XattrFlags::empty()).map_err(
-                |e| {
-                    SyncError::fs(
-                        "set xattr",
-                        format!("{rel} ({})", String::from_utf8_lossy(k)),
-                        e.into(),
-                    )
-                },
-            )?;
+            let flags = rustix::fs::XattrFlags::empty();
+            match t {
+                MetaTarget::Fd(f) => rustix::fs::fsetxattr(f, k.as_slice(), v, flags),
+                MetaTarget::Path(p) => rustix::fs::setxattr(p, k.as_slice(), v, flags),
+            }
+            .map_err(|e| {
+                SyncError::fs(
+                    "set xattr",
+                    format!("{rel} ({})", String::from_utf8_lossy(k)),
+                    e.into(),
+                )
+            })?;
         }
         Ok(())
     }
@@ -710,8 +737,9 @@ impl Receiver {
                 std::io::Error::other("became a symlink during the run"),
             ));
         }
+        // An `O_PATH` descriptor takes no fchown/fchmod/fsetxattr: its /proc path does.
         let p = format!("/proc/self/fd/{}", fd.as_raw_fd());
-        self.set_meta_path(&p, rel, &e.meta, true)
+        self.set_meta_on(MetaTarget::Path(&p), rel, &e.meta)
     }
 
     /// Opens a child file for reading its old bytes, confined beneath the root.
@@ -1511,9 +1539,10 @@ impl Receiver {
         (Hash::of(&b) == c.hash).then_some(b)
     }
 
+    /// Sets the metadata of a file open for writing through its descriptor (a `/proc/self/fd`
+    /// path costs a procfs lookup per call: 19 against 5 us per file for the four calls).
     fn set_meta_fd(&self, f: &OwnedFd, rel: &str, m: &Meta) -> Result<(), SyncError> {
-        let p = format!("/proc/self/fd/{}", f.as_raw_fd());
-        self.set_meta_path(&p, rel, m, true)
+        self.set_meta_on(MetaTarget::Fd(f.as_fd()), rel, m)
     }
 
     /// Applies a step that carries no file data.
