@@ -911,6 +911,10 @@ fn prepare(
 /// of `consume`, which gets the results in order on the calling thread. Stops at the first
 /// error of `consume` (the threads finish the step they are on), or with an error when a
 /// `work` panicked.
+///
+/// Wake-ups are counted (a full copy runs a step per small file, 50,000 of them): a reader
+/// wakes the consumer only with the step it waits for, a consumed step wakes one reader, and
+/// nobody is notified when nobody waits (a `Condvar` notify is a system call even then).
 fn ordered_pipeline<T: Send>(
     n: usize,
     work: impl Fn(usize) -> T + Sync,
@@ -918,11 +922,16 @@ fn ordered_pipeline<T: Send>(
 ) -> Result<(), SyncError> {
     struct State<T> {
         next: usize,
+        /// The step the consumer takes next (it waits for this one only).
         consumed: usize,
         done: std::collections::BTreeMap<usize, T>,
         stop: bool,
         /// A reader thread panicked: its step never comes.
         lost: bool,
+        /// Whether the consumer is waiting on `ready`.
+        consumer_waits: bool,
+        /// Readers waiting on `room`.
+        readers_wait: usize,
     }
     let state = std::sync::Mutex::new(State {
         next: 0,
@@ -930,6 +939,8 @@ fn ordered_pipeline<T: Send>(
         done: std::collections::BTreeMap::new(),
         stop: false,
         lost: false,
+        consumer_waits: false,
+        readers_wait: 0,
     });
     let ready = std::sync::Condvar::new();
     let room = std::sync::Condvar::new();
@@ -941,7 +952,9 @@ fn ordered_pipeline<T: Send>(
                     let i = {
                         let mut st = lock();
                         while !st.stop && st.next < n && st.next >= st.consumed + PIPELINE {
+                            st.readers_wait += 1;
                             st = room.wait(st).unwrap_or_else(|p| p.into_inner());
+                            st.readers_wait -= 1;
                         }
                         if st.stop || st.next >= n {
                             return;
@@ -951,36 +964,51 @@ fn ordered_pipeline<T: Send>(
                     };
                     let t = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(i)));
                     let mut st = lock();
-                    match t {
+                    let wake = match t {
                         Ok(t) => {
                             st.done.insert(i, t);
+                            i == st.consumed
                         }
                         Err(_) => {
                             st.lost = true;
                             st.stop = true;
+                            true
                         }
-                    }
+                    };
+                    let (wake_consumer, wake_readers) =
+                        (wake && st.consumer_waits, st.stop && st.readers_wait > 0);
                     drop(st);
-                    ready.notify_all();
-                    room.notify_all();
+                    if wake_consumer {
+                        ready.notify_one();
+                    }
+                    if wake_readers {
+                        room.notify_all();
+                    }
                 }
             });
         }
         let r = (0..n).try_for_each(|i| {
             let t = {
                 let mut st = lock();
-                loop {
+                let t = loop {
                     if let Some(t) = st.done.remove(&i) {
                         break t;
                     }
                     if st.lost {
                         return Err(SyncError::Remote("data reader stopped".into()));
                     }
+                    st.consumer_waits = true;
                     st = ready.wait(st).unwrap_or_else(|p| p.into_inner());
+                    st.consumer_waits = false;
+                };
+                st.consumed = i + 1;
+                let wake = st.readers_wait > 0;
+                drop(st);
+                if wake {
+                    room.notify_one();
                 }
+                t
             };
-            lock().consumed = i + 1;
-            room.notify_all();
             consume(i, t)
         });
         lock().stop = true;
@@ -1193,6 +1221,39 @@ mod pipeline_tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("data reader stopped"), "{e}");
+    }
+
+    #[test]
+    fn no_wake_up_is_lost_when_readers_and_consumer_race() {
+        // Many tiny steps, some slow on either side, so that readers wait for room and the
+        // consumer waits for its step over and over; a lost wake-up hangs (caught here).
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sum = 0u64;
+            let r = ordered_pipeline(
+                30_000,
+                |i| {
+                    if i % 997 == 0 {
+                        std::thread::sleep(std::time::Duration::from_micros(300));
+                    }
+                    i as u64
+                },
+                |i, t| {
+                    assert_eq!(i as u64, t);
+                    if i % 1009 == 0 {
+                        std::thread::sleep(std::time::Duration::from_micros(300));
+                    }
+                    sum += t;
+                    Ok(())
+                },
+            );
+            let _ = tx.send((r.is_ok(), sum));
+        });
+        let (ok, sum) = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the pipeline hung: a wake-up was lost");
+        assert!(ok);
+        assert_eq!(sum, (0..30_000u64).sum::<u64>());
     }
 
     #[test]
