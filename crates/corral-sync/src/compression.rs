@@ -11,7 +11,9 @@
 //! ([`PROBE_ORDER`], ABBA so that a trend in the data or the load cancels out), each
 //! window's *input* bytes per second (file bytes delivered, what the user waits for) are
 //! measured once the pipeline has refilled in its mode ([`WARMUP`]), and the faster mode is
-//! kept for the next [`REPROBE`] bytes, after which it probes again.
+//! kept for the next [`REPROBE`] bytes, after which it probes again; each probe that agrees
+//! with the one before doubles that interval (up to [`REPROBE_MAX`]), since every probe
+//! sends two windows in the slower mode.
 //!
 //! What this is not: a driver. [`Chooser`] is a state machine fed the time and size of each
 //! step as the master sent it ([`Chooser::on_sent`]); the caller owns the clock and tells its
@@ -92,6 +94,8 @@ pub const PROBE_ORDER: [Mode; 4] = [Mode::Zstd, Mode::Raw, Mode::Raw, Mode::Zstd
 /// Input bytes sent in the chosen mode before the next probe (conditions change: another
 /// transfer starts, the disk cache runs out).
 pub const REPROBE: u64 = 1 << 30;
+/// The longest interval between probes once they keep agreeing.
+pub const REPROBE_MAX: u64 = 8 << 30;
 /// Raw must be this much faster (in input bytes per second) to be chosen: on a tie the
 /// smaller stream wins, it is kinder to a shared link.
 pub const RAW_MARGIN: f64 = 1.05;
@@ -201,6 +205,8 @@ pub struct Chooser {
     sent: u64,
     /// When the previous step was sent (`None` before the first).
     last: Option<Instant>,
+    /// Input bytes between the last probe and the next.
+    reprobe: u64,
     report: CompressionReport,
 }
 
@@ -217,6 +223,7 @@ impl Chooser {
             state,
             sent: 0,
             last: None,
+            reprobe: REPROBE,
             report: CompressionReport {
                 policy,
                 planned,
@@ -298,9 +305,15 @@ impl Chooser {
                     chose = %probe.chose,
                     "compression probe"
                 );
+                self.reprobe = match self.report.probes.last() {
+                    Some(prev) if prev.chose == probe.chose => {
+                        (self.reprobe * 2).min(REPROBE_MAX)
+                    }
+                    _ => REPROBE,
+                };
                 self.state = State::Chosen {
                     mode: probe.chose,
-                    until: sent + REPROBE,
+                    until: sent + self.reprobe,
                 };
                 self.report.probes.push(probe);
             }
@@ -492,6 +505,46 @@ mod tests {
             s.contains("; at 1152 MiB raw 50 MB/s vs zstd 90 MB/s -> zstd)"),
             "{s}"
         );
+    }
+
+    #[test]
+    fn agreeing_probes_come_less_often_and_a_change_resets_the_interval() {
+        let t = Instant::now();
+        let mut c = Chooser::new(Compress::Auto, 64 << 30);
+        let fast_raw = |m: Mode| if m == Mode::Raw { 300e6 } else { 200e6 };
+        // Each probe takes 128 MiB; the gaps after the first three agreeing probes are
+        // REPROBE, 2 x REPROBE and 4 x REPROBE.
+        let mut now = t;
+        let mut at = 0;
+        for gap in [REPROBE, 2 * REPROBE, 4 * REPROBE] {
+            now = feed(&mut c, now, 128, MIB, fast_raw);
+            at += 128 * MIB;
+            now = feed(&mut c, now, (gap / MIB) as usize - 1, MIB, fast_raw);
+            at += gap - MIB;
+            let n = c.report().probes.len();
+            now = feed(&mut c, now, 1, MIB, fast_raw);
+            at += MIB;
+            assert_eq!(c.report().probes.len(), n, "no probe before {at}");
+            assert_eq!(c.mode(), Mode::Zstd, "the probe after {gap} bytes has begun");
+        }
+        let p = &c.report().probes;
+        assert_eq!(p.len(), 3);
+        assert_eq!(p[1].at, 128 * MIB + REPROBE);
+        assert_eq!(p[2].at, 2 * 128 * MIB + 3 * REPROBE);
+        // The fourth probe disagrees: the interval is REPROBE again.
+        let slow_link = |m: Mode| if m == Mode::Raw { 50e6 } else { 90e6 };
+        now = feed(&mut c, now, 128, MIB, slow_link);
+        assert_eq!(c.report().probes.len(), 4);
+        assert_eq!(c.mode(), Mode::Zstd);
+        now = feed(&mut c, now, (REPROBE / MIB) as usize, MIB, slow_link);
+        assert_eq!(c.report().probes.len(), 4);
+        feed(&mut c, now, 128, MIB, slow_link);
+        assert_eq!(c.report().probes.len(), 5, "REPROBE after the change");
+        // The interval never grows past REPROBE_MAX.
+        let mut c = Chooser::new(Compress::Auto, 1 << 40);
+        feed(&mut c, t, (64 << 30) / MIB as usize, MIB, fast_raw);
+        assert!(c.reprobe <= REPROBE_MAX);
+        assert_eq!(c.reprobe, REPROBE_MAX);
     }
 
     #[test]
