@@ -306,9 +306,7 @@ impl Chooser {
                     "compression probe"
                 );
                 self.reprobe = match self.report.probes.last() {
-                    Some(prev) if prev.chose == probe.chose => {
-                        (self.reprobe * 2).min(REPROBE_MAX)
-                    }
+                    Some(prev) if prev.chose == probe.chose => (self.reprobe * 2).min(REPROBE_MAX),
                     _ => REPROBE,
                 };
                 self.state = State::Chosen {
@@ -525,7 +523,11 @@ mod tests {
             now = feed(&mut c, now, 1, MIB, fast_raw);
             at += MIB;
             assert_eq!(c.report().probes.len(), n, "no probe before {at}");
-            assert_eq!(c.mode(), Mode::Zstd, "the probe after {gap} bytes has begun");
+            assert_eq!(
+                c.mode(),
+                Mode::Zstd,
+                "the probe after {gap} bytes has begun"
+            );
         }
         let p = &c.report().probes;
         assert_eq!(p.len(), 3);

@@ -977,7 +977,9 @@ fn print_reports(r: &[HostReport], depth: usize, dry: bool) {
 }
 
 /// Runs the child's own tree on the child (`corral sync run TREE --all --recursive --json`),
-/// through ssh for a remote child or directly for a local one, and returns its hosts.
+/// through ssh for a remote child or directly for a local one, and returns its hosts. The
+/// child's `state_dir` from the tree file is its `CORRAL_STATE_DIR` for that run too (its own
+/// hash cache and ssh connections as a master live beside its receiver's cache).
 fn recurse(
     c: &corral_site::TreeChild,
     tree: &corral_site::Tree,
@@ -1009,15 +1011,25 @@ fn recurse(
         args.push(b.clone());
     }
     let out = match child_dest(c) {
-        Dest::Local(_) => std::process::Command::new(std::env::current_exe()?)
-            .args(&args)
-            .output()?,
+        Dest::Local(_) => {
+            let mut cmd = std::process::Command::new(std::env::current_exe()?);
+            if let Some(d) = &c.state_dir {
+                cmd.env("CORRAL_STATE_DIR", d);
+            }
+            cmd.args(&args).output()?
+        }
         Dest::Ssh { host, .. } => {
             let corral = tree
                 .remote_corral
                 .clone()
                 .unwrap_or_else(|| "corral".into());
-            let line = std::iter::once(corral)
+            // ssh passes no environment: set it on the remote command line.
+            let env = c
+                .state_dir
+                .iter()
+                .flat_map(|d| ["env".to_string(), quote(&format!("CORRAL_STATE_DIR={d}"))]);
+            let line = env
+                .chain(std::iter::once(corral))
                 .chain(args.iter().map(|s| quote(s)))
                 .collect::<Vec<_>>()
                 .join(" ");

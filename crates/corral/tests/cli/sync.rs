@@ -689,3 +689,74 @@ fn a_childs_state_dir_from_the_tree_file_reaches_its_receiver() {
     assert_eq!(caches(&other), 1, "{so}{se}");
     assert_eq!(caches(&child_default), 0);
 }
+
+/// A recursive run: the cluster master's own run (its hash cache as a master, its children's
+/// receivers) keeps its state in the `state_dir` the top tree gives it, not in the default of
+/// the environment ssh gives it.
+#[test]
+fn a_recursive_childs_own_run_keeps_its_state_in_its_state_dir() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let (m, cm, c1) = (d.join("m"), d.join("cluster"), d.join("leaf"));
+    write(&m.join("etc/motd"), b"hello\n");
+    write(&m.join("bin/tool"), &vec![5u8; 70_000]);
+    std::fs::create_dir_all(&cm).unwrap();
+    std::fs::create_dir_all(&c1).unwrap();
+    let (cm_default, cm_state) = (d.join("cluster-default"), d.join("cluster-state"));
+    let fake_ssh = d.join("fake-ssh");
+    write(
+        &fake_ssh,
+        format!(
+            "#!/bin/sh\nfor last; do :; done\nexport CORRAL_STATE_DIR='{}'\nexec sh -c \"$last\"\n",
+            cm_default.display()
+        )
+        .as_bytes(),
+    );
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&fake_ssh, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (s1, s2) = (d.join("site1"), d.join("site2"));
+    write(
+        &s1.join("trees/os.toml"),
+        format!(
+            "source = {:?}\n[ssh]\nprogram = {:?}\nremote_corral = {:?}\npersist = \"0s\"\n[[child]]\nname = \"cm\"\nhost = \"cluster\"\ndest = {:?}\nstate_dir = {:?}\nrecurse = true\nsite = {:?}\n",
+            m.to_str().unwrap(),
+            fake_ssh.to_str().unwrap(),
+            env!("CARGO_BIN_EXE_corral"),
+            cm.to_str().unwrap(),
+            cm_state.to_str().unwrap(),
+            s2.to_str().unwrap(),
+        )
+        .as_bytes(),
+    );
+    tree_file(&s2, "os", &cm, &[(&c1, None)]);
+    let out = corral_state(
+        d,
+        &[
+            "sync",
+            "run",
+            "os",
+            "--site",
+            s1.to_str().unwrap(),
+            "--all",
+            "--recursive",
+        ],
+    );
+    let (so, se) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{so}{se}");
+    assert_eq!(files(&c1, ""), files(&m, ""));
+    let listing = |dir: &Path| -> Vec<String> {
+        std::fs::read_dir(dir.join("sync")).map_or(Vec::new(), |rd| {
+            rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".cache"))
+                .collect()
+        })
+    };
+    assert!(
+        listing(&cm_default).is_empty(),
+        "nothing in the cluster's default state: {:?}",
+        listing(&cm_default)
+    );
+    // The cluster's receiver cache, its master-side cache (same root) and its leaf's
+    // receiver cache.
+    assert_eq!(listing(&cm_state).len(), 2, "{:?}", listing(&cm_state));
+}
