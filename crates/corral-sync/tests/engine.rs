@@ -2,7 +2,7 @@
 //! big-image chunk reuse, backups and rollback, hostile streams.
 
 use std::io::Write;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::Command;
 
@@ -101,6 +101,11 @@ fn build_master(m: &Path) {
     f.seek(std::io::SeekFrom::Start((8 << 20) - 4096)).unwrap();
     f.write_all(&pseudo_random(4096, 4)).unwrap();
     drop(f);
+    // One that ends in a hole (its size comes from the truncate, not from a write).
+    let f = std::fs::File::create(m.join("hole-tail.img")).unwrap();
+    f.write_all_at(&pseudo_random(4096, 5), 0).unwrap();
+    f.set_len(3 << 20).unwrap();
+    drop(f);
     sh(&format!(
         "touch -d '2001-02-03 04:05:06.123456789' {}",
         m.join("etc/hosts").display()
@@ -137,6 +142,10 @@ fn every_file_type_round_trips() {
     let h1 = std::fs::metadata(c.join("etc/hosts")).unwrap();
     let h2 = std::fs::metadata(c.join("bin/hosts-hard")).unwrap();
     assert_eq!(h1.ino(), h2.ino());
+    assert_eq!(
+        std::fs::metadata(c.join("hole-tail.img")).unwrap().len(),
+        3 << 20
+    );
     let sp = std::fs::metadata(c.join("sparse.img")).unwrap();
     assert!(
         sp.blocks() * 512 < 1 << 20,
