@@ -332,6 +332,33 @@ pub enum Frame {
     Other(Message),
 }
 
+/// A reader that can tell how many bytes it holds read ahead: a read of at most that many
+/// never waits for the stream. The receiver's reader thread hands on what it has decoded
+/// when this reaches zero, before a read that may block (fewer wake-ups than one hand-off
+/// per frame, and never a frame held back while the master waits for an answer).
+pub trait Buffered {
+    /// Bytes available without a read from the underlying stream.
+    fn buffered(&self) -> usize;
+}
+
+impl<T: std::io::Read> Buffered for std::io::BufReader<T> {
+    fn buffered(&self) -> usize {
+        self.buffer().len()
+    }
+}
+
+impl Buffered for &[u8] {
+    fn buffered(&self) -> usize {
+        self.len()
+    }
+}
+
+impl<T: Buffered + ?Sized> Buffered for &mut T {
+    fn buffered(&self) -> usize {
+        (**self).buffered()
+    }
+}
+
 /// Reads and writes frames on a byte stream (blocking).
 pub struct Framed<R, W> {
     r: R,
@@ -374,6 +401,13 @@ impl<R: std::io::Read, W: std::io::Write> Framed<R, W> {
             Framed::new(&mut self.r, std::io::sink()),
             Framed::new(std::io::empty(), &mut self.w),
         )
+    }
+    /// Bytes the reader holds read ahead (see [`Buffered`]).
+    pub fn buffered(&self) -> usize
+    where
+        R: Buffered,
+    {
+        self.r.buffered()
     }
     /// Sends one message (buffered; see [`Framed::flush`]).
     pub fn send(&mut self, msg: &Message) -> Result<(), ProtoError> {

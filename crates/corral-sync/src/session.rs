@@ -40,7 +40,7 @@ fn unexpected(m: &Message) -> SyncError {
 }
 
 /// Runs the receiving end of a conversation beneath `root` until the master is done.
-pub fn serve<R: Read + Send, W: Write>(
+pub fn serve<R: Read + crate::proto::Buffered + Send, W: Write>(
     root: &Path,
     framed: &mut Framed<R, W>,
     opts: &ServeOptions,
@@ -67,7 +67,10 @@ pub fn serve<R: Read + Send, W: Write>(
         let (reader, mut out) = framed.halves();
         let (tx, rx) = std::sync::mpsc::sync_channel(READ_AHEAD);
         s.spawn(move || read_ahead(reader, tx));
-        let mut inbox = Inbox { rx };
+        let mut inbox = Inbox {
+            rx,
+            ready: std::collections::VecDeque::new(),
+        };
         let r = serve_inner(root, &mut inbox, &mut out, opts, &options);
         if let Err(e) = &r {
             let _ = out.send(&Message::Error(e.to_string()));
@@ -79,10 +82,10 @@ pub fn serve<R: Read + Send, W: Write>(
     })
 }
 
-/// Frames the receiver's reader thread holds ready ahead of the file system work: at most
-/// this many chunks of at most 1 MiB each (entries with larger chunks are refused when
-/// decoded).
-const READ_AHEAD: usize = 16;
+/// Batches the receiver's reader thread holds ready ahead of the file system work, each of
+/// at most [`BATCH_FRAMES`] frames and, past [`BATCH_BYTES`], one chunk (at most 1 MiB:
+/// entries with larger chunks are refused when decoded): at most about 16 MiB of file data.
+const READ_AHEAD: usize = 8;
 
 /// A frame as the receiver's reader thread hands it on.
 enum Inbound {
@@ -99,13 +102,17 @@ enum Inbound {
 
 /// The receiver's reader thread: reads frames and passes them on until the stream ends, a
 /// frame is bad, `Bye` comes or the receiver has gone. The data of a `Write` is decompressed
-/// at most to the size of that write's largest chunk, as the receiver would.
-fn read_ahead<R: Read, W: Write>(
+/// at most to the size of that write's largest chunk, as the receiver would. Frames go in
+/// batches: what was decoded is handed on when the next read may wait for the stream (the
+/// reader's buffer is empty), or at [`BATCH_FRAMES`] frames or [`BATCH_BYTES`] bytes of data.
+fn read_ahead<R: Read + crate::proto::Buffered, W: Write>(
     mut f: Framed<R, W>,
-    tx: std::sync::mpsc::SyncSender<Result<Inbound, ProtoError>>,
+    tx: std::sync::mpsc::SyncSender<Vec<Result<Inbound, ProtoError>>>,
 ) {
     let mut expect: std::collections::HashMap<Hash, u32> = std::collections::HashMap::new();
     let mut max = 0usize;
+    let mut batch = Vec::new();
+    let mut bytes = 0usize;
     loop {
         let item = match f.recv_data(max) {
             Ok(Frame::Data { hash, bytes }) => {
@@ -129,25 +136,48 @@ fn read_ahead<R: Read, W: Write>(
             Err(e) => Err(e),
         };
         let last = matches!(item, Err(_) | Ok(Inbound::Msg(Message::Bye)));
-        if tx.send(item).is_err() || last {
-            return;
+        if let Ok(Inbound::Data { bytes: b, .. }) = &item {
+            bytes += b.len();
+        }
+        batch.push(item);
+        if last || f.buffered() == 0 || batch.len() >= BATCH_FRAMES || bytes >= BATCH_BYTES {
+            bytes = 0;
+            if tx.send(std::mem::take(&mut batch)).is_err() || last {
+                return;
+            }
         }
     }
 }
 
+/// Frames the reader thread hands on at most at once.
+const BATCH_FRAMES: usize = 64;
+/// Bytes of file data the reader thread hands on at most at once (with [`READ_AHEAD`]
+/// batches queued, what it holds ahead stays bounded).
+const BATCH_BYTES: usize = 1 << 20;
+
 /// The receiving end of the reader thread's channel.
 struct Inbox {
-    rx: std::sync::mpsc::Receiver<Result<Inbound, ProtoError>>,
+    rx: std::sync::mpsc::Receiver<Vec<Result<Inbound, ProtoError>>>,
+    /// The rest of the last batch received.
+    ready: std::collections::VecDeque<Result<Inbound, ProtoError>>,
 }
 
 impl Inbox {
     /// The next frame.
     fn next(&mut self) -> Result<Inbound, ProtoError> {
-        self.rx.recv().unwrap_or_else(|_| {
-            Err(ProtoError::Io(std::io::Error::other(
-                "stream reader stopped",
-            )))
-        })
+        loop {
+            if let Some(item) = self.ready.pop_front() {
+                return item;
+            }
+            match self.rx.recv() {
+                Ok(batch) => self.ready = batch.into(),
+                Err(_) => {
+                    return Err(ProtoError::Io(std::io::Error::other(
+                        "stream reader stopped",
+                    )));
+                }
+            }
+        }
     }
     /// The next frame, which must not be `Data`.
     fn recv(&mut self) -> Result<Message, ProtoError> {
