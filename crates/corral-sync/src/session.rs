@@ -83,8 +83,9 @@ pub fn serve<R: Read + crate::proto::Buffered + Send, W: Write>(
 }
 
 /// Batches the receiver's reader thread holds ready ahead of the file system work, each of
-/// at most [`BATCH_FRAMES`] frames and, past [`BATCH_BYTES`], one chunk (at most 1 MiB:
-/// entries with larger chunks are refused when decoded): at most about 16 MiB of file data.
+/// at most [`BATCH_FRAMES`] frames and less than [`BATCH_BYTES`] of data plus one chunk (at
+/// most 1 MiB: entries with larger chunks are refused when decoded): at most 16 MiB of file
+/// data queued, with one batch being read and one being applied beside them.
 const READ_AHEAD: usize = 8;
 
 /// A frame as the receiver's reader thread hands it on.
