@@ -594,6 +594,24 @@ fn sync_push_compress_modes_give_identical_trees() {
     assert!(text(&out).1.contains("never"), "{}", text(&out).1);
 }
 
+/// A stand-in for `ssh` in `dir` that runs the remote command line (its last argument)
+/// locally with the child's own environment, as sshd would: `CORRAL_STATE_DIR` is
+/// `child_default`, never the master's.
+fn fake_ssh(dir: &Path, child_default: &Path) -> PathBuf {
+    let prog = dir.join("fake-ssh");
+    write(
+        &prog,
+        format!(
+            "#!/bin/sh\nfor last; do :; done\nexport CORRAL_STATE_DIR='{}'\nexec sh -c \"$last\"\n",
+            child_default.display()
+        )
+        .as_bytes(),
+    );
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(0o755)).unwrap();
+    prog
+}
+
 /// Issue #5: a tree file's `[[child]] state_dir` reaches the child's receiver as
 /// `corral sync serve --state-dir`, so its hash cache lands there, not in the child's own
 /// default state directory (ssh passes no environment; the master's is not the child's).
@@ -608,18 +626,7 @@ fn a_childs_state_dir_from_the_tree_file_reaches_its_receiver() {
     write(&m.join("bin/tool"), &vec![5u8; 70_000]);
     std::fs::create_dir_all(&c).unwrap();
     let (child_default, child_state) = (d.join("child-default"), d.join("child-state"));
-    let fake_ssh = d.join("fake-ssh");
-    // The last argument is the remote command line; the child's environment is its own.
-    write(
-        &fake_ssh,
-        format!(
-            "#!/bin/sh\nfor last; do :; done\nexport CORRAL_STATE_DIR='{}'\nexec sh -c \"$last\"\n",
-            child_default.display()
-        )
-        .as_bytes(),
-    );
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&fake_ssh, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let fake_ssh = fake_ssh(d, &child_default);
     let site = d.join("site");
     let tree = format!(
         "source = {:?}\n[ssh]\nprogram = {:?}\nremote_corral = {:?}\npersist = \"0s\"\n[[child]]\nname = \"c1\"\nhost = \"child1\"\ndest = {:?}\nstate_dir = {:?}\n",
@@ -703,17 +710,7 @@ fn a_recursive_childs_own_run_keeps_its_state_in_its_state_dir() {
     std::fs::create_dir_all(&cm).unwrap();
     std::fs::create_dir_all(&c1).unwrap();
     let (cm_default, cm_state) = (d.join("cluster-default"), d.join("cluster-state"));
-    let fake_ssh = d.join("fake-ssh");
-    write(
-        &fake_ssh,
-        format!(
-            "#!/bin/sh\nfor last; do :; done\nexport CORRAL_STATE_DIR='{}'\nexec sh -c \"$last\"\n",
-            cm_default.display()
-        )
-        .as_bytes(),
-    );
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&fake_ssh, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let fake_ssh = fake_ssh(d, &cm_default);
     let (s1, s2) = (d.join("site1"), d.join("site2"));
     write(
         &s1.join("trees/os.toml"),
