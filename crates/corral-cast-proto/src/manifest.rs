@@ -486,10 +486,15 @@ impl ManifestBuilder {
             offset: self.size,
             whole_image: false,
         };
-        let (hash, root) = block_and_root_hash(data, pos);
-        if self.blocks.is_empty() {
+        // Only the first block's plain hash can become the image hash (a one-block image):
+        // later blocks are hashed once, as the builder promises.
+        let hash = if self.blocks.is_empty() {
+            let (hash, root) = block_and_root_hash(data, pos);
             self.first_root = root;
-        }
+            hash
+        } else {
+            block_hash(data, pos)
+        };
         let e = BlockEntry {
             hash,
             zero: crate::block::is_zero(data),
