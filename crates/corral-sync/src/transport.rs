@@ -195,7 +195,9 @@ pub struct Connection {
     child: Option<Child>,
 }
 
-fn sh_quote(s: &str) -> String {
+/// `s` as one word of a POSIX shell command line: unchanged when made only of characters the
+/// shell leaves alone, else single-quoted (for remote command lines run through ssh).
+pub fn sh_quote(s: &str) -> String {
     if !s.is_empty()
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"/._-+=:@,".contains(&b))

@@ -1024,13 +1024,15 @@ fn recurse(
                 .clone()
                 .unwrap_or_else(|| "corral".into());
             // ssh passes no environment: set it on the remote command line.
-            let env = c
-                .state_dir
-                .iter()
-                .flat_map(|d| ["env".to_string(), quote(&format!("CORRAL_STATE_DIR={d}"))]);
+            let env = c.state_dir.iter().flat_map(|d| {
+                [
+                    "env".to_string(),
+                    corral_sync::transport::sh_quote(&format!("CORRAL_STATE_DIR={d}")),
+                ]
+            });
             let line = env
                 .chain(std::iter::once(corral))
-                .chain(args.iter().map(|s| quote(s)))
+                .chain(args.iter().map(|s| corral_sync::transport::sh_quote(s)))
                 .collect::<Vec<_>>()
                 .join(" ");
             corral_sync::transport::ssh_command(&tree_ssh(tree), &host, &line).output()?
@@ -1044,15 +1046,4 @@ fn recurse(
         )
     })?;
     Ok(serde_json::from_value(v["hosts"].clone())?)
-}
-
-fn quote(s: &str) -> String {
-    if !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"/._-+=:@,".contains(&b))
-    {
-        s.to_string()
-    } else {
-        format!("'{}'", s.replace('\'', "'\\''"))
-    }
 }
