@@ -456,8 +456,9 @@ pub struct ManifestBuilder {
     symbol_size: u16,
     compression: Compression,
     blocks: Vec<BlockEntry>,
-    /// Plain BLAKE3 of the first block: the image hash if it stays the only block.
-    first_root: [u8; 32],
+    /// Plain BLAKE3 of the first block when [`ManifestBuilder::push_block`] hashed it: the
+    /// image hash if it stays the only block.
+    first_root: Option<[u8; 32]>,
     size: u64,
 }
 
@@ -475,7 +476,7 @@ impl ManifestBuilder {
             symbol_size,
             compression,
             blocks: Vec::new(),
-            first_root: [0; 32],
+            first_root: None,
             size: 0,
         }
     }
@@ -490,7 +491,7 @@ impl ManifestBuilder {
         // later blocks are hashed once, as the builder promises.
         let hash = if self.blocks.is_empty() {
             let (hash, root) = block_and_root_hash(data, pos);
-            self.first_root = root;
+            self.first_root = Some(root);
             hash
         } else {
             block_hash(data, pos)
@@ -503,10 +504,19 @@ impl ManifestBuilder {
         self.blocks.push(e);
     }
 
+    /// Adds the next block of `len` bytes as an entry hashed elsewhere (by parallel workers,
+    /// say) with [`BlockEntry::of`] at the block's place: `BlockPos { offset, whole_image }`
+    /// where `offset` is the sum of the blocks before it and `whole_image` says that the
+    /// image is this one block. The same rules on lengths as [`ManifestBuilder::push_block`].
+    pub fn push_entry(&mut self, len: u32, entry: BlockEntry) {
+        self.size += u64::from(len);
+        self.blocks.push(entry);
+    }
+
     /// Finishes and validates.
     pub fn finish(mut self) -> Result<Manifest, ManifestError> {
-        if let [only] = self.blocks.as_mut_slice() {
-            only.hash = self.first_root;
+        if let ([only], Some(root)) = (self.blocks.as_mut_slice(), self.first_root) {
+            only.hash = root;
         }
         let mut m = Manifest {
             session: self.session,
@@ -782,6 +792,36 @@ mod tests {
                 }
                 assert_eq!(Manifest::decode(&m.encode()).unwrap(), m);
             }
+        }
+    }
+
+    #[test]
+    fn entries_hashed_elsewhere_make_the_same_manifest() {
+        // What parallel workers do: each block hashed on its own at its place, pushed in
+        // order. One block (whole, short), several, a short last block; some zero blocks.
+        let bs = 4096usize;
+        for len in [1, 1000, bs, 2 * bs, 3 * bs - 7, 6 * bs + 5] {
+            let mut data = pseudo_random(len, len as u64);
+            if len > 2 * bs {
+                data[bs..2 * bs].fill(0);
+            }
+            let whole = build(&data, bs as u32);
+            let mut b = ManifestBuilder::new(SessionId(1), bs as u32, 256, Compression::None);
+            let count = data.chunks(bs).count();
+            for (i, chunk) in data.chunks(bs).enumerate() {
+                let pos = BlockPos {
+                    offset: (i * bs) as u64,
+                    whole_image: count == 1,
+                };
+                b.push_entry(chunk.len() as u32, BlockEntry::of(chunk, pos));
+            }
+            let m = b.finish().unwrap();
+            assert_eq!(m, whole, "len {len}");
+            assert_eq!(m.image_hash, *blake3::hash(&data).as_bytes(), "len {len}");
+            assert_eq!(
+                m.blocks.iter().filter(|e| e.zero).count(),
+                usize::from(len > 2 * bs)
+            );
         }
     }
 

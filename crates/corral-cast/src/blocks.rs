@@ -3,10 +3,12 @@
 //! that zstd and disk reads do not stall the packet loop.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use corral_cast_proto::{
-    BlockSource, Compression, EncodedBlock, ManifestBuilder, SignedManifest, encode_block_vec,
+    BlockEntry, BlockPos, BlockSource, Compression, EncodedBlock, ManifestBuilder, SignedManifest,
+    encode_block_vec,
 };
 use corral_model::SessionId;
 
@@ -14,7 +16,10 @@ use crate::catchup::CatchUpProvider;
 use crate::error::CastError;
 use crate::source::ImageSource;
 
-/// Reads the whole image once, hashing every block, and signs the manifest.
+/// Reads the whole image once, hashing every block, and signs the manifest. Blocks are read
+/// and hashed by one worker per core (at most [`HASH_WORKERS`]): a big disk's pre-pass is
+/// bound by BLAKE3 or by the device, and both go faster with more than one block in flight.
+/// `progress` gets the bytes hashed so far about every [`HASH_PROGRESS_EVERY`].
 pub(crate) fn build_manifest(
     source: &ImageSource,
     session: SessionId,
@@ -22,28 +27,102 @@ pub(crate) fn build_manifest(
     symbol_size: u16,
     compression: Compression,
     secret: &[u8; 32],
+    progress: &dyn Fn(u64),
 ) -> Result<SignedManifest, CastError> {
+    let bs = u64::from(block_size);
+    let count = usize::try_from(source.len().div_ceil(bs)).map_err(|_| CastError::Io {
+        path: source.path().to_owned(),
+        source: std::io::Error::other("image too large for this machine"),
+    })?;
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, HASH_WORKERS)
+        .min(count.max(1));
+    let next = AtomicUsize::new(0);
+    let done = AtomicU64::new(0);
+    let failed = AtomicBool::new(false);
+    let mut entries: Vec<Option<BlockEntry>> = vec![None; count];
+    let results = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                scope.spawn(|| -> Result<Vec<(usize, BlockEntry)>, CastError> {
+                    let mut buf = vec![0u8; block_size as usize];
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= count || failed.load(Ordering::Relaxed) {
+                            return Ok(mine);
+                        }
+                        let offset = i as u64 * bs;
+                        let want = (source.len() - offset).min(bs) as usize;
+                        let n = match source.read_at(offset, &mut buf[..want]) {
+                            Ok(n) => n,
+                            Err(e) => {
+                                failed.store(true, Ordering::Relaxed);
+                                return Err(e);
+                            }
+                        };
+                        if n != want {
+                            failed.store(true, Ordering::Relaxed);
+                            return Err(CastError::Io {
+                                path: source.path().to_owned(),
+                                source: std::io::Error::new(
+                                    std::io::ErrorKind::UnexpectedEof,
+                                    "image shrank while reading",
+                                ),
+                            });
+                        }
+                        let pos = BlockPos {
+                            offset,
+                            whole_image: count == 1,
+                        };
+                        mine.push((i, BlockEntry::of(&buf[..n], pos)));
+                        done.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        let mut reported = std::time::Instant::now();
+        progress(0);
+        while !handles.iter().all(|h| h.is_finished()) {
+            std::thread::sleep(HASH_POLL);
+            if reported.elapsed() >= HASH_PROGRESS_EVERY {
+                reported = std::time::Instant::now();
+                progress(done.load(Ordering::Relaxed));
+            }
+        }
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect::<Vec<_>>()
+    });
+    for r in results {
+        for (i, e) in r? {
+            entries[i] = Some(e);
+        }
+    }
+    progress(done.load(Ordering::Relaxed));
     let mut builder = ManifestBuilder::new(session, block_size, symbol_size, compression);
-    let mut buf = vec![0u8; block_size as usize];
-    let mut offset = 0u64;
-    while offset < source.len() {
-        let want = (source.len() - offset).min(u64::from(block_size)) as usize;
-        let n = source.read_at(offset, &mut buf[..want])?;
-        if n != want {
+    for (i, e) in entries.into_iter().enumerate() {
+        let Some(e) = e else {
             return Err(CastError::Io {
                 path: source.path().to_owned(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "image shrank while reading",
-                ),
+                source: std::io::Error::other(format!("block {i} was not hashed")),
             });
-        }
-        builder.push_block(&buf[..n]);
-        offset += n as u64;
+        };
+        let len = (source.len() - i as u64 * bs).min(bs) as u32;
+        builder.push_entry(len, e);
     }
     let manifest = builder.finish()?;
     Ok(SignedManifest::sign(manifest, secret))
 }
+
+/// Most threads that hash an image for its manifest.
+const HASH_WORKERS: usize = 8;
+/// How often [`build_manifest`] reports progress.
+const HASH_PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+/// How often [`build_manifest`] looks whether its workers are done.
+const HASH_POLL: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// How many blocks the encoder thread keeps ready ahead of the sender.
 const READ_AHEAD: u32 = 16;
@@ -193,5 +272,48 @@ impl CatchUpProvider for Blocks {
     fn block(&self, index: u32) -> Option<Vec<u8>> {
         // Catch-up requests are random access: encode directly, leaving the read-ahead alone.
         self.encode(index).ok().map(|b| b.to_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The parallel pre-pass makes the manifest a plain in-order hash would, for images of
+    /// one block, a short last block and zero blocks, and reports every byte.
+    #[test]
+    fn parallel_manifest_equals_the_serial_one() {
+        let bs = 4096u32;
+        for len in [0usize, 100, 4096, 3 * 4096 + 17, 64 * 4096] {
+            let mut data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+            if len > 8192 {
+                data[4096..8192].fill(0);
+            }
+            let src = ImageSource::spool(&mut &data[..]).unwrap();
+            let reported = std::sync::Mutex::new(Vec::new());
+            let signed = build_manifest(
+                &src,
+                SessionId(9),
+                bs,
+                1024,
+                Compression::None,
+                &[7; 32],
+                &|b| reported.lock().unwrap().push(b),
+            )
+            .unwrap();
+            let mut serial = ManifestBuilder::new(SessionId(9), bs, 1024, Compression::None);
+            for chunk in data.chunks(bs as usize) {
+                serial.push_block(chunk);
+            }
+            let serial = serial.finish().unwrap();
+            assert_eq!(signed.manifest(), &serial, "len {len}");
+            assert_eq!(
+                signed.manifest().image_hash,
+                *blake3::hash(&data).as_bytes()
+            );
+            let reported = reported.into_inner().unwrap();
+            assert_eq!(reported.last(), Some(&(len as u64)), "len {len}");
+            assert!(reported.is_sorted(), "{reported:?}");
+        }
     }
 }

@@ -36,6 +36,15 @@ pub enum Progress {
         /// Every receiver heard from.
         receivers: Vec<ReceiverProgress>,
     },
+    /// The sender reading and hashing the image for its manifest, before it offers it.
+    Hashing {
+        /// Bytes in the image.
+        image_bytes: u64,
+        /// Bytes read and hashed so far.
+        bytes_done: u64,
+        /// Seconds since hashing started.
+        elapsed_s: f64,
+    },
     /// A receiver's view.
     Receiver {
         /// Blocks in the image (0 until the manifest is known).

@@ -84,9 +84,27 @@ pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendRe
     // Reading and hashing the image is blocking work.
     let src_path = opts.source.clone();
     let secret = key.to_bytes();
+    let hashing_obs = obs.clone();
     let (source, signed) = tokio::task::spawn_blocking(move || {
         let source = Arc::new(ImageSource::open(&src_path)?);
-        let signed = build_manifest(&source, session, BLOCK_SIZE, symbol, compression, &secret)?;
+        let started = Instant::now();
+        let image_bytes = source.len();
+        let progress = |bytes_done| {
+            hashing_obs.progress(&Progress::Hashing {
+                image_bytes,
+                bytes_done,
+                elapsed_s: started.elapsed().as_secs_f64(),
+            });
+        };
+        let signed = build_manifest(
+            &source,
+            session,
+            BLOCK_SIZE,
+            symbol,
+            compression,
+            &secret,
+            &progress,
+        )?;
         Ok::<_, CastError>((source, signed))
     })
     .await

@@ -668,6 +668,8 @@ struct CliObserver {
 struct Bars {
     multi: Option<MultiProgress>,
     main: Option<ProgressBar>,
+    /// The sender's pre-pass over the image (finished and cleared when it is done).
+    hashing: Option<ProgressBar>,
     receivers: Vec<(String, ProgressBar)>,
 }
 
@@ -760,6 +762,23 @@ impl Observer for CliObserver {
                 });
                 bar.set_length(*image_bytes);
                 bar.set_position(*bytes_done);
+            }
+            Progress::Hashing {
+                image_bytes,
+                bytes_done,
+                ..
+            } => {
+                let bar = bars.hashing.get_or_insert_with(|| {
+                    let b = multi.add(ProgressBar::new(*image_bytes));
+                    b.set_style(bar_style(
+                        "hashing the image {bar:40} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+                    ));
+                    b
+                });
+                bar.set_position(*bytes_done);
+                if bytes_done >= image_bytes {
+                    bar.finish_and_clear();
+                }
             }
             Progress::Sender {
                 blocks_total,
