@@ -152,7 +152,7 @@ fn compress(
         return Ok(None);
     };
     let zstd = |d: &[u8]| {
-        zstd::bulk::compress(d, level).map_err(|e| BlockError::Zstd {
+        compress_with_level(d, level).map_err(|e| BlockError::Zstd {
             block,
             op: "compress",
             message: e.to_string(),
@@ -163,6 +163,30 @@ fn compress(
     }
     let c = zstd(data)?;
     Ok((c.len() < data.len()).then_some(c))
+}
+
+thread_local! {
+    /// This thread's zstd context and its level, reused for every block and sample: a new
+    /// context per call (`zstd::bulk::compress`) cost more than the three 16 KiB samples of
+    /// an incompressible block it was made for.
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// `data` as one zstd frame at `level`, with this thread's context.
+fn compress_with_level(data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        match &mut *slot {
+            Some((l, c)) if *l == level => c.compress(data),
+            _ => {
+                let mut c = zstd::bulk::Compressor::new(level)?;
+                let out = c.compress(data);
+                *slot = Some((level, c));
+                out
+            }
+        }
+    })
 }
 
 /// Bytes of each sample [`looks_incompressible`] compresses.
