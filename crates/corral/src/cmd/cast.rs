@@ -673,6 +673,15 @@ struct Bars {
     receivers: Vec<(String, ProgressBar)>,
 }
 
+/// A bar of `len` bytes with rate and ETA, after `label`.
+fn bytes_bar(multi: &MultiProgress, len: u64, label: &str) -> ProgressBar {
+    let b = multi.add(ProgressBar::new(len));
+    b.set_style(bar_style(&format!(
+        "{label}{{bar:40}} {{bytes}}/{{total_bytes}} {{bytes_per_sec}} ETA {{eta}}"
+    )));
+    b
+}
+
 impl CliObserver {
     fn new(json: bool, to: JsonTo, recorder: Option<Recorder>) -> Self {
         let bars = if !json && std::io::stderr().is_terminal() {
@@ -753,13 +762,9 @@ impl Observer for CliObserver {
                 bytes_done,
                 ..
             } => {
-                let bar = bars.main.get_or_insert_with(|| {
-                    let b = multi.add(ProgressBar::new(*image_bytes));
-                    b.set_style(bar_style(
-                        "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
-                    ));
-                    b
-                });
+                let bar = bars
+                    .main
+                    .get_or_insert_with(|| bytes_bar(&multi, *image_bytes, ""));
                 bar.set_length(*image_bytes);
                 bar.set_position(*bytes_done);
             }
@@ -768,13 +773,9 @@ impl Observer for CliObserver {
                 bytes_done,
                 ..
             } => {
-                let bar = bars.hashing.get_or_insert_with(|| {
-                    let b = multi.add(ProgressBar::new(*image_bytes));
-                    b.set_style(bar_style(
-                        "hashing the image {bar:40} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
-                    ));
-                    b
-                });
+                let bar = bars
+                    .hashing
+                    .get_or_insert_with(|| bytes_bar(&multi, *image_bytes, "hashing the image "));
                 bar.set_position(*bytes_done);
                 if bytes_done >= image_bytes {
                     bar.finish_and_clear();

@@ -156,6 +156,15 @@ fn send_and_receive_over_loopback_with_trusted_key() {
     assert_eq!(summary["report"]["receivers"][0]["name"], "alpha");
     assert_eq!(summary["report"]["receivers"][0]["ok"], true);
     assert_eq!(summary["report"]["ephemeral_key"], false);
+    // The pre-pass over the image reports its progress, ending at the image's size.
+    let hashed = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .rfind(|v| v["type"] == "progress" && v["progress"]["side"] == "hashing")
+        .expect("a hashing progress line");
+    let image_len = std::fs::metadata(&img).unwrap().len();
+    assert_eq!(hashed["progress"]["bytes_done"], image_len);
+    assert_eq!(hashed["progress"]["image_bytes"], image_len);
     let events: Vec<String> = stdout
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
