@@ -14,12 +14,22 @@ use corral_model::SessionId;
 
 use crate::catchup::CatchUpProvider;
 use crate::error::CastError;
-use crate::source::ImageSource;
+use crate::source::{FileIdentity, ImageSource};
 
-/// Reads the whole image once, hashing every block, and signs the manifest. Blocks are read
-/// and hashed by one worker per core (at most [`HASH_WORKERS`]): a big disk's pre-pass is
-/// bound by BLAKE3 or by the device, and both go faster with more than one block in flight.
-/// `progress` gets the bytes hashed so far about every [`HASH_PROGRESS_EVERY`].
+/// Block entries of regular-file images hashed earlier by this process, by the file's
+/// identity and the block size: a daemon (`cast serve`) offering one image session after
+/// session hashes it once. At most [`HASHED_MAX`] images are kept.
+static HASHED: Mutex<Vec<(HashedKey, Arc<Vec<BlockEntry>>)>> = Mutex::new(Vec::new());
+/// An image file as it was hashed, and the block size.
+type HashedKey = (FileIdentity, u32);
+/// Images whose block entries [`HASHED`] keeps (about 33 bytes per block each).
+const HASHED_MAX: usize = 16;
+
+/// The manifest of `source`, signed: its block entries from [`HASHED`] when this regular
+/// file was hashed before and has not changed since (then `progress` gets the image's
+/// length at once), else from [`hash_blocks`] (and kept when the file did not change while
+/// it was read). A stale entry could only make receivers reject blocks, never accept wrong
+/// ones: every block they write is checked against the manifest.
 pub(crate) fn build_manifest(
     source: &ImageSource,
     session: SessionId,
@@ -29,6 +39,49 @@ pub(crate) fn build_manifest(
     secret: &[u8; 32],
     progress: &dyn Fn(u64),
 ) -> Result<SignedManifest, CastError> {
+    let lock = || HASHED.lock().unwrap_or_else(|e| e.into_inner());
+    let key = source.identity().map(|id| (id, block_size));
+    let cached = key.and_then(|k| lock().iter().find(|(c, _)| *c == k).map(|(_, e)| e.clone()));
+    let entries = match cached {
+        Some(entries) => {
+            progress(source.len());
+            entries
+        }
+        None => {
+            let entries = Arc::new(hash_blocks(source, block_size, progress)?);
+            if let Some(k) = key
+                && source.identity() == Some(k.0)
+            {
+                let mut hashed = lock();
+                // An older version of the same file is of no use any more.
+                hashed.retain(|(c, _)| !c.0.same_file(&k.0));
+                if hashed.len() >= HASHED_MAX {
+                    hashed.remove(0);
+                }
+                hashed.push((k, entries.clone()));
+            }
+            entries
+        }
+    };
+    let bs = u64::from(block_size);
+    let mut builder = ManifestBuilder::new(session, block_size, symbol_size, compression);
+    for (i, e) in entries.iter().enumerate() {
+        let len = (source.len() - i as u64 * bs).min(bs) as u32;
+        builder.push_entry(len, *e);
+    }
+    let manifest = builder.finish()?;
+    Ok(SignedManifest::sign(manifest, secret))
+}
+
+/// Reads the whole image once and returns every block's entry, in order. Blocks are read
+/// and hashed by one worker per core (at most [`HASH_WORKERS`]): a big disk's pre-pass is
+/// bound by BLAKE3 or by the device, and both go faster with more than one block in flight.
+/// `progress` gets the bytes hashed so far about every [`HASH_PROGRESS_EVERY`].
+fn hash_blocks(
+    source: &ImageSource,
+    block_size: u32,
+    progress: &dyn Fn(u64),
+) -> Result<Vec<BlockEntry>, CastError> {
     let bs = u64::from(block_size);
     let count = usize::try_from(source.len().div_ceil(bs)).map_err(|_| CastError::Io {
         path: source.path().to_owned(),
@@ -102,19 +155,16 @@ pub(crate) fn build_manifest(
         }
     }
     progress(done.load(Ordering::Relaxed));
-    let mut builder = ManifestBuilder::new(session, block_size, symbol_size, compression);
-    for (i, e) in entries.into_iter().enumerate() {
-        let Some(e) = e else {
-            return Err(CastError::Io {
+    entries
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| {
+            e.ok_or_else(|| CastError::Io {
                 path: source.path().to_owned(),
                 source: std::io::Error::other(format!("block {i} was not hashed")),
-            });
-        };
-        let len = (source.len() - i as u64 * bs).min(bs) as u32;
-        builder.push_entry(len, e);
-    }
-    let manifest = builder.finish()?;
-    Ok(SignedManifest::sign(manifest, secret))
+            })
+        })
+        .collect()
 }
 
 /// Most threads that hash an image for its manifest.
@@ -315,5 +365,69 @@ mod tests {
             assert_eq!(reported.last(), Some(&(len as u64)), "len {len}");
             assert!(reported.is_sorted(), "{reported:?}");
         }
+    }
+
+    /// Builds the manifest of `src`, returning it and the progress reports.
+    fn manifest_of(src: &ImageSource) -> (SignedManifest, Vec<u64>) {
+        let reported = std::sync::Mutex::new(Vec::new());
+        let m = build_manifest(
+            src,
+            SessionId(3),
+            4096,
+            1024,
+            Compression::None,
+            &[5; 32],
+            &|b| reported.lock().unwrap().push(b),
+        )
+        .unwrap();
+        (m, reported.into_inner().unwrap())
+    }
+
+    /// A regular file is hashed once while it stays the same (the cached pre-pass reports
+    /// its end at once); an edit that keeps size and mtime is hashed again (its ctime
+    /// changed); spooled stdin is never cached.
+    #[test]
+    fn an_unchanged_image_file_is_hashed_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        let data: Vec<u8> = (0..10 * 4096 + 5).map(|i| (i % 241) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let (first, reported) = manifest_of(&ImageSource::open(&path).unwrap());
+        assert_eq!(reported.first(), Some(&0), "{reported:?}");
+        let (again, reported) = manifest_of(&ImageSource::open(&path).unwrap());
+        assert_eq!(reported, vec![data.len() as u64], "not from the cache");
+        assert_eq!(again.manifest(), first.manifest());
+
+        // Same size, mtime restored: only the ctime tells.
+        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let mut edited = data.clone();
+        edited[5000] ^= 0xff;
+        std::fs::write(&path, &edited).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        let (changed, reported) = manifest_of(&ImageSource::open(&path).unwrap());
+        assert_eq!(
+            reported.first(),
+            Some(&0),
+            "served stale hashes: {reported:?}"
+        );
+        assert_eq!(
+            changed.manifest().image_hash,
+            *blake3::hash(&edited).as_bytes()
+        );
+
+        let spool = || ImageSource::spool(&mut &data[..]).unwrap();
+        manifest_of(&spool());
+        let (_, reported) = manifest_of(&spool());
+        assert_eq!(
+            reported.first(),
+            Some(&0),
+            "a spool was cached: {reported:?}"
+        );
     }
 }

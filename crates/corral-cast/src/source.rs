@@ -8,6 +8,23 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{CastError, io_at};
 
+/// See [`ImageSource::identity`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct FileIdentity {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileIdentity {
+    /// The same file, changed or not.
+    pub(crate) fn same_file(&self, other: &FileIdentity) -> bool {
+        self.dev == other.dev && self.ino == other.ino
+    }
+}
+
 /// An opened, sized, randomly readable image.
 #[derive(Debug)]
 pub struct ImageSource {
@@ -65,6 +82,25 @@ impl ImageSource {
     /// Where the image is read from.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// What identifies this image's bytes for as long as they stay the same: device, inode,
+    /// size, mtime and ctime of a regular file (any write changes its ctime). `None` for a
+    /// block device (its node's times do not follow writes to the disk) and for spooled
+    /// stdin (a temporary file whose inode may be reused).
+    pub(crate) fn identity(&self) -> Option<FileIdentity> {
+        use std::os::unix::fs::MetadataExt;
+        if self._spool.is_some() {
+            return None;
+        }
+        let m = self.file.metadata().ok()?;
+        m.file_type().is_file().then(|| FileIdentity {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
     }
 
     /// Reads `buf.len()` bytes at `offset` (short only at the end of the image).
