@@ -24,12 +24,20 @@ static HASHED: Mutex<Vec<(HashedKey, Arc<Vec<BlockEntry>>)>> = Mutex::new(Vec::n
 type HashedKey = (FileIdentity, u32);
 /// Images whose block entries [`HASHED`] keeps (about 33 bytes per block each).
 const HASHED_MAX: usize = 16;
+/// A file is kept in [`HASHED`] only if it had not changed for this long when its hashing
+/// began, so that a write right after, in the same coarse timestamp, cannot hide.
+const SETTLED: std::time::Duration = if cfg!(test) {
+    std::time::Duration::from_millis(100)
+} else {
+    std::time::Duration::from_secs(2)
+};
 
 /// The manifest of `source`, signed: its block entries from [`HASHED`] when this regular
 /// file was hashed before and has not changed since (then `progress` gets the image's
 /// length at once), else from [`hash_blocks`] (and kept when the file did not change while
-/// it was read). A stale entry could only make receivers reject blocks, never accept wrong
-/// ones: every block they write is checked against the manifest.
+/// it was read and had not changed for [`SETTLED`] before). A stale entry could only make
+/// receivers reject blocks, never accept wrong ones: every block they write is checked
+/// against the manifest.
 pub(crate) fn build_manifest(
     source: &ImageSource,
     session: SessionId,
@@ -40,7 +48,12 @@ pub(crate) fn build_manifest(
     progress: &dyn Fn(u64),
 ) -> Result<SignedManifest, CastError> {
     let lock = || HASHED.lock().unwrap_or_else(|e| e.into_inner());
-    let key = source.identity().map(|id| (id, block_size));
+    // Only while the file is as long as when it was opened (the entries cover that length).
+    let key = source
+        .identity()
+        .filter(|id| id.size() == source.len())
+        .map(|id| (id, block_size));
+    let hashing_from = std::time::SystemTime::now();
     let cached = key.and_then(|k| lock().iter().find(|(c, _)| *c == k).map(|(_, e)| e.clone()));
     let entries = match cached {
         Some(entries) => {
@@ -51,6 +64,7 @@ pub(crate) fn build_manifest(
             let entries = Arc::new(hash_blocks(source, block_size, progress)?);
             if let Some(k) = key
                 && source.identity() == Some(k.0)
+                && k.0.settled_before(hashing_from, SETTLED)
             {
                 let mut hashed = lock();
                 // An older version of the same file is of no use any more.
@@ -384,14 +398,23 @@ mod tests {
     }
 
     /// A regular file is hashed once while it stays the same (the cached pre-pass reports
-    /// its end at once); an edit that keeps size and mtime is hashed again (its ctime
-    /// changed); spooled stdin is never cached.
+    /// its end at once), once it has been left alone for [`SETTLED`]; an edit that keeps
+    /// size and mtime is hashed again (its ctime changed); spooled stdin is never cached.
     #[test]
     fn an_unchanged_image_file_is_hashed_once() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("img");
         let data: Vec<u8> = (0..10 * 4096 + 5).map(|i| (i % 241) as u8).collect();
         std::fs::write(&path, &data).unwrap();
+        // Just written: not kept (a write in the same coarse timestamp could follow).
+        manifest_of(&ImageSource::open(&path).unwrap());
+        let (_, reported) = manifest_of(&ImageSource::open(&path).unwrap());
+        assert_eq!(
+            reported.first(),
+            Some(&0),
+            "a fresh file was kept: {reported:?}"
+        );
+        std::thread::sleep(SETTLED + std::time::Duration::from_millis(50));
         let (first, reported) = manifest_of(&ImageSource::open(&path).unwrap());
         assert_eq!(reported.first(), Some(&0), "{reported:?}");
         let (again, reported) = manifest_of(&ImageSource::open(&path).unwrap());

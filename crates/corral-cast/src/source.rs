@@ -5,6 +5,7 @@
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::error::{CastError, io_at};
 
@@ -22,6 +23,24 @@ impl FileIdentity {
     /// The same file, changed or not.
     pub(crate) fn same_file(&self, other: &FileIdentity) -> bool {
         self.dev == other.dev && self.ino == other.ino
+    }
+
+    /// The file's length when its identity was taken.
+    pub(crate) fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Whether the file last changed (ctime) at least `margin` before `t`: then any later
+    /// write gives it another ctime even where timestamps are coarse (whole seconds).
+    pub(crate) fn settled_before(&self, t: std::time::SystemTime, margin: Duration) -> bool {
+        let Ok(since_epoch) = t.duration_since(std::time::UNIX_EPOCH) else {
+            return false;
+        };
+        let (sec, nsec) = self.ctime;
+        let (Ok(sec), Ok(nsec)) = (u64::try_from(sec), u32::try_from(nsec)) else {
+            return false;
+        };
+        Duration::new(sec, nsec.min(999_999_999)) + margin <= since_epoch
     }
 }
 
