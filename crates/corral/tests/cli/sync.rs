@@ -22,6 +22,25 @@ fn corral_state(dir: &Path, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// `corral sync run os --site SITE --all --recursive` plus `extra`, with `dir`'s state;
+/// fails the test unless it exits 0. Returns stdout.
+fn run_os_recursive(dir: &Path, site: &Path, extra: &[&str]) -> String {
+    let mut args = vec![
+        "sync",
+        "run",
+        "os",
+        "--site",
+        site.to_str().unwrap(),
+        "--all",
+        "--recursive",
+    ];
+    args.extend_from_slice(extra);
+    let out = corral_state(dir, &args);
+    let (so, se) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{so}{se}");
+    so
+}
+
 /// Every regular file below `root` with its content, skipping `skip` (a top-level name).
 fn files(root: &Path, skip: &str) -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
@@ -152,21 +171,7 @@ fn sync_run_three_tiers_recursive_and_drift() {
     let (s1, s2) = (p("site1"), p("site2"));
     tree_file(&s1, "os", &m, &[(&cm, Some(&s2))]);
     tree_file(&s2, "os", &cm, &[(&c1, None), (&c2, None)]);
-    let out = corral_state(
-        t.path(),
-        &[
-            "sync",
-            "run",
-            "os",
-            "--site",
-            s1.to_str().unwrap(),
-            "--all",
-            "--recursive",
-            "--json",
-        ],
-    );
-    let (so, se) = text(&out);
-    assert_eq!(out.status.code(), Some(0), "{so}{se}");
+    let so = run_os_recursive(t.path(), &s1, &["--json"]);
     let v: serde_json::Value = serde_json::from_str(&so).unwrap();
     let top = &v["hosts"][0];
     assert_eq!(top["status"], "changed", "{so}");
@@ -178,20 +183,7 @@ fn sync_run_three_tiers_recursive_and_drift() {
     assert_eq!(files(&c1, ""), want);
     assert_eq!(files(&c2, ""), want);
     // Nothing to do the second time: every tier reports unchanged.
-    let out = corral_state(
-        t.path(),
-        &[
-            "sync",
-            "run",
-            "os",
-            "--site",
-            s1.to_str().unwrap(),
-            "--all",
-            "--recursive",
-        ],
-    );
-    let (so, se) = text(&out);
-    assert_eq!(out.status.code(), Some(0), "{so}{se}");
+    let so = run_os_recursive(t.path(), &s1, &[]);
     assert_eq!(so.matches("unchanged").count(), 3, "{so}");
     // Drift: same-size edit with mtime restored, and a new setuid bit.
     let db = p("audit.db");
@@ -726,20 +718,7 @@ fn a_recursive_childs_own_run_keeps_its_state_in_its_state_dir() {
         .as_bytes(),
     );
     tree_file(&s2, "os", &cm, &[(&c1, None)]);
-    let out = corral_state(
-        d,
-        &[
-            "sync",
-            "run",
-            "os",
-            "--site",
-            s1.to_str().unwrap(),
-            "--all",
-            "--recursive",
-        ],
-    );
-    let (so, se) = text(&out);
-    assert_eq!(out.status.code(), Some(0), "{so}{se}");
+    run_os_recursive(d, &s1, &[]);
     assert_eq!(files(&c1, ""), files(&m, ""));
     let listing = |dir: &Path| -> Vec<String> {
         std::fs::read_dir(dir.join("sync")).map_or(Vec::new(), |rd| {
