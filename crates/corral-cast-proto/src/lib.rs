@@ -118,7 +118,7 @@ pub use block::{
 pub use corral_model::SessionId;
 pub use error::{BlockError, ConfigError, ManifestError, PacketError};
 pub use manifest::{BlockEntry, BlockPos, Manifest, ManifestBuilder, SignedManifest, block_hash};
-pub use receiver::{Receiver, ReceiverConfig, ReceiverEvent, ReceiverStats};
+pub use receiver::{Receiver, ReceiverConfig, ReceiverEvent, ReceiverStats, SenderPreparing};
 pub use sender::Sender;
 pub use sender::{
     ReceiverOutcome, ReceiverSummary, SenderConfig, SenderEvent, SenderStats, SessionSummary,

@@ -8,6 +8,7 @@
 //!                    | pass_pos u32 | rate_bps u64
 //! 0x02 ManifestChunk offset u32 | total_len u32 | bytes...
 //! 0x03 Data          block u32 | esi u16 | k u16 | payload_len u32 | flags u8 | symbol...
+//! 0x04 Preparing     image_size u64 (0: not known yet) | bytes_done u64
 //! 0x10 Join          receiver u64 | flags u8 | name_len u8 | name (UTF-8)
 //! 0x11 JoinAck       receiver u64
 //! 0x12 Nak           receiver u64 | count u16 | count × (block u32 | needed u32 | seen u32)
@@ -72,6 +73,11 @@ pub enum Body<'a> {
     ManifestChunk(ManifestChunk<'a>),
     /// Sender → group: one symbol of one block.
     Data(Data<'a>),
+    /// Sender → group, before it announces: it is still reading and hashing the image for
+    /// the session's manifest (a large disk takes minutes). Keeps waiting receivers from
+    /// giving up and tells them how far it is. Carries no authority: nothing is joined,
+    /// trusted or written because of it.
+    Preparing(Preparing),
     /// Receiver → sender: I am here.
     Join(Join<'a>),
     /// Sender → receiver: I saw your Join.
@@ -126,6 +132,16 @@ pub struct Announce {
     pub pass_pos: u32,
     /// Current send rate in bits per second.
     pub rate_bps: u64,
+}
+
+/// Preparing body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Preparing {
+    /// The image's size (0: not known yet, e.g. while standard input is being spooled).
+    pub image_size: u64,
+    /// Bytes of the image read and hashed so far (never more than `image_size` when that
+    /// is known).
+    pub bytes_done: u64,
 }
 
 /// ManifestChunk body.
@@ -224,6 +240,7 @@ pub struct Done<'a> {
 const T_ANNOUNCE: u8 = 0x01;
 const T_MANIFEST_CHUNK: u8 = 0x02;
 const T_DATA: u8 = 0x03;
+const T_PREPARING: u8 = 0x04;
 const T_JOIN: u8 = 0x10;
 const T_JOIN_ACK: u8 = 0x11;
 const T_NAK: u8 = 0x12;
@@ -240,6 +257,7 @@ impl Body<'_> {
             Body::Announce(_) => "announce",
             Body::ManifestChunk(_) => "manifest-chunk",
             Body::Data(_) => "data",
+            Body::Preparing(_) => "preparing",
             Body::Join(_) => "join",
             Body::JoinAck { .. } => "join-ack",
             Body::Nak(_) => "nak",
@@ -256,6 +274,7 @@ impl Body<'_> {
             Body::Announce(_) => T_ANNOUNCE,
             Body::ManifestChunk(_) => T_MANIFEST_CHUNK,
             Body::Data(_) => T_DATA,
+            Body::Preparing(_) => T_PREPARING,
             Body::Join(_) => T_JOIN,
             Body::JoinAck { .. } => T_JOIN_ACK,
             Body::Nak(_) => T_NAK,
@@ -273,6 +292,7 @@ fn kind_name(t: u8) -> &'static str {
         T_ANNOUNCE => "announce",
         T_MANIFEST_CHUNK => "manifest-chunk",
         T_DATA => "data",
+        T_PREPARING => "preparing",
         T_JOIN => "join",
         T_JOIN_ACK => "join-ack",
         T_NAK => "nak",
@@ -396,6 +416,21 @@ impl<'a> Packet<'a> {
                     symbol,
                 })
             }
+            T_PREPARING => {
+                let image_size = r.u64("image_size")?;
+                let bytes_done = r.u64("bytes_done")?;
+                if image_size != 0 && bytes_done > image_size {
+                    return Err(PacketError::InvalidField {
+                        kind,
+                        field: "bytes_done",
+                        value: bytes_done,
+                    });
+                }
+                Body::Preparing(Preparing {
+                    image_size,
+                    bytes_done,
+                })
+            }
             T_JOIN => {
                 let receiver = r.u64("receiver")?;
                 let flags = r.u8("flags")?;
@@ -509,6 +544,7 @@ impl<'a> Packet<'a> {
                 Body::Announce(_) => 1 + 4 + 32 + 2 + 2 + 4 + 4 + 8 + 4 + 8,
                 Body::ManifestChunk(c) => 8 + c.bytes.len(),
                 Body::Data(d) => 13 + d.symbol.len(),
+                Body::Preparing(_) => 16,
                 Body::Join(j) => 10 + j.name.len().min(MAX_NAME_LEN),
                 Body::JoinAck { .. } | Body::DoneAck { .. } | Body::CatchUp { .. } => 8,
                 Body::Nak(n) => 10 + 12 * n.entries.len().min(MAX_NAK_ENTRIES),
@@ -551,6 +587,10 @@ impl<'a> Packet<'a> {
                 out.extend_from_slice(&d.payload_len.to_be_bytes());
                 out.push(d.flags);
                 out.extend_from_slice(d.symbol);
+            }
+            Body::Preparing(p) => {
+                out.extend_from_slice(&p.image_size.to_be_bytes());
+                out.extend_from_slice(&p.bytes_done.to_be_bytes());
             }
             Body::Join(j) => {
                 let name = truncate_str(j.name, MAX_NAME_LEN);
@@ -736,6 +776,44 @@ mod tests {
     #[test]
     fn announce_round_trip() {
         round_trip(Body::Announce(announce()));
+    }
+
+    #[test]
+    fn preparing_round_trip_and_bounds() {
+        round_trip(Body::Preparing(Preparing {
+            image_size: 2 << 40,
+            bytes_done: 1 << 40,
+        }));
+        // Size not known yet (standard input being spooled): any count goes.
+        round_trip(Body::Preparing(Preparing {
+            image_size: 0,
+            bytes_done: 123,
+        }));
+        let mut v = Vec::new();
+        Packet::new(
+            S,
+            Body::Preparing(Preparing {
+                image_size: 10,
+                bytes_done: 11,
+            }),
+        )
+        .encode(&mut v);
+        assert!(matches!(
+            Packet::decode(&v),
+            Err(PacketError::InvalidField {
+                field: "bytes_done",
+                ..
+            })
+        ));
+        // One byte short, one byte over.
+        assert!(Packet::decode(&v[..v.len() - 1]).is_err());
+        v.truncate(v.len() - 8);
+        v.extend_from_slice(&5u64.to_be_bytes());
+        v.push(0);
+        assert!(matches!(
+            Packet::decode(&v),
+            Err(PacketError::TrailingBytes { .. })
+        ));
     }
 
     #[test]

@@ -315,6 +315,25 @@ pub struct Receiver {
     /// Block buffers handed back by the driver ([`Receiver::recycle`]), reused for new
     /// assemblies so a steady stream does not fault in (and zero) fresh pages for every block.
     spare: Vec<Vec<u8>>,
+    /// The last Preparing heard before any Announce.
+    preparing: Option<SenderPreparing>,
+}
+
+/// A sender still reading and hashing its image, as its last Preparing packet told
+/// ([`Receiver::sender_preparing`]). Unauthenticated: only shown, never acted on beyond
+/// postponing the multicast-silence check of a receiver told its sender and session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SenderPreparing {
+    /// Where it came from.
+    pub from: SocketAddr,
+    /// The session it will announce.
+    pub session: SessionId,
+    /// The image's size (0: not known yet).
+    pub image_size: u64,
+    /// Bytes read and hashed so far.
+    pub bytes_done: u64,
+    /// When it was heard.
+    pub heard_at: Instant,
 }
 
 /// Most recycled block buffers kept.
@@ -362,8 +381,15 @@ impl Receiver {
             events: VecDeque::new(),
             stats: ReceiverStats::default(),
             spare: Vec::new(),
+            preparing: None,
             cfg,
         }
+    }
+
+    /// The sender's last word that it is still reading and hashing the image, heard before
+    /// any Announce (`None` once one is heard, or if no such packet came).
+    pub fn sender_preparing(&self) -> Option<&SenderPreparing> {
+        self.preparing.as_ref().filter(|_| self.announce.is_none())
     }
 
     /// This receiver's id (random from the seed).
@@ -676,6 +702,24 @@ impl Receiver {
             }
             Body::Data(d) if self.session == Some(pkt.session) => {
                 self.on_data(now, &d);
+            }
+            Body::Preparing(p) if self.announce.is_none() => {
+                // A receiver told its sender and session started its multicast-silence clock
+                // at once; a sender still hashing its image has nothing to send yet, so the
+                // clock starts again (only for that sender's word on that session).
+                if self.session == Some(pkt.session)
+                    && self.sender.is_some_and(|s| s.ip() == from.ip())
+                    && self.joined_at.is_some()
+                {
+                    self.joined_at = Some(now);
+                }
+                self.preparing = Some(SenderPreparing {
+                    from,
+                    session: pkt.session,
+                    image_size: p.image_size,
+                    bytes_done: p.bytes_done,
+                    heard_at: now,
+                });
             }
             Body::JoinAck { receiver } if receiver == self.id => {
                 if !self.join_acked
@@ -1733,6 +1777,92 @@ mod tests {
                 .iter()
                 .any(|e| matches!(e, ReceiverEvent::MulticastSilent { .. }))
         );
+    }
+
+    fn preparing(image_size: u64, bytes_done: u64) -> Vec<u8> {
+        pkt(Body::Preparing(packet::Preparing {
+            image_size,
+            bytes_done,
+        }))
+    }
+
+    #[test]
+    fn a_preparing_sender_is_shown_until_it_announces_and_binds_nothing() {
+        let now = t0();
+        let m = signed(SessionId(1));
+        let mut r = trusting_receiver(now);
+        assert!(r.sender_preparing().is_none());
+        let elsewhere = SocketAddr::from(([10, 0, 0, 9], 9000));
+        r.handle_input(now, elsewhere, &preparing(3072, 1024));
+        let p = *r.sender_preparing().expect("heard");
+        assert_eq!(
+            (p.from, p.session, p.image_size, p.bytes_done),
+            (elsewhere, SessionId(1), 3072, 1024)
+        );
+        // It joins nothing, picks no sender, sends nothing.
+        assert_eq!((r.session(), r.sender()), (None, None));
+        let mut buf = Vec::new();
+        assert!(r.poll_transmit(now, &mut buf).is_none());
+        assert!(events(&mut r).is_empty());
+        // The next one replaces it; the Announce (from the real sender) ends it.
+        r.handle_input(
+            now + Duration::from_secs(1),
+            elsewhere,
+            &preparing(3072, 3072),
+        );
+        assert_eq!(r.sender_preparing().map(|p| p.bytes_done), Some(3072));
+        r.handle_input(now + Duration::from_secs(2), sender(), &announce(&m, 0));
+        assert!(r.sender_preparing().is_none());
+        assert_eq!(r.sender(), Some(sender()));
+        // A late Preparing changes nothing any more.
+        r.handle_input(now + Duration::from_secs(3), sender(), &preparing(3072, 0));
+        assert!(r.sender_preparing().is_none());
+        // Out-of-range progress is refused by the decoder and counted.
+        let before = r.stats().rejected_packets;
+        r.handle_input(now, sender(), &preparing(10, 11));
+        assert_eq!(r.stats().rejected_packets, before + 1);
+    }
+
+    #[test]
+    fn a_told_receiver_waits_for_a_preparing_sender_before_calling_multicast_silent() {
+        let now = t0();
+        let told = |now| {
+            Receiver::new(
+                ReceiverConfig {
+                    name: "u".into(),
+                    sender: Some(sender()),
+                    session: Some(SessionId(1)),
+                    ..ReceiverConfig::default()
+                },
+                now,
+            )
+        };
+        let silent = |r: &mut Receiver| {
+            events(r)
+                .iter()
+                .any(|e| matches!(e, ReceiverEvent::MulticastSilent { .. }))
+        };
+        // The sender says every second that it is still hashing: no silence for 20 s.
+        let mut r = told(now);
+        for s in 1..=20 {
+            let t = now + Duration::from_secs(s);
+            r.handle_input(t, sender(), &preparing(1 << 40, s << 30));
+            r.handle_timeout(t);
+            assert!(!silent(&mut r), "silent at {s} s while the sender hashes");
+        }
+        // Then it falls quiet: silence 5 s after its last word.
+        r.handle_timeout(now + Duration::from_secs(24));
+        assert!(!silent(&mut r));
+        r.handle_timeout(now + Duration::from_secs(25));
+        assert!(silent(&mut r));
+        // The same words from another host (or for another session) do not postpone it.
+        let mut r = told(now);
+        let other = SocketAddr::from(([10, 0, 0, 9], 9000));
+        for s in 1..=5 {
+            r.handle_input(now + Duration::from_secs(s), other, &preparing(0, 0));
+        }
+        r.handle_timeout(now + Duration::from_secs(5));
+        assert!(silent(&mut r));
     }
 
     proptest! {

@@ -45,6 +45,16 @@ pub enum Progress {
         /// Seconds since hashing started.
         elapsed_s: f64,
     },
+    /// A receiver waiting for a sender that is still reading and hashing its image (from
+    /// the sender's Preparing packets, before it announces).
+    Waiting {
+        /// The sender's image size (0: not known yet).
+        sender_image_bytes: u64,
+        /// Bytes the sender has read and hashed so far.
+        sender_bytes_done: u64,
+        /// Seconds since the receiver started.
+        elapsed_s: f64,
+    },
     /// A receiver's view.
     Receiver {
         /// Blocks in the image (0 until the manifest is known).

@@ -30,6 +30,8 @@ use crate::state::ResumeState;
 const STALL_AFTER: Duration = Duration::from_secs(3);
 /// How often written blocks are fsynced and recorded in the state file.
 const STATE_INTERVAL: Duration = Duration::from_millis(500);
+/// A sender's Preparing counts as current this long (it sends one a second).
+const PREPARING_HEARD: Duration = Duration::from_secs(3);
 
 /// The identity of an image for resume: stable across sessions (the manifest itself carries
 /// the session id, so its hash changes every time the sender restarts).
@@ -388,6 +390,16 @@ impl Run {
     }
 
     fn progress(&self, t0: Instant) {
+        if self.rx.manifest().is_none()
+            && let Some(p) = self.rx.sender_preparing()
+        {
+            self.opts.observer.progress(&Progress::Waiting {
+                sender_image_bytes: p.image_size,
+                sender_bytes_done: p.bytes_done,
+                elapsed_s: t0.elapsed().as_secs_f64(),
+            });
+            return;
+        }
         let (blocks_total, image_bytes) = self
             .rx
             .manifest()
@@ -466,6 +478,7 @@ pub async fn receive(
     let mut last_data_packets = 0u64;
     let mut rejected_reason: Option<String> = None;
     let mut last_heard = Instant::now();
+    let mut told_preparing = false;
     let mut batch = socket::RecvBatch::new(32, 65_536);
     let mut ubuf = vec![0u8; 65_536];
     let mut out = Vec::with_capacity(2048);
@@ -641,8 +654,27 @@ pub async fn receive(
             && !run.rx.is_complete()
             && data_packets > 0
             && run.last_progress.elapsed() > STALL_AFTER;
-        let never =
-            data_packets == 0 && run.opts.sender.is_some() && t0.elapsed() > run.opts.silent_after;
+        // A sender heard saying it still hashes its image is reachable by multicast: no
+        // reason to go to TCP before it announces.
+        let preparing = run
+            .rx
+            .sender_preparing()
+            .is_some_and(|p| p.heard_at.elapsed() < PREPARING_HEARD);
+        if preparing && !told_preparing {
+            told_preparing = true;
+            if let Some(p) = run.rx.sender_preparing() {
+                info!(
+                    sender = %p.from,
+                    session = %p.session,
+                    image_bytes = p.image_size,
+                    "a sender is reading and hashing its image; waiting for it to announce"
+                );
+            }
+        }
+        let never = data_packets == 0
+            && run.opts.sender.is_some()
+            && t0.elapsed() > run.opts.silent_after
+            && !preparing;
         let due = result.is_none()
             && (want_catchup || stalled || never)
             && Instant::now() >= catchup.not_before;
@@ -709,7 +741,11 @@ pub async fn receive(
                 }
             }
             Some(msg) = tcp_rx.recv() => {
-                last_heard = Instant::now();
+                // A failed attempt is not word from a sender: a receiver given --sender
+                // must not retry a dead or absent one forever.
+                if !matches!(msg, FromTcp::Idle(Some(_))) {
+                    last_heard = Instant::now();
+                }
                 match msg {
                     FromTcp::Manifest(bytes) => {
                         if let Err(e) = run.rx.accept_manifest_bytes(&bytes) {

@@ -3,8 +3,10 @@
 
 use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use corral_cast_proto::packet::{Body, Packet, Preparing};
 use corral_cast_proto::{
     Compression, Dest, ReceiverOutcome as ProtoOutcome, Sender, SenderConfig, SenderEvent,
     SessionSummary,
@@ -52,6 +54,46 @@ fn symbol_size(packet_size: usize) -> u16 {
     (s as u16) & !1
 }
 
+/// How often the group hears that the sender is still reading and hashing its image.
+const PREPARING_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Waits for the manifest pre-pass `hashing`, telling the group every
+/// [`PREPARING_INTERVAL`] (the first time at once) how far it is with a Preparing packet.
+async fn preparing<T>(
+    hashing: tokio::task::JoinHandle<T>,
+    sock: &tokio::net::UdpSocket,
+    group: SocketAddr,
+    session: SessionId,
+    image_size: &AtomicU64,
+    bytes_done: &AtomicU64,
+) -> Result<T, tokio::task::JoinError> {
+    tokio::pin!(hashing);
+    let mut tick = tokio::time::interval(PREPARING_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut buf = Vec::with_capacity(64);
+    loop {
+        tokio::select! {
+            r = &mut hashing => return r,
+            _ = tick.tick() => {
+                let size = image_size.load(Ordering::Relaxed);
+                let body = Preparing {
+                    image_size: size,
+                    bytes_done: if size == 0 {
+                        0
+                    } else {
+                        bytes_done.load(Ordering::Relaxed).min(size)
+                    },
+                };
+                buf.clear();
+                Packet::new(session, Body::Preparing(body)).encode(&mut buf);
+                if let Err(e) = sock.try_send_to(&buf, group) {
+                    debug!(error = %e, "preparing packet not sent");
+                }
+            }
+        }
+    }
+}
+
 /// Sends an image to every receiver that joins; returns when the protocol reports the session
 /// finished (every receiver verified, failed or timed out) or `cancel` fires.
 pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendReport, CastError> {
@@ -81,15 +123,25 @@ pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendRe
             level: opts.compress_level,
         }
     };
+    // The socket first: while the image is read and hashed (minutes for a large disk), the
+    // group hears a Preparing packet every second, so that receivers started early neither
+    // give up nor sit without a word.
+    let sock = socket::sender_socket(&opts.multicast)?;
+    let group = opts.multicast.group_addr();
+    let prep_size = Arc::new(AtomicU64::new(0));
+    let prep_done = Arc::new(AtomicU64::new(0));
     // Reading and hashing the image is blocking work.
     let src_path = opts.source.clone();
     let secret = key.to_bytes();
     let hashing_obs = obs.clone();
-    let (source, signed) = tokio::task::spawn_blocking(move || {
+    let (size_w, done_w) = (prep_size.clone(), prep_done.clone());
+    let hashing = tokio::task::spawn_blocking(move || {
         let source = Arc::new(ImageSource::open(&src_path)?);
         let started = Instant::now();
         let image_bytes = source.len();
+        size_w.store(image_bytes, Ordering::Relaxed);
         let progress = |bytes_done| {
+            done_w.store(bytes_done, Ordering::Relaxed);
             hashing_obs.progress(&Progress::Hashing {
                 image_bytes,
                 bytes_done,
@@ -106,12 +158,13 @@ pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendRe
             &progress,
         )?;
         Ok::<_, CastError>((source, signed))
-    })
-    .await
-    .map_err(|source| CastError::Task {
-        task: "manifest",
-        source,
-    })??;
+    });
+    let (source, signed) = preparing(hashing, &sock, group, session, &prep_size, &prep_done)
+        .await
+        .map_err(|source| CastError::Task {
+            task: "manifest",
+            source,
+        })??;
     let manifest = signed.manifest().clone();
     let zero_blocks = manifest.blocks.iter().filter(|b| b.zero).count();
     info!(
@@ -122,7 +175,6 @@ pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendRe
         "manifest signed"
     );
 
-    let sock = socket::sender_socket(&opts.multicast)?;
     let tcp_bind = SocketAddrV4::new(
         opts.multicast
             .interface
@@ -208,7 +260,6 @@ pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendRe
         })),
     );
 
-    let group = opts.multicast.group_addr();
     let mut src = SharedBlocks(blocks.clone());
     let mut out = Vec::with_capacity(65_536);
     // Room for more than one full GSO run (44 datagrams of 1472 bytes at MTU 1500).

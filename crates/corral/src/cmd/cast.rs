@@ -13,7 +13,7 @@ use corral_cast::socket::{DEFAULT_SOCKET_BUFFER, MulticastConfig};
 use corral_cast::{Observer, OutputSpec, Progress, Rate, ReceiveOptions, SendOptions, keys};
 use corral_model::Event;
 use corral_store::{Recorder, RecorderConfig};
-use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use indicatif::{HumanBytes, MultiProgress, ProgressBar, ProgressStyle};
 
 use crate::cli::Global;
 use crate::exit::{Code, bad_input};
@@ -670,6 +670,8 @@ struct Bars {
     main: Option<ProgressBar>,
     /// The sender's pre-pass over the image (finished and cleared when it is done).
     hashing: Option<ProgressBar>,
+    /// A receiver's wait for a sender still hashing its image (cleared once it announces).
+    waiting: Option<ProgressBar>,
     receivers: Vec<(String, ProgressBar)>,
 }
 
@@ -713,6 +715,9 @@ impl CliObserver {
             eprintln!("corral: warning: audit store: {e}");
         }
         let bars = self.bars.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = &bars.waiting {
+            b.finish_and_clear();
+        }
         if let Some(b) = &bars.main {
             b.finish();
         }
@@ -757,11 +762,36 @@ impl Observer for CliObserver {
             return;
         };
         match p {
+            Progress::Waiting {
+                sender_image_bytes,
+                sender_bytes_done,
+                ..
+            } => {
+                let bar = bars.waiting.get_or_insert_with(|| {
+                    let b = multi.add(ProgressBar::new_spinner());
+                    b.set_style(bar_style("{spinner} {msg}"));
+                    b
+                });
+                bar.set_message(if *sender_image_bytes == 0 {
+                    "waiting: the sender is reading its image".to_owned()
+                } else {
+                    format!(
+                        "waiting: the sender has read and hashed {} of {} ({:.0} %)",
+                        HumanBytes(*sender_bytes_done),
+                        HumanBytes(*sender_image_bytes),
+                        *sender_bytes_done as f64 * 100.0 / *sender_image_bytes as f64
+                    )
+                });
+                bar.tick();
+            }
             Progress::Receiver {
                 image_bytes,
                 bytes_done,
                 ..
             } => {
+                if let Some(w) = bars.waiting.take() {
+                    w.finish_and_clear();
+                }
                 let bar = bars
                     .main
                     .get_or_insert_with(|| bytes_bar(&multi, *image_bytes, ""));

@@ -414,3 +414,118 @@ fn http_get(addr: &str, path: &str) -> String {
     );
     body.to_owned()
 }
+
+/// Waits up to `limit` for `child` to exit; kills it and fails the test if it does not.
+fn wait_at_most(mut child: std::process::Child, limit: Duration) -> std::process::Output {
+    let t0 = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("still running after {limit:?}: {:?}", text(&out));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// A sender still reading its image (here: spooling a slow standard input for ~4 s) tells the
+/// group so every second: a receiver with a 2 s idle timeout waits for it, shows that it is
+/// waiting, and then gets a verified copy.
+#[test]
+fn a_receiver_waits_for_a_sender_that_is_still_reading_its_image() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), 2 << 20);
+    let data = std::fs::read(&img).unwrap();
+    assert!(
+        corral(dir.path(), &["cast", "keygen", "--out", "k"])
+            .status
+            .success()
+    );
+    let p = crate::netboot::free_port().to_string();
+    let rx = receiver(
+        dir.path(),
+        &[
+            "--group",
+            "239.77.3.5",
+            "--port",
+            &p,
+            "--output",
+            "out.img",
+            "--trusted-key",
+            "k.pub",
+            "--name",
+            "beta",
+            "--idle-timeout",
+            "2s",
+            "--json",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let mut tx = Command::new(env!("CARGO_BIN_EXE_corral"))
+        .args(["cast", "send", "-", "--interface", "127.0.0.1"])
+        .args(["--group", "239.77.3.5", "--port", &p, "--key", "k"])
+        .args(["--expect", "beta", "--min-wait", "0s", "--rate", "200M"])
+        .arg("--json")
+        .current_dir(dir.path())
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("corral runs");
+    let mut stdin = tx.stdin.take().unwrap();
+    for chunk in data.chunks(data.len() / 8) {
+        std::thread::sleep(Duration::from_millis(500));
+        stdin.write_all(chunk).unwrap();
+    }
+    drop(stdin);
+    let tx = wait_at_most(tx, Duration::from_secs(60));
+    let (stdout, stderr) = text(&tx);
+    assert!(tx.status.success(), "{stdout}\n{stderr}");
+    let out = wait_at_most(rx, Duration::from_secs(30));
+    let (rx_out, rx_err) = text(&out);
+    assert!(out.status.success(), "{rx_out}\n{rx_err}");
+    assert_eq!(std::fs::read(dir.path().join("out.img")).unwrap(), data);
+    // It said it was waiting for a sender still at work (size not known while spooling).
+    let waiting: Vec<serde_json::Value> = rx_out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["type"] == "progress" && v["progress"]["side"] == "waiting")
+        .collect();
+    assert!(!waiting.is_empty(), "no waiting line: {rx_out}");
+    assert_eq!(waiting[0]["progress"]["sender_image_bytes"], 0);
+}
+
+/// A receiver given --sender whose sender never answers gives up after --idle-timeout: a
+/// refused TCP connection is not word from a sender.
+#[test]
+fn a_receiver_gives_up_on_an_absent_sender_after_its_idle_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = crate::netboot::free_port().to_string();
+    let rx = receiver(
+        dir.path(),
+        &[
+            "--group",
+            "239.77.3.6",
+            "--port",
+            &p,
+            "--sender",
+            &format!("127.0.0.1:{p}"),
+            "--output",
+            "out.img",
+            // Longer than the 5 s after which it tries TCP, so that attempts fail before.
+            "--idle-timeout",
+            "8s",
+        ],
+    );
+    let out = wait_at_most(rx, Duration::from_secs(30));
+    let (stdout, stderr) = text(&out);
+    assert!(!out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        format!("{stdout}{stderr}").contains("nothing heard from a sender for 8 s"),
+        "{stdout}\n{stderr}"
+    );
+    assert!(!dir.path().join("out.img").exists());
+}
