@@ -30,6 +30,8 @@ use crate::state::ResumeState;
 const STALL_AFTER: Duration = Duration::from_secs(3);
 /// How often written blocks are fsynced and recorded in the state file.
 const STATE_INTERVAL: Duration = Duration::from_millis(500);
+/// Datagram slots per `recvmmsg` (each a GRO run of up to 64 KiB).
+const RECV_SLOTS: usize = 8;
 /// A sender's Preparing counts as current this long (it sends one a second).
 const PREPARING_HEARD: Duration = Duration::from_secs(3);
 
@@ -479,7 +481,11 @@ pub async fn receive(
     let mut rejected_reason: Option<String> = None;
     let mut last_heard = Instant::now();
     let mut told_preparing = false;
-    let mut batch = socket::RecvBatch::new(32, 65_536);
+    // 8 GRO slots of 64 KiB: 512 KiB that the kernel fills and the state machine reads right
+    // after, within a core's L2 beside the block being assembled. 32 slots (2 MiB) spilled
+    // to L3: 8 receivers on 2 cores took 2.75 s against 2.68 s (11 interleaved pairs of
+    // 512 MiB, 9 faster).
+    let mut batch = socket::RecvBatch::new(RECV_SLOTS, 65_536);
     let mut ubuf = vec![0u8; 65_536];
     let mut out = Vec::with_capacity(2048);
     let mut tick = tokio::time::interval(STATE_INTERVAL);
