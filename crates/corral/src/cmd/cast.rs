@@ -186,7 +186,8 @@ pub(crate) struct ReceiveArgs {
     /// The name reported to the sender (default: the host name).
     #[arg(long)]
     name: Option<String>,
-    /// Give up when nothing was heard from any sender for this long.
+    /// Give up when nothing was heard from any sender for this long (a sender still reading
+    /// and hashing a large image says so every second, and is waited for).
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     idle_timeout: Duration,
     /// JSON event lines (on stdout, or on stderr when the image goes to stdout).
