@@ -13,7 +13,9 @@
 //! measured once the pipeline has refilled in its mode ([`WARMUP`]), and the faster mode is
 //! kept for the next [`REPROBE`] bytes, after which it probes again; each probe that agrees
 //! with the one before doubles that interval (up to [`REPROBE_MAX`]), since every probe
-//! sends two windows in the slower mode.
+//! sends two windows in the slower mode, and a decisive probe (one mode [`DECISIVE`] times
+//! as fast as the other) stretches it [`DECISIVE_STRETCH`] times: conditions that flip such a
+//! margin are rarer than the cost of two windows in a mode that slow is certain.
 //!
 //! What this is not: a driver. [`Chooser`] is a state machine fed the time and size of each
 //! step as the master sent it ([`Chooser::on_sent`]); the caller owns the clock and tells its
@@ -100,6 +102,12 @@ pub const PROBE_ORDER: [Mode; 4] = [Mode::Zstd, Mode::Raw, Mode::Raw, Mode::Zstd
 pub const REPROBE: u64 = 1 << 30;
 /// The longest interval between probes once they keep agreeing.
 pub const REPROBE_MAX: u64 = 8 << 30;
+/// A probe whose faster mode moved this many times the input bytes per second of the slower
+/// is decisive (loopback full copy: raw 1.23-1.25 x zstd; a slow link: zstd about 1.5-2 x
+/// raw).
+pub const DECISIVE: f64 = 1.2;
+/// The interval after a decisive probe is this many times what it would be.
+pub const DECISIVE_STRETCH: u64 = 4;
 /// Raw must be this much faster (in input bytes per second) to be chosen: on a tie the
 /// smaller stream wins, it is kinder to a shared link.
 pub const RAW_MARGIN: f64 = 1.05;
@@ -309,9 +317,14 @@ impl Chooser {
                     chose = %probe.chose,
                     "compression probe"
                 );
-                self.reprobe = match self.report.probes.last() {
+                let interval = match self.report.probes.last() {
                     Some(prev) if prev.chose == probe.chose => (self.reprobe * 2).min(REPROBE_MAX),
                     _ => REPROBE,
+                };
+                self.reprobe = if probe.decisive() {
+                    (interval * DECISIVE_STRETCH).min(REPROBE_MAX)
+                } else {
+                    interval
                 };
                 self.state = State::Chosen {
                     mode: probe.chose,
@@ -340,6 +353,14 @@ fn probing(at: u64) -> State {
 
 /// The faster mode by input bytes per second; zstd unless raw was clearly faster (also
 /// when either mode could not be timed: a single step larger than a window).
+impl Probe {
+    /// Whether one mode was at least [`DECISIVE`] times as fast as the other.
+    pub fn decisive(&self) -> bool {
+        let (z, r) = (self.zstd_bps, self.raw_bps);
+        z > 0.0 && r > 0.0 && (r / z).max(z / r) >= DECISIVE
+    }
+}
+
 fn decide(at: u64, zstd: Tally, raw: Tally) -> Probe {
     let (z, r) = (zstd.rate(), raw.rate());
     let chose = if z > 0.0 && r > z * RAW_MARGIN {
@@ -518,7 +539,8 @@ mod tests {
     fn it_probes_again_after_reprobe_bytes_and_follows_a_change() {
         let t = Instant::now();
         let mut c = Chooser::new(Compress::Auto, 8 << 30);
-        let fast_raw = |m: Mode| if m == Mode::Raw { 300e6 } else { 200e6 };
+        // Margins below DECISIVE: the plain interval.
+        let fast_raw = |m: Mode| if m == Mode::Raw { 300e6 } else { 270e6 };
         let now = feed(&mut c, t, PROBE, MIB, fast_raw);
         assert_eq!(c.mode(), Mode::Raw);
         // Still raw until REPROBE more bytes have gone.
@@ -526,7 +548,7 @@ mod tests {
         assert_eq!(c.mode(), Mode::Raw);
         assert_eq!(c.report().probes.len(), 1);
         // Then the link slows (another transfer): the next probe goes back to zstd.
-        let slow_link = |m: Mode| if m == Mode::Raw { 50e6 } else { 90e6 };
+        let slow_link = |m: Mode| if m == Mode::Raw { 80e6 } else { 90e6 };
         feed(&mut c, now, 1 + PROBE, MIB, slow_link);
         let p = &c.report().probes;
         assert_eq!(p.len(), 2);
@@ -538,7 +560,7 @@ mod tests {
         let second = (PROBE as u64 * MIB + REPROBE) / MIB;
         assert!(
             s.contains(&format!(
-                "; at {second} MiB raw 50 MB/s vs zstd 90 MB/s -> zstd)"
+                "; at {second} MiB raw 80 MB/s vs zstd 90 MB/s -> zstd)"
             )),
             "{s}"
         );
@@ -548,7 +570,7 @@ mod tests {
     fn agreeing_probes_come_less_often_and_a_change_resets_the_interval() {
         let t = Instant::now();
         let mut c = Chooser::new(Compress::Auto, 64 << 30);
-        let fast_raw = |m: Mode| if m == Mode::Raw { 300e6 } else { 200e6 };
+        let fast_raw = |m: Mode| if m == Mode::Raw { 300e6 } else { 270e6 };
         // Each probe takes PROBE MiB; the gaps after the first three agreeing probes are
         // REPROBE, 2 x REPROBE and 4 x REPROBE.
         let mut now = t;
@@ -573,7 +595,7 @@ mod tests {
         assert_eq!(p[1].at, PROBE as u64 * MIB + REPROBE);
         assert_eq!(p[2].at, 2 * PROBE as u64 * MIB + 3 * REPROBE);
         // The fourth probe disagrees: the interval is REPROBE again.
-        let slow_link = |m: Mode| if m == Mode::Raw { 50e6 } else { 90e6 };
+        let slow_link = |m: Mode| if m == Mode::Raw { 80e6 } else { 90e6 };
         now = feed(&mut c, now, PROBE, MIB, slow_link);
         assert_eq!(c.report().probes.len(), 4);
         assert_eq!(c.mode(), Mode::Zstd);
@@ -586,6 +608,41 @@ mod tests {
         feed(&mut c, t, (64 << 30) / MIB as usize, MIB, fast_raw);
         assert!(c.reprobe <= REPROBE_MAX);
         assert_eq!(c.reprobe, REPROBE_MAX);
+    }
+
+    #[test]
+    fn a_decisive_probe_stretches_the_interval() {
+        let t = Instant::now();
+        // Raw 25 % faster (this loopback's full copy): the next probe 4 x REPROBE later.
+        let mut c = Chooser::new(Compress::Auto, 64 << 30);
+        let raw_by_25 = |m: Mode| if m == Mode::Raw { 368e6 } else { 295e6 };
+        let now = feed(&mut c, t, PROBE, MIB, raw_by_25);
+        assert!(c.report().probes[0].decisive());
+        assert_eq!(c.mode(), Mode::Raw);
+        let now = feed(
+            &mut c,
+            now,
+            (4 * REPROBE / MIB) as usize - 1,
+            MIB,
+            raw_by_25,
+        );
+        assert_eq!(c.report().probes.len(), 1);
+        assert_eq!(c.mode(), Mode::Raw, "no probe before 4 x REPROBE");
+        feed(&mut c, now, 1, MIB, raw_by_25);
+        assert_eq!(c.mode(), Mode::Zstd, "the second probe has begun");
+        // zstd twice as fast (a slow link) is decisive the other way; 15 % is not.
+        let mut c = Chooser::new(Compress::Auto, 64 << 30);
+        feed(&mut c, t, PROBE, MIB, |m| {
+            if m == Mode::Raw { 40e6 } else { 80e6 }
+        });
+        assert!(c.report().probes[0].decisive());
+        assert_eq!((c.mode(), c.reprobe), (Mode::Zstd, 4 * REPROBE));
+        let mut c = Chooser::new(Compress::Auto, 64 << 30);
+        feed(&mut c, t, PROBE, MIB, |m| {
+            if m == Mode::Raw { 345e6 } else { 300e6 }
+        });
+        assert!(!c.report().probes[0].decisive());
+        assert_eq!((c.mode(), c.reprobe), (Mode::Raw, REPROBE));
     }
 
     #[test]
