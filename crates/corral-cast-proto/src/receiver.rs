@@ -1751,10 +1751,9 @@ mod tests {
         );
     }
 
-    #[test]
-    fn told_the_sender_joins_by_unicast_and_reports_blocked_multicast() {
-        let now = t0();
-        let mut r = Receiver::new(
+    /// A receiver told its sender and session (it joins by unicast at once).
+    fn told_receiver(now: Instant) -> Receiver {
+        Receiver::new(
             ReceiverConfig {
                 name: "u".into(),
                 sender: Some(sender()),
@@ -1762,7 +1761,13 @@ mod tests {
                 ..ReceiverConfig::default()
             },
             now,
-        );
+        )
+    }
+
+    #[test]
+    fn told_the_sender_joins_by_unicast_and_reports_blocked_multicast() {
+        let now = t0();
+        let mut r = told_receiver(now);
         let mut buf = Vec::new();
         let t = r.poll_transmit(now, &mut buf).expect("joins at once");
         assert_eq!(t.dest, Dest::Unicast(sender()));
@@ -1826,24 +1831,13 @@ mod tests {
     #[test]
     fn a_told_receiver_waits_for_a_preparing_sender_before_calling_multicast_silent() {
         let now = t0();
-        let told = |now| {
-            Receiver::new(
-                ReceiverConfig {
-                    name: "u".into(),
-                    sender: Some(sender()),
-                    session: Some(SessionId(1)),
-                    ..ReceiverConfig::default()
-                },
-                now,
-            )
-        };
         let silent = |r: &mut Receiver| {
             events(r)
                 .iter()
                 .any(|e| matches!(e, ReceiverEvent::MulticastSilent { .. }))
         };
         // The sender says every second that it is still hashing: no silence for 20 s.
-        let mut r = told(now);
+        let mut r = told_receiver(now);
         for s in 1..=20 {
             let t = now + Duration::from_secs(s);
             r.handle_input(t, sender(), &preparing(1 << 40, s << 30));
@@ -1856,7 +1850,7 @@ mod tests {
         r.handle_timeout(now + Duration::from_secs(25));
         assert!(silent(&mut r));
         // The same words from another host (or for another session) do not postpone it.
-        let mut r = told(now);
+        let mut r = told_receiver(now);
         let other = SocketAddr::from(([10, 0, 0, 9], 9000));
         for s in 1..=5 {
             r.handle_input(now + Duration::from_secs(s), other, &preparing(0, 0));
