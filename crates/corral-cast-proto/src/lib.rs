@@ -16,6 +16,9 @@
 //!   BLAKE3 subtree the block forms at its offset, so that the block hashes merge into the
 //!   plain BLAKE3 hash of the image), signed with Ed25519. Receivers verify every block against it before emitting
 //!   [`ReceiverEvent::BlockReady`]; nothing unverified reaches the disk.
+//! * Before that, while the driver still reads and hashes the image for the manifest, it
+//!   tells the group so with a Preparing packet ([`packet::Preparing`]); a [`Receiver`] shows
+//!   it ([`Receiver::sender_preparing`]) and acts on nothing in it.
 //! * The [`Sender`] announces the session and multicasts the manifest until its start condition
 //!   holds, then makes **one in-order pass** over the blocks, paced by a token bucket. Receivers
 //!   NAK what they miss; the sender aggregates NAKs per block as the **maximum** count any
