@@ -22,9 +22,9 @@ fn corral_state(dir: &Path, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-/// `corral sync run os --site SITE --all --recursive` plus `extra`, with `dir`'s state;
-/// fails the test unless it exits 0. Returns stdout.
-fn run_os_recursive(dir: &Path, site: &Path, extra: &[&str]) -> String {
+/// `corral sync run os --site SITE --all` plus `extra`, with `dir`'s state; fails the test
+/// unless it exits 0. Returns stdout.
+fn run_os(dir: &Path, site: &Path, extra: &[&str]) -> String {
     let mut args = vec![
         "sync",
         "run",
@@ -32,7 +32,6 @@ fn run_os_recursive(dir: &Path, site: &Path, extra: &[&str]) -> String {
         "--site",
         site.to_str().unwrap(),
         "--all",
-        "--recursive",
     ];
     args.extend_from_slice(extra);
     let out = corral_state(dir, &args);
@@ -171,7 +170,7 @@ fn sync_run_three_tiers_recursive_and_drift() {
     let (s1, s2) = (p("site1"), p("site2"));
     tree_file(&s1, "os", &m, &[(&cm, Some(&s2))]);
     tree_file(&s2, "os", &cm, &[(&c1, None), (&c2, None)]);
-    let so = run_os_recursive(t.path(), &s1, &["--json"]);
+    let so = run_os(t.path(), &s1, &["--recursive", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&so).unwrap();
     let top = &v["hosts"][0];
     assert_eq!(top["status"], "changed", "{so}");
@@ -183,7 +182,7 @@ fn sync_run_three_tiers_recursive_and_drift() {
     assert_eq!(files(&c1, ""), want);
     assert_eq!(files(&c2, ""), want);
     // Nothing to do the second time: every tier reports unchanged.
-    let so = run_os_recursive(t.path(), &s1, &[]);
+    let so = run_os(t.path(), &s1, &["--recursive"]);
     assert_eq!(so.matches("unchanged").count(), 3, "{so}");
     // Drift: same-size edit with mtime restored, and a new setuid bit.
     let db = p("audit.db");
@@ -641,19 +640,7 @@ fn a_childs_state_dir_from_the_tree_file_reaches_its_receiver() {
             .count()
         })
     };
-    let out = corral_state(
-        d,
-        &[
-            "sync",
-            "run",
-            "os",
-            "--site",
-            site.to_str().unwrap(),
-            "--all",
-        ],
-    );
-    let (so, se) = text(&out);
-    assert_eq!(out.status.code(), Some(0), "{so}{se}");
+    run_os(d, &site, &[]);
     assert_eq!(files(&c, ""), files(&m, ""));
     assert_eq!(
         caches(&child_state),
@@ -718,7 +705,7 @@ fn a_recursive_childs_own_run_keeps_its_state_in_its_state_dir() {
         .as_bytes(),
     );
     tree_file(&s2, "os", &cm, &[(&c1, None)]);
-    run_os_recursive(d, &s1, &[]);
+    run_os(d, &s1, &["--recursive"]);
     assert_eq!(files(&c1, ""), files(&m, ""));
     let listing = |dir: &Path| -> Vec<String> {
         std::fs::read_dir(dir.join("sync")).map_or(Vec::new(), |rd| {
