@@ -108,17 +108,18 @@ fn hash_blocks(
     let next = AtomicUsize::new(0);
     let done = AtomicU64::new(0);
     let failed = AtomicBool::new(false);
-    let mut entries: Vec<Option<BlockEntry>> = vec![None; count];
+    // Each worker files its entries here directly (one lock per block, far cheaper than
+    // hashing it): the entries are held once, not per worker and then again in order.
+    let entries: Mutex<Vec<Option<BlockEntry>>> = Mutex::new(vec![None; count]);
     let results = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..workers)
             .map(|_| {
-                scope.spawn(|| -> Result<Vec<(usize, BlockEntry)>, CastError> {
+                scope.spawn(|| -> Result<(), CastError> {
                     let mut buf = vec![0u8; block_size as usize];
-                    let mut mine = Vec::new();
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         if i >= count || failed.load(Ordering::Relaxed) {
-                            return Ok(mine);
+                            return Ok(());
                         }
                         let offset = i as u64 * bs;
                         let want = (source.len() - offset).min(bs) as usize;
@@ -143,7 +144,8 @@ fn hash_blocks(
                             offset,
                             whole_image: count == 1,
                         };
-                        mine.push((i, BlockEntry::of(&buf[..n], pos)));
+                        let e = BlockEntry::of(&buf[..n], pos);
+                        entries.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(e);
                         done.fetch_add(n as u64, Ordering::Relaxed);
                     }
                 })
@@ -164,12 +166,12 @@ fn hash_blocks(
             .collect::<Vec<_>>()
     });
     for r in results {
-        for (i, e) in r? {
-            entries[i] = Some(e);
-        }
+        r?;
     }
     progress(done.load(Ordering::Relaxed));
     entries
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
         .into_iter()
         .enumerate()
         .map(|(i, e)| {
