@@ -676,6 +676,13 @@ struct Bars {
     receivers: Vec<(String, ProgressBar)>,
 }
 
+/// A spinner with a message.
+fn spinner(multi: &MultiProgress) -> ProgressBar {
+    let b = multi.add(ProgressBar::new_spinner());
+    b.set_style(bar_style("{spinner} {msg}"));
+    b
+}
+
 /// A bar of `len` bytes with rate and ETA, after `label`.
 fn bytes_bar(multi: &MultiProgress, len: u64, label: &str) -> ProgressBar {
     let b = multi.add(ProgressBar::new(len));
@@ -768,11 +775,7 @@ impl Observer for CliObserver {
                 sender_bytes_done,
                 ..
             } => {
-                let bar = bars.waiting.get_or_insert_with(|| {
-                    let b = multi.add(ProgressBar::new_spinner());
-                    b.set_style(bar_style("{spinner} {msg}"));
-                    b
-                });
+                let bar = bars.waiting.get_or_insert_with(|| spinner(&multi));
                 bar.set_message(if *sender_image_bytes == 0 {
                     "waiting: the sender is reading its image".to_owned()
                 } else {
@@ -819,11 +822,7 @@ impl Observer for CliObserver {
                 elapsed_s,
                 receivers,
             } => {
-                let main = bars.main.get_or_insert_with(|| {
-                    let b = multi.add(ProgressBar::new_spinner());
-                    b.set_style(bar_style("{spinner} {msg}"));
-                    b
-                });
+                let main = bars.main.get_or_insert_with(|| spinner(&multi));
                 let rate = if *elapsed_s > 0.0 {
                     *bytes_sent as f64 * 8.0 / elapsed_s / 1e6
                 } else {
