@@ -12,7 +12,7 @@ use corral_cast_proto::{
 };
 use corral_model::SessionId;
 
-use crate::catchup::CatchUpProvider;
+use crate::catchup::{CatchUpProvider, ManifestReply};
 use crate::error::CastError;
 use crate::source::{FileIdentity, ImageSource};
 
@@ -331,8 +331,8 @@ impl BlockSource for SharedBlocks {
 }
 
 impl CatchUpProvider for Blocks {
-    fn manifest(&self) -> Vec<u8> {
-        self.signed.as_bytes().to_vec()
+    fn manifest(&self) -> ManifestReply {
+        ManifestReply::Ready(self.signed.as_bytes().to_vec())
     }
 
     fn block(&self, index: u32) -> Option<Vec<u8>> {

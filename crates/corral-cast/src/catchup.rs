@@ -3,12 +3,19 @@
 //! after the sender's pass) can fetch exactly what it lacks. Everything fetched here is verified
 //! by the receiver exactly like multicast data, so this channel needs no trust of its own.
 //!
+//! The server listens from the sender's first moment: while the sender still reads and hashes
+//! its image (minutes for a large disk) a receiver that cannot hear the group (multicast
+//! blocked) learns over TCP that the sender is there and at work, instead of giving up.
+//!
 //! Wire format (all integers big-endian):
 //! - request `M` — the manifest; request `B` + u32 index — one encoded block.
-//! - reply: u8 status (0 ok, 1 unknown) + u32 length + that many bytes.
+//! - reply: u8 status + u32 length + that many bytes. Status 0: ok; 1: unknown; 2 (to `M`
+//!   only): no manifest yet, the sender is preparing it, and the 16 bytes are the image size
+//!   (0 while unknown) and the bytes read and hashed so far, as u64s.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -27,12 +34,77 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// receivers that end up here) costs a large share of its rate.
 pub(crate) const PIPELINE: usize = 8;
 
+/// Reply status: no manifest yet, the sender is reading and hashing its image.
+const STATUS_PREPARING: u8 = 2;
+
+/// The answer to a manifest request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ManifestReply {
+    /// The signed manifest bytes (unverified: the receiver verifies them).
+    Ready(Vec<u8>),
+    /// No manifest yet: the sender is still reading and hashing its image.
+    Preparing {
+        /// The image's size (0 while unknown, e.g. a standard input being spooled).
+        image_size: u64,
+        /// Bytes read and hashed so far.
+        bytes_done: u64,
+    },
+}
+
 /// What the catch-up server serves.
 pub(crate) trait CatchUpProvider: Send + Sync + 'static {
-    /// The signed manifest bytes.
-    fn manifest(&self) -> Vec<u8>;
+    /// The signed manifest, or how far the sender is with it.
+    fn manifest(&self) -> ManifestReply;
     /// Encoded block `index` (as it travels in a data packet), or `None` if there is none.
     fn block(&self, index: u32) -> Option<Vec<u8>>;
+}
+
+/// The provider of a sender whose manifest pre-pass is still running: it answers that it is
+/// preparing (with the pre-pass's counters) until [`Deferred::ready`] hands it the real one.
+pub(crate) struct Deferred {
+    image_size: Arc<AtomicU64>,
+    bytes_done: Arc<AtomicU64>,
+    ready: OnceLock<Arc<dyn CatchUpProvider>>,
+}
+
+impl Deferred {
+    /// Reports the pre-pass's progress from these counters (written by the pre-pass).
+    pub(crate) fn new(image_size: Arc<AtomicU64>, bytes_done: Arc<AtomicU64>) -> Self {
+        Deferred {
+            image_size,
+            bytes_done,
+            ready: OnceLock::new(),
+        }
+    }
+
+    /// From now on, serves `provider` (only the first call counts).
+    pub(crate) fn ready(&self, provider: Arc<dyn CatchUpProvider>) {
+        let _ = self.ready.set(provider);
+    }
+}
+
+impl CatchUpProvider for Deferred {
+    fn manifest(&self) -> ManifestReply {
+        match self.ready.get() {
+            Some(p) => p.manifest(),
+            None => {
+                let image_size = self.image_size.load(Ordering::Relaxed);
+                let done = self.bytes_done.load(Ordering::Relaxed);
+                ManifestReply::Preparing {
+                    image_size,
+                    bytes_done: if image_size == 0 {
+                        0
+                    } else {
+                        done.min(image_size)
+                    },
+                }
+            }
+        }
+    }
+
+    fn block(&self, index: u32) -> Option<Vec<u8>> {
+        self.ready.get()?.block(index)
+    }
 }
 
 /// Serves catch-up requests on `listener` until `cancel` fires.
@@ -83,31 +155,34 @@ async fn serve_one(
             }
             Err(e) => return Err(e),
         };
-        let reply = match op {
-            b'M' => Some(provider.manifest()),
+        let (status, bytes) = match op {
+            b'M' => match provider.manifest() {
+                ManifestReply::Ready(m) => (0, m),
+                ManifestReply::Preparing {
+                    image_size,
+                    bytes_done,
+                } => {
+                    let mut b = Vec::with_capacity(16);
+                    b.extend_from_slice(&image_size.to_be_bytes());
+                    b.extend_from_slice(&bytes_done.to_be_bytes());
+                    (STATUS_PREPARING, b)
+                }
+            },
             b'B' => {
                 let index = stream.read_u32().await?;
                 let p = provider.clone();
                 served += 1;
                 // Reading and compressing a block is blocking work.
-                tokio::task::spawn_blocking(move || p.block(index))
-                    .await
-                    .ok()
-                    .flatten()
+                match tokio::task::spawn_blocking(move || p.block(index)).await {
+                    Ok(Some(b)) => (0, b),
+                    _ => (1, Vec::new()),
+                }
             }
             _ => return Err(std::io::Error::other("unknown catch-up request")),
         };
-        match reply {
-            Some(bytes) => {
-                stream.write_u8(0).await?;
-                stream.write_u32(bytes.len() as u32).await?;
-                stream.write_all(&bytes).await?;
-            }
-            None => {
-                stream.write_u8(1).await?;
-                stream.write_u32(0).await?;
-            }
-        }
+        stream.write_u8(status).await?;
+        stream.write_u32(bytes.len() as u32).await?;
+        stream.write_all(&bytes).await?;
     }
 }
 
@@ -141,7 +216,7 @@ impl CatchUpClient {
         }
     }
 
-    async fn request(&mut self, req: &[u8]) -> Result<Option<Vec<u8>>, CastError> {
+    async fn request(&mut self, req: &[u8]) -> Result<(u8, Vec<u8>), CastError> {
         self.stream
             .write_all(req)
             .await
@@ -149,8 +224,8 @@ impl CatchUpClient {
         self.reply().await
     }
 
-    /// Reads the next reply.
-    async fn reply(&mut self) -> Result<Option<Vec<u8>>, CastError> {
+    /// Reads the next reply: its status and bytes.
+    async fn reply(&mut self) -> Result<(u8, Vec<u8>), CastError> {
         let fut = async {
             let status = self.stream.read_u8().await?;
             let len = self.stream.read_u32().await?;
@@ -164,24 +239,38 @@ impl CatchUpClient {
         match tokio::time::timeout(REPLY_TIMEOUT, fut).await {
             Err(_) => Err(self.err("reply timed out")),
             Ok(Err(e)) => Err(self.err(e.to_string())),
-            Ok(Ok((0, buf))) => Ok(Some(buf)),
-            Ok(Ok(_)) => Ok(None),
+            Ok(Ok(r)) => Ok(r),
         }
     }
 
-    /// The signed manifest bytes (unverified: the caller verifies them).
-    pub(crate) async fn manifest(&mut self) -> Result<Vec<u8>, CastError> {
-        self.request(b"M")
-            .await?
-            .ok_or_else(|| self.err("sender has no manifest"))
+    /// The signed manifest (unverified: the caller verifies it), or word that the sender is
+    /// still preparing it.
+    pub(crate) async fn manifest(&mut self) -> Result<ManifestReply, CastError> {
+        match self.request(b"M").await? {
+            (0, m) => Ok(ManifestReply::Ready(m)),
+            (STATUS_PREPARING, b) if b.len() == 16 => {
+                let image_size = u64::from_be_bytes(b[..8].try_into().expect("8 bytes"));
+                let bytes_done = u64::from_be_bytes(b[8..].try_into().expect("8 bytes"));
+                Ok(ManifestReply::Preparing {
+                    image_size,
+                    bytes_done: bytes_done.min(image_size),
+                })
+            }
+            (STATUS_PREPARING, b) => Err(self.err(format!(
+                "a 'preparing' reply of {} bytes (16 expected)",
+                b.len()
+            ))),
+            _ => Err(self.err("sender has no manifest")),
+        }
     }
 
     /// Encoded block `index` (unverified).
     #[cfg(test)]
     pub(crate) async fn block(&mut self, index: u32) -> Result<Vec<u8>, CastError> {
-        self.request(&block_request(index))
-            .await?
-            .ok_or_else(|| self.err(format!("sender has no block {index}")))
+        match self.request(&block_request(index)).await? {
+            (0, b) => Ok(b),
+            _ => Err(self.err(format!("sender has no block {index}"))),
+        }
     }
 
     /// Encoded blocks `indices` (unverified), in order, with up to [`PIPELINE`] requests in
@@ -208,10 +297,10 @@ impl CatchUpClient {
                     .map_err(|e| self.err(e.to_string()))?;
                 sent = ahead;
             }
-            let b = self
-                .reply()
-                .await?
-                .ok_or_else(|| self.err(format!("sender has no block {index}")))?;
+            let b = match self.reply().await? {
+                (0, b) => b,
+                _ => return Err(self.err(format!("sender has no block {index}"))),
+            };
             if out.send(wrap(index, b)).await.is_err() {
                 return Ok(false);
             }
@@ -233,8 +322,8 @@ mod tests {
 
     struct Fixed;
     impl CatchUpProvider for Fixed {
-        fn manifest(&self) -> Vec<u8> {
-            b"manifest".to_vec()
+        fn manifest(&self) -> ManifestReply {
+            ManifestReply::Ready(b"manifest".to_vec())
         }
         fn block(&self, index: u32) -> Option<Vec<u8>> {
             (index < 3).then(|| vec![index as u8; 1000])
@@ -248,7 +337,10 @@ mod tests {
         let cancel = CancellationToken::new();
         tokio::spawn(serve(listener, Arc::new(Fixed), cancel.clone()));
         let mut c = CatchUpClient::connect(addr).await.unwrap();
-        assert_eq!(c.manifest().await.unwrap(), b"manifest");
+        assert_eq!(
+            c.manifest().await.unwrap(),
+            ManifestReply::Ready(b"manifest".to_vec())
+        );
         assert_eq!(c.block(2).await.unwrap(), vec![2u8; 1000]);
         assert!(c.block(9).await.is_err());
         assert_eq!(c.block(0).await.unwrap(), vec![0u8; 1000]);
@@ -290,5 +382,80 @@ mod tests {
         let mut c = CatchUpClient::connect(addr).await.unwrap();
         assert!(!c.blocks(&[0, 1], &tx, |i, b| (i, b)).await.unwrap());
         cancel.cancel();
+    }
+
+    /// A sender still hashing answers a manifest request with how far it is, and has no
+    /// blocks; once it is ready, the same connection gets the manifest and the blocks.
+    #[tokio::test]
+    async fn a_deferred_provider_says_preparing_until_it_is_ready() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cancel = CancellationToken::new();
+        let (size, done) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let deferred = Arc::new(Deferred::new(size.clone(), done.clone()));
+        tokio::spawn(serve(listener, deferred.clone(), cancel.clone()));
+        let mut c = CatchUpClient::connect(addr).await.unwrap();
+        // Size unknown (a standard input being spooled): nothing to report but the fact.
+        done.store(5000, Ordering::Relaxed);
+        assert_eq!(
+            c.manifest().await.unwrap(),
+            ManifestReply::Preparing {
+                image_size: 0,
+                bytes_done: 0
+            }
+        );
+        size.store(1 << 30, Ordering::Relaxed);
+        done.store(1 << 20, Ordering::Relaxed);
+        assert_eq!(
+            c.manifest().await.unwrap(),
+            ManifestReply::Preparing {
+                image_size: 1 << 30,
+                bytes_done: 1 << 20
+            }
+        );
+        assert!(c.block(0).await.is_err(), "no blocks before the manifest");
+        let mut c = CatchUpClient::connect(addr).await.unwrap();
+        deferred.ready(Arc::new(Fixed));
+        assert_eq!(
+            c.manifest().await.unwrap(),
+            ManifestReply::Ready(b"manifest".to_vec())
+        );
+        assert_eq!(c.block(1).await.unwrap(), vec![1u8; 1000]);
+        cancel.cancel();
+    }
+
+    /// A 'preparing' reply of the wrong length, or one whose progress exceeds the size, from
+    /// a hostile or broken sender: an error, or the progress capped at the size.
+    #[tokio::test]
+    async fn a_malformed_preparing_reply_is_refused() {
+        for (body, want) in [
+            (vec![0u8; 15], None),
+            (vec![0u8; 17], None),
+            (
+                [10u64.to_be_bytes(), 99u64.to_be_bytes()].concat(),
+                Some(ManifestReply::Preparing {
+                    image_size: 10,
+                    bytes_done: 10,
+                }),
+            ),
+        ] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let server = tokio::spawn(async move {
+                let (mut s, _) = listener.accept().await.unwrap();
+                assert_eq!(s.read_u8().await.unwrap(), b'M');
+                s.write_u8(STATUS_PREPARING).await.unwrap();
+                s.write_u32(body.len() as u32).await.unwrap();
+                s.write_all(&body).await.unwrap();
+                s
+            });
+            let mut c = CatchUpClient::connect(addr).await.unwrap();
+            let got = c.manifest().await;
+            match want {
+                None => assert!(got.is_err(), "{got:?}"),
+                Some(w) => assert_eq!(got.unwrap(), w),
+            }
+            drop(server.await.unwrap());
+        }
     }
 }

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::catchup::CatchUpClient;
+use crate::catchup::{CatchUpClient, ManifestReply};
 use crate::error::CastError;
 use crate::observe::Progress;
 use crate::options::{ReceiveOptions, ReceiveReport};
@@ -34,6 +34,8 @@ const STATE_INTERVAL: Duration = Duration::from_millis(500);
 const RECV_SLOTS: usize = 8;
 /// A sender's Preparing counts as current this long (it sends one a second).
 const PREPARING_HEARD: Duration = Duration::from_secs(3);
+/// How often a receiver asks a sender that is still preparing its manifest over TCP again.
+const PREPARING_POLL: Duration = Duration::from_secs(1);
 
 /// The identity of an image for resume: stable across sessions (the manifest itself carries
 /// the session id, so its hash changes every time the sender restarts).
@@ -57,6 +59,11 @@ enum Sink {
 
 enum FromTcp {
     Manifest(Vec<u8>),
+    /// The sender has no manifest yet: it is reading and hashing its image.
+    Preparing {
+        image_size: u64,
+        bytes_done: u64,
+    },
     Block(u32, Vec<u8>),
     /// The batch is done (or failed, with the error).
     Idle(Option<CastError>),
@@ -140,7 +147,24 @@ fn start_catchup(
         let run = async {
             let mut client = CatchUpClient::connect(addr).await?;
             if need_manifest {
-                let m = client.manifest().await?;
+                // A sender still preparing its manifest is asked again every second.
+                let m = loop {
+                    match client.manifest().await? {
+                        ManifestReply::Ready(m) => break m,
+                        ManifestReply::Preparing {
+                            image_size,
+                            bytes_done,
+                        } => {
+                            let _ = results
+                                .send(FromTcp::Preparing {
+                                    image_size,
+                                    bytes_done,
+                                })
+                                .await;
+                            tokio::time::sleep(PREPARING_POLL).await;
+                        }
+                    }
+                };
                 let _ = results.send(FromTcp::Manifest(m)).await;
             }
             let _ = results.send(FromTcp::Idle(None)).await;
@@ -180,6 +204,9 @@ struct Run {
     bytes_done: u64,
     /// Blocks just handed over from TCP (their BlockReady counts as TCP).
     tcp_blocks: std::collections::HashSet<u32>,
+    /// The sender's last word over TCP that it is still preparing its manifest (image size,
+    /// bytes done), for a receiver that cannot hear its Preparing packets.
+    tcp_preparing: Option<(u64, u64)>,
     /// Per block: its bytes in the output were verified by this process (hashed before the
     /// write, written as zeros, or re-read from a resumed output and hashed).
     verified: Vec<bool>,
@@ -392,12 +419,17 @@ impl Run {
     }
 
     fn progress(&self, t0: Instant) {
+        let preparing = self
+            .rx
+            .sender_preparing()
+            .map(|p| (p.image_size, p.bytes_done))
+            .or(self.tcp_preparing);
         if self.rx.manifest().is_none()
-            && let Some(p) = self.rx.sender_preparing()
+            && let Some((image_size, bytes_done)) = preparing
         {
             self.opts.observer.progress(&Progress::Waiting {
-                sender_image_bytes: p.image_size,
-                sender_bytes_done: p.bytes_done,
+                sender_image_bytes: image_size,
+                sender_bytes_done: bytes_done,
                 elapsed_s: t0.elapsed().as_secs_f64(),
             });
             return;
@@ -469,6 +501,7 @@ pub async fn receive(
         blocks_resumed: 0,
         bytes_done: 0,
         tcp_blocks: std::collections::HashSet::new(),
+        tcp_preparing: None,
         verified: Vec::new(),
         last_progress: Instant::now(),
     };
@@ -753,6 +786,16 @@ pub async fn receive(
                     last_heard = Instant::now();
                 }
                 match msg {
+                    FromTcp::Preparing { image_size, bytes_done } => {
+                        if run.tcp_preparing.is_none() {
+                            info!(
+                                sender = ?run.tcp_addr(),
+                                image_bytes = image_size,
+                                "the sender is reading and hashing its image (heard over TCP); waiting for its manifest"
+                            );
+                        }
+                        run.tcp_preparing = Some((image_size, bytes_done));
+                    }
                     FromTcp::Manifest(bytes) => {
                         if let Err(e) = run.rx.accept_manifest_bytes(&bytes) {
                             warn!(error = %e, "manifest fetched over TCP rejected");

@@ -123,13 +123,49 @@ pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendRe
             level: opts.compress_level,
         }
     };
-    // The socket first: while the image is read and hashed (minutes for a large disk), the
-    // group hears a Preparing packet every second, so that receivers started early neither
-    // give up nor sit without a word.
+    // The sockets first: while the image is read and hashed (minutes for a large disk), the
+    // group hears a Preparing packet every second, and the catch-up server tells receivers
+    // that cannot hear the group the same, so that receivers started early neither give up
+    // nor sit without a word.
     let sock = socket::sender_socket(&opts.multicast)?;
     let group = opts.multicast.group_addr();
     let prep_size = Arc::new(AtomicU64::new(0));
     let prep_done = Arc::new(AtomicU64::new(0));
+    let tcp_bind = SocketAddrV4::new(
+        opts.multicast
+            .interface
+            .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
+        opts.catchup_port,
+    );
+    let listener = match TcpListener::bind(tcp_bind).await {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(addr = %tcp_bind, error = %e, "catch-up port busy; using an ephemeral port");
+            TcpListener::bind(SocketAddrV4::new(*tcp_bind.ip(), 0))
+                .await
+                .map_err(|source| CastError::Socket {
+                    what: "bind catch-up listener",
+                    source,
+                })?
+        }
+    };
+    let tcp_port = listener
+        .local_addr()
+        .map_err(|source| CastError::Socket {
+            what: "catch-up listener address",
+            source,
+        })?
+        .port();
+
+    let catchup = Arc::new(catchup::Deferred::new(prep_size.clone(), prep_done.clone()));
+    // The server stops when this function returns, however it returns.
+    let server_cancel = cancel.child_token();
+    let _server = server_cancel.clone().drop_guard();
+    tokio::spawn(catchup::serve(
+        listener,
+        catchup.clone() as Arc<dyn catchup::CatchUpProvider>,
+        server_cancel,
+    ));
     // Reading and hashing the image is blocking work.
     let src_path = opts.source.clone();
     let secret = key.to_bytes();
@@ -175,39 +211,8 @@ pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendRe
         "manifest signed"
     );
 
-    let tcp_bind = SocketAddrV4::new(
-        opts.multicast
-            .interface
-            .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
-        opts.catchup_port,
-    );
-    let listener = match TcpListener::bind(tcp_bind).await {
-        Ok(l) => l,
-        Err(e) => {
-            warn!(addr = %tcp_bind, error = %e, "catch-up port busy; using an ephemeral port");
-            TcpListener::bind(SocketAddrV4::new(*tcp_bind.ip(), 0))
-                .await
-                .map_err(|source| CastError::Socket {
-                    what: "bind catch-up listener",
-                    source,
-                })?
-        }
-    };
-    let tcp_port = listener
-        .local_addr()
-        .map_err(|source| CastError::Socket {
-            what: "catch-up listener address",
-            source,
-        })?
-        .port();
-
     let blocks = Blocks::start(source.clone(), signed.clone());
-    let server_cancel = cancel.child_token();
-    tokio::spawn(catchup::serve(
-        listener,
-        blocks.clone() as Arc<dyn catchup::CatchUpProvider>,
-        server_cancel.clone(),
-    ));
+    catchup.ready(blocks.clone());
 
     // Adaptive: start at 800 Mbit/s and climb while the median receiver loses nothing (up to
     // 10 Gbit/s; the socket's send buffer paces a slower NIC before that).
@@ -337,7 +342,6 @@ pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendRe
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
                 blocks.stop();
-                server_cancel.cancel();
                 return Err(CastError::Cancelled);
             }
             r = sock.recv_from(&mut inbuf) => match r {
@@ -351,7 +355,6 @@ pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendRe
         }
     };
     blocks.stop();
-    server_cancel.cancel();
     let elapsed = started_at
         .map(|s| s.elapsed())
         .unwrap_or_else(|| t0.elapsed());

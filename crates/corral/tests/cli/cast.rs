@@ -429,12 +429,57 @@ fn wait_at_most(mut child: std::process::Child, limit: Duration) -> std::process
     child.wait_with_output().unwrap()
 }
 
+/// Runs `corral cast send -` (key `k`, 200 Mbit/s, no minimum wait) with `args`, feeding
+/// `data` to its standard input in `chunks` pieces half a second apart, and waits for it.
+fn slow_stdin_sender(
+    dir: &std::path::Path,
+    args: &[&str],
+    data: &[u8],
+    chunks: usize,
+) -> std::process::Output {
+    use std::io::Write;
+    let mut tx = Command::new(env!("CARGO_BIN_EXE_corral"))
+        .args([
+            "cast",
+            "send",
+            "-",
+            "--interface",
+            "127.0.0.1",
+            "--key",
+            "k",
+        ])
+        .args(["--min-wait", "0s", "--rate", "200M", "--json"])
+        .args(args)
+        .current_dir(dir)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("corral runs");
+    let mut stdin = tx.stdin.take().unwrap();
+    for chunk in data.chunks(data.len().div_ceil(chunks)) {
+        std::thread::sleep(Duration::from_millis(500));
+        stdin.write_all(chunk).unwrap();
+    }
+    drop(stdin);
+    wait_at_most(tx, Duration::from_secs(60))
+}
+
+/// The JSON progress lines in which a receiver says it waits for a sender still at work.
+fn waiting_lines(stdout: &str) -> Vec<serde_json::Value> {
+    stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["type"] == "progress" && v["progress"]["side"] == "waiting")
+        .collect()
+}
+
 /// A sender still reading its image (here: spooling a slow standard input for ~4 s) tells the
 /// group so every second: a receiver with a 2 s idle timeout waits for it, shows that it is
 /// waiting, and then gets a verified copy.
 #[test]
 fn a_receiver_waits_for_a_sender_that_is_still_reading_its_image() {
-    use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path(), 2 << 20);
     let data = std::fs::read(&img).unwrap();
@@ -463,25 +508,12 @@ fn a_receiver_waits_for_a_sender_that_is_still_reading_its_image() {
         ],
     );
     std::thread::sleep(Duration::from_millis(300));
-    let mut tx = Command::new(env!("CARGO_BIN_EXE_corral"))
-        .args(["cast", "send", "-", "--interface", "127.0.0.1"])
-        .args(["--group", "239.77.3.5", "--port", &p, "--key", "k"])
-        .args(["--expect", "beta", "--min-wait", "0s", "--rate", "200M"])
-        .arg("--json")
-        .current_dir(dir.path())
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("corral runs");
-    let mut stdin = tx.stdin.take().unwrap();
-    for chunk in data.chunks(data.len() / 8) {
-        std::thread::sleep(Duration::from_millis(500));
-        stdin.write_all(chunk).unwrap();
-    }
-    drop(stdin);
-    let tx = wait_at_most(tx, Duration::from_secs(60));
+    let tx = slow_stdin_sender(
+        dir.path(),
+        &["--group", "239.77.3.5", "--port", &p, "--expect", "beta"],
+        &data,
+        8,
+    );
     let (stdout, stderr) = text(&tx);
     assert!(tx.status.success(), "{stdout}\n{stderr}");
     let out = wait_at_most(rx, Duration::from_secs(30));
@@ -489,13 +521,74 @@ fn a_receiver_waits_for_a_sender_that_is_still_reading_its_image() {
     assert!(out.status.success(), "{rx_out}\n{rx_err}");
     assert_eq!(std::fs::read(dir.path().join("out.img")).unwrap(), data);
     // It said it was waiting for a sender still at work (size not known while spooling).
-    let waiting: Vec<serde_json::Value> = rx_out
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["type"] == "progress" && v["progress"]["side"] == "waiting")
-        .collect();
+    let waiting = waiting_lines(&rx_out);
     assert!(!waiting.is_empty(), "no waiting line: {rx_out}");
     assert_eq!(waiting[0]["progress"]["sender_image_bytes"], 0);
+}
+
+/// A receiver that cannot hear the group (here: it listens on another one) and is given
+/// --sender asks over TCP after 5 s; a sender still reading its image (spooling a slow
+/// standard input for ~8 s) answers that it is preparing, and the receiver, whose idle timeout
+/// is 6 s, waits for it, says so, and gets a verified copy over TCP.
+#[test]
+fn a_receiver_that_cannot_hear_the_group_waits_over_tcp_for_a_sender_still_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), 2 << 20);
+    let data = std::fs::read(&img).unwrap();
+    assert!(
+        corral(dir.path(), &["cast", "keygen", "--out", "k"])
+            .status
+            .success()
+    );
+    let p = crate::netboot::free_port().to_string();
+    let rx = receiver(
+        dir.path(),
+        &[
+            "--group",
+            "239.77.3.7",
+            "--port",
+            &p,
+            "--sender",
+            &format!("127.0.0.1:{p}"),
+            "--output",
+            "out.img",
+            "--trusted-key",
+            "k.pub",
+            "--idle-timeout",
+            "6s",
+            "--json",
+        ],
+    );
+    let tx = slow_stdin_sender(
+        dir.path(),
+        &[
+            "--group",
+            "239.77.3.8",
+            "--port",
+            &p,
+            "--min-receivers",
+            "1",
+        ],
+        &data,
+        16,
+    );
+    let (stdout, stderr) = text(&tx);
+    assert!(tx.status.success(), "{stdout}\n{stderr}");
+    let out = wait_at_most(rx, Duration::from_secs(30));
+    let (rx_out, rx_err) = text(&out);
+    assert!(out.status.success(), "{rx_out}\n{rx_err}");
+    assert_eq!(std::fs::read(dir.path().join("out.img")).unwrap(), data);
+    assert!(
+        !waiting_lines(&rx_out).is_empty(),
+        "no waiting line: {rx_out}"
+    );
+    let done: serde_json::Value = rx_out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["type"] == "summary")
+        .unwrap_or_else(|| panic!("no summary line: {rx_out}"));
+    assert_eq!(done["report"]["blocks_multicast"], 0, "{done}");
+    assert!(done["report"]["blocks_tcp"].as_u64() > Some(0), "{done}");
 }
 
 /// A receiver given --sender whose sender never answers gives up after --idle-timeout: a
