@@ -50,6 +50,19 @@ pub enum CastError {
         /// The image size.
         image: u64,
     },
+    /// The file system of a regular-file output has no room for the image's data.
+    #[error(
+        "{path}: the image needs {need} more bytes on this file system but only {free} are free; free some space or write the image elsewhere (--output)"
+    )]
+    NoRoom {
+        /// The file being written.
+        path: PathBuf,
+        /// Bytes still to be allocated (the image's non-zero blocks, less what the file
+        /// already holds).
+        need: u64,
+        /// Bytes free for this process on the file system.
+        free: u64,
+    },
     /// The output cannot be shown to hold the signed image: a block was never verified by
     /// this process, or the block hashes do not make up the image hash.
     #[error("{path}: {why}")]

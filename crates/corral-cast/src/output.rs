@@ -1,8 +1,10 @@
 //! Where a receiver writes the image.
 //!
 //! - A regular file is written at block offsets into `PATH.corral-part` (every block verified
-//!   before it is written), checked against the image hash, fsynced, then renamed over `PATH`: a failed transfer never leaves a half-written file
-//!   under the final name (UDPcast's FEC mode left a 0-byte file and reported success).
+//!   before it is written), checked against the image hash, fsynced, then renamed over `PATH`:
+//!   a failed transfer never leaves a half-written file under the final name (UDPcast's FEC
+//!   mode left a 0-byte file and reported success). A file system without room for the image's non-zero blocks is refused when the manifest
+//!   arrives, before anything is written (zero blocks stay holes in a new file).
 //! - A block device is written in place, never truncated, and refused if smaller than the image.
 //! - stdout (`-`) and `--pipe CMD` get the blocks strictly in order; blocks that arrive early
 //!   wait in memory until the gap before them is filled.
@@ -112,6 +114,46 @@ impl RandomSink {
 
     pub(crate) fn path(&self) -> &Path {
         &self.write_path
+    }
+
+    /// Refuses a regular-file output whose file system cannot take `data` more bytes (the
+    /// image's non-zero blocks; zero blocks stay holes), less what the file already holds
+    /// (a kept part file): better at the start than with ENOSPC at 90 %. A device was
+    /// checked by its size; a file system that cannot say how much is free is not refused.
+    pub(crate) fn check_room(&self, data: u64) -> Result<(), CastError> {
+        use std::os::unix::fs::MetadataExt;
+        if self.final_path.is_none() {
+            return Ok(());
+        }
+        let Ok(st) = rustix::fs::fstatvfs(&self.file) else {
+            return Ok(());
+        };
+        // Root may use the blocks reserved for it, others only the available ones.
+        let blocks = if rustix::process::geteuid().is_root() {
+            st.f_bfree
+        } else {
+            st.f_bavail
+        };
+        let unit = if st.f_frsize > 0 {
+            st.f_frsize
+        } else {
+            st.f_bsize
+        };
+        let free = blocks.saturating_mul(unit);
+        let held = self
+            .file
+            .metadata()
+            .map(|m| m.blocks().saturating_mul(512))
+            .unwrap_or(0);
+        let need = data.saturating_sub(held);
+        if need > free {
+            return Err(CastError::NoRoom {
+                path: self.write_path.clone(),
+                need,
+                free,
+            });
+        }
+        Ok(())
     }
 
     pub(crate) fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), CastError> {
@@ -286,6 +328,37 @@ mod tests {
         let sink = StreamSink::pipe("exit 3").unwrap();
         let err = sink.finish().await.unwrap_err().to_string();
         assert!(err.contains("exit"), "{err}");
+    }
+
+    /// A file system without room for the image's data is refused before anything is
+    /// written; one with room, or a need covered by what the part file already holds, is not.
+    #[test]
+    fn a_file_system_without_room_is_refused_up_front() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        let sink = RandomSink::open(&path, 1 << 20, false).unwrap();
+        let st = rustix::fs::statvfs(dir.path()).unwrap();
+        let free = st.f_bfree.max(st.f_bavail) * st.f_frsize.max(1);
+        sink.check_room(4096).unwrap();
+        match sink.check_room(free + (1 << 40)) {
+            Err(CastError::NoRoom { need, path: p, .. }) => {
+                assert_eq!(need, free + (1 << 40), "a sparse new file holds nothing");
+                assert_eq!(p, part_path(&path));
+            }
+            r => panic!("{r:?}"),
+        }
+        let err = sink.check_room(u64::MAX).unwrap_err().to_string();
+        assert!(err.contains("write the image elsewhere"), "{err}");
+        // What a kept part file already holds counts against the need.
+        sink.write_at(0, &vec![7u8; 1 << 20]).unwrap();
+        sink.sync().unwrap();
+        let held = std::fs::metadata(part_path(&path)).unwrap();
+        let held = std::os::unix::fs::MetadataExt::blocks(&held) * 512;
+        assert!(held >= 1 << 20, "{held}");
+        match sink.check_room(free + (1 << 40)) {
+            Err(CastError::NoRoom { need, .. }) => assert_eq!(need, free + (1 << 40) - held),
+            r => panic!("{r:?}"),
+        }
     }
 
     #[test]

@@ -301,6 +301,17 @@ impl Run {
         match &self.opts.output {
             OutputSpec::Path(path) => {
                 let sink = RandomSink::open(path, m.image_size, prior.is_some())?;
+                let data: u64 = (0..m.block_count())
+                    .filter(|&i| !m.blocks[i as usize].zero)
+                    .map(|i| u64::from(m.block_len(i)))
+                    .sum();
+                if let Err(e) = sink.check_room(data) {
+                    if prior.is_none() {
+                        // Nothing of ours is in it: no empty part file left behind.
+                        let _ = std::fs::remove_file(sink.path());
+                    }
+                    return Err(e);
+                }
                 let mut fresh = prior.is_none();
                 let mut have = Vec::new();
                 if let Some(prior) = &prior {

@@ -349,9 +349,39 @@ impl Drop for Loop {
     }
 }
 
+/// A tmpfs of `bytes` mounted on `dir`; unmounted on drop.
+struct Tmpfs {
+    dir: PathBuf,
+}
+
+impl Tmpfs {
+    fn new(dir: &Path, bytes: u64) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .expect("mount runs");
+        assert!(st.success(), "mount tmpfs on {}", dir.display());
+        Tmpfs {
+            dir: dir.to_owned(),
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.dir).status();
+    }
+}
+
+/// Outputs other than a plain file: a block device bigger than the image (written in place,
+/// not truncated), a pipe, a device too small (refused), a file on a file system without room
+/// for the image's data (refused at the manifest, nothing left behind), and one with room
+/// for the data but not for the whole image (zero blocks stay holes: accepted).
 #[test]
-fn block_device_and_pipe_outputs() {
-    let Some((lab, dir)) = setup("loopdev", 4) else {
+fn block_device_pipe_and_small_file_system_outputs() {
+    let Some((lab, dir)) = setup("loopdev", 6) else {
         return;
     };
     let cast = Cast {
@@ -374,6 +404,11 @@ fn block_device_and_pipe_outputs() {
     }
     let r2 = cast.spawn(2, &role2);
     let r3 = cast.spawn(3, &cast.receiver(3, Path::new(&small.dev)));
+    // The image holds 8 MiB of data and 4 MiB of zero blocks.
+    let full = Tmpfs::new(&dir.path().join("full"), 6 << 20);
+    let roomy = Tmpfs::new(&dir.path().join("roomy"), 10 << 20);
+    let r4 = cast.spawn(4, &cast.receiver(4, &full.dir.join("out")));
+    let r5 = cast.spawn(5, &cast.receiver(5, &roomy.dir.join("out")));
     std::thread::sleep(Duration::from_millis(300));
     let tx = cast.spawn(0, &cast.sender(&img, 2, Some(200_000_000)));
     let (o, r) = cast.wait(r1, "device receiver");
@@ -400,5 +435,31 @@ fn block_device_and_pipe_outputs() {
         r["error"].as_str().unwrap_or("").contains("device holds"),
         "{r}"
     );
-    let _ = cast.wait(tx, "sender");
+    let (o, r) = cast.wait(r4, "receiver on a full file system");
+    assert!(!o.status.success(), "no room, yet accepted: {r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("more bytes on this file system"),
+        "{r}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&full.dir).unwrap().count(),
+        0,
+        "nothing left on the full file system"
+    );
+    let (o, r) = cast.wait(r5, "receiver on a small file system");
+    assert!(o.status.success(), "{r}\n{}", tail(&o));
+    assert_eq!(hash_file(&roomy.dir.join("out")), hash_file(&img));
+    let (_, sres) = cast.wait(tx, "sender");
+    let rxs = sres["report"]["receivers"].as_array().unwrap();
+    assert!(
+        rxs.iter().any(|x| x["name"] == "r5" && x["ok"] == true),
+        "{sres}"
+    );
+    assert!(
+        !rxs.iter().any(|x| x["name"] == "r4" && x["ok"] == true),
+        "{sres}"
+    );
 }

@@ -157,8 +157,10 @@ pub(crate) struct SendArgs {
 /// Arguments of `corral cast receive`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct ReceiveArgs {
-    /// Where to write the image: a file (written as FILE.corral-part, renamed when verified),
-    /// a block device (written in place, never truncated), or `-` for stdout (in order).
+    /// Where to write the image: a file (written as FILE.corral-part, renamed when verified;
+    /// refused at once if its file system lacks room for the image's data), a block device
+    /// (written in place, never truncated; refused if smaller than the image), or `-` for
+    /// stdout (in order).
     #[arg(long, short, value_name = "PATH|-", required_unless_present = "pipe")]
     output: Option<String>,
     /// Feed the image, in order, to the standard input of `sh -c CMD`.
