@@ -266,6 +266,13 @@ struct Pulled {
     streamed: bool,
 }
 
+/// Whether a sync may remove the xattr `name` from a child's file when the master's copy
+/// lacks it: user attributes and POSIX ACLs. Others (`security.*`, `trusted.*`) may belong to
+/// the child's own system (an SELinux label, a file system's bookkeeping) and are left alone.
+pub(crate) fn managed_xattr(name: &[u8]) -> bool {
+    name.starts_with(b"user.") || name.starts_with(b"system.posix_acl_")
+}
+
 /// The inode whose metadata is set: a descriptor open for reading or writing, or the
 /// `/proc/self/fd` path of an `O_PATH` descriptor.
 #[derive(Clone, Copy)]
@@ -669,8 +676,7 @@ impl Receiver {
             }
         };
         for n in &have {
-            let ours = n.starts_with(b"user.") || n.starts_with(b"system.posix_acl_");
-            if ours && !m.xattrs.iter().any(|(k, _)| k == n) {
+            if managed_xattr(n) && !m.xattrs.iter().any(|(k, _)| k == n) {
                 match t {
                     MetaTarget::Fd(f) => rustix::fs::fremovexattr(f, n.as_slice()),
                     MetaTarget::Path(p) => rustix::fs::removexattr(p, n.as_slice()),

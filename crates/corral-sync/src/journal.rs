@@ -350,7 +350,7 @@ fn list_xattrs(p: &str) -> Vec<Vec<u8>> {
         Ok(n) => names[..n]
             .split(|b| *b == 0)
             .filter(|n| !n.is_empty())
-            .filter(|n| n.starts_with(b"user.") || n.starts_with(b"system.posix_acl_"))
+            .filter(|n| crate::apply::managed_xattr(n))
             .map(<[u8]>::to_vec)
             .collect(),
         Err(_) => Vec::new(),
