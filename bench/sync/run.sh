@@ -8,12 +8,16 @@
 # Environment: SCALE (default 0.1), WORK (default /var/tmp/corral-bench-sync), PORT (sshd port,
 # default 22987), CORRAL (the corral binary; default target/release/corral, built if missing),
 # SEED (default 1), SKIP_CORRAL=1 (rsync only), SERVER_BASHRC (stock: the sshd sees Debian's
-# stock root .bashrc, the default; host: this machine's). Needs root (drop_caches, sshd, iptables).
+# stock root .bashrc, the default; host: this machine's), FULL_ROUNDS (full copies of each
+# tool, default 3). Needs root (drop_caches, sshd, iptables).
 #
 # What is measured:
-#   full copy            empty destination, caches dropped first
+#   full copy            empty destination, caches dropped first; FULL_ROUNDS copies by each
+#                        tool, interleaved (rsync first in odd rounds, corral in even ones: on
+#                        this kind of machine the first of a pair tends to be faster), the
+#                        median of each
 #   no-change warm/cold  second sync with nothing changed; cold = caches dropped first;
-#                        warm figures are the median of three runs
+#                        the median of three runs each
 #   content check        rsync -a -c -n vs corral's content-verified check (drift), warm/cold
 #   1% changed           64 bytes edited in 1% of the files: time and bytes on the wire
 #                        (iptables byte counters on the sshd port, both directions)
@@ -78,11 +82,21 @@ elapsed() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv
 declare -A R C
 # timed NAME CMD...: run, store seconds in TIMED
 timed() { local t0 t1; t0=$(now); "$@"; t1=$(now); TIMED=$(elapsed "$t0" "$t1"); }
+# median VALUE...: the median (the lower middle one of an even count)
+median() { printf '%s\n' "$@" | sort -n | sed -n "$(( ($# + 1) / 2 ))p"; }
 # median3 CMD...: three runs, the median seconds in TIMED (warm figures on a loaded machine)
 median3() {
     local a b c
     timed "$@"; a=$TIMED; timed "$@"; b=$TIMED; timed "$@"; c=$TIMED
-    TIMED=$(printf '%s\n' "$a" "$b" "$c" | sort -n | sed -n 2p)
+    TIMED=$(median "$a" "$b" "$c")
+}
+# cold3 CMD...: median3 with the caches dropped before each run
+cold3() {
+    local a b c
+    drop_caches; timed "$@"; a=$TIMED
+    drop_caches; timed "$@"; b=$TIMED
+    drop_caches; timed "$@"; c=$TIMED
+    TIMED=$(median "$a" "$b" "$c")
 }
 
 rsync_push() { rsync -a --delete -e "$SSH" "$@"; }
@@ -126,14 +140,32 @@ corral_drift() { "$CORRAL" drift bench --all --site "$SITE" >/dev/null 2>>"$WORK
 DR="$WORK/dst-rsync"
 DC="$WORK/dst-corral"
 
+HAVE_C=$HAVE_CORRAL
+
+# ---- full copies, interleaved ---------------------------------------------------------------
+full_rsync() { rm -rf "$DR"; mkdir -p "$DR"; drop_caches; timed rsync_push "$SRC/" "root@127.0.0.1:$DR/"; FULL_R+=("$TIMED"); }
+# A first sync of a tree corral has not seen, as rsync's is: no master-side state.
+full_corral() { rm -rf "$DC" "$CORRAL_STATE_DIR"; mkdir -p "$DC"; drop_caches; timed corral_push "$SRC/" "root@127.0.0.1:$DC/"; FULL_C+=("$TIMED"); }
+FULL_ROUNDS="${FULL_ROUNDS:-3}"
+FULL_R=(); FULL_C=()
+for ((round = 1; round <= FULL_ROUNDS; round++)); do
+    log "full copy, round $round of $FULL_ROUNDS"
+    if [ "$HAVE_C" != 1 ]; then
+        full_rsync
+    elif ((round % 2)); then
+        full_rsync; full_corral
+    else
+        full_corral; full_rsync
+    fi
+done
+R[full]=$(median "${FULL_R[@]}")
+[ "$HAVE_C" = 1 ] && C[full]=$(median "${FULL_C[@]}")
+
 # ---- rsync ----------------------------------------------------------------------------------
-log "rsync: full copy"
-rm -rf "$DR"; mkdir -p "$DR"; drop_caches
-timed rsync_push "$SRC/" "root@127.0.0.1:$DR/"; R[full]=$TIMED
+log "rsync: no-change sync"
 timed rsync_push "$SRC/" "root@127.0.0.1:$DR/"
 median3 rsync_push "$SRC/" "root@127.0.0.1:$DR/"; R[nochange_warm]=$TIMED
-drop_caches
-timed rsync_push "$SRC/" "root@127.0.0.1:$DR/"; R[nochange_cold]=$TIMED
+cold3 rsync_push "$SRC/" "root@127.0.0.1:$DR/"; R[nochange_cold]=$TIMED
 log "rsync: content check"
 timed rsync_push -c -n "$SRC/" "root@127.0.0.1:$DR/"
 median3 rsync_push -c -n "$SRC/" "root@127.0.0.1:$DR/"; R[check_warm]=$TIMED
@@ -148,15 +180,11 @@ rsync -a --delete -e "$RSSH_MUX" "$SRC/" "root@127.0.0.1:$DR/"
 median3 rsync -a --delete -e "$RSSH_MUX" "$SRC/" "root@127.0.0.1:$DR/"; R[nochange_warm_mux]=$TIMED
 $SSH -oControlPath="$SSHDIR/rsync-ctl-%C" -O exit root@127.0.0.1 2>/dev/null || true
 
-HAVE_C=$HAVE_CORRAL
 if [ "$HAVE_C" = 1 ]; then
-    log "corral: full copy"
-    rm -rf "$DC" "$CORRAL_STATE_DIR"; mkdir -p "$DC"; drop_caches
-    timed corral_push "$SRC/" "root@127.0.0.1:$DC/"; C[full]=$TIMED
+    log "corral: no-change sync"
     timed corral_push "$SRC/" "root@127.0.0.1:$DC/"
     median3 corral_push "$SRC/" "root@127.0.0.1:$DC/"; C[nochange_warm]=$TIMED
-    drop_caches
-    timed corral_push "$SRC/" "root@127.0.0.1:$DC/"; C[nochange_cold]=$TIMED
+    cold3 corral_push "$SRC/" "root@127.0.0.1:$DC/"; C[nochange_cold]=$TIMED
     log "corral: content check"
     timed corral_drift
     median3 corral_drift; C[check_warm]=$TIMED
@@ -210,6 +238,7 @@ echo "corral sync benchmark: SCALE=$SCALE seed=$SEED: $NFILES files, $NBYTES byt
 echo "rsync $(rsync --version | head -1 | awk '{print $3}'), ssh to 127.0.0.1:$PORT, $(nproc) cores, $(date -u +%Y-%m-%dT%H:%MZ)"
 echo "load average at start: $LOAD_START; at end: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "ssh start (ssh HOST true, median of 3): $SSH_START s (server .bashrc: $SERVER_BASHRC)"
+echo "full copies (s), in round order: rsync ${FULL_R[*]}; corral ${FULL_C[*]:--}"
 printf '%-32s %14s %14s %8s  %s\n' "figure" "rsync" "corral" "ratio" "target"
 row() { # key label unit target
     local r="${R[$1]:-}" c="${C[$1]:-}" ratio="-"
