@@ -232,8 +232,19 @@ impl CatchUpClient {
             if len > MAX_REPLY {
                 return Err(std::io::Error::other(format!("reply of {len} bytes")));
             }
-            let mut buf = vec![0u8; len as usize];
-            self.stream.read_exact(&mut buf).await?;
+            // Grown as the bytes come (up to 1 MiB ahead), not sized by the claim: a peer
+            // that says 256 MiB must send them before they are held.
+            let mut buf = Vec::with_capacity((len as usize).min(1 << 20));
+            (&mut self.stream)
+                .take(u64::from(len))
+                .read_to_end(&mut buf)
+                .await?;
+            if buf.len() != len as usize {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("reply cut short: {} of {len} bytes", buf.len()),
+                ));
+            }
             Ok::<_, std::io::Error>((status, buf))
         };
         match tokio::time::timeout(REPLY_TIMEOUT, fut).await {
@@ -422,6 +433,24 @@ mod tests {
         );
         assert_eq!(c.block(1).await.unwrap(), vec![1u8; 1000]);
         cancel.cancel();
+    }
+
+    /// A reply that claims more bytes than it sends before the connection closes is an
+    /// error (and what it claimed was never allocated up front).
+    #[tokio::test]
+    async fn a_reply_cut_short_is_an_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            assert_eq!(s.read_u8().await.unwrap(), b'M');
+            s.write_u8(0).await.unwrap();
+            s.write_u32(MAX_REPLY).await.unwrap();
+            s.write_all(b"only this").await.unwrap();
+        });
+        let mut c = CatchUpClient::connect(addr).await.unwrap();
+        let err = c.manifest().await.unwrap_err().to_string();
+        assert!(err.contains("cut short: 9 of"), "{err}");
     }
 
     /// A 'preparing' reply of the wrong length, or one whose progress exceeds the size, from
