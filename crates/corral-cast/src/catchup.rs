@@ -14,9 +14,10 @@
 //!   (0 while unknown) and the bytes read and hashed so far, as u64s.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+
+use corral_cast_proto::packet::Preparing;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -42,13 +43,9 @@ const STATUS_PREPARING: u8 = 2;
 pub(crate) enum ManifestReply {
     /// The signed manifest bytes (unverified: the receiver verifies them).
     Ready(Vec<u8>),
-    /// No manifest yet: the sender is still reading and hashing its image.
-    Preparing {
-        /// The image's size (0 while unknown, e.g. a standard input being spooled).
-        image_size: u64,
-        /// Bytes read and hashed so far.
-        bytes_done: u64,
-    },
+    /// No manifest yet: the sender is still reading and hashing its image (what its
+    /// Preparing packets say).
+    Preparing(Preparing),
 }
 
 /// What the catch-up server serves.
@@ -59,20 +56,21 @@ pub(crate) trait CatchUpProvider: Send + Sync + 'static {
     fn block(&self, index: u32) -> Option<Vec<u8>>;
 }
 
+/// How far a sender's pre-pass is, asked when a receiver asks.
+type PrePass = Box<dyn Fn() -> Preparing + Send + Sync>;
+
 /// The provider of a sender whose manifest pre-pass is still running: it answers that it is
-/// preparing (with the pre-pass's counters) until [`Deferred::ready`] hands it the real one.
+/// preparing (with the pre-pass's progress) until [`Deferred::ready`] hands it the real one.
 pub(crate) struct Deferred {
-    image_size: Arc<AtomicU64>,
-    bytes_done: Arc<AtomicU64>,
+    progress: PrePass,
     ready: OnceLock<Arc<dyn CatchUpProvider>>,
 }
 
 impl Deferred {
-    /// Reports the pre-pass's progress from these counters (written by the pre-pass).
-    pub(crate) fn new(image_size: Arc<AtomicU64>, bytes_done: Arc<AtomicU64>) -> Self {
+    /// Reports the pre-pass's progress as `progress` tells it.
+    pub(crate) fn new(progress: impl Fn() -> Preparing + Send + Sync + 'static) -> Self {
         Deferred {
-            image_size,
-            bytes_done,
+            progress: Box::new(progress),
             ready: OnceLock::new(),
         }
     }
@@ -87,18 +85,7 @@ impl CatchUpProvider for Deferred {
     fn manifest(&self) -> ManifestReply {
         match self.ready.get() {
             Some(p) => p.manifest(),
-            None => {
-                let image_size = self.image_size.load(Ordering::Relaxed);
-                let done = self.bytes_done.load(Ordering::Relaxed);
-                ManifestReply::Preparing {
-                    image_size,
-                    bytes_done: if image_size == 0 {
-                        0
-                    } else {
-                        done.min(image_size)
-                    },
-                }
-            }
+            None => ManifestReply::Preparing((self.progress)()),
         }
     }
 
@@ -158,13 +145,10 @@ async fn serve_one(
         let (status, bytes) = match op {
             b'M' => match provider.manifest() {
                 ManifestReply::Ready(m) => (0, m),
-                ManifestReply::Preparing {
-                    image_size,
-                    bytes_done,
-                } => {
+                ManifestReply::Preparing(p) => {
                     let mut b = Vec::with_capacity(16);
-                    b.extend_from_slice(&image_size.to_be_bytes());
-                    b.extend_from_slice(&bytes_done.to_be_bytes());
+                    b.extend_from_slice(&p.image_size.to_be_bytes());
+                    b.extend_from_slice(&p.bytes_done.to_be_bytes());
                     (STATUS_PREPARING, b)
                 }
             },
@@ -262,10 +246,10 @@ impl CatchUpClient {
             (STATUS_PREPARING, b) if b.len() == 16 => {
                 let image_size = u64::from_be_bytes(b[..8].try_into().expect("8 bytes"));
                 let bytes_done = u64::from_be_bytes(b[8..].try_into().expect("8 bytes"));
-                Ok(ManifestReply::Preparing {
+                Ok(ManifestReply::Preparing(Preparing {
                     image_size,
                     bytes_done: bytes_done.min(image_size),
-                })
+                }))
             }
             (STATUS_PREPARING, b) => Err(self.err(format!(
                 "a 'preparing' reply of {} bytes (16 expected)",
@@ -402,27 +386,31 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let cancel = CancellationToken::new();
+        use std::sync::atomic::{AtomicU64, Ordering};
         let (size, done) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-        let deferred = Arc::new(Deferred::new(size.clone(), done.clone()));
+        let (s, d) = (size.clone(), done.clone());
+        let deferred = Arc::new(Deferred::new(move || Preparing {
+            image_size: s.load(Ordering::Relaxed),
+            bytes_done: d.load(Ordering::Relaxed),
+        }));
         tokio::spawn(serve(listener, deferred.clone(), cancel.clone()));
         let mut c = CatchUpClient::connect(addr).await.unwrap();
-        // Size unknown (a standard input being spooled): nothing to report but the fact.
-        done.store(5000, Ordering::Relaxed);
+        // Size unknown (a standard input being spooled).
         assert_eq!(
             c.manifest().await.unwrap(),
-            ManifestReply::Preparing {
+            ManifestReply::Preparing(Preparing {
                 image_size: 0,
                 bytes_done: 0
-            }
+            })
         );
         size.store(1 << 30, Ordering::Relaxed);
         done.store(1 << 20, Ordering::Relaxed);
         assert_eq!(
             c.manifest().await.unwrap(),
-            ManifestReply::Preparing {
+            ManifestReply::Preparing(Preparing {
                 image_size: 1 << 30,
                 bytes_done: 1 << 20
-            }
+            })
         );
         assert!(c.block(0).await.is_err(), "no blocks before the manifest");
         let mut c = CatchUpClient::connect(addr).await.unwrap();
@@ -462,10 +450,10 @@ mod tests {
             (vec![0u8; 17], None),
             (
                 [10u64.to_be_bytes(), 99u64.to_be_bytes()].concat(),
-                Some(ManifestReply::Preparing {
+                Some(ManifestReply::Preparing(Preparing {
                     image_size: 10,
                     bytes_done: 10,
-                }),
+                })),
             ),
         ] {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

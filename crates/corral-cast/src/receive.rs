@@ -11,6 +11,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use corral_cast_proto::packet::Preparing;
 use corral_cast_proto::{Dest, Receiver, ReceiverConfig, ReceiverEvent, SignedManifest};
 use corral_model::{Outcome, SessionId};
 use tokio::sync::mpsc;
@@ -60,10 +61,7 @@ enum Sink {
 enum FromTcp {
     Manifest(Vec<u8>),
     /// The sender has no manifest yet: it is reading and hashing its image.
-    Preparing {
-        image_size: u64,
-        bytes_done: u64,
-    },
+    Preparing(Preparing),
     Block(u32, Vec<u8>),
     /// The batch is done (or failed, with the error).
     Idle(Option<CastError>),
@@ -151,16 +149,8 @@ fn start_catchup(
                 let m = loop {
                     match client.manifest().await? {
                         ManifestReply::Ready(m) => break m,
-                        ManifestReply::Preparing {
-                            image_size,
-                            bytes_done,
-                        } => {
-                            let _ = results
-                                .send(FromTcp::Preparing {
-                                    image_size,
-                                    bytes_done,
-                                })
-                                .await;
+                        ManifestReply::Preparing(p) => {
+                            let _ = results.send(FromTcp::Preparing(p)).await;
                             tokio::time::sleep(PREPARING_POLL).await;
                         }
                     }
@@ -204,9 +194,9 @@ struct Run {
     bytes_done: u64,
     /// Blocks just handed over from TCP (their BlockReady counts as TCP).
     tcp_blocks: std::collections::HashSet<u32>,
-    /// The sender's last word over TCP that it is still preparing its manifest (image size,
-    /// bytes done), for a receiver that cannot hear its Preparing packets.
-    tcp_preparing: Option<(u64, u64)>,
+    /// The sender's last word over TCP that it is still preparing its manifest, for a
+    /// receiver that cannot hear its Preparing packets.
+    tcp_preparing: Option<Preparing>,
     /// Per block: its bytes in the output were verified by this process (hashed before the
     /// write, written as zeros, or re-read from a resumed output and hashed).
     verified: Vec<bool>,
@@ -433,14 +423,17 @@ impl Run {
         let preparing = self
             .rx
             .sender_preparing()
-            .map(|p| (p.image_size, p.bytes_done))
+            .map(|p| Preparing {
+                image_size: p.image_size,
+                bytes_done: p.bytes_done,
+            })
             .or(self.tcp_preparing);
         if self.rx.manifest().is_none()
-            && let Some((image_size, bytes_done)) = preparing
+            && let Some(p) = preparing
         {
             self.opts.observer.progress(&Progress::Waiting {
-                sender_image_bytes: image_size,
-                sender_bytes_done: bytes_done,
+                sender_image_bytes: p.image_size,
+                sender_bytes_done: p.bytes_done,
                 elapsed_s: t0.elapsed().as_secs_f64(),
             });
             return;
@@ -797,15 +790,15 @@ pub async fn receive(
                     last_heard = Instant::now();
                 }
                 match msg {
-                    FromTcp::Preparing { image_size, bytes_done } => {
+                    FromTcp::Preparing(p) => {
                         if run.tcp_preparing.is_none() {
                             info!(
                                 sender = ?run.tcp_addr(),
-                                image_bytes = image_size,
+                                image_bytes = p.image_size,
                                 "the sender is reading and hashing its image (heard over TCP); waiting for its manifest"
                             );
                         }
-                        run.tcp_preparing = Some((image_size, bytes_done));
+                        run.tcp_preparing = Some(p);
                     }
                     FromTcp::Manifest(bytes) => {
                         if let Err(e) = run.rx.accept_manifest_bytes(&bytes) {

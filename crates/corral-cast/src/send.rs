@@ -57,6 +57,20 @@ fn symbol_size(packet_size: usize) -> u16 {
 /// How often the group hears that the sender is still reading and hashing its image.
 const PREPARING_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How far the pre-pass is, from its counters: the image size (0 while unknown) and the bytes
+/// read and hashed (reported only once the size is known, and never beyond it).
+fn pre_pass(image_size: &AtomicU64, bytes_done: &AtomicU64) -> Preparing {
+    let size = image_size.load(Ordering::Relaxed);
+    Preparing {
+        image_size: size,
+        bytes_done: if size == 0 {
+            0
+        } else {
+            bytes_done.load(Ordering::Relaxed).min(size)
+        },
+    }
+}
+
 /// Waits for the manifest pre-pass `hashing`, telling the group every
 /// [`PREPARING_INTERVAL`] (the first time at once) how far it is with a Preparing packet.
 async fn preparing<T>(
@@ -75,17 +89,9 @@ async fn preparing<T>(
         tokio::select! {
             r = &mut hashing => return r,
             _ = tick.tick() => {
-                let size = image_size.load(Ordering::Relaxed);
-                let body = Preparing {
-                    image_size: size,
-                    bytes_done: if size == 0 {
-                        0
-                    } else {
-                        bytes_done.load(Ordering::Relaxed).min(size)
-                    },
-                };
                 buf.clear();
-                Packet::new(session, Body::Preparing(body)).encode(&mut buf);
+                let body = Body::Preparing(pre_pass(image_size, bytes_done));
+                Packet::new(session, body).encode(&mut buf);
                 if let Err(e) = sock.try_send_to(&buf, group) {
                     debug!(error = %e, "preparing packet not sent");
                 }
@@ -157,7 +163,10 @@ pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendRe
         })?
         .port();
 
-    let catchup = Arc::new(catchup::Deferred::new(prep_size.clone(), prep_done.clone()));
+    let catchup = {
+        let (size, done) = (prep_size.clone(), prep_done.clone());
+        Arc::new(catchup::Deferred::new(move || pre_pass(&size, &done)))
+    };
     // The server stops when this function returns, however it returns.
     let server_cancel = cancel.child_token();
     let _server = server_cancel.clone().drop_guard();

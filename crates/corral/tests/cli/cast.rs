@@ -475,11 +475,11 @@ fn waiting_lines(stdout: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// A sender still reading its image (here: spooling a slow standard input for ~4 s) tells the
-/// group so every second: a receiver with a 2 s idle timeout waits for it, shows that it is
-/// waiting, and then gets a verified copy.
-#[test]
-fn a_receiver_waits_for_a_sender_that_is_still_reading_its_image() {
+/// A receiver (`--output out.img`, trusting key `k`, JSON lines, plus `rx_args`, `PORT` in
+/// them replaced by a free port) against a sender of a 2 MiB image spooled from a slow
+/// standard input in `chunks` half-second pieces (`tx_args`, `PORT` replaced likewise): both
+/// must succeed and the copy be byte-identical. Returns the receiver's standard output.
+fn against_a_slow_sender(rx_args: &[&str], tx_args: &[&str], chunks: usize) -> String {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path(), 2 << 20);
     let data = std::fs::read(&img).unwrap();
@@ -489,30 +489,25 @@ fn a_receiver_waits_for_a_sender_that_is_still_reading_its_image() {
             .success()
     );
     let p = crate::netboot::free_port().to_string();
+    let with_port =
+        |args: &[&str]| -> Vec<String> { args.iter().map(|a| a.replace("PORT", &p)).collect() };
+    let mut rx_all = vec!["--port", "PORT", "--output", "out.img"];
+    rx_all.extend(["--trusted-key", "k.pub", "--json"]);
+    rx_all.extend(rx_args);
+    let rx_all = with_port(&rx_all);
     let rx = receiver(
         dir.path(),
-        &[
-            "--group",
-            "239.77.3.5",
-            "--port",
-            &p,
-            "--output",
-            "out.img",
-            "--trusted-key",
-            "k.pub",
-            "--name",
-            "beta",
-            "--idle-timeout",
-            "2s",
-            "--json",
-        ],
+        &rx_all.iter().map(String::as_str).collect::<Vec<_>>(),
     );
     std::thread::sleep(Duration::from_millis(300));
+    let mut tx_all = vec!["--port", "PORT"];
+    tx_all.extend(tx_args);
+    let tx_all = with_port(&tx_all);
     let tx = slow_stdin_sender(
         dir.path(),
-        &["--group", "239.77.3.5", "--port", &p, "--expect", "beta"],
+        &tx_all.iter().map(String::as_str).collect::<Vec<_>>(),
         &data,
-        8,
+        chunks,
     );
     let (stdout, stderr) = text(&tx);
     assert!(tx.status.success(), "{stdout}\n{stderr}");
@@ -520,6 +515,26 @@ fn a_receiver_waits_for_a_sender_that_is_still_reading_its_image() {
     let (rx_out, rx_err) = text(&out);
     assert!(out.status.success(), "{rx_out}\n{rx_err}");
     assert_eq!(std::fs::read(dir.path().join("out.img")).unwrap(), data);
+    rx_out
+}
+
+/// A sender still reading its image (here: spooling a slow standard input for ~4 s) tells the
+/// group so every second: a receiver with a 2 s idle timeout waits for it, shows that it is
+/// waiting, and then gets a verified copy.
+#[test]
+fn a_receiver_waits_for_a_sender_that_is_still_reading_its_image() {
+    let rx_out = against_a_slow_sender(
+        &[
+            "--group",
+            "239.77.3.5",
+            "--name",
+            "beta",
+            "--idle-timeout",
+            "2s",
+        ],
+        &["--group", "239.77.3.5", "--expect", "beta"],
+        8,
+    );
     // It said it was waiting for a sender still at work (size not known while spooling).
     let waiting = waiting_lines(&rx_out);
     assert!(!waiting.is_empty(), "no waiting line: {rx_out}");
@@ -532,52 +547,18 @@ fn a_receiver_waits_for_a_sender_that_is_still_reading_its_image() {
 /// is 6 s, waits for it, says so, and gets a verified copy over TCP.
 #[test]
 fn a_receiver_that_cannot_hear_the_group_waits_over_tcp_for_a_sender_still_reading() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = image(dir.path(), 2 << 20);
-    let data = std::fs::read(&img).unwrap();
-    assert!(
-        corral(dir.path(), &["cast", "keygen", "--out", "k"])
-            .status
-            .success()
-    );
-    let p = crate::netboot::free_port().to_string();
-    let rx = receiver(
-        dir.path(),
+    let rx_out = against_a_slow_sender(
         &[
             "--group",
             "239.77.3.7",
-            "--port",
-            &p,
             "--sender",
-            &format!("127.0.0.1:{p}"),
-            "--output",
-            "out.img",
-            "--trusted-key",
-            "k.pub",
+            "127.0.0.1:PORT",
             "--idle-timeout",
             "6s",
-            "--json",
         ],
-    );
-    let tx = slow_stdin_sender(
-        dir.path(),
-        &[
-            "--group",
-            "239.77.3.8",
-            "--port",
-            &p,
-            "--min-receivers",
-            "1",
-        ],
-        &data,
+        &["--group", "239.77.3.8", "--min-receivers", "1"],
         16,
     );
-    let (stdout, stderr) = text(&tx);
-    assert!(tx.status.success(), "{stdout}\n{stderr}");
-    let out = wait_at_most(rx, Duration::from_secs(30));
-    let (rx_out, rx_err) = text(&out);
-    assert!(out.status.success(), "{rx_out}\n{rx_err}");
-    assert_eq!(std::fs::read(dir.path().join("out.img")).unwrap(), data);
     assert!(
         !waiting_lines(&rx_out).is_empty(),
         "no waiting line: {rx_out}"
