@@ -30,7 +30,10 @@
 # SENDER_NICE=n runs corral's sender under `nice -n n` (an experiment on this shared machine).
 # DROP_CACHES=0 skips the `sync; echo 3 > /proc/sys/vm/drop_caches` before each tool's run.
 # RECEIVER_SCHED=batch runs corral's receivers under SCHED_BATCH (`chrt -b 0`: no wake-up
-# preemption of the running task; an experiment).
+# preemption of the running task; an experiment). When the run has rand:1 and rand:8, a
+# "scaling" line gives N=8's time against N=1's (issue #3: corral within 1.10x);
+# SCALING_ROUNDS=k adds k corral-only rounds of that pair in alternating order and their
+# median.
 #
 # Needs root, iproute2, iptables (legacy), udpcast; installs them with apt-get if missing.
 # Times are on a shared 2-core machine: compare ratios within one run, not absolute numbers.
@@ -299,6 +302,11 @@ for item in $SCENARIOS; do
     list+=("$item")
 done
 declare -A BASE_U BASE_C
+# vs T BASE OK: T against the baseline BASE as a ratio and a difference (FAIL without success).
+vs() {
+    if [ "$3" = 0 ] || [ "$(echo "$2 > 0" | bc -l)" != 1 ]; then echo "FAIL"; return; fi
+    printf "%.2f s vs %.2f s = %.2fx, %+.2f s" "$1" "$2" "$(echo "$1 / $2" | bc -l)" "$(echo "$1 - $2" | bc -l)"
+}
 
 printf "%-8s %2s | %-26s | %-26s | %s\n" scenario N "udpcast  s_all s_fast Mbit ok" "corral   s_all s_fast Mbit ok" "ratio(fast)"
 for item in "${list[@]}"; do
@@ -357,16 +365,39 @@ for item in "${list[@]}"; do
     fi
     if { [ "$sc" = slow ] || [ "$sc" = kill ]; } && [ -n "${BASE_C[$n]:-}" ]; then
         # The unaffected receivers' time against the healthy rand:N of this run.
-        vs() { # t_fast baseline ok
-            if [ "$3" = 0 ] || [ "$(echo "$2 > 0" | bc -l)" != 1 ]; then echo "FAIL"; return; fi
-            printf "%.1f s vs %.1f s = %.2fx, %+.1f s" "$1" "$2" "$(echo "$1 / $2" | bc -l)" "$(echo "$1 - $2" | bc -l)"
-        }
         target="<= 1.10x"
         [ "$sc" = kill ] && target="<= +2.0 s"
         printf "%-11s | vs rand:%s this run: udpcast %s | corral %s | target %s\n" \
             "" "$n" "$(vs "$u_fast" "${BASE_U[$n]}" "$u_ok")" "$(vs "$c_fast" "${BASE_C[$n]}" "$c_ok")" "$target"
     fi
 done
+if [ -n "${BASE_C[1]:-}" ] && [ -n "${BASE_C[8]:-}" ]; then
+    # Issue #3: the time at N = 8 within 1.10x of N = 1 (corral's own scaling).
+    printf "%-11s | N=8 vs N=1 this run: udpcast %s | corral %s | target <= 1.10x (corral)\n" \
+        "scaling" "$(vs "${BASE_U[8]}" "${BASE_U[1]}" 1)" "$(vs "${BASE_C[8]}" "${BASE_C[1]}" 1)"
+fi
+# SCALING_ROUNDS=k: k more corral-only rounds of rand:1 and rand:8, in alternating order (on this
+# kind of machine the first of a pair tends to be faster), and the median of their ratios.
+if [ "${SCALING_ROUNDS:-0}" -gt 0 ]; then
+    img=$WORK/image.rand
+    [ -f "$img" ] || make_image rand "$img"
+    ratios=()
+    for ((round = 1; round <= SCALING_ROUNDS; round++)); do
+        order="1 8"
+        ((round % 2)) || order="8 1"
+        declare -A T=()
+        for n in $order; do
+            lab "$n" 1500
+            read -r _ t _ < <(run_tool corral rand "$n" "$img")
+            T[$n]=$t
+        done
+        r=$(echo "scale=3; ${T[8]} / ${T[1]}" | bc -l)
+        ratios+=("$r")
+        printf "%-11s | round %s (N=%s first): N=1 %.2f s, N=8 %.2f s = %.2fx\n" "scaling" "$round" "${order%% *}" "${T[1]}" "${T[8]}" "$r"
+    done
+    printf "%-11s | median of %s rounds: N=8/N=1 = %.2fx (target <= 1.10x)\n" "scaling" "$SCALING_ROUNDS" \
+        "$(printf '%s\n' "${ratios[@]}" | sort -n | sed -n "$(( (${#ratios[@]} + 1) / 2 ))p")"
+fi
 rm -f "$WORK"/image.*
 echo "(second line: packets sent by the sender's interface, CPU seconds (user+sys) per GiB of image
  for the sender and per receiver, corral/udpcast packet ratio, 1-min load average before the pair)"
