@@ -220,9 +220,6 @@ pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendRe
         "manifest signed"
     );
 
-    let blocks = Blocks::start(source.clone(), signed.clone());
-    catchup.ready(blocks.clone());
-
     // Adaptive: start at 800 Mbit/s and climb while the median receiver loses nothing (up to
     // 10 Gbit/s; the socket's send buffer paces a slower NIC before that).
     let (rate_bps, max_rate_bps, adaptive) = match opts.rate {
@@ -246,7 +243,10 @@ pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendRe
             .max(64 * 1024),
         ..SenderConfig::default()
     };
-    let mut sender = Sender::new(cfg, signed, Instant::now())?;
+    let mut sender = Sender::new(cfg, signed.clone(), Instant::now())?;
+    // The read-ahead thread starts only now: every return from here on stops it.
+    let blocks = Blocks::start(source.clone(), signed);
+    catchup.ready(blocks.clone());
     let public_key = hex::encode(key.verifying_key().to_bytes());
     obs.event(
         &event(
