@@ -413,7 +413,7 @@ mod tests {
             })
         );
         assert!(c.block(0).await.is_err(), "no blocks before the manifest");
-        let mut c = CatchUpClient::connect(addr).await.unwrap();
+        // The receiver asks again on the same connection.
         deferred.ready(Arc::new(Fixed));
         assert_eq!(
             c.manifest().await.unwrap(),
