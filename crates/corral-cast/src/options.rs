@@ -58,6 +58,10 @@ pub struct SendOptions {
     pub source: PathBuf,
     /// Group, port, interface, TTL, buffers.
     pub multicast: MulticastConfig,
+    /// Unicast targets: when not empty, everything meant for the group goes to each of these
+    /// addresses instead (receivers started with `unicast`), for networks where multicast
+    /// does not work. Each datagram is sent once per target.
+    pub unicast: Vec<std::net::SocketAddrV4>,
     /// TCP port of the catch-up server (0: same number as the UDP port).
     pub catchup_port: u16,
     /// Sending rate.
@@ -87,6 +91,7 @@ impl std::fmt::Debug for SendOptions {
         f.debug_struct("SendOptions")
             .field("source", &self.source)
             .field("multicast", &self.multicast)
+            .field("unicast", &self.unicast)
             .field("rate", &self.rate)
             .field("packet_size", &self.packet_size)
             .field("min_receivers", &self.min_receivers)
@@ -155,6 +160,9 @@ pub struct ReceiveOptions {
     pub output: OutputSpec,
     /// Group, port, interface, buffers.
     pub multicast: MulticastConfig,
+    /// Listen for the stream by unicast on the group's port (a sender with unicast targets)
+    /// instead of joining the group.
+    pub unicast: bool,
     /// The sender's catch-up TCP address, when known up front (`--sender`); otherwise learnt
     /// from its announcements.
     pub sender: Option<SocketAddr>,
@@ -177,6 +185,7 @@ impl std::fmt::Debug for ReceiveOptions {
         f.debug_struct("ReceiveOptions")
             .field("output", &self.output)
             .field("multicast", &self.multicast)
+            .field("unicast", &self.unicast)
             .field("sender", &self.sender)
             .field("state", &self.state)
             .field("name", &self.name)
@@ -193,7 +202,8 @@ pub struct ReceiveReport {
     pub image_bytes: u64,
     /// Blocks in the image.
     pub blocks: u64,
-    /// Blocks received by multicast.
+    /// Blocks received from the UDP stream: by multicast, or by unicast from a sender with
+    /// unicast targets.
     pub blocks_multicast: u64,
     /// Blocks fetched over TCP catch-up.
     pub blocks_tcp: u64,

@@ -482,7 +482,11 @@ pub async fn receive(
     cancel: CancellationToken,
 ) -> Result<ReceiveReport, CastError> {
     let t0 = Instant::now();
-    let gsock = socket::receiver_socket(&opts.multicast)?;
+    let gsock = if opts.unicast {
+        socket::unicast_receiver_socket(&opts.multicast)?
+    } else {
+        socket::receiver_socket(&opts.multicast)?
+    };
     let usock = socket::unicast_socket(opts.multicast.interface)?;
     let mut seed = [0u8; 8];
     let _ = getrandom::fill(&mut seed);

@@ -71,12 +71,13 @@ fn pre_pass(image_size: &AtomicU64, bytes_done: &AtomicU64) -> Preparing {
     }
 }
 
-/// Waits for the manifest pre-pass `hashing`, telling the group every
-/// [`PREPARING_INTERVAL`] (the first time at once) how far it is with a Preparing packet.
+/// Waits for the manifest pre-pass `hashing`, telling the group (or the unicast targets,
+/// `group`) every [`PREPARING_INTERVAL`] (the first time at once) how far it is with a
+/// Preparing packet.
 async fn preparing<T>(
     hashing: tokio::task::JoinHandle<T>,
     sock: &tokio::net::UdpSocket,
-    group: SocketAddr,
+    group: &[SocketAddrV4],
     session: SessionId,
     image_size: &AtomicU64,
     bytes_done: &AtomicU64,
@@ -92,8 +93,10 @@ async fn preparing<T>(
                 buf.clear();
                 let body = Body::Preparing(pre_pass(image_size, bytes_done));
                 Packet::new(session, body).encode(&mut buf);
-                if let Err(e) = sock.try_send_to(&buf, group) {
-                    debug!(error = %e, "preparing packet not sent");
+                for &to in group {
+                    if let Err(e) = sock.try_send_to(&buf, to.into()) {
+                        debug!(error = %e, %to, "preparing packet not sent");
+                    }
                 }
             }
         }
@@ -134,7 +137,12 @@ pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendRe
     // that cannot hear the group the same, so that receivers started early neither give up
     // nor sit without a word.
     let sock = socket::sender_socket(&opts.multicast)?;
-    let group = opts.multicast.group_addr();
+    // Where what is meant for the group goes: the group, or each unicast target.
+    let group: Vec<SocketAddrV4> = if opts.unicast.is_empty() {
+        vec![SocketAddrV4::new(opts.multicast.group, opts.multicast.port)]
+    } else {
+        opts.unicast.clone()
+    };
     let prep_size = Arc::new(AtomicU64::new(0));
     let prep_done = Arc::new(AtomicU64::new(0));
     let tcp_bind = SocketAddrV4::new(
@@ -204,7 +212,7 @@ pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendRe
         )?;
         Ok::<_, CastError>((source, signed))
     });
-    let (source, signed) = preparing(hashing, &sock, group, session, &prep_size, &prep_done)
+    let (source, signed) = preparing(hashing, &sock, &group, session, &prep_size, &prep_done)
         .await
         .map_err(|source| CastError::Task {
             task: "manifest",
@@ -259,7 +267,12 @@ pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendRe
                 manifest.image_size,
                 manifest.block_count(),
                 zero_blocks,
-                opts.multicast.group_addr(),
+                if opts.unicast.is_empty() {
+                    opts.multicast.group_addr().to_string()
+                } else {
+                    let to: Vec<String> = opts.unicast.iter().map(ToString::to_string).collect();
+                    format!("unicast to {}", to.join(", "))
+                },
                 tcp_port,
                 &public_key[..16],
                 if ephemeral_key { " (ephemeral)" } else { "" }
@@ -269,6 +282,7 @@ pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendRe
             "image_bytes": manifest.image_size,
             "blocks": manifest.block_count(),
             "group": opts.multicast.group_addr().to_string(),
+            "unicast": opts.unicast.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "tcp_port": tcp_port,
             "public_key": public_key,
         })),
@@ -296,13 +310,13 @@ pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendRe
             let Some(t) = sender.poll_transmit(now, &mut src, buf) else {
                 break;
             };
-            let dest = match t.dest {
-                Dest::Group => group,
-                Dest::Unicast(a) => a,
-            };
-            match dest {
-                SocketAddr::V4(d) => batch.push(t.size, d),
-                SocketAddr::V6(_) => debug!(%dest, "IPv6 peers are not supported; dropped"),
+            match t.dest {
+                Dest::Group => {
+                    batch.push(t.size, group[0]);
+                    fan_out(&mut batch, &sock, &group[1..]).await;
+                }
+                Dest::Unicast(SocketAddr::V4(d)) => batch.push(t.size, d),
+                Dest::Unicast(dest) => debug!(%dest, "IPv6 peers are not supported; dropped"),
             }
             burst += 1;
             if burst >= BURST_DATAGRAMS {
@@ -340,8 +354,16 @@ pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendRe
                     let now = Instant::now();
                     sender.handle_timeout(now);
                     while let Some(t) = sender.poll_transmit(now, &mut src, &mut out) {
-                        let dest = match t.dest { Dest::Group => group, Dest::Unicast(a) => a };
-                        let _ = sock.try_send_to(&out[..t.size], dest);
+                        match t.dest {
+                            Dest::Group => {
+                                for &to in &group {
+                                    let _ = sock.try_send_to(&out[..t.size], to.into());
+                                }
+                            }
+                            Dest::Unicast(a) => {
+                                let _ = sock.try_send_to(&out[..t.size], a);
+                            }
+                        }
                     }
                     while let Some(ev) = sender.poll_event() {
                         if let Some(s) = on_event(&*obs, session, &ev, &mut receivers, &mut started_at) {
@@ -478,6 +500,29 @@ fn emit_progress(
 }
 
 /// Sends everything queued in `batch`, waiting for the socket when its buffer is full.
+/// Queues a copy of the datagram queued last to each of `more` (the unicast targets after the
+/// first), sending what is queued whenever the batch is full.
+async fn fan_out(
+    batch: &mut socket::SendBatch,
+    sock: &tokio::net::UdpSocket,
+    more: &[SocketAddrV4],
+) {
+    for &to in more {
+        if batch.repeat_last(to) {
+            continue;
+        }
+        let Some(copy) = batch.last().map(<[u8]>::to_vec) else {
+            return;
+        };
+        flush(batch, sock).await;
+        if let Some(buf) = batch.next_buf() {
+            buf.clear();
+            buf.extend_from_slice(&copy);
+            batch.push(copy.len(), to);
+        }
+    }
+}
+
 async fn flush(batch: &mut socket::SendBatch, sock: &tokio::net::UdpSocket) {
     while !batch.is_empty() {
         match batch.send(sock) {

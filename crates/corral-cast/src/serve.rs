@@ -426,6 +426,7 @@ fn start_session(
         source: path.clone(),
         catchup_port: mc.port,
         multicast: mc,
+        unicast: Vec::new(),
         rate: o.rate,
         packet_size: o.packet_size,
         min_receivers: o.min_receivers.max(1),

@@ -2,7 +2,7 @@
 //! network namespace: the test binary re-executes itself with `CORRAL_CAST_HELPER` set to a
 //! JSON [`Role`], and the `helper` test below runs that role and exits.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
@@ -31,6 +31,9 @@ pub(crate) enum Role {
         max_wait_ms: u64,
         linger_ms: u64,
         key_seed: Option<[u8; 32]>,
+        /// Unicast targets instead of the group.
+        #[serde(default)]
+        unicast: Vec<SocketAddrV4>,
     },
     /// `corral_cast::receive`.
     Receive {
@@ -44,6 +47,9 @@ pub(crate) enum Role {
         name: String,
         trusted_key: Option<[u8; 32]>,
         idle_ms: u64,
+        /// Take the stream by unicast on `port` instead of joining the group.
+        #[serde(default)]
+        unicast: bool,
     },
     /// Listens to the group and re-sends corrupted copies of what it hears, plus garbage.
     Rogue {
@@ -111,6 +117,7 @@ pub(crate) fn send_options(
     SendOptions {
         source,
         multicast: mcast(group, port, interface),
+        unicast: Vec::new(),
         catchup_port: port,
         rate: rate.map(Rate::Fixed).unwrap_or(Rate::Adaptive),
         packet_size: 1472,
@@ -141,6 +148,7 @@ pub(crate) fn receive_options(
     ReceiveOptions {
         output,
         multicast: mcast(group, port, interface),
+        unicast: false,
         sender,
         trusted_key: trusted_key
             .map(|k| corral_cast::keys::VerifyingKey::from_bytes(&k).expect("valid test key")),
@@ -165,8 +173,9 @@ async fn run_role(role: Role) -> (bool, serde_json::Value) {
             max_wait_ms,
             linger_ms,
             key_seed,
+            unicast,
         } => {
-            let opts = send_options(
+            let mut opts = send_options(
                 source,
                 group,
                 port,
@@ -178,6 +187,7 @@ async fn run_role(role: Role) -> (bool, serde_json::Value) {
                 Duration::from_millis(linger_ms),
                 key_seed,
             );
+            opts.unicast = unicast;
             match corral_cast::send(opts, CancellationToken::new()).await {
                 Ok(r) => (
                     r.all_ok(),
@@ -200,13 +210,14 @@ async fn run_role(role: Role) -> (bool, serde_json::Value) {
             name,
             trusted_key,
             idle_ms,
+            unicast,
         } => {
             let spec = match (output, pipe) {
                 (_, Some(p)) => OutputSpec::Pipe(p),
                 (Some(o), None) => OutputSpec::Path(o),
                 (None, None) => OutputSpec::Stdout,
             };
-            let opts = receive_options(
+            let mut opts = receive_options(
                 spec,
                 group,
                 port,
@@ -217,6 +228,7 @@ async fn run_role(role: Role) -> (bool, serde_json::Value) {
                 trusted_key,
                 Duration::from_millis(idle_ms),
             );
+            opts.unicast = unicast;
             match corral_cast::receive(opts, CancellationToken::new()).await {
                 Ok(r) => (true, serde_json::json!({"ok": true, "report": r})),
                 Err(e) => (

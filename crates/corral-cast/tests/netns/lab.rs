@@ -52,6 +52,7 @@ impl Cast<'_> {
             name: format!("r{host}"),
             trusted_key: trusted(),
             idle_ms: 60_000,
+            unicast: false,
         }
     }
 
@@ -67,6 +68,7 @@ impl Cast<'_> {
             max_wait_ms: 20_000,
             linger_ms: 20_000,
             key_seed: Some(KEY),
+            unicast: Vec::new(),
         }
     }
 
@@ -318,6 +320,64 @@ fn receiver_without_multicast_falls_back_to_unicast() {
     assert_eq!(hash_file(&out1), hash_file(&img));
     let (sout, sres) = cast.wait(tx, "sender");
     assert!(sout.status.success(), "{sres}");
+}
+
+/// Unicast targets where multicast does not work at all: every host drops multicast, the
+/// sender sends to two receivers' addresses and both finish byte-identical from the UDP
+/// stream (no TCP catch-up); the sender reports both.
+#[test]
+fn unicast_targets_without_any_multicast() {
+    let Some((lab, dir)) = setup("ucast", 3) else {
+        return;
+    };
+    for h in 0..3 {
+        lab.block_multicast(h).unwrap();
+    }
+    let cast = Cast {
+        lab: &lab,
+        group: group(7),
+    };
+    let img = dir.path().join("image");
+    make_image(&img, 8 << 20, 17, 4);
+    let outs: Vec<PathBuf> = (1..=2)
+        .map(|h| dir.path().join(format!("out{h}")))
+        .collect();
+    let rxs: Vec<u32> = (1..=2)
+        .map(|h| {
+            let mut role = cast.receiver(h, &outs[h - 1]);
+            if let Role::Receive { unicast, .. } = &mut role {
+                *unicast = true;
+            }
+            cast.spawn(h, &role)
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut role = cast.sender(&img, 2, Some(200_000_000));
+    if let Role::Send { unicast, .. } = &mut role {
+        *unicast = (1..=2)
+            .map(|h| std::net::SocketAddrV4::new(lab.host(h).ip, PORT))
+            .collect();
+    }
+    let tx = cast.spawn(0, &role);
+    for (pid, out) in rxs.into_iter().zip(&outs) {
+        let (o, r) = cast.wait(pid, "unicast receiver");
+        assert!(o.status.success(), "{r}\n{}", tail(&o));
+        assert_eq!(r["report"]["blocks_tcp"], 0, "{r}");
+        assert!(r["report"]["blocks_multicast"].as_u64().unwrap() > 0, "{r}");
+        assert_eq!(hash_file(out), hash_file(&img));
+    }
+    let (sout, sres) = cast.wait(tx, "sender");
+    assert!(sout.status.success(), "{sres}");
+    assert_eq!(
+        sres["report"]["receivers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["ok"] == true)
+            .count(),
+        2,
+        "{sres}"
+    );
 }
 
 /// A loop device over a file; detached on drop.

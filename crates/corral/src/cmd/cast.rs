@@ -26,7 +26,8 @@ pub(crate) enum CastCommand {
 Examples:
   corral cast send disk.img --min-receivers 4 --max-wait 60s
   corral cast send /dev/sda --interface eth1 --rate 800M --key cast.key
-  zcat image.gz | corral cast send - --expect web01,web02,web03 --json")]
+  zcat image.gz | corral cast send - --expect web01,web02,web03 --json
+  corral cast send disk.img --unicast 10.1.0.5,10.1.0.6 --key cast.key   # no multicast")]
     Send(SendArgs),
     /// Receive an image, verify every block, write it to a file, device, stdout or a pipe.
     #[command(after_help = "\
@@ -34,6 +35,7 @@ Examples:
   corral cast receive --output /dev/sda --trusted-key cast.key.pub --state /tmp/cast.state
   corral cast receive --output disk.img --interface eth0 --name web01
   corral cast receive --pipe 'tar -x -C /mnt' --sender 10.0.0.1
+  corral cast receive --output /dev/sda --unicast --sender 10.0.0.1   # sender has --unicast
   corral cast receive --server 10.0.0.1 --image debian12.img --output /dev/sda")]
     Receive(ReceiveArgs),
     /// Offer the images of a directory; receivers ask for one by name (daemon mode).
@@ -125,9 +127,15 @@ pub(crate) struct SendArgs {
     #[arg(long)]
     packet_size: Option<usize>,
     /// Start once this many receivers have joined (and --min-wait has passed). Default: the
-    /// number of --expect names, else 1.
+    /// number of --expect names, else of --unicast targets, else 1.
     #[arg(long)]
     min_receivers: Option<usize>,
+    /// Send to these receivers by unicast instead of to the group (`HOST` or `HOST:PORT`,
+    /// default port --port), for networks where multicast does not work; they run
+    /// `corral cast receive --unicast`. Every datagram goes once per target, so the sender's
+    /// link carries one copy per receiver: for a few machines.
+    #[arg(long, value_delimiter = ',', value_name = "HOST,...")]
+    unicast: Vec<String>,
     /// Receivers (their --name) that must join before the start and must all succeed.
     #[arg(long, value_delimiter = ',', value_name = "HOST,...")]
     expect: Vec<String>,
@@ -172,6 +180,10 @@ pub(crate) struct ReceiveArgs {
     /// even without ever hearing an announcement.
     #[arg(long, value_name = "ADDR", conflicts_with = "server")]
     sender: Option<String>,
+    /// Take the stream by unicast on --port (from a sender given this machine in its
+    /// --unicast list) instead of joining --group.
+    #[arg(long, conflicts_with = "server")]
+    unicast: bool,
     /// Ask this `corral cast serve` (`HOST` or `HOST:PORT`, default port 9100) for --image;
     /// it says which group, port and sender to use.
     #[arg(long, value_name = "ADDR", requires = "image")]
@@ -360,13 +372,25 @@ async fn send(a: SendArgs) -> anyhow::Result<Code> {
     let json = a.json || !std::io::stdout().is_terminal();
     let source = site_image(&a.source, &a.site.site)?;
     let observer = Arc::new(CliObserver::new(json, JsonTo::Stdout, recorder(&a.db)?));
+    let unicast = a
+        .unicast
+        .iter()
+        .map(|h| match resolve_sender(h, a.group.port)? {
+            SocketAddr::V4(v4) => Ok(v4),
+            SocketAddr::V6(_) => Err(bad_input(format!("--unicast {h:?}: not an IPv4 address"))),
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let min_receivers = a
+        .min_receivers
+        .unwrap_or(a.expect.len().max(unicast.len()).max(1));
     let opts = SendOptions {
         source,
         multicast: a.group.multicast(a.ttl)?,
+        unicast,
         catchup_port: a.group.port,
         rate,
         packet_size,
-        min_receivers: a.min_receivers.unwrap_or(a.expect.len().max(1)),
+        min_receivers,
         expect: a.expect.clone(),
         min_wait: a.min_wait,
         max_wait: a.max_wait,
@@ -458,6 +482,7 @@ async fn receive(a: ReceiveArgs) -> anyhow::Result<Code> {
     let opts = ReceiveOptions {
         output,
         multicast,
+        unicast: a.unicast,
         sender,
         trusted_key,
         state: a.state.clone(),
@@ -476,10 +501,11 @@ async fn receive(a: ReceiveArgs) -> anyhow::Result<Code> {
         observer.json_line(&line);
     } else {
         eprintln!(
-            "received and verified {} bytes ({} blocks: {} multicast, {} tcp, {} resumed) in {:.1} s -> {}",
+            "received and verified {} bytes ({} blocks: {} {}, {} tcp, {} resumed) in {:.1} s -> {}",
             report.image_bytes,
             report.blocks,
             report.blocks_multicast,
+            if a.unicast { "unicast" } else { "multicast" },
             report.blocks_tcp,
             report.blocks_resumed,
             report.elapsed_s,

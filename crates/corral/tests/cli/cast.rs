@@ -603,3 +603,99 @@ fn a_receiver_gives_up_on_an_absent_sender_after_its_idle_timeout() {
     );
     assert!(!dir.path().join("out.img").exists());
 }
+
+/// The JSON line of `type` in `stdout` (the last one).
+fn json_line(stdout: &str, kind: &str) -> serde_json::Value {
+    stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .rfind(|v| v["type"] == kind)
+        .unwrap_or_else(|| panic!("no {kind} line: {stdout}"))
+}
+
+/// Unicast targets: two receivers that join no group (`--unicast`, each on its own port) get
+/// the stream from a sender given their addresses, verify it and are reported; the sender
+/// waits for both (its default --min-receivers is the number of targets).
+#[test]
+fn a_sender_with_unicast_targets_reaches_receivers_that_join_no_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), 3 << 20);
+    assert!(
+        corral(dir.path(), &["cast", "keygen", "--out", "k"])
+            .status
+            .success()
+    );
+    let ports: Vec<String> = (0..3)
+        .map(|_| crate::netboot::free_port().to_string())
+        .collect();
+    let rxs: Vec<std::process::Child> = ["a", "b"]
+        .iter()
+        .zip(&ports[1..])
+        .map(|(name, p)| {
+            let out = format!("{name}.img");
+            receiver(
+                dir.path(),
+                &[
+                    "--unicast",
+                    "--port",
+                    p,
+                    "--output",
+                    &out,
+                    "--trusted-key",
+                    "k.pub",
+                    "--name",
+                    name,
+                    "--json",
+                ],
+            )
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let targets = format!("127.0.0.1:{},127.0.0.1:{}", ports[1], ports[2]);
+    let tx = corral(
+        dir.path(),
+        &[
+            "cast",
+            "send",
+            img.to_str().unwrap(),
+            "--interface",
+            "127.0.0.1",
+            "--port",
+            &ports[0],
+            "--unicast",
+            &targets,
+            "--key",
+            "k",
+            "--min-wait",
+            "0s",
+            "--rate",
+            "200M",
+            "--json",
+        ],
+    );
+    let (stdout, stderr) = text(&tx);
+    assert!(tx.status.success(), "{stdout}\n{stderr}");
+    let summary = json_line(&stdout, "summary");
+    let names: Vec<&str> = summary["report"]["receivers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["ok"] == true)
+        .filter_map(|r| r["name"].as_str())
+        .collect();
+    assert_eq!(names.len(), 2, "{summary}");
+    let want = std::fs::read(&img).unwrap();
+    for (rx, name) in rxs.into_iter().zip(["a", "b"]) {
+        let out = wait_at_most(rx, Duration::from_secs(30));
+        let (rx_out, rx_err) = text(&out);
+        assert!(out.status.success(), "{rx_out}\n{rx_err}");
+        let r = json_line(&rx_out, "summary");
+        // Over the UDP stream, not TCP catch-up.
+        assert_eq!(r["report"]["blocks_tcp"], 0, "{r}");
+        assert!(r["report"]["blocks_multicast"].as_u64() > Some(0), "{r}");
+        assert_eq!(
+            std::fs::read(dir.path().join(format!("{name}.img"))).unwrap(),
+            want
+        );
+    }
+}
