@@ -9,7 +9,9 @@
 # Scenarios (NAME:N): rand (random image), zeros (75 % zero blocks), loss (receiver 1 drops 5 % of
 # UDP packets), slow (receiver 1 limited to 100 Mbit/s), kill (receiver 1 killed after 1 s;
 # corral's is restarted RESTART_AFTER s later with its --state file and must resume; UDPcast
-# has no resume), rand9k (random image, MTU 9000). Each prints wall time from sender start until every
+# has no resume), rand9k (random image, MTU 9000), ucast (random image sent by unicast to each
+# receiver: corral's --unicast targets against udp-sender --pointopoint, which takes one
+# receiver only). Each prints wall time from sender start until every
 # receiver that should finish has finished, for all receivers and for the unaffected ones, as
 # Mbit/s of image delivered, and the ratio corral/udpcast (>1: corral faster). Every received
 # file is hashed and compared with the image; a mismatch is printed as BAD.
@@ -145,6 +147,7 @@ run_tool() {
             cmd="udp-receiver --file $out --interface eth0 --nokbd --rcvbuf 4000000 --no-progress --portbase 9400"
         else
             cmd="$CORRAL -q cast receive --output $out --interface eth0 --group $GROUP --port 9400 --name r$i --idle-timeout ${tmo}s --json"
+            [ "$sc" != ucast ] || cmd="$cmd --unicast"
             [ "${RECEIVER_SCHED:-}" != batch ] || cmd="chrt -b 0 $cmd"
             if [ "$sc" = kill ] && [ "$i" = 1 ]; then
                 cmd="$cmd --state $dir/state1"
@@ -172,11 +175,17 @@ run_tool() {
     local scmd
     if [ "$tool" = udpcast ]; then
         scmd="udp-sender --file $img --interface eth0 --nokbd --min-receivers $n --no-progress --portbase 9400"
+        [ "$sc" != ucast ] || scmd="$scmd --pointopoint"
     else
         scmd="$CORRAL -q cast send $img"
         [ -z "${SENDER_NICE:-}" ] || scmd="nice -n $SENDER_NICE $scmd"
         scmd="$scmd --interface eth0 --group $GROUP --port 9400 --min-receivers $n --min-wait 0s --rate $CORRAL_RATE --json"
         [ "$sc" = rand9k ] && scmd="$scmd --mtu 9000"
+        if [ "$sc" = ucast ]; then
+            local targets=
+            for i in $(seq 1 "$n"); do targets="$targets${targets:+,}10.88.0.$((i + 2))"; done
+            scmd="$scmd --unicast $targets"
+        fi
     fi
     ip netns exec "$TAG-h0" timeout "$tmo" sh -c "$TIME -o $dir/cpu0 $scmd >$dir/sender.log 2>&1; echo \$? \$(date +%s.%N) >$dir/sender.rc" &
     local spid=$!

@@ -476,22 +476,6 @@ impl SendBatch {
         self.bufs.get_mut(self.start + self.len)
     }
 
-    /// Queues one more copy of the datagram queued last, to `dest` (a packet for the group
-    /// fanned out to unicast targets). `false` when nothing is queued or no slot is free.
-    pub fn repeat_last(&mut self, dest: SocketAddrV4) -> bool {
-        let i = self.start + self.len;
-        if self.len == 0 || i >= self.bufs.len() {
-            return false;
-        }
-        let (before, after) = self.bufs.split_at_mut(i);
-        let next = &mut after[0];
-        next.clear();
-        next.extend_from_slice(&before[i - 1]);
-        self.dests[i] = sockaddr_in(dest);
-        self.len += 1;
-        true
-    }
-
     /// The datagram queued last.
     pub fn last(&self) -> Option<&[u8]> {
         (self.len > 0).then(|| self.bufs[self.start + self.len - 1].as_slice())
@@ -728,36 +712,6 @@ mod tests {
         for i in 0..3u8 {
             let (n, _) = rx.recv_from(&mut buf).await.unwrap();
             assert_eq!(&buf[..n], &vec![i; 20 - usize::from(i)][..]);
-        }
-    }
-
-    /// A datagram fanned out to unicast targets: each gets the same bytes, in order; a full
-    /// batch takes no copy.
-    #[tokio::test]
-    async fn repeat_last_sends_the_same_datagram_to_each_target() {
-        let tx = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let rxs = [
-            tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap(),
-            tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap(),
-            tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap(),
-        ];
-        let mut batch = SendBatch::new(3);
-        assert!(!batch.repeat_last(v4(&rxs[0])), "nothing queued yet");
-        queue(&mut batch, 33, 7, v4(&rxs[0]));
-        assert!(batch.repeat_last(v4(&rxs[1])));
-        assert!(batch.repeat_last(v4(&rxs[2])));
-        assert!(!batch.repeat_last(v4(&rxs[2])), "full");
-        assert_eq!(batch.len(), 3);
-        assert_eq!(batch.last(), Some(&[7u8; 33][..]));
-        while !batch.is_empty() {
-            tx.writable().await.unwrap();
-            let _ = batch.send(&tx);
-        }
-        let mut buf = [0u8; 64];
-        for rx in &rxs {
-            let (n, from) = rx.recv_from(&mut buf).await.unwrap();
-            assert_eq!(&buf[..n], &[7u8; 33][..]);
-            assert_eq!(from, tx.local_addr().unwrap());
         }
     }
 
