@@ -319,7 +319,9 @@ pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendRe
             match t.dest {
                 Dest::Group => {
                     batch.push(t.size, group[0]);
-                    fan_out(&batch, &mut copies, &sock).await;
+                    if !copies.is_empty() {
+                        fan_out(&batch, &mut copies, &sock).await;
+                    }
                 }
                 Dest::Unicast(SocketAddr::V4(d)) => batch.push(t.size, d),
                 Dest::Unicast(dest) => debug!(%dest, "IPv6 peers are not supported; dropped"),

@@ -37,6 +37,32 @@ fn receiver(dir: &std::path::Path, args: &[&str]) -> std::process::Child {
         .expect("corral runs")
 }
 
+/// The JSON line of `type` in `stdout` (the last one).
+fn json_line(stdout: &str, kind: &str) -> serde_json::Value {
+    stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .rfind(|v| v["type"] == kind)
+        .unwrap_or_else(|| panic!("no {kind} line: {stdout}"))
+}
+
+/// `corral cast send SOURCE` over loopback with key `k`, no minimum wait, 200 Mbit/s and JSON
+/// lines, then `args`.
+fn sender_args<'a>(source: &'a str, args: &[&'a str]) -> Vec<&'a str> {
+    let mut all = vec![
+        "cast",
+        "send",
+        source,
+        "--interface",
+        "127.0.0.1",
+        "--key",
+        "k",
+    ];
+    all.extend(["--min-wait", "0s", "--rate", "200M", "--json"]);
+    all.extend(args);
+    all
+}
+
 #[test]
 fn keygen_writes_private_key_and_public_key() {
     let dir = tempfile::tempdir().unwrap();
@@ -112,28 +138,13 @@ fn send_and_receive_over_loopback_with_trusted_key() {
     std::thread::sleep(Duration::from_millis(300));
     let tx = corral(
         dir.path(),
-        &[
-            "cast",
-            "send",
+        &sender_args(
             img.to_str().unwrap(),
-            "--interface",
-            "127.0.0.1",
-            "--group",
-            "239.77.3.1",
-            "--port",
-            &p,
-            "--key",
-            "k",
-            "--expect",
-            "alpha",
-            "--min-wait",
-            "0s",
-            "--rate",
-            "200M",
-            "--json",
-            "--db",
-            "events.db",
-        ],
+            &["--group", "239.77.3.1", "--port", &p, "--expect", "alpha"],
+        )
+        .into_iter()
+        .chain(["--db", "events.db"])
+        .collect::<Vec<_>>(),
     );
     let (stdout, stderr) = text(&tx);
     assert!(tx.status.success(), "{stdout}\n{stderr}");
@@ -148,11 +159,7 @@ fn send_and_receive_over_loopback_with_trusted_key() {
         logged.contains("receiver-joined") && logged.contains("session-end"),
         "{logged}"
     );
-    let summary = stdout
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v["type"] == "summary")
-        .expect("a summary line");
+    let summary = json_line(&stdout, "summary");
     assert_eq!(summary["report"]["receivers"][0]["name"], "alpha");
     assert_eq!(summary["report"]["receivers"][0]["ok"], true);
     assert_eq!(summary["report"]["ephemeral_key"], false);
@@ -234,11 +241,7 @@ fn sender_exits_1_and_names_the_receiver_that_never_came() {
     let (stdout, stderr) = text(&tx);
     assert_eq!(tx.status.code(), Some(1), "{stdout}\n{stderr}");
     // stdout is not a terminal, so the summary is a JSON line.
-    let summary = stdout
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v["type"] == "summary")
-        .unwrap_or_else(|| panic!("no summary: {stdout}"));
+    let summary = json_line(&stdout, "summary");
     let rxs = summary["report"]["receivers"].as_array().unwrap();
     let ghost = rxs
         .iter()
@@ -439,17 +442,7 @@ fn slow_stdin_sender(
 ) -> std::process::Output {
     use std::io::Write;
     let mut tx = Command::new(env!("CARGO_BIN_EXE_corral"))
-        .args([
-            "cast",
-            "send",
-            "-",
-            "--interface",
-            "127.0.0.1",
-            "--key",
-            "k",
-        ])
-        .args(["--min-wait", "0s", "--rate", "200M", "--json"])
-        .args(args)
+        .args(sender_args("-", args))
         .current_dir(dir)
         .env_remove("RUST_LOG")
         .stdin(Stdio::piped())
@@ -563,11 +556,7 @@ fn a_receiver_that_cannot_hear_the_group_waits_over_tcp_for_a_sender_still_readi
         !waiting_lines(&rx_out).is_empty(),
         "no waiting line: {rx_out}"
     );
-    let done: serde_json::Value = rx_out
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v["type"] == "summary")
-        .unwrap_or_else(|| panic!("no summary line: {rx_out}"));
+    let done = json_line(&rx_out, "summary");
     assert_eq!(done["report"]["blocks_multicast"], 0, "{done}");
     assert!(done["report"]["blocks_tcp"].as_u64() > Some(0), "{done}");
 }
@@ -602,15 +591,6 @@ fn a_receiver_gives_up_on_an_absent_sender_after_its_idle_timeout() {
         "{stdout}\n{stderr}"
     );
     assert!(!dir.path().join("out.img").exists());
-}
-
-/// The JSON line of `type` in `stdout` (the last one).
-fn json_line(stdout: &str, kind: &str) -> serde_json::Value {
-    stdout
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .rfind(|v| v["type"] == kind)
-        .unwrap_or_else(|| panic!("no {kind} line: {stdout}"))
 }
 
 /// Unicast targets: two receivers that join no group (`--unicast`, each on its own port) get
@@ -654,24 +634,10 @@ fn a_sender_with_unicast_targets_reaches_receivers_that_join_no_group() {
     let targets = format!("127.0.0.1:{},127.0.0.1:{}", ports[1], ports[2]);
     let tx = corral(
         dir.path(),
-        &[
-            "cast",
-            "send",
+        &sender_args(
             img.to_str().unwrap(),
-            "--interface",
-            "127.0.0.1",
-            "--port",
-            &ports[0],
-            "--unicast",
-            &targets,
-            "--key",
-            "k",
-            "--min-wait",
-            "0s",
-            "--rate",
-            "200M",
-            "--json",
-        ],
+            &["--port", &ports[0], "--unicast", &targets],
+        ),
     );
     let (stdout, stderr) = text(&tx);
     assert!(tx.status.success(), "{stdout}\n{stderr}");
