@@ -4,7 +4,10 @@
 //!   before it is written), checked against the image hash, fsynced, then renamed over `PATH`:
 //!   a failed transfer never leaves a half-written file under the final name (UDPcast's FEC
 //!   mode left a 0-byte file and reported success). A file system without room for the image's non-zero blocks is refused when the manifest
-//!   arrives, before anything is written (zero blocks stay holes in a new file).
+//!   arrives, before anything is written (zero blocks stay holes in a new file). The space of
+//!   the non-zero blocks is then reserved (`fallocate`) by a low-priority thread while the
+//!   first blocks arrive: the file system places the image in one go instead of block by
+//!   block, and the allocation is done while the stream is still climbing to full rate.
 //! - A block device is written in place, never truncated, and refused if smaller than the image.
 //! - stdout (`-`) and `--pipe CMD` get the blocks strictly in order; blocks that arrive early
 //!   wait in memory until the gap before them is filled.
@@ -48,6 +51,105 @@ pub(crate) struct RandomSink {
     write_path: PathBuf,
     /// The final name, for a regular file (renamed on success).
     final_path: Option<PathBuf>,
+    /// The thread reserving the image's space, while it runs.
+    reserver: Option<Reserver>,
+}
+
+/// How much one `fallocate` call reserves: the file's lock is held for one call, so writes
+/// of arriving blocks wait at most this long behind it.
+const RESERVE_CHUNK: u64 = 8 << 20;
+
+/// The nice value of the reserving thread: it takes CPU the receiver's own work leaves.
+const RESERVE_NICE: i32 = 10;
+
+/// A thread reserving space for byte ranges of a file, stopped and joined when dropped.
+#[derive(Debug)]
+struct Reserver {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Reserver {
+    fn start(file: std::fs::File, path: PathBuf, ranges: Vec<(u64, u64)>) -> Option<Reserver> {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("cast-reserve".into())
+            .spawn(move || {
+                let _ = rustix::process::setpriority_process(None, RESERVE_NICE);
+                reserve(&file, &path, &ranges, &stopped);
+            })
+            .ok()?;
+        Some(Reserver {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+#[cfg(test)]
+impl Reserver {
+    /// Waits for the thread to reserve everything.
+    fn wait(mut self) {
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+    }
+}
+
+impl Drop for Reserver {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Reserves `ranges` of `file` chunk by chunk until done, stopped, or refused. Refusal is not
+/// an error: a file system without `fallocate` allocates as blocks are written, and one
+/// without room fails the write that finds none (after the room check at the start).
+fn reserve(
+    file: &std::fs::File,
+    path: &Path,
+    ranges: &[(u64, u64)],
+    stop: &std::sync::atomic::AtomicBool,
+) {
+    for &(start, end) in ranges {
+        let mut at = start;
+        while at < end {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                return;
+            }
+            let len = RESERVE_CHUNK.min(end - at);
+            if let Err(e) =
+                rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), at, len)
+            {
+                if e != rustix::io::Errno::OPNOTSUPP {
+                    tracing::warn!(path = %path.display(), error = %e,
+                        "cannot reserve the image's space; blocks are allocated as they are written");
+                }
+                return;
+            }
+            at += len;
+        }
+    }
+    tracing::debug!(path = %path.display(), "image space reserved");
+}
+
+/// The byte ranges of an image's blocks that are not zero, neighbours merged.
+pub(crate) fn data_ranges(blocks: impl Iterator<Item = (u64, u64, bool)>) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (offset, len, zero) in blocks {
+        if zero || len == 0 {
+            continue;
+        }
+        match out.last_mut() {
+            Some(last) if last.1 == offset => last.1 = offset + len,
+            _ => out.push((offset, offset + len)),
+        }
+    }
+    out
 }
 
 /// The temporary name a regular-file output is written under until verified.
@@ -86,6 +188,7 @@ impl RandomSink {
                 file,
                 write_path: path.to_owned(),
                 final_path: None,
+                reserver: None,
             });
         }
         let part = part_path(path);
@@ -109,7 +212,20 @@ impl RandomSink {
             file,
             write_path: part,
             final_path: Some(path.to_owned()),
+            reserver: None,
         })
+    }
+
+    /// Starts reserving the space of `ranges` (from [`data_ranges`]) of a regular-file output
+    /// in the background; a device has its space. Writes may start at once.
+    pub(crate) fn reserve(&mut self, ranges: Vec<(u64, u64)>) {
+        if self.final_path.is_none() || ranges.is_empty() {
+            return;
+        }
+        let Ok(file) = self.file.try_clone() else {
+            return;
+        };
+        self.reserver = Reserver::start(file, self.write_path.clone(), ranges);
     }
 
     pub(crate) fn path(&self) -> &Path {
@@ -173,7 +289,8 @@ impl RandomSink {
     }
 
     /// Fsyncs and moves a regular file to its final name. Call only after verification.
-    pub(crate) fn commit(self) -> Result<PathBuf, CastError> {
+    pub(crate) fn commit(mut self) -> Result<PathBuf, CastError> {
+        drop(self.reserver.take());
         self.file.sync_all().map_err(io_at(&self.write_path))?;
         match self.final_path {
             Some(final_path) => {
@@ -359,6 +476,60 @@ mod tests {
             Err(CastError::NoRoom { need, .. }) => assert_eq!(need, free + (1 << 40) - held),
             r => panic!("{r:?}"),
         }
+    }
+
+    #[test]
+    fn data_ranges_merge_neighbours_and_skip_zero_blocks() {
+        let blocks = [
+            (0, 10, false),
+            (10, 10, false),
+            (20, 10, true),
+            (30, 10, false),
+            (40, 0, false),
+            (40, 5, false),
+            (45, 5, true),
+        ];
+        assert_eq!(
+            data_ranges(blocks.into_iter()),
+            vec![(0, 20), (30, 45)],
+            "one range per run of non-zero blocks"
+        );
+        assert!(data_ranges([(0, 10, true)].into_iter()).is_empty());
+    }
+
+    /// The data ranges' space is reserved in the background; zero ranges stay holes; the
+    /// bytes written are the file's bytes.
+    #[test]
+    fn the_data_ranges_space_is_reserved_and_zero_ranges_stay_holes() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let probe = std::fs::File::create(dir.path().join("probe")).unwrap();
+        if rustix::fs::fallocate(&probe, rustix::fs::FallocateFlags::empty(), 0, 4096).is_err() {
+            eprintln!("SKIPPED: this file system has no fallocate");
+            return;
+        }
+        let path = dir.path().join("img");
+        let mib = 1u64 << 20;
+        let mut sink = RandomSink::open(&path, 48 * mib, false).unwrap();
+        // Data in the first and last 16 MiB, a hole between.
+        sink.reserve(vec![(0, 16 * mib), (32 * mib, 48 * mib)]);
+        sink.write_at(mib, &[9u8; 4096]).unwrap();
+        sink.reserver.take().expect("a reserving thread").wait();
+        let held = std::fs::metadata(part_path(&path)).unwrap().blocks() * 512;
+        assert!(
+            (32 * mib..40 * mib).contains(&held),
+            "32 MiB reserved, the 16 MiB between not: {held}"
+        );
+        assert_eq!(sink.commit().unwrap(), path);
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(bytes.len() as u64, 48 * mib);
+        assert!(
+            bytes[mib as usize..mib as usize + 4096]
+                .iter()
+                .all(|&b| b == 9)
+        );
+        assert!(bytes[..mib as usize].iter().all(|&b| b == 0));
+        assert!(bytes[mib as usize + 4096..].iter().all(|&b| b == 0));
     }
 
     #[test]

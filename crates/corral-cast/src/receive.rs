@@ -22,7 +22,7 @@ use crate::catchup::{CatchUpClient, ManifestReply};
 use crate::error::CastError;
 use crate::observe::Progress;
 use crate::options::{ReceiveOptions, ReceiveReport};
-use crate::output::{OutputSpec, RandomSink, StreamSink};
+use crate::output::{OutputSpec, RandomSink, StreamSink, data_ranges};
 use crate::send::event;
 use crate::socket;
 use crate::state::ResumeState;
@@ -290,11 +290,15 @@ impl Run {
         };
         match &self.opts.output {
             OutputSpec::Path(path) => {
-                let sink = RandomSink::open(path, m.image_size, prior.is_some())?;
-                let data: u64 = (0..m.block_count())
-                    .filter(|&i| !m.blocks[i as usize].zero)
-                    .map(|i| u64::from(m.block_len(i)))
-                    .sum();
+                let mut sink = RandomSink::open(path, m.image_size, prior.is_some())?;
+                let ranges = data_ranges((0..m.block_count()).map(|i| {
+                    (
+                        m.block_offset(i),
+                        u64::from(m.block_len(i)),
+                        m.blocks[i as usize].zero,
+                    )
+                }));
+                let data: u64 = ranges.iter().map(|(a, b)| b - a).sum();
                 if let Err(e) = sink.check_room(data) {
                     if prior.is_none() {
                         // Nothing of ours is in it: no empty part file left behind.
@@ -302,6 +306,7 @@ impl Run {
                     }
                     return Err(e);
                 }
+                sink.reserve(ranges);
                 let mut fresh = prior.is_none();
                 let mut have = Vec::new();
                 if let Some(prior) = &prior {
