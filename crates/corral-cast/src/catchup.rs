@@ -7,13 +7,23 @@
 //! its image (minutes for a large disk) a receiver that cannot hear the group (multicast
 //! blocked) learns over TCP that the sender is there and at work, instead of giving up.
 //!
+//! A server belongs to one stream (a group and port, or a list of unicast targets), and a
+//! receiver asks for the manifest of the stream it listens to: a sender whose catch-up port
+//! was taken (another sender on the same host) listens on another port, and a receiver given
+//! only `--sender HOST` that reaches the other sender is told so instead of being handed that
+//! sender's image (with one signing key for a whole site, it would verify).
+//!
 //! Wire format (all integers big-endian):
-//! - request `M` — the manifest; request `B` + u32 index — one encoded block.
+//! - request `M` + IPv4 group + u16 port — the manifest of the stream to that group and port
+//!   (group 0.0.0.0 and the receiver's port for a receiver of unicast targets); request `B` +
+//!   u32 index — one encoded block.
 //! - reply: u8 status + u32 length + that many bytes. Status 0: ok; 1: unknown; 2 (to `M`
 //!   only): no manifest yet, the sender is preparing it, and the 16 bytes are the image size
-//!   (0 while unknown) and the bytes read and hashed so far, as u64s.
+//!   (0 while unknown) and the bytes read and hashed so far, as u64s; 3 (to `M` only): this
+//!   server is another stream's, the 6 bytes are its group and port (0.0.0.0 and the first
+//!   target's port for unicast targets).
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -37,6 +47,54 @@ pub(crate) const PIPELINE: usize = 8;
 
 /// Reply status: no manifest yet, the sender is reading and hashing its image.
 const STATUS_PREPARING: u8 = 2;
+
+/// Reply status: this server belongs to another stream.
+const STATUS_OTHER_STREAM: u8 = 3;
+
+/// The stream a catch-up server belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Stream {
+    /// Multicast to this group and port.
+    Group(SocketAddrV4),
+    /// Unicast to each of these targets.
+    Targets(Vec<SocketAddrV4>),
+}
+
+impl Stream {
+    /// Whether a receiver listening to `asked` (its group and port; group 0.0.0.0 when it
+    /// takes unicast) gets this stream. A target list has no group: a receiver on a target's
+    /// port is one of them, or one fetching everything over TCP.
+    fn serves(&self, asked: SocketAddrV4) -> bool {
+        match self {
+            Stream::Group(g) => *g == asked,
+            Stream::Targets(t) => t.iter().any(|t| t.port() == asked.port()),
+        }
+    }
+
+    /// How the stream is named in an "another stream" reply.
+    fn shown(&self) -> SocketAddrV4 {
+        match self {
+            Stream::Group(g) => *g,
+            Stream::Targets(t) => {
+                SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, t.first().map_or(0, |t| t.port()))
+            }
+        }
+    }
+}
+
+fn stream_bytes(s: SocketAddrV4) -> [u8; 6] {
+    let mut b = [0u8; 6];
+    b[..4].copy_from_slice(&s.ip().octets());
+    b[4..].copy_from_slice(&s.port().to_be_bytes());
+    b
+}
+
+fn stream_from(b: [u8; 6]) -> SocketAddrV4 {
+    SocketAddrV4::new(
+        Ipv4Addr::new(b[0], b[1], b[2], b[3]),
+        u16::from_be_bytes([b[4], b[5]]),
+    )
+}
 
 /// The answer to a manifest request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,8 +156,10 @@ impl CatchUpProvider for Deferred {
 pub(crate) async fn serve(
     listener: TcpListener,
     provider: Arc<dyn CatchUpProvider>,
+    stream: Stream,
     cancel: CancellationToken,
 ) {
+    let serving = Arc::new(stream);
     loop {
         let (stream, peer) = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -113,11 +173,12 @@ pub(crate) async fn serve(
             },
         };
         let provider = provider.clone();
+        let ours = serving.clone();
         let cancel = cancel.clone();
         tokio::spawn(async move {
             tokio::select! {
                 _ = cancel.cancelled() => {}
-                r = serve_one(stream, provider) => {
+                r = serve_one(stream, provider, &ours) => {
                     if let Err(e) = r {
                         debug!(%peer, error = %e, "catch-up connection ended");
                     }
@@ -130,6 +191,7 @@ pub(crate) async fn serve(
 async fn serve_one(
     mut stream: TcpStream,
     provider: Arc<dyn CatchUpProvider>,
+    ours: &Stream,
 ) -> std::io::Result<()> {
     let _ = stream.set_nodelay(true);
     let mut served = 0u64;
@@ -143,15 +205,24 @@ async fn serve_one(
             Err(e) => return Err(e),
         };
         let (status, bytes) = match op {
-            b'M' => match provider.manifest() {
-                ManifestReply::Ready(m) => (0, m),
-                ManifestReply::Preparing(p) => {
-                    let mut b = Vec::with_capacity(16);
-                    b.extend_from_slice(&p.image_size.to_be_bytes());
-                    b.extend_from_slice(&p.bytes_done.to_be_bytes());
-                    (STATUS_PREPARING, b)
+            b'M' => {
+                let mut asked = [0u8; 6];
+                stream.read_exact(&mut asked).await?;
+                if !ours.serves(stream_from(asked)) {
+                    debug!(asked = %stream_from(asked), "catch-up client of another stream");
+                    (STATUS_OTHER_STREAM, stream_bytes(ours.shown()).to_vec())
+                } else {
+                    match provider.manifest() {
+                        ManifestReply::Ready(m) => (0, m),
+                        ManifestReply::Preparing(p) => {
+                            let mut b = Vec::with_capacity(16);
+                            b.extend_from_slice(&p.image_size.to_be_bytes());
+                            b.extend_from_slice(&p.bytes_done.to_be_bytes());
+                            (STATUS_PREPARING, b)
+                        }
+                    }
                 }
-            },
+            }
             b'B' => {
                 let index = stream.read_u32().await?;
                 let p = provider.clone();
@@ -240,8 +311,14 @@ impl CatchUpClient {
 
     /// The signed manifest (unverified: the caller verifies it), or word that the sender is
     /// still preparing it.
-    pub(crate) async fn manifest(&mut self) -> Result<ManifestReply, CastError> {
-        match self.request(b"M").await? {
+    pub(crate) async fn manifest(
+        &mut self,
+        stream: SocketAddrV4,
+    ) -> Result<ManifestReply, CastError> {
+        let mut req = [0u8; 7];
+        req[0] = b'M';
+        req[1..].copy_from_slice(&stream_bytes(stream));
+        match self.request(&req).await? {
             (0, m) => Ok(ManifestReply::Ready(m)),
             (STATUS_PREPARING, b) if b.len() == 16 => {
                 let image_size = u64::from_be_bytes(b[..8].try_into().expect("8 bytes"));
@@ -255,6 +332,17 @@ impl CatchUpClient {
                 "a 'preparing' reply of {} bytes (16 expected)",
                 b.len()
             ))),
+            (STATUS_OTHER_STREAM, b) => match <[u8; 6]>::try_from(b.as_slice()) {
+                Ok(theirs) => Err(CastError::OtherStream {
+                    addr: self.peer,
+                    theirs: stream_from(theirs),
+                    ours: stream,
+                }),
+                Err(_) => Err(self.err(format!(
+                    "an 'another stream' reply of {} bytes (6 expected)",
+                    b.len()
+                ))),
+            },
             _ => Err(self.err("sender has no manifest")),
         }
     }
@@ -315,6 +403,9 @@ fn block_request(index: u32) -> [u8; 5] {
 mod tests {
     use super::*;
 
+    /// The stream the tests' servers and clients are of.
+    const G: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(239, 1, 2, 3), 9000);
+
     struct Fixed;
     impl CatchUpProvider for Fixed {
         fn manifest(&self) -> ManifestReply {
@@ -330,10 +421,15 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let cancel = CancellationToken::new();
-        tokio::spawn(serve(listener, Arc::new(Fixed), cancel.clone()));
+        tokio::spawn(serve(
+            listener,
+            Arc::new(Fixed),
+            Stream::Group(G),
+            cancel.clone(),
+        ));
         let mut c = CatchUpClient::connect(addr).await.unwrap();
         assert_eq!(
-            c.manifest().await.unwrap(),
+            c.manifest(G).await.unwrap(),
             ManifestReply::Ready(b"manifest".to_vec())
         );
         assert_eq!(c.block(2).await.unwrap(), vec![2u8; 1000]);
@@ -347,7 +443,12 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let cancel = CancellationToken::new();
-        tokio::spawn(serve(listener, Arc::new(Fixed), cancel.clone()));
+        tokio::spawn(serve(
+            listener,
+            Arc::new(Fixed),
+            Stream::Group(G),
+            cancel.clone(),
+        ));
         let mut c = CatchUpClient::connect(addr).await.unwrap();
         // More indices than the pipeline holds, with repeats, all present.
         let want: Vec<u32> = (0..3 * PIPELINE as u32).map(|i| (i * 7) % 3).collect();
@@ -379,6 +480,77 @@ mod tests {
         cancel.cancel();
     }
 
+    /// A receiver of another stream (another group, or the same group on another port) is
+    /// told whose server it reached and gets no manifest; a server of unicast targets serves
+    /// a receiver on a target's port. Blocks are not stream-checked (a client gets to them
+    /// only through a manifest it verified).
+    #[tokio::test]
+    async fn a_receiver_of_another_stream_is_told_and_gets_no_manifest() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cancel = CancellationToken::new();
+        tokio::spawn(serve(
+            listener,
+            Arc::new(Fixed),
+            Stream::Group(G),
+            cancel.clone(),
+        ));
+        let mut c = CatchUpClient::connect(addr).await.unwrap();
+        for other in [
+            SocketAddrV4::new(Ipv4Addr::new(239, 1, 2, 4), 9000),
+            SocketAddrV4::new(*G.ip(), 9002),
+            SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 9000),
+        ] {
+            match c.manifest(other).await {
+                Err(CastError::OtherStream {
+                    theirs,
+                    ours,
+                    addr: a,
+                }) => {
+                    assert_eq!((theirs, ours, a), (G, other, addr));
+                }
+                r => panic!("{other}: {r:?}"),
+            }
+        }
+        let err = c
+            .manifest(SocketAddrV4::new(*G.ip(), 1))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--sender HOST:PORT"), "{err}");
+        // The same connection still serves its own stream.
+        assert_eq!(
+            c.manifest(G).await.unwrap(),
+            ManifestReply::Ready(b"manifest".to_vec())
+        );
+        cancel.cancel();
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let targets = Stream::Targets(vec![
+            "10.0.0.2:7000".parse().unwrap(),
+            "10.0.0.3:7001".parse().unwrap(),
+        ]);
+        let cancel = CancellationToken::new();
+        tokio::spawn(serve(listener, Arc::new(Fixed), targets, cancel.clone()));
+        let mut c = CatchUpClient::connect(addr).await.unwrap();
+        let own = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 7001);
+        assert_eq!(
+            c.manifest(own).await.unwrap(),
+            ManifestReply::Ready(b"manifest".to_vec())
+        );
+        match c
+            .manifest(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 7002))
+            .await
+        {
+            Err(CastError::OtherStream { theirs, .. }) => {
+                assert_eq!(theirs, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 7000));
+            }
+            r => panic!("{r:?}"),
+        }
+        cancel.cancel();
+    }
+
     /// A sender still hashing answers a manifest request with how far it is, and has no
     /// blocks; once it is ready, the same connection gets the manifest and the blocks.
     #[tokio::test]
@@ -393,11 +565,16 @@ mod tests {
             image_size: s.load(Ordering::Relaxed),
             bytes_done: d.load(Ordering::Relaxed),
         }));
-        tokio::spawn(serve(listener, deferred.clone(), cancel.clone()));
+        tokio::spawn(serve(
+            listener,
+            deferred.clone(),
+            Stream::Group(G),
+            cancel.clone(),
+        ));
         let mut c = CatchUpClient::connect(addr).await.unwrap();
         // Size unknown (a standard input being spooled).
         assert_eq!(
-            c.manifest().await.unwrap(),
+            c.manifest(G).await.unwrap(),
             ManifestReply::Preparing(Preparing {
                 image_size: 0,
                 bytes_done: 0
@@ -406,7 +583,7 @@ mod tests {
         size.store(1 << 30, Ordering::Relaxed);
         done.store(1 << 20, Ordering::Relaxed);
         assert_eq!(
-            c.manifest().await.unwrap(),
+            c.manifest(G).await.unwrap(),
             ManifestReply::Preparing(Preparing {
                 image_size: 1 << 30,
                 bytes_done: 1 << 20
@@ -416,7 +593,7 @@ mod tests {
         // The receiver asks again on the same connection.
         deferred.ready(Arc::new(Fixed));
         assert_eq!(
-            c.manifest().await.unwrap(),
+            c.manifest(G).await.unwrap(),
             ManifestReply::Ready(b"manifest".to_vec())
         );
         assert_eq!(c.block(1).await.unwrap(), vec![1u8; 1000]);
@@ -432,12 +609,15 @@ mod tests {
         tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.unwrap();
             assert_eq!(s.read_u8().await.unwrap(), b'M');
+            let mut asked = [0u8; 6];
+            s.read_exact(&mut asked).await.unwrap();
+            assert_eq!(stream_from(asked), G);
             s.write_u8(0).await.unwrap();
             s.write_u32(MAX_REPLY).await.unwrap();
             s.write_all(b"only this").await.unwrap();
         });
         let mut c = CatchUpClient::connect(addr).await.unwrap();
-        let err = c.manifest().await.unwrap_err().to_string();
+        let err = c.manifest(G).await.unwrap_err().to_string();
         assert!(err.contains("cut short: 9 of"), "{err}");
     }
 
@@ -461,13 +641,16 @@ mod tests {
             let server = tokio::spawn(async move {
                 let (mut s, _) = listener.accept().await.unwrap();
                 assert_eq!(s.read_u8().await.unwrap(), b'M');
+                let mut asked = [0u8; 6];
+                s.read_exact(&mut asked).await.unwrap();
+                assert_eq!(stream_from(asked), G);
                 s.write_u8(STATUS_PREPARING).await.unwrap();
                 s.write_u32(body.len() as u32).await.unwrap();
                 s.write_all(&body).await.unwrap();
                 s
             });
             let mut c = CatchUpClient::connect(addr).await.unwrap();
-            let got = c.manifest().await;
+            let got = c.manifest(G).await;
             match want {
                 None => assert!(got.is_err(), "{got:?}"),
                 Some(w) => assert_eq!(got.unwrap(), w),

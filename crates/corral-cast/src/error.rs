@@ -63,6 +63,19 @@ pub enum CastError {
         /// Bytes free for this process on the file system.
         free: u64,
     },
+    /// The catch-up server reached belongs to a sender of another stream (its port was taken
+    /// on that host, so the sender this receiver wants listens elsewhere).
+    #[error(
+        "the catch-up server at {addr} serves the stream to {theirs}, not ours ({ours}): another sender holds that port; give --sender HOST:PORT with the TCP catch-up port our sender printed"
+    )]
+    OtherStream {
+        /// The catch-up address asked.
+        addr: std::net::SocketAddr,
+        /// The stream that server belongs to (`0.0.0.0:PORT` for unicast targets).
+        theirs: std::net::SocketAddrV4,
+        /// The stream this receiver listens to.
+        ours: std::net::SocketAddrV4,
+    },
     /// The output cannot be shown to hold the signed image: a block was never verified by
     /// this process, or the block hashes do not make up the image hash.
     #[error("{path}: {why}")]

@@ -8,7 +8,7 @@
 //! BLAKE3 of the image, see `corral_cast_proto::manifest`); only then, after an fsync, does the
 //! receiver report success.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use corral_cast_proto::packet::Preparing;
@@ -136,6 +136,7 @@ impl CatchUpCtl {
 /// batch of block indices it is sent.
 fn start_catchup(
     addr: SocketAddr,
+    stream: SocketAddrV4,
     need_manifest: bool,
     results: mpsc::Sender<FromTcp>,
     cancel: CancellationToken,
@@ -147,7 +148,7 @@ fn start_catchup(
             if need_manifest {
                 // A sender still preparing its manifest is asked again every second.
                 let m = loop {
-                    match client.manifest().await? {
+                    match client.manifest(stream).await? {
                         ManifestReply::Ready(m) => break m,
                         ManifestReply::Preparing(p) => {
                             let _ = results.send(FromTcp::Preparing(p)).await;
@@ -462,14 +463,27 @@ impl Run {
         });
     }
 
-    fn tcp_addr(&self) -> Option<SocketAddr> {
-        if let Some(a) = self.opts.sender {
-            return Some(a);
+    /// The stream this receiver listens to, as a catch-up server is asked for it: the group
+    /// and port, or 0.0.0.0 and the port when it takes unicast.
+    fn stream(&self) -> SocketAddrV4 {
+        let m = &self.opts.multicast;
+        if self.opts.unicast {
+            SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, m.port)
+        } else {
+            SocketAddrV4::new(m.group, m.port)
         }
-        let sender = self.rx.sender()?;
-        match self.rx.tcp_port() {
-            Some(p) if p != 0 => Some(SocketAddr::new(sender.ip(), p)),
-            _ => None,
+    }
+
+    /// Where to ask for catch-up: the sender's announced TCP port, at the address given by
+    /// `--sender` when that is the announcing host (its own word beats the default port
+    /// guessed for `--sender HOST`: it may have found that port taken).
+    fn tcp_addr(&self) -> Option<SocketAddr> {
+        let heard = self.rx.sender().zip(self.rx.tcp_port().filter(|&p| p != 0));
+        match (self.opts.sender, heard) {
+            (Some(a), Some((s, p))) if a.ip() == s.ip() => Some(SocketAddr::new(a.ip(), p)),
+            (Some(a), _) => Some(a),
+            (None, Some((s, p))) => Some(SocketAddr::new(s.ip(), p)),
+            (None, None) => None,
         }
     }
 }
@@ -735,6 +749,7 @@ pub async fn receive(
                 info!(%addr, "starting TCP catch-up");
                 catchup.conn = Some(start_catchup(
                     addr,
+                    run.stream(),
                     run.rx.manifest().is_none(),
                     tcp_tx.clone(),
                     task_cancel.clone(),
@@ -819,6 +834,10 @@ pub async fn receive(
                         if let Err(e) = run.rx.accept_encoded_block(index, &bytes) {
                             warn!(block = index, error = %e, "block fetched over TCP rejected");
                         }
+                    }
+                    // Another sender's server: asking again will not make it ours.
+                    FromTcp::Idle(Some(e @ CastError::OtherStream { .. })) => {
+                        result = Some(Err(e));
                     }
                     FromTcp::Idle(err) => catchup.on_idle(&mut run.rx, err, Instant::now()),
                 }

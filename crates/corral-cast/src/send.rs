@@ -181,6 +181,11 @@ pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendRe
     tokio::spawn(catchup::serve(
         listener,
         catchup.clone() as Arc<dyn catchup::CatchUpProvider>,
+        if opts.unicast.is_empty() {
+            catchup::Stream::Group(group[0])
+        } else {
+            catchup::Stream::Targets(opts.unicast.clone())
+        },
         server_cancel,
     ));
     // Reading and hashing the image is blocking work.

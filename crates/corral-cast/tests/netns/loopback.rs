@@ -163,7 +163,8 @@ async fn untrusted_key_is_refused_and_nothing_written() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_only_receiver_with_sender_address() {
     crate::init_logs();
-    // The receiver listens on another group, so it never hears multicast data: it must fetch
+    // The sender's datagrams go to an address nobody listens on (unicast to 127.0.0.2, as if
+    // a firewall dropped them), so the receiver never hears the stream: it must fetch
     // everything over TCP from the --sender address.
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("image");
@@ -172,7 +173,7 @@ async fn tcp_only_receiver_with_sender_address() {
     let p = port(4);
     let opts = receive_options(
         OutputSpec::Path(out.clone()),
-        group(5),
+        group(4),
         p,
         LO,
         Some(SocketAddr::from((LO, p))),
@@ -181,7 +182,7 @@ async fn tcp_only_receiver_with_sender_address() {
         None,
         Duration::from_secs(30),
     );
-    let sopts = send_options(
+    let mut sopts = send_options(
         img.clone(),
         group(4),
         p,
@@ -193,6 +194,7 @@ async fn tcp_only_receiver_with_sender_address() {
         Duration::from_secs(10),
         None,
     );
+    sopts.unicast = vec![std::net::SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 2), p)];
     let cancel = CancellationToken::new();
     let sender = tokio::spawn(corral_cast::send(sopts, cancel.clone()));
     tokio::time::sleep(Duration::from_millis(300)).await;

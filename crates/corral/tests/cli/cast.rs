@@ -534,10 +534,11 @@ fn a_receiver_waits_for_a_sender_that_is_still_reading_its_image() {
     assert_eq!(waiting[0]["progress"]["sender_image_bytes"], 0);
 }
 
-/// A receiver that cannot hear the group (here: it listens on another one) and is given
-/// --sender asks over TCP after 5 s; a sender still reading its image (spooling a slow
-/// standard input for ~8 s) answers that it is preparing, and the receiver, whose idle timeout
-/// is 6 s, waits for it, says so, and gets a verified copy over TCP.
+/// A receiver that hears nothing of the stream (here: the sender's datagrams go to another
+/// address, as when a firewall drops them) and is given --sender asks over TCP after 5 s; a
+/// sender still reading its image (spooling a slow standard input for ~8 s) answers that it is
+/// preparing, and the receiver, whose idle timeout is 6 s, waits for it, says so, and gets a
+/// verified copy over TCP.
 #[test]
 fn a_receiver_that_cannot_hear_the_group_waits_over_tcp_for_a_sender_still_reading() {
     let rx_out = against_a_slow_sender(
@@ -549,7 +550,7 @@ fn a_receiver_that_cannot_hear_the_group_waits_over_tcp_for_a_sender_still_readi
             "--idle-timeout",
             "6s",
         ],
-        &["--group", "239.77.3.8", "--min-receivers", "1"],
+        &["--unicast", "127.0.0.2", "--min-receivers", "1"],
         16,
     );
     assert!(
@@ -559,6 +560,73 @@ fn a_receiver_that_cannot_hear_the_group_waits_over_tcp_for_a_sender_still_readi
     let done = json_line(&rx_out, "summary");
     assert_eq!(done["report"]["blocks_multicast"], 0, "{done}");
     assert!(done["report"]["blocks_tcp"].as_u64() > Some(0), "{done}");
+}
+
+/// A receiver given --sender HOST that reaches the catch-up server of another sender on that
+/// host (same port, another group: the second sender to start finds the port taken and
+/// listens elsewhere) is told whose server it reached and stops, with nothing written: it is
+/// never handed the other sender's image, though one site key signs both.
+#[test]
+fn a_receiver_that_reaches_another_streams_sender_is_told_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), 1 << 20);
+    assert!(
+        corral(dir.path(), &["cast", "keygen", "--out", "k"])
+            .status
+            .success()
+    );
+    let p = crate::netboot::free_port().to_string();
+    let mut other = Command::new(env!("CARGO_BIN_EXE_corral"))
+        .args(sender_args(
+            img.to_str().unwrap(),
+            &[
+                "--group",
+                "239.77.3.9",
+                "--port",
+                &p,
+                "--min-receivers",
+                "1",
+            ],
+        ))
+        .current_dir(dir.path())
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("corral runs");
+    std::thread::sleep(Duration::from_millis(500));
+    let rx = receiver(
+        dir.path(),
+        &[
+            "--group",
+            "239.77.3.10",
+            "--port",
+            &p,
+            "--sender",
+            "127.0.0.1",
+            "--trusted-key",
+            "k.pub",
+            "--output",
+            "out.img",
+            "--idle-timeout",
+            "20s",
+        ],
+    );
+    let out = wait_at_most(rx, Duration::from_secs(30));
+    let _ = other.kill();
+    let _ = other.wait();
+    let (stdout, stderr) = text(&out);
+    assert!(!out.status.success(), "{stdout}\n{stderr}");
+    let all = format!("{stdout}{stderr}");
+    assert!(
+        all.contains(&format!(
+            "serves the stream to 239.77.3.9:{p}, not ours (239.77.3.10:{p})"
+        )),
+        "{all}"
+    );
+    assert!(all.contains("--sender HOST:PORT"), "{all}");
+    assert!(!dir.path().join("out.img").exists());
+    assert!(!dir.path().join("out.img.corral-part").exists());
 }
 
 /// A receiver given --sender whose sender never answers gives up after --idle-timeout: a
