@@ -644,6 +644,10 @@ pub fn push<R: Read, W: Write>(
     // the master's scan leaves unread every file the child does not have (unless this is a
     // dry run, which lists every hash): those are read once, as they are sent.
     let child_paths: std::sync::OnceLock<HashSet<String>> = std::sync::OnceLock::new();
+    // Set when the child failed (a remote end that did not start, a refused root): the
+    // files not yet hashed stay unread, so the error comes now, not after a full read of
+    // the tree.
+    let child_failed = std::sync::atomic::AtomicBool::new(false);
     let key = digest_key()?;
     let k = crate::ranges::RANGE_K;
     let (answer, scanned) = std::thread::scope(|s| {
@@ -651,7 +655,10 @@ pub fn push<R: Read, W: Write>(
             let walked = walk(src, &scan_opts)?;
             // The cache (rewritten when some files changed) is saved while the run goes on.
             let (mut master, stats, deferred, save) = walked.hash_in_background(
-                &|p: &str| !opts.dry_run && child_paths.get().is_some_and(|c| !c.contains(p)),
+                &|p: &str| {
+                    child_failed.load(std::sync::atomic::Ordering::Relaxed)
+                        || (!opts.dry_run && child_paths.get().is_some_and(|c| !c.contains(p)))
+                },
                 true,
             )?;
             master.sort();
@@ -670,6 +677,9 @@ pub fn push<R: Read, W: Write>(
             child_answer(framed)
         });
         tracing::debug!(ms = ms(t0), "push: child answered");
+        if answer.is_err() {
+            child_failed.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         if let Ok(ChildAnswer::Whole(m)) = &answer {
             let _ = child_paths.set(m.entries.iter().map(|e| e.path.clone()).collect());
         }

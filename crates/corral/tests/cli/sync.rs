@@ -723,3 +723,54 @@ fn a_recursive_childs_own_run_keeps_its_state_in_its_state_dir() {
     // receiver cache.
     assert_eq!(listing(&cm_state).len(), 2, "{:?}", listing(&cm_state));
 }
+
+/// A remote end that does not start (here: no corral on the child, as `sh` says it) is an
+/// error as soon as ssh ends, not after the master has read and hashed its whole tree: the
+/// files not hashed yet stay unread, so the master's hash cache holds few of them (all 3,000
+/// without the early stop: at least 32 bytes of hash each).
+#[test]
+fn a_remote_end_that_does_not_start_fails_the_push_before_the_tree_is_read() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let m = d.join("m");
+    for i in 0..3000u32 {
+        let body: Vec<u8> = (0..16384u32)
+            .map(|j| (j.wrapping_mul(2_654_435_761).wrapping_add(i) >> 13) as u8)
+            .collect();
+        write(&m.join(format!("d{}/f{i}", i % 30)), &body);
+    }
+    let ssh = d.join("no-corral-ssh");
+    write(
+        &ssh,
+        b"#!/bin/sh\necho 'sh: 1: corral: not found' >&2\nexit 127\n",
+    );
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&ssh, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let ssh_prog = format!("--ssh={}", ssh.display());
+    let start = std::time::Instant::now();
+    let out = corral_state(
+        d,
+        &[
+            "sync",
+            "push",
+            m.to_str().unwrap(),
+            "child1:/srv/m",
+            &ssh_prog,
+            "--ssh-persist=0s",
+        ],
+    );
+    let (so, se) = text(&out);
+    assert_ne!(out.status.code(), Some(0), "{so}{se}");
+    assert!(se.contains("127"), "ssh's exit status is reported: {se}");
+    let cached: u64 = std::fs::read_dir(d.join("state/sync")).map_or(0, |rd| {
+        rd.map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "cache"))
+            .map(|p| std::fs::metadata(p).unwrap().len())
+            .sum()
+    });
+    assert!(
+        cached < 3000 * 32 / 4,
+        "the master hashed most of its tree before reporting the failed child: cache {cached} bytes, {:?}",
+        start.elapsed()
+    );
+}
