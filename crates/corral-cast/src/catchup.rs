@@ -406,6 +406,18 @@ mod tests {
     /// The stream the tests' servers and clients are of.
     const G: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(239, 1, 2, 3), 9000);
 
+    /// Serves `provider` as `stream` on a loopback port: its address and what stops it.
+    async fn start(
+        provider: Arc<dyn CatchUpProvider>,
+        stream: Stream,
+    ) -> (SocketAddr, CancellationToken) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cancel = CancellationToken::new();
+        tokio::spawn(serve(listener, provider, stream, cancel.clone()));
+        (addr, cancel)
+    }
+
     struct Fixed;
     impl CatchUpProvider for Fixed {
         fn manifest(&self) -> ManifestReply {
@@ -418,15 +430,7 @@ mod tests {
 
     #[tokio::test]
     async fn serves_manifest_and_blocks() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let cancel = CancellationToken::new();
-        tokio::spawn(serve(
-            listener,
-            Arc::new(Fixed),
-            Stream::Group(G),
-            cancel.clone(),
-        ));
+        let (addr, cancel) = start(Arc::new(Fixed), Stream::Group(G)).await;
         let mut c = CatchUpClient::connect(addr).await.unwrap();
         assert_eq!(
             c.manifest(G).await.unwrap(),
@@ -440,15 +444,7 @@ mod tests {
 
     #[tokio::test]
     async fn pipelined_blocks_arrive_in_order_and_a_missing_one_fails_the_batch() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let cancel = CancellationToken::new();
-        tokio::spawn(serve(
-            listener,
-            Arc::new(Fixed),
-            Stream::Group(G),
-            cancel.clone(),
-        ));
+        let (addr, cancel) = start(Arc::new(Fixed), Stream::Group(G)).await;
         let mut c = CatchUpClient::connect(addr).await.unwrap();
         // More indices than the pipeline holds, with repeats, all present.
         let want: Vec<u32> = (0..3 * PIPELINE as u32).map(|i| (i * 7) % 3).collect();
@@ -486,15 +482,7 @@ mod tests {
     /// only through a manifest it verified).
     #[tokio::test]
     async fn a_receiver_of_another_stream_is_told_and_gets_no_manifest() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let cancel = CancellationToken::new();
-        tokio::spawn(serve(
-            listener,
-            Arc::new(Fixed),
-            Stream::Group(G),
-            cancel.clone(),
-        ));
+        let (addr, cancel) = start(Arc::new(Fixed), Stream::Group(G)).await;
         let mut c = CatchUpClient::connect(addr).await.unwrap();
         for other in [
             SocketAddrV4::new(Ipv4Addr::new(239, 1, 2, 4), 9000),
@@ -525,14 +513,11 @@ mod tests {
         );
         cancel.cancel();
 
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let targets = Stream::Targets(vec![
             "10.0.0.2:7000".parse().unwrap(),
             "10.0.0.3:7001".parse().unwrap(),
         ]);
-        let cancel = CancellationToken::new();
-        tokio::spawn(serve(listener, Arc::new(Fixed), targets, cancel.clone()));
+        let (addr, cancel) = start(Arc::new(Fixed), targets).await;
         let mut c = CatchUpClient::connect(addr).await.unwrap();
         let own = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 7001);
         assert_eq!(
@@ -555,9 +540,6 @@ mod tests {
     /// blocks; once it is ready, the same connection gets the manifest and the blocks.
     #[tokio::test]
     async fn a_deferred_provider_says_preparing_until_it_is_ready() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let cancel = CancellationToken::new();
         use std::sync::atomic::{AtomicU64, Ordering};
         let (size, done) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let (s, d) = (size.clone(), done.clone());
@@ -565,12 +547,7 @@ mod tests {
             image_size: s.load(Ordering::Relaxed),
             bytes_done: d.load(Ordering::Relaxed),
         }));
-        tokio::spawn(serve(
-            listener,
-            deferred.clone(),
-            Stream::Group(G),
-            cancel.clone(),
-        ));
+        let (addr, cancel) = start(deferred.clone(), Stream::Group(G)).await;
         let mut c = CatchUpClient::connect(addr).await.unwrap();
         // Size unknown (a standard input being spooled).
         assert_eq!(
