@@ -137,11 +137,16 @@ pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendRe
     // that cannot hear the group the same, so that receivers started early neither give up
     // nor sit without a word.
     let sock = socket::sender_socket(&opts.multicast)?;
-    // Where what is meant for the group goes: the group, or each unicast target.
-    let group: Vec<SocketAddrV4> = if opts.unicast.is_empty() {
-        vec![SocketAddrV4::new(opts.multicast.group, opts.multicast.port)]
+    // The stream: the group, or the unicast targets; `group` is where what the protocol
+    // addresses to the group goes (the group, or each target).
+    let stream = if opts.unicast.is_empty() {
+        catchup::Stream::Group(SocketAddrV4::new(opts.multicast.group, opts.multicast.port))
     } else {
-        opts.unicast.clone()
+        catchup::Stream::Targets(opts.unicast.clone())
+    };
+    let group: Vec<SocketAddrV4> = match &stream {
+        catchup::Stream::Group(g) => vec![*g],
+        catchup::Stream::Targets(t) => t.clone(),
     };
     let prep_size = Arc::new(AtomicU64::new(0));
     let prep_done = Arc::new(AtomicU64::new(0));
@@ -181,11 +186,7 @@ pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendRe
     tokio::spawn(catchup::serve(
         listener,
         catchup.clone() as Arc<dyn catchup::CatchUpProvider>,
-        if opts.unicast.is_empty() {
-            catchup::Stream::Group(group[0])
-        } else {
-            catchup::Stream::Targets(opts.unicast.clone())
-        },
+        stream.clone(),
         server_cancel,
     ));
     // Reading and hashing the image is blocking work.
@@ -272,11 +273,12 @@ pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendRe
                 manifest.image_size,
                 manifest.block_count(),
                 zero_blocks,
-                if opts.unicast.is_empty() {
-                    opts.multicast.group_addr().to_string()
-                } else {
-                    let to: Vec<String> = opts.unicast.iter().map(ToString::to_string).collect();
-                    format!("unicast to {}", to.join(", "))
+                match &stream {
+                    catchup::Stream::Group(g) => g.to_string(),
+                    catchup::Stream::Targets(t) => {
+                        let to: Vec<String> = t.iter().map(ToString::to_string).collect();
+                        format!("unicast to {}", to.join(", "))
+                    }
                 },
                 tcp_port,
                 &public_key[..16],
@@ -517,7 +519,6 @@ fn emit_progress(
     });
 }
 
-/// Sends everything queued in `batch`, waiting for the socket when its buffer is full.
 /// Queues a copy of the datagram `batch` queued last in each of `copies` (the unicast targets
 /// after the first, each with its own batch), sending a copy batch when it is full.
 async fn fan_out(
@@ -538,6 +539,7 @@ async fn fan_out(
     }
 }
 
+/// Sends everything queued in `batch`, waiting for the socket when its buffer is full.
 async fn flush(batch: &mut socket::SendBatch, sock: &tokio::net::UdpSocket) {
     while !batch.is_empty() {
         match batch.send(sock) {
