@@ -30,7 +30,9 @@ pub mod state;
 
 pub use error::CastError;
 pub use observe::{NoObserver, Observer, Progress, ReceiverProgress};
-pub use options::{Rate, ReceiveOptions, ReceiveReport, ReceiverOutcome, SendOptions, SendReport};
+pub use options::{
+    CatchupListener, Rate, ReceiveOptions, ReceiveReport, ReceiverOutcome, SendOptions, SendReport,
+};
 pub use output::{OutputSpec, part_path};
 pub use receive::receive;
 pub use send::send;

@@ -1,8 +1,8 @@
 //! What callers pass to [`crate::send`] and [`crate::receive`], and what they get back.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use corral_model::SessionId;
@@ -64,6 +64,9 @@ pub struct SendOptions {
     pub unicast: Vec<std::net::SocketAddrV4>,
     /// TCP port of the catch-up server (0: same number as the UDP port).
     pub catchup_port: u16,
+    /// The catch-up server's listener, bound already (`cast serve` binds it when it opens a
+    /// session, to tell receivers its real port); `None`: the session binds `catchup_port`.
+    pub catchup_listener: Option<CatchupListener>,
     /// Sending rate.
     pub rate: Rate,
     /// Largest UDP payload per datagram (from `--mtu` minus 28, or `--packet-size`).
@@ -97,6 +100,72 @@ impl std::fmt::Debug for SendOptions {
             .field("min_receivers", &self.min_receivers)
             .field("expect", &self.expect)
             .finish_non_exhaustive()
+    }
+}
+
+/// A catch-up listener bound before its session starts: its port is known (and can be
+/// announced) from the start. The session takes it; a clone shares it.
+#[derive(Debug, Clone)]
+pub struct CatchupListener {
+    listener: Arc<Mutex<Option<std::net::TcpListener>>>,
+    port: u16,
+}
+
+impl CatchupListener {
+    /// Binds `ip:port`, or an ephemeral port of `ip` when that one is taken (another sender
+    /// on this host): the port that was bound is [`CatchupListener::port`], which is what
+    /// receivers must be told.
+    pub fn bind(ip: Ipv4Addr, port: u16) -> Result<Self, crate::CastError> {
+        let listener = bind_catchup(ip, port)?;
+        let port = listener
+            .local_addr()
+            .map_err(|source| crate::CastError::Socket {
+                what: "catch-up listener address",
+                source,
+            })?
+            .port();
+        Ok(CatchupListener {
+            listener: Arc::new(Mutex::new(Some(listener))),
+            port,
+        })
+    }
+
+    /// The TCP port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The listener, for the session that serves on it (`None` once taken).
+    pub(crate) fn take(&self) -> Option<std::net::TcpListener> {
+        self.listener
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+}
+
+/// Binds a non-blocking catch-up listener on `ip:port`, or on an ephemeral port of `ip` when
+/// `port` is taken.
+pub(crate) fn bind_catchup(
+    ip: Ipv4Addr,
+    port: u16,
+) -> Result<std::net::TcpListener, crate::CastError> {
+    let bind = |port| {
+        std::net::TcpListener::bind(SocketAddrV4::new(ip, port))
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+    };
+    let fail = |source| crate::CastError::Socket {
+        what: "bind catch-up listener",
+        source,
+    };
+    match bind(port) {
+        Ok(l) => Ok(l),
+        Err(e) if port != 0 => {
+            tracing::warn!(addr = %SocketAddrV4::new(ip, port), error = %e,
+                "catch-up port busy; using an ephemeral port");
+            bind(0).map_err(fail)
+        }
+        Err(e) => Err(fail(e)),
     }
 }
 

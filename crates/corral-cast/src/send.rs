@@ -1,7 +1,7 @@
 //! The sender driver: image → signed manifest → protocol `Sender` on a UDP socket, plus the TCP
 //! catch-up server, until the protocol says the session is finished.
 
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 use crate::blocks::{Blocks, SharedBlocks, build_manifest};
 use crate::error::CastError;
 use crate::observe::{Progress, ReceiverProgress};
-use crate::options::{Rate, ReceiverOutcome, SendOptions, SendReport};
+use crate::options::{CatchupListener, Rate, ReceiverOutcome, SendOptions, SendReport};
 use crate::source::ImageSource;
 use crate::{catchup, keys, socket};
 
@@ -150,31 +150,28 @@ pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendRe
     };
     let prep_size = Arc::new(AtomicU64::new(0));
     let prep_done = Arc::new(AtomicU64::new(0));
-    let tcp_bind = SocketAddrV4::new(
-        opts.multicast
-            .interface
-            .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
-        opts.catchup_port,
-    );
-    let listener = match TcpListener::bind(tcp_bind).await {
-        Ok(l) => l,
-        Err(e) => {
-            warn!(addr = %tcp_bind, error = %e, "catch-up port busy; using an ephemeral port");
-            TcpListener::bind(SocketAddrV4::new(*tcp_bind.ip(), 0))
-                .await
-                .map_err(|source| CastError::Socket {
-                    what: "bind catch-up listener",
-                    source,
-                })?
-        }
+    let bound = match opts
+        .catchup_listener
+        .as_ref()
+        .and_then(CatchupListener::take)
+    {
+        Some(l) => l,
+        None => crate::options::bind_catchup(
+            opts.multicast.interface.unwrap_or(Ipv4Addr::UNSPECIFIED),
+            opts.catchup_port,
+        )?,
     };
-    let tcp_port = listener
+    let tcp_port = bound
         .local_addr()
         .map_err(|source| CastError::Socket {
             what: "catch-up listener address",
             source,
         })?
         .port();
+    let listener = TcpListener::from_std(bound).map_err(|source| CastError::Socket {
+        what: "catch-up listener",
+        source,
+    })?;
 
     let catchup = {
         let (size, done) = (prep_size.clone(), prep_done.clone());

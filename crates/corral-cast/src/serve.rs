@@ -74,9 +74,10 @@ pub struct Offer {
     pub bytes: u64,
     /// The session's multicast group.
     pub group: Ipv4Addr,
-    /// The session's UDP port (the catch-up TCP port has the same number).
+    /// The session's UDP port.
     pub port: u16,
-    /// The sender's catch-up address.
+    /// The sender's catch-up address (its TCP port is the UDP port's number unless that was
+    /// taken on the server's host).
     pub sender: SocketAddr,
     /// Hex of the public key that signs the session's manifest. Informational: a receiver
     /// should pin the key it was given out of band (`--trusted-key`).
@@ -148,6 +149,8 @@ impl std::fmt::Debug for ServeOptions {
 struct Slot {
     image: String,
     bytes: u64,
+    /// The TCP port its catch-up server listens on.
+    catchup_port: u16,
     /// Set when the session's data pass began: later requests open a new session.
     started: Arc<AtomicBool>,
 }
@@ -359,17 +362,42 @@ fn place(
                     ),
                 };
             };
+            let mc = slot_multicast(&shared.opts.multicast, free);
+            // Bound now, so that every receiver of the session is told the port it has
+            // (another program may hold the slot's).
+            let ip = mc.interface.unwrap_or(Ipv4Addr::UNSPECIFIED);
+            let listener = match crate::options::CatchupListener::bind(ip, mc.port) {
+                Ok(l) => l,
+                Err(e) => {
+                    return Answer::Error {
+                        reason: format!("cannot open a session: {e}; try again later"),
+                    };
+                }
+            };
             let started = Arc::new(AtomicBool::new(false));
             slots[free] = Some(Slot {
                 image: image.to_owned(),
                 bytes,
+                catchup_port: listener.port(),
                 started: started.clone(),
             });
-            start_session(shared.clone(), free, path, started, cancel.child_token());
+            start_session(
+                shared.clone(),
+                free,
+                path,
+                listener,
+                started,
+                cancel.child_token(),
+            );
             free
         }
     };
-    let slot = slots[index].as_ref().map_or(bytes, |s| s.bytes);
+    let Some(slot) = slots[index].as_ref() else {
+        return Answer::Error {
+            reason: "the session ended as it was joined; ask again".into(),
+        };
+    };
+    let (bytes, catchup_port) = (slot.bytes, slot.catchup_port);
     let mc = slot_multicast(&shared.opts.multicast, index);
     let sender_ip = match (mc.interface, local) {
         (Some(ip), _) => ip,
@@ -378,10 +406,10 @@ fn place(
     };
     Answer::Offer(Offer {
         image: image.to_owned(),
-        bytes: slot,
+        bytes,
         group: mc.group,
         port: mc.port,
-        sender: SocketAddr::V4(SocketAddrV4::new(sender_ip, mc.port)),
+        sender: SocketAddr::V4(SocketAddrV4::new(sender_ip, catchup_port)),
         public_key: hex::encode(shared.key.verifying_key().to_bytes()),
     })
 }
@@ -417,6 +445,7 @@ fn start_session(
     shared: Arc<Shared>,
     index: usize,
     path: PathBuf,
+    listener: crate::options::CatchupListener,
     started: Arc<AtomicBool>,
     cancel: CancellationToken,
 ) {
@@ -424,7 +453,8 @@ fn start_session(
     let mc = slot_multicast(&o.multicast, index);
     let opts = SendOptions {
         source: path.clone(),
-        catchup_port: mc.port,
+        catchup_port: listener.port(),
+        catchup_listener: Some(listener),
         multicast: mc,
         unicast: Vec::new(),
         rate: o.rate,

@@ -119,6 +119,7 @@ pub(crate) fn send_options(
         multicast: mcast(group, port, interface),
         unicast: Vec::new(),
         catchup_port: port,
+        catchup_listener: None,
         rate: rate.map(Rate::Fixed).unwrap_or(Rate::Adaptive),
         packet_size: 1472,
         min_receivers,

@@ -473,3 +473,99 @@ async fn image_server_runs_a_session_per_image_and_refuses_bad_names() {
     cancel.cancel();
     server.await.unwrap().unwrap();
 }
+
+/// `serve` names the catch-up port a session really listens on: another program holds the
+/// slot's port, so the session listens on another, and that is the one offered. The receiver
+/// cannot hear the group (the sender's datagrams do not loop back to this host), so it gets the
+/// whole image from the offered catch-up address; before, it was offered the slot's port and
+/// asked the program that holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_whose_catchup_port_is_taken_offers_the_port_it_listens_on() {
+    use corral_cast::serve;
+
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    std::fs::create_dir(&images).unwrap();
+    make_image(&images.join("gamma.img"), 2 << 20, 13, 2);
+    // The slot's port, held by somebody else (who accepts connections and never answers).
+    let squatter = std::net::TcpListener::bind((LO, 0)).unwrap();
+    let taken = squatter.local_addr().unwrap().port();
+    let control: SocketAddr = {
+        let free = std::net::TcpListener::bind((LO, 0)).unwrap();
+        free.local_addr().unwrap()
+    };
+    let key = corral_cast::keys::SigningKey::from_bytes(&[9; 32]);
+    let mc = receive_options(
+        OutputSpec::Stdout,
+        group(50),
+        taken,
+        LO,
+        None,
+        None,
+        "x",
+        None,
+        Duration::from_secs(1),
+    )
+    .multicast;
+    assert!(!mc.loopback, "the receiver must not hear the group");
+    let opts = serve::ServeOptions {
+        dir: images.clone(),
+        control,
+        multicast: mc,
+        max_sessions: 1,
+        rate: corral_cast::Rate::Fixed(400_000_000),
+        packet_size: 1472,
+        min_receivers: 1,
+        min_wait: Duration::from_millis(100),
+        max_wait: Duration::from_secs(1),
+        compress_level: 1,
+        key: Some(key.clone()),
+        linger: Duration::from_secs(10),
+        observer: Arc::new(corral_cast::NoObserver),
+    };
+    let cancel = CancellationToken::new();
+    let server = tokio::spawn(serve::serve(opts, cancel.clone()));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let offer = serve::request_image(control, "gamma.img", "r1")
+        .await
+        .unwrap();
+    assert_eq!(offer.port, taken, "the session's UDP port is the slot's");
+    assert_ne!(
+        offer.sender.port(),
+        taken,
+        "offered the catch-up port another program holds: {offer:?}"
+    );
+    // A second receiver joining the gathering session is told the same.
+    let again = serve::request_image(control, "gamma.img", "r2")
+        .await
+        .unwrap();
+    assert_eq!(again.sender, offer.sender);
+
+    let out = dir.path().join("r1.out");
+    let mut ropts = receive_options(
+        OutputSpec::Path(out.clone()),
+        offer.group,
+        offer.port,
+        LO,
+        Some(offer.sender),
+        None,
+        "r1",
+        Some(key.verifying_key().to_bytes()),
+        Duration::from_secs(30),
+    );
+    ropts.silent_after = Duration::from_secs(1);
+    let r = tokio::time::timeout(
+        Duration::from_secs(60),
+        corral_cast::receive(ropts, CancellationToken::new()),
+    )
+    .await
+    .expect("the receiver finishes")
+    .unwrap();
+    assert!(r.blocks > 0);
+    assert_eq!(r.blocks_multicast, 0, "{r:?}");
+    assert_eq!(hash_file(&out), hash_file(&images.join("gamma.img")));
+    drop(squatter);
+    cancel.cancel();
+    server.await.unwrap().unwrap();
+}

@@ -388,6 +388,7 @@ async fn send(a: SendArgs) -> anyhow::Result<Code> {
         multicast: a.group.multicast(a.ttl)?,
         unicast,
         catchup_port: a.group.port,
+        catchup_listener: None,
         rate,
         packet_size,
         min_receivers,
