@@ -14,6 +14,9 @@
 //! sender's image (with one signing key for a whole site, it would verify).
 //!
 //! Wire format (all integers big-endian):
+//! - the client opens with `CU` + u8 version ([`VERSION`]); a server of another version
+//!   answers status 4 with its own version (1 byte) and closes, so that ends of different
+//!   corral releases say so instead of misreading each other.
 //! - request `M` + IPv4 group + u16 port — the manifest of the stream to that group and port
 //!   (group 0.0.0.0 and the receiver's port for a receiver of unicast targets); request `B` +
 //!   u32 index — one encoded block.
@@ -22,6 +25,10 @@
 //!   (0 while unknown) and the bytes read and hashed so far, as u64s; 3 (to `M` only): this
 //!   server is another stream's, the 6 bytes are its group and port (0.0.0.0 and the first
 //!   target's port for unicast targets).
+//!
+//! Receivers of releases before the version existed open with `M` straight away: they are
+//! answered status 4 too (and report that the sender has no manifest); a sender of such a
+//! release closes the connection at `CU`, which this client reports as a version mismatch.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::{Arc, OnceLock};
@@ -50,6 +57,15 @@ const STATUS_PREPARING: u8 = 2;
 
 /// Reply status: this server belongs to another stream.
 const STATUS_OTHER_STREAM: u8 = 3;
+
+/// Reply status: the client's opening named another protocol version (or none).
+const STATUS_VERSION: u8 = 4;
+
+/// The catch-up protocol's version, sent in the client's opening.
+pub(crate) const VERSION: u8 = 1;
+
+/// What a client sends first.
+const OPENING: [u8; 3] = [b'C', b'U', VERSION];
 
 /// The stream a catch-up server belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,6 +210,21 @@ async fn serve_one(
     ours: &Stream,
 ) -> std::io::Result<()> {
     let _ = stream.set_nodelay(true);
+    let mut opening = [0u8; 3];
+    stream.read_exact(&mut opening).await?;
+    if opening != OPENING {
+        stream.write_u8(STATUS_VERSION).await?;
+        stream.write_u32(1).await?;
+        stream.write_u8(VERSION).await?;
+        // The rest of an old client's request is read before the connection closes, so
+        // that the close is an end of file after the answer, not a reset that may lose it.
+        let _ = stream.shutdown().await;
+        let mut rest = [0u8; 64];
+        let _ = tokio::time::timeout(Duration::from_secs(1), stream.read(&mut rest)).await;
+        return Err(std::io::Error::other(format!(
+            "catch-up client opened with {opening:02x?}, not version {VERSION}"
+        )));
+    }
     let mut served = 0u64;
     loop {
         let op = match stream.read_u8().await {
@@ -246,6 +277,9 @@ async fn serve_one(
 pub(crate) struct CatchUpClient {
     stream: TcpStream,
     peer: SocketAddr,
+    /// Whether a reply came on this connection (an end of file before the first one is
+    /// how a sender of an older release refuses the opening).
+    answered: bool,
 }
 
 impl CatchUpClient {
@@ -261,7 +295,17 @@ impl CatchUpClient {
                 reason: format!("connect: {e}"),
             })?;
         let _ = stream.set_nodelay(true);
-        Ok(CatchUpClient { stream, peer })
+        let mut c = CatchUpClient {
+            stream,
+            peer,
+            answered: false,
+        };
+        // Sent with the first request (nothing comes back for the opening itself).
+        c.stream
+            .write_all(&OPENING)
+            .await
+            .map_err(|e| c.err(format!("send: {e}")))?;
+        Ok(c)
     }
 
     fn err(&self, reason: impl Into<String>) -> CastError {
@@ -282,7 +326,19 @@ impl CatchUpClient {
     /// Reads the next reply: its status and bytes.
     async fn reply(&mut self) -> Result<(u8, Vec<u8>), CastError> {
         let fut = async {
-            let status = self.stream.read_u8().await?;
+            let status = match self.stream.read_u8().await {
+                Ok(s) => s,
+                // Closed (or reset, with our bytes unread) between replies.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+                    ) =>
+                {
+                    return Ok(None);
+                }
+                Err(e) => return Err(e),
+            };
             let len = self.stream.read_u32().await?;
             if len > MAX_REPLY {
                 return Err(std::io::Error::other(format!("reply of {len} bytes")));
@@ -300,12 +356,35 @@ impl CatchUpClient {
                     format!("reply cut short: {} of {len} bytes", buf.len()),
                 ));
             }
-            Ok::<_, std::io::Error>((status, buf))
+            Ok::<_, std::io::Error>(Some((status, buf)))
         };
-        match tokio::time::timeout(REPLY_TIMEOUT, fut).await {
+        let got = tokio::time::timeout(REPLY_TIMEOUT, fut).await;
+        let mismatch = |theirs: String| {
+            self.err(format!(
+                "the sender speaks catch-up protocol {theirs}, this receiver version {VERSION}: \
+                 run the same corral release on both ends"
+            ))
+        };
+        match got {
             Err(_) => Err(self.err("reply timed out")),
+            // A sender from before the version closes the connection at the opening.
+            Ok(Ok(None)) if !self.answered => Err(mismatch(
+                "of an older release, it seems (it closed the connection at our opening)".into(),
+            )),
+            Ok(Ok(None)) => Err(self.err("the sender closed the connection")),
             Ok(Err(e)) => Err(self.err(e.to_string())),
-            Ok(Ok(r)) => Ok(r),
+            Ok(Ok(Some((STATUS_VERSION, v)))) => match v.as_slice() {
+                [v] => Err(CastError::CatchUpVersion {
+                    addr: self.peer,
+                    theirs: *v,
+                    ours: VERSION,
+                }),
+                _ => Err(mismatch("of another version".into())),
+            },
+            Ok(Ok(Some(r))) => {
+                self.answered = true;
+                Ok(r)
+            }
         }
     }
 
@@ -585,6 +664,9 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.unwrap();
+            let mut opening = [0u8; 3];
+            s.read_exact(&mut opening).await.unwrap();
+            assert_eq!(opening, OPENING);
             assert_eq!(s.read_u8().await.unwrap(), b'M');
             let mut asked = [0u8; 6];
             s.read_exact(&mut asked).await.unwrap();
@@ -617,6 +699,9 @@ mod tests {
             let addr = listener.local_addr().unwrap();
             let server = tokio::spawn(async move {
                 let (mut s, _) = listener.accept().await.unwrap();
+                let mut opening = [0u8; 3];
+                s.read_exact(&mut opening).await.unwrap();
+                assert_eq!(opening, OPENING);
                 assert_eq!(s.read_u8().await.unwrap(), b'M');
                 let mut asked = [0u8; 6];
                 s.read_exact(&mut asked).await.unwrap();
@@ -633,6 +718,61 @@ mod tests {
                 Some(w) => assert_eq!(got.unwrap(), w),
             }
             drop(server.await.unwrap());
+        }
+    }
+
+    /// Ends of different releases say so. A client that opens without the version (a
+    /// receiver of an older release, whose first byte is its request) is answered status 4
+    /// and this server's version; a client told another version, or whose sender closes the
+    /// connection at the opening (a sender of an older release), reports a version mismatch.
+    #[tokio::test]
+    async fn ends_of_different_protocol_versions_refuse_each_other_clearly() {
+        let (addr, cancel) = start(Arc::new(Fixed), Stream::Group(G)).await;
+        let mut old = TcpStream::connect(addr).await.unwrap();
+        old.write_all(&[b'M', 239, 1, 2, 3, 0x23, 0x28])
+            .await
+            .unwrap();
+        assert_eq!(old.read_u8().await.unwrap(), STATUS_VERSION);
+        assert_eq!(old.read_u32().await.unwrap(), 1);
+        assert_eq!(old.read_u8().await.unwrap(), VERSION);
+        let mut rest = Vec::new();
+        old.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "nothing more, the connection closed");
+        // The server still serves clients of its version.
+        let mut c = CatchUpClient::connect(addr).await.unwrap();
+        assert_eq!(
+            c.manifest(G).await.unwrap(),
+            ManifestReply::Ready(b"manifest".to_vec())
+        );
+        cancel.cancel();
+
+        for newer in [true, false] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let server = tokio::spawn(async move {
+                let (mut s, _) = listener.accept().await.unwrap();
+                if newer {
+                    // A later version: answers status 4 with its own.
+                    let mut opening = [0u8; 3];
+                    s.read_exact(&mut opening).await.unwrap();
+                    s.write_all(&[STATUS_VERSION, 0, 0, 0, 1, VERSION + 1])
+                        .await
+                        .unwrap();
+                } else {
+                    // An older release: 'C' is no request it knows; it hangs up.
+                    assert_eq!(s.read_u8().await.unwrap(), b'C');
+                }
+            });
+            let mut c = CatchUpClient::connect(addr).await.unwrap();
+            let err = c.manifest(G).await.unwrap_err().to_string();
+            let want = if newer {
+                format!("version {}", VERSION + 1)
+            } else {
+                "older release".to_string()
+            };
+            assert!(err.contains(&want), "{err}");
+            assert!(err.contains("same corral release on both ends"), "{err}");
+            server.await.unwrap();
         }
     }
 }

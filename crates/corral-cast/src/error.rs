@@ -76,6 +76,18 @@ pub enum CastError {
         /// The stream this receiver listens to.
         ours: std::net::SocketAddrV4,
     },
+    /// The sender's catch-up server speaks another version of the catch-up protocol.
+    #[error(
+        "the sender at {addr} speaks catch-up protocol version {theirs}, this receiver version {ours}: run the same corral release on both ends"
+    )]
+    CatchUpVersion {
+        /// The catch-up address asked.
+        addr: std::net::SocketAddr,
+        /// The server's version.
+        theirs: u8,
+        /// Ours.
+        ours: u8,
+    },
     /// The output cannot be shown to hold the signed image: a block was never verified by
     /// this process, or the block hashes do not make up the image hash.
     #[error("{path}: {why}")]

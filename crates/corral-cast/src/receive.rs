@@ -835,8 +835,11 @@ pub async fn receive(
                             warn!(block = index, error = %e, "block fetched over TCP rejected");
                         }
                     }
-                    // Another sender's server: asking again will not make it ours.
-                    FromTcp::Idle(Some(e @ CastError::OtherStream { .. })) => {
+                    // Another sender's server, or one of another release: asking again
+                    // will not change it.
+                    FromTcp::Idle(Some(
+                        e @ (CastError::OtherStream { .. } | CastError::CatchUpVersion { .. }),
+                    )) => {
                         result = Some(Err(e));
                     }
                     FromTcp::Idle(err) => catchup.on_idle(&mut run.rx, err, Instant::now()),

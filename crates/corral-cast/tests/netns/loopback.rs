@@ -569,3 +569,62 @@ async fn a_session_whose_catchup_port_is_taken_offers_the_port_it_listens_on() {
     cancel.cancel();
     server.await.unwrap().unwrap();
 }
+
+/// A receiver whose sender's catch-up server speaks another protocol version (a sender of
+/// another corral release) stops at once with that reason and writes nothing, instead of
+/// asking again until its idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_stops_at_a_catchup_server_of_another_version() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind((LO, 0)).await.unwrap();
+    let sender = listener.local_addr().unwrap();
+    // Answers every connection as a server of version 9 would.
+    let server = tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut opening = [0u8; 3];
+            s.read_exact(&mut opening).await.unwrap();
+            s.write_all(&[4, 0, 0, 0, 1, 9]).await.unwrap();
+            let _ = s.shutdown().await;
+        }
+    });
+    let out = dir.path().join("out");
+    // A group nobody sends to.
+    let mut opts = receive_options(
+        OutputSpec::Path(out.clone()),
+        group(51),
+        sender.port(),
+        LO,
+        Some(sender),
+        None,
+        "r1",
+        None,
+        Duration::from_secs(30),
+    );
+    opts.silent_after = Duration::from_secs(1);
+    let started = std::time::Instant::now();
+    let err = tokio::time::timeout(
+        Duration::from_secs(20),
+        corral_cast::receive(opts, CancellationToken::new()),
+    )
+    .await
+    .expect("the receiver stops before its idle timeout")
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            corral_cast::CastError::CatchUpVersion { theirs: 9, .. }
+        ),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("run the same corral release"),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(!out.exists(), "nothing written");
+    assert!(!corral_cast::part_path(&out).exists(), "no part file");
+    server.abort();
+}
