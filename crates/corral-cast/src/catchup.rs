@@ -28,7 +28,9 @@
 //!
 //! Receivers of releases before the version existed open with `M` straight away: they are
 //! answered status 4 too (and report that the sender has no manifest); a sender of such a
-//! release closes the connection at `CU`, which this client reports as a version mismatch.
+//! release closes the connection at `CU`, which this client reports as one of the two reasons
+//! a server closes a connection before its first answer (the other: its connection limit,
+//! [`MAX_CONNECTIONS`]; a connection that sends no opening within [`OPENING_TIMEOUT`] is closed).
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::{Arc, OnceLock};
@@ -168,6 +170,14 @@ impl CatchUpProvider for Deferred {
     }
 }
 
+/// Connections a server holds at once; more are closed as they come. Bounds the
+/// descriptors a flood of connections can take from the sender (a thousand receivers that
+/// cannot hear the group each hold one).
+pub(crate) const MAX_CONNECTIONS: usize = 4096;
+
+/// How long a new connection has to send its opening before it is closed.
+pub(crate) const OPENING_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves catch-up requests on `listener` until `cancel` fires.
 pub(crate) async fn serve(
     listener: TcpListener,
@@ -175,7 +185,29 @@ pub(crate) async fn serve(
     stream: Stream,
     cancel: CancellationToken,
 ) {
+    serve_limited(
+        listener,
+        provider,
+        stream,
+        cancel,
+        MAX_CONNECTIONS,
+        OPENING_TIMEOUT,
+    )
+    .await;
+}
+
+/// [`serve`] with its limits given.
+async fn serve_limited(
+    listener: TcpListener,
+    provider: Arc<dyn CatchUpProvider>,
+    stream: Stream,
+    cancel: CancellationToken,
+    max_connections: usize,
+    opening_timeout: Duration,
+) {
     let serving = Arc::new(stream);
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let mut refused = 0u64;
     loop {
         let (stream, peer) = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -188,13 +220,21 @@ pub(crate) async fn serve(
                 }
             },
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            refused += 1;
+            if refused.is_power_of_two() {
+                warn!(%peer, refused, max_connections, "catch-up connections at their limit; closing new ones");
+            }
+            continue;
+        };
         let provider = provider.clone();
         let ours = serving.clone();
         let cancel = cancel.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             tokio::select! {
                 _ = cancel.cancelled() => {}
-                r = serve_one(stream, provider, &ours) => {
+                r = serve_one(stream, provider, &ours, opening_timeout) => {
                     if let Err(e) = r {
                         debug!(%peer, error = %e, "catch-up connection ended");
                     }
@@ -208,10 +248,13 @@ async fn serve_one(
     mut stream: TcpStream,
     provider: Arc<dyn CatchUpProvider>,
     ours: &Stream,
+    opening_timeout: Duration,
 ) -> std::io::Result<()> {
     let _ = stream.set_nodelay(true);
     let mut opening = [0u8; 3];
-    stream.read_exact(&mut opening).await?;
+    tokio::time::timeout(opening_timeout, stream.read_exact(&mut opening))
+        .await
+        .map_err(|_| std::io::Error::other("no opening in time"))??;
     if opening != OPENING {
         stream.write_u8(STATUS_VERSION).await?;
         stream.write_u32(1).await?;
@@ -368,8 +411,10 @@ impl CatchUpClient {
         match got {
             Err(_) => Err(self.err("reply timed out")),
             // A sender from before the version closes the connection at the opening.
-            Ok(Ok(None)) if !self.answered => Err(mismatch(
-                "of an older release, it seems (it closed the connection at our opening)".into(),
+            Ok(Ok(None)) if !self.answered => Err(self.err(
+                "the sender closed the connection before its first answer: it is at its \
+                 connection limit, or of an older release that does not speak this catch-up \
+                 protocol (run the same corral release on both ends)",
             )),
             Ok(Ok(None)) => Err(self.err("the sender closed the connection")),
             Ok(Err(e)) => Err(self.err(e.to_string())),
@@ -724,7 +769,7 @@ mod tests {
     /// Ends of different releases say so. A client that opens without the version (a
     /// receiver of an older release, whose first byte is its request) is answered status 4
     /// and this server's version; a client told another version, or whose sender closes the
-    /// connection at the opening (a sender of an older release), reports a version mismatch.
+    /// connection at the opening (a sender of an older release), says so.
     #[tokio::test]
     async fn ends_of_different_protocol_versions_refuse_each_other_clearly() {
         let (addr, cancel) = start(Arc::new(Fixed), Stream::Group(G)).await;
@@ -774,5 +819,47 @@ mod tests {
             assert!(err.contains("same corral release on both ends"), "{err}");
             server.await.unwrap();
         }
+    }
+
+    /// A flood of connections takes at most the server's limit of descriptors: past it, new
+    /// connections are closed at once; one that never sends its opening is closed after the
+    /// opening timeout, and its place serves a real client again.
+    #[tokio::test]
+    async fn connections_past_the_limit_or_silent_ones_are_closed() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cancel = CancellationToken::new();
+        tokio::spawn(serve_limited(
+            listener,
+            Arc::new(Fixed),
+            Stream::Group(G),
+            cancel.clone(),
+            2,
+            Duration::from_millis(300),
+        ));
+        let mut silent = Vec::new();
+        for _ in 0..2 {
+            silent.push(TcpStream::connect(addr).await.unwrap());
+        }
+        // The third is closed without a word.
+        let mut third = CatchUpClient::connect(addr).await.unwrap();
+        let err = third.manifest(G).await.unwrap_err().to_string();
+        assert!(err.contains("at its connection limit"), "{err}");
+        // The silent two are closed after the opening timeout ...
+        for s in &mut silent {
+            let mut b = [0u8; 1];
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b))
+                .await
+                .expect("closed by the server")
+                .unwrap_or(0);
+            assert_eq!(n, 0);
+        }
+        // ... and their places serve again.
+        let mut c = CatchUpClient::connect(addr).await.unwrap();
+        assert_eq!(
+            c.manifest(G).await.unwrap(),
+            ManifestReply::Ready(b"manifest".to_vec())
+        );
+        cancel.cancel();
     }
 }

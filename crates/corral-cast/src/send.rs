@@ -148,6 +148,7 @@ pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendRe
         catchup::Stream::Group(g) => vec![*g],
         catchup::Stream::Targets(t) => t.clone(),
     };
+    socket::raise_descriptor_limit();
     let prep_size = Arc::new(AtomicU64::new(0));
     let prep_done = Arc::new(AtomicU64::new(0));
     let bound = match opts

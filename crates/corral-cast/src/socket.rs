@@ -643,6 +643,24 @@ impl SendBatch {
     }
 }
 
+/// Raises this process's soft limit of open descriptors to its hard limit (at most 65,536):
+/// a sender holds a catch-up connection per receiver that cannot hear the group, and a
+/// thousand of those pass the usual soft limit of 1,024. Best effort.
+pub fn raise_descriptor_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let lim = getrlimit(Resource::Nofile);
+    let want = lim.maximum.map_or(65_536, |m| m.min(65_536));
+    if lim.current.is_some_and(|c| c < want) {
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(want),
+                maximum: lim.maximum,
+            },
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -848,5 +866,27 @@ mod tests {
                     .unwrap();
             assert_eq!(&buf[..n], b"hello");
         }
+    }
+
+    /// A soft descriptor limit below the hard one is raised (to at most 65,536).
+    #[test]
+    fn the_soft_descriptor_limit_is_raised() {
+        use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+        let before = getrlimit(Resource::Nofile);
+        let hard = before.maximum.map_or(65_536, |m| m.min(65_536));
+        if hard <= 512 {
+            eprintln!("SKIPPED: hard descriptor limit {hard} is too low to test raising it");
+            return;
+        }
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(512),
+                maximum: before.maximum,
+            },
+        )
+        .unwrap();
+        raise_descriptor_limit();
+        assert_eq!(getrlimit(Resource::Nofile).current, Some(hard));
     }
 }
