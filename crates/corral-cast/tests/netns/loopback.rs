@@ -332,6 +332,46 @@ async fn resume_refetches_only_missing_blocks() {
     assert_eq!(hash_file(&out), hash_file(&img));
 }
 
+/// An image server of `images` with control port `control`, its slots from `group:port` on
+/// loopback (its datagrams looped back), sessions signed with the key of `key_seed`, starting
+/// once two receivers joined (after 200 ms; at most 3 s).
+fn serve_options(
+    images: &std::path::Path,
+    control: SocketAddr,
+    group: Ipv4Addr,
+    port: u16,
+    key_seed: [u8; 32],
+) -> corral_cast::serve::ServeOptions {
+    let mut multicast = receive_options(
+        OutputSpec::Stdout,
+        group,
+        port,
+        LO,
+        None,
+        None,
+        "x",
+        None,
+        Duration::from_secs(1),
+    )
+    .multicast;
+    multicast.loopback = true;
+    corral_cast::serve::ServeOptions {
+        dir: images.to_path_buf(),
+        control,
+        multicast,
+        max_sessions: 4,
+        rate: corral_cast::Rate::Fixed(400_000_000),
+        packet_size: 1472,
+        min_receivers: 2,
+        min_wait: Duration::from_millis(200),
+        max_wait: Duration::from_secs(3),
+        compress_level: 1,
+        key: Some(corral_cast::keys::SigningKey::from_bytes(&key_seed)),
+        linger: Duration::from_secs(10),
+        observer: Arc::new(corral_cast::NoObserver),
+    }
+}
+
 /// `serve`: receivers ask for images by name; two images run as two sessions at once on two
 /// groups, two receivers of one image share one session, and hostile requests are refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -348,36 +388,8 @@ async fn image_server_runs_a_session_per_image_and_refuses_bad_names() {
     std::fs::write(dir.path().join("outside"), b"outside the root").unwrap();
     std::os::unix::fs::symlink(dir.path().join("outside"), images.join("escape.img")).unwrap();
 
-    let (g, p) = (group(40), port(5));
     let control: SocketAddr = (LO, port(9)).into();
-    let mut mc = crate::helper::receive_options(
-        OutputSpec::Stdout,
-        g,
-        p,
-        LO,
-        None,
-        None,
-        "x",
-        None,
-        Duration::from_secs(1),
-    )
-    .multicast;
-    mc.loopback = true;
-    let opts = serve::ServeOptions {
-        dir: images.clone(),
-        control,
-        multicast: mc,
-        max_sessions: 4,
-        rate: corral_cast::Rate::Fixed(400_000_000),
-        packet_size: 1472,
-        min_receivers: 2,
-        min_wait: Duration::from_millis(200),
-        max_wait: Duration::from_secs(3),
-        compress_level: 1,
-        key: Some(corral_cast::keys::SigningKey::from_bytes(&[7; 32])),
-        linger: Duration::from_secs(10),
-        observer: Arc::new(corral_cast::NoObserver),
-    };
+    let opts = serve_options(&images, control, group(40), port(5), [7; 32]);
     let cancel = CancellationToken::new();
     let server = tokio::spawn(serve::serve(opts, cancel.clone()));
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -495,34 +507,13 @@ async fn a_session_whose_catchup_port_is_taken_offers_the_port_it_listens_on() {
         free.local_addr().unwrap()
     };
     let key = corral_cast::keys::SigningKey::from_bytes(&[9; 32]);
-    let mc = receive_options(
-        OutputSpec::Stdout,
-        group(50),
-        taken,
-        LO,
-        None,
-        None,
-        "x",
-        None,
-        Duration::from_secs(1),
-    )
-    .multicast;
-    assert!(!mc.loopback, "the receiver must not hear the group");
-    let opts = serve::ServeOptions {
-        dir: images.clone(),
-        control,
-        multicast: mc,
-        max_sessions: 1,
-        rate: corral_cast::Rate::Fixed(400_000_000),
-        packet_size: 1472,
-        min_receivers: 1,
-        min_wait: Duration::from_millis(100),
-        max_wait: Duration::from_secs(1),
-        compress_level: 1,
-        key: Some(key.clone()),
-        linger: Duration::from_secs(10),
-        observer: Arc::new(corral_cast::NoObserver),
-    };
+    let mut opts = serve_options(&images, control, group(50), taken, [9; 32]);
+    // The receiver must not hear the group.
+    opts.multicast.loopback = false;
+    opts.max_sessions = 1;
+    opts.min_receivers = 1;
+    opts.min_wait = Duration::from_millis(100);
+    opts.max_wait = Duration::from_secs(1);
     let cancel = CancellationToken::new();
     let server = tokio::spawn(serve::serve(opts, cancel.clone()));
     tokio::time::sleep(Duration::from_millis(200)).await;
