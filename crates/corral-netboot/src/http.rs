@@ -2,8 +2,10 @@
 //! HEAD and Range, the installer's done callback, `/healthz` and `/metrics` (Prometheus text of
 //! the DHCP services, `corral_dhcp::metrics`, the TFTP servers, `corral_tftp::metrics`, and this
 //! server's own requests and bytes, `http::metrics`). Every request is an event
-//! (source `http`) with the machine's boot session.
+//! (source `http`) with the machine's boot session. Connections are bounded in number and
+//! closed when idle ([`guard`]).
 
+pub mod guard;
 mod metrics;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -38,11 +40,12 @@ pub struct Conn {
     pub local: SocketAddr,
 }
 
-impl Connected<IncomingStream<'_, TcpListener>> for Conn {
-    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
+impl Connected<IncomingStream<'_, guard::Guarded>> for Conn {
+    fn connect_info(stream: IncomingStream<'_, guard::Guarded>) -> Self {
         let peer = *stream.remote_addr();
         let local = stream
             .io()
+            .get_ref()
             .local_addr()
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
         Conn { peer, local }
@@ -76,7 +79,8 @@ pub fn router(engine: Arc<Netboot>) -> Router {
         ))
 }
 
-/// Serves HTTP on an already bound listener until `cancel`.
+/// Serves HTTP on an already bound listener until `cancel`, with the default connection
+/// limits ([`guard::Limits`]).
 pub async fn serve(
     listener: TcpListener,
     engine: Arc<Netboot>,
@@ -87,7 +91,7 @@ pub async fn serve(
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     tracing::info!(%addr, "HTTP boot server listening");
     axum::serve(
-        listener,
+        guard::Guarded::new(listener, guard::Limits::default()),
         router(engine).into_make_service_with_connect_info::<Conn>(),
     )
     .with_graceful_shutdown(async move { cancel.cancelled().await })
