@@ -40,6 +40,10 @@ pub const DEFAULT_CONTROL_PORT: u16 = 9100;
 pub const MAX_LINE: usize = 4096;
 /// How long a client has to send its request line.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a control connection may last in all (a client that does not read its answer).
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Control connections served at once; the next accept waits for one to end.
+pub const MAX_CLIENTS: usize = 256;
 
 /// A request from a receiver (or `corral cast list`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -166,6 +170,15 @@ struct Shared {
 
 /// Runs the image server until `cancel` fires; running sessions are cancelled with it.
 pub async fn serve(opts: ServeOptions, cancel: CancellationToken) -> Result<(), CastError> {
+    serve_limited(opts, cancel, MAX_CLIENTS).await
+}
+
+/// [`serve`] with at most `max_clients` control connections at once.
+async fn serve_limited(
+    opts: ServeOptions,
+    cancel: CancellationToken,
+    max_clients: usize,
+) -> Result<(), CastError> {
     let root = fs_err::canonicalize(&opts.dir).map_err(io_at(&opts.dir))?;
     let listener = TcpListener::bind(opts.control)
         .await
@@ -199,13 +212,23 @@ pub async fn serve(opts: ServeOptions, cancel: CancellationToken) -> Result<(), 
             bound.map_or_else(|| shared.opts.control.to_string(), |a| a.to_string())
         ),
     ));
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_clients.max(1)));
     loop {
+        let slot = tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            s = slots.clone().acquire_owned() => match s {
+                Ok(s) => s,
+                Err(_) => return Ok(()),
+            },
+        };
         let (stream, peer) = tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
-                    warn!(error = %e, "control port accept failed");
+                    // Out of descriptors, say: not a reason to spin.
+                    warn!(error = %e, "control port accept failed; retrying in 100 ms");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             },
@@ -213,8 +236,13 @@ pub async fn serve(opts: ServeOptions, cancel: CancellationToken) -> Result<(), 
         let shared = shared.clone();
         let cancel = cancel.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle_client(shared, stream, peer, cancel).await {
-                warn!(%peer, error = %e, "control connection failed");
+            let _slot = slot;
+            match tokio::time::timeout(CLIENT_TIMEOUT, handle_client(shared, stream, peer, cancel))
+                .await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(%peer, error = %e, "control connection failed"),
+                Err(_) => warn!(%peer, "control connection closed after {CLIENT_TIMEOUT:?}"),
             }
         });
     }
@@ -558,5 +586,61 @@ pub async fn request_image(
             server,
             reason: "answered a list instead of an offer".into(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With every control slot held by a client that sends nothing, the next client waits
+    /// until the request timeout frees one, then is answered.
+    #[tokio::test]
+    async fn past_the_client_limit_a_request_waits_for_a_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.img"), b"image").unwrap();
+        let control = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let opts = ServeOptions {
+            dir: dir.path().to_path_buf(),
+            control,
+            multicast: MulticastConfig {
+                group: Ipv4Addr::new(239, 255, 77, 1),
+                port: 9000,
+                interface: Some(Ipv4Addr::LOCALHOST),
+                ttl: 1,
+                loopback: false,
+                buffer: 1 << 20,
+            },
+            max_sessions: 1,
+            rate: Rate::Fixed(100_000_000),
+            packet_size: 1472,
+            min_receivers: 1,
+            min_wait: Duration::ZERO,
+            max_wait: Duration::from_secs(1),
+            compress_level: 1,
+            key: Some(SigningKey::from_bytes(&[3; 32])),
+            linger: Duration::from_secs(1),
+            observer: Arc::new(crate::NoObserver),
+        };
+        let cancel = CancellationToken::new();
+        tokio::spawn(serve_limited(opts, cancel.clone(), 1));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let silent = TcpStream::connect(control).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let t0 = std::time::Instant::now();
+        match ask(control, &Request::List).await.unwrap() {
+            Answer::Images { images } => assert_eq!(images[0].name, "a.img"),
+            other => panic!("unexpected answer {other:?}"),
+        }
+        let waited = t0.elapsed();
+        assert!(
+            waited >= REQUEST_TIMEOUT - Duration::from_secs(1),
+            "answered while the only slot was held: {waited:?}"
+        );
+        drop(silent);
+        cancel.cancel();
     }
 }
