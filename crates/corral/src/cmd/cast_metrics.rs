@@ -221,6 +221,11 @@ pub(crate) async fn serve_metrics(
         }),
     );
     tokio::spawn(async move {
+        // Bounded and idle connections closed, as the netboot HTTP server's.
+        let listener = corral_netboot::http::guard::Guarded::new(
+            listener,
+            corral_netboot::http::guard::Limits::default(),
+        );
         let r = axum::serve(listener, app)
             .with_graceful_shutdown(async move { cancel.cancelled().await })
             .await;
