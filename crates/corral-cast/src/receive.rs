@@ -513,7 +513,12 @@ pub async fn receive(
         name: opts.name.clone(),
         trusted_key: opts.trusted_key.map(|k| k.to_bytes()),
         seed: u64::from_be_bytes(seed),
-        sender: opts.sender,
+        // Reports go to the sender's UDP socket, which is bound to the stream's port; the
+        // port given with --sender is its TCP catch-up port, which may differ (taken on the
+        // sender's host, it listens on another).
+        sender: opts
+            .sender
+            .map(|a| SocketAddr::new(a.ip(), opts.multicast.port)),
         silent_after: opts.silent_after,
         ..ReceiverConfig::default()
     };

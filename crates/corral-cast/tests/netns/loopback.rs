@@ -486,14 +486,25 @@ async fn image_server_runs_a_session_per_image_and_refuses_bad_names() {
     server.await.unwrap().unwrap();
 }
 
+/// Collects the events of a session or server.
+#[derive(Default)]
+struct Events(std::sync::Mutex<Vec<corral_model::Event>>);
+
+impl corral_cast::Observer for Events {
+    fn event(&self, event: &corral_model::Event) {
+        self.0.lock().unwrap().push(event.clone());
+    }
+}
+
 /// `serve` names the catch-up port a session really listens on: another program holds the
-/// slot's port, so the session listens on another, and that is the one offered. The receiver
-/// cannot hear the group (the sender's datagrams do not loop back to this host), so it gets the
-/// whole image from the offered catch-up address; before, it was offered the slot's port and
-/// asked the program that holds it.
+/// slot's port, so the session listens on another, and that is the one offered (before, the
+/// slot's port was offered, and a receiver that needed catch-up asked the program holding it).
+/// The catch-up server there serves this session's manifest; a receiver given the offer
+/// sends its reports to the sender's UDP port, not to that TCP port, so the sender hears it,
+/// starts at once and counts it verified.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_whose_catchup_port_is_taken_offers_the_port_it_listens_on() {
-    use corral_cast::serve;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let dir = tempfile::tempdir().unwrap();
     let images = dir.path().join("images");
@@ -507,18 +518,19 @@ async fn a_session_whose_catchup_port_is_taken_offers_the_port_it_listens_on() {
         free.local_addr().unwrap()
     };
     let key = corral_cast::keys::SigningKey::from_bytes(&[9; 32]);
+    let events = Arc::new(Events::default());
     let mut opts = serve_options(&images, control, group(50), taken, [9; 32]);
-    // The receiver must not hear the group.
-    opts.multicast.loopback = false;
     opts.max_sessions = 1;
     opts.min_receivers = 1;
     opts.min_wait = Duration::from_millis(100);
-    opts.max_wait = Duration::from_secs(1);
+    // Long enough that a session starting without its receiver's join shows.
+    opts.max_wait = Duration::from_secs(20);
+    opts.observer = events.clone();
     let cancel = CancellationToken::new();
-    let server = tokio::spawn(serve::serve(opts, cancel.clone()));
+    let server = tokio::spawn(corral_cast::serve::serve(opts, cancel.clone()));
     tokio::time::sleep(Duration::from_millis(200)).await;
 
-    let offer = serve::request_image(control, "gamma.img", "r1")
+    let offer = corral_cast::serve::request_image(control, "gamma.img", "r1")
         .await
         .unwrap();
     assert_eq!(offer.port, taken, "the session's UDP port is the slot's");
@@ -528,13 +540,34 @@ async fn a_session_whose_catchup_port_is_taken_offers_the_port_it_listens_on() {
         "offered the catch-up port another program holds: {offer:?}"
     );
     // A second receiver joining the gathering session is told the same.
-    let again = serve::request_image(control, "gamma.img", "r2")
+    let again = corral_cast::serve::request_image(control, "gamma.img", "r2")
         .await
         .unwrap();
     assert_eq!(again.sender, offer.sender);
+    // The offered address serves this session's manifest (catch-up protocol: opening, then
+    // `M` + group + port; status 2 while the sender still hashes its image).
+    let mut tcp = tokio::net::TcpStream::connect(offer.sender).await.unwrap();
+    let manifest = loop {
+        let mut req = vec![b'C', b'U', 1, b'M'];
+        req.extend_from_slice(&offer.group.octets());
+        req.extend_from_slice(&offer.port.to_be_bytes());
+        tcp.write_all(&req).await.unwrap();
+        let status = tcp.read_u8().await.unwrap();
+        let len = tcp.read_u32().await.unwrap();
+        let mut body = vec![0u8; len as usize];
+        tcp.read_exact(&mut body).await.unwrap();
+        match status {
+            0 => break body,
+            2 => tokio::time::sleep(Duration::from_millis(50)).await,
+            s => panic!("status {s} from the offered catch-up address"),
+        }
+        tcp = tokio::net::TcpStream::connect(offer.sender).await.unwrap();
+    };
+    assert!(manifest.len() > 64, "a signed manifest");
+    drop(tcp);
 
     let out = dir.path().join("r1.out");
-    let mut ropts = receive_options(
+    let ropts = receive_options(
         OutputSpec::Path(out.clone()),
         offer.group,
         offer.port,
@@ -545,7 +578,7 @@ async fn a_session_whose_catchup_port_is_taken_offers_the_port_it_listens_on() {
         Some(key.verifying_key().to_bytes()),
         Duration::from_secs(30),
     );
-    ropts.silent_after = Duration::from_secs(1);
+    let t0 = std::time::Instant::now();
     let r = tokio::time::timeout(
         Duration::from_secs(60),
         corral_cast::receive(ropts, CancellationToken::new()),
@@ -554,8 +587,32 @@ async fn a_session_whose_catchup_port_is_taken_offers_the_port_it_listens_on() {
     .expect("the receiver finishes")
     .unwrap();
     assert!(r.blocks > 0);
-    assert_eq!(r.blocks_multicast, 0, "{r:?}");
     assert_eq!(hash_file(&out), hash_file(&images.join("gamma.img")));
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "the sender did not hear the receiver's join: it started at its max wait"
+    );
+    // The session ends with the receiver counted.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let end = loop {
+        let end = events
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|e| e.kind.0 == "serve-session-end")
+            .cloned();
+        if let Some(e) = end {
+            break e;
+        }
+        assert!(std::time::Instant::now() < deadline, "no session end");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        end.reason.contains("1 receiver(s) verified"),
+        "{}",
+        end.reason
+    );
     drop(squatter);
     cancel.cancel();
     server.await.unwrap().unwrap();
