@@ -193,6 +193,21 @@ const HASH_POLL: std::time::Duration = std::time::Duration::from_millis(5);
 /// How many blocks the encoder thread keeps ready ahead of the sender.
 const READ_AHEAD: u32 = 16;
 
+/// Bytes of encoded blocks the catch-up server keeps for the next receiver that asks.
+const SERVED_BYTES: usize = 64 << 20;
+
+/// A block the catch-up server encoded, or is encoding (whoever asks meanwhile waits for it).
+type ServedBlock = Arc<std::sync::OnceLock<Option<Arc<Vec<u8>>>>>;
+
+/// The catch-up server's recent blocks: receivers that fetch over TCP (multicast blocked,
+/// a late join) tend to ask for the same blocks at about the same time, and each is read
+/// and compressed once for all of them. Oldest first out.
+#[derive(Default)]
+struct Served {
+    blocks: HashMap<u32, ServedBlock>,
+    order: std::collections::VecDeque<u32>,
+}
+
 struct Cache {
     ready: HashMap<u32, Arc<EncodedBlock>>,
     /// The highest block the sender asked for (the encoder stays `READ_AHEAD` beyond it).
@@ -209,6 +224,11 @@ pub(crate) struct Blocks {
     signed: SignedManifest,
     cache: Mutex<Cache>,
     cv: Condvar,
+    served: Mutex<Served>,
+    /// Bytes of blocks `served` keeps ([`SERVED_BYTES`]).
+    served_budget: AtomicUsize,
+    /// Blocks the catch-up server read and encoded.
+    served_encoded: AtomicU64,
 }
 
 impl std::fmt::Debug for Blocks {
@@ -230,6 +250,9 @@ impl Blocks {
                 stop: false,
             }),
             cv: Condvar::new(),
+            served: Mutex::new(Served::default()),
+            served_budget: AtomicUsize::new(SERVED_BYTES),
+            served_encoded: AtomicU64::new(0),
         });
         let worker = b.clone();
         std::thread::Builder::new()
@@ -335,9 +358,49 @@ impl CatchUpProvider for Blocks {
         ManifestReply::Ready(self.signed.as_bytes().to_vec())
     }
 
-    fn block(&self, index: u32) -> Option<Vec<u8>> {
-        // Catch-up requests are random access: encode directly, leaving the read-ahead alone.
-        self.encode(index).ok().map(|b| b.to_bytes())
+    fn block(&self, index: u32) -> Option<Arc<Vec<u8>>> {
+        let m = self.signed.manifest();
+        if index >= m.block_count() {
+            return None;
+        }
+        // Catch-up requests are random access: they leave the stream's read-ahead alone and
+        // share their own recent blocks.
+        let served = || self.served.lock().unwrap_or_else(|e| e.into_inner());
+        let cell = {
+            let mut s = served();
+            let budget = self.served_budget.load(Ordering::Relaxed);
+            let keep = (budget / m.block_size.max(1) as usize).max(8);
+            match s.blocks.get(&index) {
+                Some(c) => c.clone(),
+                None => {
+                    let c = ServedBlock::default();
+                    s.blocks.insert(index, c.clone());
+                    s.order.push_back(index);
+                    while s.order.len() > keep {
+                        if let Some(old) = s.order.pop_front() {
+                            s.blocks.remove(&old);
+                        }
+                    }
+                    c
+                }
+            }
+        };
+        // One thread encodes; the others asking for it meanwhile wait and share the bytes.
+        let got = cell
+            .get_or_init(|| {
+                self.served_encoded.fetch_add(1, Ordering::Relaxed);
+                self.encode(index).ok().map(|b| Arc::new(b.to_bytes()))
+            })
+            .clone();
+        if got.is_none() {
+            // A failed read is not kept: the next request tries again.
+            let mut s = served();
+            if s.blocks.get(&index).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+                s.blocks.remove(&index);
+                s.order.retain(|&i| i != index);
+            }
+        }
+        got
     }
 }
 
@@ -454,5 +517,42 @@ mod tests {
             Some(&0),
             "a spool was cached: {reported:?}"
         );
+    }
+
+    /// Catch-up requests for one block at once are answered by one read and encode, shared
+    /// by all; later requests for it reuse it while it is among the last blocks kept (the
+    /// budget's worth, oldest out); a block past the end is none and costs nothing.
+    #[test]
+    fn catch_up_blocks_are_encoded_once_for_all_who_ask() {
+        let data: Vec<u8> = (0..20 * 4096).map(|i| (i * 13 % 251) as u8).collect();
+        let src = Arc::new(ImageSource::spool(&mut &data[..]).unwrap());
+        let (signed, _) = manifest_of(&src);
+        let blocks = Blocks::start(src, signed);
+        // Room for 8 blocks of 4 KiB (the least kept).
+        blocks.served_budget.store(8 * 4096, Ordering::Relaxed);
+        let want = blocks.encode(3).unwrap().to_bytes();
+        let got: Vec<Arc<Vec<u8>>> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| blocks.block(3).unwrap()))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for g in &got {
+            assert_eq!(**g, want);
+            assert!(Arc::ptr_eq(g, &got[0]), "one encoding shared");
+        }
+        assert_eq!(blocks.served_encoded.load(Ordering::Relaxed), 1);
+        // Eight more blocks push block 3 out; asked again, it is encoded again.
+        for i in 4..12 {
+            assert!(blocks.block(i).is_some());
+        }
+        assert_eq!(blocks.served_encoded.load(Ordering::Relaxed), 9);
+        assert!(blocks.block(11).is_some(), "still kept");
+        assert_eq!(blocks.served_encoded.load(Ordering::Relaxed), 9);
+        assert_eq!(*blocks.block(3).unwrap(), want);
+        assert_eq!(blocks.served_encoded.load(Ordering::Relaxed), 10);
+        assert!(blocks.block(20).is_none(), "past the end");
+        assert_eq!(blocks.served_encoded.load(Ordering::Relaxed), 10);
+        blocks.stop();
     }
 }

@@ -129,7 +129,7 @@ pub(crate) trait CatchUpProvider: Send + Sync + 'static {
     /// The signed manifest, or how far the sender is with it.
     fn manifest(&self) -> ManifestReply;
     /// Encoded block `index` (as it travels in a data packet), or `None` if there is none.
-    fn block(&self, index: u32) -> Option<Vec<u8>>;
+    fn block(&self, index: u32) -> Option<Arc<Vec<u8>>>;
 }
 
 /// How far a sender's pre-pass is, asked when a receiver asks.
@@ -165,7 +165,7 @@ impl CatchUpProvider for Deferred {
         }
     }
 
-    fn block(&self, index: u32) -> Option<Vec<u8>> {
+    fn block(&self, index: u32) -> Option<Arc<Vec<u8>>> {
         self.ready.get()?.block(index)
     }
 }
@@ -284,15 +284,18 @@ async fn serve_one(
                 stream.read_exact(&mut asked).await?;
                 if !ours.serves(stream_from(asked)) {
                     debug!(asked = %stream_from(asked), "catch-up client of another stream");
-                    (STATUS_OTHER_STREAM, stream_bytes(ours.shown()).to_vec())
+                    (
+                        STATUS_OTHER_STREAM,
+                        Arc::new(stream_bytes(ours.shown()).to_vec()),
+                    )
                 } else {
                     match provider.manifest() {
-                        ManifestReply::Ready(m) => (0, m),
+                        ManifestReply::Ready(m) => (0, Arc::new(m)),
                         ManifestReply::Preparing(p) => {
                             let mut b = Vec::with_capacity(16);
                             b.extend_from_slice(&p.image_size.to_be_bytes());
                             b.extend_from_slice(&p.bytes_done.to_be_bytes());
-                            (STATUS_PREPARING, b)
+                            (STATUS_PREPARING, Arc::new(b))
                         }
                     }
                 }
@@ -304,7 +307,7 @@ async fn serve_one(
                 // Reading and compressing a block is blocking work.
                 match tokio::task::spawn_blocking(move || p.block(index)).await {
                     Ok(Some(b)) => (0, b),
-                    _ => (1, Vec::new()),
+                    _ => (1, Arc::default()),
                 }
             }
             _ => return Err(std::io::Error::other("unknown catch-up request")),
@@ -547,8 +550,8 @@ mod tests {
         fn manifest(&self) -> ManifestReply {
             ManifestReply::Ready(b"manifest".to_vec())
         }
-        fn block(&self, index: u32) -> Option<Vec<u8>> {
-            (index < 3).then(|| vec![index as u8; 1000])
+        fn block(&self, index: u32) -> Option<Arc<Vec<u8>>> {
+            (index < 3).then(|| Arc::new(vec![index as u8; 1000]))
         }
     }
 
