@@ -769,8 +769,14 @@ impl Receiver {
         if self.session.is_none() {
             self.session = Some(session);
         }
-        if self.sender.is_none() {
-            self.sender = Some(from);
+        match self.sender {
+            None => self.sender = Some(from),
+            // Told the sender's host, whose report port was the stream's by default: its own
+            // datagrams say where it listens (another sender on that host may hold that port).
+            Some(s) if s.ip() == from.ip() && s.port() != from.port() => {
+                self.sender = Some(from);
+            }
+            Some(_) => {}
         }
         if a.flags & packet::ANNOUNCE_STARTED != 0 && !self.sender_started {
             self.sender_started = true;
@@ -1789,6 +1795,33 @@ mod tests {
             image_size,
             bytes_done,
         }))
+    }
+
+    /// A receiver told the sender's host (its report port a guess: the stream's) reports to
+    /// the port that host's announcements come from (another sender there may hold the
+    /// stream's port); an announcement from another host moves nothing.
+    #[test]
+    fn a_sender_given_by_host_is_reported_to_at_the_port_it_announces_from() {
+        let now = t0();
+        let m = signed(SessionId(1));
+        let mut r = Receiver::new(
+            ReceiverConfig {
+                name: "t".into(),
+                trusted_key: Some(SignedManifest::public_key_for(&KEY)),
+                sender: Some(sender()),
+                ..ReceiverConfig::default()
+            },
+            now,
+        );
+        let elsewhere = SocketAddr::from(([10, 0, 0, 2], 40_001));
+        r.handle_input(now, elsewhere, &announce(&m, 0));
+        assert_eq!(r.sender(), Some(sender()), "another host's announcement");
+        let real = SocketAddr::from(([10, 0, 0, 1], 40_002));
+        r.handle_input(now, real, &announce(&m, 0));
+        assert_eq!(r.sender(), Some(real));
+        let mut buf = Vec::new();
+        let t = r.poll_transmit(now, &mut buf).expect("a join");
+        assert_eq!(t.dest, Dest::Unicast(real));
     }
 
     #[test]

@@ -151,15 +151,32 @@ type Force = fn(&Socket, usize) -> rustix::io::Result<()>;
 pub fn sender_socket(cfg: &MulticastConfig) -> Result<tokio::net::UdpSocket, CastError> {
     let sock =
         Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).map_err(io_err("socket"))?;
-    // Bound to the group's port number so that a receiver told `--sender HOST` knows where to
-    // send its reports without ever hearing an announcement.
-    sock.set_reuse_address(true)
-        .map_err(io_err("SO_REUSEADDR"))?;
     // Without this, a socket bound to the wildcard address gets every group's traffic on the
     // port as soon as any local socket joined it.
     let _ = sock.set_multicast_all_v4(false);
+    // Bound to the group's port number so that a receiver told `--sender HOST` knows where to
+    // send its reports without ever hearing an announcement. Bound alone: a second sender on
+    // this host with the same port (another group) would otherwise share it, and the kernel
+    // hands every unicast report to the newest of the two. Such a sender takes an ephemeral
+    // port instead; its datagrams carry it, and receivers that hear them report there.
     let bind = SocketAddrV4::new(cfg.interface.unwrap_or(Ipv4Addr::UNSPECIFIED), cfg.port);
-    sock.bind(&bind.into()).map_err(io_err("bind"))?;
+    match sock.bind(&bind.into()) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse && cfg.port != 0 => {
+            warn!(
+                addr = %bind,
+                "UDP port in use on this host (another sender?): receivers' reports come to an \
+                 ephemeral port, which receivers that hear the group learn; one that cannot must \
+                 be given a --port of its own on both ends"
+            );
+            sock.bind(&SocketAddrV4::new(*bind.ip(), 0).into())
+                .map_err(io_err("bind"))?;
+        }
+        Err(e) => return Err(io_err("bind")(e)),
+    }
+    // Receivers on this host (tests, a lab on one machine) may bind the port after us.
+    sock.set_reuse_address(true)
+        .map_err(io_err("SO_REUSEADDR"))?;
     if let Some(ifa) = cfg.interface {
         sock.set_multicast_if_v4(&ifa)
             .map_err(io_err("IP_MULTICAST_IF"))?;
@@ -866,6 +883,44 @@ mod tests {
                     .unwrap();
             assert_eq!(&buf[..n], b"hello");
         }
+    }
+
+    /// A second sender socket for the same address and port gets a port of its own (sharing
+    /// one, unicast reports would go to either at the kernel's whim), and a receiver can
+    /// still bind the group's port after both.
+    #[tokio::test]
+    async fn a_second_sender_on_a_port_takes_another() {
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let cfg = MulticastConfig {
+            group: Ipv4Addr::new(239, 255, 91, 7),
+            port,
+            interface: Some(Ipv4Addr::LOCALHOST),
+            ttl: 1,
+            loopback: true,
+            buffer: 1 << 20,
+        };
+        let first = sender_socket(&cfg).unwrap();
+        let second = sender_socket(&cfg).unwrap();
+        assert_eq!(first.local_addr().unwrap().port(), port);
+        let other = second.local_addr().unwrap().port();
+        assert_ne!(other, port, "two senders share port {port}");
+        let r = receiver_socket(&cfg).unwrap();
+        second
+            .send_to(b"from the second", cfg.group_addr())
+            .await
+            .unwrap();
+        let mut buf = [0u8; 32];
+        let (n, from) =
+            tokio::time::timeout(std::time::Duration::from_secs(2), r.recv_from(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+        assert_eq!(&buf[..n], b"from the second");
+        assert_eq!(from.port(), other, "its datagrams carry its own port");
     }
 
     /// A soft descriptor limit below the hard one is raised (to at most 65,536).

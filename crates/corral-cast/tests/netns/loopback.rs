@@ -676,3 +676,80 @@ async fn a_receiver_stops_at_a_catchup_server_of_another_version() {
     assert!(!corral_cast::part_path(&out).exists(), "no part file");
     server.abort();
 }
+
+/// Two senders on one host with the same port and different groups: each hears its own
+/// receiver, at once. They used to share the UDP port (SO_REUSEADDR), and the kernel hands
+/// each unicast datagram to one of the sockets sharing a port (the newest, or one whose last
+/// datagram came in on the same CPU), so each sender lost a share of its receivers' joins,
+/// reports, NAKs and Dones to the other (retries hid it here). The second now takes an
+/// ephemeral port, which its datagrams carry to its receivers (`socket`'s unit test pins
+/// the ports).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_senders_on_one_port_each_hear_their_receivers() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = std::net::UdpSocket::bind((LO, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut receivers = Vec::new();
+    let mut senders = Vec::new();
+    for (k, name) in ["a", "b"].into_iter().enumerate() {
+        let img = dir.path().join(format!("image-{name}"));
+        make_image(&img, 3 << 20, 20 + k as u64, 0);
+        let g = group(52 + k as u8);
+        let out = dir.path().join(format!("out-{name}"));
+        let opts = receive_options(
+            OutputSpec::Path(out.clone()),
+            g,
+            p,
+            LO,
+            None,
+            None,
+            name,
+            None,
+            Duration::from_secs(30),
+        );
+        receivers.push((
+            img.clone(),
+            out,
+            tokio::spawn(corral_cast::receive(opts, CancellationToken::new())),
+        ));
+        senders.push(send_options(
+            img,
+            g,
+            p,
+            LO,
+            1,
+            vec![name.to_string()],
+            Some(400_000_000),
+            Duration::from_secs(8),
+            Duration::from_secs(10),
+            None,
+        ));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t0 = std::time::Instant::now();
+    let sends: Vec<_> = senders
+        .into_iter()
+        .map(|o| tokio::spawn(corral_cast::send(o, CancellationToken::new())))
+        .collect();
+    for (s, name) in sends.into_iter().zip(["a", "b"]) {
+        let report = tokio::time::timeout(Duration::from_secs(60), s)
+            .await
+            .expect("sender finishes")
+            .unwrap()
+            .expect("send works");
+        assert!(report.all_ok(), "sender of {name}: {report:?}");
+        assert_eq!(report.receivers.len(), 1, "{report:?}");
+        assert_eq!(report.receivers[0].name, name);
+    }
+    assert!(
+        t0.elapsed() < Duration::from_secs(7),
+        "a sender waited for its max wait: its receiver's join did not reach it"
+    );
+    for (img, out, t) in receivers {
+        t.await.unwrap().expect("receiver succeeds");
+        assert_eq!(hash_file(&out), hash_file(&img));
+    }
+}
