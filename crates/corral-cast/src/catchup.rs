@@ -404,14 +404,7 @@ impl CatchUpClient {
             }
             Ok::<_, std::io::Error>(Some((status, buf)))
         };
-        let got = tokio::time::timeout(REPLY_TIMEOUT, fut).await;
-        let mismatch = |theirs: String| {
-            self.err(format!(
-                "the sender speaks catch-up protocol {theirs}, this receiver version {VERSION}: \
-                 run the same corral release on both ends"
-            ))
-        };
-        match got {
+        match tokio::time::timeout(REPLY_TIMEOUT, fut).await {
             Err(_) => Err(self.err("reply timed out")),
             // A sender from before the version closes the connection at the opening.
             Ok(Ok(None)) if !self.answered => Err(self.err(
@@ -427,7 +420,12 @@ impl CatchUpClient {
                     theirs: *v,
                     ours: VERSION,
                 }),
-                _ => Err(mismatch("of another version".into())),
+                _ => Err(self.err(format!(
+                    "the sender answered with a version reply of {} bytes: it speaks another \
+                     catch-up protocol than this receiver's version {VERSION}; run the same \
+                     corral release on both ends",
+                    v.len()
+                ))),
             },
             Ok(Ok(Some(r))) => {
                 self.answered = true;

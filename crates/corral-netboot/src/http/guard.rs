@@ -153,18 +153,20 @@ impl Idle {
         }
     }
 
-    /// What a write of the connection comes to.
-    fn wrote(
+    /// What a read or write of the connection comes to: `moved` says whether its result
+    /// moved a byte.
+    fn settle<T>(
         &mut self,
         cx: &mut Context<'_>,
-        r: Poll<io::Result<usize>>,
-    ) -> Poll<io::Result<usize>> {
+        r: Poll<io::Result<T>>,
+        moved: impl FnOnce(&T) -> bool,
+    ) -> Poll<io::Result<T>> {
         match r {
-            Poll::Ready(Ok(n)) => {
-                if n > 0 {
+            Poll::Ready(Ok(v)) => {
+                if moved(&v) {
                     self.moved();
                 }
-                Poll::Ready(Ok(n))
+                Poll::Ready(Ok(v))
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => self.pending(cx),
@@ -180,16 +182,9 @@ impl AsyncRead for Idle {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
-        match Pin::new(&mut this.inner).poll_read(cx, buf) {
-            Poll::Ready(Ok(())) => {
-                if buf.filled().len() > before {
-                    this.moved();
-                }
-                Poll::Ready(Ok(()))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => this.pending(cx),
-        }
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        let after = buf.filled().len();
+        this.settle(cx, r, |()| after > before)
     }
 }
 
@@ -201,7 +196,7 @@ impl AsyncWrite for Idle {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write(cx, buf);
-        this.wrote(cx, r)
+        this.settle(cx, r, |&n| n > 0)
     }
 
     fn poll_write_vectored(
@@ -211,7 +206,7 @@ impl AsyncWrite for Idle {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        this.wrote(cx, r)
+        this.settle(cx, r, |&n| n > 0)
     }
 
     fn is_write_vectored(&self) -> bool {
