@@ -407,6 +407,18 @@ impl Receiver {
         self.sender
     }
 
+    /// The sender's own word, heard over its TCP catch-up channel, of the UDP port it listens
+    /// on (a receiver that cannot hear the group has no announcement to learn it from):
+    /// reports go there from now on. Only for the host this receiver follows; word of
+    /// another host changes nothing.
+    pub fn sender_listens_on(&mut self, port: u16) {
+        if let Some(s) = &mut self.sender
+            && port != 0
+        {
+            s.set_port(port);
+        }
+    }
+
     /// The sender's TCP catch-up port from its Announce (0 or `None`: none known).
     pub fn tcp_port(&self) -> Option<u16> {
         self.announce.map(|a| a.tcp_port)
@@ -1822,6 +1834,26 @@ mod tests {
         let mut buf = Vec::new();
         let t = r.poll_transmit(now, &mut buf).expect("a join");
         assert_eq!(t.dest, Dest::Unicast(real));
+    }
+
+    /// A receiver that cannot hear the group learns the sender's report port over TCP:
+    /// its joins go there from then on (0 is no word).
+    #[test]
+    fn a_report_port_told_over_tcp_moves_the_reports() {
+        let now = t0();
+        let mut r = told_receiver(now);
+        r.sender_listens_on(0);
+        assert_eq!(r.sender(), Some(sender()));
+        r.sender_listens_on(40_003);
+        let real = SocketAddr::new(sender().ip(), 40_003);
+        assert_eq!(r.sender(), Some(real));
+        let mut buf = Vec::new();
+        let t = r.poll_transmit(now, &mut buf).expect("a join");
+        assert_eq!(t.dest, Dest::Unicast(real));
+        // Nobody to follow: nothing to move.
+        let mut lone = Receiver::new(ReceiverConfig::default(), now);
+        lone.sender_listens_on(40_003);
+        assert_eq!(lone.sender(), None);
     }
 
     #[test]

@@ -20,11 +20,17 @@
 //! - request `M` + IPv4 group + u16 port — the manifest of the stream to that group and port
 //!   (group 0.0.0.0 and the receiver's port for a receiver of unicast targets); request `B` +
 //!   u32 index — one encoded block.
-//! - reply: u8 status + u32 length + that many bytes. Status 0: ok; 1: unknown; 2 (to `M`
+//! - reply: u8 status + u32 length + that many bytes. Status 0: ok (to `M`: u16 port of the
+//!   sender's UDP socket, where reports go, then the signed manifest); 1: unknown; 2 (to `M`
 //!   only): no manifest yet, the sender is preparing it, and the 16 bytes are the image size
 //!   (0 while unknown) and the bytes read and hashed so far, as u64s; 3 (to `M` only): this
 //!   server is another stream's, the 6 bytes are its group and port (0.0.0.0 and the first
 //!   target's port for unicast targets).
+//!
+//! The UDP port comes with the manifest for a receiver that cannot hear the group: it learns
+//! where its joins, status and Done go from the sender's own word, as a receiver that hears
+//! the group does from where the announcements come from (a sender whose stream port was
+//! taken on its host binds another). Version 1 had no port.
 //!
 //! Receivers of releases before the version existed open with `M` straight away: they are
 //! answered status 4 too (and report that the sender has no manifest); a sender of such a
@@ -64,7 +70,7 @@ const STATUS_OTHER_STREAM: u8 = 3;
 const STATUS_VERSION: u8 = 4;
 
 /// The catch-up protocol's version, sent in the client's opening.
-pub(crate) const VERSION: u8 = 1;
+pub(crate) const VERSION: u8 = 2;
 
 /// What a client sends first.
 const OPENING: [u8; 3] = [b'C', b'U', VERSION];
@@ -178,17 +184,20 @@ pub(crate) const MAX_CONNECTIONS: usize = 4096;
 /// How long a new connection has to send its opening before it is closed.
 pub(crate) const OPENING_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serves catch-up requests on `listener` until `cancel` fires.
+/// Serves catch-up requests on `listener` until `cancel` fires; `report_port` is the port of
+/// the sender's UDP socket, told with the manifest.
 pub(crate) async fn serve(
     listener: TcpListener,
     provider: Arc<dyn CatchUpProvider>,
     stream: Stream,
+    report_port: u16,
     cancel: CancellationToken,
 ) {
     serve_limited(
         listener,
         provider,
         stream,
+        report_port,
         cancel,
         MAX_CONNECTIONS,
         OPENING_TIMEOUT,
@@ -201,6 +210,7 @@ async fn serve_limited(
     listener: TcpListener,
     provider: Arc<dyn CatchUpProvider>,
     stream: Stream,
+    report_port: u16,
     cancel: CancellationToken,
     max_connections: usize,
     opening_timeout: Duration,
@@ -234,7 +244,7 @@ async fn serve_limited(
             let _slot = slot;
             tokio::select! {
                 _ = cancel.cancelled() => {}
-                r = serve_one(stream, provider, &ours, opening_timeout) => {
+                r = serve_one(stream, provider, &ours, report_port, opening_timeout) => {
                     if let Err(e) = r {
                         debug!(%peer, error = %e, "catch-up connection ended");
                     }
@@ -248,6 +258,7 @@ async fn serve_one(
     mut stream: TcpStream,
     provider: Arc<dyn CatchUpProvider>,
     ours: &Stream,
+    report_port: u16,
     opening_timeout: Duration,
 ) -> std::io::Result<()> {
     let _ = stream.set_nodelay(true);
@@ -290,7 +301,12 @@ async fn serve_one(
                     )
                 } else {
                     match provider.manifest() {
-                        ManifestReply::Ready(m) => (0, Arc::new(m)),
+                        ManifestReply::Ready(m) => {
+                            let mut b = Vec::with_capacity(2 + m.len());
+                            b.extend_from_slice(&report_port.to_be_bytes());
+                            b.extend_from_slice(&m);
+                            (0, Arc::new(b))
+                        }
                         ManifestReply::Preparing(p) => {
                             let mut b = Vec::with_capacity(16);
                             b.extend_from_slice(&p.image_size.to_be_bytes());
@@ -326,6 +342,8 @@ pub(crate) struct CatchUpClient {
     /// Whether a reply came on this connection (an end of file before the first one is
     /// how a sender of an older release refuses the opening).
     answered: bool,
+    /// The port of the sender's UDP socket, told with its manifest.
+    report_port: Option<u16>,
 }
 
 impl CatchUpClient {
@@ -345,6 +363,7 @@ impl CatchUpClient {
             stream,
             peer,
             answered: false,
+            report_port: None,
         };
         // Sent with the first request (nothing comes back for the opening itself).
         c.stream
@@ -444,7 +463,16 @@ impl CatchUpClient {
         req[0] = b'M';
         req[1..].copy_from_slice(&stream_bytes(stream));
         match self.request(&req).await? {
-            (0, m) => Ok(ManifestReply::Ready(m)),
+            (0, mut m) if m.len() >= 2 => {
+                let port = u16::from_be_bytes([m[0], m[1]]);
+                self.report_port = (port != 0).then_some(port);
+                m.drain(..2);
+                Ok(ManifestReply::Ready(m))
+            }
+            (0, m) => Err(self.err(format!(
+                "a manifest reply of {} bytes (at least 2 expected)",
+                m.len()
+            ))),
             (STATUS_PREPARING, b) if b.len() == 16 => {
                 let image_size = u64::from_be_bytes(b[..8].try_into().expect("8 bytes"));
                 let bytes_done = u64::from_be_bytes(b[8..].try_into().expect("8 bytes"));
@@ -470,6 +498,12 @@ impl CatchUpClient {
             },
             _ => Err(self.err("sender has no manifest")),
         }
+    }
+
+    /// The port of the sender's UDP socket (where a receiver's reports go), as told with the
+    /// last manifest this connection fetched.
+    pub(crate) fn report_port(&self) -> Option<u16> {
+        self.report_port
     }
 
     /// Encoded block `index` (unverified).
@@ -530,6 +564,9 @@ mod tests {
 
     /// The stream the tests' servers and clients are of.
     const G: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(239, 1, 2, 3), 9000);
+    /// The UDP port the tests' servers tell (not the stream's: as a sender whose port was
+    /// taken).
+    const REPORT_PORT: u16 = 41_234;
 
     /// Serves `provider` as `stream` on a loopback port: its address and what stops it.
     async fn start(
@@ -539,7 +576,13 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let cancel = CancellationToken::new();
-        tokio::spawn(serve(listener, provider, stream, cancel.clone()));
+        tokio::spawn(serve(
+            listener,
+            provider,
+            stream,
+            REPORT_PORT,
+            cancel.clone(),
+        ));
         (addr, cancel)
     }
 
@@ -557,10 +600,12 @@ mod tests {
     async fn serves_manifest_and_blocks() {
         let (addr, cancel) = start(Arc::new(Fixed), Stream::Group(G)).await;
         let mut c = CatchUpClient::connect(addr).await.unwrap();
+        assert_eq!(c.report_port(), None);
         assert_eq!(
             c.manifest(G).await.unwrap(),
             ManifestReply::Ready(b"manifest".to_vec())
         );
+        assert_eq!(c.report_port(), Some(REPORT_PORT));
         assert_eq!(c.block(2).await.unwrap(), vec![2u8; 1000]);
         assert!(c.block(9).await.is_err());
         assert_eq!(c.block(0).await.unwrap(), vec![0u8; 1000]);
@@ -767,6 +812,42 @@ mod tests {
         }
     }
 
+    /// A manifest reply too short to hold the sender's UDP port is an error, and a port of
+    /// 0 is no word of one.
+    #[tokio::test]
+    async fn a_manifest_reply_without_its_port_is_refused() {
+        for (body, want) in [
+            (vec![7u8], None),
+            (vec![0, 0, b'm'], Some(None)),
+            (vec![0x9c, 0x40, b'm'], Some(Some(40_000))),
+        ] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let server = tokio::spawn(async move {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let mut request = [0u8; 3 + 7];
+                s.read_exact(&mut request).await.unwrap();
+                s.write_u8(0).await.unwrap();
+                s.write_u32(body.len() as u32).await.unwrap();
+                s.write_all(&body).await.unwrap();
+                s
+            });
+            let mut c = CatchUpClient::connect(addr).await.unwrap();
+            let got = c.manifest(G).await;
+            match want {
+                None => {
+                    let e = got.unwrap_err().to_string();
+                    assert!(e.contains("manifest reply of 1 bytes"), "{e}");
+                }
+                Some(port) => {
+                    assert_eq!(got.unwrap(), ManifestReply::Ready(b"m".to_vec()));
+                    assert_eq!(c.report_port(), port);
+                }
+            }
+            drop(server.await.unwrap());
+        }
+    }
+
     /// Ends of different releases say so. A client that opens without the version (a
     /// receiver of an older release, whose first byte is its request) is answered status 4
     /// and this server's version; a client told another version, or whose sender closes the
@@ -834,6 +915,7 @@ mod tests {
             listener,
             Arc::new(Fixed),
             Stream::Group(G),
+            REPORT_PORT,
             cancel.clone(),
             2,
             Duration::from_millis(300),

@@ -59,7 +59,8 @@ enum Sink {
 }
 
 enum FromTcp {
-    Manifest(Vec<u8>),
+    /// The manifest's bytes (unverified), and the port of the sender's UDP socket if told.
+    Manifest(Vec<u8>, Option<u16>),
     /// The sender has no manifest yet: it is reading and hashing its image.
     Preparing(Preparing),
     Block(u32, Vec<u8>),
@@ -156,7 +157,9 @@ fn start_catchup(
                         }
                     }
                 };
-                let _ = results.send(FromTcp::Manifest(m)).await;
+                let _ = results
+                    .send(FromTcp::Manifest(m, client.report_port()))
+                    .await;
             }
             let _ = results.send(FromTcp::Idle(None)).await;
             while let Some(batch) = req_rx.recv().await {
@@ -829,9 +832,21 @@ pub async fn receive(
                         }
                         run.tcp_preparing = Some(p);
                     }
-                    FromTcp::Manifest(bytes) => {
-                        if let Err(e) = run.rx.accept_manifest_bytes(&bytes) {
-                            warn!(error = %e, "manifest fetched over TCP rejected");
+                    FromTcp::Manifest(bytes, report_port) => {
+                        match run.rx.accept_manifest_bytes(&bytes) {
+                            Err(e) => warn!(error = %e, "manifest fetched over TCP rejected"),
+                            // The sender's word of where its reports go (a sender whose
+                            // stream port was taken on its host listens on another), for
+                            // a receiver that follows that host and has heard no
+                            // announcement of its own to learn it from.
+                            Ok(()) => {
+                                if let (Some(port), Some(tcp)) = (report_port, run.tcp_addr())
+                                    && run.rx.sender().is_some_and(|s| s.ip() == tcp.ip())
+                                    && run.rx.tcp_port().is_none()
+                                {
+                                    run.rx.sender_listens_on(port);
+                                }
+                            }
                         }
                     }
                     FromTcp::Block(index, bytes) => {

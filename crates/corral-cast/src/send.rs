@@ -181,10 +181,21 @@ pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendRe
     // The server stops when this function returns, however it returns.
     let server_cancel = cancel.child_token();
     let _server = server_cancel.clone().drop_guard();
+    // Told with the manifest to receivers that cannot hear the group (and so cannot see
+    // where the announcements come from): this socket's port, which is the stream's unless
+    // another program held that.
+    let report_port = sock
+        .local_addr()
+        .map_err(|source| CastError::Socket {
+            what: "sender socket address",
+            source,
+        })?
+        .port();
     tokio::spawn(catchup::serve(
         listener,
         catchup.clone() as Arc<dyn catchup::CatchUpProvider>,
         stream.clone(),
+        report_port,
         server_cancel,
     ));
     // Reading and hashing the image is blocking work.

@@ -51,6 +51,9 @@ pub(crate) enum Role {
         #[serde(default)]
         unicast: bool,
     },
+    /// Holds a UDP port (as another program on the sender's host would) for `seconds`,
+    /// counting the datagrams that reach it.
+    Hold { port: u16, seconds: u64 },
     /// Listens to the group and re-sends corrupted copies of what it hears, plus garbage.
     Rogue {
         group: Ipv4Addr,
@@ -237,6 +240,20 @@ async fn run_role(role: Role) -> (bool, serde_json::Value) {
                     serde_json::json!({"ok": false, "error": e.to_string()}),
                 ),
             }
+        }
+        Role::Hold { port, seconds } => {
+            let sock = tokio::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))
+                .await
+                .expect("bind the held port");
+            let mut buf = [0u8; 2048];
+            let mut heard = 0u64;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
+            while let Ok(r) = tokio::time::timeout_at(deadline, sock.recv_from(&mut buf)).await {
+                if r.is_ok() {
+                    heard += 1;
+                }
+            }
+            (true, serde_json::json!({"ok": true, "heard": heard}))
         }
         Role::Rogue {
             group,

@@ -322,6 +322,64 @@ fn receiver_without_multicast_falls_back_to_unicast() {
     assert!(sout.status.success(), "{sres}");
 }
 
+/// A receiver that cannot hear the group, told the sender's host, while another program
+/// holds the stream's UDP port there (so the sender binds another): it learns that port with
+/// the manifest over TCP, and the sender hears its join and Done. Before, its reports went
+/// to the other program: the sender waited out its max wait for the second receiver and
+/// its summary left it out.
+#[test]
+fn a_receiver_without_multicast_reports_to_a_sender_on_another_port() {
+    let Some((lab, dir)) = setup("nomcport", 3) else {
+        return;
+    };
+    lab.block_multicast(2).unwrap();
+    let cast = Cast {
+        lab: &lab,
+        group: group(6),
+    };
+    let img = dir.path().join("image");
+    make_image(&img, 4 << 20, 16, 0);
+    let holder = cast.spawn(
+        0,
+        &Role::Hold {
+            port: PORT,
+            seconds: 60,
+        },
+    );
+    let out1 = dir.path().join("out1");
+    let out2 = dir.path().join("out2");
+    let r1 = cast.spawn(1, &cast.receiver(1, &out1));
+    let mut role2 = cast.receiver(2, &out2);
+    if let Role::Receive { sender, .. } = &mut role2 {
+        *sender = Some(SocketAddr::from((lab.host(0).ip, PORT)));
+    }
+    let r2 = cast.spawn(2, &role2);
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    let tx = cast.spawn(0, &cast.sender(&img, 2, Some(200_000_000)));
+    let (o, r) = cast.wait(r2, "receiver without multicast");
+    assert!(o.status.success(), "{r}\n{}", tail(&o));
+    assert_eq!(r["report"]["blocks_multicast"], 0, "{r}");
+    assert_eq!(hash_file(&out2), hash_file(&img));
+    let (o1, _) = cast.wait(r1, "multicast receiver");
+    assert!(o1.status.success());
+    assert_eq!(hash_file(&out1), hash_file(&img));
+    let (sout, sres) = cast.wait(tx, "sender");
+    let took = t0.elapsed();
+    lab.kill(holder);
+    assert!(sout.status.success(), "{sres}\n{}", tail(&sout));
+    let rxs = sres["report"]["receivers"].as_array().unwrap();
+    for name in ["r1", "r2"] {
+        assert!(
+            rxs.iter().any(|x| x["name"] == name && x["ok"] == true),
+            "{name} missing from the sender's summary: {sres}"
+        );
+    }
+    // Started on the second join (after r2's 5 s of multicast silence and its manifest over
+    // TCP), not at the 20 s max wait.
+    assert!(took < Duration::from_secs(18), "took {took:?}: {sres}");
+}
+
 /// Unicast targets where multicast does not work at all: every host drops multicast, the
 /// sender sends to two receivers' addresses and both finish byte-identical from the UDP
 /// stream (no TCP catch-up); the sender reports both.

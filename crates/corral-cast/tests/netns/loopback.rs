@@ -545,10 +545,11 @@ async fn a_session_whose_catchup_port_is_taken_offers_the_port_it_listens_on() {
         .unwrap();
     assert_eq!(again.sender, offer.sender);
     // The offered address serves this session's manifest (catch-up protocol: opening, then
-    // `M` + group + port; status 2 while the sender still hashes its image).
+    // `M` + group + port; status 2 while the sender still hashes its image, then 0 with the
+    // sender's UDP port and the manifest).
     let mut tcp = tokio::net::TcpStream::connect(offer.sender).await.unwrap();
     let manifest = loop {
-        let mut req = vec![b'C', b'U', 1, b'M'];
+        let mut req = vec![b'C', b'U', 2, b'M'];
         req.extend_from_slice(&offer.group.octets());
         req.extend_from_slice(&offer.port.to_be_bytes());
         tcp.write_all(&req).await.unwrap();
@@ -563,7 +564,12 @@ async fn a_session_whose_catchup_port_is_taken_offers_the_port_it_listens_on() {
         }
         tcp = tokio::net::TcpStream::connect(offer.sender).await.unwrap();
     };
-    assert!(manifest.len() > 64, "a signed manifest");
+    assert_eq!(
+        u16::from_be_bytes([manifest[0], manifest[1]]),
+        taken,
+        "the session's UDP port, told with the manifest"
+    );
+    assert!(manifest.len() > 2 + 64, "a signed manifest");
     drop(tcp);
 
     let out = dir.path().join("r1.out");
