@@ -372,14 +372,16 @@ impl Receiver {
                 old.insert(e.path.clone(), c.clone());
             }
         }
-        // Many retained descriptors may be open at once.
+        // Many retained descriptors may be open at once: the soft limit is raised towards
+        // the hard one (up to 65,536), never lowered (a higher limit the user set stays).
         let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
-        if let Some(max) = lim.maximum {
+        let want = lim.maximum.map_or(65_536, |m| m.min(65_536));
+        if lim.current.is_some_and(|c| c < want) {
             let _ = rustix::process::setrlimit(
                 rustix::process::Resource::Nofile,
                 rustix::process::Rlimit {
-                    current: Some(max.min(65536)),
-                    maximum: Some(max),
+                    current: Some(want),
+                    maximum: lim.maximum,
                 },
             );
         }
