@@ -44,7 +44,7 @@ use std::time::Duration;
 
 use corral_cast_proto::packet::Preparing;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -73,7 +73,7 @@ const STATUS_VERSION: u8 = 4;
 pub(crate) const VERSION: u8 = 2;
 
 /// What a client sends first.
-const OPENING: [u8; 3] = [b'C', b'U', VERSION];
+pub(crate) const OPENING: [u8; 3] = [b'C', b'U', VERSION];
 
 /// The stream a catch-up server belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -244,7 +244,10 @@ async fn serve_limited(
             let _slot = slot;
             tokio::select! {
                 _ = cancel.cancelled() => {}
-                r = serve_one(stream, provider, &ours, report_port, opening_timeout) => {
+                r = async {
+                    let _ = stream.set_nodelay(true);
+                    serve_one(stream, provider, &ours, report_port, opening_timeout).await
+                } => {
                     if let Err(e) = r {
                         debug!(%peer, error = %e, "catch-up connection ended");
                     }
@@ -254,14 +257,15 @@ async fn serve_limited(
     }
 }
 
-async fn serve_one(
-    mut stream: TcpStream,
+/// One connection: its opening, then requests until the client closes (any byte stream: a
+/// TCP connection, or the fuzz targets' in-memory pipe).
+pub(crate) async fn serve_one<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
     provider: Arc<dyn CatchUpProvider>,
     ours: &Stream,
     report_port: u16,
     opening_timeout: Duration,
 ) -> std::io::Result<()> {
-    let _ = stream.set_nodelay(true);
     let mut opening = [0u8; 3];
     tokio::time::timeout(opening_timeout, stream.read_exact(&mut opening))
         .await
@@ -334,10 +338,11 @@ async fn serve_one(
     }
 }
 
-/// A receiver's connection to a sender's catch-up server.
+/// A receiver's connection to a sender's catch-up server (a TCP connection, or the fuzz
+/// targets' in-memory pipe).
 #[derive(Debug)]
-pub(crate) struct CatchUpClient {
-    stream: TcpStream,
+pub(crate) struct CatchUpClient<S = TcpStream> {
+    stream: S,
     peer: SocketAddr,
     /// Whether a reply came on this connection (an end of file before the first one is
     /// how a sender of an older release refuses the opening).
@@ -359,6 +364,13 @@ impl CatchUpClient {
                 reason: format!("connect: {e}"),
             })?;
         let _ = stream.set_nodelay(true);
+        CatchUpClient::over(stream, peer).await
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> CatchUpClient<S> {
+    /// A client on an open byte stream to the server at `peer` (named in errors).
+    pub(crate) async fn over(stream: S, peer: SocketAddr) -> Result<Self, CastError> {
         let mut c = CatchUpClient {
             stream,
             peer,

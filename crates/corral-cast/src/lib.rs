@@ -16,6 +16,8 @@
 mod blocks;
 mod catchup;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod keys;
 mod observe;
 mod options;
