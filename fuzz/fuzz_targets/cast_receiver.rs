@@ -128,7 +128,10 @@ fuzz_target!(|data: &[u8]| {
         } = ev
         {
             let want = &f.image[offset as usize..(offset + u64::from(len)) as usize];
-            assert_eq!(bytes, want, "a block that is not the image's reached BlockReady");
+            assert_eq!(
+                bytes, want,
+                "a block that is not the image's reached BlockReady"
+            );
         }
     }
 });

@@ -32,8 +32,19 @@ fuzz_target!(|data: &[u8]| {
         for port in [Port::Dhcp, Port::Pxe] {
             let _ = s.handle(
                 UnixMillis(1_000),
-                Datagram { data, src: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68), port },
-                &mut |_| BootAnswer::new(Boot::Tftp { filename: "undionly.kpxe".into() }, "fuzz"),
+                Datagram {
+                    data,
+                    src: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68),
+                    port,
+                },
+                &mut |_| {
+                    BootAnswer::new(
+                        Boot::Tftp {
+                            filename: "undionly.kpxe".into(),
+                        },
+                        "fuzz",
+                    )
+                },
             );
         }
         let _ = s.expire(UnixMillis(1_000_000));

@@ -38,7 +38,11 @@ fuzz_target!(|data: &[u8]| {
     let rest = data.get(at..).unwrap_or(&[]);
     let (literals, old) = rest.split_at(rest.len() / 2);
     if let Ok(out) = delta::apply(old, block, &ops, literals, len) {
-        assert_eq!(out.len(), len, "apply must produce exactly the announced length");
+        assert_eq!(
+            out.len(),
+            len,
+            "apply must produce exactly the announced length"
+        );
     }
 
     // Round trip: the first half is the old copy, the second the new content.

@@ -59,7 +59,10 @@ fuzz_target!(|data: &[u8]| {
             match f {
                 corral_sync::proto::Frame::Data { hash: h, bytes } => {
                     assert_eq!(h, hash);
-                    assert_eq!(corral_sync::proto::decompress(&payload, 1 << 20).ok(), Some(bytes));
+                    assert_eq!(
+                        corral_sync::proto::decompress(&payload, 1 << 20).ok(),
+                        Some(bytes)
+                    );
                 }
                 f => panic!("a Data frame read as {f:?}"),
             }

@@ -22,7 +22,11 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Incoming::Read(r) = classify(data) {
         assert!(!r.path.starts_with('/'));
-        assert!(!r.path.split('/').any(|c| c == ".." || c.is_empty() || c == "."));
+        assert!(
+            !r.path
+                .split('/')
+                .any(|c| c == ".." || c.is_empty() || c == ".")
+        );
         assert!(!r.path.chars().any(|c| c.is_control() || c == '\\'));
     }
 });

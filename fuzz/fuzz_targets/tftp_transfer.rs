@@ -36,7 +36,11 @@ fuzz_target!(|data: &[u8]| {
         tsize: if data[2] & 0x80 != 0 { Some(0) } else { None },
         ..Default::default()
     };
-    let limits = Limits { max_blksize: 65464, max_windowsize: 64, ..Limits::default() };
+    let limits = Limits {
+        max_blksize: 65464,
+        max_windowsize: 64,
+        ..Limits::default()
+    };
     let neg = Negotiated::new(&opts, &limits, Some(len as u64));
     let bs = usize::from(neg.blksize);
     let ws = u64::from(neg.windowsize);
@@ -72,7 +76,10 @@ fuzz_target!(|data: &[u8]| {
                 assert!(!done, "DATA after the end");
                 // The block must lie inside the window after the last acknowledged one.
                 let ahead = u64::from(block.wrapping_sub(acked as u16));
-                assert!((1..=ws).contains(&ahead), "block {block} outside the window");
+                assert!(
+                    (1..=ws).contains(&ahead),
+                    "block {block} outside the window"
+                );
                 let idx = acked + ahead;
                 let start = ((idx - 1) as usize).saturating_mul(bs).min(file.len());
                 let end = (start + bs).min(file.len());
