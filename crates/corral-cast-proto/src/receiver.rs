@@ -409,8 +409,8 @@ impl Receiver {
 
     /// The sender's own word, heard over its TCP catch-up channel, of the UDP port it listens
     /// on (a receiver that cannot hear the group has no announcement to learn it from):
-    /// reports go there from now on. Only for the host this receiver follows; word of
-    /// another host changes nothing.
+    /// reports go there from now on, at the address this receiver follows (the caller takes
+    /// the word only from that host; with no sender known, nothing changes).
     pub fn sender_listens_on(&mut self, port: u16) {
         if let Some(s) = &mut self.sender
             && port != 0
