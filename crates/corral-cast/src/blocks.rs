@@ -311,10 +311,9 @@ impl Blocks {
         let mut buf = Vec::with_capacity(
             corral_cast_proto::source_count(len, m.symbol_size) * usize::from(m.symbol_size),
         );
-        buf.resize(len, 0);
         let n = self
             .source
-            .read_at(m.block_offset(index), &mut buf)
+            .read_append(m.block_offset(index), &mut buf, len)
             .map_err(std::io::Error::other)?;
         if n != len {
             return Err(std::io::Error::new(

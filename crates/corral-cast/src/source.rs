@@ -122,6 +122,32 @@ impl ImageSource {
         })
     }
 
+    /// Appends `len` bytes at `offset` to `buf` (fewer only at the end of the image), read
+    /// straight into its spare capacity: no zeroing of memory the read overwrites (a block's
+    /// worth per block sent, when the buffer is new).
+    pub fn read_append(
+        &self,
+        offset: u64,
+        buf: &mut Vec<u8>,
+        len: usize,
+    ) -> Result<usize, CastError> {
+        let start = buf.len();
+        let end = start + len;
+        buf.reserve(len);
+        while buf.len() < end {
+            let at = offset + (buf.len() - start) as u64;
+            match rustix::io::pread(&self.file, rustix::buffer::spare_capacity(buf), at) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(io_at(&self.path)(e.into())),
+            }
+        }
+        // The spare capacity may have held more than was asked for.
+        buf.truncate(end);
+        Ok(buf.len() - start)
+    }
+
     /// Reads `buf.len()` bytes at `offset` (short only at the end of the image).
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize, CastError> {
         let mut done = 0;
@@ -140,6 +166,25 @@ impl ImageSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Appended reads stop at the length asked for (whatever the spare capacity) or at the
+    /// end of the image, and keep what the buffer held.
+    #[test]
+    fn read_append_reads_the_range_into_spare_capacity() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("img");
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7) as u8).collect();
+        std::fs::write(&p, &data).unwrap();
+        let src = ImageSource::open(&p).unwrap();
+        let mut buf = Vec::with_capacity(64 * 1024);
+        buf.extend_from_slice(b"kept");
+        assert_eq!(src.read_append(1000, &mut buf, 5000).unwrap(), 5000);
+        assert_eq!(&buf[..4], b"kept");
+        assert_eq!(&buf[4..], &data[1000..6000]);
+        let mut buf = Vec::new();
+        assert_eq!(src.read_append(99_000, &mut buf, 5000).unwrap(), 1000);
+        assert_eq!(buf, &data[99_000..]);
+    }
 
     #[test]
     fn spooled_stream_reads_back() {
