@@ -12,10 +12,15 @@
 # tool, default 3). Needs root (drop_caches, sshd, iptables).
 #
 # What is measured:
-#   full copy            empty destination, caches dropped first; FULL_ROUNDS copies by each
-#                        tool, interleaved (rsync first in odd rounds, corral in even ones: on
-#                        this kind of machine the first of a pair tends to be faster), the
-#                        median of each
+#   full copy            a new, empty destination directory, caches dropped first;
+#                        FULL_ROUNDS copies by each tool, interleaved (rsync first in odd
+#                        rounds, corral in even ones: on this kind of machine the first of a
+#                        pair tends to be faster), the median of each. Nothing is deleted
+#                        before or between the copies (earlier copies and the last run's are
+#                        moved aside and deleted when the run ends): on an ext4 without a
+#                        journal, as these machines' root, the inode allocator skips every
+#                        inode deleted in the last 5 minutes, one by one, so a copy made right
+#                        after deleting the previous one (50,000 files) paid for that deletion
 #   no-change warm/cold  second sync with nothing changed; cold = caches dropped first;
 #                        the median of three runs each
 #   content check        rsync -a -c -n vs corral's content-verified check (drift), warm/cold
@@ -58,11 +63,16 @@ NBYTES=$(du -sb "$SRC" | cut -f1)
 IMGBYTES=$(stat -c %s "$IMG/image.img")
 
 # ---- sshd on loopback with throwaway keys (lib.sh) ---------------------------------------------
+# Old copies go here (a rename) and are deleted when the run ends, not before a copy.
+TRASH="$WORK/trash.$$"
+mkdir -p "$TRASH"
+aside() { local d; for d in "$@"; do [ -e "$d" ] && mv "$d" "$TRASH/$(basename "$d").$RANDOM"; done; return 0; }
 cleanup() {
     stop_sshd
     iptables -D INPUT -i lo -p tcp -j "$CHAIN" 2>/dev/null || true
     iptables -F "$CHAIN" 2>/dev/null || true
     iptables -X "$CHAIN" 2>/dev/null || true
+    rm -rf "$TRASH"
 }
 trap cleanup EXIT
 start_sshd
@@ -143,9 +153,12 @@ DC="$WORK/dst-corral"
 HAVE_C=$HAVE_CORRAL
 
 # ---- full copies, interleaved ---------------------------------------------------------------
-full_rsync() { rm -rf "$DR"; mkdir -p "$DR"; drop_caches; timed rsync_push "$SRC/" "root@127.0.0.1:$DR/"; FULL_R+=("$TIMED"); }
+# Each copy into a directory of its own, never used before; the last round's copy is the one
+# the later figures use (the earlier ones are moved aside).
+aside "$DR" "$DC"
+full_rsync() { aside "$DR"; mkdir -p "$DR"; drop_caches; timed rsync_push "$SRC/" "root@127.0.0.1:$DR/"; FULL_R+=("$TIMED"); }
 # A first sync of a tree corral has not seen, as rsync's is: no master-side state.
-full_corral() { rm -rf "$DC" "$CORRAL_STATE_DIR"; mkdir -p "$DC"; drop_caches; timed corral_push "$SRC/" "root@127.0.0.1:$DC/"; FULL_C+=("$TIMED"); }
+full_corral() { aside "$DC"; rm -rf "$CORRAL_STATE_DIR"; mkdir -p "$DC"; drop_caches; timed corral_push "$SRC/" "root@127.0.0.1:$DC/"; FULL_C+=("$TIMED"); }
 FULL_ROUNDS="${FULL_ROUNDS:-3}"
 FULL_R=(); FULL_C=()
 for ((round = 1; round <= FULL_ROUNDS; round++)); do
@@ -160,6 +173,9 @@ for ((round = 1; round <= FULL_ROUNDS; round++)); do
 done
 R[full]=$(median "${FULL_R[@]}")
 [ "$HAVE_C" = 1 ] && C[full]=$(median "${FULL_C[@]}")
+# The copies' data is still being written back: flushed now, so that the figures below do
+# not share the disk and the CPU with that writeback.
+sync
 
 # ---- rsync ----------------------------------------------------------------------------------
 log "rsync: no-change sync"
