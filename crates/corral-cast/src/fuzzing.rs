@@ -2,9 +2,9 @@
 //! `fuzz/`), and for the tests here that run the same checks in CI: each end of the TCP
 //! catch-up protocol fed whatever bytes the other end might send. Not an API.
 //!
-//! Both run the real code ([`crate::catchup`]) over an in-memory pipe, on a runtime of their
-//! own, and end when the bytes do: a peer that closes the connection is how every exchange
-//! here ends, so nothing waits for a timer.
+//! Both run the real code (the crate's catch-up module) over an in-memory pipe, on a runtime
+//! of their own, and end when the bytes do: a peer that closes the connection is how every
+//! exchange here ends, so nothing waits for a timer.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
