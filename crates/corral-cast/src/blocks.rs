@@ -115,7 +115,7 @@ fn hash_blocks(
         let handles: Vec<_> = (0..workers)
             .map(|_| {
                 scope.spawn(|| -> Result<(), CastError> {
-                    let mut buf = vec![0u8; block_size as usize];
+                    let mut buf = Vec::with_capacity(block_size as usize);
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         if i >= count || failed.load(Ordering::Relaxed) {
@@ -123,7 +123,8 @@ fn hash_blocks(
                         }
                         let offset = i as u64 * bs;
                         let want = (source.len() - offset).min(bs) as usize;
-                        let n = match source.read_at(offset, &mut buf[..want]) {
+                        buf.clear();
+                        let n = match source.read_append(offset, &mut buf, want) {
                             Ok(n) => n,
                             Err(e) => {
                                 failed.store(true, Ordering::Relaxed);
@@ -144,7 +145,7 @@ fn hash_blocks(
                             offset,
                             whole_image: count == 1,
                         };
-                        let e = BlockEntry::of(&buf[..n], pos);
+                        let e = BlockEntry::of(&buf, pos);
                         entries.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(e);
                         done.fetch_add(n as u64, Ordering::Relaxed);
                     }

@@ -103,6 +103,12 @@ async fn preparing<T>(
     }
 }
 
+/// The port of a socket's local address (`what` names the socket in the error).
+fn port_of(addr: std::io::Result<SocketAddr>, what: &'static str) -> Result<u16, CastError> {
+    addr.map(|a| a.port())
+        .map_err(|source| CastError::Socket { what, source })
+}
+
 /// Sends an image to every receiver that joins; returns when the protocol reports the session
 /// finished (every receiver verified, failed or timed out) or `cancel` fires.
 pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendReport, CastError> {
@@ -162,13 +168,7 @@ pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendRe
             opts.catchup_port,
         )?,
     };
-    let tcp_port = bound
-        .local_addr()
-        .map_err(|source| CastError::Socket {
-            what: "catch-up listener address",
-            source,
-        })?
-        .port();
+    let tcp_port = port_of(bound.local_addr(), "catch-up listener address")?;
     let listener = TcpListener::from_std(bound).map_err(|source| CastError::Socket {
         what: "catch-up listener",
         source,
@@ -184,13 +184,7 @@ pub async fn send(opts: SendOptions, cancel: CancellationToken) -> Result<SendRe
     // Told with the manifest to receivers that cannot hear the group (and so cannot see
     // where the announcements come from): this socket's port, which is the stream's unless
     // another program held that.
-    let report_port = sock
-        .local_addr()
-        .map_err(|source| CastError::Socket {
-            what: "sender socket address",
-            source,
-        })?
-        .port();
+    let report_port = port_of(sock.local_addr(), "sender socket address")?;
     tokio::spawn(catchup::serve(
         listener,
         catchup.clone() as Arc<dyn catchup::CatchUpProvider>,

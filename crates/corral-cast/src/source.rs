@@ -3,7 +3,6 @@
 //! out, so a stream has to be read whole first).
 
 use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -147,20 +146,6 @@ impl ImageSource {
         buf.truncate(end);
         Ok(buf.len() - start)
     }
-
-    /// Reads `buf.len()` bytes at `offset` (short only at the end of the image).
-    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize, CastError> {
-        let mut done = 0;
-        while done < buf.len() {
-            match self.file.read_at(&mut buf[done..], offset + done as u64) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(io_at(&self.path)(e)),
-            }
-        }
-        Ok(done)
-    }
 }
 
 #[cfg(test)]
@@ -191,8 +176,8 @@ mod tests {
         let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
         let src = ImageSource::spool(&mut &data[..]).unwrap();
         assert_eq!(src.len(), data.len() as u64);
-        let mut buf = vec![0u8; 1000];
-        assert_eq!(src.read_at(99_500, &mut buf).unwrap(), 500);
+        let mut buf = Vec::new();
+        assert_eq!(src.read_append(99_500, &mut buf, 1000).unwrap(), 500);
         assert_eq!(&buf[..500], &data[99_500..]);
         let path = src.path().to_owned();
         drop(src);

@@ -72,6 +72,17 @@ impl Cast<'_> {
         }
     }
 
+    /// Receiver 1 as usual, and receiver 2 (the host whose multicast the test blocks) told
+    /// the sender's host; their pids.
+    fn multicast_and_told_receivers(&self, out1: &Path, out2: &Path) -> (u32, u32) {
+        let r1 = self.spawn(1, &self.receiver(1, out1));
+        let mut role2 = self.receiver(2, out2);
+        if let Role::Receive { sender, .. } = &mut role2 {
+            *sender = Some(SocketAddr::from((self.lab.host(0).ip, PORT)));
+        }
+        (r1, self.spawn(2, &role2))
+    }
+
     fn wait(&self, pid: u32, what: &str) -> (Output, serde_json::Value) {
         let out = self
             .lab
@@ -302,12 +313,7 @@ fn receiver_without_multicast_falls_back_to_unicast() {
     make_image(&img, 8 << 20, 15, 0);
     let out1 = dir.path().join("out1");
     let out2 = dir.path().join("out2");
-    let r1 = cast.spawn(1, &cast.receiver(1, &out1));
-    let mut role2 = cast.receiver(2, &out2);
-    if let Role::Receive { sender, .. } = &mut role2 {
-        *sender = Some(SocketAddr::from((lab.host(0).ip, PORT)));
-    }
-    let r2 = cast.spawn(2, &role2);
+    let (r1, r2) = cast.multicast_and_told_receivers(&out1, &out2);
     std::thread::sleep(Duration::from_millis(300));
     let tx = cast.spawn(0, &cast.sender(&img, 2, Some(200_000_000)));
     let (o, r) = cast.wait(r2, "unicast receiver");
@@ -348,12 +354,7 @@ fn a_receiver_without_multicast_reports_to_a_sender_on_another_port() {
     );
     let out1 = dir.path().join("out1");
     let out2 = dir.path().join("out2");
-    let r1 = cast.spawn(1, &cast.receiver(1, &out1));
-    let mut role2 = cast.receiver(2, &out2);
-    if let Role::Receive { sender, .. } = &mut role2 {
-        *sender = Some(SocketAddr::from((lab.host(0).ip, PORT)));
-    }
-    let r2 = cast.spawn(2, &role2);
+    let (r1, r2) = cast.multicast_and_told_receivers(&out1, &out2);
     std::thread::sleep(Duration::from_millis(300));
     let t0 = Instant::now();
     let tx = cast.spawn(0, &cast.sender(&img, 2, Some(200_000_000)));
