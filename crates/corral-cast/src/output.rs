@@ -7,7 +7,8 @@
 //!   arrives, before anything is written (zero blocks stay holes in a new file). The space of
 //!   the non-zero blocks is then reserved (`fallocate`) by a low-priority thread while the
 //!   first blocks arrive: the file system places the image in one go instead of block by
-//!   block, and the allocation is done while the stream is still climbing to full rate.
+//!   block. Not on tmpfs, which has nothing to place and where the reservation only made the
+//!   writes beside it dearer.
 //! - A block device is written in place, never truncated, and refused if smaller than the image.
 //! - stdout (`-`) and `--pipe CMD` get the blocks strictly in order; blocks that arrive early
 //!   wait in memory until the gap before them is filled.
@@ -137,6 +138,23 @@ fn reserve(
     tracing::debug!(path = %path.display(), "image space reserved");
 }
 
+/// Whether `file` lives on tmpfs (or ramfs: also memory, also no placement to gain).
+///
+/// Measured on a 2-core guest, eight receivers writing 512 MiB images into tmpfs: the
+/// reserving threads' `fallocate` took 17 % of the run's CPU and the receivers' writes
+/// another 15 %, about 0.37 CPU-s per receiver, where a plain write of 512 MiB into tmpfs
+/// costs 0.23-0.31 CPU-s (allocation included).
+fn on_tmpfs(file: &std::fs::File) -> bool {
+    const TMPFS_MAGIC: u64 = 0x0102_1994;
+    const RAMFS_MAGIC: u64 = 0x8584_58f6;
+    rustix::fs::fstatfs(file).is_ok_and(|st| {
+        // `f_type`'s integer type differs between targets; the magic numbers fit in 32 bits.
+        #[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
+        let t = (st.f_type as i64 as u64) & 0xffff_ffff;
+        t == TMPFS_MAGIC || t == RAMFS_MAGIC
+    })
+}
+
 /// The byte ranges of an image's blocks that are not zero, neighbours merged.
 pub(crate) fn data_ranges(blocks: impl Iterator<Item = (u64, u64, bool)>) -> Vec<(u64, u64)> {
     let mut out: Vec<(u64, u64)> = Vec::new();
@@ -217,9 +235,12 @@ impl RandomSink {
     }
 
     /// Starts reserving the space of `ranges` (from [`data_ranges`]) of a regular-file output
-    /// in the background; a device has its space. Writes may start at once.
+    /// in the background; a device has its space. Writes may start at once. Not on tmpfs:
+    /// there `fallocate` places nothing (memory has no extents), it only allocates the pages
+    /// the writes would, and running beside the writes it makes them dearer (both take the
+    /// inode's lock; see [`on_tmpfs`]).
     pub(crate) fn reserve(&mut self, ranges: Vec<(u64, u64)>) {
-        if self.final_path.is_none() || ranges.is_empty() {
+        if self.final_path.is_none() || ranges.is_empty() || on_tmpfs(&self.file) {
             return;
         }
         let Ok(file) = self.file.try_clone() else {
@@ -508,6 +529,10 @@ mod tests {
             eprintln!("SKIPPED: this file system has no fallocate");
             return;
         }
+        if on_tmpfs(&probe) {
+            eprintln!("SKIPPED: the temporary directory is on tmpfs, where nothing is reserved");
+            return;
+        }
         let path = dir.path().join("img");
         let mib = 1u64 << 20;
         let mut sink = RandomSink::open(&path, 48 * mib, false).unwrap();
@@ -530,6 +555,27 @@ mod tests {
         );
         assert!(bytes[..mib as usize].iter().all(|&b| b == 0));
         assert!(bytes[mib as usize + 4096..].iter().all(|&b| b == 0));
+    }
+
+    /// On tmpfs nothing is reserved (no placement to gain, and it makes the writes dearer);
+    /// the image is written all the same.
+    #[test]
+    fn nothing_is_reserved_on_tmpfs() {
+        let shm = Path::new("/dev/shm");
+        let on_shm = std::fs::File::open(shm).ok().is_some_and(|f| on_tmpfs(&f));
+        if !on_shm {
+            eprintln!("SKIPPED: no tmpfs at /dev/shm");
+            return;
+        }
+        let dir = tempfile::tempdir_in(shm).unwrap();
+        let path = dir.path().join("img");
+        let mut sink = RandomSink::open(&path, 8 << 20, false).unwrap();
+        sink.reserve(vec![(0, 8 << 20)]);
+        assert!(sink.reserver.is_none(), "a reserving thread on tmpfs");
+        sink.write_at(4096, &[5u8; 4096]).unwrap();
+        let mut back = [0u8; 4096];
+        sink.read_at(4096, &mut back).unwrap();
+        assert_eq!(back, [5u8; 4096]);
     }
 
     #[test]
