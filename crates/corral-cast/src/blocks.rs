@@ -228,7 +228,7 @@ pub(crate) struct Blocks {
     served: Mutex<Served>,
     /// Bytes of blocks `served` keeps ([`SERVED_BYTES`]).
     served_budget: AtomicUsize,
-    /// Blocks the catch-up server read and encoded.
+    /// Blocks the catch-up server read and encoded itself (not taken from the read-ahead).
     served_encoded: AtomicU64,
 }
 
@@ -385,9 +385,15 @@ impl CatchUpProvider for Blocks {
                 }
             }
         };
-        // One thread encodes; the others asking for it meanwhile wait and share the bytes.
+        // One thread encodes (or takes the stream's read-ahead encoding of it: a receiver
+        // that follows the stream over TCP asks for the blocks the stream is sending); the
+        // others asking for it meanwhile wait and share the bytes.
         let got = cell
             .get_or_init(|| {
+                let ahead = self.lock().ready.get(&index).cloned();
+                if let Some(b) = ahead {
+                    return Some(Arc::new(b.to_bytes()));
+                }
                 self.served_encoded.fetch_add(1, Ordering::Relaxed);
                 self.encode(index).ok().map(|b| Arc::new(b.to_bytes()))
             })
@@ -528,6 +534,10 @@ mod tests {
         let src = Arc::new(ImageSource::spool(&mut &data[..]).unwrap());
         let (signed, _) = manifest_of(&src);
         let blocks = Blocks::start(src, signed);
+        // The read-ahead's first blocks are not the catch-up server's to count: forgotten
+        // once it has encoded them (it then waits for the stream to move on).
+        wait_ahead(&blocks, READ_AHEAD);
+        blocks.lock().ready.clear();
         // Room for 8 blocks of 4 KiB (the least kept).
         blocks.served_budget.store(8 * 4096, Ordering::Relaxed);
         let want = blocks.encode(3).unwrap().to_bytes();
@@ -554,5 +564,47 @@ mod tests {
         assert!(blocks.block(20).is_none(), "past the end");
         assert_eq!(blocks.served_encoded.load(Ordering::Relaxed), 10);
         blocks.stop();
+    }
+
+    /// A catch-up request for a block the stream's read-ahead holds takes that encoding (the
+    /// same bytes, no second read and encode); one it does not hold is encoded.
+    #[test]
+    fn catch_up_takes_the_read_ahead_encoding() {
+        let data: Vec<u8> = (0..64 * 4096).map(|i| (i * 31 % 253) as u8).collect();
+        let src = Arc::new(ImageSource::spool(&mut &data[..]).unwrap());
+        let (signed, _) = manifest_of(&src);
+        let blocks = Blocks::start(src, signed);
+        wait_ahead(&blocks, READ_AHEAD);
+        // The stream asks for block 36: blocks more than READ_AHEAD behind it are dropped,
+        // and the read-ahead encodes up to READ_AHEAD beyond it.
+        let streamed = blocks.get(36).unwrap();
+        wait_ahead(&blocks, 40);
+        let ahead = blocks.lock().ready.get(&40).cloned().unwrap();
+        let got = blocks.block(40).unwrap();
+        assert_eq!(*got, ahead.to_bytes());
+        assert_eq!(*got, blocks.encode(40).unwrap().to_bytes());
+        assert_eq!(
+            blocks.served_encoded.load(Ordering::Relaxed),
+            0,
+            "encoded again"
+        );
+        // Far behind the stream (dropped from the read-ahead): encoded for the request.
+        assert!(!blocks.lock().ready.contains_key(&1));
+        assert_eq!(
+            *blocks.block(1).unwrap(),
+            blocks.encode(1).unwrap().to_bytes()
+        );
+        assert_eq!(blocks.served_encoded.load(Ordering::Relaxed), 1);
+        assert_eq!(streamed.to_bytes(), blocks.encode(36).unwrap().to_bytes());
+        blocks.stop();
+    }
+
+    /// Waits until the read-ahead holds block `index`.
+    fn wait_ahead(blocks: &Blocks, index: u32) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !blocks.lock().ready.contains_key(&index) {
+            assert!(std::time::Instant::now() < deadline, "read-ahead stalled");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 }
