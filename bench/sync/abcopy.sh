@@ -9,7 +9,8 @@
 # for both ends). CARGS adds arguments to every corral push (e.g. CARGS="--compress never").
 # Prints wall time, CPU seconds of master, ssh, sshd and `sync serve` (cpusample.py, /proc
 # every 0.5 s; a process's last half second is not counted), /usr/bin/time's figures and the
-# load. Each copy is checked for its file count only (fullcopy.sh checks content). The data
+# load. Each copy is checked for its file count only (fullcopy.sh checks content). Copies go
+# into a new directory each time (the old ones aside, deleted at the end: lib.sh). The data
 # is run.sh's (generated when missing; a symlink SRC plus SRC.complete reuses a tree).
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
@@ -22,7 +23,8 @@ mkdir -p "$WORK"
 source "$HERE/lib.sh"
 ensure_data tree "$SRC"
 NFILES=$(find "$SRC/" -type f | wc -l)
-trap stop_sshd EXIT
+trash_init
+trap 'stop_sshd; trash_empty' EXIT
 start_sshd
 corral_ssh_args
 now() { date +%s.%N; }
@@ -41,14 +43,14 @@ PY
 check() { local n; n=$(find "$DST" -type f | wc -l); [ "$n" = "$NFILES" ] || echo "  !! $n files of $NFILES"; }
 echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 for r in $(seq "$ROUNDS"); do
-    rm -rf "$DST"; mkdir -p "$DST"; drop_caches
+    aside "$DST"; mkdir -p "$DST"; drop_caches
     samp; t0=$(now); rsync -a --delete -e "$SSH" "$SRC/" "root@127.0.0.1:$DST/"; t1=$(now)
     printf 'round %s %-10s %6.2f s  %s  load %s\n' "$r" rsync "$(echo "$t1 - $t0" | bc)" "$(sampend)" "$(cut -d' ' -f1 /proc/loadavg)"
     check
     for v in "$@"; do
         name=${v%%=*}; rest=${v#*=}; bin=${rest%%:*}; envs=""
         [ "$rest" != "$bin" ] && envs=${rest#*:}
-        rm -rf "$DST"; mkdir -p "$DST"; drop_caches
+        aside "$DST"; mkdir -p "$DST"; drop_caches
         export CORRAL_STATE_DIR="$WORK/state-ab"; rm -rf "$CORRAL_STATE_DIR"
         samp; t0=$(now)
         # shellcheck disable=SC2086 # CARGS and envs are word lists
@@ -56,9 +58,12 @@ for r in $(seq "$ROUNDS"); do
             --remote-corral "env $envs /usr/bin/time -f '%U %S' -o $WORK/time-serve $bin" \
             "$SRC/" "root@127.0.0.1:$DST/" >/dev/null 2>>"$WORK/abcopy.log"
         t1=$(now)
+        # The remote end's /usr/bin/time writes its figures when it exits, just after the
+        # master has its report.
+        for _ in $(seq 20); do [ -s "$WORK/time-serve" ] && break; sleep 0.1; done
         printf 'round %s %-10s %6.2f s  %s  (time: master+ssh %s serve %s)  load %s\n' "$r" "$name" \
             "$(echo "$t1 - $t0" | bc)" "$(sampend)" "$(cat "$WORK/time-master")" "$(cat "$WORK/time-serve")" "$(cut -d' ' -f1 /proc/loadavg)"
         check
     done
 done
-rm -rf "$DST" "$WORK/state-ab"
+rm -rf "$WORK/state-ab"

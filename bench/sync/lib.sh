@@ -73,3 +73,12 @@ corral_ssh_args() {
 }
 
 drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+
+# Old copies are renamed into $TRASH (one directory per run, trash_init) and deleted when the
+# run ends (trash_empty), never right before a copy: on an ext4 without a journal (this kind
+# of machine's root) the inode allocator skips, one by one, every inode freed in the last
+# 5 minutes, so a copy made right after deleting the previous one (50,000 files) pays for
+# that deletion. Each copy kept aside holds the tree's bytes until then.
+trash_init() { TRASH="$WORK/trash.$$"; mkdir -p "$TRASH"; }
+aside() { local d; for d in "$@"; do [ -e "$d" ] && mv "$d" "$TRASH/$(basename "$d").$RANDOM"; done; return 0; }
+trash_empty() { [ -n "${TRASH:-}" ] && rm -rf "$TRASH"; return 0; }

@@ -63,16 +63,14 @@ NBYTES=$(du -sb "$SRC" | cut -f1)
 IMGBYTES=$(stat -c %s "$IMG/image.img")
 
 # ---- sshd on loopback with throwaway keys (lib.sh) ---------------------------------------------
-# Old copies go here (a rename) and are deleted when the run ends, not before a copy.
-TRASH="$WORK/trash.$$"
-mkdir -p "$TRASH"
-aside() { local d; for d in "$@"; do [ -e "$d" ] && mv "$d" "$TRASH/$(basename "$d").$RANDOM"; done; return 0; }
+# Old copies go aside (lib.sh) and are deleted when the run ends, not before a copy.
+trash_init
 cleanup() {
     stop_sshd
     iptables -D INPUT -i lo -p tcp -j "$CHAIN" 2>/dev/null || true
     iptables -F "$CHAIN" 2>/dev/null || true
     iptables -X "$CHAIN" 2>/dev/null || true
-    rm -rf "$TRASH"
+    trash_empty
 }
 trap cleanup EXIT
 start_sshd
