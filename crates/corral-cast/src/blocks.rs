@@ -530,10 +530,7 @@ mod tests {
     /// budget's worth, oldest out); a block past the end is none and costs nothing.
     #[test]
     fn catch_up_blocks_are_encoded_once_for_all_who_ask() {
-        let data: Vec<u8> = (0..20 * 4096).map(|i| (i * 13 % 251) as u8).collect();
-        let src = Arc::new(ImageSource::spool(&mut &data[..]).unwrap());
-        let (signed, _) = manifest_of(&src);
-        let blocks = Blocks::start(src, signed);
+        let blocks = started(20, 13);
         // The read-ahead's first blocks are not the catch-up server's to count: forgotten
         // once it has encoded them (it then waits for the stream to move on).
         wait_ahead(&blocks, READ_AHEAD);
@@ -570,10 +567,7 @@ mod tests {
     /// same bytes, no second read and encode); one it does not hold is encoded.
     #[test]
     fn catch_up_takes_the_read_ahead_encoding() {
-        let data: Vec<u8> = (0..64 * 4096).map(|i| (i * 31 % 253) as u8).collect();
-        let src = Arc::new(ImageSource::spool(&mut &data[..]).unwrap());
-        let (signed, _) = manifest_of(&src);
-        let blocks = Blocks::start(src, signed);
+        let blocks = started(64, 31);
         wait_ahead(&blocks, READ_AHEAD);
         // The stream asks for block 36: blocks more than READ_AHEAD behind it are dropped,
         // and the read-ahead encodes up to READ_AHEAD beyond it.
@@ -597,6 +591,15 @@ mod tests {
         assert_eq!(blocks.served_encoded.load(Ordering::Relaxed), 1);
         assert_eq!(streamed.to_bytes(), blocks.encode(36).unwrap().to_bytes());
         blocks.stop();
+    }
+
+    /// [`Blocks`] of a spooled image of `count` 4 KiB blocks (byte `i` is `i * mul % 251`,
+    /// no zero block), its read-ahead started.
+    fn started(count: usize, mul: usize) -> Arc<Blocks> {
+        let data: Vec<u8> = (0..count * 4096).map(|i| (i * mul % 251) as u8).collect();
+        let src = Arc::new(ImageSource::spool(&mut &data[..]).unwrap());
+        let (signed, _) = manifest_of(&src);
+        Blocks::start(src, signed)
     }
 
     /// Waits until the read-ahead holds block `index`.
