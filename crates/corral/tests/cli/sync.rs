@@ -295,6 +295,71 @@ fn kill_9_mid_run_leaves_every_file_old_or_new() {
     );
 }
 
+/// Issue #5, kill -9 during a first copy: a file the child did not have appears only whole
+/// (it is written without a name, or under a temporary one, and named once durable), so a
+/// killed run leaves each file absent or complete, and the next run completes the copy.
+#[test]
+fn kill_9_during_a_first_copy_leaves_every_file_absent_or_whole() {
+    let t = tempfile::tempdir().unwrap();
+    let m = t.path().join("m");
+    let n = 4000;
+    let body = |i: usize| -> Vec<u8> { vec![(i % 251) as u8; 10_000 + i] };
+    for i in 0..n {
+        write(&m.join(format!("d{}/f{i}", i % 10)), &body(i));
+    }
+    let ms = m.to_str().unwrap().to_string();
+    // How long a whole first copy takes here: the kills come at a quarter, half and three
+    // quarters of it.
+    let c0 = t.path().join("c0");
+    let t0 = std::time::Instant::now();
+    let out = corral_state(t.path(), &["sync", "push", &ms, c0.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    let whole_run = t0.elapsed().as_millis() as u64;
+    let mut seen = Vec::new();
+    for delay in [whole_run / 4, whole_run / 2, whole_run * 3 / 4] {
+        let c = t.path().join(format!("c{delay}"));
+        let cs = c.to_str().unwrap().to_string();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_corral"))
+            .args(["sync", "push", &ms, &cs, "-q"])
+            .env("CORRAL_STATE_DIR", t.path().join("state"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay));
+        let _ = child.kill(); // SIGKILL
+        let _ = child.wait();
+        if !c.exists() {
+            seen.push(0);
+            continue;
+        }
+        let mut whole = 0;
+        for (rel, data) in files(&c, "") {
+            let name = rel.rsplit('/').next().unwrap();
+            if name.ends_with(".corral-tmp") {
+                continue; // a temporary file, never under a real name
+            }
+            let i: usize = name[1..].parse().unwrap();
+            assert!(
+                data == body(i),
+                "{rel} is there but not whole after kill -9 at {delay} ms"
+            );
+            whole += 1;
+        }
+        seen.push(whole);
+        let out = corral_state(t.path(), &["sync", "push", &ms, &cs]);
+        assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+        assert_eq!(
+            files(&c, ""),
+            files(&m, ""),
+            "the next run completes the copy (killed at {delay} ms with {whole} files whole)"
+        );
+    }
+    eprintln!(
+        "a first copy took {whole_run} ms; files whole when killed at 1/4, 1/2, 3/4 of it: {seen:?} of {n}"
+    );
+}
+
 #[test]
 fn an_in_place_update_killed_midway_is_undone_by_sync_recover() {
     let t = tempfile::tempdir().unwrap();
