@@ -14,11 +14,11 @@
 //! not have yet is written without any name (`O_TMPFILE`) and given its name with `linkat`
 //! at the same point: no temporary name is created, looked up and renamed away (about a fifth
 //! of the file system's work per new file), and a crash leaves nothing behind at all; where
-//! the file system cannot do that, new files take the temporary-name path too. One `syncfs` per batch
-//! replaces an `fsync` per file (the old cost of a full copy); the final `syncfs` of the run
-//! makes the renames themselves durable. The `syncfs` of a full batch runs on a thread while
-//! the receiver writes the next batch (the disk and the stream work at the same time); the
-//! batch is renamed into place once that sync has returned, never before.
+//! the file system cannot do that, new files take the temporary-name path too. One `syncfs`
+//! per batch replaces an `fsync` per file (the old cost of a full copy); the final `syncfs` of
+//! the run makes the renames themselves durable. The `syncfs` of a full batch runs on a thread
+//! while the receiver writes the next batch (the disk and the stream work at the same time);
+//! the batch is renamed into place once that sync has returned, never before.
 //! Content comes chunk by chunk from, in order of preference: the old file itself (kept by a
 //! copy-on-write clone, `FICLONE`, where the file system supports it), any file the child
 //! already holds with that chunk (by BLAKE3), or data from the master.

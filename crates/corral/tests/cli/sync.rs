@@ -356,7 +356,8 @@ fn kill_9_during_a_first_copy_leaves_every_file_absent_or_whole() {
         );
     }
     eprintln!(
-        "a first copy took {whole_run} ms; files whole when killed at 1/4, 1/2, 3/4 of it: {seen:?} of {n}"
+        "a first copy took {whole_run} ms; files whole when killed at 1/4, 1/2, 3/4 of it: \
+         {seen:?} of {n}"
     );
 }
 
