@@ -568,11 +568,7 @@ impl Receiver {
                 let tmp = self.temp_name(name);
                 Self::link_anonymous(self.anon, f, dir, &tmp)
                     .map_err(|x| errno("link into place", path, x))?;
-                let r = self.install(path, dir, &tmp, name);
-                if r.is_err() {
-                    let _ = rustix::fs::unlinkat(dir, tmp.as_str(), AtFlags::empty());
-                }
-                r
+                self.install_temp(path, dir, &tmp, name)
             }
             Err(x) => Err(errno("link into place", path, x)),
         }
@@ -742,6 +738,21 @@ impl Receiver {
             .map_err(|e| errno("rename into place", path, e));
         if let Some(fd) = old_inode {
             self.graveyard.bury(fd);
+        }
+        r
+    }
+
+    /// [`Receiver::install`]s the temporary name `tmp`, removing it if that fails.
+    fn install_temp(
+        &mut self,
+        path: &str,
+        dir: &OwnedFd,
+        tmp: &str,
+        name: &str,
+    ) -> Result<(), SyncError> {
+        let r = self.install(path, dir, tmp, name);
+        if r.is_err() {
+            let _ = rustix::fs::unlinkat(dir, tmp, AtFlags::empty());
         }
         r
     }
@@ -1542,7 +1553,7 @@ impl Receiver {
         }
         for p in batch {
             let r = match &p.staged {
-                Staged::Named(tmp) => self.install(&p.path, &p.dir, tmp, &p.name),
+                Staged::Named(tmp) => self.install_temp(&p.path, &p.dir, tmp, &p.name),
                 Staged::Anonymous(f) => self.install_anonymous(&p.path, f, &p.dir, &p.name),
             };
             match r {
@@ -1551,9 +1562,6 @@ impl Receiver {
                     self.written.push((p.path, p.content));
                 }
                 Err(err) => {
-                    if let Staged::Named(tmp) = &p.staged {
-                        let _ = rustix::fs::unlinkat(&p.dir, tmp.as_str(), AtFlags::empty());
-                    }
                     tracing::warn!(path = %p.path, error = %err, "sync step failed");
                     self.report.failed.push((p.path, err.to_string()));
                 }
@@ -1758,11 +1766,7 @@ impl Receiver {
                 let tmp = self.temp_name(&name);
                 rustix::fs::linkat(&tdir, tname.as_str(), &dir, tmp.as_str(), AtFlags::empty())
                     .map_err(|x| errno("hard link", path, x))?;
-                let r = self.install(path, &dir, &tmp, &name);
-                if r.is_err() {
-                    let _ = rustix::fs::unlinkat(&dir, tmp.as_str(), AtFlags::empty());
-                }
-                r
+                self.install_temp(path, &dir, &tmp, &name)
             }
             Op::Meta(e) | Op::DirMeta(e) => {
                 let (dir, name) = self.parent(&e.path)?;

@@ -245,6 +245,38 @@ fn sync_run_three_tiers_recursive_and_drift() {
     assert!(so.contains("FAILED"), "{so}{se}");
 }
 
+/// Runs `corral sync push SRC DEST` with `dir`'s state and kills it (SIGKILL) after `delay_ms`.
+fn push_killed_after(dir: &Path, src: &str, dest: &str, delay_ms: u64) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_corral"))
+        .args(["sync", "push", src, dest, "-q"])
+        .env("CORRAL_STATE_DIR", dir.join("state"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+    let _ = child.kill(); // SIGKILL
+    let _ = child.wait();
+}
+
+/// The files `fI` beneath `root` (none if it does not exist) under their real names, with
+/// their number `I`: temporary files, never under a real name, are left out.
+fn named_files(root: &Path) -> Vec<(String, usize, Vec<u8>)> {
+    if !root.exists() {
+        return Vec::new();
+    }
+    files(root, "")
+        .into_iter()
+        .filter_map(|(rel, data)| {
+            let name = rel.rsplit('/').next().unwrap().to_string();
+            if name.ends_with(".corral-tmp") {
+                return None;
+            }
+            Some((rel, name[1..].parse().unwrap(), data))
+        })
+        .collect()
+}
+
 #[test]
 fn kill_9_mid_run_leaves_every_file_old_or_new() {
     let t = tempfile::tempdir().unwrap();
@@ -264,22 +296,8 @@ fn kill_9_mid_run_leaves_every_file_old_or_new() {
         write(&m.join(format!("d{}/f{i}", i % 10)), &body(2, i));
     }
     for delay in [50u64, 150, 400] {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_corral"))
-            .args(["sync", "push", &ms, &cs, "-q"])
-            .env("CORRAL_STATE_DIR", t.path().join("state"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(delay));
-        let _ = child.kill(); // SIGKILL
-        let _ = child.wait();
-        for (rel, data) in files(&c, "") {
-            let name = rel.rsplit('/').next().unwrap();
-            if name.ends_with(".corral-tmp") {
-                continue; // a temporary file, never under a real name
-            }
-            let i: usize = name[1..].parse().unwrap();
+        push_killed_after(t.path(), &ms, &cs, delay);
+        for (rel, i, data) in named_files(&c) {
             assert!(
                 data == body(1, i) || data == body(2, i),
                 "{rel} is neither old nor new after kill -9 at {delay} ms"
@@ -319,27 +337,9 @@ fn kill_9_during_a_first_copy_leaves_every_file_absent_or_whole() {
     for delay in [whole_run / 4, whole_run / 2, whole_run * 3 / 4] {
         let c = t.path().join(format!("c{delay}"));
         let cs = c.to_str().unwrap().to_string();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_corral"))
-            .args(["sync", "push", &ms, &cs, "-q"])
-            .env("CORRAL_STATE_DIR", t.path().join("state"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(delay));
-        let _ = child.kill(); // SIGKILL
-        let _ = child.wait();
-        if !c.exists() {
-            seen.push(0);
-            continue;
-        }
+        push_killed_after(t.path(), &ms, &cs, delay);
         let mut whole = 0;
-        for (rel, data) in files(&c, "") {
-            let name = rel.rsplit('/').next().unwrap();
-            if name.ends_with(".corral-tmp") {
-                continue; // a temporary file, never under a real name
-            }
-            let i: usize = name[1..].parse().unwrap();
+        for (rel, i, data) in named_files(&c) {
             assert!(
                 data == body(i),
                 "{rel} is there but not whole after kill -9 at {delay} ms"
