@@ -19,7 +19,10 @@
 //!    ranges) / server `Entries`… `EntriesEnd` (its entries in them). A child that holds
 //!    every range of the client's is asked nothing more.
 //! 3. `SigRequest(paths)` / server `Sigs` (one [`Signature`] per path, same order), in
-//!    batches, for the changed small files the child holds an old copy of.
+//!    batches, for the changed small files the child holds an old copy of. The first may
+//!    follow `Wanted` at once, before the client has the listing: the files that changed
+//!    on the client since its last scan (an empty signature for a path the server has no
+//!    old copy of); the others ask only for what it did not cover.
 //! 4. `Apply(op)` for each planned step; an `Apply(Write)` whose chunks the child does not
 //!    hold is followed by one `Data` or `Delta` frame per missing chunk, in order (a `Delta`
 //!    only for a file whose signature the child sent).

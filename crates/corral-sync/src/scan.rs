@@ -1016,7 +1016,7 @@ impl Walked {
         self,
         defer: &(dyn Fn(&str) -> bool + Sync),
     ) -> Result<(Manifest, ScanStats, Vec<Deferred>), SyncError> {
-        let (m, st, d, save) = self.hash_in_background(defer, false)?;
+        let (m, st, d, save, _) = self.hash_in_background(defer, false)?;
         save.wait();
         Ok((m, st, d))
     }
@@ -1024,12 +1024,15 @@ impl Walked {
     /// [`Walked::hash`], with the cache (when it must be rewritten: 50,000 entries encoded,
     /// compressed and written) saved on a thread of its own when `background`: the manifest
     /// is ready before the cache is on disk. The returned [`CacheSave`] waits for that
-    /// thread when dropped or [`CacheSave::wait`]ed.
+    /// thread when dropped or [`CacheSave::wait`]ed. Last comes where the files hashed in
+    /// this scan (the cache did not know them, or not as they are now) are in the manifest:
+    /// the files that changed since the cache was written.
+    #[allow(clippy::type_complexity)]
     pub fn hash_in_background(
         self,
         defer: &(dyn Fn(&str) -> bool + Sync),
         background: bool,
-    ) -> Result<(Manifest, ScanStats, Vec<Deferred>, CacheSave), SyncError> {
+    ) -> Result<(Manifest, ScanStats, Vec<Deferred>, CacheSave, Vec<usize>), SyncError> {
         let Walked {
             root,
             root_entry,
@@ -1099,6 +1102,7 @@ impl Walked {
         let mut cache = cache;
         let mut new_cache = Vec::new();
         let mut deferred = Vec::new();
+        let mut fresh = Vec::new();
         let mut results = results;
         for &i in &order {
             let r = &mut raws[i];
@@ -1146,6 +1150,7 @@ impl Walked {
                 } else {
                     st.hashed += 1;
                     st.hashed_bytes += c.size;
+                    fresh.push(entries.len());
                 }
                 if rewrite {
                     new_cache.push(CacheEntry {
@@ -1192,7 +1197,7 @@ impl Walked {
                 work();
             }
         }
-        Ok((Manifest { entries }, st, deferred, save))
+        Ok((Manifest { entries }, st, deferred, save, fresh))
     }
 }
 

@@ -520,13 +520,22 @@ fn digest_key() -> Result<[u8; 32], SyncError> {
 /// (`Wanted`, at most [`crate::ranges::MAX_LISTED`] entries come back) and the manifest is
 /// rebuilt from them and the master's entries of the ranges the child holds; an answer that
 /// does not fit the master's ranges is refused.
+///
+/// With the request for the child's ranges goes an early signature request (see
+/// [`EarlySigs`]) for the files of `changed` (the master's files that changed since its last
+/// scan) that may travel as deltas and lie in ranges the child does not hold as they are:
+/// the child computes their signatures while the master receives its listing and plans,
+/// instead of after (a round trip, the child's index of its files and the reading of those
+/// files: 80 ms of a 600 ms run with 500 files edited). Returns the paths asked for, whose
+/// answer is the next message.
 fn fetch_child<R: Read, W: Write>(
     framed: &mut Framed<R, W>,
     master: &Manifest,
     k: u32,
     ours: &[crate::ranges::Digest],
     theirs: &[crate::ranges::Digest],
-) -> Result<Option<Manifest>, SyncError> {
+    changed: &[String],
+) -> Result<(Option<Manifest>, Vec<String>), SyncError> {
     let t0 = std::time::Instant::now();
     let (held, wanted) = crate::ranges::matching(ours, theirs);
     let none_wanted = wanted.iter().all(|b| *b == 0);
@@ -537,11 +546,33 @@ fn fetch_child<R: Read, W: Write>(
             .windows(2)
             .all(|w| crate::manifest::path_order(&w[0].path, &w[1].path).is_lt());
     if same {
-        return Ok(None);
+        return Ok((None, Vec::new()));
     }
     let mut listed = Vec::new();
+    let mut asked = Vec::new();
     if !none_wanted {
         framed.send(&Message::Wanted(wanted))?;
+        if !changed.is_empty() {
+            let starts = crate::ranges::cut(&master.entries, k);
+            asked = changed
+                .iter()
+                .filter(|p| {
+                    let Ok(i) = master
+                        .entries
+                        .binary_search_by(|e| crate::manifest::path_order(&e.path, p))
+                    else {
+                        return false;
+                    };
+                    let r = starts.partition_point(|&s| s <= i).saturating_sub(1);
+                    let not_held = held.get(r / 8).is_none_or(|b| b & (1 << (r % 8)) == 0);
+                    not_held && master.entries[i].content.as_ref().is_some_and(delta_sized)
+                })
+                .cloned()
+                .collect();
+            if !asked.is_empty() {
+                framed.send(&Message::SigRequest(asked.clone()))?;
+            }
+        }
         framed.flush()?;
         loop {
             match framed.recv()? {
@@ -565,8 +596,21 @@ fn fetch_child<R: Read, W: Write>(
         );
     }
     crate::ranges::rebuild(&master.entries, k, &held, listed)
-        .map(Some)
+        .map(|m| (Some(m), asked))
         .map_err(bad_answer)
+}
+
+/// A signature request sent before the plan (see [`fetch_child`]) whose answer is still to
+/// be read: [`fetch_signatures`] reads it first, and asks only for what it did not cover.
+#[derive(Default)]
+struct EarlySigs {
+    asked: Vec<String>,
+}
+
+/// Whether a file of this content may travel as a delta against the child's old copy (one
+/// chunk, neither too small to gain nor too large for a signature).
+fn delta_sized(c: &crate::manifest::Content) -> bool {
+    c.chunks.is_empty() && c.size >= DELTA_MIN && c.size <= crate::manifest::CHUNK_THRESHOLD
 }
 
 /// Milliseconds since `t0` (phase timings in debug logs).
@@ -654,13 +698,23 @@ pub fn push<R: Read, W: Write>(
         let scanner = s.spawn(|| {
             let walked = walk(src, &scan_opts)?;
             // The cache (rewritten when some files changed) is saved while the run goes on.
-            let (mut master, stats, deferred, save) = walked.hash_in_background(
+            let (mut master, stats, deferred, save, fresh) = walked.hash_in_background(
                 &|p: &str| {
                     child_failed.load(std::sync::atomic::Ordering::Relaxed)
                         || (!opts.dry_run && child_paths.get().is_some_and(|c| !c.contains(p)))
                 },
                 true,
             )?;
+            // The files that changed since the master's last scan, as candidates for an
+            // early signature request (a few at most: not after a first scan).
+            let changed: Vec<String> = if fresh.len() <= SIG_BATCH && !opts.dry_run {
+                fresh
+                    .iter()
+                    .map(|&i| master.entries[i].path.clone())
+                    .collect()
+            } else {
+                Vec::new()
+            };
             master.sort();
             tracing::debug!(ms = ms(t0), "push: master scanned");
             // The master's range digests, while the child still scans (unless the child's
@@ -670,7 +724,7 @@ pub fn push<R: Read, W: Write>(
                 .is_none()
                 .then(|| crate::ranges::digests(&key, &master.entries, k));
             tracing::debug!(ms = ms(t0), "push: master digested");
-            Ok::<_, SyncError>((master, stats, deferred, digests, save))
+            Ok::<_, SyncError>((master, stats, deferred, digests, save, changed))
         });
         let answer = hello_and_scan(framed, &opts.run, key, k).and_then(|()| {
             tracing::debug!(ms = ms(t0), "push: child's hello");
@@ -689,7 +743,8 @@ pub fn push<R: Read, W: Write>(
         (answer, scanned)
     });
     let answer = answer?;
-    let (master, master_scan, deferred, digests, cache_save) = scanned?;
+    let (master, master_scan, deferred, digests, cache_save, changed) = scanned?;
+    let mut early = EarlySigs::default();
     let fetched = match answer {
         ChildAnswer::Whole(m) => Some(m),
         ChildAnswer::Digests(theirs) => {
@@ -697,7 +752,9 @@ pub fn push<R: Read, W: Write>(
                 Some(d) => d,
                 None => crate::ranges::digests(&key, &master.entries, k),
             };
-            fetch_child(framed, &master, k, &ours, &theirs)?
+            let (fetched, asked) = fetch_child(framed, &master, k, &ours, &theirs, &changed)?;
+            early.asked = asked;
+            fetched
         }
     };
     let child = fetched.as_ref().unwrap_or(&master);
@@ -728,7 +785,7 @@ pub fn push<R: Read, W: Write>(
         .filter_map(|e| e.content.as_ref())
         .flat_map(|c| c.chunk_list().into_iter().map(|(_, c)| c.hash))
         .collect();
-    let sigs = fetch_signatures(framed, &p, child, &have)?;
+    let sigs = fetch_signatures(framed, &p, child, &have, early)?;
     tracing::debug!(ms = ms(t0), sigs = sigs.len(), "push: signatures received");
     let size_of = |op: &Op| match op {
         Op::Write(e) => deferred
@@ -1071,13 +1128,31 @@ fn fetch_signatures<R: Read, W: Write>(
     p: &Plan,
     child: &Manifest,
     have: &HashSet<Hash>,
+    early: EarlySigs,
 ) -> Result<std::collections::HashMap<String, Signature>, SyncError> {
-    let small = |c: &crate::manifest::Content| {
-        c.chunks.is_empty() && c.size >= DELTA_MIN && c.size <= crate::manifest::CHUNK_THRESHOLD
-    };
+    let small = delta_sized;
+    let mut out = std::collections::HashMap::new();
+    // The answer to the early request comes first, whatever the plan.
+    if !early.asked.is_empty() {
+        match framed.recv()? {
+            Message::Sigs(s) if s.len() == early.asked.len() => {
+                out.extend(
+                    early
+                        .asked
+                        .iter()
+                        .cloned()
+                        .zip(s)
+                        .filter(|(_, s)| s.block > 0),
+                );
+            }
+            Message::Error(e) => return Err(SyncError::Remote(e)),
+            m => return Err(unexpected(&m)),
+        }
+    }
+    let asked: HashSet<&str> = early.asked.iter().map(String::as_str).collect();
     // A plan that writes nothing asks for nothing (and needs no index of the child's files).
     if !p.ops.iter().any(|o| matches!(o, Op::Write(_))) {
-        return Ok(std::collections::HashMap::new());
+        return Ok(out);
     }
     let old: std::collections::HashMap<&str, &crate::manifest::Content> = child
         .entries
@@ -1098,10 +1173,10 @@ fn fetch_signatures<R: Read, W: Write>(
                 .as_ref()
                 .is_some_and(|c| small(c) && !have.contains(&c.hash))
                 && old.contains_key(e.path.as_str())
+                && !asked.contains(e.path.as_str())
         })
         .map(|e| e.path.clone())
         .collect();
-    let mut out = std::collections::HashMap::new();
     for batch in paths.chunks(SIG_BATCH) {
         framed.send(&Message::SigRequest(batch.to_vec()))?;
         framed.flush()?;

@@ -703,6 +703,103 @@ fn batched_install_and_small_edits_as_deltas() {
     );
 }
 
+/// A master with a hash cache knows which of its files changed since its last run: it asks
+/// for their signatures with its request for the child's ranges, before it has the listing,
+/// and the child's answer to that is read after the plan. Files edited on the master travel
+/// as deltas, one the child changed by itself (the master's copy unchanged) is asked for
+/// after the plan, a file new on the master is asked for early and gets an empty signature,
+/// and every byte arrives.
+#[test]
+fn signatures_of_the_masters_changed_files_are_asked_for_early() {
+    let t = tempfile::tempdir().unwrap();
+    let (m, c) = (t.path().join("master"), t.path().join("child"));
+    std::fs::create_dir(&m).unwrap();
+    std::fs::create_dir(&c).unwrap();
+    let n = 600;
+    numbered_files(&m, n, 7, |i| pseudo_random(4096 + i * 13, i as u64));
+    let opts = PushOptions {
+        cache: Some(t.path().join("master.cache")),
+        ..PushOptions::default()
+    };
+    let r = push(&m, &c, &opts);
+    assert_eq!(r.report.files_written, n as u64);
+    // The master edits 6 files in place and adds one; the child edits another by itself.
+    let edit = |root: &Path, i: usize, seed: u64| {
+        let p = root.join(format!("d{}/f{i}", i % 7));
+        let mut b = std::fs::read(&p).unwrap();
+        b[1000..1064].copy_from_slice(&pseudo_random(64, seed));
+        write(&p, &b);
+    };
+    for i in (0..n).step_by(100) {
+        edit(&m, i, 7000 + i as u64);
+    }
+    write(&m.join("d0/new"), &pseudo_random(8192, 99));
+    edit(&c, 55, 5);
+    // The master's side of the conversation, recorded: Wanted, then SigRequest at once.
+    let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let sent = std::sync::Mutex::new(Vec::new());
+    let r = std::thread::scope(|s| {
+        let c2 = c.clone();
+        s.spawn(move || {
+            let mut f = Framed::new(std::io::BufReader::new(b.try_clone().unwrap()), b);
+            corral_sync::session::serve(&c2, &mut f, &ServeOptions::default())
+        });
+        let mut f = Framed::new(a.try_clone().unwrap(), Tee(a, &sent));
+        corral_sync::session::push(&m, &mut f, &IncludeAll, &opts, &mut |_| {})
+    })
+    .unwrap();
+    assert!(r.report.failed.is_empty(), "{:?}", r.report.failed);
+    assert_eq!(r.report.files_written, 8);
+    assert_eq!(tree_bytes(&m), tree_bytes(&c));
+    // 8 files of a few KB each, 7 of them as deltas: far less than their size on the wire.
+    assert!(r.bytes_out < 8 * 4096, "{} bytes sent", r.bytes_out);
+    let sent = sent.into_inner().unwrap();
+    let mut f = Framed::new(&sent[..], Vec::new());
+    let mut seen = Vec::new();
+    while let Ok(fr) = f.recv_data(1 << 24) {
+        seen.push(match fr {
+            corral_sync::proto::Frame::Data { .. } => "Data".to_string(),
+            corral_sync::proto::Frame::Other(Message::SigRequest(p)) => format!("SigRequest {p:?}"),
+            corral_sync::proto::Frame::Other(m) => format!("{m:?}")
+                .split(['(', ' ', '{'])
+                .next()
+                .unwrap()
+                .to_string(),
+        });
+    }
+    let wanted = seen
+        .iter()
+        .position(|m| m == "Wanted")
+        .expect("ranges asked for");
+    assert_eq!(
+        seen[wanted + 1],
+        r#"SigRequest ["d0/f0", "d0/new", "d1/f400", "d2/f100", "d3/f500", "d4/f200", "d6/f300"]"#
+    );
+    let later: Vec<&String> = seen[wanted + 2..]
+        .iter()
+        .filter(|m| m.starts_with("SigRequest"))
+        .collect();
+    assert_eq!(later, [r#"SigRequest ["d6/f55"]"#]);
+    assert!(seen.iter().any(|m| m == "Finish"), "{seen:?}");
+}
+
+/// A writer that keeps a copy of everything written through it.
+struct Tee<'a>(
+    std::os::unix::net::UnixStream,
+    &'a std::sync::Mutex<Vec<u8>>,
+);
+
+impl std::io::Write for Tee<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.0.write(buf)?;
+        self.1.lock().unwrap().extend_from_slice(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
 /// A delta that does not rebuild the file (hostile or against a changed old copy) fails that
 /// file's step and leaves the old copy; signatures are only made of files beneath the root.
 #[test]
