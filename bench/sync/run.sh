@@ -9,7 +9,8 @@
 # default 22987), CORRAL (the corral binary; default target/release/corral, built if missing),
 # SEED (default 1), SKIP_CORRAL=1 (rsync only), SERVER_BASHRC (stock: the sshd sees Debian's
 # stock root .bashrc, the default; host: this machine's), FULL_ROUNDS (full copies of each
-# tool, default 3). Needs root (drop_caches, sshd, iptables).
+# tool, default 3), NC_ROUNDS (rounds of no-change syncs, default 6), CH_ROUNDS (rounds of
+# 1 %-changed syncs, default 3). Needs root (drop_caches, sshd, iptables).
 #
 # What is measured:
 #   full copy            a new, empty destination directory, caches dropped first;
@@ -21,11 +22,14 @@
 #                        journal, as these machines' root, the inode allocator skips every
 #                        inode deleted in the last 5 minutes, one by one, so a copy made right
 #                        after deleting the previous one (50,000 files) paid for that deletion
-#   no-change warm/cold  second sync with nothing changed; cold = caches dropped first;
-#                        the median of three runs each
+#   no-change warm/cold  a sync with nothing changed; cold = caches dropped first; NC_ROUNDS
+#                        rounds (default 6) of a warm and a cold run of both tools, in pairs
+#                        (rsync first in odd rounds), the median of each
 #   content check        rsync -a -c -n vs corral's content-verified check (drift), warm/cold
 #   1% changed           64 bytes edited in 1% of the files: time and bytes on the wire
-#                        (iptables byte counters on the sshd port, both directions)
+#                        (iptables byte counters on the sshd port, both directions); CH_ROUNDS
+#                        rounds (default 3), in pairs, everything written before flushed
+#                        first, the median of each
 #   image                1 GiB image (scaled) with 32 KiB changed in 8 places: bytes written
 #                        by the receiving side (rusage of the remote process, iowrap.py)
 set -euo pipefail
@@ -48,7 +52,7 @@ log() { echo "== $*" >&2; }
 
 # ---- data -----------------------------------------------------------------------------------
 source "$HERE/lib.sh"
-# The 1 % and image steps edit the data in place and put it back at the end (gen.py undo); a
+# The 1 % and image steps edit the data in place and put it back (gen.py undo); a
 # run interrupted before that leaves the undo records, applied here.
 # (Data not marked complete is generated again anyway: its undo record is dropped.)
 for d in "$SRC" "$IMG"; do
@@ -98,15 +102,6 @@ median3() {
     timed "$@"; a=$TIMED; timed "$@"; b=$TIMED; timed "$@"; c=$TIMED
     TIMED=$(median "$a" "$b" "$c")
 }
-# cold3 CMD...: median3 with the caches dropped before each run
-cold3() {
-    local a b c
-    drop_caches; timed "$@"; a=$TIMED
-    drop_caches; timed "$@"; b=$TIMED
-    drop_caches; timed "$@"; c=$TIMED
-    TIMED=$(median "$a" "$b" "$c")
-}
-
 rsync_push() { rsync -a --delete -e "$SSH" "$@"; }
 # The floor under every figure over ssh: connection, key exchange, authentication, a command.
 median3 $SSH root@127.0.0.1 true; SSH_START=$TIMED
@@ -175,11 +170,50 @@ R[full]=$(median "${FULL_R[@]}")
 # not share the disk and the CPU with that writeback.
 sync
 
-# ---- rsync ----------------------------------------------------------------------------------
-log "rsync: no-change sync"
+# ---- no-change syncs, interleaved ------------------------------------------------------------
+# NC_ROUNDS rounds (default 6), each a warm run of both tools and then a cold run of both
+# (caches dropped before each), rsync first in odd rounds and corral first in even ones; the
+# median of each (the lower middle one: each tool comes first in as many rounds). In pairs, both tools are timed in the same state of the machine: the cold
+# figures of one binary moved by a third within an hour on these guests (RESULTS.md).
+# Each run starts a second after the one before has returned (its remote end and its ssh
+# connection may still be ending).
+settle() { sleep 1; [ "$1" = cold ] && drop_caches; return 0; }
+nochange_rsync() { settle "$1"; timed rsync_push "$SRC/" "root@127.0.0.1:$DR/"; }
+nochange_corral() { settle "$1"; timed corral_push "$SRC/" "root@127.0.0.1:$DC/"; }
+NC_ROUNDS="${NC_ROUNDS:-6}"
+NC_RW=(); NC_RC=(); NC_CW=(); NC_CC=()
+log "no-change sync: a first run of each"
 timed rsync_push "$SRC/" "root@127.0.0.1:$DR/"
-median3 rsync_push "$SRC/" "root@127.0.0.1:$DR/"; R[nochange_warm]=$TIMED
-cold3 rsync_push "$SRC/" "root@127.0.0.1:$DR/"; R[nochange_cold]=$TIMED
+[ "$HAVE_C" = 1 ] && timed corral_push "$SRC/" "root@127.0.0.1:$DC/"
+for ((round = 1; round <= NC_ROUNDS; round++)); do
+    log "no-change sync, round $round of $NC_ROUNDS"
+    # Warm means every tree in the caches: the other tool's cold run dropped this one's
+    # destination (a "warm" run after it was half cold, and 0.1-0.5 s slower).
+    rsync_push "$SRC/" "root@127.0.0.1:$DR/"
+    [ "$HAVE_C" = 1 ] && corral_push "$SRC/" "root@127.0.0.1:$DC/"
+    for mode in warm cold; do
+        if [ "$HAVE_C" != 1 ]; then
+            order=(rsync)
+        elif ((round % 2)); then
+            order=(rsync corral)
+        else
+            order=(corral rsync)
+        fi
+        for tool in "${order[@]}"; do
+            "nochange_$tool" "$mode"
+            case "$tool-$mode" in
+                rsync-warm) NC_RW+=("$TIMED") ;; rsync-cold) NC_RC+=("$TIMED") ;;
+                corral-warm) NC_CW+=("$TIMED") ;; corral-cold) NC_CC+=("$TIMED") ;;
+            esac
+        done
+    done
+done
+R[nochange_warm]=$(median "${NC_RW[@]}"); R[nochange_cold]=$(median "${NC_RC[@]}")
+if [ "$HAVE_C" = 1 ]; then
+    C[nochange_warm]=$(median "${NC_CW[@]}"); C[nochange_cold]=$(median "${NC_CC[@]}")
+fi
+
+# ---- content checks -------------------------------------------------------------------------
 log "rsync: content check"
 timed rsync_push -c -n "$SRC/" "root@127.0.0.1:$DR/"
 median3 rsync_push -c -n "$SRC/" "root@127.0.0.1:$DR/"; R[check_warm]=$TIMED
@@ -195,10 +229,6 @@ median3 rsync -a --delete -e "$RSSH_MUX" "$SRC/" "root@127.0.0.1:$DR/"; R[nochan
 $SSH -oControlPath="$SSHDIR/rsync-ctl-%C" -O exit root@127.0.0.1 2>/dev/null || true
 
 if [ "$HAVE_C" = 1 ]; then
-    log "corral: no-change sync"
-    timed corral_push "$SRC/" "root@127.0.0.1:$DC/"
-    median3 corral_push "$SRC/" "root@127.0.0.1:$DC/"; C[nochange_warm]=$TIMED
-    cold3 corral_push "$SRC/" "root@127.0.0.1:$DC/"; C[nochange_cold]=$TIMED
     log "corral: content check"
     timed corral_drift
     median3 corral_drift; C[check_warm]=$TIMED
@@ -206,17 +236,45 @@ if [ "$HAVE_C" = 1 ]; then
     timed corral_drift; C[check_cold]=$TIMED
 fi
 
-# ---- 1% changed (put back at the end of the run) --------------------------------------------
-log "1% of files changed"
-python3 "$HERE/gen.py" change "$SRC" --seed "$SEED" --percent 1 --undo "$SRC.undo"
-wire_zero
-timed rsync_push --stats "$SRC/" "root@127.0.0.1:$DR/" > "$WORK/rsync-stats.txt"
-R[change_time]=$TIMED; R[change_wire]=$(wire_bytes)
+# ---- 1% changed, interleaved -----------------------------------------------------------------
+# CH_ROUNDS rounds (default 3): the same files edited the same way (gen.py change, same seed),
+# a timed sync by each tool (rsync first in odd rounds), then the edits undone and both copies
+# synced back, untimed. Everything written before (the edits, the other tool's copy) is
+# flushed before each timed sync: these copies share one file system, and the receiver's
+# syncfs before its renames would otherwise write back the other tool's files too.
+CH_ROUNDS="${CH_ROUNDS:-3}"
+CH_R=(); CH_C=(); CH_RW=(); CH_CW=()
+change_rsync() {
+    sync; sleep 1; wire_zero
+    timed rsync_push --stats "$SRC/" "root@127.0.0.1:$DR/" > "$WORK/rsync-stats.txt"
+    CH_R+=("$TIMED"); CH_RW+=("$(wire_bytes)")
+}
+change_corral() {
+    sync; sleep 1; wire_zero
+    timed corral_push "$SRC/" "root@127.0.0.1:$DC/"
+    CH_C+=("$TIMED"); CH_CW+=("$(wire_bytes)")
+}
+# Both trees warm (the content checks dropped the caches; later rounds follow the syncs back).
+rsync_push "$SRC/" "root@127.0.0.1:$DR/"
+[ "$HAVE_C" = 1 ] && corral_push "$SRC/" "root@127.0.0.1:$DC/"
+for ((round = 1; round <= CH_ROUNDS; round++)); do
+    log "1% of files changed, round $round of $CH_ROUNDS"
+    python3 "$HERE/gen.py" change "$SRC" --seed "$SEED" --percent 1 --undo "$SRC.undo"
+    if [ "$HAVE_C" != 1 ]; then
+        change_rsync
+    elif ((round % 2)); then
+        change_rsync; change_corral
+    else
+        change_corral; change_rsync
+    fi
+    python3 "$HERE/gen.py" undo "$SRC.undo"
+    rsync_push "$SRC/" "root@127.0.0.1:$DR/"
+    [ "$HAVE_C" = 1 ] && corral_push "$SRC/" "root@127.0.0.1:$DC/"
+done
+R[change_time]=$(median "${CH_R[@]}"); R[change_wire]=$(median "${CH_RW[@]}")
 R[change_sent]=$(awk -F': ' '/^Total bytes sent/ {gsub(",", "", $2); print $2}' "$WORK/rsync-stats.txt")
 if [ "$HAVE_C" = 1 ]; then
-    wire_zero
-    timed corral_push "$SRC/" "root@127.0.0.1:$DC/"
-    C[change_time]=$TIMED; C[change_wire]=$(wire_bytes)
+    C[change_time]=$(median "${CH_C[@]}"); C[change_wire]=$(median "${CH_CW[@]}")
 fi
 
 # ---- image with 32 KiB changed --------------------------------------------------------------
@@ -242,8 +300,7 @@ if [ "$HAVE_C" = 1 ]; then
     [ "$left" -eq 0 ] || { echo "corral copy differs from the source in $left entries" >&2; exit 1; }
 fi
 
-# The data as generated again, for the next run.
-python3 "$HERE/gen.py" undo "$SRC.undo"
+# The image as generated again, for the next run (the tree was put back after each round).
 python3 "$HERE/gen.py" undo "$IMG.undo"
 
 # ---- report ---------------------------------------------------------------------------------
@@ -253,6 +310,9 @@ echo "rsync $(rsync --version | head -1 | awk '{print $3}'), ssh to 127.0.0.1:$P
 echo "load average at start: $LOAD_START; at end: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "ssh start (ssh HOST true, median of 3): $SSH_START s (server .bashrc: $SERVER_BASHRC)"
 echo "full copies (s), in round order: rsync ${FULL_R[*]}; corral ${FULL_C[*]:--}"
+echo "no-change warm (s), in round order: rsync ${NC_RW[*]}; corral ${NC_CW[*]:--}"
+echo "no-change cold (s), in round order: rsync ${NC_RC[*]}; corral ${NC_CC[*]:--}"
+echo "1% changed (s), in round order: rsync ${CH_R[*]}; corral ${CH_C[*]:--}"
 printf '%-32s %14s %14s %8s  %s\n' "figure" "rsync" "corral" "ratio" "target"
 row() { # key label unit target
     local r="${R[$1]:-}" c="${C[$1]:-}" ratio="-"
