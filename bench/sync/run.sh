@@ -102,6 +102,15 @@ median3() {
     timed "$@"; a=$TIMED; timed "$@"; b=$TIMED; timed "$@"; c=$TIMED
     TIMED=$(median "$a" "$b" "$c")
 }
+# pair ROUND RSYNC_STEP CORRAL_STEP: one step of each tool, rsync first in odd rounds and
+# corral in even ones (rsync's alone without corral)
+pair() {
+    if [ "$HAVE_C" != 1 ]; then $2
+    elif (($1 % 2)); then $2; $3
+    else $3; $2
+    fi
+}
+
 rsync_push() { rsync -a --delete -e "$SSH" "$@"; }
 # The floor under every figure over ssh: connection, key exchange, authentication, a command.
 median3 $SSH root@127.0.0.1 true; SSH_START=$TIMED
@@ -156,13 +165,7 @@ FULL_ROUNDS="${FULL_ROUNDS:-3}"
 FULL_R=(); FULL_C=()
 for ((round = 1; round <= FULL_ROUNDS; round++)); do
     log "full copy, round $round of $FULL_ROUNDS"
-    if [ "$HAVE_C" != 1 ]; then
-        full_rsync
-    elif ((round % 2)); then
-        full_rsync; full_corral
-    else
-        full_corral; full_rsync
-    fi
+    pair "$round" full_rsync full_corral
 done
 R[full]=$(median "${FULL_R[@]}")
 [ "$HAVE_C" = 1 ] && C[full]=$(median "${FULL_C[@]}")
@@ -173,18 +176,22 @@ sync
 # ---- no-change syncs, interleaved ------------------------------------------------------------
 # NC_ROUNDS rounds (default 6), each a warm run of both tools and then a cold run of both
 # (caches dropped before each), rsync first in odd rounds and corral first in even ones; the
-# median of each (the lower middle one: each tool comes first in as many rounds). In pairs, both tools are timed in the same state of the machine: the cold
-# figures of one binary moved by a third within an hour on these guests (RESULTS.md).
+# median of each (the lower middle one: each tool comes first in as many rounds). In pairs,
+# both tools are timed in the same state of the machine: the cold figures of one binary
+# moved by a third within an hour on these guests (RESULTS.md).
 # Each run starts a second after the one before has returned (its remote end and its ssh
 # connection may still be ending).
 settle() { sleep 1; [ "$1" = cold ] && drop_caches; return 0; }
-nochange_rsync() { settle "$1"; timed rsync_push "$SRC/" "root@127.0.0.1:$DR/"; }
-nochange_corral() { settle "$1"; timed corral_push "$SRC/" "root@127.0.0.1:$DC/"; }
+nochange_rsync() {
+    settle "$1"; timed rsync_push "$SRC/" "root@127.0.0.1:$DR/"
+    if [ "$1" = warm ]; then NC_RW+=("$TIMED"); else NC_RC+=("$TIMED"); fi
+}
+nochange_corral() {
+    settle "$1"; timed corral_push "$SRC/" "root@127.0.0.1:$DC/"
+    if [ "$1" = warm ]; then NC_CW+=("$TIMED"); else NC_CC+=("$TIMED"); fi
+}
 NC_ROUNDS="${NC_ROUNDS:-6}"
 NC_RW=(); NC_RC=(); NC_CW=(); NC_CC=()
-log "no-change sync: a first run of each"
-timed rsync_push "$SRC/" "root@127.0.0.1:$DR/"
-[ "$HAVE_C" = 1 ] && timed corral_push "$SRC/" "root@127.0.0.1:$DC/"
 for ((round = 1; round <= NC_ROUNDS; round++)); do
     log "no-change sync, round $round of $NC_ROUNDS"
     # Warm means every tree in the caches: the other tool's cold run dropped this one's
@@ -192,20 +199,7 @@ for ((round = 1; round <= NC_ROUNDS; round++)); do
     rsync_push "$SRC/" "root@127.0.0.1:$DR/"
     [ "$HAVE_C" = 1 ] && corral_push "$SRC/" "root@127.0.0.1:$DC/"
     for mode in warm cold; do
-        if [ "$HAVE_C" != 1 ]; then
-            order=(rsync)
-        elif ((round % 2)); then
-            order=(rsync corral)
-        else
-            order=(corral rsync)
-        fi
-        for tool in "${order[@]}"; do
-            "nochange_$tool" "$mode"
-            case "$tool-$mode" in
-                rsync-warm) NC_RW+=("$TIMED") ;; rsync-cold) NC_RC+=("$TIMED") ;;
-                corral-warm) NC_CW+=("$TIMED") ;; corral-cold) NC_CC+=("$TIMED") ;;
-            esac
-        done
+        pair "$round" "nochange_rsync $mode" "nochange_corral $mode"
     done
 done
 R[nochange_warm]=$(median "${NC_RW[@]}"); R[nochange_cold]=$(median "${NC_RC[@]}")
@@ -260,13 +254,7 @@ rsync_push "$SRC/" "root@127.0.0.1:$DR/"
 for ((round = 1; round <= CH_ROUNDS; round++)); do
     log "1% of files changed, round $round of $CH_ROUNDS"
     python3 "$HERE/gen.py" change "$SRC" --seed "$SEED" --percent 1 --undo "$SRC.undo"
-    if [ "$HAVE_C" != 1 ]; then
-        change_rsync
-    elif ((round % 2)); then
-        change_rsync; change_corral
-    else
-        change_corral; change_rsync
-    fi
+    pair "$round" change_rsync change_corral
     python3 "$HERE/gen.py" undo "$SRC.undo"
     rsync_push "$SRC/" "root@127.0.0.1:$DR/"
     [ "$HAVE_C" = 1 ] && corral_push "$SRC/" "root@127.0.0.1:$DC/"
