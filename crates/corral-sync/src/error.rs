@@ -27,7 +27,10 @@ pub enum ProtoError {
     #[error("unexpected message: {0}")]
     Unexpected(String),
     /// Peer speaks another protocol version.
-    #[error("peer speaks sync protocol version {0}, this build speaks {1}")]
+    #[error(
+        "peer speaks sync protocol version {0}, this build speaks {1}: install the same corral \
+         release on both ends"
+    )]
     Version(u32, u32),
 }
 

@@ -49,7 +49,8 @@ pub fn serve<R: Read + crate::proto::Buffered + Send, W: Write>(
         Message::Hello { version, options } if version == VERSION => options,
         Message::Hello { version, .. } => {
             let _ = framed.send(&Message::Error(format!(
-                "protocol version {version} not supported (this end speaks {VERSION})"
+                "protocol version {version} not supported (this end speaks {VERSION}): install \
+                 the same corral release on both ends"
             )));
             let _ = framed.flush();
             return Err(ProtoError::Version(version, VERSION).into());

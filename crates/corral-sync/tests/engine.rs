@@ -875,10 +875,14 @@ fn other_protocol_version_is_refused_clearly() {
     let mut f = Framed::new(&input[..], &mut out);
     let e = corral_sync::session::serve(t.path(), &mut f, &ServeOptions::default()).unwrap_err();
     assert!(e.to_string().contains("version"), "{e}");
+    // Both sides say what to do about it.
+    let advice = "install the same corral release on both ends";
+    assert!(e.to_string().ends_with(advice), "{e}");
     let mut back = Framed::new(&out[..], Vec::new());
     match back.recv().unwrap() {
         Message::Error(m) => assert!(
-            m.contains(&format!("protocol version {} not supported", VERSION - 1)),
+            m.contains(&format!("protocol version {} not supported", VERSION - 1))
+                && m.ends_with(advice),
             "{m}"
         ),
         m => panic!("{m:?}"),
