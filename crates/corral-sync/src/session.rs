@@ -205,28 +205,29 @@ fn serve_inner<W: Write>(
     // the first step or signature request needs it (or the `Finish` of a backup run): a dry
     // run (`corral drift`) ends with `Bye` and a run with nothing to do ends with `Finish`,
     // and neither builds it.
-    let mut scanned: Option<Manifest> = None;
+    let mut scanned: Option<std::sync::Arc<Manifest>> = None;
     // The range parameter of the last scan's digests (`None`: it was sent whole).
     let mut range_k: Option<u32> = None;
     let mut recv: Option<Receiver> = None;
-    let receiver =
-        |recv: &mut Option<Receiver>, scanned: &Option<Manifest>| -> Result<(), SyncError> {
-            if recv.is_none()
-                && let Some(child) = scanned
-            {
-                *recv = Some(Receiver::new(
-                    root,
-                    child,
-                    ReceiverOptions {
-                        backup: options.backup.clone(),
-                        ignore_owner: options.ignore_owner || !rustix::process::geteuid().is_root(),
-                        numeric_ids: options.numeric_ids,
-                        fsync: !opts.no_fsync,
-                    },
-                )?);
-            }
-            Ok(())
-        };
+    let receiver = |recv: &mut Option<Receiver>,
+                    scanned: &Option<std::sync::Arc<Manifest>>|
+     -> Result<(), SyncError> {
+        if recv.is_none()
+            && let Some(child) = scanned
+        {
+            *recv = Some(Receiver::new(
+                root,
+                child.clone(),
+                ReceiverOptions {
+                    backup: options.backup.clone(),
+                    ignore_owner: options.ignore_owner || !rustix::process::geteuid().is_root(),
+                    numeric_ids: options.numeric_ids,
+                    fsync: !opts.no_fsync,
+                },
+            )?);
+        }
+        Ok(())
+    };
     loop {
         let m = match inbox.recv() {
             Ok(m) => m,
@@ -272,7 +273,7 @@ fn serve_inner<W: Write>(
                 }
                 tracing::debug!(ms = ms(t0), "serve: manifest sent");
                 recv = None;
-                scanned = Some(child);
+                scanned = Some(std::sync::Arc::new(child));
             }
             Message::Wanted(bits) => {
                 let (Some(k), Some(child)) = (range_k, &scanned) else {
