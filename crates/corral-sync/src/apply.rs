@@ -148,6 +148,8 @@ pub struct Receiver {
     /// Where each chunk the child holds can be read: the index of its file in `child`,
     /// offset, length.
     index: HashMap<Hash, (u32, u64, u32)>,
+    /// The index in `child` of the entry [`Receiver::old`] found last.
+    old_memo: std::sync::atomic::AtomicU32,
     /// Old inodes of files replaced in this run, still readable for their chunks.
     retained: HashMap<String, OwnedFd>,
     open_cache: Option<(String, OwnedFd)>,
@@ -466,6 +468,7 @@ impl Receiver {
             opts,
             child,
             index,
+            old_memo: std::sync::atomic::AtomicU32::new(u32::MAX),
             retained: HashMap::new(),
             open_cache: None,
             created: Vec::new(),
@@ -491,7 +494,23 @@ impl Receiver {
 
     /// The content of the child's file at `path` before the run (`None`: no such file).
     fn old(&self, path: &str) -> Option<&Content> {
-        match self.child.get(path) {
+        // A step asks for its path several times in a row: the last entry found is tried
+        // before a binary search of the manifest.
+        use std::sync::atomic::Ordering::Relaxed;
+        let last = self.old_memo.load(Relaxed) as usize;
+        let entry = match self.child.entries.get(last) {
+            Some(e) if e.path == path => Some(e),
+            _ => self
+                .child
+                .entries
+                .binary_search_by(|e| crate::manifest::path_order(&e.path, path))
+                .ok()
+                .map(|i| {
+                    self.old_memo.store(i as u32, Relaxed);
+                    &self.child.entries[i]
+                }),
+        };
+        match entry {
             Some(Entry {
                 kind: Kind::File,
                 content: Some(c),

@@ -38,7 +38,7 @@ use crate::manifest::{Entry, Hash, check_rel_path};
 use crate::planner::Op;
 
 /// Protocol version spoken by this build.
-pub const VERSION: u32 = 6;
+pub const VERSION: u32 = 7;
 /// Largest frame accepted (a chunk is at most 256 KiB; manifests come in batches).
 pub const MAX_FRAME: usize = 64 * 1024 * 1024;
 
