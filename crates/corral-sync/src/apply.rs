@@ -25,6 +25,11 @@
 //! copy-on-write clone, `FICLONE`, where the file system supports it), any file the child
 //! already holds with that chunk (by BLAKE3), or data from the master.
 //!
+//! A small file the child already has (one chunk, replaced whole) is rebuilt and checked on
+//! the receiver's thread, then created under its temporary name, written and given its
+//! metadata by a writer thread while the receiver goes on with the next step;
+//! it joins its batch once written, so the rule above holds for it too.
+//!
 //! The exception is a large file that changes a little where no clone is possible (ext4):
 //! rebuilding it in a temporary file would write all of it. Such a file (at least
 //! [`IN_PLACE_MIN`], less than `1/`[`IN_PLACE_FRACTION`] of it changed, one link, still as
@@ -179,6 +184,8 @@ pub struct Receiver {
     journal_dir_used: bool,
     /// Closes the last descriptors of replaced inodes off the run's path.
     graveyard: Graveyard,
+    /// Writes the temporary files of small replaced files beside this thread.
+    writer: Writer,
 }
 
 /// The environment variable of the crash test hook (see [`crash_after_from`]).
@@ -290,6 +297,113 @@ impl Drop for Graveyard {
         if let Some(h) = self.thread.take() {
             let _ = h.join();
         }
+    }
+}
+
+/// A file the writer thread creates under its temporary name, writes whole and gives its
+/// metadata (see [`Writer`]).
+struct WriteJob {
+    path: String,
+    dir: OwnedFd,
+    tmp: String,
+    name: String,
+    bytes: Vec<u8>,
+    meta: Meta,
+    /// The owner to set (`None`: left alone).
+    owner: Option<(u32, u32)>,
+    content: Content,
+}
+
+/// What became of a [`WriteJob`]: the file waiting for its batch's sync and the bytes
+/// written, or the path and why it failed (its temporary file removed).
+type WriteDone = Result<(Pending, u64), (String, SyncError)>;
+
+/// Jobs handed to the writer thread and not yet collected, at most (each holds one file of
+/// at most [`crate::manifest::CHUNK_THRESHOLD`]).
+const WRITER_QUEUE: usize = 32;
+
+/// A thread that creates, writes and sets the metadata of the temporary files of small
+/// files the child already has (replaced whole): in a run that changes a few hundred of
+/// them, those calls (the new inode, the directory entry, the data, four metadata calls)
+/// were half of the receiver's work, and one core sat idle once the master had sent its
+/// last step. The receiver's thread keeps everything else: the stream, rebuilding each file
+/// from its delta and checking it, batches, syncs and renames. A file's job is done (its
+/// data written) before it joins a batch, so nothing is renamed into place before a
+/// `syncfs` that began after its data was written, as on the receiver's own thread.
+#[derive(Default)]
+struct Writer {
+    tx: Option<std::sync::mpsc::Sender<WriteJob>>,
+    /// (In a mutex only so that the receiver stays `Sync`: one thread uses it.)
+    rx: Option<std::sync::Mutex<std::sync::mpsc::Receiver<WriteDone>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// Jobs sent and not yet collected.
+    outstanding: usize,
+    /// The thread could not be started: jobs are done inline.
+    inline: bool,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer")
+            .field("outstanding", &self.outstanding)
+            .field("inline", &self.inline)
+            .finish()
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(h) = self.thread.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl WriteJob {
+    /// Creates the temporary file, writes it and sets its metadata; on failure the
+    /// temporary file is removed.
+    fn run(self) -> WriteDone {
+        let WriteJob {
+            path,
+            dir,
+            tmp,
+            name,
+            bytes,
+            meta,
+            owner,
+            content,
+        } = self;
+        let f = match rustix::fs::openat(
+            &dir,
+            tmp.as_str(),
+            OFlags::CREATE | OFlags::EXCL | OFlags::RDWR | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::from_raw_mode(0o600),
+        ) {
+            Ok(f) => f,
+            Err(x) => {
+                let err = errno("create temporary", &path, x);
+                return Err((path, err));
+            }
+        };
+        let r = write_at(&f, &bytes, 0, false)
+            .map_err(|x| errno("write", &path, x))
+            .and_then(|()| set_meta(MetaTarget::Fd(f.as_fd()), &path, &meta, owner, None));
+        drop(f);
+        if let Err(err) = r {
+            let _ = rustix::fs::unlinkat(&dir, tmp.as_str(), AtFlags::empty());
+            return Err((path, err));
+        }
+        Ok((
+            Pending {
+                path,
+                dir,
+                staged: Staged::Named(tmp),
+                name,
+                content,
+            },
+            bytes.len() as u64,
+        ))
     }
 }
 
@@ -487,6 +601,7 @@ impl Receiver {
             crash_after: crash_after_from(crash_hook_env().as_deref()),
             extents_written: 0,
             graveyard: Graveyard::default(),
+            writer: Writer::default(),
             reflink: HashMap::new(),
             journal_dir_used: false,
         })
@@ -837,10 +952,12 @@ impl Receiver {
         }
     }
 
-    /// Sets owner, xattrs (ACLs), mode and mtime of the inode `t` names. Owner first: a
-    /// `chown` clears setuid and setgid, which the mode then sets again. With `now`, the
-    /// inode's current status, an owner and a mode it has already are not set again (a
-    /// directory's metadata set again after its entries changed needs its mtime alone).
+    /// The owner a file gets (`None`: owners are left alone).
+    fn owner_of(&self, m: &Meta) -> Option<(u32, u32)> {
+        (!self.opts.ignore_owner).then(|| self.uid_gid(m))
+    }
+
+    /// [`set_meta`] with this receiver's owner mapping.
     fn set_meta_on(
         &self,
         t: MetaTarget<'_>,
@@ -848,98 +965,7 @@ impl Receiver {
         m: &Meta,
         now: Option<&rustix::fs::Stat>,
     ) -> Result<(), SyncError> {
-        let mut chowned = false;
-        if !self.opts.ignore_owner {
-            let (u, g) = self.uid_gid(m);
-            if now.is_none_or(|s| (s.st_uid, s.st_gid) != (u, g)) {
-                let (u, g) = (
-                    Some(rustix::fs::Uid::from_raw(u)),
-                    Some(rustix::fs::Gid::from_raw(g)),
-                );
-                match t {
-                    MetaTarget::Fd(f) => rustix::fs::fchown(f, u, g),
-                    MetaTarget::Path(p) => {
-                        rustix::fs::chownat(rustix::fs::CWD, p, u, g, AtFlags::empty())
-                    }
-                }
-                .map_err(|e| errno("chown", rel, e))?;
-                chowned = true;
-            }
-        }
-        // An ACL set or removed changes the mode's group bits: the mode is set after it.
-        let xattrs_changed = self.set_xattrs(t, rel, m)?;
-        if chowned || xattrs_changed || now.is_none_or(|s| s.st_mode & 0o7777 != m.mode & 0o7777) {
-            let mode = Mode::from_raw_mode(m.mode);
-            match t {
-                MetaTarget::Fd(f) => rustix::fs::fchmod(f, mode),
-                MetaTarget::Path(p) => {
-                    rustix::fs::chmodat(rustix::fs::CWD, p, mode, AtFlags::empty())
-                }
-            }
-            .map_err(|e| errno("chmod", rel, e))?;
-        }
-        match t {
-            MetaTarget::Fd(f) => rustix::fs::futimens(f, &times(m)),
-            MetaTarget::Path(p) => {
-                rustix::fs::utimensat(rustix::fs::CWD, p, &times(m), AtFlags::empty())
-            }
-        }
-        .map_err(|e| errno("set mtime", rel, e))
-    }
-
-    /// Makes the inode's xattrs those of `m` (see [`managed_xattr`] for what is removed);
-    /// returns whether any was set or removed.
-    fn set_xattrs(&self, t: MetaTarget<'_>, rel: &str, m: &Meta) -> Result<bool, SyncError> {
-        // Most files have no xattrs: ask for the size of the list first (a 64 KiB buffer per
-        // file was a noticeable share of a full copy's CPU).
-        let size = match t {
-            MetaTarget::Fd(f) => rustix::fs::flistxattr_query(f),
-            MetaTarget::Path(p) => rustix::fs::listxattr_query(p),
-        }
-        .unwrap_or(64 * 1024);
-        let have: Vec<Vec<u8>> = if size == 0 {
-            Vec::new()
-        } else {
-            let mut names = vec![0u8; size.min(64 * 1024)];
-            match match t {
-                MetaTarget::Fd(f) => rustix::fs::flistxattr(f, &mut names[..]),
-                MetaTarget::Path(p) => rustix::fs::listxattr(p, &mut names[..]),
-            } {
-                Ok(n) => names[..n]
-                    .split(|b| *b == 0)
-                    .filter(|n| !n.is_empty())
-                    .map(<[u8]>::to_vec)
-                    .collect(),
-                Err(_) => Vec::new(),
-            }
-        };
-        let mut changed = false;
-        for n in &have {
-            if managed_xattr(n) && !m.xattrs.iter().any(|(k, _)| k == n) {
-                changed = true;
-                match t {
-                    MetaTarget::Fd(f) => rustix::fs::fremovexattr(f, n.as_slice()),
-                    MetaTarget::Path(p) => rustix::fs::removexattr(p, n.as_slice()),
-                }
-                .map_err(|e| errno("remove xattr", rel, e))?;
-            }
-        }
-        for (k, v) in &m.xattrs {
-            changed = true;
-            let flags = rustix::fs::XattrFlags::empty();
-            match t {
-                MetaTarget::Fd(f) => rustix::fs::fsetxattr(f, k.as_slice(), v, flags),
-                MetaTarget::Path(p) => rustix::fs::setxattr(p, k.as_slice(), v, flags),
-            }
-            .map_err(|e| {
-                SyncError::fs(
-                    "set xattr",
-                    format!("{rel} ({})", String::from_utf8_lossy(k)),
-                    e.into(),
-                )
-            })?;
-        }
-        Ok(changed)
+        set_meta(t, rel, m, self.owner_of(m), now)
     }
 
     /// Sets the metadata of an existing object without following a final symlink.
@@ -1116,6 +1142,28 @@ impl Receiver {
         } else {
             self.open_anonymous(&dir)
         };
+        // A small file replaced whole is written by the writer thread once its bytes are
+        // here (rebuilt from a delta and checked on this thread).
+        if anonymous.is_none()
+            && content.chunks.is_empty()
+            && content.size > 0
+            && !content.sparse
+            && let [(0, c)] = chunks.as_slice()
+        {
+            let bytes = self.chunk_bytes(e, c, data)??;
+            let tmp = self.temp_name(&name);
+            self.offload(WriteJob {
+                path: e.path.clone(),
+                dir,
+                tmp,
+                name,
+                bytes,
+                meta: e.meta.clone(),
+                owner: self.owner_of(&e.meta),
+                content,
+            });
+            return Ok(());
+        }
         let (f, tmp) = match anonymous {
             Some(f) => (f, None),
             None => {
@@ -1154,6 +1202,124 @@ impl Receiver {
             name,
             content,
         });
+        self.batch_full();
+        Ok(())
+    }
+
+    /// Hands a job to the writer thread (started on first use; the job is done here if it
+    /// cannot start), waiting for earlier jobs while [`WRITER_QUEUE`] are outstanding, and
+    /// collects the jobs done meanwhile.
+    fn offload(&mut self, job: WriteJob) {
+        if self.writer.tx.is_none() && !self.writer.inline {
+            let (tx, jobs) = std::sync::mpsc::channel::<WriteJob>();
+            let (done, rx) = std::sync::mpsc::channel::<WriteDone>();
+            match std::thread::Builder::new()
+                .name("corral-write".into())
+                .spawn(move || {
+                    for job in jobs {
+                        if done.send(job.run()).is_err() {
+                            return;
+                        }
+                    }
+                }) {
+                Ok(h) => {
+                    self.writer.tx = Some(tx);
+                    self.writer.rx = Some(std::sync::Mutex::new(rx));
+                    self.writer.thread = Some(h);
+                }
+                Err(_) => self.writer.inline = true,
+            }
+        }
+        let job = match &self.writer.tx {
+            Some(tx) => match tx.send(job) {
+                Ok(()) => {
+                    self.writer.outstanding += 1;
+                    None
+                }
+                // The thread has gone: the job comes back and is done here.
+                Err(std::sync::mpsc::SendError(job)) => Some(job),
+            },
+            None => Some(job),
+        };
+        if let Some(job) = job {
+            let done = job.run();
+            self.writes_done(done);
+        }
+        while self.writer.outstanding >= WRITER_QUEUE {
+            self.collect_writes(true);
+        }
+        self.collect_writes(false);
+    }
+
+    /// Collects the writer thread's finished jobs (with `wait`, at least one, if any is
+    /// outstanding).
+    fn collect_writes(&mut self, mut wait: bool) {
+        while self.writer.outstanding > 0 {
+            let Some(rx) = &self.writer.rx else { return };
+            let rx = rx.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let got = if wait {
+                wait = false;
+                rx.recv().ok()
+            } else {
+                match rx.try_recv() {
+                    Ok(d) => Some(d),
+                    Err(std::sync::mpsc::TryRecvError::Empty) => return,
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => None,
+                }
+            };
+            drop(rx);
+            let Some(done) = got else {
+                return self.writer_lost();
+            };
+            self.writer.outstanding -= 1;
+            self.writes_done(done);
+        }
+    }
+
+    /// Waits for every job handed to the writer thread.
+    fn drain_writes(&mut self) {
+        while self.writer.outstanding > 0 {
+            self.collect_writes(true);
+        }
+    }
+
+    /// The writer thread ended with jobs outstanding (it panicked): they are reported
+    /// failed, their temporary files left for the next scan to remove.
+    fn writer_lost(&mut self) {
+        tracing::warn!(
+            jobs = self.writer.outstanding,
+            "receiver: writer thread stopped"
+        );
+        for _ in 0..self.writer.outstanding {
+            self.report.failed.push((
+                String::new(),
+                "the receiver's writer thread stopped".to_string(),
+            ));
+        }
+        self.writer.outstanding = 0;
+        self.writer.tx = None;
+        self.writer.rx = None;
+        self.writer.inline = true;
+    }
+
+    /// A finished job: the file joins the batch, or its failure is reported.
+    fn writes_done(&mut self, done: WriteDone) {
+        match done {
+            Ok((p, n)) => {
+                self.report.bytes_written += n;
+                self.pending_bytes += p.content.size;
+                self.pending.push(p);
+                self.batch_full();
+            }
+            Err((path, err)) => {
+                tracing::warn!(path = %path, error = %err, "sync step failed");
+                self.report.failed.push((path, err.to_string()));
+            }
+        }
+    }
+
+    /// Ends the current batch when it is full (or may be synced early).
+    fn batch_full(&mut self) {
         if self.pending.len() >= BATCH_FILES
             || self.pending_bytes >= BATCH_BYTES
             || (self.pending_bytes >= EARLY_SYNC_BYTES
@@ -1162,7 +1328,6 @@ impl Receiver {
         {
             self.rotate();
         }
-        Ok(())
     }
 
     /// Whether `e` can be updated in place (see [`crate::journal`]): a large regular file
@@ -1494,6 +1659,43 @@ impl Receiver {
         }
     }
 
+    /// The bytes of chunk `c` of `e`, from wherever [`Receiver::chunk_source`] finds them (a
+    /// delta rebuilt against the old copy and checked), counted as reused or literal. The
+    /// outer error is the stream's; the inner one fails only this file.
+    fn chunk_bytes(
+        &mut self,
+        e: &Entry,
+        c: &crate::manifest::Chunk,
+        data: &mut DataSource<'_>,
+    ) -> Result<Result<Vec<u8>, SyncError>, SyncError> {
+        Ok(match self.chunk_source(e, c, data)? {
+            Err(err) => Err(err),
+            Ok(ChunkSource::Local(b)) => {
+                self.report.reused_bytes += b.len() as u64;
+                Ok(b)
+            }
+            Ok(ChunkSource::Stream(Incoming::Bytes(b))) => {
+                self.report.literal_bytes += b.len() as u64;
+                Ok(b)
+            }
+            Ok(ChunkSource::Stream(Incoming::Delta {
+                block,
+                ops,
+                literals,
+            })) => match self.rebuild(&e.path, block, &ops, &literals, c) {
+                Some(b) => {
+                    self.report.literal_bytes += literals.len() as u64;
+                    self.report.reused_bytes += (b.len() - literals.len()) as u64;
+                    Ok(b)
+                }
+                None => Err(SyncError::SourceChanged(format!(
+                    "{} (the delta against the old copy on the child does not rebuild it)",
+                    e.path
+                ))),
+            },
+        })
+    }
+
     /// [`Receiver::chunk_source`] for a chunk of a large file, which comes whole (never as
     /// a delta): its bytes, and whether they came from the stream.
     fn whole_chunk(
@@ -1629,6 +1831,7 @@ impl Receiver {
     /// renamed into place. A file that cannot be installed is reported in `report.failed`
     /// (its temporary file removed); only a failed sync fails the whole batch.
     pub fn flush(&mut self) -> Result<(), SyncError> {
+        self.drain_writes();
         let earlier = self.install_synced();
         let batch = std::mem::take(&mut self.pending);
         self.pending_bytes = 0;
@@ -1738,40 +1941,12 @@ impl Receiver {
                 self.report.cloned_bytes += u64::from(c.len);
                 continue;
             }
-            let bytes = match self.chunk_source(e, c, data)? {
+            let bytes = match self.chunk_bytes(e, c, data)? {
+                Ok(b) => b,
                 Err(err) => {
                     first_err.get_or_insert(err);
                     continue;
                 }
-                Ok(ChunkSource::Local(b)) => {
-                    self.report.reused_bytes += b.len() as u64;
-                    b
-                }
-                Ok(ChunkSource::Stream(incoming)) => match incoming {
-                    Incoming::Bytes(b) => {
-                        self.report.literal_bytes += b.len() as u64;
-                        b
-                    }
-                    Incoming::Delta {
-                        block,
-                        ops,
-                        literals,
-                    } => match self.rebuild(&e.path, block, &ops, &literals, c) {
-                        Some(b) => {
-                            self.report.literal_bytes += literals.len() as u64;
-                            self.report.reused_bytes += (b.len() - literals.len()) as u64;
-                            b
-                        }
-                        None => {
-                            first_err.get_or_insert(SyncError::SourceChanged(format!(
-                                "{} (the delta against the old copy on the child does not \
-                                 rebuild it)",
-                                e.path
-                            )));
-                            continue;
-                        }
-                    },
-                },
             };
             if first_err.is_some() {
                 continue;
@@ -2064,6 +2239,106 @@ fn differing_runs(
     Ok(runs)
 }
 
+/// Sets owner (`owner`, when given), xattrs (ACLs), mode and mtime of the inode `t` names. Owner first: a
+/// `chown` clears setuid and setgid, which the mode then sets again. With `now`, the
+/// inode's current status, an owner and a mode it has already are not set again (a
+/// directory's metadata set again after its entries changed needs its mtime alone).
+fn set_meta(
+    t: MetaTarget<'_>,
+    rel: &str,
+    m: &Meta,
+    owner: Option<(u32, u32)>,
+    now: Option<&rustix::fs::Stat>,
+) -> Result<(), SyncError> {
+    let mut chowned = false;
+    if let Some((u, g)) = owner
+        && now.is_none_or(|s| (s.st_uid, s.st_gid) != (u, g))
+    {
+        let (u, g) = (
+            Some(rustix::fs::Uid::from_raw(u)),
+            Some(rustix::fs::Gid::from_raw(g)),
+        );
+        match t {
+            MetaTarget::Fd(f) => rustix::fs::fchown(f, u, g),
+            MetaTarget::Path(p) => rustix::fs::chownat(rustix::fs::CWD, p, u, g, AtFlags::empty()),
+        }
+        .map_err(|e| errno("chown", rel, e))?;
+        chowned = true;
+    }
+    // An ACL set or removed changes the mode's group bits: the mode is set after it.
+    let xattrs_changed = set_xattrs(t, rel, m)?;
+    if chowned || xattrs_changed || now.is_none_or(|s| s.st_mode & 0o7777 != m.mode & 0o7777) {
+        let mode = Mode::from_raw_mode(m.mode);
+        match t {
+            MetaTarget::Fd(f) => rustix::fs::fchmod(f, mode),
+            MetaTarget::Path(p) => rustix::fs::chmodat(rustix::fs::CWD, p, mode, AtFlags::empty()),
+        }
+        .map_err(|e| errno("chmod", rel, e))?;
+    }
+    match t {
+        MetaTarget::Fd(f) => rustix::fs::futimens(f, &times(m)),
+        MetaTarget::Path(p) => {
+            rustix::fs::utimensat(rustix::fs::CWD, p, &times(m), AtFlags::empty())
+        }
+    }
+    .map_err(|e| errno("set mtime", rel, e))
+}
+
+/// Makes the inode's xattrs those of `m` (see [`managed_xattr`] for what is removed);
+/// returns whether any was set or removed.
+fn set_xattrs(t: MetaTarget<'_>, rel: &str, m: &Meta) -> Result<bool, SyncError> {
+    // Most files have no xattrs: ask for the size of the list first (a 64 KiB buffer per
+    // file was a noticeable share of a full copy's CPU).
+    let size = match t {
+        MetaTarget::Fd(f) => rustix::fs::flistxattr_query(f),
+        MetaTarget::Path(p) => rustix::fs::listxattr_query(p),
+    }
+    .unwrap_or(64 * 1024);
+    let have: Vec<Vec<u8>> = if size == 0 {
+        Vec::new()
+    } else {
+        let mut names = vec![0u8; size.min(64 * 1024)];
+        match match t {
+            MetaTarget::Fd(f) => rustix::fs::flistxattr(f, &mut names[..]),
+            MetaTarget::Path(p) => rustix::fs::listxattr(p, &mut names[..]),
+        } {
+            Ok(n) => names[..n]
+                .split(|b| *b == 0)
+                .filter(|n| !n.is_empty())
+                .map(<[u8]>::to_vec)
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    };
+    let mut changed = false;
+    for n in &have {
+        if managed_xattr(n) && !m.xattrs.iter().any(|(k, _)| k == n) {
+            changed = true;
+            match t {
+                MetaTarget::Fd(f) => rustix::fs::fremovexattr(f, n.as_slice()),
+                MetaTarget::Path(p) => rustix::fs::removexattr(p, n.as_slice()),
+            }
+            .map_err(|e| errno("remove xattr", rel, e))?;
+        }
+    }
+    for (k, v) in &m.xattrs {
+        changed = true;
+        let flags = rustix::fs::XattrFlags::empty();
+        match t {
+            MetaTarget::Fd(f) => rustix::fs::fsetxattr(f, k.as_slice(), v, flags),
+            MetaTarget::Path(p) => rustix::fs::setxattr(p, k.as_slice(), v, flags),
+        }
+        .map_err(|e| {
+            SyncError::fs(
+                "set xattr",
+                format!("{rel} ({})", String::from_utf8_lossy(k)),
+                e.into(),
+            )
+        })?;
+    }
+    Ok(changed)
+}
+
 fn read_exact_at(f: &OwnedFd, mut buf: &mut [u8], mut off: u64) -> Result<(), Errno> {
     while !buf.is_empty() {
         let n = rustix::io::pread(f, &mut *buf, off)?;
@@ -2178,6 +2453,8 @@ mod tests {
             r.write(&e, &mut |_, _| Ok(Incoming::Bytes(data.clone())))
                 .unwrap();
         }
+        // Files written by the writer thread join their batch when collected.
+        r.drain_writes();
     }
 
     /// Files beneath `root` by how they wait for their batch: under their own names, under
@@ -2654,6 +2931,7 @@ mod tests {
             let e = entry(&format!("big{i}"), &data);
             r.write(&e, &mut |_, _| Ok(Incoming::Bytes(data.clone())))
                 .unwrap();
+            r.drain_writes();
         };
         write(&mut r, 0);
         write(&mut r, 1);
@@ -2682,5 +2960,90 @@ mod tests {
             );
         }
         assert_eq!(r.report.files_written, 4);
+    }
+
+    /// Small files the child has are written by the writer thread beside the receiver's
+    /// (deltas and whole files alike): every file ends up with its new bytes and metadata,
+    /// nothing is left under a temporary name, and a file whose delta does not rebuild fails
+    /// alone while the others go on.
+    #[test]
+    fn replaced_small_files_are_written_by_the_writer_thread() {
+        use std::os::unix::fs::MetadataExt;
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        let n = 300;
+        let old = |i: usize| {
+            format!(
+                "old content of file {i}, long enough for a delta: {}",
+                "x".repeat(3000)
+            )
+            .into_bytes()
+        };
+        let new = |i: usize| {
+            let mut b = old(i);
+            b[10] = b'N';
+            b
+        };
+        let mut child = Manifest::default();
+        for i in 0..n {
+            std::fs::write(root.join(format!("f{i:03}")), old(i)).unwrap();
+            child.entries.push(entry(&format!("f{i:03}"), &old(i)));
+        }
+        let mut r = Receiver::new(
+            root,
+            std::sync::Arc::new(child),
+            ReceiverOptions {
+                ignore_owner: true,
+                fsync: true,
+                ..ReceiverOptions::default()
+            },
+        )
+        .unwrap();
+        for i in 0..n {
+            let data = new(i);
+            let mut e = entry(&format!("f{i:03}"), &data);
+            e.meta.mode = 0o640;
+            e.meta.mtime = 1_000_000 + i as i64;
+            let sig = r.signature(&e.path);
+            let mut d = crate::delta::delta(&sig, &data);
+            if i == 8 {
+                // A delta that rebuilds something else: this file fails, alone.
+                d.literals[0] ^= 1;
+            }
+            let res = r.write(&e, &mut |_, _| {
+                Ok(if i % 2 == 0 {
+                    Incoming::Delta {
+                        block: sig.block,
+                        ops: d.ops.clone(),
+                        literals: d.literals.clone(),
+                    }
+                } else {
+                    Incoming::Bytes(data.clone())
+                })
+            });
+            assert_eq!(res.is_err(), i == 8, "file {i}: {res:?}");
+        }
+        assert!(r.writer.thread.is_some(), "the writer thread wrote them");
+        r.finish().unwrap();
+        assert!(r.report.failed.is_empty(), "{:?}", r.report.failed);
+        assert_eq!(r.report.files_written, n as u64 - 1);
+        for i in 0..n {
+            let p = root.join(format!("f{i:03}"));
+            let want = if i == 8 { old(i) } else { new(i) };
+            assert_eq!(std::fs::read(&p).unwrap(), want, "file {i}");
+            if i != 8 {
+                let m = std::fs::metadata(&p).unwrap();
+                assert_eq!(
+                    (m.mode() & 0o7777, m.mtime()),
+                    (0o640, 1_000_000 + i as i64)
+                );
+            }
+        }
+        drop(r);
+        assert_eq!(
+            names(root),
+            (n, 0, 0),
+            "no temporary name (or old inode) is left"
+        );
     }
 }
