@@ -319,11 +319,33 @@ pub fn plan(
     {
         return Plan::default();
     }
+    plan_selected(&sel, &child.entries, filter, opts)
+}
+
+/// [`plan`] against a child manifest given as its entries in manifest order, borrowed from
+/// wherever they are (the master's session rebuilds the child's manifest from the master's
+/// own entries and the few the child listed, without copying 50,000 entries).
+pub fn plan_over<T: std::borrow::Borrow<Entry>>(
+    master: &Manifest,
+    child: &[T],
+    filter: &dyn PathFilter,
+    opts: &PlanOptions,
+) -> Plan {
+    let sel = selected(master, filter);
+    plan_selected(&sel, child, filter, opts)
+}
+
+fn plan_selected<T: std::borrow::Borrow<Entry>>(
+    sel: &[Picked<'_>],
+    child: &[T],
+    filter: &dyn PathFilter,
+    opts: &PlanOptions,
+) -> Plan {
     let sel: Vec<&Entry> = sel.iter().map(|e| &**e).collect();
     // Path look-ups in both manifests go forward in manifest order: one pass each instead of
     // a hash or a binary search per path (50,000 paths on a no-change run).
     let mut sel_paths = Members::of(&sel);
-    let mut child_at = Cursor::new(&child.entries);
+    let mut child_at = Cursor::new(child);
     let mut plan = Plan::default();
     let mut dirmeta = Vec::new();
     // Files whose inode is replaced in this run: their hard links must be redone.
@@ -449,7 +471,8 @@ pub fn plan(
         // Directories being deleted, innermost last (to ask "within deleted").
         let mut deleting: Vec<&str> = Vec::new();
         let mut kept: HashSet<&str> = HashSet::new();
-        for c in &child.entries {
+        for c in child.iter().map(std::borrow::Borrow::borrow) {
+            let c: &Entry = c;
             if c.path.is_empty() {
                 continue;
             }

@@ -353,46 +353,78 @@ pub fn all_held(bits: &[u8], n: usize) -> bool {
 /// The master's side: the child's manifest from the master's sorted entries, the child's
 /// bitmap and its listed entries. Refuses a bitmap of the wrong length, a listing over
 /// [`MAX_LISTED`], and a listing that contradicts the bitmap (a listed path inside a range
-/// the child holds, or a path twice).
+/// the child holds, or a path twice). (A copy of [`rebuild_refs`]'s answer.)
 pub fn rebuild(
     master: &[Entry],
     k: u32,
     bits: &[u8],
     listed: Vec<Entry>,
 ) -> Result<Manifest, RangeError> {
+    let entries = rebuild_refs(master, k, bits, &listed)?
+        .into_iter()
+        .cloned()
+        .collect();
+    Ok(Manifest { entries })
+}
+
+/// [`rebuild`] without copying an entry: the child's manifest as references into the
+/// master's entries (the ranges the child holds) and the listed ones (copying 50,000 entries,
+/// four allocations each, and sorting them took ~30 ms of a 1 %-changed run). The listed
+/// entries are sorted and merged with the held ranges, which come in order when the
+/// master's entries are strictly in order (as a scan makes them; otherwise all is sorted).
+pub fn rebuild_refs<'a>(
+    master: &'a [Entry],
+    k: u32,
+    bits: &[u8],
+    listed: &'a [Entry],
+) -> Result<Vec<&'a Entry>, RangeError> {
     let starts = cut(master, k);
     let n = starts.len();
     check_bitmap(bits, n)?;
     if listed.len() > MAX_LISTED {
         return Err(RangeError::TooMany(MAX_LISTED));
     }
+    let in_order = master
+        .windows(2)
+        .all(|w| path_order(&w[0].path, &w[1].path).is_lt());
     // The child holds every range and lists nothing (a no-change run): its manifest is the
     // master's, as the general path below would rebuild it (master entries strictly in
     // order: no path twice).
-    if listed.is_empty()
-        && all_held(bits, n)
-        && master
-            .windows(2)
-            .all(|w| path_order(&w[0].path, &w[1].path).is_lt())
-    {
-        return Ok(Manifest {
-            entries: master.to_vec(),
-        });
+    if listed.is_empty() && all_held(bits, n) && in_order {
+        return Ok(master.iter().collect());
     }
-    // (entry, the master range it comes from; None: listed by the child).
-    let mut all: Vec<(Entry, Option<usize>)> = listed.into_iter().map(|e| (e, None)).collect();
     let held: Vec<std::ops::Range<usize>> = spans(&starts, master.len())
         .enumerate()
         .filter(|(i, _)| bits[i / 8] & (1 << (i % 8)) != 0)
         .map(|(_, r)| r)
         .collect();
-    for (i, r) in held.iter().enumerate() {
-        all.extend(master[r.clone()].iter().map(|e| (e.clone(), Some(i))));
-    }
-    if all.len() > MAX_LISTED.saturating_mul(2) {
+    let held_len: usize = held.iter().map(|r| r.len()).sum();
+    if listed.len() + held_len > MAX_LISTED.saturating_mul(2) {
         return Err(RangeError::TooMany(MAX_LISTED));
     }
-    all.sort_by(|a, b| path_order(&a.0.path, &b.0.path));
+    // (entry, the master range it comes from; None: listed by the child), in path order; on
+    // a tie the listed entry first (then the check below refuses the path twice).
+    let mut lst: Vec<(&Entry, Option<usize>)> = listed.iter().map(|e| (e, None)).collect();
+    lst.sort_by(|a, b| path_order(&a.0.path, &b.0.path));
+    let from_master = held
+        .iter()
+        .enumerate()
+        .flat_map(|(i, r)| master[r.clone()].iter().map(move |e| (e, Some(i))));
+    let mut all: Vec<(&Entry, Option<usize>)> = Vec::with_capacity(lst.len() + held_len);
+    if in_order {
+        let mut a = lst.into_iter().peekable();
+        for m in from_master {
+            while let Some(l) = a.next_if(|l| path_order(&l.0.path, &m.0.path).is_le()) {
+                all.push(l);
+            }
+            all.push(m);
+        }
+        all.extend(a);
+    } else {
+        all.extend(lst);
+        all.extend(from_master);
+        all.sort_by(|a, b| path_order(&a.0.path, &b.0.path));
+    }
     // Each held range must come out as one unbroken run of its own entries.
     let mut pos = 0;
     while pos < all.len() {
@@ -414,9 +446,7 @@ pub fn rebuild(
             None => pos += 1,
         }
     }
-    Ok(Manifest {
-        entries: all.into_iter().map(|(e, _)| e).collect(),
-    })
+    Ok(all.into_iter().map(|(e, _)| e).collect())
 }
 
 #[cfg(test)]
@@ -857,5 +887,39 @@ mod tests {
         // Bad parameters from a master.
         assert!(answer(&key, 0, &ds, &master.entries).is_err());
         assert!(answer(&key, MAX_K + 1, &ds, &master.entries).is_err());
+    }
+
+    /// The child's manifest is put together by merging its listing (in whatever order it
+    /// came) with the held ranges, and comes out as a full sort of both would: the same
+    /// entries in manifest order, listed ones in the ranges the child does not hold.
+    #[test]
+    fn a_listing_in_any_order_merges_into_the_manifest() {
+        let master = big(2000);
+        let key = [5u8; 32];
+        let ds = digests(&key, &master.entries, RANGE_K);
+        let mut child = master.clone();
+        for i in [100, 900, 1500] {
+            let e = &mut child.entries[i];
+            let h = Hash::of(e.path.as_bytes());
+            e.content.as_mut().expect("a file").hash = h;
+        }
+        child.entries.push(file("d3/zz-new", 1, 0o644, 1));
+        child.sort();
+        let (bits, listed) = answer(&key, RANGE_K, &ds, &child.entries).unwrap();
+        assert!(listed.len() > 3 && listed.len() < 200, "{}", listed.len());
+        let got = rebuild_refs(&master.entries, RANGE_K, &bits, &listed).unwrap();
+        assert!(got.iter().copied().eq(child.entries.iter()));
+        let mut shuffled = listed.clone();
+        shuffled.reverse();
+        shuffled.swap(0, 1);
+        let got = rebuild_refs(&master.entries, RANGE_K, &bits, &shuffled).unwrap();
+        assert!(
+            got.iter().copied().eq(child.entries.iter()),
+            "a listing out of order"
+        );
+        assert_eq!(
+            rebuild(&master.entries, RANGE_K, &bits, shuffled).unwrap(),
+            child
+        );
     }
 }

@@ -16,7 +16,7 @@ use crate::delta::{DELTA_MIN, Signature};
 use crate::error::{ProtoError, SyncError};
 use crate::filter::PathFilter;
 use crate::manifest::{Content, Entry, Hash, Manifest};
-use crate::planner::{Op, Plan, PlanOptions, plan};
+use crate::planner::{Op, Plan, PlanOptions, plan, plan_over};
 use crate::proto::{
     Frame, Framed, Message, Report, RunOptions, VERSION, WHOLE_MAX, compress, compress_read,
     decompress, raw_read,
@@ -537,7 +537,7 @@ fn fetch_child<R: Read, W: Write>(
     ours: &[crate::ranges::Digest],
     theirs: &[crate::ranges::Digest],
     changed: &[String],
-) -> Result<(Option<Manifest>, Vec<String>), SyncError> {
+) -> Result<(Option<Listing>, Vec<String>), SyncError> {
     let t0 = std::time::Instant::now();
     let (held, wanted) = crate::ranges::matching(ours, theirs);
     let none_wanted = wanted.iter().all(|b| *b == 0);
@@ -597,10 +597,30 @@ fn fetch_child<R: Read, W: Write>(
             "push: child's ranges listed"
         );
     }
-    crate::ranges::rebuild(&master.entries, k, &held, listed)
-        .map(|m| (Some(m), asked))
-        .map_err(bad_answer)
+    // (Checked and put together by `ranges::rebuild_refs`.)
+    Ok((Some((held, listed)), asked))
 }
+
+/// The hashes of every chunk the child holds (its files' single chunks and large files'
+/// chunks): the master sends no data for those.
+fn chunks_held(child: &[&Entry]) -> HashSet<Hash> {
+    let mut have = HashSet::with_capacity(child.len());
+    for e in child {
+        let (crate::manifest::Kind::File, Some(c)) = (&e.kind, &e.content) else {
+            continue;
+        };
+        if !c.chunks.is_empty() {
+            have.extend(c.chunks.iter().map(|ch| ch.hash));
+        } else if c.size > 0 {
+            have.insert(c.hash);
+        }
+    }
+    have
+}
+
+/// What the child answered to a range request: the bitmap of the ranges it holds (as the
+/// master's) and the entries of the others.
+type Listing = (Vec<u8>, Vec<Entry>);
 
 /// A signature request sent before the plan (see [`fetch_child`]) whose answer is still to
 /// be read: [`fetch_signatures`] reads it first, and asks only for what it did not cover.
@@ -747,21 +767,43 @@ pub fn push<R: Read, W: Write>(
     let answer = answer?;
     let (master, master_scan, deferred, digests, cache_save, changed) = scanned?;
     let mut early = EarlySigs::default();
-    let fetched = match answer {
-        ChildAnswer::Whole(m) => Some(m),
+    // The child's manifest: sent whole (a small one), or rebuilt from the master's entries
+    // for the ranges the child holds and the entries it listed, or (nothing differs) the
+    // master's own; as references, nothing copied.
+    let mut whole = None;
+    let mut fetched = None;
+    match answer {
+        ChildAnswer::Whole(m) => whole = Some(m),
         ChildAnswer::Digests(theirs) => {
             let ours = match digests {
                 Some(d) => d,
                 None => crate::ranges::digests(&key, &master.entries, k),
             };
-            let (fetched, asked) = fetch_child(framed, &master, k, &ours, &theirs, &changed)?;
+            let (f, asked) = fetch_child(framed, &master, k, &ours, &theirs, &changed)?;
             early.asked = asked;
-            fetched
+            fetched = f;
         }
+    }
+    let same = whole.is_none() && fetched.is_none();
+    let child: Vec<&crate::manifest::Entry> = match (&whole, &fetched) {
+        (Some(m), _) => m.entries.iter().collect(),
+        (None, Some((held, listed))) => {
+            crate::ranges::rebuild_refs(&master.entries, k, held, listed).map_err(bad_answer)?
+        }
+        (None, None) => master.entries.iter().collect(),
     };
-    let child = fetched.as_ref().unwrap_or(&master);
     tracing::debug!(ms = ms(t0), "push: child manifest");
-    let mut p = plan(&master, child, filter, &opts.plan);
+    // The chunks the child holds are gathered on a thread of their own while the plan is
+    // made (needed once something is written; a no-change run has nothing to gather).
+    let (mut p, have) = if same {
+        (plan(&master, &master, filter, &opts.plan), None)
+    } else {
+        std::thread::scope(|s| {
+            let have = (!opts.dry_run).then(|| s.spawn(|| chunks_held(&child)));
+            let p = plan_over(&master, &child, filter, &opts.plan);
+            (p, have.and_then(|h| h.join().ok()))
+        })
+    };
     tracing::debug!(ms = ms(t0), ops = p.ops.len(), "push: planned");
     let mut result = PushResult {
         master_scan,
@@ -779,15 +821,12 @@ pub fn push<R: Read, W: Write>(
         deferred.iter().map(|d| (d.path.as_str(), d)).collect();
     // The chunks the child holds (only needed when something is written).
     let writes = p.ops.iter().any(|o| matches!(o, Op::Write(_)));
-    let have: HashSet<Hash> = child
-        .entries
-        .iter()
-        .filter(|_| writes)
-        .filter(|e| e.kind == crate::manifest::Kind::File)
-        .filter_map(|e| e.content.as_ref())
-        .flat_map(|c| c.chunk_list().into_iter().map(|(_, c)| c.hash))
-        .collect();
-    let sigs = fetch_signatures(framed, &p, child, &have, early)?;
+    let have = match have {
+        Some(h) if writes => h,
+        _ if writes => chunks_held(&child),
+        _ => HashSet::new(),
+    };
+    let sigs = fetch_signatures(framed, &p, &child, &have, early)?;
     tracing::debug!(ms = ms(t0), sigs = sigs.len(), "push: signatures received");
     let size_of = |op: &Op| match op {
         Op::Write(e) => deferred
@@ -1128,7 +1167,7 @@ const SIG_BATCH: usize = 1024;
 fn fetch_signatures<R: Read, W: Write>(
     framed: &mut Framed<R, W>,
     p: &Plan,
-    child: &Manifest,
+    child: &[&crate::manifest::Entry],
     have: &HashSet<Hash>,
     early: EarlySigs,
 ) -> Result<std::collections::HashMap<String, Signature>, SyncError> {
@@ -1157,7 +1196,6 @@ fn fetch_signatures<R: Read, W: Write>(
         return Ok(out);
     }
     let old: std::collections::HashMap<&str, &crate::manifest::Content> = child
-        .entries
         .iter()
         .filter(|e| e.kind == crate::manifest::Kind::File)
         .filter_map(|e| Some((e.path.as_str(), e.content.as_ref()?)))
