@@ -374,12 +374,7 @@ impl WriteJob {
             owner,
             content,
         } = self;
-        let f = match rustix::fs::openat(
-            &dir,
-            tmp.as_str(),
-            OFlags::CREATE | OFlags::EXCL | OFlags::RDWR | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-            Mode::from_raw_mode(0o600),
-        ) {
+        let f = match create_temp(&dir, &tmp) {
             Ok(f) => f,
             Err(x) => {
                 let err = errno("create temporary", &path, x);
@@ -545,17 +540,8 @@ impl Receiver {
             let (Kind::File, Some(c), Ok(i)) = (&e.kind, &e.content, u32::try_from(i)) else {
                 continue;
             };
-            if c.chunks.is_empty() {
-                if c.size > 0 {
-                    let len = u32::try_from(c.size).unwrap_or(u32::MAX);
-                    index.entry(c.hash).or_insert((i, 0, len));
-                }
-                continue;
-            }
-            let mut off = 0u64;
-            for ch in &c.chunks {
+            for (off, ch) in c.chunk_iter() {
                 index.entry(ch.hash).or_insert((i, off, ch.len));
-                off += u64::from(ch.len);
             }
         }
         // Many retained descriptors may be open at once: the soft limit is raised towards
@@ -615,15 +601,10 @@ impl Receiver {
         let last = self.old_memo.load(Relaxed) as usize;
         let entry = match self.child.entries.get(last) {
             Some(e) if e.path == path => Some(e),
-            _ => self
-                .child
-                .entries
-                .binary_search_by(|e| crate::manifest::path_order(&e.path, path))
-                .ok()
-                .map(|i| {
-                    self.old_memo.store(i as u32, Relaxed);
-                    &self.child.entries[i]
-                }),
+            _ => self.child.position(path).map(|i| {
+                self.old_memo.store(i as u32, Relaxed);
+                &self.child.entries[i]
+            }),
         };
         match entry {
             Some(Entry {
@@ -1168,17 +1149,8 @@ impl Receiver {
             Some(f) => (f, None),
             None => {
                 let tmp = self.temp_name(&name);
-                let f = rustix::fs::openat(
-                    &dir,
-                    tmp.as_str(),
-                    OFlags::CREATE
-                        | OFlags::EXCL
-                        | OFlags::RDWR
-                        | OFlags::CLOEXEC
-                        | OFlags::NOFOLLOW,
-                    Mode::from_raw_mode(0o600),
-                )
-                .map_err(|x| errno("create temporary", &e.path, x))?;
+                let f =
+                    create_temp(&dir, &tmp).map_err(|x| errno("create temporary", &e.path, x))?;
                 (f, Some(tmp))
             }
         };
@@ -2237,6 +2209,18 @@ fn differing_runs(
         }
     }
     Ok(runs)
+}
+
+/// Creates the temporary file `tmp` in `dir` for writing a file's new content: a new name
+/// only (never an existing object, never through a symlink), readable by its owner alone
+/// until its metadata is set.
+fn create_temp(dir: &OwnedFd, tmp: &str) -> Result<OwnedFd, Errno> {
+    rustix::fs::openat(
+        dir,
+        tmp,
+        OFlags::CREATE | OFlags::EXCL | OFlags::RDWR | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::from_raw_mode(0o600),
+    )
 }
 
 /// Sets owner (`owner`, when given), xattrs (ACLs), mode and mtime of the inode `t` names. Owner first: a

@@ -52,27 +52,27 @@ pub const CHUNK_THRESHOLD: u64 = 1024 * 1024;
 impl Content {
     /// The chunk list with offsets: one chunk for small files.
     pub fn chunk_list(&self) -> Vec<(u64, Chunk)> {
-        if self.chunks.is_empty() {
-            if self.size == 0 {
-                return Vec::new();
-            }
-            return vec![(
+        self.chunk_iter().collect()
+    }
+
+    /// [`Content::chunk_list`] without allocating: the chunks with their offsets, one chunk
+    /// (`size`, `hash`) for a small file, none for an empty one.
+    pub fn chunk_iter(&self) -> impl Iterator<Item = (u64, Chunk)> + '_ {
+        let whole = (self.chunks.is_empty() && self.size > 0).then(|| {
+            (
                 0,
                 Chunk {
                     len: u32::try_from(self.size).unwrap_or(u32::MAX),
                     hash: self.hash,
                 },
-            )];
-        }
+            )
+        });
         let mut off = 0;
-        self.chunks
-            .iter()
-            .map(|c| {
-                let o = off;
-                off += u64::from(c.len);
-                (o, *c)
-            })
-            .collect()
+        whole.into_iter().chain(self.chunks.iter().map(move |c| {
+            let o = off;
+            off += u64::from(c.len);
+            (o, *c)
+        }))
     }
 }
 
@@ -177,10 +177,13 @@ impl Manifest {
     }
     /// The entry at `path`.
     pub fn get(&self, path: &str) -> Option<&Entry> {
+        self.position(path).map(|i| &self.entries[i])
+    }
+    /// The index of the entry at `path` (the manifest sorted, [`Manifest::sort`]).
+    pub fn position(&self, path: &str) -> Option<usize> {
         self.entries
             .binary_search_by(|e| path_order(&e.path, path))
             .ok()
-            .map(|i| &self.entries[i])
     }
     /// Number of regular files and their total size.
     pub fn totals(&self) -> (u64, u64) {

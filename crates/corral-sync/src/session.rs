@@ -606,13 +606,8 @@ fn fetch_child<R: Read, W: Write>(
 fn chunks_held(child: &[&Entry]) -> HashSet<Hash> {
     let mut have = HashSet::with_capacity(child.len());
     for e in child {
-        let (crate::manifest::Kind::File, Some(c)) = (&e.kind, &e.content) else {
-            continue;
-        };
-        if !c.chunks.is_empty() {
-            have.extend(c.chunks.iter().map(|ch| ch.hash));
-        } else if c.size > 0 {
-            have.insert(c.hash);
+        if let (crate::manifest::Kind::File, Some(c)) = (&e.kind, &e.content) {
+            have.extend(c.chunk_iter().map(|(_, ch)| ch.hash));
         }
     }
     have
