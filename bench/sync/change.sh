@@ -2,7 +2,8 @@
 # The 1 %-changed figure of bench/sync/run.sh alone, repeated and interleaved with rsync's, for
 # iterating on a change without the full benchmark: 64 bytes edited in 1 % of the files
 # (gen.py change), everything written before flushed, then one timed sync by each tool
-# (rsync first in odd rounds), then the edits undone and every copy synced back, untimed.
+# (rsync first in odd rounds, the corral binaries in turn first in odd and last in even ones),
+# then the edits undone and every copy synced back, untimed.
 # Needs root (sshd, drop_caches). Makes the tree and the copies it needs when they are missing.
 #
 #   WORK=/var/tmp/corral-bench-sync PORT=22987 SCALE=1 N=5 bench/sync/change.sh
@@ -56,8 +57,11 @@ for r in $(seq "$N"); do
     python3 "$HERE/gen.py" change "$SRC" --seed "$SEED" --percent 1 --undo "$SRC.undo"
     step_r() { sync; sleep 1; RT+=("$(ms rs)"); }
     step_c() {
-        local i
-        for i in "${!BINS[@]}"; do
+        local i order=("${!BINS[@]}")
+        # The binaries take turns going first (the first after rsync's run was seen faster or
+        # slower by more than a change measured).
+        ((r % 2)) || order=($(printf '%s\n' "${order[@]}" | sort -rn))
+        for i in "${order[@]}"; do
             sync; sleep 1
             if [ "${LOG:-0}" = 1 ] && [ "$r" = "$N" ]; then
                 local t0 t1; t0=$(date +%s%N)

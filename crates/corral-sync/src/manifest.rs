@@ -164,10 +164,34 @@ pub struct Manifest {
 /// same order as comparing the components one by one, without splitting).
 pub fn path_order(a: &str, b: &str) -> std::cmp::Ordering {
     let (a, b) = (a.as_bytes(), b.as_bytes());
-    let same = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    let same = common_prefix(a, b);
     // The end of a path sorts first, then `/`, then every other byte in byte order.
     let key = |c: Option<&u8>| c.map(|&c| if c == b'/' { 0u16 } else { u16::from(c) + 1 });
     key(a.get(same)).cmp(&key(b.get(same)))
+}
+
+/// The length of the longest common prefix of `a` and `b`, eight bytes at a time (the sorts,
+/// merges and searches of 50,000 paths compare paths millions of times; a byte-at-a-time
+/// loop was a third of their time).
+fn common_prefix(a: &[u8], b: &[u8]) -> usize {
+    let n = a.len().min(b.len());
+    let (mut wa, mut wb) = (a[..n].chunks_exact(8), b[..n].chunks_exact(8));
+    let mut at = 0;
+    for (x, y) in (&mut wa).zip(&mut wb) {
+        let x = u64::from_le_bytes(x.try_into().unwrap_or([0; 8]));
+        let y = u64::from_le_bytes(y.try_into().unwrap_or([0; 8]));
+        if x != y {
+            // Little-endian: the lowest differing byte is the first.
+            return at + ((x ^ y).trailing_zeros() / 8) as usize;
+        }
+        at += 8;
+    }
+    at + wa
+        .remainder()
+        .iter()
+        .zip(wb.remainder())
+        .take_while(|(x, y)| x == y)
+        .count()
 }
 
 impl Manifest {
@@ -228,6 +252,17 @@ mod tests {
                 for z in alphabet {
                     paths.push(format!("{x}{y}{z}"));
                 }
+                // Long ones, past the first 8-byte words.
+                paths.push(format!("usr/share/doc/{x}{y}"));
+                paths.push(format!("usr/share/doc/x/{x}{y}"));
+            }
+        }
+        // Paths that first differ at every place of an 8-byte word.
+        let base = "0123456789abcdef/0123456789abcdef";
+        for i in 0..base.len() {
+            for c in ["/", ".", "z", ""] {
+                paths.push(format!("{}{c}{}", &base[..i], &base[i..]));
+                paths.push(format!("{}{c}", &base[..i]));
             }
         }
         for a in &paths {

@@ -23,7 +23,9 @@ pub const CDC_AVG: u32 = 64 * 1024;
 /// Largest chunk.
 pub const CDC_MAX: u32 = 256 * 1024;
 
-/// Threads of the directory walk (`CORRAL_SYNC_WALK_THREADS` overrides it).
+/// Threads of the directory walk once it waits on the disk (`CORRAL_SYNC_WALK_THREADS`
+/// overrides it). A walk starts with one thread per core and adds the others when its
+/// threads are seen reading inode tables from the disk (a cold tree).
 pub const WALK_THREADS: usize = 16;
 
 /// Suffix of the receiver's temporary files (removed by the next scan after a crash).
@@ -603,6 +605,65 @@ struct Walk<'a> {
     skipped: std::sync::atomic::AtomicU64,
     queue: Mutex<Queue>,
     ready: std::sync::Condvar,
+    /// Set once the walk has all its threads (it began with fewer; see [`WALK_THREADS`]).
+    widened: std::sync::atomic::AtomicBool,
+    /// The walk's threads once widened.
+    threads: usize,
+    /// The threads it began with.
+    started: usize,
+    /// Widen after the first directory, cold or not (tests).
+    widen_at_once: bool,
+}
+
+/// When a walk thread's reads from the disk make the walk cold: at least this many bytes...
+const COLD_READ: u64 = 64 * 1024;
+/// ...and this many per entry it listed. A cold walk reads inode tables (256 bytes an inode,
+/// 128 KiB at a time with ext4's readahead) and directory blocks: hundreds of bytes an entry
+/// or more. A cached one now and then reads a stray block or a readahead window (an inode or
+/// a directory block evicted, a page of the program): a few bytes an entry over the walk.
+const COLD_READ_PER_ENTRY: u64 = 64;
+
+/// Whether this thread has read from the disk since the walk began: its `read_bytes` in
+/// `/proc/thread-self/io` (the bytes of the reads it submitted to the block layer, inode
+/// tables and directory blocks included), from a descriptor kept open and read again at
+/// offset 0 (one `pread`), against its value when the walk began (the thread that starts a
+/// walk may have read before it). On a cached tree a walk is CPU work and threads beyond the
+/// cores only contend for locks; on a cold one each `statx` may wait on an inode table
+/// block, and more threads keep more reads in flight.
+struct DiskReads {
+    io: Option<(std::fs::File, u64)>,
+}
+
+impl DiskReads {
+    fn open() -> DiskReads {
+        let io = std::fs::File::open("/proc/thread-self/io")
+            .ok()
+            .and_then(|f| Some((Self::read_bytes(&f)?, f)))
+            .map(|(v, f)| (f, v));
+        DiskReads { io }
+    }
+
+    fn read_bytes(f: &std::fs::File) -> Option<u64> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = [0u8; 512];
+        let n = f.read_at(&mut buf, 0).ok()?;
+        std::str::from_utf8(&buf[..n])
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("read_bytes:"))?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Whether this thread's reads from the disk since [`DiskReads::open`] say the tree is
+    /// cold, `listed` entries into its walk (see [`COLD_READ`]); `None` when the kernel does
+    /// not say (no task I/O accounting).
+    fn cold(&self, listed: u64) -> Option<bool> {
+        let (f, at) = self.io.as_ref()?;
+        let read = Self::read_bytes(f)?.saturating_sub(*at);
+        Some(read >= COLD_READ && read >= COLD_READ_PER_ENTRY.saturating_mul(listed))
+    }
 }
 
 /// What the walk found: every directory's entries, one directory after another (in the order
@@ -625,7 +686,10 @@ impl Walk<'_> {
     /// One walk thread: reads directories from the queue until none is left and none is being
     /// read (a thread that finds the queue empty sleeps on the condition variable; it does not
     /// spin).
-    fn worker(&self) {
+    fn worker<'s>(&'s self, s: &'s std::thread::Scope<'s, '_>) {
+        let disk = DiskReads::open();
+        // Entries this thread has listed.
+        let mut listed = 0u64;
         loop {
             let rel = {
                 let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
@@ -641,9 +705,13 @@ impl Walk<'_> {
                 }
             };
             let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.dir(rel)));
+            if let Ok((_, n)) = &read {
+                listed += n;
+                self.widen_if_reading(&disk, listed, s);
+            }
             let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
             let subdirs = match read {
-                Ok(s) => s,
+                Ok((s, _)) => s,
                 Err(p) => {
                     // The others must not wait for this directory's subdirectories forever.
                     q.busy -= 1;
@@ -664,8 +732,43 @@ impl Walk<'_> {
         }
     }
 
-    /// Reads one directory into `out` and returns its subdirectories.
-    fn dir(&self, rel: String) -> Vec<String> {
+    /// Starts the walk's other threads, once, when this one's reads from the disk say the tree
+    /// is cold (or it cannot tell).
+    fn widen_if_reading<'s>(
+        &'s self,
+        disk: &DiskReads,
+        listed: u64,
+        s: &'s std::thread::Scope<'s, '_>,
+    ) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.widened.load(Relaxed) || (!self.widen_at_once && disk.cold(listed) == Some(false)) {
+            return;
+        }
+        if !self.widened.swap(true, Relaxed) {
+            tracing::debug!(
+                threads = self.threads,
+                "walk: reading from the disk, widened"
+            );
+            self.spawn(s, self.started..self.threads);
+        }
+    }
+
+    /// Starts walk threads numbered `ids` (the ones that do not start are not needed: the
+    /// threads running do the walk).
+    fn spawn<'s>(&'s self, s: &'s std::thread::Scope<'s, '_>, ids: std::ops::Range<usize>) {
+        for i in ids {
+            let spawned = std::thread::Builder::new()
+                .name(format!("corral-walk-{i}"))
+                .spawn_scoped(s, move || self.worker(s));
+            if spawned.is_err() {
+                break;
+            }
+        }
+    }
+
+    /// Reads one directory into `out` and returns its subdirectories and the number of its
+    /// entries.
+    fn dir(&self, rel: String) -> (Vec<String>, u64) {
         let mut subdirs = Vec::new();
         let abs = self.root.join(&rel);
         let rd = match std::fs::read_dir(&abs) {
@@ -675,7 +778,7 @@ impl Walk<'_> {
                     .lock()
                     .unwrap()
                     .push(SyncError::fs("read dir", &abs, e));
-                return subdirs;
+                return (subdirs, 0);
             }
         };
         let mut batch = Vec::new();
@@ -763,7 +866,7 @@ impl Walk<'_> {
         out.raws.extend(batch);
         let end = out.raws.len();
         out.dirs.push((rel, at..end));
-        subdirs
+        (subdirs, (end - at) as u64)
     }
 }
 
@@ -879,6 +982,28 @@ pub struct Deferred {
 /// Walks `root` (directories, stats, extended attributes, hash cache look-ups) without
 /// reading any file; [`Walked::hash`] hashes the files the cache does not know.
 pub fn walk(root: &Path, opts: &ScanOptions) -> Result<Walked, SyncError> {
+    // The walk waits on the disk when the inodes are not cached (a cold scan): more threads
+    // than cores keep several directories' reads in flight. On a cached tree it is CPU work,
+    // and threads beyond the cores only contend (10 % slower on two cores): it starts with
+    // one per core and widens when a thread reads from the disk.
+    let threads = std::env::var("CORRAL_SYNC_WALK_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(WALK_THREADS)
+        .max(1);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    walk_shaped(root, opts, threads.min(cores), threads, false)
+}
+
+/// [`walk`] with `started` threads, widened to `threads` when the tree is cold (or, with
+/// `widen_at_once`, after the first directory: for tests).
+fn walk_shaped(
+    root: &Path,
+    opts: &ScanOptions,
+    started: usize,
+    threads: usize,
+    widen_at_once: bool,
+) -> Result<Walked, SyncError> {
     let rmd = std::fs::symlink_metadata(root).map_err(|e| SyncError::fs("stat", root, e))?;
     if !rmd.is_dir() {
         return Err(SyncError::fs(
@@ -898,16 +1023,11 @@ pub fn walk(root: &Path, opts: &ScanOptions) -> Result<Walked, SyncError> {
             busy: 0,
         }),
         ready: std::sync::Condvar::new(),
+        widened: (started >= threads).into(),
+        widen_at_once,
+        threads,
+        started,
     };
-    // The walk waits on the disk when the inodes are not cached (a cold scan): more threads
-    // than cores keep several directories' reads in flight. They block (on the disk, or on
-    // the queue when it is empty) rather than spin, so on a cached tree the extra threads cost
-    // only their start.
-    let threads = std::env::var("CORRAL_SYNC_WALK_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(WALK_THREADS)
-        .max(1);
     // The cache file is read and decoded while the walk runs (on a cold cache both wait for
     // the disk).
     let (cache, stale) = std::thread::scope(|s| {
@@ -920,16 +1040,8 @@ pub fn walk(root: &Path, opts: &ScanOptions) -> Result<Walked, SyncError> {
                     loaded
                 })
         });
-        for i in 1..threads {
-            let w = &walk;
-            let spawned = std::thread::Builder::new()
-                .name(format!("corral-walk-{i}"))
-                .spawn_scoped(s, move || w.worker());
-            if spawned.is_err() {
-                break; // the threads that started (and this one) do the walk
-            }
-        }
-        walk.worker();
+        walk.spawn(s, 1..started);
+        walk.worker(s);
         match (loader, opts.cache.as_deref()) {
             (Some(Ok(h)), _) => h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
             (Some(Err(_)), Some(p)) => load_cache_when_saved(p), // no thread: read it here
@@ -1359,6 +1471,44 @@ mod tests {
         assert_eq!(got, want);
         assert_eq!(st.entries, want.len() as u64);
         assert!(got.iter().position(|p| *p == "a/x/y/f") < got.iter().position(|p| *p == "a-b"));
+    }
+
+    #[test]
+    fn a_walk_widened_as_it_goes_lists_what_a_narrow_one_does() {
+        let t = tempfile::tempdir().unwrap();
+        for d in 0..40 {
+            let d = t.path().join(format!("d{d}/e"));
+            std::fs::create_dir_all(&d).unwrap();
+            for f in 0..20 {
+                std::fs::write(d.join(format!("f{f}")), b"x").unwrap();
+            }
+        }
+        let paths = |w: Walked| -> Vec<String> {
+            let (m, _, _) = w.hash(&|_| false).unwrap();
+            m.entries.into_iter().map(|e| e.path).collect()
+        };
+        let opts = ScanOptions::default();
+        let narrow = paths(walk_shaped(t.path(), &opts, 1, 1, false).unwrap());
+        let widened = paths(walk_shaped(t.path(), &opts, 1, 8, true).unwrap());
+        assert_eq!(narrow.len(), 1 + 40 * 22);
+        assert_eq!(widened, narrow);
+    }
+
+    /// A thread's disk reads are counted from when it opens its counter: one that has read
+    /// nothing since is not cold.
+    #[test]
+    fn disk_reads_count_from_the_walk_start() {
+        let r = std::thread::spawn(|| {
+            let d = DiskReads::open();
+            (d.io.is_some(), d.cold(0), d.cold(1_000_000))
+        })
+        .join()
+        .unwrap();
+        if r.0 {
+            assert_eq!((r.1, r.2), (Some(false), Some(false)));
+        } else {
+            eprintln!("no /proc/thread-self/io here (no task I/O accounting): nothing to check");
+        }
     }
 
     #[test]
