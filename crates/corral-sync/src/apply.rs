@@ -157,6 +157,10 @@ pub struct Receiver {
     old_memo: std::sync::atomic::AtomicU32,
     /// Old inodes of files replaced in this run, still readable for their chunks.
     retained: HashMap<String, OwnedFd>,
+    /// Old copies read for signatures, kept for the deltas made against them (taken when
+    /// used), and their bytes in all.
+    kept_old: HashMap<String, Vec<u8>>,
+    kept_bytes: usize,
     open_cache: Option<(String, OwnedFd)>,
     created: Vec<String>,
     /// Files written with their content (for the hash cache).
@@ -300,51 +304,83 @@ impl Drop for Graveyard {
     }
 }
 
-/// A file the writer thread creates under its temporary name, writes whole and gives its
+/// A file the writer threads create under its temporary name, write whole and give its
 /// metadata (see [`Writer`]).
 struct WriteJob {
     path: String,
     dir: OwnedFd,
     tmp: String,
     name: String,
-    bytes: Vec<u8>,
+    data: JobData,
     meta: Meta,
     /// The owner to set (`None`: left alone).
     owner: Option<(u32, u32)>,
     content: Content,
 }
 
-/// What became of a [`WriteJob`]: the file waiting for its batch's sync and the bytes
-/// written, or the path and why it failed (its temporary file removed).
-type WriteDone = Result<(Pending, u64), (String, SyncError)>;
+/// The bytes of a [`WriteJob`]'s file: as they are, or to be rebuilt from the child's old
+/// copy and a delta (and checked against the file's one chunk).
+enum JobData {
+    Bytes(Vec<u8>),
+    Delta {
+        old: Vec<u8>,
+        block: u32,
+        ops: Vec<crate::delta::DeltaOp>,
+        literals: Vec<u8>,
+        chunk: crate::manifest::Chunk,
+    },
+}
 
-/// Jobs handed to the writer thread and not yet collected, at most (each holds one file of
-/// at most [`crate::manifest::CHUNK_THRESHOLD`]).
+/// A [`WriteJob`] done: the file waiting for its batch's sync, the bytes written, and, for a
+/// rebuilt delta, those of them sent literally and reused from the old copy.
+struct Written {
+    pending: Pending,
+    bytes: u64,
+    literal: u64,
+    reused: u64,
+}
+
+/// What became of a [`WriteJob`]: written, or the path and why it failed (its temporary
+/// file removed).
+type WriteDone = Result<Written, (String, SyncError)>;
+
+/// Jobs handed to the writer threads and not yet collected, at most (each holds one file of
+/// at most [`crate::manifest::CHUNK_THRESHOLD`], or its delta and old copy).
 const WRITER_QUEUE: usize = 32;
 
-/// A thread that creates, writes and sets the metadata of the temporary files of small
-/// files the child already has (replaced whole): in a run that changes a few hundred of
-/// them, those calls (the new inode, the directory entry, the data, four metadata calls)
-/// were half of the receiver's work, and one core sat idle once the master had sent its
-/// last step. The receiver's thread keeps everything else: the stream, rebuilding each file
-/// from its delta and checking it, batches, syncs and renames. A file's job is done (its
-/// data written) before it joins a batch, so nothing is renamed into place before a
-/// `syncfs` that began after its data was written, as on the receiver's own thread.
+/// Bytes of old copies read for signatures that are kept for the deltas made against them
+/// (a file over [`crate::manifest::CHUNK_THRESHOLD`] has no signature; past this, an old
+/// copy is read again when its delta comes).
+const KEEP_OLD_MAX: usize = 64 << 20;
+
+/// Writer threads, at most (one per core up to this).
+const WRITERS_MAX: usize = 4;
+
+/// Threads that rebuild small files the child already has from their deltas, check them,
+/// and create, write and set the metadata of their temporary files (replaced whole): in a
+/// run that changes a few hundred of them, that work (the rebuild and its BLAKE3, the new
+/// inode, the directory entry, the data, four metadata calls) was most of the receiver's,
+/// and with one writer thread the receiver's thread waited on it. The receiver's thread
+/// keeps everything else: the stream, the old copies, batches, syncs and renames. A file's
+/// job is done (its data written) before it joins a batch, so nothing is renamed into place
+/// before a `syncfs` that began after its data was written, as on the receiver's own thread.
+/// Jobs finish in any order (a batch's files are renamed in any order).
 #[derive(Default)]
 struct Writer {
     tx: Option<std::sync::mpsc::Sender<WriteJob>>,
     /// (In a mutex only so that the receiver stays `Sync`: one thread uses it.)
     rx: Option<std::sync::Mutex<std::sync::mpsc::Receiver<WriteDone>>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
     /// Jobs sent and not yet collected.
     outstanding: usize,
-    /// The thread could not be started: jobs are done inline.
+    /// No thread could be started: jobs are done inline.
     inline: bool,
 }
 
 impl std::fmt::Debug for Writer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Writer")
+            .field("threads", &self.threads.len())
             .field("outstanding", &self.outstanding)
             .field("inline", &self.inline)
             .finish()
@@ -354,26 +390,101 @@ impl std::fmt::Debug for Writer {
 impl Drop for Writer {
     fn drop(&mut self) {
         self.tx = None;
-        if let Some(h) = self.thread.take() {
+        for h in self.threads.drain(..) {
             let _ = h.join();
         }
     }
 }
 
+impl Writer {
+    /// Starts the writer threads (as many as start; none: jobs are done inline).
+    fn start(&mut self) {
+        let (tx, jobs) = std::sync::mpsc::channel::<WriteJob>();
+        let (done, rx) = std::sync::mpsc::channel::<WriteDone>();
+        let jobs = std::sync::Arc::new(std::sync::Mutex::new(jobs));
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get().min(WRITERS_MAX));
+        for i in 0..n {
+            let (jobs, done) = (jobs.clone(), done.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("corral-write-{i}"))
+                .spawn(move || Self::serve(&jobs, &done));
+            match spawned {
+                Ok(h) => self.threads.push(h),
+                Err(_) => break,
+            }
+        }
+        if self.threads.is_empty() {
+            self.inline = true;
+            return;
+        }
+        self.tx = Some(tx);
+        self.rx = Some(std::sync::Mutex::new(rx));
+    }
+
+    /// One writer thread: does jobs until the receiver drops its end. A job that panics is
+    /// reported failed (the others go on; its temporary file is left for the next scan).
+    fn serve(
+        jobs: &std::sync::Mutex<std::sync::mpsc::Receiver<WriteJob>>,
+        done: &std::sync::mpsc::Sender<WriteDone>,
+    ) {
+        loop {
+            let job = jobs
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .recv();
+            let Ok(job) = job else { return };
+            let path = job.path.clone();
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run()))
+                .unwrap_or_else(|_| {
+                    let err = SyncError::fs(
+                        "write",
+                        &path,
+                        std::io::Error::other("the receiver's writer thread failed"),
+                    );
+                    Err((path, err))
+                });
+            if done.send(result).is_err() {
+                return;
+            }
+        }
+    }
+}
+
 impl WriteJob {
-    /// Creates the temporary file, writes it and sets its metadata; on failure the
-    /// temporary file is removed.
+    /// Rebuilds the file if it came as a delta, creates the temporary file, writes it and
+    /// sets its metadata; on failure the temporary file is removed.
     fn run(self) -> WriteDone {
         let WriteJob {
             path,
             dir,
             tmp,
             name,
-            bytes,
+            data,
             meta,
             owner,
             content,
         } = self;
+        // (Bytes as they are were counted when they came.)
+        let (bytes, literal, reused) = match data {
+            JobData::Bytes(b) => (b, 0, 0),
+            JobData::Delta {
+                old,
+                block,
+                ops,
+                literals,
+                chunk,
+            } => match rebuilt(&old, block, &ops, &literals, &chunk) {
+                Some(b) => {
+                    let literal = literals.len() as u64;
+                    let reused = (b.len() as u64).saturating_sub(literal);
+                    (b, literal, reused)
+                }
+                None => {
+                    let err = rebuild_failed(&path);
+                    return Err((path, err));
+                }
+            },
+        };
         let f = match create_temp(&dir, &tmp) {
             Ok(f) => f,
             Err(x) => {
@@ -389,17 +500,39 @@ impl WriteJob {
             let _ = rustix::fs::unlinkat(&dir, tmp.as_str(), AtFlags::empty());
             return Err((path, err));
         }
-        Ok((
-            Pending {
+        let n = bytes.len() as u64;
+        Ok(Written {
+            pending: Pending {
                 path,
                 dir,
                 staged: Staged::Named(tmp),
                 name,
                 content,
             },
-            bytes.len() as u64,
-        ))
+            bytes: n,
+            literal,
+            reused,
+        })
     }
+}
+
+/// A one-chunk file rebuilt from the old copy and a delta; `None` unless the result hashes
+/// to the chunk's hash.
+fn rebuilt(
+    old: &[u8],
+    block: u32,
+    ops: &[crate::delta::DeltaOp],
+    literals: &[u8],
+    c: &crate::manifest::Chunk,
+) -> Option<Vec<u8>> {
+    let b = crate::delta::apply(old, block, ops, literals, c.len as usize).ok()?;
+    (Hash::of(&b) == c.hash).then_some(b)
+}
+
+fn rebuild_failed(path: &str) -> SyncError {
+    SyncError::SourceChanged(format!(
+        "{path} (the delta against the old copy on the child does not rebuild it)"
+    ))
 }
 
 /// A file that will be updated in place.
@@ -570,6 +703,8 @@ impl Receiver {
             index,
             old_memo: std::sync::atomic::AtomicU32::new(u32::MAX),
             retained: HashMap::new(),
+            kept_old: HashMap::new(),
+            kept_bytes: 0,
             open_cache: None,
             created: Vec::new(),
             written: Vec::new(),
@@ -1123,22 +1258,44 @@ impl Receiver {
         } else {
             self.open_anonymous(&dir)
         };
-        // A small file replaced whole is written by the writer thread once its bytes are
-        // here (rebuilt from a delta and checked on this thread).
+        // A small file replaced whole is written by a writer thread once its bytes (or its
+        // delta and old copy) are here: the rebuild and its check are the writer's too.
         if anonymous.is_none()
             && content.chunks.is_empty()
             && content.size > 0
             && !content.sparse
             && let [(0, c)] = chunks.as_slice()
         {
-            let bytes = self.chunk_bytes(e, c, data)??;
+            let data = match self.chunk_source(e, c, data)?? {
+                ChunkSource::Local(b) => {
+                    self.report.reused_bytes += b.len() as u64;
+                    JobData::Bytes(b)
+                }
+                ChunkSource::Stream(Incoming::Bytes(b)) => {
+                    self.report.literal_bytes += b.len() as u64;
+                    JobData::Bytes(b)
+                }
+                ChunkSource::Stream(Incoming::Delta {
+                    block,
+                    ops,
+                    literals,
+                }) => JobData::Delta {
+                    old: self
+                        .old_copy(&e.path)
+                        .ok_or_else(|| rebuild_failed(&e.path))?,
+                    block,
+                    ops,
+                    literals,
+                    chunk: *c,
+                },
+            };
             let tmp = self.temp_name(&name);
             self.offload(WriteJob {
                 path: e.path.clone(),
                 dir,
                 tmp,
                 name,
-                bytes,
+                data,
                 meta: e.meta.clone(),
                 owner: self.owner_of(&e.meta),
                 content,
@@ -1178,29 +1335,12 @@ impl Receiver {
         Ok(())
     }
 
-    /// Hands a job to the writer thread (started on first use; the job is done here if it
-    /// cannot start), waiting for earlier jobs while [`WRITER_QUEUE`] are outstanding, and
+    /// Hands a job to the writer threads (started on first use; the job is done here if none
+    /// can start), waiting for earlier jobs while [`WRITER_QUEUE`] are outstanding, and
     /// collects the jobs done meanwhile.
     fn offload(&mut self, job: WriteJob) {
         if self.writer.tx.is_none() && !self.writer.inline {
-            let (tx, jobs) = std::sync::mpsc::channel::<WriteJob>();
-            let (done, rx) = std::sync::mpsc::channel::<WriteDone>();
-            match std::thread::Builder::new()
-                .name("corral-write".into())
-                .spawn(move || {
-                    for job in jobs {
-                        if done.send(job.run()).is_err() {
-                            return;
-                        }
-                    }
-                }) {
-                Ok(h) => {
-                    self.writer.tx = Some(tx);
-                    self.writer.rx = Some(std::sync::Mutex::new(rx));
-                    self.writer.thread = Some(h);
-                }
-                Err(_) => self.writer.inline = true,
-            }
+            self.writer.start();
         }
         let job = match &self.writer.tx {
             Some(tx) => match tx.send(job) {
@@ -1255,17 +1395,18 @@ impl Receiver {
         }
     }
 
-    /// The writer thread ended with jobs outstanding (it panicked): they are reported
-    /// failed, their temporary files left for the next scan to remove.
+    /// The writer threads ended with jobs outstanding (none can: a job that panics is
+    /// reported by its thread): they are reported failed, their temporary files left for
+    /// the next scan to remove.
     fn writer_lost(&mut self) {
         tracing::warn!(
             jobs = self.writer.outstanding,
-            "receiver: writer thread stopped"
+            "receiver: writer threads stopped"
         );
         for _ in 0..self.writer.outstanding {
             self.report.failed.push((
                 String::new(),
-                "the receiver's writer thread stopped".to_string(),
+                "the receiver's writer threads stopped".to_string(),
             ));
         }
         self.writer.outstanding = 0;
@@ -1277,10 +1418,12 @@ impl Receiver {
     /// A finished job: the file joins the batch, or its failure is reported.
     fn writes_done(&mut self, done: WriteDone) {
         match done {
-            Ok((p, n)) => {
-                self.report.bytes_written += n;
-                self.pending_bytes += p.content.size;
-                self.pending.push(p);
+            Ok(w) => {
+                self.report.bytes_written += w.bytes;
+                self.report.literal_bytes += w.literal;
+                self.report.reused_bytes += w.reused;
+                self.pending_bytes += w.pending.content.size;
+                self.pending.push(w.pending);
                 self.batch_full();
             }
             Err((path, err)) => {
@@ -1660,10 +1803,7 @@ impl Receiver {
                     self.report.reused_bytes += (b.len() - literals.len()) as u64;
                     Ok(b)
                 }
-                None => Err(SyncError::SourceChanged(format!(
-                    "{} (the delta against the old copy on the child does not rebuild it)",
-                    e.path
-                ))),
+                None => Err(rebuild_failed(&e.path)),
             },
         })
     }
@@ -1943,6 +2083,10 @@ impl Receiver {
 
     /// The child's old copy of `path` when it is one chunk (what signatures describe).
     fn old_copy(&mut self, path: &str) -> Option<Vec<u8>> {
+        if let Some(b) = self.kept_old.remove(path) {
+            self.kept_bytes -= b.len();
+            return Some(b);
+        }
         let old = self.old(path)?;
         if !old.chunks.is_empty() || old.size > crate::manifest::CHUNK_THRESHOLD {
             return None;
@@ -1961,16 +2105,36 @@ impl Receiver {
     /// The signatures of the child's old copies of `paths`, in order (as [`Self::signature`]
     /// gives them): read and computed on rayon's pool (500 files of a 1%-changed tree took a
     /// quarter of a second on one thread).
-    pub fn signatures(&self, paths: &[String]) -> Vec<crate::delta::Signature> {
+    ///
+    /// The old copies read are kept (up to [`KEEP_OLD_MAX`] bytes in all) for the deltas
+    /// made against these signatures: each is then read once, and the receiver's thread
+    /// does not read them again on the run's path.
+    pub fn signatures(&mut self, paths: &[String]) -> Vec<crate::delta::Signature> {
         use rayon::prelude::*;
-        paths
+        let read: Vec<_> = paths
             .par_iter()
             .map(|p| {
-                self.old_copy_shared(p)
-                    .map(|b| crate::delta::signature_seeded(&b, random_seed()))
-                    .unwrap_or_default()
+                let old = self.old_copy_shared(p);
+                let sig = old
+                    .as_ref()
+                    .map(|b| crate::delta::signature_seeded(b, random_seed()))
+                    .unwrap_or_default();
+                (sig, old)
             })
-            .collect()
+            .collect();
+        let mut sigs = Vec::with_capacity(read.len());
+        for (p, (sig, old)) in paths.iter().zip(read) {
+            if let Some(b) = old
+                && self.kept_bytes + b.len() <= KEEP_OLD_MAX
+            {
+                self.kept_bytes += b.len();
+                if let Some(earlier) = self.kept_old.insert(p.clone(), b) {
+                    self.kept_bytes -= earlier.len();
+                }
+            }
+            sigs.push(sig);
+        }
+        sigs
     }
 
     /// [`Self::old_copy`] without the receiver's open-file cache (callable from several
@@ -2003,8 +2167,7 @@ impl Receiver {
         c: &crate::manifest::Chunk,
     ) -> Option<Vec<u8>> {
         let old = self.old_copy(path)?;
-        let b = crate::delta::apply(&old, block, ops, literals, c.len as usize).ok()?;
-        (Hash::of(&b) == c.hash).then_some(b)
+        rebuilt(&old, block, ops, literals, c)
     }
 
     /// Sets the metadata of a file open for writing through its descriptor (a `/proc/self/fd`
@@ -2951,7 +3114,7 @@ mod tests {
     /// nothing is left under a temporary name, and a file whose delta does not rebuild fails
     /// alone while the others go on.
     #[test]
-    fn replaced_small_files_are_written_by_the_writer_thread() {
+    fn replaced_small_files_are_rebuilt_and_written_by_the_writer_threads() {
         use std::os::unix::fs::MetadataExt;
         let t = tempfile::tempdir().unwrap();
         let root = t.path();
@@ -2983,12 +3146,21 @@ mod tests {
             },
         )
         .unwrap();
+        // Half the signatures asked together (their old copies kept for the deltas), half
+        // one by one.
+        let together: Vec<String> = (0..n).step_by(4).map(|i| format!("f{i:03}")).collect();
+        let mut sigs = r.signatures(&together).into_iter();
+        assert!(r.kept_bytes > 0 && r.kept_old.len() == together.len());
         for i in 0..n {
             let data = new(i);
             let mut e = entry(&format!("f{i:03}"), &data);
             e.meta.mode = 0o640;
             e.meta.mtime = 1_000_000 + i as i64;
-            let sig = r.signature(&e.path);
+            let sig = if i % 4 == 0 {
+                sigs.next().unwrap()
+            } else {
+                r.signature(&e.path)
+            };
             let mut d = crate::delta::delta(&sig, &data);
             if i == 8 {
                 // A delta that rebuilds something else: this file fails, alone.
@@ -3005,12 +3177,20 @@ mod tests {
                     Incoming::Bytes(data.clone())
                 })
             });
-            assert_eq!(res.is_err(), i == 8, "file {i}: {res:?}");
+            // (A delta that does not rebuild fails on its writer thread.)
+            assert!(res.is_ok(), "file {i}: {res:?}");
         }
-        assert!(r.writer.thread.is_some(), "the writer thread wrote them");
+        assert!(!r.writer.threads.is_empty(), "writer threads wrote them");
         r.finish().unwrap();
-        assert!(r.report.failed.is_empty(), "{:?}", r.report.failed);
+        assert_eq!((r.kept_old.len(), r.kept_bytes), (0, 0), "every kept copy used");
+        assert_eq!(r.report.failed.len(), 1, "{:?}", r.report.failed);
+        assert_eq!(r.report.failed[0].0, "f008");
+        assert!(r.report.failed[0].1.contains("does not rebuild"));
         assert_eq!(r.report.files_written, n as u64 - 1);
+        let sent: u64 = (0..n).filter(|&i| i != 8).map(|i| new(i).len() as u64).sum();
+        assert_eq!(r.report.literal_bytes + r.report.reused_bytes, sent);
+        // (Half the files came as deltas.)
+        assert!(r.report.reused_bytes > sent / 4, "deltas reused the old copies");
         for i in 0..n {
             let p = root.join(format!("f{i:03}"));
             let want = if i == 8 { old(i) } else { new(i) };
