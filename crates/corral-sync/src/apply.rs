@@ -1465,11 +1465,7 @@ impl Receiver {
             return None;
         }
         let old_size = old.size;
-        let old_at: HashMap<u64, Hash> = old
-            .chunk_list()
-            .into_iter()
-            .map(|(o, c)| (o, c.hash))
-            .collect();
+        let old_at: HashMap<u64, Hash> = old.chunk_iter().map(|(o, c)| (o, c.hash)).collect();
         let mut changed: Vec<(u64, u64)> = Vec::new();
         let mut kept = 0u64;
         for (off, c) in chunks {
@@ -2032,8 +2028,7 @@ impl Receiver {
         {
             let new_at: HashMap<u64, Hash> = chunks.iter().map(|(o, c)| (*o, c.hash)).collect();
             let shared: Vec<(u64, Hash)> = old
-                .chunk_list()
-                .into_iter()
+                .chunk_iter()
                 .filter(|(o, c)| new_at.get(o) == Some(&c.hash))
                 .map(|(o, c)| (o, c.hash))
                 .collect();
@@ -3182,15 +3177,25 @@ mod tests {
         }
         assert!(!r.writer.threads.is_empty(), "writer threads wrote them");
         r.finish().unwrap();
-        assert_eq!((r.kept_old.len(), r.kept_bytes), (0, 0), "every kept copy used");
+        assert_eq!(
+            (r.kept_old.len(), r.kept_bytes),
+            (0, 0),
+            "every kept copy used"
+        );
         assert_eq!(r.report.failed.len(), 1, "{:?}", r.report.failed);
         assert_eq!(r.report.failed[0].0, "f008");
         assert!(r.report.failed[0].1.contains("does not rebuild"));
         assert_eq!(r.report.files_written, n as u64 - 1);
-        let sent: u64 = (0..n).filter(|&i| i != 8).map(|i| new(i).len() as u64).sum();
+        let sent: u64 = (0..n)
+            .filter(|&i| i != 8)
+            .map(|i| new(i).len() as u64)
+            .sum();
         assert_eq!(r.report.literal_bytes + r.report.reused_bytes, sent);
         // (Half the files came as deltas.)
-        assert!(r.report.reused_bytes > sent / 4, "deltas reused the old copies");
+        assert!(
+            r.report.reused_bytes > sent / 4,
+            "deltas reused the old copies"
+        );
         for i in 0..n {
             let p = root.join(format!("f{i:03}"));
             let want = if i == 8 { old(i) } else { new(i) };

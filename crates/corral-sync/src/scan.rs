@@ -1128,23 +1128,19 @@ impl Walked {
         self,
         defer: &(dyn Fn(&str) -> bool + Sync),
     ) -> Result<(Manifest, ScanStats, Vec<Deferred>), SyncError> {
-        let (m, st, d, save, _) = self.hash_in_background(defer, false)?;
-        save.wait();
-        Ok((m, st, d))
+        let s = self.hash_in_background(defer, false)?;
+        s.save.wait();
+        Ok((s.manifest, s.stats, s.deferred))
     }
 
     /// [`Walked::hash`], with the cache (when it must be rewritten: 50,000 entries encoded,
     /// compressed and written) saved on a thread of its own when `background`: the manifest
-    /// is ready before the cache is on disk. The returned [`CacheSave`] waits for that
-    /// thread when dropped or [`CacheSave::wait`]ed. Last comes where the files hashed in
-    /// this scan (the cache did not know them, or not as they are now) are in the manifest:
-    /// the files that changed since the cache was written.
-    #[allow(clippy::type_complexity)]
+    /// is ready before the cache is on disk (see [`Scanned`]).
     pub fn hash_in_background(
         self,
         defer: &(dyn Fn(&str) -> bool + Sync),
         background: bool,
-    ) -> Result<(Manifest, ScanStats, Vec<Deferred>, CacheSave, Vec<usize>), SyncError> {
+    ) -> Result<Scanned, SyncError> {
         let Walked {
             root,
             root_entry,
@@ -1309,8 +1305,29 @@ impl Walked {
                 work();
             }
         }
-        Ok((Manifest { entries }, st, deferred, save, fresh))
+        Ok(Scanned {
+            manifest: Manifest { entries },
+            stats: st,
+            deferred,
+            save,
+            fresh,
+        })
     }
+}
+
+/// A tree hashed by [`Walked::hash_in_background`].
+#[derive(Debug)]
+pub struct Scanned {
+    /// The manifest, in the walk's manifest order.
+    pub manifest: Manifest,
+    pub stats: ScanStats,
+    /// The files left unread (see [`Walked::hash`]).
+    pub deferred: Vec<Deferred>,
+    /// The cache's save, waited for by [`CacheSave::wait`] or when dropped.
+    pub save: CacheSave,
+    /// Where the files hashed in this scan (the cache did not know them, or not as they are
+    /// now) are in the manifest: the files that changed since the cache was written.
+    pub fresh: Vec<usize>,
 }
 
 /// A hash cache being saved on a thread of its own (see [`Walked::hash_in_background`]):

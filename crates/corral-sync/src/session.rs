@@ -129,7 +129,7 @@ fn read_ahead<R: Read + crate::proto::Buffered, W: Write>(
                     if let Op::Write(e) = op
                         && let Some(c) = &e.content
                     {
-                        expect.extend(c.chunk_list().into_iter().map(|(_, c)| (c.hash, c.len)));
+                        expect.extend(c.chunk_iter().map(|(_, c)| (c.hash, c.len)));
                     }
                     max = expect.values().copied().max().unwrap_or(0) as usize;
                 }
@@ -715,7 +715,13 @@ pub fn push<R: Read, W: Write>(
         let scanner = s.spawn(|| {
             let walked = walk(src, &scan_opts)?;
             // The cache (rewritten when some files changed) is saved while the run goes on.
-            let (mut master, stats, deferred, save, fresh) = walked.hash_in_background(
+            let crate::scan::Scanned {
+                manifest: mut master,
+                stats,
+                deferred,
+                save,
+                fresh,
+            } = walked.hash_in_background(
                 &|p: &str| {
                     child_failed.load(std::sync::atomic::Ordering::Relaxed)
                         || (!opts.dry_run && child_paths.get().is_some_and(|c| !c.contains(p)))
@@ -741,7 +747,14 @@ pub fn push<R: Read, W: Write>(
                 .is_none()
                 .then(|| crate::ranges::digests(&key, &master.entries, k));
             tracing::debug!(ms = ms(t0), "push: master digested");
-            Ok::<_, SyncError>((master, stats, deferred, digests, save, changed))
+            Ok::<_, SyncError>(MasterScan {
+                master,
+                stats,
+                deferred,
+                digests,
+                save,
+                changed,
+            })
         });
         let answer = hello_and_scan(framed, &opts.run, key, k).and_then(|()| {
             tracing::debug!(ms = ms(t0), "push: child's hello");
@@ -760,7 +773,14 @@ pub fn push<R: Read, W: Write>(
         (answer, scanned)
     });
     let answer = answer?;
-    let (master, master_scan, deferred, digests, cache_save, changed) = scanned?;
+    let MasterScan {
+        master,
+        stats: master_scan,
+        deferred,
+        digests,
+        save: cache_save,
+        changed,
+    } = scanned?;
     let mut early = EarlySigs::default();
     // The child's manifest: sent whole (a small one), or rebuilt from the master's entries
     // for the ranges the child holds and the entries it listed, or (nothing differs) the
@@ -938,6 +958,22 @@ pub fn push<R: Read, W: Write>(
         .name("corral-free".into())
         .spawn(move || drop(master));
     Ok(result)
+}
+
+/// The master's scan in [`push`], done while the transport starts and the child scans.
+struct MasterScan {
+    /// Sorted.
+    master: Manifest,
+    stats: crate::scan::ScanStats,
+    /// The files left unread: read once, as they are sent.
+    deferred: Vec<Deferred>,
+    /// The master's range digests (`None`: the child's whole manifest came first).
+    digests: Option<Vec<crate::ranges::Digest>>,
+    /// The hash cache's save.
+    save: crate::scan::CacheSave,
+    /// The files that changed since the master's last scan (a few at most), for an early
+    /// signature request.
+    changed: Vec<String>,
 }
 
 /// What the reader threads prepared for one step.
@@ -1196,12 +1232,26 @@ fn fetch_signatures<R: Read, W: Write>(
     if !p.ops.iter().any(|o| matches!(o, Op::Write(_))) {
         return Ok(out);
     }
-    let old: std::collections::HashMap<&str, &crate::manifest::Content> = child
-        .iter()
-        .filter(|e| e.kind == crate::manifest::Kind::File)
-        .filter_map(|e| Some((e.path.as_str(), e.content.as_ref()?)))
-        .filter(|(_, c)| small(c))
-        .collect();
+    // Whether the child has an old copy of a path to make a delta against, asked for the
+    // files written only: by binary search when the child's entries are in manifest order
+    // (references into the master's, or a whole manifest sent sorted), else in a map.
+    let sorted = child
+        .windows(2)
+        .all(|w| crate::manifest::path_order(&w[0].path, &w[1].path).is_lt());
+    let by_path: Option<std::collections::HashMap<&str, &crate::manifest::Entry>> =
+        (!sorted).then(|| child.iter().map(|e| (e.path.as_str(), *e)).collect());
+    let has_old = |path: &str| {
+        let e = match &by_path {
+            Some(m) => m.get(path).copied(),
+            None => child
+                .binary_search_by(|e| crate::manifest::path_order(&e.path, path))
+                .ok()
+                .map(|i| child[i]),
+        };
+        e.is_some_and(|e| {
+            e.kind == crate::manifest::Kind::File && e.content.as_ref().is_some_and(small)
+        })
+    };
     let paths: Vec<String> = p
         .ops
         .iter()
@@ -1213,7 +1263,7 @@ fn fetch_signatures<R: Read, W: Write>(
             e.content
                 .as_ref()
                 .is_some_and(|c| small(c) && !have.contains(&c.hash))
-                && old.contains_key(e.path.as_str())
+                && has_old(&e.path)
                 && !asked.contains(e.path.as_str())
         })
         .map(|e| e.path.clone())
