@@ -2101,7 +2101,7 @@ impl Receiver {
     /// gives them): read and computed on rayon's pool (500 files of a 1%-changed tree took a
     /// quarter of a second on one thread).
     ///
-    /// The old copies read are kept (up to [`KEEP_OLD_MAX`] bytes in all) for the deltas
+    /// The old copies read are kept (up to 64 MiB in all) for the deltas
     /// made against these signatures: each is then read once, and the receiver's thread
     /// does not read them again on the run's path.
     pub fn signatures(&mut self, paths: &[String]) -> Vec<crate::delta::Signature> {
