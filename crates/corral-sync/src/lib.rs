@@ -23,6 +23,7 @@
 pub mod apply;
 pub mod compression;
 pub mod delta;
+mod direct;
 pub mod error;
 pub mod filter;
 pub mod journal;

@@ -2,7 +2,7 @@
 //! for large files, and a hash cache so unchanged files are not read again.
 
 use std::collections::HashMap;
-use std::io::Read;
+use std::io::{Read, Seek};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -525,9 +525,19 @@ pub fn hash_file(path: &Path, sparse: bool) -> Result<Content, SyncError> {
         .map_err(|e| SyncError::fs("stat", path, e))?
         .len();
     if size <= CHUNK_THRESHOLD {
-        let mut buf = Vec::with_capacity(size as usize);
-        f.read_to_end(&mut buf)
+        let mut buf = Vec::with_capacity(size as usize + 1);
+        // Past the page cache when large and not cached (see `direct`): the size it has and a
+        // byte more; if that byte came, it grew, and the rest is read as before.
+        let direct = crate::direct::read_at_into(f.file(), &mut buf, 0, size as usize + 1)
             .map_err(|e| SyncError::fs("read", path, e))?;
+        if !direct || buf.len() as u64 > size {
+            if !buf.is_empty() {
+                f.seek(std::io::SeekFrom::Start(buf.len() as u64))
+                    .map_err(|e| SyncError::fs("seek", path, e))?;
+            }
+            f.read_to_end(&mut buf)
+                .map_err(|e| SyncError::fs("read", path, e))?;
+        }
         let chunks = if buf.len() as u64 > CHUNK_THRESHOLD {
             // Grew while we read it: chunk what we have.
             fastcdc::v2020::FastCDC::new(&buf, CDC_MIN, CDC_AVG, CDC_MAX)
@@ -549,7 +559,13 @@ pub fn hash_file(path: &Path, sparse: bool) -> Result<Content, SyncError> {
     let mut whole = blake3::Hasher::new();
     let mut chunks = Vec::new();
     let mut total = 0u64;
-    let r = std::io::BufReader::with_capacity(1 << 20, f);
+    let r = std::io::BufReader::with_capacity(
+        1 << 20,
+        FileReader {
+            f: f.file(),
+            off: 0,
+        },
+    );
     for c in fastcdc::v2020::StreamCDC::new(r, CDC_MIN, CDC_AVG, CDC_MAX) {
         let c = c.map_err(|e| SyncError::fs("read", path, std::io::Error::other(e)))?;
         whole.update(&c.data);
@@ -569,6 +585,25 @@ pub fn hash_file(path: &Path, sparse: bool) -> Result<Content, SyncError> {
         chunks,
         sparse,
     })
+}
+
+/// A file read from the start with `pread`, past the page cache where its ranges are large
+/// and not cached (see `direct`).
+struct FileReader<'f> {
+    f: &'f std::fs::File,
+    off: u64,
+}
+
+impl Read for FileReader<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let n = match crate::direct::read_at(self.f, out, self.off)? {
+            Some(n) => n,
+            None => self.f.read_at(out, self.off)?,
+        };
+        self.off += n as u64;
+        Ok(n)
+    }
 }
 
 fn meta_of(st: &Stat, xattrs: Vec<(Vec<u8>, Vec<u8>)>) -> Meta {

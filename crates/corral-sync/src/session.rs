@@ -1362,6 +1362,10 @@ fn read_at_into(
     mut off: u64,
     want: usize,
 ) -> std::io::Result<()> {
+    // Past the page cache when the range is large and not cached (see `direct`).
+    if crate::direct::read_at_into(f, buf, off, want)? {
+        return Ok(());
+    }
     let end = buf.len() + want;
     buf.reserve_exact(want);
     while buf.len() < end {
