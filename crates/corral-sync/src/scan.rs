@@ -673,8 +673,10 @@ impl DiskReads {
     fn open() -> DiskReads {
         let io = std::fs::File::open("/proc/thread-self/io")
             .ok()
-            .and_then(|f| Some((Self::read_bytes(&f)?, f)))
-            .map(|(v, f)| (f, v));
+            .and_then(|f| {
+                let at = Self::read_bytes(&f)?;
+                Some((f, at))
+            });
         DiskReads { io }
     }
 

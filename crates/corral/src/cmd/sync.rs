@@ -311,6 +311,10 @@ fn check_backup_dir(d: &str) -> anyhow::Result<()> {
 }
 
 fn serve(a: ServeArgs) -> anyhow::Result<Code> {
+    // A destination that is not there yet is made, as a local push (and rsync) makes it.
+    if std::fs::symlink_metadata(&a.root).is_err() {
+        fs_err::create_dir_all(&a.root).context("creating the destination (--root)")?;
+    }
     if !a.root.is_dir() {
         return Err(bad_input(format!(
             "--root {}: not a directory",
