@@ -311,9 +311,11 @@ struct WriteJob {
     dir: OwnedFd,
     /// Its temporary name, unless it is written without one (`nameless`).
     tmp: String,
-    /// A new file: written without a name (`O_TMPFILE`) when its directory allows, else
-    /// under `tmp`.
+    /// Written without a name (`O_TMPFILE`) when its directory allows, else under `tmp`.
     nameless: bool,
+    /// A file the child lacks: its large blocks are written past the page cache (see
+    /// `direct`); a replaced one is written through it (the child's working set).
+    new: bool,
     name: String,
     data: JobData,
     meta: Meta,
@@ -357,10 +359,13 @@ const WRITER_QUEUE: usize = 32;
 /// copy is read again when its delta comes).
 const KEEP_OLD_MAX: usize = 64 << 20;
 
-/// Writer threads (`CORRAL_SYNC_WRITERS` sets another number). More than the cores of a
-/// small machine: a new file's large writes wait for the disk (see `direct`), and with two
-/// threads on two cores a full copy's receiver waited on them (SCALE=1 full copies, two
-/// rounds each: 2 threads 11.9 and 11.0 s, 4 threads 11.1 and 9.6 s, 8 threads 10.5 and 9.9 s).
+/// Writer threads once the run writes files the child lacks (`CORRAL_SYNC_WRITERS` sets a
+/// fixed number instead); before that, one per core up to this. New files' large writes
+/// wait for the disk (see `direct`): with two threads on two cores a full copy's receiver
+/// waited on them (SCALE=1 full copies, two rounds each: 2 threads 11.9 and 11.0 s,
+/// 4 threads 11.1 and 9.6 s, 8 threads 10.5 and 9.9 s). A run that replaces files the child
+/// has is CPU work for them (rebuilds and their checks) and more threads than cores only
+/// contend: 1 % of the tree changed, medians of 8, 476 ms with 2 threads against 505 with 4.
 const WRITERS: usize = 4;
 
 /// Threads that rebuild small files the child already has from their deltas, check them,
@@ -384,7 +389,16 @@ struct Writer {
     outstanding: usize,
     /// No thread could be started: jobs are done inline.
     inline: bool,
+    /// What more threads need (the jobs' queue and the results' sender) until the writers
+    /// are widened to [`WRITERS`]; `None` once they are, or when their number is fixed.
+    widen: Option<WriterQueue>,
 }
+
+/// The writer threads' ends of their channels.
+type WriterQueue = (
+    std::sync::Arc<std::sync::Mutex<std::sync::mpsc::Receiver<WriteJob>>>,
+    std::sync::mpsc::Sender<WriteDone>,
+);
 
 impl std::fmt::Debug for Writer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -411,27 +425,43 @@ impl Writer {
         let (tx, jobs) = std::sync::mpsc::channel::<WriteJob>();
         let (done, rx) = std::sync::mpsc::channel::<WriteDone>();
         let jobs = std::sync::Arc::new(std::sync::Mutex::new(jobs));
-        let n = std::env::var("CORRAL_SYNC_WRITERS")
+        let fixed = std::env::var("CORRAL_SYNC_WRITERS")
             .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(WRITERS)
-            .clamp(1, 64);
-        for i in 0..n {
+            .and_then(|v| v.parse::<usize>().ok())
+            .map(|n| n.clamp(1, 64));
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let q = (jobs, done);
+        self.spawn(&q, fixed.unwrap_or(cores.min(WRITERS)));
+        if self.threads.is_empty() {
+            self.inline = true;
+            return;
+        }
+        if fixed.is_none() && self.threads.len() < WRITERS {
+            self.widen = Some(q);
+        }
+        self.tx = Some(tx);
+        self.rx = Some(std::sync::Mutex::new(rx));
+    }
+
+    /// Starts writer threads until there are `n` (as many as start).
+    fn spawn(&mut self, (jobs, done): &WriterQueue, n: usize) {
+        while self.threads.len() < n {
             let (jobs, done) = (jobs.clone(), done.clone());
             let spawned = std::thread::Builder::new()
-                .name(format!("corral-write-{i}"))
+                .name(format!("corral-write-{}", self.threads.len()))
                 .spawn(move || Self::serve(&jobs, &done));
             match spawned {
                 Ok(h) => self.threads.push(h),
                 Err(_) => break,
             }
         }
-        if self.threads.is_empty() {
-            self.inline = true;
-            return;
+    }
+
+    /// Widens the writers to [`WRITERS`] threads (once: the run writes new files).
+    fn widen(&mut self) {
+        if let Some(q) = self.widen.take() {
+            self.spawn(&q, WRITERS);
         }
-        self.tx = Some(tx);
-        self.rx = Some(std::sync::Mutex::new(rx));
     }
 
     /// One writer thread: does jobs until the receiver drops its end. A job that panics is
@@ -472,6 +502,7 @@ impl WriteJob {
             dir,
             tmp,
             nameless,
+            new,
             name,
             data,
             meta,
@@ -509,7 +540,12 @@ impl WriteJob {
                 }
             },
         };
-        let r = write_new_at(&f, &bytes, 0, false)
+        let r = if new {
+            write_new_at(&f, &bytes, 0, false)
+        } else {
+            write_at(&f, &bytes, 0, false)
+        };
+        let r = r
             .map_err(|x| errno("write", &path, x))
             .and_then(|()| set_meta(MetaTarget::Fd(f.as_fd()), &path, &meta, owner, None));
         if let Err(err) = r {
@@ -1318,6 +1354,7 @@ impl Receiver {
                 dir,
                 tmp,
                 nameless,
+                new,
                 name,
                 data,
                 meta: e.meta.clone(),
@@ -1366,6 +1403,9 @@ impl Receiver {
     fn offload(&mut self, job: WriteJob) {
         if self.writer.tx.is_none() && !self.writer.inline {
             self.writer.start();
+        }
+        if job.new {
+            self.writer.widen();
         }
         let job = match &self.writer.tx {
             Some(tx) => match tx.send(job) {
@@ -2046,6 +2086,8 @@ impl Receiver {
         f: &OwnedFd,
         data: &mut DataSource<'_>,
     ) -> Result<(), SyncError> {
+        // A file the child lacks goes past the page cache; a replaced one through it.
+        let new = self.old(&e.path).is_none();
         // Same chunks at the same offsets in the old file: keep them by cloning it.
         let mut cloned: HashMap<u64, Hash> = HashMap::new();
         if let Some(old) = self.old(&e.path)
@@ -2083,7 +2125,13 @@ impl Receiver {
             if first_err.is_some() {
                 continue;
             }
-            if let Err(x) = write_new_at(f, &bytes, *off, content.sparse && cloned.is_empty()) {
+            let sparse = content.sparse && cloned.is_empty();
+            let written = if new {
+                write_new_at(f, &bytes, *off, sparse)
+            } else {
+                write_at(f, &bytes, *off, sparse)
+            };
+            if let Err(x) = written {
                 first_err = Some(errno("write", &e.path, x));
                 continue;
             }
@@ -2528,8 +2576,9 @@ fn read_exact_at(f: &OwnedFd, mut buf: &mut [u8], mut off: u64) -> Result<(), Er
     Ok(())
 }
 
-/// [`write_at`] for a file being written anew (nothing will read it back during the run):
-/// its large aligned middle goes past the page cache (see `direct`).
+/// [`write_at`] for a file the child lacks (nothing reads it back during the run, and it is
+/// not yet part of the child's working set): its large aligned middle goes past the page
+/// cache (see `direct`).
 fn write_new_at(f: &OwnedFd, buf: &[u8], off: u64, skip_zero_blocks: bool) -> Result<(), Errno> {
     if skip_zero_blocks {
         return write_at(f, buf, off, true);
@@ -2801,6 +2850,42 @@ mod tests {
             .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
             .filter(|l| l.starts_with(root) && l.to_string_lossy().ends_with(" (deleted)"))
             .count()
+    }
+
+    /// Replacing files the child has keeps one writer thread per core (their work is CPU);
+    /// the first file the child lacks widens them to `WRITERS` (their writes wait for the
+    /// disk).
+    #[test]
+    fn writers_widen_when_new_files_come() {
+        if std::env::var_os("CORRAL_SYNC_WRITERS").is_some() {
+            eprintln!("SKIPPED: CORRAL_SYNC_WRITERS fixes the number of writer threads");
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().canonicalize().unwrap();
+        let mut child = Manifest::default();
+        for i in 0..5 {
+            std::fs::write(root.join(format!("f{i}")), b"old content\n").unwrap();
+            child
+                .entries
+                .push(entry(&format!("f{i}"), b"old content\n"));
+        }
+        let opts = ReceiverOptions {
+            ignore_owner: true,
+            ..ReceiverOptions::default()
+        };
+        let mut r = Receiver::new(&root, std::sync::Arc::new(child), opts).unwrap();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        write_n(&mut r, 0, 5);
+        assert_eq!(r.writer.threads.len(), cores.min(WRITERS), "replacing");
+        write_n(&mut r, 5, 8);
+        assert_eq!(r.writer.threads.len(), WRITERS, "after new files");
+        r.finish().unwrap();
+        assert!(r.report.failed.is_empty(), "{:?}", r.report.failed);
+        for i in 0..8 {
+            let got = std::fs::read(root.join(format!("f{i}"))).unwrap();
+            assert_eq!(got, format!("file {i}\n").into_bytes());
+        }
     }
 
     /// The old inodes of replaced files (kept for their chunks, or held across the rename so
