@@ -15,11 +15,13 @@
 //! The rules: only ranges of at least [`DIRECT_MIN`] bytes (a small file's single
 //! synchronous disk request would cost more than the copy it saves); a read goes direct only
 //! when none of its range is cached (`cachestat(2)`, Linux 6.5: a warm file is read from
-//! memory as before; without `cachestat`, reads stay buffered); a write goes direct from an
-//! aligned offset, its unaligned tail buffered. Where a file system refuses `O_DIRECT`, or
-//! `CORRAL_SYNC_DIRECT=0` is set, everything is buffered as before. Durability is unchanged:
-//! the receiver's `syncfs` still flushes the device's cache and the file's metadata before
-//! a file is given its name.
+//! memory as before; without `cachestat`, reads stay buffered); a write sends its whole
+//! aligned blocks direct and its unaligned head and tail buffered, and only the receiver's
+//! files the child lacks are written so (a replaced file is part of the child's working set,
+//! and the next run's signature request reads it back). Where a file system refuses
+//! `O_DIRECT`, or `CORRAL_SYNC_DIRECT=0` is set, everything is buffered as before.
+//! Durability is unchanged: the receiver's `syncfs` still flushes the device's cache and the
+//! file's metadata before a file is given its name.
 #![allow(unsafe_code)] // cachestat(2) has no safe wrapper (rustix and libc lack it); see `cached`.
 
 use std::os::fd::{AsFd, AsRawFd};
@@ -108,8 +110,8 @@ fn cached(fd: impl AsFd, off: u64, len: u64) -> Option<bool> {
     Some(st.nr_cache > 0)
 }
 
-/// Sets or clears `O_DIRECT` on `fd` for the life of the guard (`None`: the file system
-/// refuses it).
+/// `O_DIRECT` set on `fd` for the life of the guard, its flags as they were afterwards
+/// (`None`: the file system refuses it).
 struct DirectGuard<'f, F: AsFd> {
     fd: &'f F,
     before: OFlags,
@@ -176,6 +178,9 @@ fn read_with(
                 Ok(0) => break,
                 Ok(n) => got += n,
                 Err(Errno::INTR) => continue,
+                // Refused after all (an alignment the device does not take, a file system
+                // that takes the flag but not the read): read it buffered.
+                Err(Errno::INVAL) if got == 0 => return Ok(false),
                 Err(e) => return Err(e.into()),
             }
             // The end of the file, within a block: a read from an unaligned offset would
@@ -206,7 +211,7 @@ pub(crate) fn write_at(
         return Ok(0..0);
     };
     let at = off + head as u64;
-    with_aligned(whole, |b| {
+    let went = with_aligned(whole, |b| {
         b.copy_from_slice(&data[head..head + whole]);
         let mut done = 0;
         while done < whole {
@@ -214,12 +219,14 @@ pub(crate) fn write_at(
                 Ok(0) => return Err(Errno::IO),
                 Ok(n) => done += n,
                 Err(Errno::INTR) => {}
+                // Refused after all: nothing written, all of it goes buffered.
+                Err(Errno::INVAL) if done == 0 => return Ok(false),
                 Err(e) => return Err(e),
             }
         }
-        Ok(())
+        Ok(true)
     })?;
-    Ok(head..head + whole)
+    Ok(if went { head..head + whole } else { 0..0 })
 }
 
 #[cfg(test)]
