@@ -131,10 +131,38 @@ impl<F: AsFd> Drop for DirectGuard<'_, F> {
     }
 }
 
+/// Appends up to `want` bytes of `f` from offset `off` to `buf`, stopping early only at the
+/// end of the file: past the page cache when the range is large and not cached, else
+/// straight into the spare capacity, in as few `pread`s as the file allows (`read_to_end`
+/// through `Take` starts at 8 KiB and doubles: seven reads for a 1 MiB chunk).
+pub(crate) fn read_at_into(
+    f: &std::fs::File,
+    buf: &mut Vec<u8>,
+    mut off: u64,
+    want: usize,
+) -> std::io::Result<()> {
+    if read_direct_into(f, buf, off, want)? {
+        return Ok(());
+    }
+    let end = buf.len() + want;
+    buf.reserve_exact(want);
+    while buf.len() < end {
+        match rustix::io::pread(f, rustix::buffer::spare_capacity(buf), off) {
+            Ok(0) => break,
+            Ok(n) => off += n as u64,
+            Err(Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    // The spare capacity may have held more than was wanted.
+    buf.truncate(end);
+    Ok(())
+}
+
 /// Appends `want` bytes of `f` from `off` to `buf` (fewer at the end of the file) with a
 /// direct read, when the range is large enough and none of it is cached. `Ok(false)`: not
 /// done, nothing appended (read it buffered).
-pub(crate) fn read_at_into(
+fn read_direct_into(
     f: &impl AsFd,
     buf: &mut Vec<u8>,
     off: u64,
@@ -271,7 +299,7 @@ mod tests {
         ] {
             evict(&path);
             let mut buf = vec![7u8];
-            let went = read_at_into(&f, &mut buf, off, want).unwrap();
+            let went = read_direct_into(&f, &mut buf, off, want).unwrap();
             if !went {
                 // Not direct: nothing appended.
                 assert_eq!(buf, [7], "{off} {want}");
@@ -292,12 +320,12 @@ mod tests {
             assert_eq!(cached(&f, 0, 0), Some(false));
             let _ = std::fs::read(&path).unwrap();
             let mut buf = Vec::new();
-            assert!(!read_at_into(&f, &mut buf, 0, 100_000).unwrap());
+            assert!(!read_direct_into(&f, &mut buf, 0, 100_000).unwrap());
             assert!(buf.is_empty());
         }
         // Small ranges never go direct.
         evict(&path);
-        assert!(!read_at_into(&f, &mut Vec::new(), 0, DIRECT_MIN - 1).unwrap());
+        assert!(!read_direct_into(&f, &mut Vec::new(), 0, DIRECT_MIN - 1).unwrap());
     }
 
     /// Writes of any length from aligned and unaligned offsets, their rest written

@@ -525,16 +525,13 @@ pub fn hash_file(path: &Path, sparse: bool) -> Result<Content, SyncError> {
         .map_err(|e| SyncError::fs("stat", path, e))?
         .len();
     if size <= CHUNK_THRESHOLD {
-        let mut buf = Vec::with_capacity(size as usize + 1);
-        // Past the page cache when large and not cached (see `direct`): the size it has and a
-        // byte more; if that byte came, it grew, and the rest is read as before.
-        let direct = crate::direct::read_at_into(f.file(), &mut buf, 0, size as usize + 1)
+        // The size it has and a byte more; if that byte came, it grew, and the rest is read.
+        let mut buf = Vec::new();
+        crate::direct::read_at_into(f.file(), &mut buf, 0, size as usize + 1)
             .map_err(|e| SyncError::fs("read", path, e))?;
-        if !direct || buf.len() as u64 > size {
-            if !buf.is_empty() {
-                f.seek(std::io::SeekFrom::Start(buf.len() as u64))
-                    .map_err(|e| SyncError::fs("seek", path, e))?;
-            }
+        if buf.len() as u64 > size {
+            f.seek(std::io::SeekFrom::Start(buf.len() as u64))
+                .map_err(|e| SyncError::fs("seek", path, e))?;
             f.read_to_end(&mut buf)
                 .map_err(|e| SyncError::fs("read", path, e))?;
         }

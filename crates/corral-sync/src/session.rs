@@ -1032,7 +1032,7 @@ fn prepare(
         let size = before.map_or(0, |k| k.size()) as usize;
         buf.reserve_exact(1 + size + 1);
         buf.push(0);
-        read_at_into(f.file(), &mut buf, 0, size + 1)
+        crate::direct::read_at_into(f.file(), &mut buf, 0, size + 1)
             .map_err(|x| SyncError::fs("read", &path, x))?;
         if buf.len() == 1 + size + 1 {
             // It grew while read: the rest, up to the chunking threshold (past it, the
@@ -1320,7 +1320,7 @@ fn data_frames(
         // payload (no zeroing, no copy).
         let mut buf = Vec::with_capacity(1 + ch.len as usize);
         buf.push(0);
-        read_at_into(f.file(), &mut buf, off, ch.len as usize)
+        crate::direct::read_at_into(f.file(), &mut buf, off, ch.len as usize)
             .map_err(|x| SyncError::fs("read", &path, x))?;
         if buf.len() != 1 + ch.len as usize {
             return Err(SyncError::SourceChanged(e.path.clone()));
@@ -1352,38 +1352,10 @@ fn data_frames(
     Ok(sent)
 }
 
-/// Appends up to `want` bytes of `f` from offset `off` to `buf` (which has room for them),
-/// stopping early only at the end of the file. Reads straight into the spare capacity, in as
-/// few `pread`s as the file allows (`read_to_end` through `Take` starts at 8 KiB and doubles:
-/// seven reads for a 1 MiB chunk).
-fn read_at_into(
-    f: &std::fs::File,
-    buf: &mut Vec<u8>,
-    mut off: u64,
-    want: usize,
-) -> std::io::Result<()> {
-    // Past the page cache when the range is large and not cached (see `direct`).
-    if crate::direct::read_at_into(f, buf, off, want)? {
-        return Ok(());
-    }
-    let end = buf.len() + want;
-    buf.reserve_exact(want);
-    while buf.len() < end {
-        match rustix::io::pread(f, rustix::buffer::spare_capacity(buf), off) {
-            Ok(0) => break,
-            Ok(n) => off += n as u64,
-            Err(rustix::io::Errno::INTR) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    // The spare capacity may have held more than was wanted.
-    buf.truncate(end);
-    Ok(())
-}
-
 #[cfg(test)]
 mod pipeline_tests {
     use super::*;
+    use crate::direct::read_at_into;
 
     #[test]
     fn results_come_in_order_and_an_error_or_a_panic_stops_the_pipeline() {
