@@ -1155,9 +1155,11 @@ enum Hashed {
 
 impl Walked {
     /// Hashes the files the cache does not know (in parallel) into the manifest, and
-    /// rewrites the cache when it changed. A file the cache misses and for whose path
-    /// `defer` says yes (asked as late as possible, once per file, possibly from several
-    /// threads) is not read: its entry has no content and it is listed as [`Deferred`].
+    /// rewrites the cache when it changed. A file of at most [`CHUNK_THRESHOLD`] bytes the
+    /// cache misses and for whose path `defer` says yes (asked as late as possible, once per
+    /// file, possibly from several threads) is not read: its entry has no content and it is
+    /// listed as [`Deferred`]. Larger files are always hashed: their chunk list is needed
+    /// before their data.
     pub fn hash(
         self,
         defer: &(dyn Fn(&str) -> bool + Sync),
@@ -1203,7 +1205,10 @@ impl Walked {
             if let Some(i) = r.hit {
                 return Ok(Hashed::Cached(i));
             }
-            if defer(&r.path) {
+            // A large file is chunked before its first byte can be sent (its chunk list
+            // leads its data), so deferring it would save no read: it is hashed now, while
+            // the transport starts and the child scans.
+            if r.st.size <= CHUNK_THRESHOLD && defer(&r.path) {
                 return Ok(Hashed::Deferred);
             }
             let sparse = r.st.blocks * 512 < r.st.size;

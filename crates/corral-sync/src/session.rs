@@ -426,7 +426,7 @@ pub enum Progress {
         /// Bytes of file content in the plan.
         bytes: u64,
     },
-    /// One step sent.
+    /// One step sent, or a part of a large file's (the parts' bytes add up to its size).
     Step {
         /// Its path.
         path: String,
@@ -702,8 +702,9 @@ pub fn push<R: Read, W: Write>(
     // The master's scan runs while the transport starts (ssh: connection, authentication,
     // the remote process) and while the child scans: `Hello` and `Scan` leave together. A
     // child whose manifest is small sends it whole as soon as it has scanned; from then on
-    // the master's scan leaves unread every file the child does not have (unless this is a
-    // dry run, which lists every hash): those are read once, as they are sent.
+    // the master's scan leaves unread every small file the child does not have (unless this
+    // is a dry run, which lists every hash): those are read once, as they are sent. (A large
+    // file is hashed by the scan whatever the child holds: its chunk list leads its data.)
     let child_paths: std::sync::OnceLock<HashSet<String>> = std::sync::OnceLock::new();
     // Set when the child failed (a remote end that did not start, a refused root): the
     // files not yet hashed stay unread, so the error comes now, not after a full read of
@@ -854,33 +855,40 @@ pub fn push<R: Read, W: Write>(
         ops: p.ops.len() as u64,
         bytes: planned,
     });
-    // Reader threads read, hash, check and compress the data of the next steps (several
-    // reads in flight on a cold disk) while this thread writes their frames in plan order:
-    // the disk, the CPU and the stream work at the same time. Whether they compress is the
-    // chooser's call, fed the time of each step as it leaves.
+    // Reader threads read, hash, check and compress the data of the next steps, a large
+    // file's a window at a time ([`Part`]), several reads in flight on a cold disk, while
+    // this thread writes their frames in plan order: the disk, the CPU and the stream work
+    // at the same time, and what is in memory is bounded by the pipeline, not by a file's
+    // size. Whether they compress is the chooser's call, fed the time of each part as it
+    // leaves.
     let mut chooser = Chooser::new(opts.compress, planned);
     let raw = std::sync::atomic::AtomicBool::new(chooser.mode() == Mode::Raw);
     let mut hashed: Vec<(usize, Content, bool)> = Vec::new();
     let ops = &p.ops;
-    let (have, sigs, deferred_ref, raw_ref) = (&have, &sigs, &deferred, &raw);
+    let parts = parts(ops, &have);
+    let (have, sigs, deferred_ref, raw_ref, parts_ref) = (&have, &sigs, &deferred, &raw, &parts);
     ordered_pipeline(
-        ops.len(),
-        |i| {
+        parts.len(),
+        |k| {
             let mode = if raw_ref.load(std::sync::atomic::Ordering::Relaxed) {
                 Mode::Raw
             } else {
                 Mode::Zstd
             };
-            prepare(
+            let (i, part) = &parts_ref[k];
+            prepare_part(
                 src,
-                &ops[i],
+                &ops[*i],
+                part,
                 have,
-                sigs.get(ops[i].path()),
+                sigs.get(ops[*i].path()),
                 deferred_ref,
                 mode,
             )
         },
-        |i, prepared| {
+        |k, prepared| {
+            let (i, part) = &parts_ref[k];
+            let i = *i;
             let prepared = prepared?;
             for f in &prepared.frames {
                 match f {
@@ -896,10 +904,12 @@ pub fn push<R: Read, W: Write>(
             if let Some((c, cacheable)) = prepared.hashed {
                 hashed.push((i, c, cacheable));
             }
-            progress(Progress::Step {
-                path: ops[i].path().to_string(),
-                bytes: size_of(&ops[i]),
-            });
+            if *part != Part::Head {
+                progress(Progress::Step {
+                    path: ops[i].path().to_string(),
+                    bytes: part_bytes(&ops[i], part, size_of(&ops[i])),
+                });
+            }
             Ok(())
         },
     )?;
@@ -989,8 +999,9 @@ struct Prepared {
     data: u64,
 }
 
-/// The frames of one step. A write of a file the scan deferred reads it once: hashing (and
-/// chunking, for a large file) it, then its data (from the page cache, for a large file).
+/// The frames of one step. A write of a file the scan deferred (a small one) reads it once,
+/// hashing it as it is sent; one that grew past [`crate::manifest::CHUNK_THRESHOLD`] since
+/// the scan is chunked, then its chunks read again.
 fn prepare(
     src: &Path,
     op: &Op,
@@ -1282,8 +1293,123 @@ fn fetch_signatures<R: Read, W: Write>(
     Ok(out)
 }
 
-/// Steps whose frames are prepared ahead of the stream.
+/// Parts ([`Part`]) whose frames are prepared ahead of the stream.
 const PIPELINE: usize = 64;
+
+/// Bytes of data the child lacks that one part of a large file carries (about: whole
+/// chunks). Such a file is read, checked and sent a window at a time, several windows in
+/// flight, not whole before its first byte leaves (which held a disk image's size in the
+/// master's memory and read it on one thread).
+const WINDOW: u64 = 1 << 20;
+
+/// A piece of the master's stream, prepared by a reader thread and sent in plan order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    /// A whole step: its `Apply` and the data of a small file.
+    Step,
+    /// The `Apply` of a large file with chunks the child lacks; `Chunks` parts follow.
+    Head,
+    /// The chunks of that file with these indices (the first at byte `off`), those the
+    /// child lacks as frames.
+    Chunks {
+        /// Indices into the file's chunk list.
+        chunks: std::ops::Range<usize>,
+        /// Offset of the first.
+        off: u64,
+    },
+}
+
+/// The parts of the plan's steps, with the index of each part's step: a step whole, or a
+/// large file whose chunks the child lacks some of as its head and windows of chunks that
+/// carry about [`WINDOW`] bytes of data each and cover the whole file.
+fn parts(ops: &[Op], have: &HashSet<Hash>) -> Vec<(usize, Part)> {
+    let mut out = Vec::with_capacity(ops.len());
+    for (i, op) in ops.iter().enumerate() {
+        let chunks = match op {
+            Op::Write(e) => e.content.as_ref().map_or(&[][..], |c| &c.chunks[..]),
+            _ => &[],
+        };
+        if chunks.iter().all(|c| have.contains(&c.hash)) {
+            out.push((i, Part::Step));
+            continue;
+        }
+        out.push((i, Part::Head));
+        let (mut start, mut off, mut at, mut lacked) = (0, 0u64, 0u64, 0u64);
+        for (j, c) in chunks.iter().enumerate() {
+            if !have.contains(&c.hash) {
+                lacked += u64::from(c.len);
+            }
+            at += u64::from(c.len);
+            if lacked >= WINDOW || j + 1 == chunks.len() {
+                out.push((
+                    i,
+                    Part::Chunks {
+                        chunks: start..j + 1,
+                        off,
+                    },
+                ));
+                (start, off, lacked) = (j + 1, at, 0);
+            }
+        }
+    }
+    out
+}
+
+/// The frames of one part (see [`Part`]).
+fn prepare_part(
+    src: &Path,
+    op: &Op,
+    part: &Part,
+    have: &HashSet<Hash>,
+    sig: Option<&Signature>,
+    deferred: &std::collections::HashMap<&str, &Deferred>,
+    mode: Mode,
+) -> Result<Prepared, SyncError> {
+    let only = |frames| Prepared {
+        frames,
+        hashed: None,
+        mode,
+        data: 0,
+    };
+    match (part, op) {
+        (Part::Step, _) => prepare(src, op, have, sig, deferred, mode),
+        (Part::Head, _) => Ok(only(vec![Message::Apply(op.clone())])),
+        (Part::Chunks { chunks, off }, Op::Write(e)) => {
+            let list = e.content.as_ref().map_or(&[][..], |c| &c.chunks[..]);
+            let Some(list) = list.get(chunks.clone()) else {
+                return Ok(only(Vec::new()));
+            };
+            let with_offsets = list.iter().scan(*off, |at, c| {
+                let o = *at;
+                *at += u64::from(c.len);
+                Some((o, c.clone()))
+            });
+            let mut frames = Vec::new();
+            let data = chunk_frames(src, e, with_offsets, have, None, mode, &mut frames)?;
+            Ok(Prepared {
+                frames,
+                hashed: None,
+                mode,
+                data,
+            })
+        }
+        (Part::Chunks { .. }, _) => Ok(only(Vec::new())),
+    }
+}
+
+/// Content bytes a part covers, for progress: a step's size, a window's chunks' lengths.
+fn part_bytes(op: &Op, part: &Part, step: u64) -> u64 {
+    match (part, op) {
+        (Part::Step, _) => step,
+        (Part::Head, _) => 0,
+        (Part::Chunks { chunks, .. }, Op::Write(e)) => e
+            .content
+            .as_ref()
+            .and_then(|c| c.chunks.get(chunks.clone()))
+            .map_or(0, |l| l.iter().map(|c| u64::from(c.len)).sum()),
+        (Part::Chunks { .. }, _) => 0,
+    }
+}
 
 /// A chunk read into `buf[1..]` as the payload of a `Data` frame in `mode`.
 fn encode_read(buf: Vec<u8>, mode: Mode) -> Vec<u8> {
@@ -1305,10 +1431,23 @@ fn data_frames(
     frames: &mut Vec<Message>,
 ) -> Result<u64, SyncError> {
     let Some(c) = &e.content else { return Ok(0) };
-    let chunks = c.chunk_list();
-    if chunks.iter().all(|(_, ch)| have.contains(&ch.hash)) {
+    if c.chunk_iter().all(|(_, ch)| have.contains(&ch.hash)) {
         return Ok(0);
     }
+    chunk_frames(src, e, c.chunk_iter(), have, sig, mode, frames)
+}
+
+/// The `Data` (or `Delta`) frames of `chunks` (with their offsets) of the file `e`: one per
+/// chunk the child does not hold. Returns the bytes of file data they carry.
+fn chunk_frames(
+    src: &Path,
+    e: &Entry,
+    chunks: impl Iterator<Item = (u64, crate::manifest::Chunk)>,
+    have: &HashSet<Hash>,
+    sig: Option<&Signature>,
+    mode: Mode,
+    frames: &mut Vec<Message>,
+) -> Result<u64, SyncError> {
     let mut sent = 0u64;
     let path = src.join(&e.path);
     let f = fs_err::File::open(&path).map_err(|x| SyncError::fs("open", &path, x))?;
@@ -1463,5 +1602,97 @@ mod pipeline_tests {
         let mut buf = Vec::new();
         read_at_into(&f, &mut buf, 400_000, 100).unwrap();
         assert!(buf.is_empty());
+    }
+
+    fn meta() -> crate::manifest::Meta {
+        crate::manifest::Meta {
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            user: None,
+            group: None,
+            mtime: 0,
+            mtime_ns: 0,
+            xattrs: vec![],
+        }
+    }
+
+    fn chunked(path: &str, lens: &[u32]) -> Op {
+        let chunks: Vec<crate::manifest::Chunk> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| crate::manifest::Chunk {
+                len,
+                hash: Hash::of(format!("{path}/{i}").as_bytes()),
+            })
+            .collect();
+        Op::Write(Entry {
+            path: path.into(),
+            kind: crate::manifest::Kind::File,
+            meta: meta(),
+            content: Some(Content {
+                size: lens.iter().map(|&l| u64::from(l)).sum(),
+                hash: Hash::of(path.as_bytes()),
+                chunks,
+                sparse: false,
+            }),
+        })
+    }
+
+    #[test]
+    fn a_large_file_the_child_lacks_goes_in_windows_that_cover_it() {
+        let k = 64 << 10;
+        let lens: Vec<u32> = (0..100).map(|i| k + (i % 7) * 4096).collect();
+        let img = chunked("img", &lens);
+        let Op::Write(e) = &img else { unreachable!() };
+        let chunks = &e.content.as_ref().unwrap().chunks;
+        // The child holds every third chunk already.
+        let have: HashSet<Hash> = chunks.iter().step_by(3).map(|c| c.hash).collect();
+        let small = Op::Write(Entry {
+            path: "small".into(),
+            kind: crate::manifest::Kind::File,
+            meta: meta(),
+            content: None,
+        });
+        let held = chunked("held", &[k, k, k]);
+        let Op::Write(h) = &held else { unreachable!() };
+        let have: HashSet<Hash> = have
+            .into_iter()
+            .chain(h.content.as_ref().unwrap().chunks.iter().map(|c| c.hash))
+            .collect();
+        let ops = vec![small, img.clone(), held];
+        let ps = parts(&ops, &have);
+        assert_eq!(ps[0], (0, Part::Step));
+        assert_eq!(ps[1], (1, Part::Head));
+        assert_eq!(ps.last(), Some(&(2, Part::Step)), "all held: one step");
+        // The windows cover the file's chunks in order, each offset where the one before
+        // ended, each carrying about WINDOW bytes the child lacks (never a chunk more).
+        let windows: Vec<_> = ps[2..ps.len() - 1].to_vec();
+        assert!(windows.len() > 1, "{windows:?}");
+        let (mut next, mut at, mut bytes) = (0, 0u64, 0u64);
+        for (i, p) in &windows {
+            assert_eq!(*i, 1);
+            let Part::Chunks { chunks: r, off } = p else {
+                panic!("{p:?}")
+            };
+            assert_eq!((r.start, *off), (next, at));
+            let lacked: u64 = chunks[r.clone()]
+                .iter()
+                .filter(|c| !have.contains(&c.hash))
+                .map(|c| u64::from(c.len))
+                .sum();
+            assert!(
+                lacked < WINDOW + u64::from(crate::scan::CDC_MAX),
+                "{lacked}"
+            );
+            next = r.end;
+            at += chunks[r.clone()]
+                .iter()
+                .map(|c| u64::from(c.len))
+                .sum::<u64>();
+            bytes += part_bytes(&img, p, 0);
+        }
+        assert_eq!(next, chunks.len());
+        assert_eq!(bytes, e.size(), "progress adds up to the file's size");
     }
 }

@@ -290,6 +290,53 @@ fn big_image_edit_sends_and_writes_only_changed_chunks() {
 }
 
 #[test]
+fn a_large_new_file_is_hashed_by_the_scan_and_streamed_in_parts() {
+    use corral_sync::session::Progress;
+    let t = tempfile::tempdir().unwrap();
+    let (m, c) = (t.path().join("master"), t.path().join("child"));
+    std::fs::create_dir(&m).unwrap();
+    std::fs::create_dir(&c).unwrap();
+    let img = pseudo_random(6 << 20, 21);
+    write(&m.join("disk.img"), &img);
+    write(&m.join("small"), b"small file");
+    let mut planned = 0;
+    let mut steps: Vec<(String, u64)> = Vec::new();
+    let r = push_to(
+        &m,
+        &Dest::Local(c.clone()),
+        &SshOptions::default(),
+        ServeOptions {
+            cache: Some(t.path().join("child.cache")),
+            no_fsync: true,
+        },
+        &IncludeAll,
+        &PushOptions::default(),
+        &mut |p| match p {
+            Progress::Planned { bytes, .. } => planned = bytes,
+            Progress::Step { path, bytes } => steps.push((path, bytes)),
+        },
+    )
+    .unwrap();
+    assert!(r.report.failed.is_empty(), "{:?}", r.report.failed);
+    assert_eq!(std::fs::read(c.join("disk.img")).unwrap(), img);
+    assert_eq!(std::fs::read(c.join("small")).unwrap(), b"small file");
+    // The large file is hashed by the scan whether or not the child's answer came first
+    // (its chunk list leads its data; the small one may be left for the send), then it is
+    // sent a window at a time.
+    let st = &r.master_scan;
+    assert_eq!(st.hashed + st.deferred, 2, "{st:?}");
+    assert!(st.hashed_bytes >= img.len() as u64, "{st:?}");
+    let parts: Vec<u64> = steps
+        .iter()
+        .filter(|(p, _)| p == "disk.img")
+        .map(|(_, b)| *b)
+        .collect();
+    assert!(parts.len() >= 4, "{parts:?}");
+    assert_eq!(parts.iter().sum::<u64>(), img.len() as u64);
+    assert_eq!(steps.iter().map(|(_, b)| b).sum::<u64>(), planned);
+}
+
+#[test]
 fn backup_and_rollback_restore_the_previous_tree() {
     let t = tempfile::tempdir().unwrap();
     let (m, c) = (t.path().join("master"), t.path().join("child"));
