@@ -1382,7 +1382,7 @@ fn prepare_part(
             let with_offsets = list.iter().scan(*off, |at, c| {
                 let o = *at;
                 *at += u64::from(c.len);
-                Some((o, c.clone()))
+                Some((o, *c))
             });
             let mut frames = Vec::new();
             let data = chunk_frames(src, e, with_offsets, have, None, mode, &mut frames)?;
