@@ -162,6 +162,9 @@ pub struct Receiver {
     kept_old: HashMap<String, Vec<u8>>,
     kept_bytes: usize,
     open_cache: Option<(String, OwnedFd)>,
+    /// The range of an old copy read last for range deltas (a run of chunks is rebuilt from
+    /// one): path, offset, length, bytes.
+    base_cache: Option<(String, u64, u32, std::sync::Arc<Vec<u8>>)>,
     created: Vec<String>,
     /// Files written with their content (for the hash cache).
     pub written: Vec<(String, Content)>,
@@ -607,6 +610,10 @@ struct InPlace {
     old_size: u64,
 }
 
+/// A chunk's bytes for an in-place update, and `Some(literal bytes)` when they came from the
+/// master's stream.
+type PulledBytes = (Vec<u8>, Option<u64>);
+
 /// A changed chunk of an in-place update, pulled before the file is touched.
 struct Pulled {
     /// Offset in the new file.
@@ -615,6 +622,9 @@ struct Pulled {
     bytes: Vec<u8>,
     /// Sent by the master (not read from the child's own files).
     streamed: bool,
+    /// Of its bytes, those the master sent literally (all of a `Data` frame's, a delta's
+    /// literals).
+    literal: u64,
 }
 
 /// Whether a sync may remove the xattr `name` from a child's file when the master's copy
@@ -659,8 +669,11 @@ const RETAIN_MAX: usize = 256;
 pub enum Incoming {
     /// The bytes themselves (already checked against the chunk's hash).
     Bytes(Vec<u8>),
-    /// A delta against the child's old copy of the same path (checked once rebuilt).
+    /// A delta against the child's old copy of the same path (checked once rebuilt): the
+    /// whole of it (a small file), or the range `base` (offset, length) of it.
     Delta {
+        /// The range of the old copy, `None` for all of it.
+        base: Option<(u64, u32)>,
         /// Block size of the signature it was made against.
         block: u32,
         /// Block copies and literals.
@@ -766,6 +779,7 @@ impl Receiver {
             kept_old: HashMap::new(),
             kept_bytes: 0,
             open_cache: None,
+            base_cache: None,
             created: Vec::new(),
             written: Vec::new(),
             report: Report::default(),
@@ -1334,13 +1348,16 @@ impl Receiver {
                     JobData::Bytes(b)
                 }
                 ChunkSource::Stream(Incoming::Delta {
+                    base,
                     block,
                     ops,
                     literals,
                 }) => JobData::Delta {
-                    old: self
-                        .old_copy(&e.path)
-                        .ok_or_else(|| rebuild_failed(&e.path))?,
+                    old: match base {
+                        None => self.old_copy(&e.path),
+                        Some((off, len)) => self.base_bytes(&e.path, off, len).map(|b| b.to_vec()),
+                    }
+                    .ok_or_else(|| rebuild_failed(&e.path))?,
                     block,
                     ops,
                     literals,
@@ -1778,11 +1795,12 @@ impl Receiver {
                 continue;
             }
             match self.whole_chunk(e, c, data)? {
-                Ok((bytes, streamed)) => out.push(Pulled {
+                Ok((bytes, literal)) => out.push(Pulled {
                     off: *off,
                     hash: c.hash,
                     bytes,
-                    streamed,
+                    streamed: literal.is_some(),
+                    literal: literal.unwrap_or(0),
                 }),
                 Err(err) => {
                     first_err.get_or_insert(err);
@@ -1800,11 +1818,9 @@ impl Receiver {
     fn count_pulled(&mut self, pulled: &[Pulled]) {
         for p in pulled {
             let n = p.bytes.len() as u64;
-            if p.streamed {
-                self.report.literal_bytes += n;
-            } else {
-                self.report.reused_bytes += n;
-            }
+            let literal = if p.streamed { p.literal.min(n) } else { 0 };
+            self.report.literal_bytes += literal;
+            self.report.reused_bytes += n - literal;
         }
     }
 
@@ -1855,10 +1871,11 @@ impl Receiver {
                 Ok(b)
             }
             Ok(ChunkSource::Stream(Incoming::Delta {
+                base,
                 block,
                 ops,
                 literals,
-            })) => match self.rebuild(&e.path, block, &ops, &literals, c) {
+            })) => match self.rebuild(&e.path, base, block, &ops, &literals, c) {
                 Some(b) => {
                     self.report.literal_bytes += literals.len() as u64;
                     self.report.reused_bytes += (b.len() - literals.len()) as u64;
@@ -1869,21 +1886,37 @@ impl Receiver {
         })
     }
 
-    /// [`Receiver::chunk_source`] for a chunk of a large file, which comes whole (never as
-    /// a delta): its bytes, and whether they came from the stream.
+    /// [`Receiver::chunk_source`] for a chunk of a file updated in place: its bytes, and
+    /// `Some(literal bytes)` when they came from the stream (all of them, or a range delta's
+    /// literals; a delta against a whole old copy is made only for one-chunk files, which
+    /// are never in place).
     fn whole_chunk(
         &mut self,
         e: &Entry,
         c: &crate::manifest::Chunk,
         data: &mut DataSource<'_>,
-    ) -> Result<Result<(Vec<u8>, bool), SyncError>, SyncError> {
+    ) -> Result<Result<PulledBytes, SyncError>, SyncError> {
         Ok(match self.chunk_source(e, c, data)? {
-            Ok(ChunkSource::Local(b)) => Ok((b, false)),
-            Ok(ChunkSource::Stream(Incoming::Bytes(b))) => Ok((b, true)),
-            // Deltas are made only for one-chunk files, which are never in place.
-            Ok(ChunkSource::Stream(Incoming::Delta { .. })) => Err(SyncError::SourceChanged(
-                format!("{} (a delta for a chunk of a large file)", e.path),
-            )),
+            Ok(ChunkSource::Local(b)) => Ok((b, None)),
+            Ok(ChunkSource::Stream(Incoming::Bytes(b))) => {
+                let n = b.len() as u64;
+                Ok((b, Some(n)))
+            }
+            Ok(ChunkSource::Stream(Incoming::Delta {
+                base: Some(base),
+                block,
+                ops,
+                literals,
+            })) => match self.rebuild(&e.path, Some(base), block, &ops, &literals, c) {
+                Some(b) => Ok((b, Some(literals.len() as u64))),
+                None => Err(rebuild_failed(&e.path)),
+            },
+            Ok(ChunkSource::Stream(Incoming::Delta { base: None, .. })) => {
+                Err(SyncError::SourceChanged(format!(
+                    "{} (a delta for a chunk of a large file)",
+                    e.path
+                )))
+            }
             Err(err) => Err(err),
         })
     }
@@ -1931,12 +1964,10 @@ impl Receiver {
                 continue;
             }
             let bytes = match self.whole_chunk(e, c, data)? {
-                Ok((b, streamed)) => {
-                    if streamed {
-                        self.report.literal_bytes += b.len() as u64;
-                    } else {
-                        self.report.reused_bytes += b.len() as u64;
-                    }
+                Ok((b, literal)) => {
+                    let literal = literal.unwrap_or(0).min(b.len() as u64);
+                    self.report.literal_bytes += literal;
+                    self.report.reused_bytes += b.len() as u64 - literal;
                     b
                 }
                 Err(err) => {
@@ -2229,13 +2260,60 @@ impl Receiver {
     fn rebuild(
         &mut self,
         path: &str,
+        base: Option<(u64, u32)>,
         block: u32,
         ops: &[crate::delta::DeltaOp],
         literals: &[u8],
         c: &crate::manifest::Chunk,
     ) -> Option<Vec<u8>> {
-        let old = self.old_copy(path)?;
-        rebuilt(&old, block, ops, literals, c)
+        match base {
+            None => rebuilt(&self.old_copy(path)?, block, ops, literals, c),
+            Some((off, len)) => rebuilt(&self.base_bytes(path, off, len)?, block, ops, literals, c),
+        }
+    }
+
+    /// The bytes `off..off + len` of the child's old copy of `path` (a range delta's base):
+    /// `None` unless the child has that file, at least that long, and `len` is at most
+    /// [`crate::proto::MAX_BASE`]. The range read last is kept (a run of chunks is rebuilt
+    /// from one).
+    fn base_bytes(&mut self, path: &str, off: u64, len: u32) -> Option<std::sync::Arc<Vec<u8>>> {
+        if let Some((p, o, l, b)) = &self.base_cache
+            && p == path
+            && (*o, *l) == (off, len)
+        {
+            return Some(b.clone());
+        }
+        let old = self.old(path)?;
+        if len > crate::proto::MAX_BASE || off.checked_add(u64::from(len))? > old.size {
+            return None;
+        }
+        let b = std::sync::Arc::new(self.read_local(path, off, len)?);
+        self.base_cache = Some((path.to_string(), off, len, b.clone()));
+        Some(b)
+    }
+
+    /// The signatures of the byte ranges `asks` (path, offset, length) of the child's old
+    /// copies, in order (`block == 0` where the child has no such range, or it is longer than
+    /// [`crate::proto::MAX_BASE`]): read and computed on rayon's pool.
+    pub fn range_signatures(
+        &mut self,
+        asks: &[(String, u64, u32)],
+    ) -> Vec<crate::delta::Signature> {
+        use rayon::prelude::*;
+        asks.par_iter()
+            .map(|(path, off, len)| {
+                let ok = self.old(path).is_some_and(|old| {
+                    *len <= crate::proto::MAX_BASE
+                        && off
+                            .checked_add(u64::from(*len))
+                            .is_some_and(|end| end <= old.size)
+                });
+                let fd = ok.then(|| self.open_old(path)).flatten();
+                fd.and_then(|fd| pread_exact(fd.as_fd(), *len as usize, *off))
+                    .map(|b| crate::delta::signature_seeded(&b, random_seed()))
+                    .unwrap_or_default()
+            })
+            .collect()
     }
 
     /// Sets the metadata of a file open for writing through its descriptor (a `/proc/self/fd`
@@ -3235,6 +3313,104 @@ mod tests {
         assert_eq!(r.report.files_written, 4);
     }
 
+    /// A chunk of a large file sent as a delta against a range of the child's old copy is
+    /// rebuilt from that range and checked; a range past the old copy's end gets no
+    /// signature, and a delta built on one fails its file alone, leaving the old copy.
+    #[test]
+    fn a_range_delta_rebuilds_a_chunk_and_a_range_past_the_old_copy_fails_its_file() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        let mut x = 5u64;
+        let old: Vec<u8> = (0..3 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect();
+        let mut new = old.clone();
+        new[1_500_000..1_504_096].fill(7);
+        let with = |path: &str, c: Content| Entry {
+            content: Some(c),
+            ..entry(path, b"")
+        };
+        std::fs::write(root.join("img"), &old).unwrap();
+        std::fs::write(root.join("img2"), &old).unwrap();
+        let old_c = crate::scan::hash_file(&root.join("img"), false).unwrap();
+        std::fs::write(t.path().join("new"), &new).unwrap();
+        let new_c = crate::scan::hash_file(&t.path().join("new"), false).unwrap();
+        let child = Manifest {
+            entries: vec![with("img", old_c.clone()), with("img2", old_c.clone())],
+        };
+        let mut r = Receiver::new(
+            &root,
+            std::sync::Arc::new(child),
+            ReceiverOptions {
+                ignore_owner: true,
+                ..ReceiverOptions::default()
+            },
+        )
+        .unwrap();
+        let held: std::collections::HashSet<Hash> = old_c.chunks.iter().map(|c| c.hash).collect();
+        let lacked: Vec<(u64, crate::manifest::Chunk)> = new_c
+            .chunk_iter()
+            .filter(|(_, c)| !held.contains(&c.hash))
+            .collect();
+        assert!(!lacked.is_empty());
+        let (a, b) = (
+            lacked[0].0,
+            lacked
+                .iter()
+                .map(|(o, c)| o + u64::from(c.len))
+                .max()
+                .unwrap(),
+        );
+        let base = (a - 4096, (b - a + 8192) as u32);
+        let sigs = r.range_signatures(&[
+            ("img".into(), base.0, base.1),
+            ("img".into(), old.len() as u64 - 10, 100),
+            ("nothere".into(), 0, 100),
+        ]);
+        assert!(sigs[0].block > 0 && sigs[0].len == u64::from(base.1));
+        assert_eq!(
+            (sigs[1].block, sigs[2].block),
+            (0, 0),
+            "no such range: no signature"
+        );
+        let sig = sigs[0].clone();
+        let send = |base: (u64, u32)| {
+            let (new, lacked, sig) = (&new, &lacked, &sig);
+            move |h: &Hash, _: u32| {
+                let (o, c) = lacked.iter().find(|(_, c)| c.hash == *h).unwrap();
+                let d =
+                    crate::delta::delta(sig, &new[*o as usize..(*o + u64::from(c.len)) as usize]);
+                Ok(Incoming::Delta {
+                    base: Some(base),
+                    block: sig.block,
+                    ops: d.ops,
+                    literals: d.literals,
+                })
+            }
+        };
+        r.write(&with("img", new_c.clone()), &mut send(base))
+            .unwrap();
+        let past = (old.len() as u64 - 100, base.1);
+        assert!(
+            r.write(&with("img2", new_c.clone()), &mut send(past))
+                .is_err()
+        );
+        r.finish().unwrap();
+        assert!(std::fs::read(root.join("img")).unwrap() == new, "rebuilt");
+        assert!(
+            std::fs::read(root.join("img2")).unwrap() == old,
+            "left as it was"
+        );
+        assert!(r.report.literal_bytes < 16 << 10, "{:?}", r.report);
+        assert_eq!(r.report.files_written, 1);
+    }
+
     /// Small files the child has are written by the writer thread beside the receiver's
     /// (deltas and whole files alike): every file ends up with its new bytes and metadata,
     /// nothing is left under a temporary name, and a file whose delta does not rebuild fails
@@ -3295,6 +3471,7 @@ mod tests {
             let res = r.write(&e, &mut |_, _| {
                 Ok(if i % 2 == 0 {
                     Incoming::Delta {
+                        base: None,
                         block: sig.block,
                         ops: d.ops.clone(),
                         literals: d.literals.clone(),

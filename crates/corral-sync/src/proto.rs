@@ -22,10 +22,13 @@
 //!    batches, for the changed small files the child holds an old copy of. The first may
 //!    follow `Wanted` at once, before the client has the listing: the files that changed
 //!    on the client since its last scan (an empty signature for a path the server has no
-//!    old copy of); the others ask only for what it did not cover.
+//!    old copy of); the others ask only for what it did not cover. Then
+//!    `RangeSigRequest(ranges)` / server `Sigs`, in batches, for the byte ranges of the
+//!    child's old copies of changed large files that the runs of chunks it lacks replace.
 //! 4. `Apply(op)` for each planned step; an `Apply(Write)` whose chunks the child does not
-//!    hold is followed by one `Data` or `Delta` frame per missing chunk, in order (a `Delta`
-//!    only for a file whose signature the child sent).
+//!    hold is followed by one `Data`, `Delta` or `RangeDelta` frame per missing chunk, in
+//!    order (a `Delta` only for a small file whose signature the child sent, a `RangeDelta`
+//!    only against a range whose signature it sent).
 //! 5. `Finish` / server `Report`, or `Bye` (dry run).
 //!
 //! This module is pure: it encodes and decodes bytes and checks every decoded path.
@@ -38,7 +41,7 @@ use crate::manifest::{Entry, Hash, check_rel_path};
 use crate::planner::Op;
 
 /// Protocol version spoken by this build.
-pub const VERSION: u32 = 7;
+pub const VERSION: u32 = 8;
 /// Largest frame accepted (a chunk is at most 256 KiB; manifests come in batches).
 pub const MAX_FRAME: usize = 64 * 1024 * 1024;
 
@@ -139,7 +142,31 @@ pub enum Message {
     /// The master's request for the child's entries of some of its ranges: bit `j % 8` of
     /// byte `j / 8` set for child range `j`; they come back as `Entries`… `EntriesEnd`.
     Wanted(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// Asks for the signatures of byte ranges of the child's old copies of large files:
+    /// path, offset, length (at most [`MAX_BASE`]); answered by `Sigs`, one per range, in
+    /// the same order (`block == 0`: no such range).
+    RangeSigRequest(Vec<(String, u64, u32)>),
+    /// One chunk of a large file as a delta against a byte range (offset, length) of the
+    /// child's old copy of the same path, whose signature the child sent; must hash to
+    /// `hash` once rebuilt.
+    RangeDelta {
+        /// BLAKE3 of the rebuilt bytes.
+        hash: Hash,
+        /// The range of the old copy the delta copies blocks from.
+        base: (u64, u32),
+        /// Block size of the signature the delta was made against.
+        block: u32,
+        /// Block copies and literals.
+        ops: Vec<DeltaOp>,
+        /// The literal bytes, encoded as by [`compress`].
+        #[serde(with = "serde_bytes")]
+        literals: Vec<u8>,
+    },
 }
+
+/// Largest range of an old copy a `RangeSigRequest` may name (and a `RangeDelta` build on):
+/// what the child reads and keeps in memory for one.
+pub const MAX_BASE: u32 = 4 << 20;
 
 /// A child manifest of at most this many entries is sent whole right after the child's scan
 /// (an empty or new destination: the master need not finish hashing before it plans).
@@ -172,7 +199,7 @@ pub fn encode_wire(msg: &Message) -> Result<Vec<u8>, ProtoError> {
         return Err(ProtoError::TooLarge(body.len()));
     }
     let (flag, body) = match msg {
-        Message::Data { .. } | Message::Delta { .. } => (0, body),
+        Message::Data { .. } | Message::Delta { .. } | Message::RangeDelta { .. } => (0, body),
         _ if body.len() >= FRAME_COMPRESS_MIN => match zstd::bulk::compress(&body, 3) {
             Ok(z) if z.len() < body.len() => (FRAME_ZSTD, z),
             _ => (0, body),
@@ -271,7 +298,7 @@ fn validate(msg: &Message) -> Result<(), ProtoError> {
                     s.blocks.is_empty()
                 } else {
                     s.block <= BLOCK_MAX
-                        && s.len <= crate::manifest::CHUNK_THRESHOLD
+                        && s.len <= u64::from(MAX_BASE).max(crate::manifest::CHUNK_THRESHOLD)
                         && s.blocks.len() as u64 == s.len.div_ceil(u64::from(s.block))
                 };
                 if !ok {
@@ -286,6 +313,25 @@ fn validate(msg: &Message) -> Result<(), ProtoError> {
         Message::Delta { block, .. } if *block == 0 || *block > BLOCK_MAX => {
             Err(ProtoError::Decode(format!("delta block size {block}")))
         }
+        Message::RangeDelta {
+            block,
+            base: (_, len),
+            ..
+        } if *block == 0 || *block > BLOCK_MAX || *len == 0 || *len > MAX_BASE => Err(
+            ProtoError::Decode(format!("range delta block size {block}, base length {len}")),
+        ),
+        Message::RangeSigRequest(asks) => asks.iter().try_for_each(|(p, _, len)| {
+            check(p)?;
+            if p.is_empty() {
+                return Err(ProtoError::BadPath(String::new()));
+            }
+            if *len == 0 || *len > MAX_BASE {
+                return Err(ProtoError::Decode(format!(
+                    "signature range of {len} bytes"
+                )));
+            }
+            Ok(())
+        }),
         Message::Hello { options, .. } => {
             if let Some((dir, run)) = &options.backup {
                 check(dir)?;

@@ -304,6 +304,19 @@ fn serve_inner<W: Write>(
                                     ops,
                                     literals,
                                 }) if hash == *h => Ok(Incoming::Delta {
+                                    base: None,
+                                    block,
+                                    ops,
+                                    literals: decompress(&literals, len as usize)?,
+                                }),
+                                Inbound::Msg(Message::RangeDelta {
+                                    hash,
+                                    base,
+                                    block,
+                                    ops,
+                                    literals,
+                                }) if hash == *h => Ok(Incoming::Delta {
+                                    base: Some(base),
                                     block,
                                     ops,
                                     literals: decompress(&literals, len as usize)?,
@@ -340,6 +353,15 @@ fn serve_inner<W: Write>(
                 framed.send(&Message::Sigs(sigs))?;
                 framed.flush()?;
                 tracing::debug!(ms = ms(t0), files = paths.len(), "serve: signatures sent");
+            }
+            Message::RangeSigRequest(asks) => {
+                receiver(&mut recv, &scanned)?;
+                let Some(r) = recv.as_mut() else {
+                    return Err(unexpected(&Message::RangeSigRequest(asks)));
+                };
+                let sigs = r.range_signatures(&asks);
+                framed.send(&Message::Sigs(sigs))?;
+                framed.flush()?;
             }
             Message::Finish => {
                 // A run with no step and no signature request built no receiver and needs
@@ -843,7 +865,13 @@ pub fn push<R: Read, W: Write>(
         _ => HashSet::new(),
     };
     let sigs = fetch_signatures(framed, &p, &child, &have, early)?;
-    tracing::debug!(ms = ms(t0), sigs = sigs.len(), "push: signatures received");
+    let range_sigs = fetch_range_signatures(framed, &p, &child, &have)?;
+    tracing::debug!(
+        ms = ms(t0),
+        sigs = sigs.len(),
+        ranges = range_sigs.values().map(Vec::len).sum::<usize>(),
+        "push: signatures received"
+    );
     let size_of = |op: &Op| match op {
         Op::Write(e) => deferred
             .get(e.path.as_str())
@@ -867,6 +895,7 @@ pub fn push<R: Read, W: Write>(
     let ops = &p.ops;
     let parts = parts(ops, &have);
     let (have, sigs, deferred_ref, raw_ref, parts_ref) = (&have, &sigs, &deferred, &raw, &parts);
+    let range_sigs = &range_sigs;
     ordered_pipeline(
         parts.len(),
         |k| {
@@ -882,6 +911,9 @@ pub fn push<R: Read, W: Write>(
                 part,
                 have,
                 sigs.get(ops[*i].path()),
+                range_sigs
+                    .get(ops[*i].path())
+                    .map_or(&[][..], Vec::as_slice),
                 deferred_ref,
                 mode,
             )
@@ -1293,6 +1325,155 @@ fn fetch_signatures<R: Read, W: Write>(
     Ok(out)
 }
 
+/// A run of chunks of a large file the child lacks, the range of the child's old copy it
+/// replaces, and that range's signature: the run's chunks go as deltas against it.
+#[derive(Debug)]
+struct RunSig {
+    /// Indices of the run's chunks in the file's chunk list.
+    chunks: std::ops::Range<usize>,
+    /// Offset and length of the range of the old copy.
+    base: (u64, u32),
+    sig: Signature,
+}
+
+/// The runs of chunks of `new` the child lacks (none in `have`) and the range of the child's
+/// old copy `old` each replaces: from where the chunk before the run ends in the old copy to
+/// where the chunk after it starts there (the file's start and end at its ends); a
+/// neighbour not in the old copy puts that end at the run's own offset (an edit in place).
+/// A run whose range is empty, longer than [`crate::proto::MAX_BASE`], or longer than four
+/// times the run and a chunk, gets none (its chunks go whole).
+fn delta_runs(
+    new: &Content,
+    old: &Content,
+    have: &HashSet<Hash>,
+) -> Vec<(std::ops::Range<usize>, (u64, u32))> {
+    // Where each chunk is in the old copy: every place (a disk image repeats its zero
+    // chunks), the one nearest to where it is now taken.
+    let mut old_at: std::collections::HashMap<Hash, Vec<u64>> = Default::default();
+    for (o, c) in old.chunk_iter() {
+        old_at.entry(c.hash).or_default().push(o);
+    }
+    let near = |c: &crate::manifest::Chunk, now: u64| {
+        old_at
+            .get(&c.hash)
+            .and_then(|v| v.iter().copied().min_by_key(|o| o.abs_diff(now)))
+    };
+    let list: Vec<(u64, crate::manifest::Chunk)> = new.chunk_iter().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < list.len() {
+        if have.contains(&list[i].1.hash) {
+            i += 1;
+            continue;
+        }
+        let mut j = i;
+        while j < list.len() && !have.contains(&list[j].1.hash) {
+            j += 1;
+        }
+        let (run_off, run_end) = (list[i].0, list[j - 1].0 + u64::from(list[j - 1].1.len));
+        let start = match i
+            .checked_sub(1)
+            .map(|k| (&list[k].1, near(&list[k].1, list[k].0)))
+        {
+            None => 0,
+            Some((c, Some(o))) => o + u64::from(c.len),
+            Some((_, None)) => run_off,
+        };
+        let end = match list.get(j).map(|(o, c)| near(c, *o)) {
+            None => old.size,
+            Some(Some(o)) => o,
+            Some(None) => start + (run_end - run_off),
+        }
+        .min(old.size);
+        let run_len = run_end - run_off;
+        let len = end.saturating_sub(start);
+        if len > 0
+            && len <= u64::from(crate::proto::MAX_BASE)
+            && len <= 4 * run_len + u64::from(crate::scan::CDC_MAX)
+        {
+            out.push((i..j, (start, len as u32)));
+        }
+        i = j;
+    }
+    out
+}
+
+/// Asks the child for the signatures of the ranges of its old copies of the large files the
+/// plan rewrites that the runs of chunks it lacks replace ([`delta_runs`]), in batches: an
+/// edit of a disk image then costs about the bytes edited, not the chunks around them. A
+/// file whose chunks that differ from the old copy's at the same offsets exceed
+/// [`crate::apply::PULL_MAX`] is left out: the child updates such a file in place as its
+/// chunks come, and a range could be overwritten before a delta reads it.
+fn fetch_range_signatures<R: Read, W: Write>(
+    framed: &mut Framed<R, W>,
+    p: &Plan,
+    child: &[&crate::manifest::Entry],
+    have: &HashSet<Hash>,
+) -> Result<std::collections::HashMap<String, Vec<RunSig>>, SyncError> {
+    let mut out: std::collections::HashMap<String, Vec<RunSig>> = Default::default();
+    let sorted = child
+        .windows(2)
+        .all(|w| crate::manifest::path_order(&w[0].path, &w[1].path).is_lt());
+    let old_of = |path: &str| {
+        let e = if sorted {
+            child
+                .binary_search_by(|e| crate::manifest::path_order(&e.path, path))
+                .ok()
+                .map(|i| child[i])
+        } else {
+            child.iter().find(|e| e.path == path).copied()
+        };
+        e.filter(|e| e.kind == crate::manifest::Kind::File)
+            .and_then(|e| e.content.as_ref())
+            .filter(|c| !c.chunks.is_empty())
+    };
+    let mut asks: Vec<(String, u64, u32)> = Vec::new();
+    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+    for op in &p.ops {
+        let Op::Write(e) = op else { continue };
+        let Some(new) = e.content.as_ref().filter(|c| !c.chunks.is_empty()) else {
+            continue;
+        };
+        if new.chunks.iter().all(|c| have.contains(&c.hash)) {
+            continue;
+        }
+        let Some(old) = old_of(&e.path) else { continue };
+        let old_at: HashSet<(u64, Hash)> = old.chunk_iter().map(|(o, c)| (o, c.hash)).collect();
+        let differ: u64 = new
+            .chunk_iter()
+            .filter(|(o, c)| !old_at.contains(&(*o, c.hash)))
+            .map(|(_, c)| u64::from(c.len))
+            .sum();
+        if differ > crate::apply::PULL_MAX {
+            continue;
+        }
+        for (r, (off, len)) in delta_runs(new, old, have) {
+            asks.push((e.path.clone(), off, len));
+            runs.push(r);
+        }
+    }
+    for (batch, rs) in asks.chunks(SIG_BATCH).zip(runs.chunks(SIG_BATCH)) {
+        framed.send(&Message::RangeSigRequest(batch.to_vec()))?;
+        framed.flush()?;
+        match framed.recv()? {
+            Message::Sigs(s) if s.len() == batch.len() => {
+                for (((path, off, len), r), sig) in batch.iter().zip(rs).zip(s) {
+                    if sig.block > 0 && sig.len == u64::from(*len) {
+                        out.entry(path.clone()).or_default().push(RunSig {
+                            chunks: r.clone(),
+                            base: (*off, *len),
+                            sig,
+                        });
+                    }
+                }
+            }
+            Message::Error(e) => return Err(SyncError::Remote(e)),
+            m => return Err(unexpected(&m)),
+        }
+    }
+    Ok(out)
+}
+
 /// Parts ([`Part`]) whose frames are prepared ahead of the stream.
 const PIPELINE: usize = 64;
 
@@ -1356,12 +1537,14 @@ fn parts(ops: &[Op], have: &HashSet<Hash>) -> Vec<(usize, Part)> {
 }
 
 /// The frames of one part (see [`Part`]).
+#[allow(clippy::too_many_arguments)]
 fn prepare_part(
     src: &Path,
     op: &Op,
     part: &Part,
     have: &HashSet<Hash>,
     sig: Option<&Signature>,
+    runs: &[RunSig],
     deferred: &std::collections::HashMap<&str, &Deferred>,
     mode: Mode,
 ) -> Result<Prepared, SyncError> {
@@ -1379,13 +1562,13 @@ fn prepare_part(
             let Some(list) = list.get(chunks.clone()) else {
                 return Ok(only(Vec::new()));
             };
-            let with_offsets = list.iter().scan(*off, |at, c| {
+            let with_offsets = list.iter().zip(chunks.clone()).scan(*off, |at, (c, i)| {
                 let o = *at;
                 *at += u64::from(c.len);
-                Some((o, *c))
+                Some((i, o, *c))
             });
             let mut frames = Vec::new();
-            let data = chunk_frames(src, e, with_offsets, have, None, mode, &mut frames)?;
+            let data = chunk_frames(src, e, with_offsets, have, None, runs, mode, &mut frames)?;
             Ok(Prepared {
                 frames,
                 hashed: None,
@@ -1434,24 +1617,30 @@ fn data_frames(
     if c.chunk_iter().all(|(_, ch)| have.contains(&ch.hash)) {
         return Ok(0);
     }
-    chunk_frames(src, e, c.chunk_iter(), have, sig, mode, frames)
+    let chunks = c.chunk_iter().enumerate().map(|(i, (o, ch))| (i, o, ch));
+    chunk_frames(src, e, chunks, have, sig, &[], mode, frames)
 }
 
-/// The `Data` (or `Delta`) frames of `chunks` (with their offsets) of the file `e`: one per
-/// chunk the child does not hold. Returns the bytes of file data they carry.
+/// The `Data` (or `Delta`, `RangeDelta`) frames of `chunks` (with their indices in the
+/// file's chunk list and their offsets) of the file `e`: one per chunk the child does not
+/// hold. A small file's one chunk goes as a delta against `sig` (the child's old copy), a
+/// large file's chunk in one of `runs` as a delta against that run's range of the old copy,
+/// when the delta is clearly smaller. Returns the bytes of file data they carry.
+#[allow(clippy::too_many_arguments)]
 fn chunk_frames(
     src: &Path,
     e: &Entry,
-    chunks: impl Iterator<Item = (u64, crate::manifest::Chunk)>,
+    chunks: impl Iterator<Item = (usize, u64, crate::manifest::Chunk)>,
     have: &HashSet<Hash>,
     sig: Option<&Signature>,
+    runs: &[RunSig],
     mode: Mode,
     frames: &mut Vec<Message>,
 ) -> Result<u64, SyncError> {
     let mut sent = 0u64;
     let path = src.join(&e.path);
     let f = fs_err::File::open(&path).map_err(|x| SyncError::fs("open", &path, x))?;
-    for (off, ch) in chunks {
+    for (i, off, ch) in chunks {
         if have.contains(&ch.hash) {
             continue;
         }
@@ -1477,6 +1666,18 @@ fn chunk_frames(
                 frames.push(Message::Delta {
                     hash: ch.hash,
                     block: sig.block,
+                    ops: d.ops,
+                    literals: compress(&d.literals),
+                });
+                continue;
+            }
+        } else if let Some(run) = runs.iter().find(|r| r.chunks.contains(&i)) {
+            let d = crate::delta::delta(&run.sig, data);
+            if crate::delta::wire_size(&d) * 4 < data.len() * 3 {
+                frames.push(Message::RangeDelta {
+                    hash: ch.hash,
+                    base: run.base,
+                    block: run.sig.block,
                     ops: d.ops,
                     literals: compress(&d.literals),
                 });
@@ -1694,5 +1895,56 @@ mod pipeline_tests {
         }
         assert_eq!(next, chunks.len());
         assert_eq!(bytes, e.size(), "progress adds up to the file's size");
+    }
+
+    fn content(hashes: &[(u8, u32)]) -> Content {
+        Content {
+            size: hashes.iter().map(|&(_, l)| u64::from(l)).sum(),
+            hash: Hash([0; 32]),
+            chunks: hashes
+                .iter()
+                .map(|&(h, len)| crate::manifest::Chunk {
+                    len,
+                    hash: Hash([h; 32]),
+                })
+                .collect(),
+            sparse: false,
+        }
+    }
+
+    #[test]
+    fn a_run_of_lacked_chunks_replaces_the_old_range_between_its_neighbours() {
+        let k = 64 << 10;
+        // Old: A B C D E. New: A X D E (B and C replaced by one chunk), then F at the end.
+        let old = content(&[(1, k), (2, k), (3, k), (4, k), (5, k)]);
+        let new = content(&[(1, k), (9, k + 10), (4, k), (5, k), (8, 1000)]);
+        let have: HashSet<Hash> = old.chunks.iter().map(|c| c.hash).collect();
+        let runs = delta_runs(&new, &old, &have);
+        assert_eq!(
+            runs,
+            vec![
+                // X: from where A ends to where D starts in the old copy.
+                (1..2, (u64::from(k), 2 * k)),
+                // F: after E, which ends the old copy: nothing to build on.
+            ]
+        );
+        // A run at the start of the file: from the old copy's start; a neighbour the old
+        // copy does not have (held elsewhere): the run's own place.
+        let elsewhere = Hash([7; 32]);
+        let new = content(&[(9, k), (7, k), (6, k), (4, k), (5, k)]);
+        let mut have = have;
+        have.insert(elsewhere);
+        let runs = delta_runs(&new, &old, &have);
+        assert_eq!(
+            runs,
+            vec![(0..1, (0, k)), (2..3, (2 * u64::from(k), k))],
+            "the first ends, the second starts, where chunk 7 (not in the old copy) is"
+        );
+        // A run far larger than the old range it would replace, or an old range far larger
+        // than the run, gets no delta.
+        let old = content(&[(1, k), (2, 40 * k), (3, k)]);
+        let new = content(&[(1, k), (9, k), (3, k)]);
+        let have: HashSet<Hash> = old.chunks.iter().map(|c| c.hash).collect();
+        assert!(delta_runs(&new, &old, &have).is_empty());
     }
 }
