@@ -825,6 +825,14 @@ impl Receiver {
         }
     }
 
+    /// The chunks of the child's old copy of `path` when it is a large file (for a chunk
+    /// list sent as edits of them, [`crate::proto::ChunkEdit`]).
+    pub fn old_chunks(&self, path: &str) -> Option<&[crate::manifest::Chunk]> {
+        self.old(path)
+            .map(|c| c.chunks.as_slice())
+            .filter(|c| !c.is_empty())
+    }
+
     /// The path of the child's file holding chunk `i` of the index.
     fn indexed_path(&self, i: u32) -> &str {
         &self.child.entries[i as usize].path

@@ -162,6 +162,110 @@ pub enum Message {
         #[serde(with = "serde_bytes")]
         literals: Vec<u8>,
     },
+    /// `Apply(Write(entry))` for a large file the child has an old copy of, its chunk list
+    /// given as `edits` of the old copy's (the list itself is 36 bytes a chunk: a 1 GiB
+    /// image's is half a megabyte, an edit of it a few dozen edits); `entry` comes with no
+    /// chunks.
+    ApplyEdit {
+        /// The file, without its chunk list.
+        entry: Entry,
+        /// Its chunk list as edits of the old copy's.
+        edits: Vec<ChunkEdit>,
+    },
+}
+
+/// One piece of a chunk list given as edits of the child's old copy's ([`Message::ApplyEdit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChunkEdit {
+    /// The old copy's chunks `from..from + count`, in order.
+    Keep {
+        /// First chunk kept.
+        from: u32,
+        /// Chunks kept.
+        count: u32,
+    },
+    /// A chunk of the new content.
+    New(crate::manifest::Chunk),
+}
+
+/// Most chunks a chunk list rebuilt from [`ChunkEdit`]s may have: what a frame carries of a
+/// list sent whole (36 bytes a chunk), so edits never make a larger one.
+pub const MAX_EDITED_CHUNKS: usize = MAX_FRAME / 36;
+
+/// The chunk list `new` as edits of `old`: runs of old chunks kept, in order, and the new
+/// chunks between them. A chunk that is not the old copy's next one is looked for elsewhere
+/// in it (the place nearest to the old copy's next), so a moved run is kept too.
+pub fn chunk_edits(
+    new: &[crate::manifest::Chunk],
+    old: &[crate::manifest::Chunk],
+) -> Vec<ChunkEdit> {
+    let mut at: std::collections::HashMap<(Hash, u32), Vec<usize>> =
+        std::collections::HashMap::new();
+    for (i, c) in old.iter().enumerate() {
+        at.entry((c.hash, c.len)).or_default().push(i);
+    }
+    let mut out: Vec<ChunkEdit> = Vec::new();
+    let mut next = 0usize;
+    for c in new {
+        let from = if old.get(next) == Some(c) {
+            Some(next)
+        } else {
+            at.get(&(c.hash, c.len))
+                .and_then(|v| v.iter().copied().min_by_key(|i| i.abs_diff(next)))
+        };
+        match from {
+            Some(i) => {
+                match out.last_mut() {
+                    Some(ChunkEdit::Keep { from, count })
+                        if *from as usize + *count as usize == i =>
+                    {
+                        *count += 1
+                    }
+                    _ => out.push(ChunkEdit::Keep {
+                        from: i as u32,
+                        count: 1,
+                    }),
+                }
+                next = i + 1;
+            }
+            None => out.push(ChunkEdit::New(*c)),
+        }
+    }
+    out
+}
+
+/// The chunk list `edits` make of `old` (a file's old copy's chunks), which must add up to
+/// `size` bytes and have at most [`MAX_EDITED_CHUNKS`] chunks.
+pub fn apply_edits(
+    old: &[crate::manifest::Chunk],
+    edits: &[ChunkEdit],
+    size: u64,
+) -> Result<Vec<crate::manifest::Chunk>, ProtoError> {
+    let bad = |what: &str| ProtoError::Decode(format!("chunk list edits: {what}"));
+    let mut out = Vec::new();
+    let mut total = 0u64;
+    for e in edits {
+        let add: &[crate::manifest::Chunk] = match e {
+            ChunkEdit::Keep { from, count } => (*from as usize)
+                .checked_add(*count as usize)
+                .and_then(|end| old.get(*from as usize..end))
+                .ok_or_else(|| bad("past the old copy's chunks"))?,
+            ChunkEdit::New(c) => std::slice::from_ref(c),
+        };
+        if out.len() + add.len() > MAX_EDITED_CHUNKS {
+            return Err(bad("too many chunks"));
+        }
+        total = add
+            .iter()
+            .try_fold(total, |t, c| t.checked_add(u64::from(c.len)))
+            .filter(|t| *t <= size)
+            .ok_or_else(|| bad("longer than the file"))?;
+        out.extend_from_slice(add);
+    }
+    if total != size {
+        return Err(bad("shorter than the file"));
+    }
+    Ok(out)
 }
 
 /// Largest range of an old copy a `RangeSigRequest` may name (and a `RangeDelta` build on):
@@ -320,6 +424,22 @@ fn validate(msg: &Message) -> Result<(), ProtoError> {
         } if *block == 0 || *block > BLOCK_MAX || *len == 0 || *len > MAX_BASE => Err(
             ProtoError::Decode(format!("range delta block size {block}, base length {len}")),
         ),
+        Message::ApplyEdit { entry, edits } => {
+            check(&entry.path)?;
+            let ok = !entry.path.is_empty()
+                && entry.kind == crate::manifest::Kind::File
+                && entry.content.as_ref().is_some_and(|c| c.chunks.is_empty())
+                && edits.len() <= MAX_EDITED_CHUNKS
+                && edits.iter().all(|e| match e {
+                    ChunkEdit::Keep { count, .. } => *count > 0,
+                    ChunkEdit::New(c) => c.len > 0 && c.len <= crate::scan::CDC_MAX,
+                });
+            if ok {
+                Ok(())
+            } else {
+                Err(ProtoError::BadChunks(entry.path.clone()))
+            }
+        }
         Message::RangeSigRequest(asks) => asks.iter().try_for_each(|(p, _, len)| {
             check(p)?;
             if p.is_empty() {
@@ -999,5 +1119,117 @@ mod tests {
                 let _ = frame_len(b[..4].try_into().unwrap());
             }
         }
+    }
+
+    fn chunks(ids: &[u8]) -> Vec<crate::manifest::Chunk> {
+        ids.iter()
+            .map(|&i| crate::manifest::Chunk {
+                len: 1000 + u32::from(i),
+                hash: Hash([i; 32]),
+            })
+            .collect()
+    }
+
+    fn size(c: &[crate::manifest::Chunk]) -> u64 {
+        c.iter().map(|c| u64::from(c.len)).sum()
+    }
+
+    #[test]
+    fn a_chunk_list_given_as_edits_of_the_old_one_is_rebuilt_exactly() {
+        let old = chunks(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0, 0, 0]);
+        for new in [
+            chunks(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0, 0, 0]),
+            // An edit in place, one at the start, one at the end.
+            chunks(&[1, 2, 99, 4, 5, 6, 7, 8, 9, 10, 0, 0, 0]),
+            chunks(&[98, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0, 0, 97]),
+            // Inserted and removed chunks, a moved run, a repeated chunk.
+            chunks(&[1, 2, 50, 51, 3, 4, 7, 8, 5, 6, 0, 0, 0, 0, 0, 9]),
+            chunks(&[]),
+        ] {
+            let edits = chunk_edits(&new, &old);
+            assert_eq!(apply_edits(&old, &edits, size(&new)).unwrap(), new);
+        }
+        // One edit: three pieces, not thirteen.
+        let new = chunks(&[1, 2, 99, 4, 5, 6, 7, 8, 9, 10, 0, 0, 0]);
+        assert_eq!(
+            chunk_edits(&new, &old),
+            vec![
+                ChunkEdit::Keep { from: 0, count: 2 },
+                ChunkEdit::New(new[2]),
+                ChunkEdit::Keep { from: 3, count: 10 }
+            ]
+        );
+    }
+
+    #[test]
+    fn chunk_list_edits_that_do_not_fit_the_old_list_or_the_size_are_refused() {
+        let old = chunks(&[1, 2, 3]);
+        let keep = |from, count| ChunkEdit::Keep { from, count };
+        for (edits, size) in [
+            (vec![keep(2, 2)], 0),
+            (vec![keep(u32::MAX, 2)], 0),
+            (vec![keep(0, 3)], size(&old) - 1),
+            (vec![keep(0, 2)], size(&old)),
+            (vec![keep(0, 3); 2], size(&old)),
+            (vec![keep(0, 3); 30_000], u64::MAX),
+        ] {
+            assert!(
+                apply_edits(&old, &edits, size).is_err(),
+                "{size} {:?}",
+                &edits[..1]
+            );
+        }
+        // An entry to be edited must come without chunks, and its edits within bounds.
+        let mut e = Entry {
+            path: "img".into(),
+            kind: crate::manifest::Kind::File,
+            meta: crate::manifest::Meta {
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+                user: None,
+                group: None,
+                mtime: 0,
+                mtime_ns: 0,
+                xattrs: vec![],
+            },
+            content: Some(crate::manifest::Content {
+                size: 5 << 20,
+                hash: Hash([0; 32]),
+                chunks: vec![],
+                sparse: false,
+            }),
+        };
+        let ok = Message::ApplyEdit {
+            entry: e.clone(),
+            edits: vec![keep(0, 1)],
+        };
+        assert!(validate(&ok).is_ok());
+        for edits in [
+            vec![keep(0, 0)],
+            chunks(&[0])
+                .into_iter()
+                .map(|mut c| {
+                    c.len = 0;
+                    ChunkEdit::New(c)
+                })
+                .collect(),
+        ] {
+            assert!(
+                validate(&Message::ApplyEdit {
+                    entry: e.clone(),
+                    edits
+                })
+                .is_err()
+            );
+        }
+        e.content.as_mut().unwrap().chunks = chunks(&[1]);
+        assert!(
+            validate(&Message::ApplyEdit {
+                entry: e,
+                edits: vec![]
+            })
+            .is_err()
+        );
     }
 }

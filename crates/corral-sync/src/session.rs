@@ -104,7 +104,8 @@ enum Inbound {
 
 /// The receiver's reader thread: reads frames and passes them on until the stream ends, a
 /// frame is bad, `Bye` comes or the receiver has gone. The data of a `Write` is decompressed
-/// at most to the size of that write's largest chunk, as the receiver would. Frames go in
+/// at most to the size of that write's largest chunk (of an `ApplyEdit`, its largest new
+/// chunk), as the receiver would. Frames go in
 /// batches: what was decoded is handed on when the next read may wait for the stream (the
 /// reader's buffer is empty), or at [`BATCH_FRAMES`] frames or [`BATCH_BYTES`] bytes of data.
 fn read_ahead<R: Read + crate::proto::Buffered, W: Write>(
@@ -131,6 +132,16 @@ fn read_ahead<R: Read + crate::proto::Buffered, W: Write>(
                     {
                         expect.extend(c.chunk_iter().map(|(_, c)| (c.hash, c.len)));
                     }
+                    max = expect.values().copied().max().unwrap_or(0) as usize;
+                }
+                // A write whose chunk list comes as edits of the child's old copy's: data
+                // comes only for its new chunks (the kept ones are the child's own).
+                if let Message::ApplyEdit { edits, .. } = &m {
+                    expect.clear();
+                    expect.extend(edits.iter().filter_map(|e| match e {
+                        crate::proto::ChunkEdit::New(c) => Some((c.hash, c.len)),
+                        crate::proto::ChunkEdit::Keep { .. } => None,
+                    }));
                     max = expect.values().copied().max().unwrap_or(0) as usize;
                 }
                 Ok(Inbound::Msg(m))
@@ -235,6 +246,25 @@ fn serve_inner<W: Write>(
                 return Ok(());
             }
             Err(e) => return Err(e.into()),
+        };
+        // A write whose chunk list came as edits of the old copy's is the write with that
+        // list rebuilt from the child's own manifest (no old copy, or edits that do not fit
+        // it: the master is not speaking of this child, and the conversation ends).
+        let m = match m {
+            Message::ApplyEdit { mut entry, edits } => {
+                receiver(&mut recv, &scanned)?;
+                let old = recv.as_ref().and_then(|r| r.old_chunks(&entry.path));
+                let (Some(old), Some(c)) = (old, entry.content.as_mut()) else {
+                    return Err(ProtoError::Decode(format!(
+                        "{}: chunk list edits of a file this child has no chunked copy of",
+                        entry.path
+                    ))
+                    .into());
+                };
+                c.chunks = crate::proto::apply_edits(old, &edits, c.size)?;
+                Message::Apply(Op::Write(entry))
+            }
+            m => m,
         };
         match m {
             Message::Scan { key, k } => {
@@ -896,6 +926,7 @@ pub fn push<R: Read, W: Write>(
     let parts = parts(ops, &have);
     let (have, sigs, deferred_ref, raw_ref, parts_ref) = (&have, &sigs, &deferred, &raw, &parts);
     let range_sigs = &range_sigs;
+    let olds = &old_chunked(&p, &child);
     ordered_pipeline(
         parts.len(),
         |k| {
@@ -914,6 +945,7 @@ pub fn push<R: Read, W: Write>(
                 range_sigs
                     .get(ops[*i].path())
                     .map_or(&[][..], Vec::as_slice),
+                olds.get(ops[*i].path()).map(|c| c.chunks.as_slice()),
                 deferred_ref,
                 mode,
             )
@@ -1325,6 +1357,67 @@ fn fetch_signatures<R: Read, W: Write>(
     Ok(out)
 }
 
+/// The child's old copies of the large files the plan writes that are large files too (the
+/// chunked ones), by path.
+fn old_chunked<'c>(
+    p: &Plan,
+    child: &[&'c crate::manifest::Entry],
+) -> std::collections::HashMap<String, &'c Content> {
+    let mut out = std::collections::HashMap::new();
+    let sorted = child
+        .windows(2)
+        .all(|w| crate::manifest::path_order(&w[0].path, &w[1].path).is_lt());
+    let by_path: Option<std::collections::HashMap<&str, &crate::manifest::Entry>> =
+        (!sorted).then(|| child.iter().map(|e| (e.path.as_str(), *e)).collect());
+    for op in &p.ops {
+        let Op::Write(e) = op else { continue };
+        if e.content.as_ref().is_none_or(|c| c.chunks.is_empty()) {
+            continue;
+        }
+        let old = match &by_path {
+            Some(m) => m.get(e.path.as_str()).copied(),
+            None => child
+                .binary_search_by(|c| crate::manifest::path_order(&c.path, &e.path))
+                .ok()
+                .map(|i| child[i]),
+        };
+        if let Some(c) = old
+            .filter(|o| o.kind == crate::manifest::Kind::File)
+            .and_then(|o| o.content.as_ref())
+            .filter(|c| !c.chunks.is_empty())
+        {
+            out.insert(e.path.clone(), c);
+        }
+    }
+    out
+}
+
+/// The frame that applies `op`: for a large file's write whose old copy the child has
+/// (`old`, its chunks), the chunk list as edits of the old copy's when they are far fewer
+/// ([`Message::ApplyEdit`]).
+fn apply_frame(op: &Op, old: Option<&[crate::manifest::Chunk]>) -> Message {
+    if let (Op::Write(e), Some(old)) = (op, old)
+        && let Some(c) = e.content.as_ref().filter(|c| !c.chunks.is_empty())
+    {
+        let edits = crate::proto::chunk_edits(&c.chunks, old);
+        if edits.len() * 4 < c.chunks.len() {
+            let entry = Entry {
+                path: e.path.clone(),
+                kind: e.kind.clone(),
+                meta: e.meta.clone(),
+                content: Some(Content {
+                    size: c.size,
+                    hash: c.hash,
+                    chunks: Vec::new(),
+                    sparse: c.sparse,
+                }),
+            };
+            return Message::ApplyEdit { entry, edits };
+        }
+    }
+    Message::Apply(op.clone())
+}
+
 /// A run of chunks of a large file the child lacks, the range of the child's old copy it
 /// replaces, and that range's signature: the run's chunks go as deltas against it.
 #[derive(Debug)]
@@ -1411,22 +1504,7 @@ fn fetch_range_signatures<R: Read, W: Write>(
     have: &HashSet<Hash>,
 ) -> Result<std::collections::HashMap<String, Vec<RunSig>>, SyncError> {
     let mut out: std::collections::HashMap<String, Vec<RunSig>> = Default::default();
-    let sorted = child
-        .windows(2)
-        .all(|w| crate::manifest::path_order(&w[0].path, &w[1].path).is_lt());
-    let old_of = |path: &str| {
-        let e = if sorted {
-            child
-                .binary_search_by(|e| crate::manifest::path_order(&e.path, path))
-                .ok()
-                .map(|i| child[i])
-        } else {
-            child.iter().find(|e| e.path == path).copied()
-        };
-        e.filter(|e| e.kind == crate::manifest::Kind::File)
-            .and_then(|e| e.content.as_ref())
-            .filter(|c| !c.chunks.is_empty())
-    };
+    let olds = old_chunked(p, child);
     let mut asks: Vec<(String, u64, u32)> = Vec::new();
     let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
     for op in &p.ops {
@@ -1437,7 +1515,9 @@ fn fetch_range_signatures<R: Read, W: Write>(
         if new.chunks.iter().all(|c| have.contains(&c.hash)) {
             continue;
         }
-        let Some(old) = old_of(&e.path) else { continue };
+        let Some(old) = olds.get(e.path.as_str()) else {
+            continue;
+        };
         let old_at: HashSet<(u64, Hash)> = old.chunk_iter().map(|(o, c)| (o, c.hash)).collect();
         let differ: u64 = new
             .chunk_iter()
@@ -1545,6 +1625,7 @@ fn prepare_part(
     have: &HashSet<Hash>,
     sig: Option<&Signature>,
     runs: &[RunSig],
+    old: Option<&[crate::manifest::Chunk]>,
     deferred: &std::collections::HashMap<&str, &Deferred>,
     mode: Mode,
 ) -> Result<Prepared, SyncError> {
@@ -1555,8 +1636,17 @@ fn prepare_part(
         data: 0,
     };
     match (part, op) {
-        (Part::Step, _) => prepare(src, op, have, sig, deferred, mode),
-        (Part::Head, _) => Ok(only(vec![Message::Apply(op.clone())])),
+        (Part::Step, _) => {
+            let mut p = prepare(src, op, have, sig, deferred, mode)?;
+            if old.is_some()
+                && let Some(Message::Apply(applied)) = p.frames.first()
+            {
+                let f = apply_frame(applied, old);
+                p.frames[0] = f;
+            }
+            Ok(p)
+        }
+        (Part::Head, _) => Ok(only(vec![apply_frame(op, old)])),
         (Part::Chunks { chunks, off }, Op::Write(e)) => {
             let list = e.content.as_ref().map_or(&[][..], |c| &c.chunks[..]);
             let Some(list) = list.get(chunks.clone()) else {
