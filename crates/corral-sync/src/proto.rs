@@ -172,6 +172,22 @@ pub enum Message {
         /// Its chunk list as edits of the old copy's.
         edits: Vec<ChunkEdit>,
     },
+    /// In the child's listing (between `Entries` and `EntriesEnd`): a large file with at
+    /// least [`crate::ranges::CHUNK_DIGESTS_MIN`] chunks, its chunk list as chunk-range
+    /// digests ([`crate::ranges::chunk_digests`], keyed with the run's key); `entry` comes
+    /// with no chunks.
+    ListedChunks {
+        /// The file, without its chunk list.
+        entry: Entry,
+        /// Per chunk range: its number of chunks and its digest.
+        ranges: Vec<(u32, crate::ranges::Digest)>,
+    },
+    /// The master's request for the chunks of the child's chunk ranges it holds no copy of:
+    /// per `ListedChunks` path (in the order they came), a bitmap of its ranges.
+    WantedChunks(Vec<(String, Vec<u8>)>),
+    /// The chunks asked for: per path of `WantedChunks`, in order, the chunks of its wanted
+    /// ranges, in order.
+    ChunkLists(Vec<Vec<crate::manifest::Chunk>>),
 }
 
 /// One piece of a chunk list given as edits of the child's old copy's ([`Message::ApplyEdit`]).
@@ -438,6 +454,37 @@ fn validate(msg: &Message) -> Result<(), ProtoError> {
                 Ok(())
             } else {
                 Err(ProtoError::BadChunks(entry.path.clone()))
+            }
+        }
+        Message::ListedChunks { entry, ranges } => {
+            check(&entry.path)?;
+            let ok = !entry.path.is_empty()
+                && entry.kind == crate::manifest::Kind::File
+                && entry.content.as_ref().is_some_and(|c| c.chunks.is_empty())
+                && ranges.iter().all(|(n, _)| *n > 0)
+                && ranges.iter().map(|(n, _)| *n as usize).sum::<usize>() <= MAX_EDITED_CHUNKS;
+            if ok {
+                Ok(())
+            } else {
+                Err(ProtoError::BadChunks(entry.path.clone()))
+            }
+        }
+        Message::WantedChunks(asks) => asks.iter().try_for_each(|(p, bits)| {
+            check(p)?;
+            if p.is_empty() || bits.len() > MAX_EDITED_CHUNKS / 8 + 1 {
+                return Err(ProtoError::BadPath(p.clone()));
+            }
+            Ok(())
+        }),
+        Message::ChunkLists(lists) => {
+            let ok = lists.iter().all(|l| {
+                l.len() <= MAX_EDITED_CHUNKS
+                    && l.iter().all(|c| c.len > 0 && c.len <= crate::scan::CDC_MAX)
+            });
+            if ok {
+                Ok(())
+            } else {
+                Err(ProtoError::Decode("chunk lists out of bounds".into()))
             }
         }
         Message::RangeSigRequest(asks) => asks.iter().try_for_each(|(p, _, len)| {

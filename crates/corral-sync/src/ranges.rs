@@ -285,6 +285,110 @@ pub fn matching(master: &[Digest], child: &[Digest]) -> (Vec<u8>, Vec<u8>) {
     (held, wanted)
 }
 
+/// A listed entry's chunk list is sent as chunk-range digests ([`chunk_digests`]) instead of
+/// whole when it has at least this many chunks (36 bytes each whole: a 1 GiB image's list is
+/// about half a megabyte, its digests a few kilobytes).
+pub const CHUNK_DIGESTS_MIN: usize = 64;
+/// Expected chunks per chunk range: a range starts at the first chunk and at every chunk
+/// whose hash's first 8 bytes are 0 mod this.
+pub const CHUNK_K: u64 = 16;
+
+/// Where the ranges of a chunk list start (content-defined, as [`cut`] does for entries:
+/// an inserted or removed chunk moves no boundary elsewhere).
+pub fn chunk_cut(chunks: &[Chunk]) -> Vec<usize> {
+    (0..chunks.len())
+        .filter(|&i| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&chunks[i].hash.0[..8]);
+            i == 0 || u64::from_le_bytes(w).is_multiple_of(CHUNK_K)
+        })
+        .collect()
+}
+
+/// The chunk-range digests of a chunk list: per range ([`chunk_cut`]), its number of chunks
+/// and the first 8 bytes of the BLAKE3, keyed with the run's key, of its chunks' lengths and
+/// hashes.
+pub fn chunk_digests(key: &[u8; 32], chunks: &[Chunk]) -> Vec<(u32, Digest)> {
+    let starts = chunk_cut(chunks);
+    spans(&starts, chunks.len())
+        .map(|r| {
+            let mut h = blake3::Hasher::new_keyed(key);
+            for c in &chunks[r.clone()] {
+                h.update(&c.len.to_le_bytes());
+                h.update(&c.hash.0);
+            }
+            let mut d = [0u8; 8];
+            d.copy_from_slice(&h.finalize().as_bytes()[..8]);
+            (r.len() as u32, d)
+        })
+        .collect()
+}
+
+/// The child's chunk list rebuilt from its chunk-range digests `theirs`: the ranges whose
+/// digest (and count) one of `ours` (the master's list of the same path) has are the master's
+/// chunks; the others, in order, come from `listed` (what the child sent of the ranges the
+/// master marked in `wanted`, [`chunks_wanted`]). `None` when `listed` does not hold exactly
+/// their chunks.
+pub fn rebuild_chunks(
+    key: &[u8; 32],
+    ours: &[Chunk],
+    theirs: &[(u32, Digest)],
+    listed: &[Chunk],
+) -> Option<Vec<Chunk>> {
+    let known = known_chunk_ranges(key, ours);
+    let mut out = Vec::new();
+    let mut from_list = 0usize;
+    for (n, d) in theirs {
+        let n = *n as usize;
+        match known.get(&(n, *d)) {
+            Some(&start) => out.extend_from_slice(&ours[start..start + n]),
+            None => {
+                out.extend_from_slice(listed.get(from_list..from_list.checked_add(n)?)?);
+                from_list += n;
+            }
+        }
+    }
+    (from_list == listed.len()).then_some(out)
+}
+
+/// The master's side: a bitmap of the child's chunk ranges (`theirs`) it has no copy of.
+pub fn chunks_wanted(key: &[u8; 32], ours: &[Chunk], theirs: &[(u32, Digest)]) -> Vec<u8> {
+    let known = known_chunk_ranges(key, ours);
+    let mut bits = vec![0u8; theirs.len().div_ceil(8)];
+    for (j, (n, d)) in theirs.iter().enumerate() {
+        if !known.contains_key(&(*n as usize, *d)) {
+            bits[j / 8] |= 1 << (j % 8);
+        }
+    }
+    bits
+}
+
+/// The child's side: the chunks of the ranges of `chunks` that `wanted` marks, in order;
+/// `None` when the bitmap does not have one bit per range.
+pub fn chunks_listed(chunks: &[Chunk], wanted: &[u8]) -> Option<Vec<Chunk>> {
+    let starts = chunk_cut(chunks);
+    if wanted.len() != starts.len().div_ceil(8) {
+        return None;
+    }
+    let mut out = Vec::new();
+    for (j, r) in spans(&starts, chunks.len()).enumerate() {
+        if wanted[j / 8] & (1 << (j % 8)) != 0 {
+            out.extend_from_slice(&chunks[r]);
+        }
+    }
+    Some(out)
+}
+
+/// The master's chunk ranges of `ours` by (count, digest): where each starts.
+fn known_chunk_ranges(key: &[u8; 32], ours: &[Chunk]) -> HashMap<(usize, Digest), usize> {
+    let starts = chunk_cut(ours);
+    chunk_digests(key, ours)
+        .into_iter()
+        .zip(starts)
+        .map(|((n, d), s)| ((n as usize, d), s))
+        .collect()
+}
+
 /// The child's side: its entries of the ranges `wanted` names (a bitmap over the ranges of
 /// its sorted entries cut with `k`, as [`matching`] makes it), in order. Refuses a `k` out of
 /// bounds and a bitmap that does not have one bit per range.
@@ -469,6 +573,59 @@ mod tests {
         fn may_delete(&self, rel: &str, d: bool) -> bool {
             self.transfers(rel, d)
         }
+    }
+
+    fn chunk_list(n: usize, seed: u8) -> Vec<Chunk> {
+        (0..n)
+            .map(|i| Chunk {
+                len: 16_384 + i as u32,
+                hash: Hash::of(&[seed, (i % 251) as u8, (i / 251) as u8]),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_chunk_list_comes_back_from_its_digests_and_the_ranges_that_differ() {
+        let key = [9u8; 32];
+        let ours = chunk_list(2000, 1);
+        // The child's: two chunks changed, one inserted, a run removed.
+        let mut theirs = ours.clone();
+        theirs[100] = chunk_list(1, 7)[0];
+        theirs[1500] = chunk_list(2, 8)[1];
+        theirs.insert(800, chunk_list(3, 9)[2]);
+        theirs.drain(1200..1210);
+        let digests = chunk_digests(&key, &theirs);
+        assert!(digests.len() > 50, "about one range per {CHUNK_K} chunks");
+        let wanted = chunks_wanted(&key, &ours, &digests);
+        let listed = chunks_listed(&theirs, &wanted).unwrap();
+        assert!(
+            listed.len() < 200,
+            "only the ranges that differ: {}",
+            listed.len()
+        );
+        assert_eq!(
+            rebuild_chunks(&key, &ours, &digests, &listed).unwrap(),
+            theirs
+        );
+        // Nothing in common (no file of that path on the master): all of it listed.
+        let all = chunks_wanted(&key, &[], &digests);
+        let listed_all = chunks_listed(&theirs, &all).unwrap();
+        assert_eq!(listed_all, theirs);
+        assert_eq!(
+            rebuild_chunks(&key, &[], &digests, &listed_all).unwrap(),
+            theirs
+        );
+        // A listing with a chunk too few or too many, or another key, does not rebuild it.
+        assert!(rebuild_chunks(&key, &ours, &digests, &listed[1..]).is_none());
+        let mut more = listed.clone();
+        more.push(ours[0]);
+        assert!(rebuild_chunks(&key, &ours, &digests, &more).is_none());
+        assert_ne!(
+            rebuild_chunks(&[8u8; 32], &ours, &digests, &listed),
+            Some(theirs.clone())
+        );
+        // A bitmap of the wrong length is refused.
+        assert!(chunks_listed(&theirs, &wanted[1..]).is_none());
     }
 
     fn meta(mode: u32, mtime: i64) -> Meta {

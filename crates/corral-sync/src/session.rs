@@ -219,6 +219,8 @@ fn serve_inner<W: Write>(
     let mut scanned: Option<std::sync::Arc<Manifest>> = None;
     // The range parameter of the last scan's digests (`None`: it was sent whole).
     let mut range_k: Option<u32> = None;
+    // The run's digest key (chunk-range digests of listed large files are keyed with it).
+    let mut range_key = [0u8; 32];
     let mut recv: Option<Receiver> = None;
     let receiver = |recv: &mut Option<Receiver>,
                     scanned: &Option<std::sync::Arc<Manifest>>|
@@ -288,7 +290,7 @@ fn serve_inner<W: Write>(
                 tracing::debug!(ms = ms(t0), entries = child.entries.len(), "serve: scanned");
                 if child.entries.len() <= WHOLE_MAX {
                     // Small (a new destination): all of it at once, no range exchange.
-                    send_entries(framed, &child.entries)?;
+                    send_entries(framed, &child.entries, &key)?;
                     range_k = None;
                 } else {
                     // The digests of its ranges, at once: the master asks (`Wanted`) only
@@ -302,6 +304,7 @@ fn serve_inner<W: Write>(
                     range_k = Some(k);
                 }
                 tracing::debug!(ms = ms(t0), "serve: manifest sent");
+                range_key = key;
                 recv = None;
                 scanned = Some(std::sync::Arc::new(child));
             }
@@ -311,7 +314,26 @@ fn serve_inner<W: Write>(
                 };
                 let listed = crate::ranges::listing(k, &child.entries, &bits)
                     .map_err(|e| ProtoError::Decode(format!("master's range request: {e}")))?;
-                send_entries(framed, &listed)?;
+                send_entries(framed, &listed, &range_key)?;
+            }
+            Message::WantedChunks(asks) => {
+                let Some(child) = &scanned else {
+                    return Err(unexpected(&Message::WantedChunks(asks)));
+                };
+                // A path or bitmap that does not fit gets an empty list: the master finds it
+                // does not rebuild its file, and stops.
+                let lists = asks
+                    .iter()
+                    .map(|(path, bits)| {
+                        child
+                            .position(path)
+                            .and_then(|i| child.entries[i].content.as_ref())
+                            .and_then(|c| crate::ranges::chunks_listed(&c.chunks, bits))
+                            .unwrap_or_default()
+                    })
+                    .collect();
+                framed.send(&Message::ChunkLists(lists))?;
+                framed.flush()?;
             }
             Message::Apply(op) => {
                 receiver(&mut recv, &scanned)?;
@@ -487,23 +509,53 @@ pub enum Progress {
     },
 }
 
-/// Sends entries in `Entries` batches, then `EntriesEnd`.
+/// Sends entries in `Entries` batches, then `EntriesEnd`; a large file's with at least
+/// [`crate::ranges::CHUNK_DIGESTS_MIN`] chunks as `ListedChunks` (its chunk list as
+/// chunk-range digests keyed with `key`: the master asks for the ranges it has no copy of).
 fn send_entries<W: Write>(
     framed: &mut Framed<std::io::Empty, W>,
     entries: &[Entry],
+    key: &[u8; 32],
 ) -> Result<(), SyncError> {
-    for b in entries.chunks(BATCH) {
-        framed.send(&Message::Entries(b.to_vec()))?;
+    let large = |e: &Entry| {
+        e.content
+            .as_ref()
+            .is_some_and(|c| c.chunks.len() >= crate::ranges::CHUNK_DIGESTS_MIN)
+    };
+    let mut batch = Vec::new();
+    for e in entries {
+        if large(e) {
+            let c = e.content.as_ref().map_or(&[][..], |c| &c.chunks[..]);
+            let ranges = crate::ranges::chunk_digests(key, c);
+            let mut entry = e.clone();
+            if let Some(c) = entry.content.as_mut() {
+                c.chunks = Vec::new();
+            }
+            framed.send(&Message::ListedChunks { entry, ranges })?;
+            continue;
+        }
+        batch.push(e.clone());
+        if batch.len() == BATCH {
+            framed.send(&Message::Entries(std::mem::take(&mut batch)))?;
+        }
+    }
+    if !batch.is_empty() {
+        framed.send(&Message::Entries(batch))?;
     }
     framed.send(&Message::EntriesEnd)?;
     framed.flush()?;
     Ok(())
 }
 
+/// What the child listed of its large files' chunk lists: per path, its chunk-range
+/// digests (see [`resolve_chunk_lists`]).
+type ChunkDigests = Vec<(String, Vec<(u32, crate::ranges::Digest)>)>;
+
 /// The child's first answer after its scan.
 enum ChildAnswer {
-    /// Its whole manifest (at most [`WHOLE_MAX`] entries), sorted.
-    Whole(Manifest),
+    /// Its whole manifest (at most [`WHOLE_MAX`] entries), sorted, and the chunk-range
+    /// digests of its large files (whose entries came without chunks).
+    Whole(Manifest, ChunkDigests),
     /// The digests of its ranges (see [`fetch_child`]).
     Digests(Vec<crate::ranges::Digest>),
 }
@@ -513,6 +565,7 @@ enum ChildAnswer {
 /// `EntriesEnd`, at most [`WHOLE_MAX`] entries, each path once).
 fn child_answer<R: Read, W: Write>(framed: &mut Framed<R, W>) -> Result<ChildAnswer, SyncError> {
     let mut entries: Vec<Entry> = Vec::new();
+    let mut pending: ChunkDigests = Vec::new();
     // `Some` once the answer is digests (the first frame says which).
     let mut digests: Option<Vec<crate::ranges::Digest>> = None;
     let mut first = true;
@@ -539,6 +592,13 @@ fn child_answer<R: Read, W: Write>(framed: &mut Framed<R, W>) -> Result<ChildAns
                 }
                 entries.extend(es);
             }
+            Message::ListedChunks { entry, ranges } if digests.is_none() => {
+                if entries.len() >= WHOLE_MAX {
+                    return Err(bad_answer(crate::ranges::RangeError::TooMany(WHOLE_MAX)));
+                }
+                pending.push((entry.path.clone(), ranges));
+                entries.push(entry);
+            }
             Message::EntriesEnd if digests.is_none() => break,
             Message::Error(e) => return Err(SyncError::Remote(e)),
             m => return Err(unexpected(&m)),
@@ -551,7 +611,88 @@ fn child_answer<R: Read, W: Write>(framed: &mut Framed<R, W>) -> Result<ChildAns
             w[0].path.clone(),
         )));
     }
-    Ok(ChildAnswer::Whole(m))
+    Ok(ChildAnswer::Whole(m, pending))
+}
+
+/// Reads the answer to an early signature request of `n` paths.
+fn recv_early_sigs<R: Read, W: Write>(
+    framed: &mut Framed<R, W>,
+    n: usize,
+) -> Result<Vec<Signature>, SyncError> {
+    match framed.recv()? {
+        Message::Sigs(s) if s.len() == n => Ok(s),
+        Message::Error(e) => Err(SyncError::Remote(e)),
+        m => Err(unexpected(&m)),
+    }
+}
+
+/// Fills in the chunk lists of the child's large files, which came as chunk-range digests
+/// (`ListedChunks`, `pending`) with their entries in `entries`: the ranges of which the
+/// master's file of the same path has a copy are taken from its own list, the others asked
+/// for (`WantedChunks`, one round trip) and listed by the child (`ChunkLists`). An edit of a
+/// 1 GiB image so costs a few kilobytes of the child's answer instead of its whole chunk
+/// list (half a megabyte); a file the master has no copy of at that path (a renamed image)
+/// is listed whole, as before. An answer that does not rebuild a list adding up to its
+/// file's size is refused.
+fn resolve_chunk_lists<R: Read, W: Write>(
+    framed: &mut Framed<R, W>,
+    key: &[u8; 32],
+    master: &Manifest,
+    entries: &mut [Entry],
+    pending: ChunkDigests,
+    early: &mut EarlySigs,
+) -> Result<(), SyncError> {
+    let ours_of = |path: &str| {
+        master
+            .position(path)
+            .and_then(|i| master.entries[i].content.as_ref())
+            .map_or(&[][..], |c| &c.chunks[..])
+    };
+    let asks: Vec<(String, Vec<u8>)> = pending
+        .iter()
+        .map(|(path, theirs)| {
+            (
+                path.clone(),
+                crate::ranges::chunks_wanted(key, ours_of(path), theirs),
+            )
+        })
+        .filter(|(_, bits)| bits.iter().any(|b| *b != 0))
+        .collect();
+    let mut lists: std::collections::HashMap<String, Vec<crate::manifest::Chunk>> =
+        Default::default();
+    if !asks.is_empty() {
+        framed.send(&Message::WantedChunks(asks.clone()))?;
+        framed.flush()?;
+        // An early signature request went before: its answer comes first.
+        if !early.asked.is_empty() && early.received.is_none() {
+            early.received = Some(recv_early_sigs(framed, early.asked.len())?);
+        }
+        match framed.recv()? {
+            Message::ChunkLists(l) if l.len() == asks.len() => {
+                lists.extend(asks.into_iter().map(|(p, _)| p).zip(l));
+            }
+            Message::Error(e) => return Err(SyncError::Remote(e)),
+            m => return Err(unexpected(&m)),
+        }
+    }
+    let mut at: std::collections::HashMap<&str, usize> = Default::default();
+    let paths: Vec<String> = entries.iter().map(|e| e.path.clone()).collect();
+    for (i, p) in paths.iter().enumerate() {
+        at.insert(p.as_str(), i);
+    }
+    for (path, theirs) in pending {
+        let listed = lists.remove(&path).unwrap_or_default();
+        let rebuilt = crate::ranges::rebuild_chunks(key, ours_of(&path), &theirs, &listed);
+        let e = at.get(path.as_str()).map(|&i| &mut entries[i]);
+        let (Some(chunks), Some(c)) = (rebuilt, e.and_then(|e| e.content.as_mut())) else {
+            return Err(bad_answer(crate::ranges::RangeError::Inconsistent(path)));
+        };
+        if chunks.iter().map(|c| u64::from(c.len)).sum::<u64>() != c.size {
+            return Err(bad_answer(crate::ranges::RangeError::Inconsistent(path)));
+        }
+        c.chunks = chunks;
+    }
+    Ok(())
 }
 
 /// Digests sent in one `RangeDigests` frame.
@@ -589,8 +730,9 @@ fn fetch_child<R: Read, W: Write>(
     ours: &[crate::ranges::Digest],
     theirs: &[crate::ranges::Digest],
     changed: &[String],
-) -> Result<(Option<Listing>, Vec<String>), SyncError> {
+) -> Result<(Option<Listing>, Vec<String>, ChunkDigests), SyncError> {
     let t0 = std::time::Instant::now();
+    let mut pending: ChunkDigests = Vec::new();
     let (held, wanted) = crate::ranges::matching(ours, theirs);
     let none_wanted = wanted.iter().all(|b| *b == 0);
     let same = none_wanted
@@ -600,7 +742,7 @@ fn fetch_child<R: Read, W: Write>(
             .windows(2)
             .all(|w| crate::manifest::path_order(&w[0].path, &w[1].path).is_lt());
     if same {
-        return Ok((None, Vec::new()));
+        return Ok((None, Vec::new(), pending));
     }
     let mut listed = Vec::new();
     let mut asked = Vec::new();
@@ -638,6 +780,15 @@ fn fetch_child<R: Read, W: Write>(
                     }
                     listed.extend(es);
                 }
+                Message::ListedChunks { entry, ranges } => {
+                    if listed.len() >= crate::ranges::MAX_LISTED {
+                        return Err(bad_answer(crate::ranges::RangeError::TooMany(
+                            crate::ranges::MAX_LISTED,
+                        )));
+                    }
+                    pending.push((entry.path.clone(), ranges));
+                    listed.push(entry);
+                }
                 Message::EntriesEnd => break,
                 Message::Error(e) => return Err(SyncError::Remote(e)),
                 m => return Err(unexpected(&m)),
@@ -650,7 +801,7 @@ fn fetch_child<R: Read, W: Write>(
         );
     }
     // (Checked and put together by `ranges::rebuild_refs`.)
-    Ok((Some((held, listed)), asked))
+    Ok((Some((held, listed)), asked, pending))
 }
 
 /// The hashes of every chunk the child holds (its files' single chunks and large files'
@@ -674,6 +825,9 @@ type Listing = (Vec<u8>, Vec<Entry>);
 #[derive(Default)]
 struct EarlySigs {
     asked: Vec<String>,
+    /// Their answer when it had to be read before the plan (it came before the chunk lists
+    /// asked for after the listing, see [`resolve_chunk_lists`]).
+    received: Option<Vec<Signature>>,
 }
 
 /// Whether a file of this content may travel as a delta against the child's old copy (one
@@ -817,7 +971,7 @@ pub fn push<R: Read, W: Write>(
         if answer.is_err() {
             child_failed.store(true, std::sync::atomic::Ordering::Relaxed);
         }
-        if let Ok(ChildAnswer::Whole(m)) = &answer {
+        if let Ok(ChildAnswer::Whole(m, _)) = &answer {
             let _ = child_paths.set(m.entries.iter().map(|e| e.path.clone()).collect());
         }
         let scanned = scanner
@@ -840,17 +994,29 @@ pub fn push<R: Read, W: Write>(
     // master's own; as references, nothing copied.
     let mut whole = None;
     let mut fetched = None;
-    match answer {
-        ChildAnswer::Whole(m) => whole = Some(m),
+    let pending = match answer {
+        ChildAnswer::Whole(m, pending) => {
+            whole = Some(m);
+            pending
+        }
         ChildAnswer::Digests(theirs) => {
             let ours = match digests {
                 Some(d) => d,
                 None => crate::ranges::digests(&key, &master.entries, k),
             };
-            let (f, asked) = fetch_child(framed, &master, k, &ours, &theirs, &changed)?;
+            let (f, asked, pending) = fetch_child(framed, &master, k, &ours, &theirs, &changed)?;
             early.asked = asked;
             fetched = f;
+            pending
         }
+    };
+    if !pending.is_empty() {
+        let entries: &mut [Entry] = match (&mut whole, &mut fetched) {
+            (Some(m), _) => &mut m.entries,
+            (None, Some((_, listed))) => listed,
+            _ => &mut [],
+        };
+        resolve_chunk_lists(framed, &key, &master, entries, pending, &mut early)?;
     }
     let same = whole.is_none() && fetched.is_none();
     let child: Vec<&crate::manifest::Entry> = match (&whole, &fetched) {
@@ -1285,22 +1451,21 @@ fn fetch_signatures<R: Read, W: Write>(
 ) -> Result<std::collections::HashMap<String, Signature>, SyncError> {
     let small = delta_sized;
     let mut out = std::collections::HashMap::new();
-    // The answer to the early request comes first, whatever the plan.
+    // The answer to the early request comes first, whatever the plan (unless it was read
+    // already).
     if !early.asked.is_empty() {
-        match framed.recv()? {
-            Message::Sigs(s) if s.len() == early.asked.len() => {
-                out.extend(
-                    early
-                        .asked
-                        .iter()
-                        .cloned()
-                        .zip(s)
-                        .filter(|(_, s)| s.block > 0),
-                );
-            }
-            Message::Error(e) => return Err(SyncError::Remote(e)),
-            m => return Err(unexpected(&m)),
-        }
+        let s = match early.received {
+            Some(s) => s,
+            None => recv_early_sigs(framed, early.asked.len())?,
+        };
+        out.extend(
+            early
+                .asked
+                .iter()
+                .cloned()
+                .zip(s)
+                .filter(|(_, s)| s.block > 0),
+        );
     }
     let asked: HashSet<&str> = early.asked.iter().map(String::as_str).collect();
     // A plan that writes nothing asks for nothing (and needs no index of the child's files).

@@ -358,13 +358,71 @@ fn an_image_edit_travels_as_deltas_against_the_ranges_it_replaces() {
     let r = push(&m, &c, &PushOptions::default());
     assert!(r.report.failed.is_empty(), "{:?}", r.report.failed);
     assert_eq!(std::fs::read(c.join("disk.img")).unwrap(), img);
-    eprintln!("image edit: {:?}, {} bytes out", r.report, r.bytes_out);
+    eprintln!(
+        "image edit: {:?}, {} out, {} in",
+        r.report, r.bytes_out, r.bytes_in
+    );
     // About the bytes changed travel (33 KiB, a few blocks around each edit), not the
     // chunks around them (9 or more chunks of 16-256 KiB: 600 KiB or more), nor the file's
     // whole chunk list (about 18 KiB for 32 MiB): it goes as edits of the child's.
     assert!(r.report.literal_bytes <= 64 << 10, "{:?}", r.report);
     assert!(r.bytes_out <= 64 << 10, "{}", r.bytes_out);
+    // The child's answers: the signatures of the ranges (about 1 KB each) and, of its chunk
+    // list (18.4 KB), only the ranges that changed.
+    assert!(r.bytes_in <= 20 << 10, "{}", r.bytes_in);
     // And the child's copy is the master's, chunk for chunk.
+    assert_same(&manifest(&m), &manifest(&c));
+}
+
+#[test]
+fn a_large_tree_with_an_image_lists_only_the_image_chunks_that_changed() {
+    // More entries than a child sends whole: the range exchange, the early signature request
+    // for the small files that changed, and the image's chunk ranges, in one run.
+    let t = tempfile::tempdir().unwrap();
+    let (m, c) = (t.path().join("master"), t.path().join("child"));
+    std::fs::create_dir(&m).unwrap();
+    std::fs::create_dir(&c).unwrap();
+    numbered_files(&m, 400, 20, |i| pseudo_random(3000 + i, i as u64));
+    let size = 24 << 20;
+    let mut img = pseudo_random(size, 41);
+    write(&m.join("img/disk.img"), &img);
+    push(&m, &c, &PushOptions::default());
+    for i in [3usize, 150, 377] {
+        let p = m.join(format!("d{}/f{i}", i % 20));
+        let mut b = std::fs::read(&p).unwrap();
+        b[100] ^= 0xff;
+        write(&p, &b);
+    }
+    for i in 0..4 {
+        let off = (i * 5_111_111 + 77_777) % (size - 4096);
+        img[off..off + 4096].copy_from_slice(&pseudo_random(4096, 500 + i as u64));
+    }
+    write(&m.join("img/disk.img"), &img);
+    let r = push(&m, &c, &PushOptions::default());
+    assert!(r.report.failed.is_empty(), "{:?}", r.report.failed);
+    assert_same(&manifest(&m), &manifest(&c));
+    eprintln!(
+        "tree + image: {:?}, {} out, {} in",
+        r.report, r.bytes_out, r.bytes_in
+    );
+    // (The image's chunk list alone is 13.8 KB.)
+    assert!(r.bytes_in <= 12 << 10, "{}", r.bytes_in);
+    assert!(r.bytes_out <= 64 << 10, "{}", r.bytes_out);
+    // A rename of the image: the child's old path is listed whole (the master has no copy
+    // of its ranges) and its chunks are reused, none sent.
+    std::fs::rename(m.join("img/disk.img"), m.join("img/disk2.img")).unwrap();
+    let r = push(
+        &m,
+        &c,
+        &PushOptions {
+            plan: PlanOptions {
+                delete: true,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    );
+    assert_eq!(r.report.literal_bytes, 0, "{:?}", r.report);
     assert_same(&manifest(&m), &manifest(&c));
 }
 
