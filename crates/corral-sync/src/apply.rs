@@ -2750,16 +2750,7 @@ mod tests {
         Entry {
             path: path.into(),
             kind: Kind::File,
-            meta: Meta {
-                mode: 0o644,
-                uid: 0,
-                gid: 0,
-                user: None,
-                group: None,
-                mtime: 0,
-                mtime_ns: 0,
-                xattrs: vec![],
-            },
+            meta: Meta::test_file(),
             content: Some(Content {
                 size: data.len() as u64,
                 hash: Hash::of(data),

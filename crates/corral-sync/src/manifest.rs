@@ -130,6 +130,24 @@ pub struct Meta {
     pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
+#[cfg(test)]
+impl Meta {
+    /// A regular file's metadata as unit tests use it: mode 0644, root's by number, no
+    /// names, mtime 0, no attributes.
+    pub(crate) fn test_file() -> Meta {
+        Meta {
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            user: None,
+            group: None,
+            mtime: 0,
+            mtime_ns: 0,
+            xattrs: vec![],
+        }
+    }
+}
+
 /// One path in a tree.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {

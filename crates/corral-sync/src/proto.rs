@@ -976,16 +976,7 @@ mod tests {
         let mut e = crate::manifest::Entry {
             path: "f".into(),
             kind: crate::manifest::Kind::File,
-            meta: crate::manifest::Meta {
-                mode: 0o644,
-                uid: 0,
-                gid: 0,
-                user: None,
-                group: None,
-                mtime: 0,
-                mtime_ns: 0,
-                xattrs: vec![],
-            },
+            meta: crate::manifest::Meta::test_file(),
             content: Some(crate::manifest::Content {
                 size: 4 << 30,
                 hash: Hash::of(b""),
@@ -1230,16 +1221,7 @@ mod tests {
         let mut e = Entry {
             path: "img".into(),
             kind: crate::manifest::Kind::File,
-            meta: crate::manifest::Meta {
-                mode: 0o644,
-                uid: 0,
-                gid: 0,
-                user: None,
-                group: None,
-                mtime: 0,
-                mtime_ns: 0,
-                xattrs: vec![],
-            },
+            meta: crate::manifest::Meta::test_file(),
             content: Some(crate::manifest::Content {
                 size: 5 << 20,
                 hash: Hash([0; 32]),

@@ -675,15 +675,18 @@ fn resolve_chunk_lists<R: Read, W: Write>(
             m => return Err(unexpected(&m)),
         }
     }
-    let mut at: std::collections::HashMap<&str, usize> = Default::default();
-    let paths: Vec<String> = entries.iter().map(|e| e.path.clone()).collect();
-    for (i, p) in paths.iter().enumerate() {
-        at.insert(p.as_str(), i);
-    }
+    // Where the pending entries are (one pass, no copy of the listing's paths).
+    let wanted: HashSet<&str> = pending.iter().map(|(p, _)| p.as_str()).collect();
+    let at: std::collections::HashMap<String, usize> = entries
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| wanted.contains(e.path.as_str()))
+        .map(|(i, e)| (e.path.clone(), i))
+        .collect();
     for (path, theirs) in pending {
         let listed = lists.remove(&path).unwrap_or_default();
         let rebuilt = crate::ranges::rebuild_chunks(key, ours_of(&path), &theirs, &listed);
-        let e = at.get(path.as_str()).map(|&i| &mut entries[i]);
+        let e = at.get(&path).map(|&i| &mut entries[i]);
         let (Some(chunks), Some(c)) = (rebuilt, e.and_then(|e| e.content.as_mut())) else {
             return Err(bad_answer(crate::ranges::RangeError::Inconsistent(path)));
         };
@@ -1061,7 +1064,9 @@ pub fn push<R: Read, W: Write>(
         _ => HashSet::new(),
     };
     let sigs = fetch_signatures(framed, &p, &child, &have, early)?;
-    let range_sigs = fetch_range_signatures(framed, &p, &child, &have)?;
+    // The child's old copies of the large files written (chunk-list edits, range deltas).
+    let olds = old_chunked(&p, &child);
+    let range_sigs = fetch_range_signatures(framed, &p, &olds, &have)?;
     tracing::debug!(
         ms = ms(t0),
         sigs = sigs.len(),
@@ -1092,7 +1097,7 @@ pub fn push<R: Read, W: Write>(
     let parts = parts(ops, &have);
     let (have, sigs, deferred_ref, raw_ref, parts_ref) = (&have, &sigs, &deferred, &raw, &parts);
     let range_sigs = &range_sigs;
-    let olds = &old_chunked(&p, &child);
+    let olds = &olds;
     ordered_pipeline(
         parts.len(),
         |k| {
@@ -1665,11 +1670,10 @@ fn delta_runs(
 fn fetch_range_signatures<R: Read, W: Write>(
     framed: &mut Framed<R, W>,
     p: &Plan,
-    child: &[&crate::manifest::Entry],
+    olds: &std::collections::HashMap<String, &Content>,
     have: &HashSet<Hash>,
 ) -> Result<std::collections::HashMap<String, Vec<RunSig>>, SyncError> {
     let mut out: std::collections::HashMap<String, Vec<RunSig>> = Default::default();
-    let olds = old_chunked(p, child);
     let mut asks: Vec<(String, u64, u32)> = Vec::new();
     let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
     for op in &p.ops {
@@ -2061,16 +2065,7 @@ mod pipeline_tests {
     }
 
     fn meta() -> crate::manifest::Meta {
-        crate::manifest::Meta {
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            user: None,
-            group: None,
-            mtime: 0,
-            mtime_ns: 0,
-            xattrs: vec![],
-        }
+        crate::manifest::Meta::test_file()
     }
 
     fn chunked(path: &str, lens: &[u32]) -> Op {
